@@ -1,0 +1,105 @@
+"""Settings from the environment.
+
+Every process (CLI, API, worker) reads the same variables, so one environment
+wires a whole deployment. Nothing here imports keras or torch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    database_url: str
+    broker_url: str | None
+    api_tokens: dict[str, str]
+    preset_roots: tuple[Path, ...]
+    model_memory_gb: float
+    job_timeout_s: int
+    micro_batch_size: int
+    micro_batch_tokens: int
+
+    @property
+    def preset_store(self) -> Path:
+        """Where fine-tuned and imported presets live."""
+        return self.home / "presets"
+
+    @property
+    def embedded(self) -> bool:
+        """No broker: jobs run in the process that asks for them."""
+        return self.broker_url is None
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        """Above the longest job, so Redis never hands a live job to a second worker."""
+        return math.ceil(self.job_timeout_s * 1.1) + 1
+
+
+def _int(environ, name: str, default: int, minimum: int = 1) -> int:
+    raw = environ.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _float(environ, name: str, default: float) -> float:
+    raw = environ.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return value
+
+
+def parse_api_tokens(raw: str) -> dict[str, str]:
+    """`token1:tenant-a,token2:tenant-b` -> {token: tenant}."""
+    tokens = {}
+    for entry in filter(None, (part.strip() for part in raw.split(","))):
+        token, sep, tenant = entry.partition(":")
+        if not sep or not token or not tenant:
+            raise ValueError(f"LMQ_API_TOKENS entry {entry!r} is not token:tenant")
+        tokens[token] = tenant
+    return tokens
+
+
+def load_settings(environ=None) -> Settings:
+    """Read settings now (not at import), so tests and subprocesses see their own env."""
+    environ = os.environ if environ is None else environ
+    home = Path(environ.get("LMQ_HOME") or Path.home() / ".lmq").expanduser()
+    database_url = environ.get("LMQ_DATABASE_URL") or f"sqlite:///{home / 'lmq.db'}"
+    roots = environ.get("LMQ_PRESET_ROOTS")
+    preset_roots = (
+        tuple(Path(p).expanduser().resolve() for p in roots.split(os.pathsep) if p)
+        if roots
+        else ((home / "presets").resolve(),)
+    )
+    return Settings(
+        home=home,
+        database_url=database_url,
+        broker_url=environ.get("LMQ_BROKER_URL") or None,
+        api_tokens=parse_api_tokens(environ.get("LMQ_API_TOKENS", "")),
+        preset_roots=preset_roots,
+        model_memory_gb=_float(environ, "LMQ_MODEL_MEMORY_GB", 16.0),
+        job_timeout_s=_int(environ, "LMQ_JOB_TIMEOUT_S", 24 * 3600),
+        micro_batch_size=_int(environ, "LMQ_MICRO_BATCH_SIZE", 16),
+        micro_batch_tokens=_int(environ, "LMQ_MICRO_BATCH_TOKENS", 16384),
+    )

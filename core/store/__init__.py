@@ -1,0 +1,21 @@
+"""The SQL store: jobs, their items and events, and registered presets.
+
+Light on purpose: the API process imports this and must never pull in keras
+or torch.
+"""
+
+from core.store.db import SchemaOutOfDate, session_scope, sessions, upgrade
+from core.store.models import Job, JobEvent, JobItem, JobKind, JobState, Preset
+
+__all__ = [
+    "Job",
+    "JobEvent",
+    "JobItem",
+    "JobKind",
+    "JobState",
+    "Preset",
+    "SchemaOutOfDate",
+    "session_scope",
+    "sessions",
+    "upgrade",
+]

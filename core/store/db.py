@@ -1,0 +1,106 @@
+"""Engines, sessions and schema migrations.
+
+The embedded default (SQLite under LMQ_HOME) is migrated automatically the
+first time a process opens it; a shared PostgreSQL is migrated explicitly
+with `lmq db upgrade`, so that many workers never race to change a schema.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.config import Settings
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+_engines: dict[str, Engine] = {}
+
+
+class SchemaOutOfDate(RuntimeError):
+    """The database is not at the newest migration."""
+
+
+def get_engine(url: str) -> Engine:
+    """One engine per URL per process: engines own connection pools."""
+    engine = _engines.get(url)
+    if engine is None:
+        engine = _engines[url] = _create_engine(url)
+    return engine
+
+
+def _create_engine(url: str) -> Engine:
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(dbapi_connection, _record):
+        # WAL lets `lmq jobs watch` read while a job writes; foreign keys are off by default.
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    return engine
+
+
+def alembic_config(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def upgrade(url: str) -> None:
+    """Apply every migration not yet applied (what `lmq db upgrade` runs)."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    config = alembic_config(url)
+    with get_engine(url).begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
+def schema_is_current(url: str) -> bool:
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    with get_engine(url).connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision() == head
+
+
+def ensure_schema(settings: Settings) -> None:
+    """Migrate the embedded SQLite database; insist that any other is already migrated."""
+    if settings.is_sqlite:
+        if not schema_is_current(settings.database_url):
+            upgrade(settings.database_url)
+    elif not schema_is_current(settings.database_url):
+        raise SchemaOutOfDate(
+            "the database schema is not up to date: run `lmq db upgrade` "
+            f"with LMQ_DATABASE_URL={settings.database_url}"
+        )
+
+
+_checked: set[str] = set()
+
+
+def sessions(settings: Settings) -> sessionmaker[Session]:
+    """A session factory on a database whose schema is known to be current."""
+    if settings.database_url not in _checked:
+        ensure_schema(settings)
+        _checked.add(settings.database_url)
+    return sessionmaker(get_engine(settings.database_url), expire_on_commit=False)
+
+
+@contextmanager
+def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """One transaction: committed when the block ends, rolled back if it raises."""
+    with factory() as session, session.begin():
+        yield session

@@ -1,0 +1,144 @@
+"""SQL tables: jobs, their items and events, and the preset store.
+
+SQL is the source of truth for a job; Celery only carries its id. The schema
+itself is created by the alembic migrations in ``migrations/``; keep the two
+in step (``tests/test_store.py`` checks they agree).
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+class JobKind(str, enum.Enum):
+    generate = "generate"
+    fit = "fit"
+
+
+class JobState(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    cancelling = "cancelling"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.succeeded, JobState.failed, JobState.cancelled)
+
+
+TERMINAL_STATES = tuple(s.value for s in JobState if s.terminal)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: DateTime(timezone=True)}
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
+        Index("ix_jobs_tenant_created", "tenant", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_job_id)
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default=JobState.queued.value, index=True)
+    preset: Mapped[str] = mapped_column(String(512))
+    # generate: sampling params; fit: hyperparameters.
+    params: Mapped[dict] = mapped_column(JSON, default=dict)
+    # fit only: training and validation texts (generate inputs live in job_items).
+    data: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    output_preset: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    tenant: Mapped[str] = mapped_column(String(128), default="local")
+    idempotency_key: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    completed: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+    items: Mapped[list[JobItem]] = relationship(
+        back_populates="job", order_by="JobItem.index", cascade="all, delete-orphan"
+    )
+
+
+class JobItem(Base):
+    """One input of a generate job and, once done, its result."""
+
+    __tablename__ = "job_items"
+    __table_args__ = (UniqueConstraint("job_id", "index", name="uq_job_items_job_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    custom_id: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    input: Mapped[dict] = mapped_column(JSON)
+    output: Mapped[str | None] = mapped_column(Text, nullable=True)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    finish_reason: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Set exactly once, by the first run to finish the item; a redelivered run skips it.
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+    job: Mapped[Job] = relationship(back_populates="items")
+
+
+class JobEvent(Base):
+    """Something that happened to a job: a state change, a model load, a fit step."""
+
+    __tablename__ = "job_events"
+    __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    type: Mapped[str] = mapped_column(String(32))
+    data: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Preset(Base):
+    """A preset directory in the store, with where it came from."""
+
+    __tablename__ = "presets"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    architecture: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    path: Mapped[str] = mapped_column(String(1024))
+    source: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    parent: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    job_id: Mapped[str | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True
+    )
+    details: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,378 @@
+"""Queries on the job store, shared by the CLI, the API and the workers.
+
+Every state change is a conditional UPDATE, so two runs of the same job
+(a redelivery racing a slow worker) can never move it backwards or write a
+result twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Iterable, Iterator
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.orm import Session
+
+from core.store.models import (
+    TERMINAL_STATES,
+    Job,
+    JobEvent,
+    JobItem,
+    JobKind,
+    JobState,
+    Preset,
+    utcnow,
+)
+
+_INSERT_CHUNK = 5000
+
+
+def create_generate_job(
+    session: Session,
+    *,
+    preset: str,
+    inputs: list[dict],
+    params: dict,
+    tenant: str = "local",
+    idempotency_key: str | None = None,
+) -> Job:
+    """A queued generate job with one item per input, in input order."""
+    job = Job(
+        kind=JobKind.generate.value,
+        preset=preset,
+        params=params,
+        tenant=tenant,
+        idempotency_key=idempotency_key,
+        total=len(inputs),
+    )
+    session.add(job)
+    session.flush()
+    rows = [
+        {
+            "job_id": job.id,
+            "index": index,
+            "custom_id": None if entry.get("custom_id") is None else str(entry["custom_id"]),
+            "input": {key: value for key, value in entry.items() if key != "custom_id"},
+        }
+        for index, entry in enumerate(inputs)
+    ]
+    for start in range(0, len(rows), _INSERT_CHUNK):
+        session.execute(insert(JobItem), rows[start : start + _INSERT_CHUNK])
+    _add_event(session, job.id, "state", state=JobState.queued.value)
+    return job
+
+
+def create_fit_job(
+    session: Session,
+    *,
+    preset: str,
+    training_data: list[dict],
+    validation_data: list[dict] | None,
+    hyperparameters: dict,
+    output_preset: str,
+    tenant: str = "local",
+    idempotency_key: str | None = None,
+) -> Job:
+    job = Job(
+        kind=JobKind.fit.value,
+        preset=preset,
+        params=hyperparameters,
+        data={"training_data": training_data, "validation_data": validation_data or []},
+        output_preset=output_preset,
+        tenant=tenant,
+        idempotency_key=idempotency_key,
+        total=len(training_data),
+    )
+    session.add(job)
+    session.flush()
+    _add_event(session, job.id, "state", state=JobState.queued.value)
+    return job
+
+
+def get_job(session: Session, job_id: str, tenant: str | None = None) -> Job | None:
+    job = session.get(Job, job_id)
+    if job is None or (tenant is not None and job.tenant != tenant):
+        return None
+    return job
+
+
+def find_job_by_idempotency_key(session: Session, tenant: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == key))
+
+
+def list_jobs(
+    session: Session,
+    *,
+    tenant: str | None = None,
+    state: str | None = None,
+    kind: str | None = None,
+    limit: int = 50,
+    before: str | None = None,
+) -> list[Job]:
+    """Newest first; `before` is the id of the last job of the previous page."""
+    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    if tenant is not None:
+        query = query.where(Job.tenant == tenant)
+    if state is not None:
+        query = query.where(Job.state == state)
+    if kind is not None:
+        query = query.where(Job.kind == kind)
+    if before is not None:
+        cursor = session.get(Job, before)
+        if cursor is not None:
+            query = query.where(
+                (Job.created_at < cursor.created_at)
+                | ((Job.created_at == cursor.created_at) & (Job.id < cursor.id))
+            )
+    return list(session.scalars(query))
+
+
+def start_job(session: Session, job_id: str, worker: str) -> Job | None:
+    """Mark a job running for this attempt; None when there is nothing to run.
+
+    A job already running is taken over: its earlier worker died, or this is a
+    duplicate delivery, and item writes are idempotent either way.
+    """
+    job = session.get(Job, job_id, with_for_update=True)
+    if job is None or job.state in TERMINAL_STATES:
+        return None
+    if job.state == JobState.cancelling.value:
+        _finish(session, job, JobState.cancelled)
+        return None
+    first_start = job.started_at is None
+    job.state = JobState.running.value
+    job.started_at = job.started_at or utcnow()
+    job.attempts += 1
+    job.worker = worker
+    _add_event(
+        session,
+        job.id,
+        "state",
+        state=JobState.running.value,
+        attempt=job.attempts,
+        worker=worker,
+        resumed=not first_start,
+    )
+    return job
+
+
+def pending_items(session: Session, job_id: str) -> list[JobItem]:
+    """Items without a result yet, in input order."""
+    query = (
+        select(JobItem)
+        .where(JobItem.job_id == job_id, JobItem.finished_at.is_(None))
+        .order_by(JobItem.index)
+    )
+    return list(session.scalars(query))
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    index: int
+    output: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+def record_results(session: Session, job_id: str, results: Iterable[ItemResult]) -> int:
+    """Write each result unless another run already did; returns how many were written."""
+    written = 0
+    now = utcnow()
+    for result in results:
+        outcome = session.execute(
+            update(JobItem)
+            .where(
+                JobItem.job_id == job_id,
+                JobItem.index == result.index,
+                JobItem.finished_at.is_(None),
+            )
+            .values(
+                output=result.output,
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+                finish_reason=result.finish_reason,
+                error=result.error,
+                finished_at=now,
+            )
+        )
+        written += outcome.rowcount
+    refresh_counts(session, job_id)
+    return written
+
+
+def refresh_counts(session: Session, job_id: str) -> None:
+    """Recount from the items, so counts stay right whichever run wrote them."""
+    done = JobItem.job_id == job_id, JobItem.finished_at.is_not(None)
+    completed = select(func.count()).where(*done, JobItem.error.is_(None)).scalar_subquery()
+    failed = select(func.count()).where(*done, JobItem.error.is_not(None)).scalar_subquery()
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(
+            completed=completed,
+            failed=failed,
+            progress=func.coalesce((completed + failed) * 1.0 / func.nullif(Job.total, 0), 0.0),
+        )
+    )
+
+
+def set_progress(session: Session, job_id: str, progress: float) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(progress=progress))
+
+
+def cancel_requested(session: Session, job_id: str) -> bool:
+    state = session.scalar(select(Job.state).where(Job.id == job_id))
+    return state in (JobState.cancelling.value, JobState.cancelled.value)
+
+
+def request_cancel(session: Session, job_id: str) -> Job | None:
+    """A queued job is cancelled now; a running one is asked to stop at its next check."""
+    job = session.get(Job, job_id, with_for_update=True)
+    if job is None:
+        return None
+    if job.state == JobState.queued.value:
+        _finish(session, job, JobState.cancelled)
+    elif job.state == JobState.running.value:
+        job.state = JobState.cancelling.value
+        _add_event(session, job.id, "state", state=JobState.cancelling.value)
+    return job
+
+
+def finish_job(
+    session: Session, job_id: str, state: JobState, error: str | None = None, **details
+) -> bool:
+    """Move a job to a terminal state unless it is in one already."""
+    job = session.get(Job, job_id, with_for_update=True)
+    if job is None or job.state in TERMINAL_STATES:
+        return False
+    _finish(session, job, state, error, **details)
+    return True
+
+
+def _finish(session: Session, job: Job, state: JobState, error: str | None = None, **details):
+    job.state = state.value
+    job.error = error
+    job.finished_at = utcnow()
+    _add_event(session, job.id, "state", state=state.value, error=error, **details)
+
+
+def add_event(session: Session, job_id: str, type: str, **data) -> None:
+    _add_event(session, job_id, type, **data)
+
+
+def _add_event(session: Session, job_id: str, type: str, **data) -> None:
+    session.add(JobEvent(job_id=job_id, type=type, data=data))
+
+
+def job_events(session: Session, job_id: str, after: int = 0) -> list[JobEvent]:
+    query = (
+        select(JobEvent)
+        .where(JobEvent.job_id == job_id, JobEvent.id > after)
+        .order_by(JobEvent.id)
+    )
+    return list(session.scalars(query))
+
+
+def job_results(session: Session, job_id: str) -> Iterator[dict]:
+    """One line per input in input order; an unfinished input has no output yet."""
+    query = select(JobItem).where(JobItem.job_id == job_id).order_by(JobItem.index)
+    for item in session.scalars(query.execution_options(yield_per=1000)):
+        yield result_line(item)
+
+
+def result_line(item: JobItem) -> dict:
+    return {
+        "index": item.index,
+        "custom_id": item.custom_id,
+        "output": item.output,
+        "prompt_tokens": item.prompt_tokens,
+        "completion_tokens": item.completion_tokens,
+        "finish_reason": item.finish_reason,
+        "error": item.error,
+    }
+
+
+def job_summary(job: Job) -> dict:
+    """The job as the contract shows it (`GET /v1/jobs/{id}`)."""
+    return {
+        "id": job.id,
+        "kind": job.kind,
+        "status": job.state,
+        "preset": job.preset,
+        "counts": {"total": job.total, "completed": job.completed, "failed": job.failed},
+        "progress": job.progress,
+        "error": job.error,
+        "attempts": job.attempts,
+        "tenant": job.tenant,
+        "created_at": isoformat(job.created_at),
+        "started_at": isoformat(job.started_at),
+        "finished_at": isoformat(job.finished_at),
+        "output_preset": job.output_preset,
+    }
+
+
+def event_line(event: JobEvent) -> dict:
+    return {
+        "id": event.id,
+        "type": event.type,
+        "created_at": isoformat(event.created_at),
+        **event.data,
+    }
+
+
+def isoformat(moment: datetime | None) -> str | None:
+    """SQLite hands back naive datetimes; every time stored here is UTC."""
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.isoformat()
+
+
+def register_preset(
+    session: Session,
+    *,
+    name: str,
+    path: str,
+    architecture: str | None,
+    source: str | None,
+    parent: str | None = None,
+    job_id: str | None = None,
+    details: dict | None = None,
+) -> Preset:
+    preset = Preset(
+        name=name,
+        path=path,
+        architecture=architecture,
+        source=source,
+        parent=parent,
+        job_id=job_id,
+        details=details or {},
+    )
+    session.add(preset)
+    session.flush()
+    return preset
+
+
+def get_preset(session: Session, name: str) -> Preset | None:
+    return session.get(Preset, name)
+
+
+def list_presets(session: Session) -> list[Preset]:
+    return list(session.scalars(select(Preset).order_by(Preset.created_at, Preset.name)))
+
+
+def preset_summary(preset: Preset) -> dict:
+    return {
+        "name": preset.name,
+        "architecture": preset.architecture,
+        "path": preset.path,
+        "source": preset.source,
+        "parent": preset.parent,
+        "job_id": preset.job_id,
+        "details": preset.details,
+        "created_at": isoformat(preset.created_at),
+    }
