@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+class SettingsError(ValueError):
+    """An LMQ_* variable that cannot be used."""
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path
@@ -51,9 +55,9 @@ def _int(environ, name: str, default: int, minimum: int = 1) -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
     if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
     return value
 
 
@@ -64,9 +68,9 @@ def _float(environ, name: str, default: float) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
     if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
+        raise SettingsError(f"{name} must be positive, got {value}")
     return value
 
 
@@ -76,7 +80,7 @@ def parse_api_tokens(raw: str) -> dict[str, str]:
     for entry in filter(None, (part.strip() for part in raw.split(","))):
         token, sep, tenant = entry.partition(":")
         if not sep or not token or not tenant:
-            raise ValueError(f"LMQ_API_TOKENS entry {entry!r} is not token:tenant")
+            raise SettingsError(f"LMQ_API_TOKENS entry {entry!r} is not token:tenant")
         tokens[token] = tenant
     return tokens
 

@@ -1,0 +1,523 @@
+"""The `lmq` command line.
+
+`generate` and `fit` run one job here and now through the same job runner as
+the Celery workers; `submit` hands a job to the workers through the broker;
+`jobs`, `presets`, `architectures` and `db` read and change the store.
+
+Bad input is one line on stderr naming the problem, exit code 2, and nothing
+written: every input is read and checked before a job exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import NoReturn
+
+from core.config import Settings, SettingsError, load_settings
+from core.store import JobKind, SchemaOutOfDate, session_scope, sessions
+from core.store import queries
+from core.store.presets import UnknownPreset, check_preset_name, locate_preset, preset_architecture
+
+SAMPLERS = ("greedy", "top_k", "top_p", "random", "beam", "contrastive")
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class BadInput(Exception):
+    """A problem with what the user asked for: exit 2, nothing written."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        fail(f"{self.prog}: {message}")
+
+
+def fail(message: str) -> NoReturn:
+    print(f"lmq: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# ---------------------------------------------------------------- input files
+
+
+def read_jsonl(path: str, field: str) -> list[dict]:
+    """Rows of a JSONL file ("-" is stdin), each an object with a string `field`."""
+    name = "stdin" if path == "-" else path
+    if path == "-":
+        lines = sys.stdin.read().splitlines()
+    else:
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise BadInput(f"input file {path!r} does not exist") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise BadInput(f"cannot read input file {path!r}: {error}") from None
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise BadInput(f"{name} line {number}: not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise BadInput(f"{name} line {number}: expected a JSON object, got {type(row).__name__}")
+        if not isinstance(row.get(field), str):
+            raise BadInput(f"{name} line {number}: missing string field {field!r}")
+        rows.append(row)
+    if not rows:
+        raise BadInput(f"{name} has no inputs")
+    return rows
+
+
+def at_least(value: int | float | None, minimum: int | float, flag: str) -> None:
+    if value is not None and value < minimum:
+        raise BadInput(f"{flag} must be at least {minimum}, got {value}")
+
+
+def parse_sampler(value: str | None):
+    """A sampler name, or a JSON object such as '{"name": "top_p", "p": 0.9}'."""
+    if value is None:
+        return None
+    if value.lstrip().startswith("{"):
+        try:
+            sampler = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise BadInput(f"--sampler is not valid JSON ({error.msg})") from None
+        name = sampler.get("name")
+    else:
+        sampler = name = value
+    if name not in SAMPLERS:
+        raise BadInput(f"--sampler {name!r} is not one of {', '.join(SAMPLERS)}")
+    return sampler
+
+
+def generate_params(args) -> dict:
+    at_least(args.max_length, 1, "--max-length")
+    at_least(args.max_new_tokens, 1, "--max-new-tokens")
+    at_least(args.micro_batch_size, 1, "--micro-batch-size")
+    params = {
+        "max_length": args.max_length,
+        "max_new_tokens": args.max_new_tokens,
+        "sampler": parse_sampler(args.sampler) or "greedy",
+        "seed": args.seed,
+        "stop_token_ids": "auto",
+        "stop": args.stop,
+        "strip_prompt": args.strip_prompt,
+        "dtype": args.dtype,
+        "micro_batch_size": args.micro_batch_size,
+    }
+    return {key: value for key, value in params.items() if value is not None}
+
+
+def fit_hyperparameters(args) -> dict:
+    at_least(args.epochs, 1, "--epochs")
+    at_least(args.batch_size, 1, "--batch-size")
+    at_least(args.sequence_length, 2, "--sequence-length")
+    at_least(args.lora_rank, 1, "--lora-rank")
+    if args.learning_rate is not None and not args.learning_rate > 0:
+        raise BadInput(f"--learning-rate must be positive, got {args.learning_rate}")
+    params = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "sequence_length": args.sequence_length,
+        "lora_rank": args.lora_rank,
+        "dtype": args.dtype,
+    }
+    return {key: value for key, value in params.items() if value is not None}
+
+
+# ---------------------------------------------------------------- creating jobs
+
+
+def open_store(settings: Settings):
+    try:
+        return sessions(settings)
+    except SchemaOutOfDate as error:
+        raise BadInput(str(error)) from None
+
+
+def create_job(settings: Settings, kind: str, args) -> str:
+    """Check everything about the job, then write it; returns the job id."""
+    if kind == JobKind.generate.value:
+        params = generate_params(args)
+        inputs = [
+            {"custom_id": row.get("custom_id"), "prompt": row["prompt"]}
+            for row in read_jsonl(args.input, "prompt")
+        ]
+    else:
+        params = fit_hyperparameters(args)
+        check_name(args.output_preset)
+        training = [{"text": row["text"]} for row in read_jsonl(args.input, "text")]
+        validation = (
+            [{"text": row["text"]} for row in read_jsonl(args.validation, "text")]
+            if args.validation
+            else None
+        )
+    factory = open_store(settings)
+    with session_scope(factory) as session:
+        try:
+            locate_preset(session, args.preset)
+        except UnknownPreset as error:
+            raise BadInput(str(error)) from None
+        if kind == JobKind.generate.value:
+            job = queries.create_generate_job(session, preset=args.preset, inputs=inputs, params=params)
+        else:
+            if queries.get_preset(session, args.output_preset) is not None:
+                raise BadInput(f"preset {args.output_preset!r} already exists in the store")
+            job = queries.create_fit_job(
+                session,
+                preset=args.preset,
+                training_data=training,
+                validation_data=validation,
+                hyperparameters=params,
+                output_preset=args.output_preset,
+            )
+        return job.id
+
+
+def check_name(name: str) -> None:
+    try:
+        check_preset_name(name)
+    except ValueError as error:
+        raise BadInput(str(error)) from None
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_run_here(args) -> int:
+    """`lmq generate` / `lmq fit`: one job, in this process, with a progress bar."""
+    from tqdm import tqdm
+
+    from workers.runner import JobRunner, pool_from_settings
+
+    settings = load_settings()
+    job_id = create_job(settings, args.command, args)
+    unit = "prompt" if args.command == "generate" else "step"
+    with tqdm(desc=f"{args.command} {job_id[:8]}", unit=unit, file=sys.stderr, disable=None) as bar:
+
+        def on_progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        runner = JobRunner(settings, pool_from_settings(settings), on_progress=on_progress)
+        state = runner.run(job_id)
+    with session_scope(runner.sessions) as session:
+        job = queries.get_job(session, job_id)
+        summary = queries.job_summary(job)
+        if args.command == "generate":
+            write_results(session, job_id, args.output)
+    return report_finished(summary)
+
+
+def report_finished(summary: dict) -> int:
+    counts = summary["counts"]
+    line = f"lmq: job {summary['id']} {summary['status']}"
+    if summary["kind"] == "generate":
+        line += f": {counts['completed']} completed, {counts['failed']} failed of {counts['total']}"
+    elif summary["output_preset"] and summary["status"] == "succeeded":
+        line += f": preset {summary['output_preset']!r} registered"
+    if summary["error"]:
+        line += f": {summary['error']}"
+    print(line, file=sys.stderr)
+    return 0 if summary["status"] == "succeeded" else 1
+
+
+def write_results(session, job_id: str, output: str | None) -> None:
+    stream = open(output, "w", encoding="utf-8") if output and output != "-" else sys.stdout
+    try:
+        for line in queries.job_results(session, job_id):
+            stream.write(json.dumps(line, ensure_ascii=False) + "\n")
+    finally:
+        if stream is not sys.stdout:
+            stream.close()
+
+
+def cmd_submit(args) -> int:
+    from workers.celery_app import enqueue_job, make_celery
+
+    settings = load_settings()
+    if settings.broker_url is None:
+        raise BadInput("LMQ_BROKER_URL is not set: use `lmq generate` or `lmq fit` to run a job here")
+    job_id = create_job(settings, args.kind, args)
+    enqueue_job(make_celery(settings), job_id, args.kind)
+    if args.wait:
+        return watch(settings, job_id)
+    return print_job(settings, job_id)
+
+
+def print_job(settings: Settings, job_id: str) -> int:
+    with session_scope(open_store(settings)) as session:
+        print(json.dumps(queries.job_summary(require_job(session, job_id))))
+    return 0
+
+
+def require_job(session, job_id: str):
+    job = queries.get_job(session, job_id)
+    if job is None:
+        raise BadInput(f"no job {job_id!r}")
+    return job
+
+
+def watch(settings: Settings, job_id: str, poll_seconds: float = 0.5) -> int:
+    from tqdm import tqdm
+
+    factory = open_store(settings)
+    with tqdm(desc=f"job {job_id[:8]}", total=100, unit="%", file=sys.stderr, disable=None) as bar:
+        while True:
+            with session_scope(factory) as session:
+                summary = queries.job_summary(require_job(session, job_id))
+            bar.n = round(summary["progress"] * 100)
+            bar.set_postfix_str(summary["status"])
+            if summary["status"] in TERMINAL:
+                break
+            time.sleep(poll_seconds)
+    print(json.dumps(summary))
+    return report_finished(summary)
+
+
+def cmd_jobs(args) -> int:
+    settings = load_settings()
+    if args.action == "watch":
+        return watch(settings, args.id)
+    with session_scope(open_store(settings)) as session:
+        if args.action == "list":
+            for job in queries.list_jobs(session, state=args.status, kind=args.kind, limit=args.limit):
+                print(json.dumps(queries.job_summary(job)))
+        elif args.action == "show":
+            print(json.dumps(queries.job_summary(require_job(session, args.id)), indent=2))
+        elif args.action == "results":
+            require_job(session, args.id)
+            write_results(session, args.id, args.output)
+        elif args.action == "events":
+            require_job(session, args.id)
+            for event in queries.job_events(session, args.id):
+                print(json.dumps(queries.event_line(event)))
+        elif args.action == "cancel":
+            job = queries.request_cancel(session, args.id)
+            if job is None:
+                raise BadInput(f"no job {args.id!r}")
+            print(json.dumps(queries.job_summary(job)))
+    return 0
+
+
+def cmd_presets(args) -> int:
+    settings = load_settings()
+    factory = open_store(settings)
+    with session_scope(factory) as session:
+        if args.action == "list":
+            for preset in queries.list_presets(session):
+                print(json.dumps(queries.preset_summary(preset)))
+        elif args.action == "show":
+            preset = queries.get_preset(session, args.name)
+            if preset is None:
+                raise BadInput(f"no preset {args.name!r} in the store")
+            print(json.dumps(queries.preset_summary(preset), indent=2))
+        elif args.action == "import":
+            import_preset(settings, session, args.handle, args.name)
+    return 0
+
+
+def import_preset(settings: Settings, session, handle: str, name: str) -> None:
+    """Copy a preset from any handle into the store, so jobs can name it."""
+    check_name(name)
+    if queries.get_preset(session, name) is not None:
+        raise BadInput(f"preset {name!r} already exists in the store")
+    try:
+        location = locate_preset(session, handle)
+    except UnknownPreset as error:
+        raise BadInput(str(error)) from None
+    if Path(location).is_dir():
+        source = Path(location)
+    else:
+        from core.presets import resolve_handle
+
+        source = resolve_handle(location)
+    target = settings.preset_store / name
+    if target.exists():
+        raise BadInput(f"{target} already exists")
+    shutil.copytree(source, target)
+    preset = queries.register_preset(
+        session,
+        name=name,
+        path=str(target),
+        architecture=preset_architecture(target),
+        source=handle,
+    )
+    print(json.dumps(queries.preset_summary(preset)))
+
+
+def cmd_architectures(args) -> int:
+    from core.plugins import get_registry
+
+    registry = get_registry()
+    for architecture in registry.architectures():
+        print(
+            json.dumps(
+                {
+                    "name": architecture.name,
+                    "task_kind": architecture.task_kind,
+                    "plugin": architecture.plugin,
+                    "hf_model_types": list(architecture.hf_model_types),
+                    "presets": sorted(architecture.presets),
+                }
+            )
+        )
+    for message in registry.load_errors.values():
+        print(f"lmq: warning: {message}", file=sys.stderr)
+    return 0
+
+
+def cmd_db(args) -> int:
+    from core.store import upgrade
+
+    settings = load_settings()
+    upgrade(settings.database_url)
+    print(f"lmq: database schema is up to date ({settings.database_url.split('@')[-1]})", file=sys.stderr)
+    return 0
+
+
+def cmd_worker(args) -> int:
+    """A Celery worker (solo pool: one job at a time, models pinned in this process)."""
+    import os
+    import socket
+
+    from workers.celery_app import JOB_QUEUES, make_celery
+    from workers.runner import process_runner
+
+    settings = load_settings()
+    if settings.broker_url is None:
+        raise BadInput("LMQ_BROKER_URL is not set: a worker needs a broker (e.g. redis://127.0.0.1:6379/0)")
+    queues = [JOB_QUEUES.get(q.strip(), q.strip()) for q in args.queues.split(",") if q.strip()]
+    open_store(settings)
+    runner = process_runner(settings)
+    for handle in args.preload:
+        try:
+            location = runner.locate(handle)
+        except UnknownPreset as error:
+            raise BadInput(str(error)) from None
+        lease = runner.pool.get(location, args.dtype)
+        print(f"lmq: preloaded {handle} in {lease.load_seconds:.1f}s", file=sys.stderr)
+    app = make_celery(settings)
+    import workers.tasks  # noqa: F401  registers the task on the app
+
+    app.worker_main(
+        [
+            "worker",
+            "--pool=solo",
+            f"--queues={','.join(queues)}",
+            f"--hostname=lmq-{os.getpid()}@{socket.gethostname()}",
+            f"--loglevel={args.loglevel}",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+    return 0
+
+
+# ---------------------------------------------------------------- the parser
+
+
+def add_generate_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", required=True, help="store name, built-in name, hf://, kaggle:// or a directory")
+    parser.add_argument("input", help='JSONL with {"custom_id", "prompt"} per line; "-" reads stdin')
+    parser.add_argument("--max-length", type=int)
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--sampler", help=f"one of {', '.join(SAMPLERS)}, or a JSON object")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    parser.add_argument("--strip-prompt", action="store_true", default=None)
+    parser.add_argument("--dtype", help="e.g. float32, bfloat16 (default: the preset's)")
+    parser.add_argument("--micro-batch-size", type=int, help="prompts per micro-batch")
+
+
+def add_fit_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", required=True, help="the base preset")
+    parser.add_argument("input", help='JSONL with {"text"} per line; "-" reads stdin')
+    parser.add_argument("--output-preset", required=True, help="name to register the result under")
+    parser.add_argument("--validation", help="JSONL of validation texts")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--sequence-length", type=int)
+    parser.add_argument("--lora-rank", type=int)
+    parser.add_argument("--dtype")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="lmq", description="Batch generation and queued fine-tuning.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    generate = commands.add_parser("generate", help="run a generate job here, now")
+    add_generate_flags(generate)
+    generate.add_argument("-o", "--output", help="results JSONL (default stdout)")
+    generate.set_defaults(handler=cmd_run_here)
+
+    fit = commands.add_parser("fit", help="run a fit job here, now")
+    add_fit_flags(fit)
+    fit.set_defaults(handler=cmd_run_here)
+
+    submit = commands.add_parser("submit", help="send a job to the workers")
+    kinds = submit.add_subparsers(dest="kind", required=True, parser_class=Parser)
+    for kind, add_flags in (("generate", add_generate_flags), ("fit", add_fit_flags)):
+        sub = kinds.add_parser(kind)
+        add_flags(sub)
+        sub.add_argument("--wait", action="store_true", help="wait for the job with a progress bar")
+        sub.set_defaults(handler=cmd_submit)
+
+    worker = commands.add_parser("worker", help="run a Celery worker")
+    worker.add_argument("--queues", default="generate,fit", help="job kinds or queue names")
+    worker.add_argument("--preload", action="append", default=[], metavar="HANDLE")
+    worker.add_argument("--dtype", help="dtype for preloaded presets")
+    worker.add_argument("--loglevel", default="INFO")
+    worker.set_defaults(handler=cmd_worker)
+
+    jobs = commands.add_parser("jobs", help="list, show, follow and cancel jobs")
+    actions = jobs.add_subparsers(dest="action", required=True, parser_class=Parser)
+    listing = actions.add_parser("list")
+    listing.add_argument("--status")
+    listing.add_argument("--kind", choices=[k.value for k in JobKind])
+    listing.add_argument("--limit", type=int, default=50)
+    for action in ("show", "results", "watch", "cancel", "events"):
+        sub = actions.add_parser(action)
+        sub.add_argument("id")
+        if action == "results":
+            sub.add_argument("-o", "--output")
+    jobs.set_defaults(handler=cmd_jobs)
+
+    presets = commands.add_parser("presets", help="the preset store")
+    actions = presets.add_subparsers(dest="action", required=True, parser_class=Parser)
+    actions.add_parser("list")
+    actions.add_parser("show").add_argument("name")
+    importing = actions.add_parser("import")
+    importing.add_argument("handle")
+    importing.add_argument("--name", required=True)
+    presets.set_defaults(handler=cmd_presets)
+
+    commands.add_parser("architectures", help="registered architectures").set_defaults(
+        handler=cmd_architectures
+    )
+
+    db = commands.add_parser("db", help="database schema")
+    db.add_argument("action", choices=["upgrade"])
+    db.set_defaults(handler=cmd_db)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (BadInput, SettingsError) as error:
+        fail(str(error))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,55 @@
+"""The Celery app: one task, `lmq.run_job(job_id)`, routed to a queue per job kind.
+
+Celery only carries job ids; what a job is and how far it got lives in SQL, so
+there is no result backend. Importing this module is light (no keras/torch),
+so the API and `lmq submit` can enqueue through it.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from celery import Celery
+
+from core.config import Settings
+
+RUN_JOB_TASK = "lmq.run_job"
+JOB_QUEUES = {"generate": "lmq.generate", "fit": "lmq.fit"}
+
+
+def queue_for(kind: str) -> str:
+    return JOB_QUEUES[kind]
+
+
+def make_celery(settings: Settings) -> Celery:
+    if settings.broker_url is None:
+        raise ValueError("LMQ_BROKER_URL is not set: there is no broker to send jobs through")
+    app = Celery("lmq", broker=settings.broker_url, include=["workers.tasks"])
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        result_backend=None,
+        # One job at a time per worker, acknowledged only once it has finished:
+        # a worker that dies mid-job leaves the message for the next worker.
+        worker_prefetch_multiplier=1,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_connection_retry_on_startup=True,
+        task_default_queue=JOB_QUEUES["generate"],
+        task_create_missing_queues=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app
+
+
+def enqueue_job(app: Celery, job_id: str, kind: str) -> None:
+    """Send a job by task name, so the sender never imports the task's code."""
+    app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue_for(kind))
+
+
+def worker_name() -> str:
+    return f"lmq@{socket.gethostname()}"

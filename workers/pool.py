@@ -1,0 +1,104 @@
+"""The model pool: loaded tasks stay pinned in the worker between jobs.
+
+Loading a preset costs seconds to minutes; generating for a small job can cost
+less. The pool keeps tasks keyed by (preset location, dtype) and evicts the
+least recently used ones when the weights of all pinned tasks would exceed the
+memory budget (`LMQ_MODEL_MEMORY_GB`).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import re
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+PoolKey = tuple[str, str | None]
+
+
+def load_task(location: str, dtype: str | None):
+    """Build the task a preset describes (keras/torch are imported here, not before)."""
+    from core.models import CausalLM
+
+    return CausalLM.from_preset(location, dtype=dtype)
+
+
+def weight_bytes(model) -> int:
+    """Bytes held by a model's weights, from shapes and dtypes (e.g. 'bfloat16' -> 2)."""
+    total = 0
+    for variable in model.weights:
+        bits = re.search(r"(\d+)$", str(variable.dtype))
+        total += math.prod(variable.shape) * (int(bits.group(1)) // 8 if bits else 1)
+    return total
+
+
+@dataclass
+class Lease:
+    """A pinned model handed to one job, and what getting it cost."""
+
+    model: object
+    hit: bool
+    load_seconds: float
+    evicted: list[str] = field(default_factory=list)
+
+
+class ModelPool:
+    def __init__(
+        self,
+        budget_bytes: int,
+        load: Callable[[str, str | None], object] = load_task,
+        measure: Callable[[object], int] = weight_bytes,
+    ):
+        self.budget_bytes = budget_bytes
+        self._load = load
+        self._measure = measure
+        self._pinned: OrderedDict[PoolKey, tuple[object, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, location: str, dtype: str | None = None) -> Lease:
+        key = (location, dtype)
+        with self._lock:
+            if key in self._pinned:
+                self._pinned.move_to_end(key)
+                self.hits += 1
+                return Lease(self._pinned[key][0], hit=True, load_seconds=0.0)
+            self.misses += 1
+            started = time.perf_counter()
+            model = self._load(location, dtype)
+            load_seconds = time.perf_counter() - started
+            size = self._measure(model)
+            evicted = self._make_room(size)
+            self._pinned[key] = (model, size)
+            return Lease(model, hit=False, load_seconds=load_seconds, evicted=evicted)
+
+    def _make_room(self, incoming_bytes: int) -> list[str]:
+        """Evict least recently used models until the new one fits (it always loads)."""
+        evicted = []
+        while self._pinned and self.pinned_bytes + incoming_bytes > self.budget_bytes:
+            (location, dtype), _ = self._pinned.popitem(last=False)
+            evicted.append(location if dtype is None else f"{location} ({dtype})")
+        if evicted:
+            _release_memory()
+        return evicted
+
+    @property
+    def pinned_bytes(self) -> int:
+        return sum(size for _, size in self._pinned.values())
+
+    def keys(self) -> list[PoolKey]:
+        """Pinned keys, least recently used first."""
+        return list(self._pinned)
+
+
+def _release_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
