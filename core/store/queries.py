@@ -8,7 +8,7 @@ result twice.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Iterable, Iterator
 
 from sqlalchemy import func, insert, select, update
@@ -324,12 +324,7 @@ def event_line(event: JobEvent) -> dict:
 
 
 def isoformat(moment: datetime | None) -> str | None:
-    """SQLite hands back naive datetimes; every time stored here is UTC."""
-    if moment is None:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.isoformat()
+    return None if moment is None else moment.isoformat()
 
 
 def register_preset(

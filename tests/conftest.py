@@ -1,0 +1,119 @@
+"""Shared fixtures: an embedded lmq home, the real service backends, a tiny model.
+
+Service tests use a real Redis and PostgreSQL from LMQ_TEST_REDIS_URL and
+LMQ_TEST_DATABASE_URL. CI sets both, and then those tests never skip; on a
+machine without them they skip and say why.
+"""
+
+import os
+import sys
+
+import pytest
+
+import core  # noqa: F401  sets KERAS_BACKEND before anything imports keras
+
+SERVICE_ENV = ("LMQ_HOME", "LMQ_DATABASE_URL", "LMQ_BROKER_URL", "LMQ_API_TOKENS", "LMQ_PRESET_ROOTS")
+
+
+@pytest.fixture
+def lmq_home(tmp_path, monkeypatch):
+    """The embedded default: SQLite and the preset store under a fresh LMQ_HOME, no broker."""
+    for name in SERVICE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "lmq-home"
+    monkeypatch.setenv("LMQ_HOME", str(home))
+    return home
+
+
+def _service_urls():
+    database = os.environ.get("LMQ_TEST_DATABASE_URL")
+    redis = os.environ.get("LMQ_TEST_REDIS_URL")
+    if not (database and redis):
+        pytest.skip("LMQ_TEST_DATABASE_URL and LMQ_TEST_REDIS_URL are not set (CI sets both)")
+    return database, redis
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """The test PostgreSQL, emptied and migrated from scratch once per session."""
+    from sqlalchemy import text
+
+    from core.store.db import get_engine, upgrade
+
+    database, _ = _service_urls()
+    with get_engine(database).begin() as connection:
+        connection.execute(
+            text("DROP TABLE IF EXISTS presets, job_events, job_items, jobs, alembic_version CASCADE")
+        )
+    upgrade(database)
+    return database
+
+
+@pytest.fixture
+def service_env(lmq_home, postgres_url, monkeypatch):
+    """PostgreSQL + Redis (an empty db, see LMQ_TEST_REDIS_URL) as the store and broker."""
+    import redis
+
+    _, broker = _service_urls()
+    redis.Redis.from_url(broker).flushdb()
+    monkeypatch.setenv("LMQ_DATABASE_URL", postgres_url)
+    monkeypatch.setenv("LMQ_BROKER_URL", broker)
+    return {"LMQ_HOME": str(lmq_home), "LMQ_DATABASE_URL": postgres_url, "LMQ_BROKER_URL": broker}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_preset(tmp_path_factory):
+    """A tiny random Llama preset directory with a real SentencePiece vocabulary."""
+    import inspect
+
+    import sentencepiece
+
+    from plugins.llama import (
+        LlamaBackbone,
+        LlamaCausalLM,
+        LlamaCausalLMPreprocessor,
+        LlamaTokenizer,
+    )
+
+    root = tmp_path_factory.mktemp("tiny-llama")
+    lines = [
+        line.strip()
+        for module in (os, sys, inspect, pytest)
+        for line in (inspect.getdoc(module) or "").splitlines()
+        + [
+            line
+            for _, member in inspect.getmembers(module)
+            for line in (inspect.getdoc(member) or "").splitlines()[:3]
+        ]
+        if line.strip()
+    ]
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(lines[:2000]))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(root / "spm"),
+        vocab_size=300,
+        model_type="bpe",
+        byte_fallback=True,
+        pad_id=-1,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        minloglevel=2,
+    )
+    import keras
+
+    keras.utils.set_random_seed(7)
+    tokenizer = LlamaTokenizer(proto=str(root / "spm.model"))
+    backbone = LlamaBackbone(
+        vocabulary_size=tokenizer.vocabulary_size(),
+        num_layers=2,
+        num_query_heads=4,
+        num_key_value_heads=2,
+        hidden_dim=32,
+        intermediate_dim=64,
+    )
+    preprocessor = LlamaCausalLMPreprocessor(tokenizer, sequence_length=64)
+    preset = root / "preset"
+    LlamaCausalLM(backbone=backbone, preprocessor=preprocessor).save_to_preset(str(preset))
+    return preset

@@ -1,0 +1,208 @@
+"""The job runner on the embedded default, with a stand-in model so that batching,
+splitting, cancellation and redelivery are checked exactly and fast.
+(tests/test_jobs_end_to_end.py runs the same runner on a real model.)"""
+
+from types import SimpleNamespace
+
+import pytest
+
+from core.config import load_settings
+from core.store import session_scope, sessions
+from core.store import queries
+from workers.pool import ModelPool
+from workers.runner import JobRunner
+
+
+class StandInLM:
+    """Upper-cases prompts. Runs out of memory above `fits` rows; rejects "TOO LONG"."""
+
+    def __init__(self, fits=1000):
+        self.fits = fits
+        self.batches = []
+        self.preprocessor = SimpleNamespace(tokenizer=SimpleNamespace(tokenize=lambda text: text.split()))
+
+    def compile(self, sampler):
+        self.sampler = sampler
+
+    def generate(self, prompts, return_details, **arguments):
+        if len(prompts) > self.fits:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1 GiB")
+        if any("TOO LONG" in prompt for prompt in prompts):
+            raise ValueError("prompt is longer than max_length")
+        self.batches.append(list(prompts))
+        return [
+            SimpleNamespace(
+                text=prompt.upper(),
+                prompt_tokens=len(prompt.split()),
+                completion_tokens=1,
+                finish_reason="length",
+            )
+            for prompt in prompts
+        ]
+
+
+class WorkerDied(BaseException):
+    """Stands in for SIGKILL: nothing in the runner gets to handle it."""
+
+
+@pytest.fixture
+def setup(lmq_home, tmp_path):
+    preset = tmp_path / "preset"
+    preset.mkdir()
+    settings = load_settings()
+    return settings, sessions(settings), str(preset)
+
+
+def submit(factory, preset, prompts, **params):
+    with session_scope(factory) as session:
+        job = queries.create_generate_job(
+            session,
+            preset=preset,
+            inputs=[{"custom_id": f"q{i}", "prompt": p} for i, p in enumerate(prompts)],
+            params={"micro_batch_size": 2, **params},
+        )
+        return job.id
+
+
+def runner_for(settings, lm, **kwargs):
+    loads = []
+
+    def load(location, dtype):
+        loads.append(location)
+        return lm
+
+    runner = JobRunner(settings, ModelPool(2**30, load=load, measure=lambda m: 1), **kwargs)
+    return runner, loads
+
+
+def results(factory, job_id):
+    with session_scope(factory) as session:
+        return list(queries.job_results(session, job_id)), queries.job_summary(queries.get_job(session, job_id))
+
+
+PROMPTS = ["one", "two words", "three little words", "four", "five and six", "seven"]
+
+
+def test_every_input_gets_its_result_in_input_order(setup):
+    settings, factory, preset = setup
+    lm = StandInLM()
+    job_id = submit(factory, preset, PROMPTS)
+    runner, _ = runner_for(settings, lm)
+    assert runner.run(job_id) == "succeeded"
+    lines, summary = results(factory, job_id)
+    assert [line["output"] for line in lines] == [p.upper() for p in PROMPTS]
+    assert [line["custom_id"] for line in lines] == [f"q{i}" for i in range(6)]
+    assert summary["counts"] == {"total": 6, "completed": 6, "failed": 0}
+    assert summary["progress"] == 1.0
+    # Micro-batches of two, shortest prompts first.
+    assert [len(batch) for batch in lm.batches] == [2, 2, 2]
+    assert lm.batches[0] == ["one", "four"]
+    assert lm.sampler == "greedy"
+
+
+def test_a_batch_that_runs_out_of_memory_is_split_and_retried(setup):
+    settings, factory, preset = setup
+    lm = StandInLM(fits=1)
+    job_id = submit(factory, preset, PROMPTS, micro_batch_size=4)
+    runner, _ = runner_for(settings, lm)
+    assert runner.run(job_id) == "succeeded"
+    lines, summary = results(factory, job_id)
+    assert [line["output"] for line in lines] == [p.upper() for p in PROMPTS]
+    assert all(len(batch) == 1 for batch in lm.batches)
+    with session_scope(factory) as session:
+        splits = [e.data for e in queries.job_events(session, job_id) if e.type == "split"]
+    assert splits and all(split["reason"] == "out_of_memory" for split in splits)
+
+
+def test_a_bad_prompt_fails_alone(setup):
+    settings, factory, preset = setup
+    job_id = submit(factory, preset, ["fine", "TOO LONG x", "also fine"], micro_batch_size=3)
+    runner, _ = runner_for(settings, StandInLM())
+    assert runner.run(job_id) == "succeeded"
+    lines, summary = results(factory, job_id)
+    assert [line["output"] for line in lines] == ["FINE", None, "ALSO FINE"]
+    assert lines[1]["error"] == "prompt is longer than max_length"
+    assert summary["counts"] == {"total": 3, "completed": 2, "failed": 1}
+
+
+def test_cancel_stops_within_one_micro_batch_and_keeps_finished_results(setup):
+    settings, factory, preset = setup
+    job_id = submit(factory, preset, PROMPTS)
+
+    def cancel_after_first_batch(done, total):
+        if done == 2:
+            with session_scope(factory) as session:
+                queries.request_cancel(session, job_id)
+
+    lm = StandInLM()
+    runner, _ = runner_for(settings, lm, on_progress=cancel_after_first_batch)
+    assert runner.run(job_id) == "cancelled"
+    assert len(lm.batches) == 1
+    lines, summary = results(factory, job_id)
+    assert [line["output"] for line in lines] == ["ONE", None, None, "FOUR", None, None]
+    assert summary["counts"]["completed"] == 2
+
+
+def test_a_redelivered_job_runs_only_what_is_left_and_writes_each_result_once(setup):
+    settings, factory, preset = setup
+    job_id = submit(factory, preset, PROMPTS)
+
+    def die_after_two_batches(done, total):
+        if done == 4:
+            raise WorkerDied
+
+    first = StandInLM()
+    with pytest.raises(WorkerDied):
+        runner_for(settings, first, on_progress=die_after_two_batches)[0].run(job_id)
+    assert results(factory, job_id)[1]["status"] == "running"
+
+    second = StandInLM()
+    assert runner_for(settings, second)[0].run(job_id) == "succeeded"
+    generated = [p for batch in first.batches + second.batches for p in batch]
+    assert sorted(generated) == sorted(PROMPTS)
+    lines, summary = results(factory, job_id)
+    assert [line["output"] for line in lines] == [p.upper() for p in PROMPTS]
+    assert summary["attempts"] == 2
+
+    # Delivered once more after it finished: nothing runs, nothing changes.
+    third = StandInLM()
+    assert runner_for(settings, third)[0].run(job_id) == "succeeded"
+    assert third.batches == []
+
+
+def test_a_second_job_on_the_same_preset_loads_nothing(setup):
+    settings, factory, preset = setup
+    runner, loads = runner_for(settings, StandInLM())
+    first, second = submit(factory, preset, ["a"]), submit(factory, preset, ["b"])
+    runner.run(first)
+    runner.run(second)
+    assert loads == [preset]
+    with session_scope(factory) as session:
+        models = [
+            next(e.data for e in queries.job_events(session, job) if e.type == "model")
+            for job in (first, second)
+        ]
+    assert [m["pool_hit"] for m in models] == [False, True]
+    assert models[1]["load_seconds"] == 0.0
+
+
+def test_an_unexpected_error_fails_the_job_with_its_message(setup):
+    settings, factory, preset = setup
+    job_id = submit(factory, preset, ["a"])
+
+    def broken(location, dtype):
+        raise OSError("model.weights.h5 is truncated")
+
+    runner = JobRunner(settings, ModelPool(2**30, load=broken))
+    assert runner.run(job_id) == "failed"
+    assert results(factory, job_id)[1]["error"] == "OSError: model.weights.h5 is truncated"
+
+
+def test_a_cancelled_queued_job_never_runs(setup):
+    settings, factory, preset = setup
+    job_id = submit(factory, preset, ["a"])
+    with session_scope(factory) as session:
+        queries.request_cancel(session, job_id)
+    lm = StandInLM()
+    assert runner_for(settings, lm)[0].run(job_id) == "cancelled"
+    assert lm.batches == []

@@ -1,0 +1,99 @@
+"""The model pool and the micro-batch scheduler, on stand-in models (no keras needed)."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from workers.batching import Prompt, is_out_of_memory, plan_micro_batches
+from workers.pool import ModelPool, weight_bytes
+
+
+class Loads:
+    """A loader that records what it loaded."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, location, dtype):
+        self.calls.append((location, dtype))
+        return SimpleNamespace(location=location, dtype=dtype)
+
+
+def test_second_get_is_a_hit_and_loads_nothing():
+    loads = Loads()
+    pool = ModelPool(budget_bytes=100, load=loads, measure=lambda model: 10)
+    first = pool.get("a")
+    second = pool.get("a")
+    assert not first.hit and second.hit and second.load_seconds == 0.0
+    assert second.model is first.model
+    assert loads.calls == [("a", None)]
+    assert (pool.hits, pool.misses) == (1, 1)
+
+
+def test_dtype_is_part_of_the_key():
+    loads = Loads()
+    pool = ModelPool(budget_bytes=100, load=loads, measure=lambda model: 10)
+    pool.get("a", "float32")
+    pool.get("a", "bfloat16")
+    assert loads.calls == [("a", "float32"), ("a", "bfloat16")]
+
+
+def test_least_recently_used_goes_first_under_the_budget():
+    pool = ModelPool(budget_bytes=25, load=Loads(), measure=lambda model: 10)
+    pool.get("a")
+    pool.get("b")
+    pool.get("a")  # b is now the least recently used
+    lease = pool.get("c")
+    assert lease.evicted == ["b"]
+    assert pool.keys() == [("a", None), ("c", None)]
+    assert pool.pinned_bytes == 20
+
+
+def test_a_model_larger_than_the_budget_still_loads_alone():
+    pool = ModelPool(budget_bytes=5, load=Loads(), measure=lambda model: 10)
+    pool.get("a")
+    assert pool.get("b").evicted == ["a"]
+    assert pool.keys() == [("b", None)]
+
+
+def test_weight_bytes_reads_shapes_and_dtypes():
+    model = SimpleNamespace(
+        weights=[
+            SimpleNamespace(shape=(4, 8), dtype="float32"),
+            SimpleNamespace(shape=(10,), dtype="bfloat16"),
+        ]
+    )
+    assert weight_bytes(model) == 4 * 8 * 4 + 10 * 2
+
+
+def prompts(lengths):
+    return [Prompt(index, f"p{index}", length) for index, length in enumerate(lengths)]
+
+
+def test_micro_batches_group_similar_lengths():
+    batches = plan_micro_batches(prompts([5, 1, 9, 2, 6, 1]), max_items=2, max_tokens=1000)
+    assert [[p.index for p in batch] for batch in batches] == [[1, 5], [3, 0], [4, 2]]
+
+
+def test_micro_batches_respect_the_token_budget():
+    batches = plan_micro_batches(prompts([10, 10, 10, 30]), max_items=8, max_tokens=40, new_tokens=10)
+    # rows x (longest prompt + new tokens) <= 40, and a too-long prompt still runs alone
+    assert [[p.index for p in batch] for batch in batches] == [[0, 1], [2], [3]]
+
+
+def test_every_prompt_is_planned_exactly_once():
+    planned = plan_micro_batches(prompts([3, 1, 4, 1, 5, 9, 2, 6]), max_items=3, max_tokens=20)
+    assert sorted(p.index for batch in planned for p in batch) == list(range(8))
+
+
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        (MemoryError(), True),
+        (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+        (RuntimeError("shape mismatch"), False),
+        (ValueError("out of memory"), False),
+    ],
+)
+def test_out_of_memory_is_recognised(error, expected):
+    assert is_out_of_memory(error) is expected
