@@ -1,0 +1,195 @@
+"""The `lmq` command line without a model: bad input, the store commands, the worker guard."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from api.cli import main
+from core.config import load_settings
+from core.store import session_scope, sessions
+from core.store import queries
+
+
+def run_cli(capsys, *argv):
+    """(exit code, stdout, stderr) of `lmq argv...` run in this process."""
+    try:
+        code = main(list(argv))
+    except SystemExit as exit:
+        code = exit.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return str(path)
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    return write_jsonl(tmp_path / "in.jsonl", [{"custom_id": "a", "prompt": "Hello"}])
+
+
+@pytest.fixture
+def preset_dir(tmp_path):
+    directory = tmp_path / "some-preset"
+    directory.mkdir()
+    return str(directory)
+
+
+def no_jobs_written():
+    with session_scope(sessions(load_settings())) as session:
+        return queries.list_jobs(session) == []
+
+
+@pytest.mark.parametrize(
+    "lines, extra, message",
+    [
+        (['{"prompt": "ok"}', '{"prompt": "broken'], [], "in.jsonl line 2: not valid JSON"),
+        (['{"prompt": "ok"}', "[1, 2]"], [], "in.jsonl line 2: expected a JSON object, got list"),
+        (['{"custom_id": "x"}'], [], "in.jsonl line 1: missing string field 'prompt'"),
+        ([], [], "in.jsonl has no inputs"),
+        (['{"prompt": "ok"}'], ["--max-length", "0"], "--max-length must be at least 1, got 0"),
+        (['{"prompt": "ok"}'], ["--max-new-tokens", "-3"], "--max-new-tokens must be at least 1"),
+        (['{"prompt": "ok"}'], ["--sampler", "nucleus"], "--sampler 'nucleus' is not one of greedy"),
+        (['{"prompt": "ok"}'], ["--max-length", "ten"], "argument --max-length: invalid int value"),
+    ],
+)
+def test_bad_generate_input_is_one_line_exit_2_and_writes_nothing(
+    capsys, lmq_home, tmp_path, preset_dir, lines, extra, message
+):
+    source = write_jsonl(tmp_path / "in.jsonl", lines)
+    output = tmp_path / "out.jsonl"
+    code, out, err = run_cli(capsys, "generate", "--preset", preset_dir, source, "-o", str(output), *extra)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("lmq: error: ") and message in err
+    assert out == "" and not output.exists()
+    assert no_jobs_written()
+
+
+def test_unknown_preset_is_named(capsys, lmq_home, tmp_path, prompts):
+    output = tmp_path / "out.jsonl"
+    code, _, err = run_cli(capsys, "generate", "--preset", "no-such-model", prompts, "-o", str(output))
+    assert code == 2 and err.count("\n") == 1
+    assert "unknown preset 'no-such-model'" in err
+    assert not output.exists() and no_jobs_written()
+
+
+def test_missing_input_file_is_named(capsys, lmq_home, tmp_path, preset_dir):
+    code, _, err = run_cli(capsys, "generate", "--preset", preset_dir, str(tmp_path / "nope.jsonl"))
+    assert code == 2 and "nope.jsonl' does not exist" in err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--output-preset", "bad name!"], "preset name 'bad name!' is not valid"),
+        (["--output-preset", "ok", "--epochs", "0"], "--epochs must be at least 1"),
+        (["--output-preset", "ok", "--learning-rate", "-1"], "--learning-rate must be positive"),
+    ],
+)
+def test_bad_fit_input(capsys, lmq_home, tmp_path, preset_dir, extra, message):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "some text"}])
+    code, _, err = run_cli(capsys, "fit", "--preset", preset_dir, train, *extra)
+    assert code == 2 and err.count("\n") == 1 and message in err
+    assert no_jobs_written()
+
+
+def test_fit_needs_text_lines(capsys, lmq_home, tmp_path, preset_dir):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "not text"}])
+    code, _, err = run_cli(capsys, "fit", "--preset", preset_dir, train, "--output-preset", "x")
+    assert code == 2 and "missing string field 'text'" in err
+
+
+def test_fit_refuses_an_existing_output_preset(capsys, lmq_home, tmp_path, preset_dir):
+    with session_scope(sessions(load_settings())) as session:
+        queries.register_preset(session, name="taken", path=preset_dir, architecture=None, source=None)
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "some text"}])
+    code, _, err = run_cli(capsys, "fit", "--preset", preset_dir, train, "--output-preset", "taken")
+    assert code == 2 and "preset 'taken' already exists" in err
+
+
+def test_submit_and_worker_need_a_broker(capsys, lmq_home, prompts, preset_dir):
+    code, _, err = run_cli(capsys, "submit", "generate", "--preset", preset_dir, prompts)
+    assert code == 2 and "LMQ_BROKER_URL is not set" in err
+    code, _, err = run_cli(capsys, "worker")
+    assert code == 2 and "LMQ_BROKER_URL is not set" in err
+    assert no_jobs_written()
+
+
+def test_jobs_commands_read_the_store(capsys, lmq_home, prompts):
+    with session_scope(sessions(load_settings())) as session:
+        job_id = queries.create_generate_job(
+            session, preset="p", inputs=[{"custom_id": "a", "prompt": "Hi"}], params={}
+        ).id
+    code, out, _ = run_cli(capsys, "jobs", "list")
+    assert code == 0 and json.loads(out)["id"] == job_id
+    code, out, _ = run_cli(capsys, "jobs", "show", job_id)
+    assert json.loads(out)["status"] == "queued"
+    code, out, _ = run_cli(capsys, "jobs", "results", job_id)
+    assert json.loads(out) == {
+        "index": 0,
+        "custom_id": "a",
+        "output": None,
+        "prompt_tokens": None,
+        "completion_tokens": None,
+        "finish_reason": None,
+        "error": None,
+    }
+    code, out, _ = run_cli(capsys, "jobs", "cancel", job_id)
+    assert json.loads(out)["status"] == "cancelled"
+    code, out, _ = run_cli(capsys, "jobs", "events", job_id)
+    assert [json.loads(line)["state"] for line in out.splitlines()] == ["queued", "cancelled"]
+    code, out, _ = run_cli(capsys, "jobs", "watch", job_id)
+    assert code == 1 and json.loads(out)["status"] == "cancelled"
+    code, _, err = run_cli(capsys, "jobs", "show", "nope")
+    assert code == 2 and "no job 'nope'" in err
+
+
+def test_presets_import_copies_into_the_store(capsys, lmq_home, preset_dir):
+    code, out, _ = run_cli(capsys, "presets", "import", preset_dir, "--name", "mine")
+    assert code == 0
+    stored = json.loads(out)
+    assert stored["name"] == "mine" and stored["source"] == preset_dir
+    assert stored["path"] == str(lmq_home / "presets" / "mine")
+    code, out, _ = run_cli(capsys, "presets", "list")
+    assert [json.loads(line)["name"] for line in out.splitlines()] == ["mine"]
+    code, out, _ = run_cli(capsys, "presets", "show", "mine")
+    assert json.loads(out)["name"] == "mine"
+    code, _, err = run_cli(capsys, "presets", "import", preset_dir, "--name", "mine")
+    assert code == 2 and "already exists" in err
+    code, _, err = run_cli(capsys, "presets", "show", "other")
+    assert code == 2 and "no preset 'other'" in err
+
+
+def test_architectures_lists_the_registry(capsys, lmq_home):
+    code, out, _ = run_cli(capsys, "architectures")
+    names = [json.loads(line)["name"] for line in out.splitlines()]
+    assert code == 0 and "llama" in names
+
+
+def test_db_upgrade_and_the_console_script(lmq_home, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "api.cli", "db", "upgrade"], capture_output=True, text=True, check=True
+    )
+    assert "up to date" in done.stderr
+    assert (lmq_home / "lmq.db").exists()
+    # The same one-line error through a real process.
+    failed = subprocess.run(
+        [sys.executable, "-m", "api.cli", "generate", "--preset", "nowhere", "-"],
+        input='{"prompt": "hi"}\n',
+        capture_output=True,
+        text=True,
+    )
+    assert failed.returncode == 2
+    assert failed.stderr.strip().startswith("lmq: error: unknown preset 'nowhere'")
+
+
+def test_cli_never_imports_keras_for_store_commands(lmq_home):
+    code = (
+        "import sys; from api.cli import main; main(['jobs', 'list']); "
+        "assert 'keras' not in sys.modules and 'torch' not in sys.modules, 'heavy import'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
