@@ -1,0 +1,24 @@
+"""Building blocks that every architecture composes.
+
+Each block is a Keras layer (so it owns Keras variables, saves, trains with
+``fit``) whose ``call`` is plain PyTorch. The generation loop calls ``call``
+directly, skipping Keras' per-call machinery on the hot path.
+"""
+
+from core.layers.attention import AttentionContext, CachedAttention, KVCache
+from core.layers.decoder import DecoderBlock
+from core.layers.embedding import ReversibleEmbedding
+from core.layers.feedforward import GatedFeedForward
+from core.layers.norms import RMSNorm
+from core.layers.rotary import RotaryEmbedding
+
+__all__ = [
+    "AttentionContext",
+    "CachedAttention",
+    "DecoderBlock",
+    "GatedFeedForward",
+    "KVCache",
+    "RMSNorm",
+    "ReversibleEmbedding",
+    "RotaryEmbedding",
+]

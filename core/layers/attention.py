@@ -1,0 +1,146 @@
+"""Multi-head attention with grouped key/value heads and a preallocated KV cache.
+
+One ``AttentionContext`` is built per forward pass (by the backbone) and shared
+by every layer: rotary tables, the mask, and where the cache is written. The
+cache is one tensor per model, allocated once per ``generate`` call and written
+in place; attention itself is ``torch.nn.functional.scaled_dot_product_attention``.
+"""
+
+from dataclasses import dataclass
+
+import keras
+import torch
+
+from core.layers.rotary import apply_rotary
+
+
+class KVCache:
+    """Keys and values of every layer: [layers, batch, kv_heads, max_length, head_dim]."""
+
+    def __init__(self, num_layers, batch_size, num_heads, max_length, head_dim, dtype, device):
+        shape = (num_layers, batch_size, num_heads, max_length, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self._rows = torch.arange(batch_size, device=device)
+
+    @property
+    def max_length(self):
+        return self.keys.shape[3]
+
+    def update(self, layer, keys, values, context):
+        """Writes this step's keys/values [batch, heads, seq, dim]; returns what to attend to."""
+        layer_keys, layer_values = self.keys[layer], self.values[layer]
+        if context.write_positions is None:  # prefill: positions [0, seq)
+            length = keys.shape[2]
+            layer_keys[:, :, :length] = keys
+            layer_values[:, :, :length] = values
+            return keys, values
+        # one new token per row, each row at its own position
+        layer_keys[self._rows, :, context.write_positions] = keys[:, :, 0]
+        layer_values[self._rows, :, context.write_positions] = values[:, :, 0]
+        return (
+            layer_keys[:, :, : context.key_length],
+            layer_values[:, :, : context.key_length],
+        )
+
+    def select_rows(self, rows):
+        """Keeps (or repeats) batch rows: drops finished rows, reorders beams."""
+        self.keys = self.keys[:, rows]
+        self.values = self.values[:, rows]
+        self._rows = torch.arange(len(rows), device=self.keys.device)
+
+
+@dataclass
+class AttentionContext:
+    """What all attention layers of one forward pass share."""
+
+    cos: torch.Tensor | None = None  # [batch, 1, seq, head_dim]
+    sin: torch.Tensor | None = None
+    mask: torch.Tensor | None = None  # [batch, 1, seq, keys]: bool (True = attend) or additive
+    is_causal: bool = False  # let SDPA build the causal mask (mask must be None)
+    cache: KVCache | None = None
+    write_positions: torch.Tensor | None = None  # [batch]: one-token decode step
+    key_length: int | None = None  # cache slots a decode step attends to
+
+
+class CachedAttention(keras.layers.Layer):
+    """Attention with ``num_query_heads`` queries sharing ``num_key_value_heads`` keys/values.
+
+    Kernels keep KerasHub's shapes: query [hidden, heads, head_dim], output
+    [heads, head_dim, hidden].
+    """
+
+    def __init__(
+        self,
+        hidden_dim,
+        num_query_heads,
+        num_key_value_heads,
+        head_dim=None,
+        use_bias=False,
+        dropout=0.0,
+        cache_index=0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if num_query_heads % num_key_value_heads:
+            raise ValueError(
+                f"num_query_heads ({num_query_heads}) must be a multiple of "
+                f"num_key_value_heads ({num_key_value_heads})."
+            )
+        self.num_query_heads = num_query_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim or hidden_dim // num_query_heads
+        self.dropout = dropout
+        self.cache_index = cache_index
+        init = keras.initializers.RandomNormal(stddev=0.02)
+        d = self.head_dim
+
+        def kernel(name, shape):
+            return self.add_weight(shape=shape, initializer=init, name=name)
+
+        def bias(name, shape):
+            return self.add_weight(shape=shape, initializer="zeros", name=name) if use_bias else None
+
+        self.query_kernel = kernel("query_kernel", (hidden_dim, num_query_heads, d))
+        self.query_bias = bias("query_bias", (num_query_heads, d))
+        self.key_kernel = kernel("key_kernel", (hidden_dim, num_key_value_heads, d))
+        self.key_bias = bias("key_bias", (num_key_value_heads, d))
+        self.value_kernel = kernel("value_kernel", (hidden_dim, num_key_value_heads, d))
+        self.value_bias = bias("value_bias", (num_key_value_heads, d))
+        self.output_kernel = kernel("output_kernel", (num_query_heads, d, hidden_dim))
+        self.output_bias = bias("output_bias", (hidden_dim,))
+        self.built = True
+
+    def _heads(self, x, kernel, bias):
+        """[batch, seq, hidden] -> [batch, heads, seq, head_dim]."""
+        w = kernel.value
+        y = x @ w.reshape(w.shape[0], -1)
+        if bias is not None:
+            y = y + bias.value.reshape(-1)
+        return y.unflatten(-1, w.shape[1:]).transpose(1, 2)
+
+    def call(self, x, context, training=False):
+        batch, seq, _ = x.shape
+        query = self._heads(x, self.query_kernel, self.query_bias)
+        key = self._heads(x, self.key_kernel, self.key_bias)
+        value = self._heads(x, self.value_kernel, self.value_bias)
+        if context.cos is not None:
+            query = apply_rotary(query, context.cos, context.sin)
+            key = apply_rotary(key, context.cos, context.sin)
+        if context.cache is not None:
+            key, value = context.cache.update(self.cache_index, key, value, context)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=context.mask,
+            is_causal=context.is_causal,
+            dropout_p=self.dropout if training else 0.0,
+            enable_gqa=self.num_query_heads != self.num_key_value_heads,
+        )  # [batch, heads, seq, head_dim]
+        out = out.transpose(1, 2).reshape(batch, seq, -1)
+        w = self.output_kernel.value
+        out = out @ w.reshape(-1, w.shape[-1])
+        if self.output_bias is not None:
+            out = out + self.output_bias.value
+        return out

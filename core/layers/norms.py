@@ -1,0 +1,39 @@
+"""Normalisation layers."""
+
+import keras
+import torch
+
+
+class RMSNorm(keras.layers.Layer):
+    """Root-mean-square norm (Llama, Mistral, Phi-3).
+
+    Computed in float32 and scaled after casting back, as transformers does, so
+    bfloat16 results match the reference.
+    """
+
+    def __init__(self, dim, epsilon=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+        self.scale = self.add_weight(shape=(dim,), initializer="ones", name="scale")
+        self.built = True
+
+    def call(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.epsilon)
+        return self.scale.value * x32.to(x.dtype)
+
+
+class LayerNorm(keras.layers.Layer):
+    """Standard layer norm with scale and bias (Falcon, Bart)."""
+
+    def __init__(self, dim, epsilon=1e-5, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+        self.gamma = self.add_weight(shape=(dim,), initializer="ones", name="gamma")
+        self.beta = self.add_weight(shape=(dim,), initializer="zeros", name="beta")
+        self.built = True
+
+    def call(self, x):
+        return torch.nn.functional.layer_norm(
+            x, x.shape[-1:], self.gamma.value, self.beta.value, self.epsilon
+        )

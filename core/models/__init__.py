@@ -1,0 +1,28 @@
+"""The KerasHub task API on Keras 3 + PyTorch."""
+
+import keras
+
+if keras.backend.backend() != "torch":
+    raise ImportError(
+        f"lmq needs Keras' torch backend, but keras was loaded with {keras.backend.backend()!r}; "
+        "set KERAS_BACKEND=torch (or import core before keras)."
+    )
+
+from core.models.backbone import Backbone, DecoderOnlyBackbone  # noqa: E402
+from core.models.causal_lm import CausalLM  # noqa: E402
+from core.models.generation import Generation  # noqa: E402
+from core.models.preprocessor import CausalLMPreprocessor, Preprocessor  # noqa: E402
+from core.models.task import Task  # noqa: E402
+from core.models.tokenizer import SentencePieceTokenizer, Tokenizer  # noqa: E402
+
+__all__ = [
+    "Backbone",
+    "CausalLM",
+    "CausalLMPreprocessor",
+    "DecoderOnlyBackbone",
+    "Generation",
+    "Preprocessor",
+    "SentencePieceTokenizer",
+    "Task",
+    "Tokenizer",
+]

@@ -1,0 +1,180 @@
+"""Backbones: the network without its task head.
+
+``Backbone`` carries what every architecture shares (KerasHub-style config, the
+weight layout of KerasHub's ``model.weights.h5``). ``DecoderOnlyBackbone`` is the
+decoder stack Llama, Mistral and Phi-3 share, with the two entry points that
+generation uses: ``prefill`` (the whole prompt in one pass) and ``decode`` (one
+token per row, each row at its own position), both writing a ``KVCache``.
+"""
+
+import keras
+import torch
+
+from core.layers import AttentionContext, KVCache
+from core.models.serialization import KerasHubSerializable
+
+
+def dtype_name(dtype):
+    """A dtype argument as KerasHub configs store it (a policy dict) -> its name."""
+    if isinstance(dtype, dict):
+        return dtype.get("config", {}).get("name")
+    if isinstance(dtype, keras.DTypePolicy):
+        return dtype.name
+    return dtype
+
+
+class Backbone(KerasHubSerializable, keras.Model):
+    config_file = "config.json"
+
+    def __init__(self, dtype=None, name=None, trainable=True, **kwargs):
+        super().__init__(dtype=dtype_name(dtype), name=name or self.default_name(), trainable=trainable, **kwargs)
+
+    def base_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "dtype": keras.dtype_policies.serialize(self.dtype_policy),
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        from core.presets import load_backbone
+
+        return load_backbone(preset, cls=cls, load_weights=load_weights, **kwargs)
+
+    def keras_hub_weights(self):
+        """{path in KerasHub's model.weights.h5: variable}. Each architecture defines its layout."""
+        raise NotImplementedError
+
+    @property
+    def device(self):
+        return self.token_embedding.embeddings.value.device
+
+
+class DecoderOnlyBackbone(Backbone):
+    """Token embedding -> ``DecoderBlock`` stack -> final norm.
+
+    Subclasses build ``token_embedding``, ``transformer_layers``, ``layer_norm``
+    and ``rotary`` (or None), set ``num_key_value_heads``/``head_dim``, and may set
+    ``sliding_window``. ``keras_hub_layout`` names the layers of KerasHub's weight file.
+    """
+
+    sliding_window = None
+    keras_hub_layout = None  # see ``keras_hub_weights``
+
+    def call(self, inputs, training=False):
+        token_ids = torch.as_tensor(inputs["token_ids"], device=self.device).long()
+        batch, length = token_ids.shape
+        padding_mask = inputs.get("padding_mask")
+        if padding_mask is None:
+            padding_mask = torch.ones_like(token_ids, dtype=torch.bool)
+        padding_mask = torch.as_tensor(padding_mask, device=self.device).bool()
+        positions = torch.arange(length, device=self.device).expand(batch, length)
+        mask = self.attention_mask(positions, length) & padding_mask[:, None, None, :]
+        # A query with no key left (left padding) would give NaNs; it attends to all, like KerasHub.
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+        context = self._context(positions, mask=mask)
+        return self.hidden_states(token_ids, context, training=training)
+
+    def attention_mask(self, query_positions, key_length):
+        """[batch, query] positions -> bool [batch, 1, query, key_length]: causal, windowed."""
+        keys = torch.arange(key_length, device=query_positions.device)
+        distance = query_positions[:, None, :, None] - keys
+        allowed = distance >= 0
+        if self.sliding_window:
+            allowed &= distance < self.sliding_window
+        return allowed
+
+    def _context(self, positions, **kwargs):
+        dtype = self.token_embedding.embeddings.value.dtype
+        cos, sin = self.rotary.cos_sin(positions, dtype) if self.rotary else (None, None)
+        return AttentionContext(cos=cos, sin=sin, **kwargs)
+
+    def hidden_states(self, token_ids, context, training=False):
+        x = self.token_embedding.call(token_ids)  # [batch, seq, hidden]
+        for block in self.transformer_layers:
+            x = block.call(x, context, training=training)
+        return self.layer_norm.call(x)
+
+    # -- generation -----------------------------------------------------------------
+
+    def new_cache(self, batch_size, max_length):
+        embeddings = self.token_embedding.embeddings.value
+        return KVCache(
+            len(self.transformer_layers),
+            batch_size,
+            self.num_key_value_heads,
+            max_length,
+            self.head_dim,
+            embeddings.dtype,
+            embeddings.device,
+        )
+
+    def prefill(self, token_ids, cache):
+        """Right-padded prompts [batch, seq] -> hidden states; fills cache slots [0, seq)."""
+        batch, length = token_ids.shape
+        positions = torch.arange(length, device=token_ids.device).expand(batch, length)
+        if self.sliding_window and length > self.sliding_window:
+            context = self._context(positions, mask=self.attention_mask(positions, length), cache=cache)
+        else:  # padding sits after every real token, so causal masking is enough
+            context = self._context(positions, is_causal=True, cache=cache)
+        return self.hidden_states(token_ids, context)
+
+    def decode(self, token_ids, positions, cache, key_length):
+        """One token per row [batch, 1] at ``positions`` [batch] -> hidden [batch, 1, hidden].
+
+        ``key_length`` (a Python int, ``positions.max() + 1``) bounds the cache slots read.
+        """
+        query_positions = positions[:, None]
+        context = self._context(
+            query_positions,
+            mask=self.attention_mask(query_positions, key_length),
+            cache=cache,
+            write_positions=positions,
+            key_length=key_length,
+        )
+        return self.hidden_states(token_ids, context)
+
+    # -- KerasHub weight layout -------------------------------------------------------
+
+    def keras_hub_weights(self):
+        layout = self.keras_hub_layout
+        weights = {"layers/reversible_embedding/vars/0": self.token_embedding.embeddings}
+        if self.token_embedding.reverse_embeddings is not None:
+            weights["layers/reversible_embedding/vars/1"] = self.token_embedding.reverse_embeddings
+        for index, block in enumerate(self.transformer_layers):
+            prefix = f"layers/{layout['block']}" + (f"_{index}" if index else "")
+            attention = f"{prefix}/{layout['attention']}"
+            parts = {
+                f"{attention}/{layout['query']}": block.attention.query_kernel,
+                f"{attention}/{layout['key']}": block.attention.key_kernel,
+                f"{attention}/{layout['value']}": block.attention.value_kernel,
+                f"{attention}/{layout['output']}": block.attention.output_kernel,
+                f"{prefix}/{layout['attention_norm']}": block.attention_norm.scale,
+                f"{prefix}/{layout['feedforward_norm']}": block.feedforward_norm.scale,
+                f"{prefix}/{layout['gate']}": block.feedforward.gate_kernel,
+                f"{prefix}/{layout['intermediate']}": block.feedforward.intermediate_kernel,
+                f"{prefix}/{layout['feedforward_output']}": block.feedforward.output_kernel,
+            }
+            weights.update({f"{path}/vars/0": variable for path, variable in parts.items()})
+        weights[f"layers/{layout['final_norm']}/vars/0"] = self.layer_norm.scale
+        return weights
+
+
+# KerasHub's attribute names inside its Llama-style decoder layer (Llama, Mistral).
+LLAMA_STYLE_LAYOUT = {
+    "attention": "_self_attention_layer",
+    "query": "_query_dense",
+    "key": "_key_dense",
+    "value": "_value_dense",
+    "output": "_output_dense",
+    "attention_norm": "_self_attention_layernorm",
+    "feedforward_norm": "_feedforward_layernorm",
+    "gate": "_feedforward_gate_dense",
+    "intermediate": "_feedforward_intermediate_dense",
+    "feedforward_output": "_feedforward_output_dense",
+}

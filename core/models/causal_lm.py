@@ -1,0 +1,233 @@
+"""``CausalLM``: next-token prediction, text generation, scoring and fine-tuning."""
+
+import keras
+import numpy as np
+import torch
+
+from core import samplers
+from core.models.generation import Generation, StopStrings, decode
+from core.models.task import Task
+
+
+class CausalLM(Task):
+    task_kind = "causal_lm"
+    default_sampler = "top_k"  # KerasHub's default for Llama, Mistral, Phi-3
+
+    def __init__(self, backbone, preprocessor=None, **kwargs):
+        super().__init__(backbone, preprocessor, **kwargs)
+        self.compile()
+
+    def call(self, inputs, training=False):
+        """``{"token_ids", "padding_mask"}`` -> logits [batch, length, vocab]."""
+        hidden = self.backbone.call(inputs, training=training)
+        return self.backbone.token_embedding.reverse(hidden)
+
+    def compile(self, optimizer="auto", loss="auto", *, weighted_metrics="auto", sampler=None, **kwargs):
+        """KerasHub's defaults: Adam(2e-5), sparse cross-entropy on logits, weighted accuracy."""
+        if optimizer == "auto":
+            optimizer = keras.optimizers.Adam(2e-5)
+        if loss == "auto":
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        if weighted_metrics == "auto":
+            weighted_metrics = [keras.metrics.SparseCategoricalAccuracy()]
+        super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, **kwargs)
+        self.sampler = samplers.get(sampler if sampler is not None else self.default_sampler)
+
+    # -- training -----------------------------------------------------------------------
+
+    def fit(self, x=None, y=None, batch_size=None, sample_weight=None, validation_data=None, **kwargs):
+        """Raw strings go through the preprocessor; token-id dicts are used as given."""
+        if _is_text(x):
+            x, y, sample_weight = self._preprocess_for_training(x, y, sample_weight)
+        if _is_text(validation_data):
+            validation_data = self._preprocess_for_training(validation_data, None, None)
+        return super().fit(
+            x=x,
+            y=y,
+            batch_size=batch_size,
+            sample_weight=sample_weight,
+            validation_data=validation_data,
+            **kwargs,
+        )
+
+    def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
+        if _is_text(x):
+            x, y, sample_weight = self._preprocess_for_training(x, y, sample_weight)
+        return super().evaluate(x=x, y=y, batch_size=batch_size, sample_weight=sample_weight, **kwargs)
+
+    def _preprocess_for_training(self, x, y, sample_weight):
+        if self.preprocessor is None:
+            raise ValueError("This task has no preprocessor: pass token ids, not strings.")
+        return self.preprocessor([x] if isinstance(x, str) else list(x), y, sample_weight)
+
+    # -- scoring ------------------------------------------------------------------------
+
+    def score(self, token_ids, padding_mask=None, scoring_mode="logits", target_ids=None):
+        """Logits [batch, length, vocab], or per-token loss [batch, length] ("loss").
+
+        For "loss", ``target_ids`` default to the next token; positions with no
+        next token (or padding) score 0.
+        """
+        if scoring_mode not in ("logits", "loss"):
+            raise ValueError(f"scoring_mode must be 'logits' or 'loss', got {scoring_mode!r}.")
+        token_ids = torch.as_tensor(np.asarray(token_ids), device=self.backbone.device).long()
+        if padding_mask is None:
+            padding_mask = torch.ones_like(token_ids, dtype=torch.bool)
+        padding_mask = torch.as_tensor(np.asarray(padding_mask), device=token_ids.device).bool()
+        with torch.inference_mode():
+            logits = self.call({"token_ids": token_ids, "padding_mask": padding_mask})
+            if scoring_mode == "logits":
+                return logits
+            if target_ids is None:
+                target_ids = torch.roll(token_ids, -1, dims=1)
+                weights = torch.roll(padding_mask, -1, dims=1) & padding_mask
+                weights[:, -1] = False
+            else:
+                target_ids = torch.as_tensor(np.asarray(target_ids), device=token_ids.device).long()
+                weights = padding_mask
+            losses = torch.nn.functional.cross_entropy(
+                logits.float().transpose(1, 2), target_ids, reduction="none"
+            )
+            return losses * weights
+
+    # -- generation ---------------------------------------------------------------------
+
+    def generate(
+        self,
+        inputs,
+        max_length=None,
+        stop_token_ids="auto",
+        strip_prompt=False,
+        *,
+        max_new_tokens=None,
+        stop=None,
+        seed=None,
+        stream=None,
+        return_details=False,
+    ):
+        """Generates text for a prompt or a list of prompts (KerasHub semantics, plus more).
+
+        - ``max_length``: prompt plus completion, in tokens (default: the
+          preprocessor's ``sequence_length``); ``max_new_tokens`` caps the completion.
+        - ``stop_token_ids``: "auto" (the end token), None, or a sequence of ids.
+        - ``stop``: strings; a row stops when its completion contains one, which is cut off.
+        - ``seed``: makes a sampling sampler reproducible for this call.
+        - ``stream``: ``stream(row, token_id)`` is called for each new token.
+        - ``return_details``: ``Generation`` records (text, token counts, finish reason).
+
+        Without a preprocessor, ``inputs`` is ``{"token_ids", "padding_mask"}``
+        (right-padded) and the same dict comes back with the completions written in.
+        """
+        if isinstance(inputs, dict):
+            return self._generate_from_ids(inputs, stop_token_ids, max_new_tokens, seed, stream)
+        if self.preprocessor is None:
+            raise ValueError(
+                "This task has no preprocessor: pass {'token_ids', 'padding_mask'}, not strings."
+            )
+        single = isinstance(inputs, str)
+        prompts = self.preprocessor.generate_preprocess([inputs] if single else inputs)
+        max_length = max_length or self.preprocessor.sequence_length
+        limits = _limits(prompts, max_length, max_new_tokens)
+        tokenizer = self.preprocessor.tokenizer
+        stop_strings = StopStrings(tokenizer, stop) if stop else None
+        result = decode(
+            self.backbone,
+            prompts,
+            limits,
+            self.sampler,
+            stop_token_ids=self._stop_ids(stop_token_ids),
+            pad_token_id=tokenizer.pad_token_id,
+            generator=self._generator(seed),
+            stop_strings=stop_strings,
+            stream=stream,
+        )
+        outputs = []
+        for prompt, completion, reason in zip(prompts, result.completions, result.finish_reasons):
+            ids = completion if strip_prompt else prompt + completion
+            text = self.preprocessor.generate_postprocess([ids])[0]
+            if stop_strings is not None:
+                text = _cut_stop(text, stop_strings, prompt if not strip_prompt else [], tokenizer)
+            outputs.append(Generation(text, completion, len(prompt), len(completion), reason))
+        if not return_details:
+            outputs = [g.text for g in outputs]
+        return outputs[0] if single else outputs
+
+    def _generate_from_ids(self, inputs, stop_token_ids, max_new_tokens, seed, stream):
+        token_ids = np.asarray(inputs["token_ids"])
+        padding_mask = np.asarray(inputs.get("padding_mask", np.ones_like(token_ids))).astype(bool)
+        if token_ids.ndim != 2 or token_ids.shape != padding_mask.shape:
+            raise ValueError(
+                f"token_ids and padding_mask must be equal [batch, length] arrays, got "
+                f"{token_ids.shape} and {padding_mask.shape}."
+            )
+        lengths = padding_mask.sum(axis=1)
+        if not all(padding_mask[i, :n].all() for i, n in enumerate(lengths)):
+            raise ValueError("padding_mask must be right-padded: each row's prompt first, then padding.")
+        if (lengths == 0).any():
+            raise ValueError("Each row needs at least one prompt token.")
+        prompts = [row[:n].tolist() for row, n in zip(token_ids, lengths)]
+        max_length = token_ids.shape[1]
+        result = decode(
+            self.backbone,
+            prompts,
+            _limits(prompts, max_length, max_new_tokens),
+            self.sampler,
+            stop_token_ids=self._stop_ids(stop_token_ids),
+            pad_token_id=int(token_ids[0, -1]) if not padding_mask[0, -1] else 0,
+            generator=self._generator(seed),
+            stream=stream,
+        )
+        out_ids, out_mask = token_ids.copy(), padding_mask.copy()
+        for i, (prompt, completion) in enumerate(zip(prompts, result.completions)):
+            out_ids[i, len(prompt) : len(prompt) + len(completion)] = completion
+            out_mask[i, : len(prompt) + len(completion)] = True
+        return {"token_ids": out_ids, "padding_mask": out_mask}
+
+    def _stop_ids(self, stop_token_ids):
+        if stop_token_ids is None:
+            return ()
+        if isinstance(stop_token_ids, str):
+            if stop_token_ids != "auto":
+                raise ValueError(f"stop_token_ids must be 'auto', None or ids, got {stop_token_ids!r}.")
+            if self.preprocessor is None:
+                raise ValueError(
+                    'stop_token_ids="auto" needs a preprocessor (its end token); pass ids or None.'
+                )
+            return (self.preprocessor.tokenizer.end_token_id,)
+        return tuple(int(t) for t in stop_token_ids)
+
+    def _generator(self, seed):
+        seed = seed if seed is not None else getattr(self.sampler, "seed", None)
+        if seed is None:
+            return None
+        return torch.Generator(device=self.backbone.device).manual_seed(int(seed))
+
+
+def _limits(prompts, max_length, max_new_tokens):
+    if max_length is None or max_length < 1:
+        raise ValueError(f"max_length must be a positive integer, got {max_length!r}.")
+    if max_new_tokens is not None and max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens!r}.")
+    limits = []
+    for i, prompt in enumerate(prompts):
+        if len(prompt) > max_length:
+            raise ValueError(
+                f"Prompt {i} is {len(prompt)} tokens, longer than max_length={max_length}."
+            )
+        room = max_length - len(prompt)
+        limits.append(room if max_new_tokens is None else min(room, max_new_tokens))
+    return limits
+
+
+def _cut_stop(text, stop_strings, prompt_ids, tokenizer):
+    """Cuts the stop string out of the completion part of ``text``."""
+    prefix = stop_strings.text(prompt_ids) if prompt_ids else ""
+    if prefix and text.startswith(prefix):
+        return prefix + stop_strings.cut(text[len(prefix) :])
+    return stop_strings.cut(text)
+
+
+def _is_text(x):
+    if isinstance(x, str):
+        return True
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(i, str) for i in x)

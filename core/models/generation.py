@@ -1,0 +1,130 @@
+"""The token generation loop shared by every causal LM.
+
+Prompts of different lengths are right-padded and prefilled in one pass; after
+that each row decodes at its own position, writing one slot of a preallocated
+KV cache per step. Rows stop on their own stop token, stop string or token
+limit; the loop ends when every row has stopped.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Generation:
+    """One prompt's result, with what the service reports about it."""
+
+    text: str | None  # None when the task has no preprocessor
+    token_ids: list  # the completion's ids (stop token included, when there is one)
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" or "length"
+
+
+class StopStrings:
+    """Multi-token stop sequences, matched on the decoded completion text."""
+
+    def __init__(self, tokenizer, stops):
+        self.tokenizer = tokenizer
+        self.stops = [s for s in stops if s]
+        self.special = set(tokenizer.special_token_ids)
+
+    def text(self, token_ids):
+        return self.tokenizer.detokenize([t for t in token_ids if t not in self.special])
+
+    def found(self, token_ids):
+        text = self.text(token_ids)
+        return any(stop in text for stop in self.stops)
+
+    def cut(self, text):
+        """The text before the first stop string."""
+        cuts = [text.find(stop) for stop in self.stops if stop in text]
+        return text[: min(cuts)] if cuts else text
+
+
+@dataclass
+class DecodeResult:
+    completions: list  # list of lists of ids
+    finish_reasons: list
+    stop_string_hits: list  # rows that stopped on a stop string
+
+
+@torch.inference_mode()
+def decode(
+    backbone,
+    prompts,
+    limits,
+    sampler,
+    stop_token_ids=(),
+    pad_token_id=0,
+    generator=None,
+    stop_strings=None,
+    stream=None,
+):
+    """Generates up to ``limits[i]`` tokens after ``prompts[i]`` (lists of ids)."""
+    device = backbone.device
+    batch = len(prompts)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    width = max(len(p) for p in prompts)
+    cache_length = max(len(p) + limit for p, limit in zip(prompts, limits))
+    max_steps = max(limits)
+    padded = [list(p) + [pad_token_id] * (width - len(p)) for p in prompts]
+    tokens = torch.tensor(padded, dtype=torch.long, device=device)  # [batch, width]
+    limit = torch.tensor(limits, device=device)
+    stop_ids = torch.tensor(list(stop_token_ids), dtype=torch.long, device=device)
+    rows = torch.arange(batch, device=device)
+
+    generated = torch.full((batch, max(max_steps, 1)), pad_token_id, dtype=torch.long, device=device)
+    counts = torch.zeros(batch, dtype=torch.long, device=device)
+    stopped = torch.zeros(batch, dtype=torch.bool, device=device)
+    done = limit <= 0
+    string_hits = set()
+
+    if max_steps > 0:
+        cache = backbone.new_cache(batch, cache_length)
+        hidden = backbone.prefill(tokens, cache)  # [batch, width, hidden]
+        logits = backbone.token_embedding.reverse(hidden[rows, lengths - 1])  # [batch, vocab]
+    for step in range(max_steps):
+        next_tokens = sampler.next_token(logits, generator)  # [batch]
+        next_tokens = torch.where(done, pad_token_id, next_tokens)
+        generated[:, step] = next_tokens
+        counts += ~done
+        hit_stop = ~done & torch.isin(next_tokens, stop_ids)
+        stopped |= hit_stop
+        done = done | hit_stop | (counts >= limit)
+        if stream is not None or stop_strings is not None:
+            done, stopped = _per_row_checks(
+                step, next_tokens, done, stopped, generated, counts, stream, stop_strings, string_hits
+            )
+        if bool(done.all()):
+            break
+        positions = torch.clamp(lengths + step, max=cache_length - 1)
+        key_length = min(width + step + 1, cache_length)
+        hidden = backbone.decode(next_tokens[:, None], positions, cache, key_length)
+        logits = backbone.token_embedding.reverse(hidden[:, 0])
+
+    counts_list, stopped_list = counts.tolist(), stopped.tolist()
+    generated_list = generated.tolist()
+    return DecodeResult(
+        completions=[generated_list[i][: counts_list[i]] for i in range(batch)],
+        finish_reasons=["stop" if stopped_list[i] else "length" for i in range(batch)],
+        stop_string_hits=sorted(string_hits),
+    )
+
+
+def _per_row_checks(step, next_tokens, done, stopped, generated, counts, stream, stop_strings, hits):
+    """Python work per row, paid only when a caller asked for streaming or stop strings."""
+    tokens, count_list = next_tokens.tolist(), counts.tolist()
+    done_list, stopped_list = done.tolist(), stopped.tolist()
+    for row, token in enumerate(tokens):
+        if count_list[row] != step + 1:
+            continue  # the row had stopped before this step
+        if stream is not None:
+            stream(row, token)
+        if stop_strings is not None and not stopped_list[row]:
+            if stop_strings.found(generated[row, : count_list[row]].tolist()):
+                done_list[row] = stopped_list[row] = True
+                hits.add(row)
+    device = done.device
+    return torch.tensor(done_list, device=device), torch.tensor(stopped_list, device=device)

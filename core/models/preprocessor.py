@@ -1,0 +1,124 @@
+"""Preprocessors: raw strings in, packed token ids out (and back), as in KerasHub."""
+
+import numpy as np
+
+from core.models.serialization import KerasHubSerializable, deserialize
+
+
+class Preprocessor(KerasHubSerializable):
+    """Base class: owns a tokenizer; serialized with the tokenizer nested inside."""
+
+    config_file = "preprocessor.json"
+    tokenizer_cls = None
+
+    def __init__(self, tokenizer, name=None, **kwargs):
+        for key in ("trainable", "dtype", "config_file"):
+            kwargs.pop(key, None)
+        if kwargs:
+            raise ValueError(f"{type(self).__name__} got unknown arguments: {sorted(kwargs)}.")
+        self.tokenizer = tokenizer
+        self.name = name or self.default_name()
+
+    def base_config(self):
+        return {
+            "name": self.name,
+            "trainable": True,
+            "dtype": {
+                "module": "keras",
+                "class_name": "DTypePolicy",
+                "config": {"name": "float32"},
+                "registered_name": None,
+            },
+            "tokenizer": self.tokenizer.serialize(),
+            "config_file": self.config_file,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        tokenizer = config.pop("tokenizer")
+        if isinstance(tokenizer, dict):
+            tokenizer = deserialize(tokenizer, source=cls.config_file)
+        return cls(tokenizer=tokenizer, **config)
+
+
+class CausalLMPreprocessor(Preprocessor):
+    """Packs ``[start] tokens [end] [pad...]`` to ``sequence_length``.
+
+    For training, ``__call__`` returns ``(x, y, sample_weight)``: ``x`` holds
+    ``token_ids``/``padding_mask``, ``y`` the same ids shifted left by one (the
+    next token to predict), ``sample_weight`` which of those count.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        sequence_length=1024,
+        add_start_token=True,
+        add_end_token=True,
+        **kwargs,
+    ):
+        super().__init__(tokenizer, **kwargs)
+        self.sequence_length = sequence_length
+        self.add_start_token = add_start_token
+        self.add_end_token = add_end_token
+
+    def get_config(self):
+        return {
+            **self.base_config(),
+            "sequence_length": self.sequence_length,
+            "add_start_token": self.add_start_token,
+            "add_end_token": self.add_end_token,
+        }
+
+    def pack(self, rows, sequence_length, add_start_token, add_end_token):
+        """Lists of ids -> (token_ids, padding_mask) numpy arrays [batch, sequence_length]."""
+        start = [self.tokenizer.start_token_id] if add_start_token else []
+        end = [self.tokenizer.end_token_id] if add_end_token else []
+        room = sequence_length - len(start) - len(end)
+        token_ids = np.full((len(rows), sequence_length), self.tokenizer.pad_token_id, "int32")
+        padding_mask = np.zeros((len(rows), sequence_length), bool)
+        for i, row in enumerate(rows):
+            packed = start + list(row)[: max(room, 0)] + end
+            packed = packed[:sequence_length]
+            token_ids[i, : len(packed)] = packed
+            padding_mask[i, : len(packed)] = True
+        return token_ids, padding_mask
+
+    def __call__(self, x, y=None, sample_weight=None, sequence_length=None):
+        if y is not None or sample_weight is not None:
+            raise ValueError(
+                f"{type(self).__name__} builds labels from the text itself; pass only `x` "
+                "(or call fit with preprocessor=None and your own y / sample_weight)."
+            )
+        texts = [x] if isinstance(x, str) else list(x)
+        _check_strings(texts)
+        sequence_length = sequence_length or self.sequence_length
+        token_ids, padding_mask = self.pack(
+            self.tokenizer.tokenize(texts),
+            sequence_length + 1,
+            self.add_start_token,
+            self.add_end_token,
+        )
+        features = {"token_ids": token_ids[:, :-1], "padding_mask": padding_mask[:, :-1]}
+        return features, token_ids[:, 1:], padding_mask[:, 1:]
+
+    def generate_preprocess(self, x, sequence_length=None):
+        """Prompts -> lists of ids with the start token and no end token (not padded)."""
+        texts = [x] if isinstance(x, str) else list(x)
+        _check_strings(texts)
+        start = [self.tokenizer.start_token_id] if self.add_start_token else []
+        return [start + row for row in self.tokenizer.tokenize(texts)]
+
+    def generate_postprocess(self, token_id_rows):
+        """Lists of ids -> strings, with special tokens dropped."""
+        special = set(self.tokenizer.special_token_ids)
+        return [
+            self.tokenizer.detokenize([t for t in row if t not in special]) for row in token_id_rows
+        ]
+
+
+def _check_strings(texts):
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"Input {i} must be a string, got {type(text).__name__}: {text!r:.80}")

@@ -1,0 +1,79 @@
+"""``Task``: a backbone plus a head and a preprocessor, loadable from and savable to presets."""
+
+import keras
+
+from core.models.serialization import KerasHubSerializable, deserialize
+
+
+class classproperty:
+    def __init__(self, getter):
+        self.getter = getter
+
+    def __get__(self, instance, owner):
+        return self.getter(owner)
+
+
+class Task(KerasHubSerializable, keras.Model):
+    config_file = "task.json"
+    backbone_cls = None
+    preprocessor_cls = None
+    task_kind = None  # "causal_lm" / "seq2seq_lm": what ``from_preset`` on a base class may return
+
+    def __init__(self, backbone, preprocessor=None, name=None, **kwargs):
+        kwargs.pop("trainable", None)
+        kwargs.pop("dtype", None)
+        super().__init__(name=name or self.default_name(), **kwargs)
+        self.backbone = backbone
+        self.preprocessor = preprocessor
+        self.built = True
+
+    def get_config(self):
+        return {
+            "backbone": self.backbone.serialize(),
+            "preprocessor": self.preprocessor.serialize() if self.preprocessor else None,
+            "name": self.name,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        backbone = config.pop("backbone")
+        if isinstance(backbone, dict):
+            backbone = deserialize(backbone, source=cls.config_file)
+        preprocessor = config.pop("preprocessor", None)
+        if isinstance(preprocessor, dict):
+            preprocessor = deserialize(preprocessor, source=cls.config_file)
+        return cls(backbone=backbone, preprocessor=preprocessor, **config)
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Builds the task a preset describes (see ``core.presets.load_task``).
+
+        Called on a base class (``CausalLM``) it returns the subclass the preset names.
+        """
+        from core.presets import load_task
+
+        return load_task(preset, cls=cls, load_weights=load_weights, **kwargs)
+
+    def save_to_preset(self, preset_dir):
+        from core.presets import save_task
+
+        save_task(self, preset_dir)
+
+    @classproperty
+    def presets(cls):
+        """Built-in preset names this class can load (KerasHub's ``cls.presets``)."""
+        from core.plugins import get_registry
+
+        registry = get_registry()
+        found = {}
+        for architecture in registry.architectures():
+            task_cls_name = architecture.task.rsplit(":", 1)[1]
+            matches = cls.__name__ in (task_cls_name, "Task") or (
+                cls.task_kind is not None
+                and cls.task_kind == architecture.task_kind
+                and cls.backbone_cls is None
+            )
+            if matches:
+                found.update(architecture.presets)
+        return found

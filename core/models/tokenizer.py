@@ -1,0 +1,163 @@
+"""Tokenizers: strings <-> token ids, special tokens, and the files a preset keeps.
+
+``SentencePieceTokenizer`` wraps the ``sentencepiece`` package (Llama, Mistral,
+Phi-3); ``BytePairTokenizer`` wraps the ``tokenizers`` package (Falcon, Bart).
+Both keep KerasHub's constructor arguments, config and asset file names.
+"""
+
+import pathlib
+
+import sentencepiece
+
+from core.models.serialization import KerasHubSerializable
+
+TOKENIZER_ASSET_DIR = "assets/tokenizer"
+
+
+class Tokenizer(KerasHubSerializable):
+    """Base class. Subclasses name their special tokens as class attributes."""
+
+    config_file = "tokenizer.json"
+    start_token = None
+    end_token = None
+    pad_token = None  # None: id 0 pads (KerasHub's choice for SentencePiece models)
+
+    def __init__(self, name=None, **kwargs):
+        for key in ("trainable", "dtype", "config_file"):
+            kwargs.pop(key, None)
+        if kwargs:
+            raise ValueError(f"{type(self).__name__} got unknown arguments: {sorted(kwargs)}.")
+        self.name = name or self.default_name()
+
+    @property
+    def special_tokens(self):
+        roles = {"start_token": self.start_token, "end_token": self.end_token, "pad_token": self.pad_token}
+        return {role: token for role, token in roles.items() if token is not None}
+
+    def _check_special_tokens(self):
+        for role, token in self.special_tokens.items():
+            if self.token_to_id(token) is None:
+                raise ValueError(f"{type(self).__name__}: the vocabulary has no {role} {token!r}.")
+
+    @property
+    def start_token_id(self):
+        return None if self.start_token is None else self.token_to_id(self.start_token)
+
+    @property
+    def end_token_id(self):
+        return None if self.end_token is None else self.token_to_id(self.end_token)
+
+    @property
+    def pad_token_id(self):
+        return 0 if self.pad_token is None else self.token_to_id(self.pad_token)
+
+    @property
+    def special_token_ids(self):
+        return sorted({self.token_to_id(t) for t in self.special_tokens.values()})
+
+    def tokenize(self, inputs):
+        """A string -> list of ids; a list of strings -> list of lists."""
+        if isinstance(inputs, str):
+            return self._encode([inputs])[0]
+        return self._encode(list(inputs))
+
+    def detokenize(self, ids):
+        """A list of ids -> string; a list of lists -> list of strings."""
+        ids = _to_list(ids)
+        if ids and isinstance(ids[0], list):
+            return [self._decode(row) for row in ids]
+        return self._decode(ids)
+
+    def __call__(self, inputs):
+        return self.tokenize(inputs)
+
+    def base_config(self):
+        return {
+            "name": self.name,
+            "trainable": True,
+            "dtype": {
+                "module": "keras",
+                "class_name": "DTypePolicy",
+                "config": {"name": "int32"},
+                "registered_name": None,
+            },
+            "config_file": self.config_file,
+        }
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """SentencePiece model; ``proto`` is a path to a ``.model`` file or its bytes."""
+
+    asset_files = ("vocabulary.spm",)
+
+    def __init__(self, proto=None, sequence_length=None, add_bos=False, add_eos=False, **kwargs):
+        super().__init__(**kwargs)
+        self.sequence_length = sequence_length
+        self.add_bos = add_bos
+        self.add_eos = add_eos
+        self._processor = None
+        if proto is not None:
+            self.set_proto(proto)
+
+    def set_proto(self, proto):
+        if isinstance(proto, (str, pathlib.Path)):
+            path = pathlib.Path(proto)
+            if not path.is_file():
+                raise FileNotFoundError(f"SentencePiece model file not found: {path}")
+            proto = path.read_bytes()
+        processor = sentencepiece.SentencePieceProcessor()
+        try:
+            processor.LoadFromSerializedProto(proto)
+        except Exception as error:
+            raise ValueError(f"Not a valid SentencePiece model: {error}") from None
+        self._proto = proto
+        self._processor = processor
+        self._check_special_tokens()
+
+    @property
+    def processor(self):
+        if self._processor is None:
+            raise ValueError(
+                f"{type(self).__name__} has no vocabulary yet: pass `proto=` or load it from a preset."
+            )
+        return self._processor
+
+    def vocabulary_size(self):
+        return self.processor.GetPieceSize()
+
+    def token_to_id(self, token):
+        token_id = self.processor.PieceToId(token)
+        if token_id == self.processor.unk_id() and token != self.processor.IdToPiece(token_id):
+            return None
+        return token_id
+
+    def id_to_token(self, token_id):
+        return self.processor.IdToPiece(int(token_id))
+
+    def _encode(self, texts):
+        return self.processor.Encode(texts, add_bos=self.add_bos, add_eos=self.add_eos)
+
+    def _decode(self, ids):
+        return self.processor.Decode(ids)
+
+    def get_config(self):
+        return {
+            **self.base_config(),
+            "proto": None,
+            "sequence_length": self.sequence_length,
+            "add_bos": self.add_bos,
+            "add_eos": self.add_eos,
+        }
+
+    def save_assets(self, directory):
+        path = pathlib.Path(directory) / "vocabulary.spm"
+        path.write_bytes(self._proto)
+
+    def load_assets(self, directory):
+        self.set_proto(pathlib.Path(directory) / "vocabulary.spm")
+
+
+def _to_list(ids):
+    if hasattr(ids, "tolist"):
+        return ids.tolist()
+    return [_to_list(x) if not isinstance(x, int) else x for x in ids]

@@ -1,0 +1,168 @@
+"""Plugin hooks and the registry of architectures.
+
+Every architecture, built-in or third-party, is a package exposing an entry point
+in the ``lmq.plugins`` group whose module implements one hook::
+
+    from core.plugins import Architecture, hookimpl
+
+    @hookimpl
+    def register_architectures(register):
+        register(Architecture(name="llama", backbone="plugins.llama.llama_backbone:LlamaBackbone", ...))
+
+Records hold import paths as ``"module:Class"`` strings, imported only when a
+class is needed, so listing architectures (the API does) never imports keras.
+``LMQ_PLUGINS`` (comma-separated entry-point names) restricts which plugins load.
+"""
+
+import functools
+import importlib
+import importlib.metadata
+import logging
+import os
+from dataclasses import dataclass, field, replace
+
+import pluggy
+
+ENTRY_POINT_GROUP = "lmq.plugins"
+
+hookspec = pluggy.HookspecMarker("lmq")
+hookimpl = pluggy.HookimplMarker("lmq")
+logger = logging.getLogger(__name__)
+
+
+class HookSpecs:
+    @hookspec
+    def register_architectures(self, register):
+        """Call ``register(Architecture(...))`` once for each architecture the plugin provides."""
+
+
+@dataclass(frozen=True)
+class PresetInfo:
+    """A built-in preset name: where its files are, and what it is."""
+
+    handle: str
+    description: str = ""
+    params: str = ""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    backbone: str  # "module:Class"
+    tokenizer: str
+    preprocessor: str
+    task: str  # the CausalLM or Seq2SeqLM subclass
+    task_kind: str = "causal_lm"  # or "seq2seq_lm"
+    hf_model_types: tuple = ()
+    hf_converter: str | None = None  # module with backbone_config / convert_weights / tokenizer
+    presets: dict = field(default_factory=dict)  # name -> PresetInfo
+    plugin: str = ""  # the entry point that registered it
+
+    @property
+    def class_paths(self):
+        """KerasHub class name -> import path, for every class this architecture answers to."""
+        paths = (self.backbone, self.tokenizer, self.preprocessor, self.task)
+        return {path.rsplit(":", 1)[1]: path for path in paths}
+
+    def load_class(self, class_name):
+        return import_path(self.class_paths[class_name])
+
+    def load(self, role):
+        """The class for ``role`` ("backbone", "tokenizer", "preprocessor", "task")."""
+        return import_path(getattr(self, role))
+
+
+def import_path(path):
+    module_name, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+class Registry:
+    def __init__(self):
+        self.manager = pluggy.PluginManager("lmq")
+        self.manager.add_hookspecs(HookSpecs)
+        self._architectures = {}
+        self.load_errors = {}  # entry-point name -> message
+
+    def load_entry_points(self, allowed=None):
+        """Registers every allowed ``lmq.plugins`` entry point, then collects their architectures."""
+        for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if allowed is not None and entry_point.name not in allowed:
+                continue
+            try:
+                self.manager.register(entry_point.load(), name=entry_point.name)
+            except Exception as error:  # one broken plugin must not take the others down
+                self._load_failed(entry_point.name, f"{entry_point.value}: {error}")
+        self.collect()
+
+    def collect(self):
+        """Calls each plugin's ``register_architectures`` hook, one plugin at a time."""
+        for hook in self.manager.hook.register_architectures.get_hookimpls():
+            found = []
+            try:
+                hook.function(register=found.append)
+                for architecture in found:
+                    self.add(replace(architecture, plugin=hook.plugin_name))
+            except Exception as error:
+                self._load_failed(hook.plugin_name, str(error))
+
+    def _load_failed(self, plugin, reason):
+        message = f"lmq plugin {plugin!r} failed to load: {reason}"
+        self.load_errors[plugin] = message
+        logger.warning(message)
+
+    def add(self, architecture):
+        if architecture.name in self._architectures:
+            raise ValueError(f"Architecture {architecture.name!r} is registered twice.")
+        self._architectures[architecture.name] = architecture
+
+    def architectures(self):
+        return list(self._architectures.values())
+
+    def get(self, name):
+        if name not in self._architectures:
+            raise KeyError(
+                f"Unknown architecture {name!r}; registered: {sorted(self._architectures)}."
+            )
+        return self._architectures[name]
+
+    def find_class(self, class_name, source="config"):
+        """Resolves a KerasHub class name (``LlamaBackbone``) through the registered records."""
+        architecture = self.architecture_of_class(class_name)
+        if architecture is not None:
+            return architecture.load_class(class_name)
+        raise ValueError(
+            f"{source}: unknown class {class_name!r}; no registered lmq plugin provides it "
+            f"(architectures: {sorted(self._architectures)})."
+        )
+
+    def architecture_of_class(self, class_name):
+        for architecture in self._architectures.values():
+            if class_name in architecture.class_paths:
+                return architecture
+        return None
+
+    def for_hf_model_type(self, model_type):
+        for architecture in self._architectures.values():
+            if model_type in architecture.hf_model_types:
+                return architecture
+        return None
+
+    def find_preset(self, name):
+        """(architecture, PresetInfo) for a built-in preset name, or None."""
+        for architecture in self._architectures.values():
+            if name in architecture.presets:
+                return architecture, architecture.presets[name]
+        return None
+
+
+def allowed_plugins():
+    value = os.environ.get("LMQ_PLUGINS", "").strip()
+    return None if not value else {name.strip() for name in value.split(",") if name.strip()}
+
+
+@functools.cache
+def get_registry():
+    registry = Registry()
+    registry.load_entry_points(allowed_plugins())
+    return registry

@@ -1,0 +1,33 @@
+"""Presets: resolve a handle, then load a KerasHub preset or convert a transformers checkpoint."""
+
+from core.presets.handles import PresetNotFound, resolve_handle
+
+__all__ = ["PresetNotFound", "load_backbone", "load_task", "resolve_handle", "save_task"]
+
+
+def load_task(preset, cls, load_weights=True, dtype=None, **kwargs):
+    from core.presets import keras_hub_format, transformers_import
+
+    directory = resolve_handle(preset)
+    if transformers_import.is_transformers_checkpoint(directory):
+        return transformers_import.load_task(directory, cls, load_weights, dtype, **kwargs)
+    return keras_hub_format.load_task(directory, cls, load_weights, dtype, **kwargs)
+
+
+def load_backbone(preset, cls, load_weights=True, dtype=None):
+    from core.presets import keras_hub_format, transformers_import
+
+    directory = resolve_handle(preset)
+    if transformers_import.is_transformers_checkpoint(directory):
+        backbone = transformers_import.load_backbone(directory, load_weights, dtype)
+    else:
+        backbone = keras_hub_format.load_backbone(directory, load_weights, dtype)
+    if not isinstance(backbone, cls):
+        raise ValueError(f"Preset {preset!r} holds a {type(backbone).__name__}, not a {cls.__name__}.")
+    return backbone
+
+
+def save_task(task, preset_dir):
+    from core.presets.keras_hub_format import save_task as save
+
+    save(task, preset_dir)

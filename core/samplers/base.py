@@ -1,0 +1,90 @@
+"""The sampler interface and the greedy sampler."""
+
+import torch
+
+
+class Sampler:
+    """Chooses one token per row from ``logits`` [batch, vocab].
+
+    Subclasses implement ``get_next_token(probabilities, generator)`` (KerasHub's
+    method name); ``temperature`` divides the logits first.
+    """
+
+    name = None  # the short name ``compile(sampler=...)`` accepts
+
+    def __init__(self, temperature=1.0, seed=None):
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}.")
+        self.temperature = temperature
+        self.seed = seed
+
+    def compute_probabilities(self, logits):
+        return torch.softmax(logits.float() / self.temperature, dim=-1)
+
+    def next_token(self, logits, generator=None):
+        return self.get_next_token(self.compute_probabilities(logits), generator)
+
+    def get_next_token(self, probabilities, generator=None):
+        raise NotImplementedError
+
+    def get_config(self):
+        return {"temperature": self.temperature}
+
+
+class GreedySampler(Sampler):
+    """Always the most likely token."""
+
+    name = "greedy"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+
+    def next_token(self, logits, generator=None):
+        return logits.argmax(dim=-1)
+
+    def get_next_token(self, probabilities, generator=None):
+        return probabilities.argmax(dim=-1)
+
+
+def _registry():
+    from core.samplers.sampling import RandomSampler, TopKSampler, TopPSampler
+
+    return {cls.name: cls for cls in (GreedySampler, RandomSampler, TopKSampler, TopPSampler)}
+
+
+def get(identifier):
+    """A sampler from a name, a ``{"name": ..., **args}`` dict, a KerasHub-serialized dict, or itself."""
+    if isinstance(identifier, Sampler):
+        return identifier
+    classes = _registry()
+    by_class_name = {cls.__name__: cls for cls in classes.values()}
+    if isinstance(identifier, str):
+        if identifier not in classes:
+            raise ValueError(f"Unknown sampler {identifier!r}; expected one of {sorted(classes)}.")
+        return classes[identifier]()
+    if isinstance(identifier, dict):
+        if "class_name" in identifier:
+            cls = by_class_name.get(identifier["class_name"])
+            arguments = identifier.get("config", {})
+        else:
+            arguments = dict(identifier)
+            cls = classes.get(arguments.pop("name", None))
+        if cls is None:
+            raise ValueError(f"Unknown sampler {identifier!r}; expected one of {sorted(classes)}.")
+        try:
+            return cls(**arguments)
+        except TypeError as error:
+            raise ValueError(f"Bad arguments for sampler {cls.name!r}: {error}") from None
+    raise ValueError(
+        f"sampler must be a name, a dict or a Sampler, got {type(identifier).__name__}: {identifier!r}."
+    )
+
+
+def serialize(sampler):
+    cls = type(sampler)
+    return {
+        "module": "keras_hub.src.samplers",
+        "class_name": cls.__name__,
+        "config": sampler.get_config(),
+        "registered_name": f"keras_hub>{cls.__name__}",
+    }

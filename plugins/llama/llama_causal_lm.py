@@ -1,0 +1,10 @@
+"""LlamaCausalLM (default sampler: top_k, as in KerasHub)."""
+
+from core.models.causal_lm import CausalLM
+from plugins.llama.llama_backbone import LlamaBackbone
+from plugins.llama.llama_causal_lm_preprocessor import LlamaCausalLMPreprocessor
+
+
+class LlamaCausalLM(CausalLM):
+    backbone_cls = LlamaBackbone
+    preprocessor_cls = LlamaCausalLMPreprocessor

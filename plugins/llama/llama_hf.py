@@ -1,0 +1,59 @@
+"""Converts transformers' ``LlamaForCausalLM`` checkpoints.
+
+Unlike KerasHub 0.32's converter, ``rms_norm_eps`` is honoured (transformers is the reference).
+"""
+
+from core.presets.transformers_import import convert_decoder_weights as convert_weights  # noqa: F401
+
+
+def rope_arguments(hf_config):
+    """transformers' rope settings (``rope_scaling`` or 5.x's ``rope_parameters``) -> KerasHub's."""
+    rope = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
+    theta = hf_config.get("rope_theta", rope.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    arguments = {"rope_max_wavelength": theta}
+    if rope_type == "linear":
+        arguments["rope_position_scaling_factor"] = rope["factor"]
+    elif rope_type == "llama3":
+        arguments.update(
+            rope_frequency_adjustment_factor=rope["factor"],
+            rope_low_freq_factor=rope["low_freq_factor"],
+            rope_high_freq_factor=rope["high_freq_factor"],
+            rope_pretraining_sequence_length=rope["original_max_position_embeddings"],
+        )
+    elif rope_type != "default":
+        raise ValueError(f"Unsupported rope scaling {rope_type!r} in this checkpoint's config.json.")
+    return arguments
+
+
+def check_unsupported(hf_config):
+    heads = hf_config["num_attention_heads"]
+    head_dim = hf_config.get("head_dim")
+    if head_dim is not None and head_dim != hf_config["hidden_size"] // heads:
+        raise ValueError(f"config.json: head_dim={head_dim} != hidden_size / num_attention_heads is unsupported.")
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf_config.get(flag):
+            raise ValueError(f"config.json: {flag}=true is unsupported.")
+
+
+def backbone_config(hf_config):
+    check_unsupported(hf_config)
+    return {
+        "vocabulary_size": hf_config["vocab_size"],
+        "num_layers": hf_config["num_hidden_layers"],
+        "num_query_heads": hf_config["num_attention_heads"],
+        "hidden_dim": hf_config["hidden_size"],
+        "intermediate_dim": hf_config["intermediate_size"],
+        "num_key_value_heads": hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"],
+        "layer_norm_epsilon": hf_config.get("rms_norm_eps", 1e-6),
+        "tie_word_embeddings": hf_config.get("tie_word_embeddings", False),
+        **rope_arguments(hf_config),
+    }
+
+
+def tokenizer(directory):
+    """The SentencePiece ``tokenizer.model`` if the checkpoint has one, else None."""
+    from plugins.llama.llama_tokenizer import LlamaTokenizer
+
+    path = directory / "tokenizer.model"
+    return LlamaTokenizer(proto=path) if path.is_file() else None

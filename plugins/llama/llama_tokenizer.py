@@ -1,0 +1,8 @@
+"""LlamaTokenizer: SentencePiece with ``<s>``/``</s>``; id 0 pads."""
+
+from core.models.tokenizer import SentencePieceTokenizer
+
+
+class LlamaTokenizer(SentencePieceTokenizer):
+    start_token = "<s>"
+    end_token = "</s>"
