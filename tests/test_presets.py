@@ -1,0 +1,231 @@
+"""Preset round trips, transformers imports, and clear errors for bad presets."""
+
+import json
+import shutil
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from core.models import CausalLM
+from core.presets import PresetNotFound
+from plugins.llama import LlamaBackbone, LlamaCausalLM, LlamaCausalLMPreprocessor, LlamaTokenizer
+from tests.model_support import FIXTURES, random_hf_llama, right_padded, train_sentencepiece
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory):
+    return train_sentencepiece(tmp_path_factory.mktemp("spm"))
+
+
+@pytest.fixture
+def tiny_lm(spm_model):
+    tokenizer = LlamaTokenizer(proto=spm_model)
+    backbone = LlamaBackbone(
+        vocabulary_size=tokenizer.vocabulary_size(),
+        num_layers=2,
+        num_query_heads=4,
+        num_key_value_heads=2,
+        hidden_dim=32,
+        intermediate_dim=64,
+    )
+    return LlamaCausalLM(backbone, LlamaCausalLMPreprocessor(tokenizer, sequence_length=32))
+
+
+def _batch():
+    return right_padded([[1, 30, 31, 32, 33, 34], [1, 40, 41]])
+
+
+def test_save_and_load_give_bit_identical_logits(tiny_lm, tmp_path):
+    tiny_lm.save_to_preset(tmp_path / "preset")
+    loaded = CausalLM.from_preset(str(tmp_path / "preset"))
+    ids, mask = _batch()
+    assert torch.equal(tiny_lm.score(ids, mask), loaded.score(ids, mask))
+    assert loaded.preprocessor.sequence_length == 32
+    assert loaded.preprocessor.tokenizer.tokenize("Return the path") == tiny_lm.preprocessor.tokenizer.tokenize(
+        "Return the path"
+    )
+
+
+def test_tied_embeddings_survive_save_and_load(spm_model, tmp_path):
+    tokenizer = LlamaTokenizer(proto=spm_model)
+    backbone = LlamaBackbone(tokenizer.vocabulary_size(), 1, 2, 16, 32, 1, tie_word_embeddings=True)
+    LlamaCausalLM(backbone, LlamaCausalLMPreprocessor(tokenizer)).save_to_preset(tmp_path / "tied")
+    loaded = CausalLM.from_preset(str(tmp_path / "tied"))
+    assert loaded.backbone.tie_word_embeddings
+    assert loaded.backbone.token_embedding.reverse_embeddings is None
+    with h5py.File(tmp_path / "tied" / "model.weights.h5") as f:
+        assert "layers/reversible_embedding/vars/1" not in f
+
+
+def test_saved_files_have_keras_hub_structure(tiny_lm, tmp_path):
+    """Same files, JSON keys, class names and weight paths/shapes as the preset KerasHub saved."""
+    tiny_lm.save_to_preset(tmp_path / "preset")
+    ours, theirs = tmp_path / "preset", FIXTURES / "llama"
+    names = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.suffix != ".npy")
+    assert names(ours) == names(theirs)
+    for file in ("config.json", "task.json", "preprocessor.json", "tokenizer.json", "metadata.json"):
+        a, b = json.loads((ours / file).read_text()), json.loads((theirs / file).read_text())
+        assert a.keys() == b.keys(), file
+        if "config" in a:
+            assert a["config"].keys() == b["config"].keys(), file
+            assert (a["class_name"], a["registered_name"], a["module"]) == (
+                b["class_name"],
+                b["registered_name"],
+                b["module"],
+            )
+
+    def datasets(path):
+        found = {}
+        with h5py.File(path) as f:
+            f.visititems(lambda n, o: found.__setitem__(n, o.ndim) if isinstance(o, h5py.Dataset) else None)
+        return found
+
+    assert datasets(ours / "model.weights.h5") == datasets(theirs / "model.weights.h5")
+
+
+def test_fit_lowers_the_loss(tiny_lm):
+    texts = ["Return the number of items in a container.", "Open the file and return a stream."] * 4
+    tiny_lm.compile(optimizer=__import__("keras").optimizers.Adam(1e-2))
+    history = tiny_lm.fit(x=texts, batch_size=4, epochs=6, verbose=0)
+    losses = history.history["loss"]
+    assert losses[-1] < losses[0] * 0.8
+
+
+def test_fit_on_pretokenized_dict(tiny_lm):
+    ids, mask = right_padded([[1, 30, 31, 32, 33, 2], [1, 40, 41, 2]])
+    y = np.roll(ids, -1, axis=1)
+    sample_weight = np.roll(mask, -1, axis=1)
+    sample_weight[:, -1] = False
+    tiny_lm.compile(optimizer=__import__("keras").optimizers.Adam(1e-2))
+    history = tiny_lm.fit(
+        x={"token_ids": ids, "padding_mask": mask}, y=y, sample_weight=sample_weight, batch_size=2, epochs=5, verbose=0
+    )
+    assert history.history["loss"][-1] < history.history["loss"][0]
+
+
+def test_score_loss_is_next_token_cross_entropy(tiny_lm):
+    ids, mask = _batch()
+    logits = tiny_lm.score(ids, mask).float()
+    losses = tiny_lm.score(ids, mask, scoring_mode="loss")
+    expected = torch.nn.functional.cross_entropy(logits[0, 0], torch.tensor(ids[0, 1]))
+    assert torch.allclose(losses[0, 0], expected, atol=1e-5)
+    assert losses[1, 2:].abs().sum() == 0  # no next token past row 1's prompt
+
+
+def test_transformers_checkpoint_with_tokenizer_and_bfloat16(spm_model, tmp_path):
+    hf = random_hf_llama(vocab_size=LlamaTokenizer(proto=spm_model).vocabulary_size())
+    hf.save_pretrained(tmp_path / "hf")
+    shutil.copy(spm_model, tmp_path / "hf" / "tokenizer.model")
+    lm = CausalLM.from_preset(str(tmp_path / "hf"))
+    assert lm.preprocessor is not None
+    assert lm.preprocessor.tokenizer.tokenize("Return the path")[0] != 0
+    lm16 = CausalLM.from_preset(str(tmp_path / "hf"), dtype="bfloat16")
+    assert lm16.backbone.token_embedding.embeddings.value.dtype == torch.bfloat16
+    ids, mask = _batch()
+    full, half = lm.score(ids, mask), lm16.score(ids, mask).float()
+    assert (full - half)[torch.tensor(mask)].abs().max() < 0.1
+    lm16.compile(sampler="greedy")
+    assert isinstance(lm16.generate("Return the", max_length=12), str)
+
+
+def test_sharded_safetensors_checkpoint(tmp_path):
+    hf = random_hf_llama()
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    lm = CausalLM.from_preset(str(tmp_path / "sharded"))
+    ids, mask = _batch()
+    with torch.no_grad():
+        reference = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask).long()).logits
+    assert (lm.score(ids, mask) - reference)[torch.tensor(mask)].abs().max() <= 1e-4
+
+
+def test_hf_handle_from_offline_cache(tmp_path, monkeypatch):
+    """hf://org/name resolves through huggingface_hub's cache with HF_HUB_OFFLINE set."""
+    hf = random_hf_llama()
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--acme--tiny-llama" / "snapshots" / ("a" * 40)
+    hf.save_pretrained(snapshot)
+    (cache / "models--acme--tiny-llama" / "refs").mkdir()
+    (cache / "models--acme--tiny-llama" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    lm = CausalLM.from_preset("hf://acme/tiny-llama")
+    assert isinstance(lm, LlamaCausalLM)
+    with pytest.raises(PresetNotFound, match="hf://acme/missing"):
+        CausalLM.from_preset("hf://acme/missing")
+
+
+# -- bad presets --------------------------------------------------------------------
+
+
+def _copy_fixture(tmp_path):
+    return shutil.copytree(FIXTURES / "llama", tmp_path / "llama")
+
+
+def test_unknown_handle_is_named():
+    with pytest.raises(PresetNotFound, match="no_such_preset_xyz"):
+        CausalLM.from_preset("no_such_preset_xyz")
+
+
+def test_kaggle_handle_without_kagglehub_names_the_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "kagglehub", None)
+    with pytest.raises(PresetNotFound, match="kagglehub"):
+        CausalLM.from_preset("llama2_7b_en")
+
+
+def test_missing_weights_file_is_named(tmp_path):
+    preset = _copy_fixture(tmp_path)
+    (preset / "model.weights.h5").unlink()
+    with pytest.raises(FileNotFoundError, match="model.weights.h5"):
+        CausalLM.from_preset(str(preset))
+
+
+def test_shape_mismatch_names_the_weight(tmp_path):
+    preset = _copy_fixture(tmp_path)
+    config = json.loads((preset / "config.json").read_text())
+    config["config"]["intermediate_dim"] = 48
+    (preset / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="_feedforward_gate_dense.*shape"):
+        CausalLM.from_preset(str(preset))
+
+
+def test_unknown_class_is_named_and_module_never_imported(tmp_path):
+    preset = _copy_fixture(tmp_path)
+    config = json.loads((preset / "config.json").read_text())
+    config["module"] = "lmq_test_never_import_me"
+    (preset / "config.json").write_text(json.dumps(config))
+    CausalLM.from_preset(str(preset))
+    assert "lmq_test_never_import_me" not in sys.modules
+    config["class_name"] = "EvilBackbone"
+    config["registered_name"] = "keras_hub>EvilBackbone"
+    (preset / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="EvilBackbone"):
+        CausalLM.from_preset(str(preset))
+    assert "lmq_test_never_import_me" not in sys.modules
+
+
+def test_pickle_weights_are_refused(tmp_path):
+    hf = random_hf_llama()
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    (tmp_path / "hf" / "model.safetensors").rename(tmp_path / "hf" / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="pickle"):
+        CausalLM.from_preset(str(tmp_path / "hf"))
+
+
+def test_prompt_longer_than_max_length_is_named(tiny_lm):
+    with pytest.raises(ValueError, match="Prompt 1 .* longer than max_length=4"):
+        tiny_lm.generate(["a", "Return the number of items in a container"], max_length=4)
+
+
+def test_no_tensorflow():
+    import importlib.util
+
+    assert importlib.util.find_spec("tensorflow") is None
+    assert not any(name.split(".")[0] == "tensorflow" for name in sys.modules)
