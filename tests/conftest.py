@@ -92,7 +92,8 @@ def tiny_llama_preset(tmp_path_factory):
     sentencepiece.SentencePieceTrainer.train(
         input=str(corpus),
         model_prefix=str(root / "spm"),
-        vocab_size=300,
+        vocab_size=512,  # 256 byte pieces for byte_fallback, the rest merges
+        character_coverage=0.99,
         model_type="bpe",
         byte_fallback=True,
         pad_id=-1,

@@ -116,7 +116,9 @@ class JobItem(Base):
     index: Mapped[int] = mapped_column(Integer)
     custom_id: Mapped[str | None] = mapped_column(String(256), nullable=True)
     input: Mapped[dict] = mapped_column(JSON)
-    output: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # JSON, not text: generated text may hold NUL characters, which PostgreSQL
+    # text columns refuse and its json type keeps (as \u0000).
+    output: Mapped[str | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     finish_reason: Mapped[str | None] = mapped_column(String(16), nullable=True)

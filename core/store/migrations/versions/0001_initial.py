@@ -61,7 +61,7 @@ def upgrade() -> None:
         sa.Column("index", sa.Integer(), nullable=False),
         sa.Column("custom_id", sa.String(length=256), nullable=True),
         sa.Column("input", sa.JSON(), nullable=False),
-        sa.Column("output", sa.Text(), nullable=True),
+        sa.Column("output", sa.JSON(), nullable=True),
         sa.Column("prompt_tokens", sa.Integer(), nullable=True),
         sa.Column("completion_tokens", sa.Integer(), nullable=True),
         sa.Column("finish_reason", sa.String(length=16), nullable=True),

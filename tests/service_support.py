@@ -1,0 +1,40 @@
+"""What the job tests share: prompts, JSONL files, and the reference outputs.
+
+The reference is `CausalLM.generate` itself, called directly on the preset.
+"""
+
+import json
+
+PROMPTS = [
+    "Return the absolute value",
+    "The",
+    "Create a new list from the items of an iterable, in the order that they are given",
+    "Open file and return a stream",
+    "Raise",
+    "Return a copy of the string with leading and trailing whitespace removed",
+]
+
+
+def reference(preset, prompts, **arguments):
+    from core.models import CausalLM
+
+    lm = CausalLM.from_preset(str(preset))
+    lm.compile(sampler="greedy")
+    return [
+        {
+            "output": g.text,
+            "prompt_tokens": g.prompt_tokens,
+            "completion_tokens": g.completion_tokens,
+            "finish_reason": g.finish_reason,
+        }
+        for g in lm.generate(prompts, return_details=True, **arguments)
+    ]
+
+
+def write_prompts(path, prompts):
+    path.write_text("".join(json.dumps({"custom_id": f"q{i}", "prompt": p}) + "\n" for i, p in enumerate(prompts)))
+    return str(path)
+
+
+def read_results(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]

@@ -1,0 +1,105 @@
+"""Real jobs on a tiny real model on the embedded default (SQLite, no broker):
+`lmq generate` gives what `CausalLM.generate` gives, and `lmq fit` produces a
+preset that the next job uses by name."""
+
+import json
+
+from api.cli import main
+from core.config import load_settings
+from core.store import session_scope, sessions
+from core.store import queries
+from service_support import PROMPTS, read_results, reference, write_prompts
+from workers.runner import JobRunner, pool_from_settings
+
+def test_lmq_generate_equals_causal_lm_generate(lmq_home, tmp_path, tiny_llama_preset):
+    source = write_prompts(tmp_path / "in.jsonl", PROMPTS)
+    output = tmp_path / "out.jsonl"
+    code = main(
+        ["generate", "--preset", str(tiny_llama_preset), source, "-o", str(output),
+         "--max-length", "40", "--micro-batch-size", "2"]
+    )
+    assert code == 0
+    results = read_results(output)
+    assert [r["index"] for r in results] == list(range(len(PROMPTS)))
+    assert [r["custom_id"] for r in results] == [f"q{i}" for i in range(len(PROMPTS))]
+    expected = reference(tiny_llama_preset, PROMPTS, max_length=40)
+    assert [{k: r[k] for k in expected[0]} for r in results] == expected
+    assert all(r["error"] is None for r in results)
+
+
+def test_strip_prompt_max_new_tokens_and_stdin(lmq_home, tmp_path, tiny_llama_preset, monkeypatch, capsys):
+    import io
+
+    lines = "".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:3])
+    monkeypatch.setattr("sys.stdin", io.StringIO(lines))
+    code = main(
+        ["generate", "--preset", str(tiny_llama_preset), "-", "--max-new-tokens", "5", "--strip-prompt"]
+    )
+    assert code == 0
+    results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = reference(tiny_llama_preset, PROMPTS[:3], max_new_tokens=5, strip_prompt=True)
+    assert [r["output"] for r in results] == [e["output"] for e in expected]
+    assert all(r["custom_id"] is None and r["completion_tokens"] <= 5 for r in results)
+
+
+def test_a_prompt_longer_than_max_length_fails_alone(lmq_home, tmp_path, tiny_llama_preset):
+    source = write_prompts(tmp_path / "in.jsonl", ["Short one", " ".join(["word"] * 60)])
+    output = tmp_path / "out.jsonl"
+    code = main(["generate", "--preset", str(tiny_llama_preset), source, "-o", str(output), "--max-length", "16"])
+    assert code == 0
+    short, long = read_results(output)
+    assert short["error"] is None and short["output"]
+    assert long["output"] is None and "max_length" in long["error"]
+
+
+def test_a_second_job_on_a_pinned_model_loads_nothing(lmq_home, tiny_llama_preset):
+    settings = load_settings()
+    factory = sessions(settings)
+    runner = JobRunner(settings, pool_from_settings(settings))
+    jobs = []
+    for prompt in PROMPTS[:2]:
+        with session_scope(factory) as session:
+            jobs.append(
+                queries.create_generate_job(
+                    session, preset=str(tiny_llama_preset), inputs=[{"prompt": prompt}], params={"max_length": 20}
+                ).id
+            )
+        assert runner.run(jobs[-1]) == "succeeded"
+    with session_scope(factory) as session:
+        loads = [
+            next(e.data for e in queries.job_events(session, job_id) if e.type == "model")
+            for job_id in jobs
+        ]
+    assert loads[0]["pool_hit"] is False and loads[0]["load_seconds"] > 0
+    assert loads[1]["pool_hit"] is True and loads[1]["load_seconds"] == 0.0
+    assert (runner.pool.hits, runner.pool.misses) == (1, 1)
+
+
+def test_fit_registers_a_preset_that_generate_uses_by_name(lmq_home, tmp_path, tiny_llama_preset, capsys):
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": p}) + "\n" for p in PROMPTS * 2))
+    code = main(
+        ["fit", "--preset", str(tiny_llama_preset), str(train), "--output-preset", "tuned",
+         "--epochs", "2", "--batch-size", "4", "--sequence-length", "24", "--learning-rate", "0.01"]
+    )
+    assert code == 0, capsys.readouterr().err
+    settings = load_settings()
+    with session_scope(sessions(settings)) as session:
+        preset = queries.get_preset(session, "tuned")
+        fit_job = queries.get_job(session, preset.job_id)
+        steps = [e.data for e in queries.job_events(session, fit_job.id) if e.type == "step"]
+    assert preset.path == str(lmq_home / "presets" / "tuned")
+    assert preset.architecture == "llama" and preset.parent == str(tiny_llama_preset)
+    assert preset.details["training_examples"] == 12 and preset.details["steps"] == 6
+    assert fit_job.state == "succeeded" and fit_job.output_preset == "tuned" and fit_job.progress == 1.0
+    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6]
+    assert all(s["loss"] > 0 and s["tokens_per_second"] > 0 for s in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"]
+
+    source = write_prompts(tmp_path / "in.jsonl", PROMPTS[:2])
+    output = tmp_path / "out.jsonl"
+    assert main(["generate", "--preset", "tuned", source, "-o", str(output), "--max-length", "24"]) == 0
+    results = read_results(output)
+    expected = reference(preset.path, PROMPTS[:2], max_length=24)
+    assert [r["output"] for r in results] == [e["output"] for e in expected]
+    assert expected != reference(tiny_llama_preset, PROMPTS[:2], max_length=24)

@@ -1,0 +1,187 @@
+"""Through the real service: `lmq submit` -> Redis -> a real `lmq worker` process
+(Celery, solo pool) -> PostgreSQL. Runs whenever LMQ_TEST_REDIS_URL and
+LMQ_TEST_DATABASE_URL are set (always in CI)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from api.cli import main
+from core.config import load_settings
+from core.store import session_scope, sessions
+from core.store import queries
+from service_support import PROMPTS, reference, write_prompts
+
+REPO = Path(__file__).resolve().parent.parent
+MANY_PROMPTS = [f"{prompt} number {i}" for i in range(8) for prompt in PROMPTS[:5]]
+
+
+class Worker:
+    """A real `lmq worker` subprocess; stopped (or killed) at the end of the test."""
+
+    def __init__(self, env, log: Path, *extra):
+        self.log = log
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "api.cli", "worker", "--loglevel", "INFO", *extra],
+            cwd=REPO,
+            env={**os.environ, **env},
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def kill(self):
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def workers(service_env, tmp_path):
+    started = []
+
+    def start(*extra, **env):
+        worker = Worker({**service_env, **env}, tmp_path / f"worker-{len(started)}.log", *extra)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def wait_for(condition, timeout, what, workers_logs=()):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    logs = "\n".join(path.read_text()[-3000:] for path in workers_logs if path.exists())
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{logs}")
+
+
+def job(job_id):
+    with session_scope(sessions(load_settings())) as session:
+        return queries.job_summary(queries.get_job(session, job_id))
+
+
+def results(job_id):
+    with session_scope(sessions(load_settings())) as session:
+        return list(queries.job_results(session, job_id))
+
+
+def events(job_id, type):
+    with session_scope(sessions(load_settings())) as session:
+        return [e.data for e in queries.job_events(session, job_id) if e.type == type]
+
+
+def submit(capsys, kind, *argv):
+    assert main(["submit", kind, *argv]) == 0
+    return json.loads(capsys.readouterr().out)["id"]
+
+
+def finished(job_id):
+    summary = job(job_id)
+    return summary if summary["status"] in ("succeeded", "failed", "cancelled") else None
+
+
+def test_jobs_run_on_a_worker_and_a_pinned_model_is_reused(capsys, tmp_path, workers, tiny_llama_preset):
+    worker = workers()
+    source = write_prompts(tmp_path / "in.jsonl", PROMPTS)
+    first = submit(capsys, "generate", "--preset", str(tiny_llama_preset), source, "--max-length", "48")
+    summary = wait_for(lambda: finished(first), 180, "the first job", [worker.log])
+    assert summary["status"] == "succeeded", summary
+    expected = reference(tiny_llama_preset, PROMPTS, max_length=48)
+    assert [r["output"] for r in results(first)] == [e["output"] for e in expected]
+
+    second = submit(capsys, "generate", "--preset", str(tiny_llama_preset), source, "--max-length", "48")
+    assert wait_for(lambda: finished(second), 60, "the second job", [worker.log])["status"] == "succeeded"
+    assert [e["pool_hit"] for e in events(first, "model") + events(second, "model")] == [False, True]
+    assert events(second, "model")[0]["load_seconds"] == 0.0
+
+
+def test_a_killed_worker_loses_nothing_and_duplicates_nothing(capsys, tmp_path, workers, tiny_llama_preset):
+    # A short job timeout gives a short visibility timeout, so Redis hands the
+    # dead worker's job to the next worker within seconds.
+    settings = {"LMQ_JOB_TIMEOUT_S": "2"}
+    first = workers(**settings)
+    source = write_prompts(tmp_path / "many.jsonl", MANY_PROMPTS)
+    job_id = submit(
+        capsys, "generate", "--preset", str(tiny_llama_preset), source, "--max-length", "48",
+        "--micro-batch-size", "2",
+    )
+    partly = wait_for(
+        lambda: (s := job(job_id))["counts"]["completed"] >= 4 and s, 180, "some progress", [first.log]
+    )
+    first.kill()
+    done_before = job(job_id)["counts"]["completed"]
+    assert partly["status"] == "running" and done_before < len(MANY_PROMPTS)
+
+    time.sleep(replace(load_settings(), job_timeout_s=2).visibility_timeout_s + 1)
+    second = workers(**settings)
+    summary = wait_for(lambda: finished(job_id), 240, "the redelivered job", [first.log, second.log])
+    assert summary["status"] == "succeeded", summary
+    assert summary["attempts"] == 2
+    assert summary["counts"] == {"total": len(MANY_PROMPTS), "completed": len(MANY_PROMPTS), "failed": 0}
+    lines = results(job_id)
+    assert [line["index"] for line in lines] == list(range(len(MANY_PROMPTS)))
+    expected = reference(tiny_llama_preset, MANY_PROMPTS, max_length=48)
+    assert [line["output"] for line in lines] == [e["output"] for e in expected]
+    resumed = [e for e in events(job_id, "state") if e["state"] == "running"]
+    assert [e["resumed"] for e in resumed] == [False, True]
+
+
+def test_cancel_stops_a_running_job_and_keeps_its_results(capsys, tmp_path, workers, tiny_llama_preset):
+    worker = workers()
+    source = write_prompts(tmp_path / "many.jsonl", MANY_PROMPTS)
+    job_id = submit(
+        capsys, "generate", "--preset", str(tiny_llama_preset), source, "--max-length", "48",
+        "--micro-batch-size", "2",
+    )
+    wait_for(lambda: job(job_id)["counts"]["completed"] >= 2, 180, "some progress", [worker.log])
+    assert main(["jobs", "cancel", job_id]) == 0
+    at_cancel = json.loads(capsys.readouterr().out)["counts"]["completed"]
+    summary = wait_for(lambda: finished(job_id), 60, "the cancel", [worker.log])
+    assert summary["status"] == "cancelled"
+    # At most the micro-batch in flight (two prompts) finishes after the request.
+    assert at_cancel <= summary["counts"]["completed"] <= at_cancel + 2 < len(MANY_PROMPTS)
+    lines = results(job_id)
+    done = [line for line in lines if line["output"] is not None]
+    assert len(done) == summary["counts"]["completed"]
+    expected = reference(tiny_llama_preset, MANY_PROMPTS, max_length=48)
+    assert all(line["output"] == expected[line["index"]]["output"] for line in done)
+
+
+def test_fit_on_a_worker_then_generate_with_the_result(capsys, tmp_path, workers, tiny_llama_preset):
+    worker = workers()
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": p}) + "\n" for p in PROMPTS))
+    fit_id = submit(
+        capsys, "fit", "--preset", str(tiny_llama_preset), str(train), "--output-preset", "worker-tuned",
+        "--batch-size", "3", "--sequence-length", "24",
+    )
+    summary = wait_for(lambda: finished(fit_id), 180, "the fit job", [worker.log])
+    assert summary["status"] == "succeeded", summary
+    assert len(events(fit_id, "step")) == 2
+
+    source = write_prompts(tmp_path / "in2.jsonl", PROMPTS[:2])
+    job_id = submit(capsys, "generate", "--preset", "worker-tuned", source, "--max-length", "24")
+    assert wait_for(lambda: finished(job_id), 120, "the generate job", [worker.log])["status"] == "succeeded"
+    with session_scope(sessions(load_settings())) as session:
+        path = queries.get_preset(session, "worker-tuned").path
+    expected = reference(path, PROMPTS[:2], max_length=24)
+    assert [line["output"] for line in results(job_id)] == [e["output"] for e in expected]
