@@ -63,6 +63,8 @@ def decode(
     stream=None,
 ):
     """Generates up to ``limits[i]`` tokens after ``prompts[i]`` (lists of ids)."""
+    if hasattr(sampler, "search"):  # beam, contrastive: they run their own loop
+        return sampler.search(backbone, prompts, limits, stop_token_ids, pad_token_id, generator)
     device = backbone.device
     batch = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)

@@ -1,6 +1,19 @@
-"""Samplers: how the next token is chosen from the logits (KerasHub's names and defaults)."""
+"""Samplers: how generation chooses tokens (KerasHub's names and defaults)."""
 
 from core.samplers.base import GreedySampler, Sampler, get, serialize
+from core.samplers.beam import BeamSampler, BeamSearchResult
+from core.samplers.contrastive import ContrastiveSampler
 from core.samplers.sampling import RandomSampler, TopKSampler, TopPSampler
 
-__all__ = ["GreedySampler", "RandomSampler", "Sampler", "TopKSampler", "TopPSampler", "get", "serialize"]
+__all__ = [
+    "BeamSampler",
+    "BeamSearchResult",
+    "ContrastiveSampler",
+    "GreedySampler",
+    "RandomSampler",
+    "Sampler",
+    "TopKSampler",
+    "TopPSampler",
+    "get",
+    "serialize",
+]

@@ -47,9 +47,12 @@ class GreedySampler(Sampler):
 
 
 def _registry():
+    from core.samplers.beam import BeamSampler
+    from core.samplers.contrastive import ContrastiveSampler
     from core.samplers.sampling import RandomSampler, TopKSampler, TopPSampler
 
-    return {cls.name: cls for cls in (GreedySampler, RandomSampler, TopKSampler, TopPSampler)}
+    classes = (GreedySampler, RandomSampler, TopKSampler, TopPSampler, BeamSampler, ContrastiveSampler)
+    return {cls.name: cls for cls in classes}
 
 
 def get(identifier):
