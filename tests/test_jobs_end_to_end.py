@@ -4,6 +4,8 @@ preset that the next job uses by name."""
 
 import json
 
+import pytest
+
 from api.cli import main
 from core.config import load_settings
 from core.store import session_scope, sessions
@@ -103,3 +105,57 @@ def test_fit_registers_a_preset_that_generate_uses_by_name(lmq_home, tmp_path, t
     expected = reference(preset.path, PROMPTS[:2], max_length=24)
     assert [r["output"] for r in results] == [e["output"] for e in expected]
     assert expected != reference(tiny_llama_preset, PROMPTS[:2], max_length=24)
+
+
+class WorkerDied(BaseException):
+    """Stands in for SIGKILL: nothing in the runner gets to handle it."""
+
+
+def fit_job(factory, preset, output, epochs=2):
+    with session_scope(factory) as session:
+        return queries.create_fit_job(
+            session,
+            preset=str(preset),
+            training_data=[{"text": p} for p in PROMPTS],
+            validation_data=None,
+            hyperparameters={"epochs": epochs, "batch_size": 3, "sequence_length": 24},
+            output_preset=output,
+        ).id
+
+
+def test_a_redelivered_fit_job_resumes_from_its_last_checkpoint(lmq_home, tiny_llama_preset):
+    settings = load_settings()
+    factory = sessions(settings)
+    job_id = fit_job(factory, tiny_llama_preset, "resumed")
+
+    def die_in_the_second_epoch(step, total):
+        if step == 3:
+            raise WorkerDied
+
+    with pytest.raises(WorkerDied):
+        JobRunner(settings, pool_from_settings(settings), on_progress=die_in_the_second_epoch).run(job_id)
+    assert (lmq_home / "checkpoints" / job_id / "latest.weights.h5").exists()
+
+    assert JobRunner(settings, pool_from_settings(settings)).run(job_id) == "succeeded"
+    with session_scope(factory) as session:
+        events = queries.job_events(session, job_id)
+        assert queries.get_preset(session, "resumed").job_id == job_id
+    assert [e.data["epochs_done"] for e in events if e.type == "resumed"] == [1]
+    assert [e.data["step"] for e in events if e.type == "step"] == [1, 2, 3, 4]
+    assert not (lmq_home / "checkpoints" / job_id).exists()
+
+
+def test_a_cancelled_fit_job_registers_nothing(lmq_home, tiny_llama_preset):
+    settings = load_settings()
+    factory = sessions(settings)
+    job_id = fit_job(factory, tiny_llama_preset, "never")
+
+    def cancel(step, total):
+        with session_scope(factory) as session:
+            queries.request_cancel(session, job_id)
+
+    assert JobRunner(settings, pool_from_settings(settings), on_progress=cancel).run(job_id) == "cancelled"
+    with session_scope(factory) as session:
+        assert queries.get_preset(session, "never") is None
+        assert len([e for e in queries.job_events(session, job_id) if e.type == "step"]) == 1
+    assert not (settings.preset_store / "never").exists()

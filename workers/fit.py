@@ -2,17 +2,22 @@
 
 Training changes weights, so a fit job loads its own copy of the base model
 instead of borrowing the pinned one. Each step records an event (step, loss,
-tokens/s) and checks for a cancel request; on success the model is saved with
-`save_to_preset` into the preset store and registered in SQL with its lineage.
-A redelivered fit job starts training again, unless its preset was already
-registered, in which case it only marks the job done.
+tokens/s) and checks for a cancel request; each epoch ends with a checkpoint
+of the weights under LMQ_HOME/checkpoints/<job id>. On success the model is
+saved with `save_to_preset` into the preset store and registered in SQL with
+its lineage. A redelivered fit job resumes from its last checkpoint (weights
+only: the optimizer starts afresh), or only marks the job done when its
+preset is already registered.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import keras
@@ -26,13 +31,14 @@ from workers.pool import load_task
 class StepEvents(keras.callbacks.Callback):
     """Per-step events and cooperative cancellation, from inside `fit`."""
 
-    def __init__(self, runner, job_id: str, total_steps: int, tokens_per_step: float):
+    def __init__(self, runner, job_id, checkpoint: Path, first_step, total_steps, tokens_per_step):
         super().__init__()
         self.runner = runner
         self.job_id = job_id
+        self.checkpoint = checkpoint
         self.total_steps = total_steps
         self.tokens_per_step = tokens_per_step
-        self.step = 0
+        self.step = first_step
         self.loss = None
         self.cancelled = False
         self._last = time.perf_counter()
@@ -42,6 +48,7 @@ class StepEvents(keras.callbacks.Callback):
         seconds, self._last = now - self._last, now
         self.step += 1
         self.loss = float(logs["loss"]) if logs and "loss" in logs else None
+        self.runner.report_progress(self.step, self.total_steps)
         with session_scope(self.runner.sessions) as session:
             queries.add_event(
                 session,
@@ -53,18 +60,37 @@ class StepEvents(keras.callbacks.Callback):
             )
             queries.set_progress(session, self.job_id, min(self.step / self.total_steps, 1.0))
             self.cancelled = queries.cancel_requested(session, self.job_id)
-        self.runner.report_progress(self.step, self.total_steps)
         if self.cancelled:
             self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        self.runner.event(
-            self.job_id,
-            "epoch",
-            epoch=epoch + 1,
-            **{name: float(value) for name, value in logs.items()},
-        )
+        if self.cancelled:
+            return
+        save_checkpoint(self.model, self.checkpoint, epoch + 1)
+        metrics = {name: float(value) for name, value in (logs or {}).items()}
+        self.runner.event(self.job_id, "epoch", epoch=epoch + 1, checkpoint=True, **metrics)
+
+
+def save_checkpoint(model, directory: Path, epochs_done: int) -> None:
+    """Weights first, then the epoch count: a checkpoint is never half written."""
+    directory.mkdir(parents=True, exist_ok=True)
+    partial = directory / "partial.weights.h5"
+    model.save_weights(str(partial))
+    os.replace(partial, directory / "latest.weights.h5")
+    (directory / "latest.json.partial").write_text(json.dumps({"epochs_done": epochs_done}))
+    os.replace(directory / "latest.json.partial", directory / "latest.json")
+
+
+def restore_checkpoint(model, directory: Path) -> int:
+    """Epochs already done by an earlier attempt (their weights loaded), or 0."""
+    try:
+        epochs_done = json.loads((directory / "latest.json").read_text())["epochs_done"]
+    except FileNotFoundError:
+        return 0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        model.load_weights(str(directory / "latest.weights.h5"))
+    return epochs_done
 
 
 def run_fit(runner, job_id: str) -> None:
@@ -87,18 +113,34 @@ def run_fit(runner, job_id: str) -> None:
     if params.get("sequence_length"):
         lm.preprocessor.sequence_length = params["sequence_length"]
     if params.get("lora_rank"):
-        lm.backbone.enable_lora(params["lora_rank"])
+        enable_lora = getattr(lm.backbone, "enable_lora", None)
+        if enable_lora is None:
+            raise ValueError(f"lora_rank: {type(lm.backbone).__name__} does not support LoRA")
+        enable_lora(params["lora_rank"])
     lm.compile(optimizer=keras.optimizers.AdamW(learning_rate=params.get("learning_rate") or 2e-5))
+
+    checkpoint = runner.settings.home / "checkpoints" / job_id
+    epochs_done = restore_checkpoint(lm, checkpoint)
+    if epochs_done:
+        runner.event(job_id, "resumed", epochs_done=epochs_done)
 
     tokenize = lm.preprocessor.tokenizer.tokenize
     sequence_length = lm.preprocessor.sequence_length
     tokens = sum(min(len(tokenize(text)) + 1, sequence_length) for text in texts)
     steps_per_epoch = math.ceil(len(texts) / batch_size)
-    steps = StepEvents(runner, job_id, steps_per_epoch * epochs, tokens / steps_per_epoch)
+    steps = StepEvents(
+        runner,
+        job_id,
+        checkpoint,
+        first_step=epochs_done * steps_per_epoch,
+        total_steps=steps_per_epoch * epochs,
+        tokens_per_step=tokens / steps_per_epoch,
+    )
     lm.fit(
         x=texts,
         batch_size=batch_size,
         epochs=epochs,
+        initial_epoch=epochs_done,
         callbacks=[steps],
         validation_data=validation or None,
         verbose=0,
@@ -107,6 +149,7 @@ def run_fit(runner, job_id: str) -> None:
         runner.finish(job_id, JobState.cancelled, steps=steps.step)
         return
     _save_and_register(runner, job_id, lm, preset, output, len(texts), steps)
+    shutil.rmtree(checkpoint, ignore_errors=True)
 
 
 def _save_and_register(runner, job_id, lm, base, name, examples, steps: StepEvents) -> None:

@@ -21,10 +21,10 @@ PoolKey = tuple[str, str | None]
 
 
 def load_task(location: str, dtype: str | None):
-    """Build the task a preset describes (keras/torch are imported here, not before)."""
-    from core.models import CausalLM
+    """Build the task the preset names (keras/torch are imported here, not before)."""
+    from core.models import Task
 
-    return CausalLM.from_preset(location, dtype=dtype)
+    return Task.from_preset(location, dtype=dtype)
 
 
 def weight_bytes(model) -> int:
