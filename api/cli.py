@@ -241,13 +241,19 @@ def write_results(session, job_id: str, output: str | None) -> None:
 
 
 def cmd_submit(args) -> int:
+    from kombu.exceptions import OperationalError
+
     from workers.celery_app import enqueue_job, make_celery
 
     settings = load_settings()
     if settings.broker_url is None:
         raise BadInput("LMQ_BROKER_URL is not set: use `lmq generate` or `lmq fit` to run a job here")
     job_id = create_job(settings, args.kind, args)
-    enqueue_job(make_celery(settings), job_id, args.kind)
+    try:
+        enqueue_job(make_celery(settings), settings, job_id, args.kind)
+    except OperationalError as error:
+        print(f"lmq: error: job {job_id} could not be sent to the broker: {error}", file=sys.stderr)
+        return 1
     if args.wait:
         return watch(settings, job_id)
     return print_job(settings, job_id)
@@ -386,10 +392,7 @@ def cmd_db(args) -> int:
 
 def cmd_worker(args) -> int:
     """A Celery worker (solo pool: one job at a time, models pinned in this process)."""
-    import os
-    import socket
-
-    from workers.celery_app import JOB_QUEUES, make_celery
+    from workers.celery_app import JOB_QUEUES, make_celery, worker_name
     from workers.runner import process_runner
 
     settings = load_settings()
@@ -413,7 +416,7 @@ def cmd_worker(args) -> int:
             "worker",
             "--pool=solo",
             f"--queues={','.join(queues)}",
-            f"--hostname=lmq-{os.getpid()}@{socket.gethostname()}",
+            f"--hostname={worker_name()}",
             f"--loglevel={args.loglevel}",
             "--without-gossip",
             "--without-mingle",

@@ -193,3 +193,22 @@ def test_cli_never_imports_keras_for_store_commands(lmq_home):
         "assert 'keras' not in sys.modules and 'torch' not in sys.modules, 'heavy import'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_job_the_broker_cannot_take_is_failed_not_left_queued(capsys, lmq_home, monkeypatch, prompts, preset_dir):
+    import workers.celery_app as celery_app
+
+    make_celery = celery_app.make_celery
+
+    def without_retries(settings):
+        app = make_celery(settings)
+        app.conf.task_publish_retry = False
+        return app
+
+    monkeypatch.setattr(celery_app, "make_celery", without_retries)
+    monkeypatch.setenv("LMQ_BROKER_URL", "redis://127.0.0.1:1/0")  # nothing listens on port 1
+    code, _, err = run_cli(capsys, "submit", "generate", "--preset", preset_dir, prompts)
+    assert code == 1 and "could not be sent to the broker" in err
+    with session_scope(sessions(load_settings())) as session:
+        (job,) = queries.list_jobs(session)
+        assert job.state == "failed" and job.error.startswith("could not enqueue")

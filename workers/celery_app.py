@@ -7,11 +7,13 @@ so the API and `lmq submit` can enqueue through it.
 
 from __future__ import annotations
 
+import os
 import socket
 
 from celery import Celery
 
 from core.config import Settings
+from core.store import JobState, queries, session_scope, sessions
 
 RUN_JOB_TASK = "lmq.run_job"
 JOB_QUEUES = {"generate": "lmq.generate", "fit": "lmq.fit"}
@@ -46,10 +48,19 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def enqueue_job(app: Celery, job_id: str, kind: str) -> None:
-    """Send a job by task name, so the sender never imports the task's code."""
-    app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue_for(kind))
+def enqueue_job(app: Celery, settings: Settings, job_id: str, kind: str) -> None:
+    """Send a job by task name (the sender never imports the task's code).
+
+    A job that cannot be sent is marked failed rather than left queued forever.
+    """
+    try:
+        app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue_for(kind))
+    except Exception as error:
+        with session_scope(sessions(settings)) as session:
+            queries.finish_job(session, job_id, JobState.failed, error=f"could not enqueue: {error}")
+        raise
 
 
 def worker_name() -> str:
-    return f"lmq@{socket.gethostname()}"
+    """This process, as Celery and the job records name it."""
+    return f"lmq-{os.getpid()}@{socket.gethostname()}"

@@ -46,9 +46,9 @@ class JobRunner:
         """Run (or continue) a job; returns its state afterwards, None for an unknown id."""
         with session_scope(self.sessions) as session:
             job = queries.start_job(session, job_id, self.worker)
-            if job is not None:
-                kind, preset, params = job.kind, job.preset, dict(job.params)
-        if job is not None:
+            claimed = job is not None and (job.kind, job.preset, dict(job.params))
+        if claimed:
+            kind, preset, params = claimed
             try:
                 if kind == JobKind.generate.value:
                     self._run_generate(job_id, preset, params)
