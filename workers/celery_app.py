@@ -39,6 +39,8 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        # Lost the broker mid-job: the message will be redelivered, so stop rather than race it.
+        worker_cancel_long_running_tasks_on_connection_loss=True,
         broker_connection_retry_on_startup=True,
         task_default_queue=JOB_QUEUES["generate"],
         task_create_missing_queues=True,
