@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from core.config import Settings, SettingsError, load_settings
-from core.store import JobKind, SchemaOutOfDate, session_scope, sessions
+from core.store import JobKind, JobState, SchemaOutOfDate, session_scope, sessions
 from core.store import queries
 from core.store.presets import UnknownPreset, check_preset_name, locate_preset, preset_architecture
 
@@ -197,6 +197,9 @@ def cmd_run_here(args) -> int:
 
     from workers.runner import JobRunner, pool_from_settings
 
+    output = getattr(args, "output", None)
+    if output and output != "-" and not Path(output).resolve().parent.is_dir():
+        raise BadInput(f"output directory {str(Path(output).parent)!r} does not exist")
     settings = load_settings()
     job_id = create_job(settings, args.command, args)
     unit = "prompt" if args.command == "generate" else "step"
@@ -208,7 +211,12 @@ def cmd_run_here(args) -> int:
             bar.refresh()
 
         runner = JobRunner(settings, pool_from_settings(settings), on_progress=on_progress)
-        state = runner.run(job_id)
+        try:
+            runner.run(job_id)
+        except KeyboardInterrupt:
+            runner.finish(job_id, JobState.cancelled, error="interrupted")
+            print(f"\nlmq: job {job_id} cancelled; finished results stay in the store", file=sys.stderr)
+            return 130
     with session_scope(runner.sessions) as session:
         job = queries.get_job(session, job_id)
         summary = queries.job_summary(job)

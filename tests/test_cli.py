@@ -212,3 +212,10 @@ def test_a_job_the_broker_cannot_take_is_failed_not_left_queued(capsys, lmq_home
     with session_scope(sessions(load_settings())) as session:
         (job,) = queries.list_jobs(session)
         assert job.state == "failed" and job.error.startswith("could not enqueue")
+
+
+def test_an_output_in_a_missing_directory_is_refused_before_the_job(capsys, lmq_home, tmp_path, prompts, preset_dir):
+    output = tmp_path / "missing" / "out.jsonl"
+    code, _, err = run_cli(capsys, "generate", "--preset", preset_dir, prompts, "-o", str(output))
+    assert code == 2 and "output directory" in err and "does not exist" in err
+    assert no_jobs_written()
