@@ -126,7 +126,8 @@ class CausalLM(Task):
             )
         single = isinstance(inputs, str)
         prompts = self.preprocessor.generate_preprocess([inputs] if single else inputs)
-        max_length = max_length or self.preprocessor.sequence_length
+        if max_length is None:
+            max_length = self.preprocessor.sequence_length
         limits = _limits(prompts, max_length, max_new_tokens)
         tokenizer = self.preprocessor.tokenizer
         stop_strings = StopStrings(tokenizer, stop) if stop else None

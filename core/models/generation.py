@@ -67,41 +67,49 @@ def decode(
         return sampler.search(backbone, prompts, limits, stop_token_ids, pad_token_id, generator)
     device = backbone.device
     batch = len(prompts)
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
     width = max(len(p) for p in prompts)
     cache_length = max(len(p) + limit for p, limit in zip(prompts, limits))
     max_steps = max(limits)
     padded = [list(p) + [pad_token_id] * (width - len(p)) for p in prompts]
     tokens = torch.tensor(padded, dtype=torch.long, device=device)  # [batch, width]
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
     limit = torch.tensor(limits, device=device)
     stop_ids = torch.tensor(list(stop_token_ids), dtype=torch.long, device=device)
-    rows = torch.arange(batch, device=device)
 
     generated = torch.full((batch, max(max_steps, 1)), pad_token_id, dtype=torch.long, device=device)
     counts = torch.zeros(batch, dtype=torch.long, device=device)
     stopped = torch.zeros(batch, dtype=torch.bool, device=device)
-    done = limit <= 0
     string_hits = set()
-
-    if max_steps > 0:
+    # ``live`` maps the rows still in the batch (and the cache) to prompt indices;
+    # ``done`` marks live rows that finished but have not been dropped yet.
+    live = torch.arange(batch, device=device)[limit > 0]
+    if max_steps > 0 and len(live):
         cache = backbone.new_cache(batch, cache_length)
         hidden = backbone.prefill(tokens, cache)  # [batch, width, hidden]
-        logits = backbone.token_embedding.reverse(hidden[rows, lengths - 1])  # [batch, vocab]
-    for step in range(max_steps):
-        next_tokens = sampler.next_token(logits, generator)  # [batch]
-        next_tokens = torch.where(done, pad_token_id, next_tokens)
-        generated[:, step] = next_tokens
-        counts += ~done
-        hit_stop = ~done & torch.isin(next_tokens, stop_ids)
-        stopped |= hit_stop
-        done = done | hit_stop | (counts >= limit)
+        logits = backbone.token_embedding.reverse(hidden[live, lengths[live] - 1])  # [live, vocab]
+        if len(live) < batch:
+            cache.select_rows(live)
+        done = torch.zeros(len(live), dtype=torch.bool, device=device)
+    for step in range(max_steps if len(live) else 0):
+        next_tokens = sampler.next_token(logits, generator)  # [live]
+        fresh = ~done
+        generated[live[fresh], step] = next_tokens[fresh]
+        counts[live] += fresh
+        hit_stop = fresh & torch.isin(next_tokens, stop_ids)
+        stopped[live] |= hit_stop
+        done = done | hit_stop | (counts[live] >= limit[live])
         if stream is not None or stop_strings is not None:
-            done, stopped = _per_row_checks(
-                step, next_tokens, done, stopped, generated, counts, stream, stop_strings, string_hits
+            done = _per_row_checks(
+                step, live, next_tokens, done, stopped, generated, counts, stream, stop_strings, string_hits
             )
-        if bool(done.all()):
+        finished = int(done.sum())
+        if finished == len(live):
             break
-        positions = torch.clamp(lengths + step, max=cache_length - 1)
+        if finished * 4 >= len(live):  # drop finished rows once they are a quarter of the batch
+            keep = (~done).nonzero()[:, 0]
+            cache.select_rows(keep)
+            live, next_tokens, done = live[keep], next_tokens[keep], done[keep]
+        positions = torch.clamp(lengths[live] + step, max=cache_length - 1)
         key_length = min(width + step + 1, cache_length)
         hidden = backbone.decode(next_tokens[:, None], positions, cache, key_length)
         logits = backbone.token_embedding.reverse(hidden[:, 0])
@@ -115,18 +123,18 @@ def decode(
     )
 
 
-def _per_row_checks(step, next_tokens, done, stopped, generated, counts, stream, stop_strings, hits):
+def _per_row_checks(step, live, next_tokens, done, stopped, generated, counts, stream, stop_strings, hits):
     """Python work per row, paid only when a caller asked for streaming or stop strings."""
-    tokens, count_list = next_tokens.tolist(), counts.tolist()
-    done_list, stopped_list = done.tolist(), stopped.tolist()
-    for row, token in enumerate(tokens):
+    rows, tokens = live.tolist(), next_tokens.tolist()
+    count_list, done_list = counts.tolist(), done.tolist()
+    for index, (row, token) in enumerate(zip(rows, tokens)):
         if count_list[row] != step + 1:
             continue  # the row had stopped before this step
         if stream is not None:
             stream(row, token)
-        if stop_strings is not None and not stopped_list[row]:
+        if stop_strings is not None and not bool(stopped[row]):
             if stop_strings.found(generated[row, : count_list[row]].tolist()):
-                done_list[row] = stopped_list[row] = True
+                done_list[index] = True
+                stopped[row] = True
                 hits.add(row)
-    device = done.device
-    return torch.tensor(done_list, device=device), torch.tensor(stopped_list, device=device)
+    return torch.tensor(done_list, device=done.device)

@@ -1,0 +1,131 @@
+"""generate(): ragged batches, per-row stopping, stop strings, limits, streaming, details."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from core.models import CausalLM, Generation
+from plugins.llama import LlamaTokenizer
+from tests.model_support import random_hf_llama, right_padded, train_sentencepiece
+
+PROMPTS = ["Return the number", "Open", "A simple way to write the path of a file", "The"]
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("gen")
+    spm = train_sentencepiece(directory / "spm")
+    hf = random_hf_llama(vocab_size=LlamaTokenizer(proto=spm).vocabulary_size(), seed=3)
+    hf.save_pretrained(directory / "model")
+    shutil.copy(spm, directory / "model" / "tokenizer.model")
+    lm = CausalLM.from_preset(str(directory / "model"))
+    lm.compile(sampler="greedy")
+    return lm
+
+
+def _ids(lm, prompts, extra):
+    rows = lm.preprocessor.generate_preprocess(prompts)
+    ids, mask = right_padded(rows)
+    return np.pad(ids, ((0, 0), (0, extra))), np.pad(mask, ((0, 0), (0, extra)))
+
+
+def test_rows_that_stop_early_and_rows_that_run_to_the_limit(lm):
+    """Each row of a batch equals that prompt generated alone, with its own stop and reason."""
+    free = lm.generate(PROMPTS, max_length=40, stop_token_ids=None, return_details=True)
+    # Stop on a token that rows 0 and 2 produce mid-way and rows 1 and 3 never produce.
+    never = set(free[1].token_ids) | set(free[3].token_ids)
+    stop = next(t for t in free[0].token_ids[3:] if t not in never)
+    stop2 = next((t for t in free[2].token_ids[3:] if t not in never), stop)
+    batch = lm.generate(PROMPTS, max_length=40, stop_token_ids=(stop, stop2), return_details=True)
+    for i, prompt in enumerate(PROMPTS):
+        alone = lm.generate([prompt], max_length=40, stop_token_ids=(stop, stop2), return_details=True)[0]
+        assert batch[i] == alone
+    assert batch[0].finish_reason == "stop" and batch[0].token_ids[-1] in (stop, stop2)
+    assert batch[0].completion_tokens < free[0].completion_tokens
+    assert batch[1].finish_reason == "length" and batch[1].token_ids == free[1].token_ids
+    assert [g.prompt_tokens + g.completion_tokens for g in (batch[1], batch[3])] == [40, 40]
+
+
+def test_max_new_tokens_caps_each_row(lm):
+    out = lm.generate(PROMPTS, max_length=40, max_new_tokens=5, stop_token_ids=None, return_details=True)
+    free = lm.generate(PROMPTS, max_length=40, stop_token_ids=None, return_details=True)
+    for capped, full in zip(out, free):
+        assert capped.completion_tokens == 5 and capped.finish_reason == "length"
+        assert capped.token_ids == full.token_ids[:5]
+
+
+def test_strip_prompt_returns_only_the_completion(lm):
+    full = lm.generate(PROMPTS[0], max_length=20, stop_token_ids=None)
+    completion = lm.generate(PROMPTS[0], max_length=20, stop_token_ids=None, strip_prompt=True)
+    assert full.startswith(PROMPTS[0]) and not completion.startswith(PROMPTS[0])
+    assert completion.strip() and completion.strip() in full
+
+
+def test_stop_string_spanning_tokens_stops_there_and_is_cut(lm):
+    tokenizer = lm.preprocessor.tokenizer
+    free = lm.generate(PROMPTS[2], max_length=60, stop_token_ids=None, strip_prompt=True, return_details=True)
+    pieces = [tokenizer.detokenize(free.token_ids[:n]) for n in range(len(free.token_ids) + 1)]
+    # A stop string made of the last 2 characters of token 4's text and the first 2 of token 5's.
+    end4 = len(pieces[4])
+    stop = free.text[end4 - 2 : end4 + 2]
+    assert len(stop) == 4 and stop not in pieces[4]
+    first = free.text.find(stop)
+    out = lm.generate(PROMPTS[2], max_length=60, stop_token_ids=None, strip_prompt=True, stop=[stop], return_details=True)
+    assert out.finish_reason == "stop"
+    assert out.text == free.text[:first]
+    # It stopped at the first token whose text completes the stop string, not later.
+    stop_token = next(n for n in range(len(pieces)) if stop in pieces[n])
+    assert out.completion_tokens == stop_token
+    assert out.token_ids == free.token_ids[:stop_token]
+
+
+def test_stop_string_keeps_the_prompt_when_not_stripped(lm):
+    free = lm.generate(PROMPTS[0], max_length=40, stop_token_ids=None, strip_prompt=True)
+    stop = free.strip()[3:6]
+    out = lm.generate(PROMPTS[0], max_length=40, stop_token_ids=None, stop=[stop])
+    assert out.startswith(PROMPTS[0]) and stop not in out[len(PROMPTS[0]) :]
+
+
+def test_stream_receives_every_new_token_in_order(lm):
+    seen = {}
+    out = lm.generate(
+        PROMPTS, max_length=30, max_new_tokens=8, stop_token_ids=None, return_details=True,
+        stream=lambda row, token: seen.setdefault(row, []).append(token),
+    )
+    assert {row: tokens for row, tokens in seen.items()} == {i: g.token_ids for i, g in enumerate(out)}
+
+
+def test_details_are_generation_records(lm):
+    out = lm.generate(PROMPTS[:2], max_length=24, return_details=True)
+    assert all(isinstance(g, Generation) for g in out)
+    assert [g.prompt_tokens for g in out] == [len(r) for r in lm.preprocessor.generate_preprocess(PROMPTS[:2])]
+
+
+def test_token_id_inputs_without_preprocessor(lm):
+    ids, mask = _ids(lm, PROMPTS, 10)
+    out = lm.generate({"token_ids": ids, "padding_mask": mask}, stop_token_ids=None)
+    texts = lm.generate(PROMPTS, max_length=ids.shape[1], stop_token_ids=None, return_details=True)
+    for i, g in enumerate(texts):
+        n = g.prompt_tokens
+        assert out["token_ids"][i, n : n + g.completion_tokens].tolist() == g.token_ids
+        assert out["padding_mask"][i].sum() == n + g.completion_tokens
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_length=0), "max_length"),
+        (dict(max_length=40, max_new_tokens=-1), "max_new_tokens"),
+        (dict(max_length=40, stop_token_ids="end"), "stop_token_ids"),
+    ],
+)
+def test_bad_arguments_are_named(lm, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        lm.generate(PROMPTS, **kwargs)
+
+
+def test_left_padded_ids_are_refused(lm):
+    ids, mask = _ids(lm, PROMPTS, 4)
+    with pytest.raises(ValueError, match="right-padded"):
+        lm.generate({"token_ids": ids, "padding_mask": mask[:, ::-1]})
