@@ -146,7 +146,7 @@ def test_a_killed_worker_loses_nothing_and_duplicates_nothing(capsys, tmp_path, 
 
 
 def test_cancel_stops_a_running_job_and_keeps_its_results(capsys, tmp_path, workers, tiny_llama_preset):
-    worker = workers()
+    worker = workers("--preload", str(tiny_llama_preset))
     source = write_prompts(tmp_path / "many.jsonl", MANY_PROMPTS)
     job_id = submit(
         capsys, "generate", "--preset", str(tiny_llama_preset), source, "--max-length", "48",
@@ -164,6 +164,8 @@ def test_cancel_stops_a_running_job_and_keeps_its_results(capsys, tmp_path, work
     assert len(done) == summary["counts"]["completed"]
     expected = reference(tiny_llama_preset, MANY_PROMPTS, max_length=48)
     assert all(line["output"] == expected[line["index"]]["output"] for line in done)
+    # The worker loaded the preset at start, so even its first job found it pinned.
+    assert [e["pool_hit"] for e in events(job_id, "model")] == [True]
 
 
 def test_fit_on_a_worker_then_generate_with_the_result(capsys, tmp_path, workers, tiny_llama_preset):
