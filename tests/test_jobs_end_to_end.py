@@ -75,6 +75,9 @@ def test_a_second_job_on_a_pinned_model_loads_nothing(lmq_home, tiny_llama_prese
     assert loads[0]["pool_hit"] is False and loads[0]["load_seconds"] > 0
     assert loads[1]["pool_hit"] is True and loads[1]["load_seconds"] == 0.0
     assert (runner.pool.hits, runner.pool.misses) == (1, 1)
+    # The memory budget counts the real weights: float32, four bytes a parameter.
+    (key,) = runner.pool.keys()
+    assert runner.pool.pinned_bytes == 4 * runner.pool.get(*key).model.count_params()
 
 
 def test_fit_registers_a_preset_that_generate_uses_by_name(lmq_home, tmp_path, tiny_llama_preset, capsys):
