@@ -2,6 +2,16 @@
 
 Every process (CLI, API, worker) reads the same variables, so one environment
 wires a whole deployment. Nothing here imports keras or torch.
+
+    LMQ_HOME                 ~/.lmq: the SQLite database and the preset store
+    LMQ_DATABASE_URL         default sqlite:///$LMQ_HOME/lmq.db; postgresql+psycopg://... in production
+    LMQ_BROKER_URL           unset: jobs run in-process; redis://...: Celery workers run them
+    LMQ_API_TOKENS           token1:tenant-a,token2:tenant-b
+    LMQ_PRESET_ROOTS         directories (os.pathsep-separated) the API may load local presets from
+    LMQ_MODEL_MEMORY_GB      16: weights a worker keeps pinned before evicting the least recently used
+    LMQ_JOB_TIMEOUT_S        86400: the longest job; the broker's visibility timeout is set above it
+    LMQ_MICRO_BATCH_SIZE     16: prompts per micro-batch (a job's params may lower it)
+    LMQ_MICRO_BATCH_TOKENS   16384: rows x padded length per micro-batch
 """
 
 from __future__ import annotations

@@ -169,8 +169,8 @@ def _save_and_register(runner, job_id, lm, base, name, examples, steps: StepEven
                 session,
                 name=name,
                 path=str(final),
-                architecture=preset_architecture(Path(final)),
-                source=base,
+                architecture=preset_architecture(final),
+                source=None,  # made here, not imported: `parent` and `job_id` say how
                 parent=base,
                 job_id=job_id,
                 details={"training_examples": examples, "steps": steps.step, "final_loss": steps.loss},
