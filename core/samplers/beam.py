@@ -61,9 +61,9 @@ class BeamSampler(Sampler):
 
         cache = backbone.new_cache(batch, cache_length)
         hidden = backbone.prefill(tokens, cache)  # [batch, width, hidden]
-        logits = backbone.token_embedding.reverse(hidden[torch.arange(batch, device=device), prompt_lengths - 1])
+        last = hidden[torch.arange(batch, device=device), prompt_lengths - 1]  # [batch, hidden]
+        logits = backbone.token_embedding.reverse(last)[prompt_of_row]  # [rows, vocab]
         cache.select_rows(prompt_of_row)
-        logits = logits[prompt_of_row]  # [rows, vocab]
         vocab = logits.shape[-1]
 
         # At first every beam of a prompt is the same sequence: only beam 0 may expand.
@@ -86,7 +86,8 @@ class BeamSampler(Sampler):
             top_scores, index = candidates.topk(beams, dim=-1)  # [batch, beams]
             source = (first_row + index // vocab).flatten()  # [rows]: the beam each new beam extends
             scores = top_scores.flatten()
-            generated, counts, stopped, finished = generated[source], counts[source], stopped[source], finished[source]
+            generated, counts = generated[source], counts[source]
+            stopped, finished = stopped[source], finished[source]
             growing = ~finished
             next_tokens = torch.where(growing, (index % vocab).flatten(), pad_token_id)  # [rows]
             generated[:, step] = next_tokens
@@ -131,4 +132,5 @@ class BeamSampler(Sampler):
         )
 
     def get_config(self):
-        return {**super().get_config(), "num_beams": self.num_beams, "return_all_beams": self.return_all_beams}
+        config = {"num_beams": self.num_beams, "return_all_beams": self.return_all_beams}
+        return {**super().get_config(), **config}

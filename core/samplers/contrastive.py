@@ -31,7 +31,7 @@ class ContrastiveSampler(Sampler):
 
     @torch.inference_mode()
     def search(self, backbone, prompts, limits, stop_token_ids=(), pad_token_id=0, generator=None):
-        """Contrastive search for every prompt (lists of ids, of any lengths), up to ``limits[i]`` new tokens."""
+        """Contrastive search for each prompt (lists of ids, any lengths), up to ``limits[i]`` new tokens."""
         device = backbone.device
         batch = len(prompts)
         max_steps = max(limits)
@@ -52,7 +52,7 @@ class ContrastiveSampler(Sampler):
         logits = backbone.token_embedding.reverse(hidden[rows, lengths - 1])  # [batch, vocab]
         k = min(self.k, logits.shape[-1])
         # Unit hidden states of every token so far, by position; cosine is then a dot product.
-        history = torch.zeros(batch, cache_length, hidden.shape[-1], device=device)  # [batch, cache_length, hidden]
+        history = torch.zeros(batch, cache_length, hidden.shape[-1], device=device)  # [batch, slots, hidden]
         history[:, :width] = torch.nn.functional.normalize(hidden.float(), dim=-1)
         slots = torch.arange(cache_length, device=device)
         cache.select_rows(rows.repeat_interleave(k))  # k rows per prompt, one per candidate
@@ -70,10 +70,10 @@ class ContrastiveSampler(Sampler):
             )[:, 0]  # [batch * k, hidden]
             candidate_logits = backbone.token_embedding.reverse(candidate_hidden)  # [batch * k, vocab]
             unit = torch.nn.functional.normalize(candidate_hidden.float(), dim=-1).view(batch, k, -1)
-            similarity = unit @ history.transpose(1, 2)  # [batch, k, cache_length]
-            seen = slots < positions[:, None]  # [batch, cache_length]: the prompt and the tokens chosen so far
-            similarity = similarity.masked_fill(~seen[:, None, :], -1.0)
-            scores = (1 - self.alpha) * probabilities - self.alpha * similarity.max(dim=-1).values  # [batch, k]
+            similarity = unit @ history.transpose(1, 2)  # [batch, k, slots]
+            seen = slots < positions[:, None]  # [batch, slots]: the prompt and the tokens chosen so far
+            degeneration = similarity.masked_fill(~seen[:, None, :], -1.0).max(dim=-1).values  # [batch, k]
+            scores = (1 - self.alpha) * probabilities - self.alpha * degeneration  # [batch, k]
             best = scores.argmax(dim=-1)  # [batch]
 
             next_tokens = torch.where(done, pad_token_id, candidates[rows, best])
