@@ -87,7 +87,7 @@ def test_narrowed_samplers_equal_greedy_with_per_row_limits_and_stops(lm, sample
 # -- beam search finds the most likely sequence ---------------------------------------
 
 
-def exhaustive_best(lm, prompt, new_tokens):
+def exhaustive_scores(lm, prompt, new_tokens):
     """Scores every possible completion by summed log-probability; returns {completion: score}.
 
     A completion is ``new_tokens`` long, or shorter when it ends in the stop token.
@@ -115,17 +115,18 @@ def test_beam_search_finds_the_exhaustive_best_sequence(lm):
     greedy = decode(lm.backbone, PROMPTS, limits, GreedySampler(), stop_token_ids=[STOP])
     assert result.completions != greedy.completions  # the search finds what greedy misses
     for i, (prompt, limit) in enumerate(zip(PROMPTS, limits)):
-        scores = exhaustive_best(lm, prompt, limit)
+        scores = exhaustive_scores(lm, prompt, limit)
         best = max(scores, key=scores.get)
         assert result.completions[i] == list(best)
         assert result.finish_reasons[i] == ("stop" if best[-1] == STOP else "length")
-        # Every returned beam is a distinct sequence scored as the model scores it, best first.
+        # The beams are the best distinct sequences, scored as the model scores them, best first.
         beams = result.beams[i]
-        top = sorted(scores, key=scores.get, reverse=True)[: VOCAB**2]
-        assert sorted(tuple(ids) for ids, _, _ in beams) == sorted(top)
+        assert len({tuple(ids) for ids, _, _ in beams}) == len(beams) == min(VOCAB**2, len(scores))
+        cutoff = sorted(scores.values(), reverse=True)[len(beams) - 1]
         assert [score for _, score, _ in beams] == sorted((score for _, score, _ in beams), reverse=True)
         for ids, score, reason in beams:
             assert score == pytest.approx(scores[tuple(ids)], abs=1e-4)
+            assert score >= cutoff - 1e-4
             assert reason == ("stop" if ids[-1] == STOP else "length")
     assert "stop" in result.finish_reasons  # a finished beam won a row
 
