@@ -191,7 +191,7 @@ def test_samples_never_leave_top_k_or_top_p(sampler):
 
 def test_model_samples_stay_in_top_k(lm):
     k = 2
-    completions = generate(lm, TopKSampler(k=k), new_tokens=8, seed=4)
+    completions = generate(lm, TopKSampler(k=k), new_tokens=8, stop_token_ids=None, seed=4)
     for prompt, completion in zip(PROMPTS, completions):
         logits = next_token_logits(lm, [prompt + completion])[0]
         top = logits.topk(k, dim=-1).indices
