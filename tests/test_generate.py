@@ -129,3 +129,21 @@ def test_left_padded_ids_are_refused(lm):
     ids, mask = _ids(lm, PROMPTS, 4)
     with pytest.raises(ValueError, match="right-padded"):
         lm.generate({"token_ids": ids, "padding_mask": mask[:, ::-1]})
+
+
+def test_stop_strings_and_stream_with_beam_search(lm):
+    """Search samplers pick whole sequences; stop strings cut them, stream gets the result."""
+    lm.compile(sampler="beam")
+    try:
+        free = lm.generate(PROMPTS[0], max_length=30, stop_token_ids=None, strip_prompt=True, return_details=True)
+        stop = free.text.strip()[2:5]
+        seen = []
+        out = lm.generate(
+            PROMPTS[0], max_length=30, stop_token_ids=None, strip_prompt=True, stop=[stop],
+            return_details=True, stream=lambda row, token: seen.append(token),
+        )
+    finally:
+        lm.compile(sampler="greedy")
+    assert out.finish_reason == "stop" and stop not in out.text
+    assert out.token_ids == free.token_ids[: len(out.token_ids)] and len(out.token_ids) < len(free.token_ids)
+    assert seen == out.token_ids

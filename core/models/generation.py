@@ -64,7 +64,8 @@ def decode(
 ):
     """Generates up to ``limits[i]`` tokens after ``prompts[i]`` (lists of ids)."""
     if hasattr(sampler, "search"):  # beam, contrastive: they run their own loop
-        return sampler.search(backbone, prompts, limits, stop_token_ids, pad_token_id, generator)
+        result = sampler.search(backbone, prompts, limits, stop_token_ids, pad_token_id, generator)
+        return _after_search(result, stop_strings, stream)
     device = backbone.device
     batch = len(prompts)
     width = max(len(p) for p in prompts)
@@ -138,3 +139,22 @@ def _per_row_checks(step, live, next_tokens, done, stopped, generated, counts, s
                 stopped[row] = True
                 hits.add(row)
     return torch.tensor(done_list, device=done.device)
+
+
+def _after_search(result, stop_strings, stream):
+    """Stop strings and streaming for samplers that choose whole sequences at the end.
+
+    The completion is cut at the first token that completes a stop string, and
+    ``stream`` receives the chosen tokens once the search is over.
+    """
+    for row, completion in enumerate(result.completions):
+        if stop_strings is not None:
+            end = next((n for n in range(1, len(completion) + 1) if stop_strings.found(completion[:n])), None)
+            if end is not None:
+                result.completions[row] = completion = completion[:end]
+                result.finish_reasons[row] = "stop"
+                result.stop_string_hits.append(row)
+        if stream is not None:
+            for token in completion:
+                stream(row, token)
+    return result
