@@ -10,20 +10,38 @@ wires a whole deployment. Nothing here imports keras or torch.
     LMQ_PRESET_ROOTS         directories (os.pathsep-separated) the API may load local presets from
     LMQ_MODEL_MEMORY_GB      16: weights a worker keeps pinned before evicting the least recently used
     LMQ_JOB_TIMEOUT_S        86400: the longest job; the broker's visibility timeout is set above it
-    LMQ_MICRO_BATCH_SIZE     16: prompts per micro-batch (a job's params may lower it)
+    LMQ_MICRO_BATCH_SIZE     16: prompts per micro-batch (a job may set its own)
     LMQ_MICRO_BATCH_TOKENS   16384: rows x padded length per micro-batch
+    LMQ_MAX_INPUTS           100000: inputs (or training examples) per job the API accepts
+    LMQ_MAX_PROMPT_CHARS     32768: characters per prompt or training text
+    LMQ_MAX_LENGTH           8192: the largest max_length or sequence_length a job may ask for
+    LMQ_MAX_NEW_TOKENS       4096: the largest max_new_tokens
+    LMQ_MAX_EPOCHS           100: the most epochs a fit job may ask for
+    LMQ_MAX_BATCH_SIZE       1024: the largest fit batch size
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
 class SettingsError(ValueError):
     """An LMQ_* variable that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one API request may ask for (LMQ_MAX_*), so that one client cannot swamp the workers."""
+
+    inputs_per_job: int = 100_000
+    prompt_chars: int = 32_768
+    max_length: int = 8192
+    max_new_tokens: int = 4096
+    epochs: int = 100
+    batch_size: int = 1024
 
 
 @dataclass(frozen=True)
@@ -37,6 +55,7 @@ class Settings:
     job_timeout_s: int
     micro_batch_size: int
     micro_batch_tokens: int
+    limits: Limits = field(default_factory=Limits)
 
     @property
     def preset_store(self) -> Path:
@@ -116,4 +135,17 @@ def load_settings(environ=None) -> Settings:
         job_timeout_s=_int(environ, "LMQ_JOB_TIMEOUT_S", 24 * 3600),
         micro_batch_size=_int(environ, "LMQ_MICRO_BATCH_SIZE", 16),
         micro_batch_tokens=_int(environ, "LMQ_MICRO_BATCH_TOKENS", 16384),
+        limits=load_limits(environ),
+    )
+
+
+def load_limits(environ) -> Limits:
+    defaults = Limits()
+    return Limits(
+        inputs_per_job=_int(environ, "LMQ_MAX_INPUTS", defaults.inputs_per_job),
+        prompt_chars=_int(environ, "LMQ_MAX_PROMPT_CHARS", defaults.prompt_chars),
+        max_length=_int(environ, "LMQ_MAX_LENGTH", defaults.max_length),
+        max_new_tokens=_int(environ, "LMQ_MAX_NEW_TOKENS", defaults.max_new_tokens),
+        epochs=_int(environ, "LMQ_MAX_EPOCHS", defaults.epochs),
+        batch_size=_int(environ, "LMQ_MAX_BATCH_SIZE", defaults.batch_size),
     )
