@@ -206,3 +206,15 @@ def test_a_cancelled_queued_job_never_runs(setup):
     lm = StandInLM()
     assert runner_for(settings, lm)[0].run(job_id) == "cancelled"
     assert lm.batches == []
+
+
+def test_long_jobs_are_planned_window_by_window(setup):
+    settings, factory, preset = setup
+    lm = StandInLM()
+    job_id = submit(factory, preset, PROMPTS, micro_batch_size=8)
+    runner, _ = runner_for(settings, lm)
+    runner.planning_window = 4
+    assert runner.run(job_id) == "succeeded"
+    # Sorted by length within each window of four inputs, never across windows.
+    assert lm.batches == [["one", "four", "two words", "three little words"], ["seven", "five and six"]]
+    assert [line["output"] for line in results(factory, job_id)[0]] == [p.upper() for p in PROMPTS]

@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
 
+PLANNING_WINDOW = 4096  # inputs tokenized and sorted together into micro-batches
 GENERATE_ARGUMENTS = ("max_length", "max_new_tokens", "stop_token_ids", "stop", "strip_prompt", "seed")
 
 
@@ -41,6 +42,7 @@ class JobRunner:
         self.pool = pool
         self.worker = worker or worker_name()
         self.on_progress = on_progress
+        self.planning_window = PLANNING_WINDOW
 
     def run(self, job_id: str) -> str | None:
         """Run (or continue) a job; returns its state afterwards, None for an unknown id."""
@@ -83,29 +85,37 @@ class JobRunner:
         lm.compile(sampler=params.get("sampler") or "greedy")
         arguments = {k: params[k] for k in GENERATE_ARGUMENTS if params.get(k) is not None}
 
-        with session_scope(self.sessions) as session:
-            pending = [(item.index, item.input["prompt"]) for item in queries.pending_items(session, job_id)]
-            total = queries.get_job(session, job_id).total
         tokenize = lm.preprocessor.tokenizer.tokenize
-        prompts = [Prompt(index, text, len(tokenize(text))) for index, text in pending]
-        batches = plan_micro_batches(
-            prompts,
-            max_items=params.get("micro_batch_size") or self.settings.micro_batch_size,
-            max_tokens=self.settings.micro_batch_tokens,
-            new_tokens=params.get("max_new_tokens") or 0,
-        )
-        done = total - len(prompts)
+        with session_scope(self.sessions) as session:
+            job = queries.get_job(session, job_id)
+            total, done = job.total, job.completed + job.failed
         self.report_progress(done, total)
-        for batch in batches:
-            if self._cancel_requested(job_id):
-                self.finish(job_id, JobState.cancelled)
-                return
-            results = self._generate(job_id, lm, batch, arguments)
-            with session_scope(self.sessions) as session:
-                queries.record_results(session, job_id, results)
-            done += len(batch)
-            self.report_progress(done, total)
+        after = -1
+        while window := self._pending(job_id, after):
+            after = window[-1][0]
+            prompts = [Prompt(index, text, len(tokenize(text))) for index, text in window]
+            for batch in plan_micro_batches(
+                prompts,
+                max_items=params.get("micro_batch_size") or self.settings.micro_batch_size,
+                max_tokens=self.settings.micro_batch_tokens,
+                new_tokens=params.get("max_new_tokens") or 0,
+            ):
+                if self._cancel_requested(job_id):
+                    self.finish(job_id, JobState.cancelled)
+                    return
+                results = self._generate(job_id, lm, batch, arguments)
+                with session_scope(self.sessions) as session:
+                    queries.record_results(session, job_id, results)
+                done += len(batch)
+                self.report_progress(done, total)
         self.finish(job_id, JobState.succeeded)
+
+    def _pending(self, job_id: str, after: int) -> list[tuple[int, str]]:
+        """The next window of unfinished inputs: sorting by length happens within a
+        window, so a job of millions of prompts starts at once and stays small in memory."""
+        with session_scope(self.sessions) as session:
+            items = queries.pending_items(session, job_id, after=after, limit=self.planning_window)
+            return [(item.index, item.input["prompt"]) for item in items]
 
     def _generate(self, job_id, lm, batch: list[Prompt], arguments: dict) -> list[queries.ItemResult]:
         """Results for one micro-batch; a batch that runs out of memory is split in two.

@@ -157,12 +157,15 @@ def start_job(session: Session, job_id: str, worker: str) -> Job | None:
     return job
 
 
-def pending_items(session: Session, job_id: str) -> list[JobItem]:
-    """Items without a result yet, in input order."""
+def pending_items(
+    session: Session, job_id: str, after: int = -1, limit: int | None = None
+) -> list[JobItem]:
+    """Items without a result yet, in input order, from index `after + 1` on."""
     query = (
         select(JobItem)
-        .where(JobItem.job_id == job_id, JobItem.finished_at.is_(None))
+        .where(JobItem.job_id == job_id, JobItem.finished_at.is_(None), JobItem.index > after)
         .order_by(JobItem.index)
+        .limit(limit)
     )
     return list(session.scalars(query))
 
