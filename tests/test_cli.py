@@ -8,8 +8,7 @@ import pytest
 
 from api.cli import main
 from core.config import load_settings
-from core.store import session_scope, sessions
-from core.store import queries
+from core.store import queries, session_scope, sessions
 
 
 def run_cli(capsys, *argv):

@@ -5,13 +5,13 @@ preset that the next job uses by name."""
 import json
 
 import pytest
+from service_support import PROMPTS, read_results, reference, write_prompts
 
 from api.cli import main
 from core.config import load_settings
-from core.store import session_scope, sessions
-from core.store import queries
-from service_support import PROMPTS, read_results, reference, write_prompts
+from core.store import queries, session_scope, sessions
 from workers.runner import JobRunner, pool_from_settings
+
 
 def test_lmq_generate_equals_causal_lm_generate(lmq_home, tmp_path, tiny_llama_preset):
     source = write_prompts(tmp_path / "in.jsonl", PROMPTS)

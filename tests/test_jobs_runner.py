@@ -7,8 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from core.config import load_settings
-from core.store import session_scope, sessions
-from core.store import queries
+from core.store import queries, session_scope, sessions
 from workers.pool import ModelPool
 from workers.runner import JobRunner
 

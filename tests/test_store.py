@@ -6,8 +6,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import select
 
 from core.config import load_settings
-from core.store import Job, JobState, session_scope, sessions
-from core.store import queries
+from core.store import Job, JobState, queries, session_scope, sessions
 from core.store.db import get_engine
 from core.store.models import Base
 

@@ -12,12 +12,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from service_support import PROMPTS, reference, write_prompts
 
 from api.cli import main
 from core.config import load_settings
-from core.store import session_scope, sessions
-from core.store import queries
-from service_support import PROMPTS, reference, write_prompts
+from core.store import queries, session_scope, sessions
 
 REPO = Path(__file__).resolve().parent.parent
 MANY_PROMPTS = [f"{prompt} number {i}" for i in range(8) for prompt in PROMPTS[:5]]

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import keras
 
-from core.store import JobState, session_scope
-from core.store import queries
+from core.store import JobState, queries, session_scope
 from core.store.presets import preset_architecture
 from workers.pool import load_task
 

@@ -13,8 +13,7 @@ import logging
 from typing import Callable
 
 from core.config import Settings
-from core.store import JobKind, JobState, session_scope, sessions
-from core.store import queries
+from core.store import JobKind, JobState, queries, session_scope, sessions
 from core.store.presets import locate_preset
 from workers.batching import Prompt, is_out_of_memory, plan_micro_batches
 from workers.celery_app import worker_name
