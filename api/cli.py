@@ -2,7 +2,9 @@
 
 `generate` and `fit` run one job here and now through the same job runner as
 the Celery workers; `submit` hands a job to the workers through the broker;
-`jobs`, `presets`, `architectures` and `db` read and change the store.
+`serve` runs the HTTP API; `jobs`, `presets`, `architectures` and `db` read
+and change the store. With `--server` (or LMQ_SERVER), `submit` and `jobs` go
+through a server's HTTP API instead (api/cli_remote.py).
 
 Bad input is one line on stderr naming the problem, exit code 2, and nothing
 written: every input is read and checked before a job exists.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -19,12 +22,12 @@ from pathlib import Path
 from typing import NoReturn
 
 from core.config import Settings, SettingsError, load_settings
-from core.store import JobKind, JobState, SchemaOutOfDate, session_scope, sessions
-from core.store import queries
+from core.store import JobKind, JobState, SchemaOutOfDate, queries, session_scope, sessions
 from core.store.presets import UnknownPreset, check_preset_name, locate_preset, preset_architecture
 
 SAMPLERS = ("greedy", "top_k", "top_p", "random", "beam", "contrastive")
 TERMINAL = ("succeeded", "failed", "cancelled")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 class BadInput(Exception):
@@ -249,6 +252,10 @@ def write_results(session, job_id: str, output: str | None) -> None:
 
 
 def cmd_submit(args) -> int:
+    if args.server:
+        from api import cli_remote
+
+        return cli_remote.submit(args)
     from kombu.exceptions import OperationalError
 
     from workers.celery_app import enqueue_job, make_celery
@@ -298,6 +305,10 @@ def watch(settings: Settings, job_id: str, poll_seconds: float = 0.5) -> int:
 
 
 def cmd_jobs(args) -> int:
+    if args.server:
+        from api import cli_remote
+
+        return cli_remote.jobs(args)
     settings = load_settings()
     if args.action == "watch":
         return watch(settings, args.id)
@@ -389,6 +400,20 @@ def cmd_architectures(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """The HTTP API under uvicorn; with no broker configured it runs the jobs itself too."""
+    import uvicorn
+
+    from api.app import create_app
+
+    settings = load_settings()
+    if not settings.api_tokens and args.host not in LOOPBACK:
+        raise BadInput(f"LMQ_API_TOKENS is not set: without tokens `lmq serve` listens on 127.0.0.1 only, not {args.host}")
+    open_store(settings)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def cmd_db(args) -> int:
     from core.store import upgrade
 
@@ -436,6 +461,13 @@ def cmd_worker(args) -> int:
 # ---------------------------------------------------------------- the parser
 
 
+def add_server_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--server", default=os.environ.get("LMQ_SERVER") or None, help="an lmq API URL (default $LMQ_SERVER)"
+    )
+    parser.add_argument("--token", default=os.environ.get("LMQ_TOKEN") or None, help="bearer token (default $LMQ_TOKEN)")
+
+
 def add_generate_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", required=True, help="store name, built-in name, hf://, kaggle:// or a directory")
     parser.add_argument("input", help='JSONL with {"custom_id", "prompt"} per line; "-" reads stdin')
@@ -481,7 +513,15 @@ def build_parser() -> Parser:
         sub = kinds.add_parser(kind)
         add_flags(sub)
         sub.add_argument("--wait", action="store_true", help="wait for the job with a progress bar")
+        sub.add_argument("--idempotency-key", help="with --server: a retry with the same key returns the same job")
+        add_server_flags(sub)
         sub.set_defaults(handler=cmd_submit)
+
+    serve = commands.add_parser("serve", help="run the HTTP API (and, with no broker, the jobs too)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(handler=cmd_serve)
 
     worker = commands.add_parser("worker", help="run a Celery worker")
     worker.add_argument("--queues", default="generate,fit", help="job kinds or queue names")
@@ -496,9 +536,11 @@ def build_parser() -> Parser:
     listing.add_argument("--status")
     listing.add_argument("--kind", choices=[k.value for k in JobKind])
     listing.add_argument("--limit", type=int, default=50)
+    add_server_flags(listing)
     for action in ("show", "results", "watch", "cancel", "events"):
         sub = actions.add_parser(action)
         sub.add_argument("id")
+        add_server_flags(sub)
         if action == "results":
             sub.add_argument("-o", "--output")
     jobs.set_defaults(handler=cmd_jobs)

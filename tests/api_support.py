@@ -1,0 +1,88 @@
+"""What the API tests share: a real `lmq serve` subprocess on a loopback port."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+TOKENS = "tok-a:team-a,tok-b:team-b"
+TEAM_A = {"Authorization": "Bearer tok-a"}
+TEAM_B = {"Authorization": "Bearer tok-b"}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class ApiServer:
+    """`lmq serve` on 127.0.0.1; `started_seconds` is how long until /healthz first answered."""
+
+    def __init__(self, env: dict, log: Path, *extra: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        started = time.monotonic()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "api.cli", "serve", "--port", str(self.port), "--log-level", "warning", *extra],
+            cwd=REPO,
+            # Offline hubs: nothing a test submits may make the server reach past loopback.
+            env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        self._wait_until_healthy(timeout=90)
+        self.started_seconds = time.monotonic() - started
+
+    def _wait_until_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"lmq serve exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise AssertionError(f"lmq serve did not answer in {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def client(self, headers: dict | None = None) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=headers or {}, timeout=30)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+def generate_body(preset, prompts, **params) -> dict:
+    return {
+        "kind": "generate",
+        "preset": str(preset),
+        "inputs": [{"custom_id": f"q{i}", "prompt": prompt} for i, prompt in enumerate(prompts)],
+        "params": params,
+    }
+
+
+def wait_for_job(client: httpx.Client, job_id: str, timeout: float, logs=()) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.1)
+    tails = "\n".join(Path(log).read_text()[-3000:] for log in logs if Path(log).exists())
+    raise AssertionError(f"job {job_id} did not finish in {timeout}s: {job}\n{tails}")
