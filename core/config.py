@@ -10,7 +10,7 @@ wires a whole deployment. Nothing here imports keras or torch.
     LMQ_PRESET_ROOTS         directories (os.pathsep-separated) the API may load local presets from
     LMQ_MODEL_MEMORY_GB      16: weights a worker keeps pinned before evicting the least recently used
     LMQ_JOB_TIMEOUT_S        86400: the longest job; the broker's visibility timeout is set above it
-    LMQ_MICRO_BATCH_SIZE     16: prompts per micro-batch (a job's params may lower it)
+    LMQ_MICRO_BATCH_SIZE     16: prompts per micro-batch (a job may set its own)
     LMQ_MICRO_BATCH_TOKENS   16384: rows x padded length per micro-batch
     LMQ_MAX_INPUTS           100000: inputs (or training examples) per job the API accepts
     LMQ_MAX_PROMPT_CHARS     32768: characters per prompt or training text
