@@ -1,0 +1,31 @@
+# One image for every lmq process: the API (`lmq serve`), the GPU workers
+# (`lmq worker`) and the one-shot schema migration (`lmq db upgrade`).
+# PyTorch's Linux wheels carry their own CUDA libraries, so the same image runs
+# on an NVIDIA GPU (with the NVIDIA container toolkit on the host) or on CPU.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    KERAS_BACKEND=torch \
+    LMQ_HOME=/data \
+    HF_HOME=/data/huggingface
+
+WORKDIR /app
+# Dependencies first, so that a change to lmq's code does not reinstall torch.
+COPY pyproject.toml README.md ./
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['postgres']))" > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt
+COPY core core
+COPY plugins plugins
+COPY workers workers
+COPY api api
+RUN pip install --no-deps ".[postgres]"
+
+# Not root; /data (LMQ_HOME: the preset store, checkpoints, the hub cache) is a volume shared by api and workers.
+RUN useradd --create-home --uid 1000 lmq && mkdir -p /data && chown lmq /data
+USER lmq
+VOLUME /data
+EXPOSE 8000
+CMD ["lmq", "serve", "--host", "0.0.0.0", "--port", "8000"]

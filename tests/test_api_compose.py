@@ -1,0 +1,101 @@
+"""docker-compose.yml and the Dockerfile, checked without a Docker engine: the
+compose file against the Compose Specification's JSON schema (as vendored by
+check-jsonschema), then the structure the deployment relies on."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from importlib import resources
+
+import pytest
+import yaml
+from jsonschema import Draft202012Validator
+
+from api_support import REPO
+from core.config import load_settings
+
+COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+LMQ_SERVICES = ("migrate", "api", "worker")
+
+
+def interpolated(value: str) -> str:
+    """What compose makes of ${VAR:-default} and ${VAR:?message} when VAR is unset (tokens given)."""
+    value = re.sub(r"\$\{LMQ_API_TOKENS:\?[^}]*\}", "secret:team-a", value)
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
+
+
+def test_the_compose_file_follows_the_compose_specification():
+    schema_file = resources.files("check_jsonschema") / "builtin_schemas" / "vendor" / "compose-spec.json"
+    schema = json.loads(schema_file.read_text())
+    errors = sorted(Draft202012Validator(schema).iter_errors(COMPOSE), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{'/'.join(map(str, e.path))}: {e.message}" for e in errors)
+
+
+def has_compose_plugin() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not has_compose_plugin(), reason="no docker compose here; the schema test stands in for it")
+def test_docker_compose_config_accepts_it():
+    run = subprocess.run(
+        ["docker", "compose", "config", "--quiet"], cwd=REPO, capture_output=True, text=True,
+        env={"PATH": os.environ["PATH"], "LMQ_API_TOKENS": "secret:team-a"},
+    )
+    assert run.returncode == 0, run.stderr
+
+
+def test_services_health_checks_and_start_order():
+    assert set(SERVICES) == {"api", "worker", "redis", "postgres", "migrate"}
+    for name in ("api", "worker", "redis", "postgres"):
+        assert SERVICES[name]["healthcheck"]["test"], name
+    assert "/readyz" in " ".join(SERVICES["api"]["healthcheck"]["test"])
+    for name in ("api", "worker"):
+        depends = SERVICES[name]["depends_on"]
+        assert depends["migrate"]["condition"] == "service_completed_successfully"
+        assert depends["postgres"]["condition"] == depends["redis"]["condition"] == "service_healthy"
+    assert SERVICES["migrate"]["command"] == ["lmq", "db", "upgrade"]
+    assert SERVICES["api"]["command"][:2] == ["lmq", "serve"] and "0.0.0.0" in SERVICES["api"]["command"]
+    assert SERVICES["worker"]["command"][:2] == ["lmq", "worker"]
+    assert {SERVICES[name]["build"] for name in LMQ_SERVICES} == {"."}
+
+
+def test_the_worker_reserves_an_nvidia_gpu_and_says_how_to_run_without_one():
+    (device,) = SERVICES["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    text = (REPO / "docker-compose.yml").read_text()
+    assert "CPU fallback" in text[: text.index("    deploy:")]
+
+
+def test_api_and_workers_share_one_preset_store_and_one_set_of_settings():
+    for name in ("api", "worker"):
+        assert SERVICES[name]["volumes"] == ["lmq-data:/data"], name
+    assert "lmq-data" in COMPOSE["volumes"]
+    environments = {name: {k: interpolated(str(v)) for k, v in SERVICES[name]["environment"].items()} for name in LMQ_SERVICES}
+    shared = ("LMQ_HOME", "LMQ_DATABASE_URL", "LMQ_BROKER_URL", "LMQ_JOB_TIMEOUT_S")
+    for key in shared:
+        assert len({environments[name][key] for name in LMQ_SERVICES}) == 1, key
+    settings = load_settings(environments["api"])
+    assert settings.home.as_posix() == "/data" and settings.preset_store.as_posix() == "/data/presets"
+    assert settings.database_url.startswith("postgresql+psycopg://lmq:") and "@postgres:5432/lmq" in settings.database_url
+    assert settings.broker_url == "redis://redis:6379/0" and not settings.embedded
+    assert settings.api_tokens == {"secret": "team-a"}
+    assert load_settings(environments["worker"]).api_tokens == {}
+    postgres = SERVICES["postgres"]["environment"]
+    assert interpolated(postgres["POSTGRES_PASSWORD"]) in settings.database_url
+
+
+def test_the_image_installs_lmq_and_runs_as_a_user():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    instructions = [line.split()[0] for line in dockerfile.splitlines() if line and not line[0].isspace() and line[0] != "#"]
+    assert instructions[0] == "FROM" and dockerfile.split()[dockerfile.split().index("FROM") + 1].startswith("python:3.11")
+    for directory in re.findall(r"^COPY (\S+) ", dockerfile, re.MULTILINE):
+        assert (REPO / directory).exists(), directory
+    assert 'pip install --no-deps ".[postgres]"' in dockerfile
+    assert "tensorflow" not in dockerfile.lower()
+    assert re.search(r"^USER lmq$", dockerfile, re.MULTILINE)
+    assert "LMQ_HOME=/data" in dockerfile
