@@ -147,7 +147,7 @@ class CausalLM(Task):
             ids = completion if strip_prompt else prompt + completion
             text = self.preprocessor.generate_postprocess([ids])[0]
             if stop_strings is not None:
-                text = _cut_stop(text, stop_strings, prompt if not strip_prompt else [], tokenizer)
+                text = _cut_after_prompt(text, stop_strings, [] if strip_prompt else prompt)
             outputs.append(Generation(text, completion, len(prompt), len(completion), reason))
         if not return_details:
             outputs = [g.text for g in outputs]
@@ -220,8 +220,8 @@ def _limits(prompts, max_length, max_new_tokens):
     return limits
 
 
-def _cut_stop(text, stop_strings, prompt_ids, tokenizer):
-    """Cuts the stop string out of the completion part of ``text``."""
+def _cut_after_prompt(text, stop_strings, prompt_ids):
+    """Cuts ``text`` at the first stop string in its completion; the prompt may contain one."""
     prefix = stop_strings.text(prompt_ids) if prompt_ids else ""
     if prefix and text.startswith(prefix):
         return prefix + stop_strings.cut(text[len(prefix) :])

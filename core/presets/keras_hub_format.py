@@ -22,7 +22,7 @@ import keras
 from core.models.serialization import class_name_of, deserialize
 from core.models.tokenizer import TOKENIZER_ASSET_DIR
 from core.plugins import get_registry
-from core.presets.weights import WEIGHTS_FILE, load_weights, save_weights
+from core.presets import weights
 
 KERAS_HUB_VERSION = "0.32.0"  # the format version lmq writes
 
@@ -36,15 +36,15 @@ def read_json(path):
         raise ValueError(f"{path} is not valid JSON: {error}") from None
 
 
-def load_backbone(directory, load_weights_too=True, dtype=None):
+def load_backbone(directory, load_weights=True, dtype=None):
     path = directory / "config.json"
     overrides = {"dtype": dtype} if dtype else {}
     try:
         backbone = deserialize(read_json(path), source=str(path), **overrides)
     except TypeError as error:
         raise ValueError(f"{path}: the config does not fit its class: {error}") from None
-    if load_weights_too:
-        load_weights(backbone, directory / WEIGHTS_FILE)
+    if load_weights:
+        weights.load_weights(backbone, directory / weights.WEIGHTS_FILE)
     return backbone
 
 
@@ -81,8 +81,8 @@ def task_class(directory, backbone, cls):
     return found
 
 
-def load_task(directory, cls, load_weights_too=True, dtype=None, preprocessor="auto", **kwargs):
-    backbone = load_backbone(directory, load_weights_too, dtype)
+def load_task(directory, cls, load_weights=True, dtype=None, preprocessor="auto", **kwargs):
+    backbone = load_backbone(directory, load_weights, dtype)
     task_cls = task_class(directory, backbone, cls)
     if isinstance(preprocessor, str) and preprocessor == "auto":
         has_preprocessor = (directory / "preprocessor.json").is_file()
@@ -104,7 +104,7 @@ def save_task(task, preset_dir):
             assets = staging / TOKENIZER_ASSET_DIR
             assets.mkdir(parents=True)
             task.preprocessor.tokenizer.save_assets(assets)
-        save_weights(task.backbone, staging / WEIGHTS_FILE)
+        weights.save_weights(task.backbone, staging / weights.WEIGHTS_FILE)
         base_task = next(c.__name__ for c in type(task).__mro__ if c.__module__.startswith("core."))
         _write(
             staging / "metadata.json",
