@@ -229,3 +229,20 @@ def test_no_tensorflow():
 
     assert importlib.util.find_spec("tensorflow") is None
     assert not any(name.split(".")[0] == "tensorflow" for name in sys.modules)
+
+
+def test_tokenizer_and_preprocessor_from_preset(tmp_path, spm_model):
+    from core.models import CausalLMPreprocessor
+
+    preprocessor = LlamaCausalLMPreprocessor.from_preset(str(FIXTURES / "llama"), sequence_length=12)
+    assert preprocessor.sequence_length == 12
+    x, y, _ = preprocessor(["Return a new"])
+    assert x["token_ids"].shape == (1, 12) and (x["token_ids"][0, 1:] == y[0, :-1]).all()
+    tokenizer = LlamaTokenizer.from_preset(str(FIXTURES / "llama"))
+    assert tokenizer.tokenize("Return a new") == [481, 260, 599]
+    hf = random_hf_llama(vocab_size=LlamaTokenizer(proto=spm_model).vocabulary_size())
+    hf.save_pretrained(tmp_path / "hf")
+    with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+        CausalLMPreprocessor.from_preset(str(tmp_path / "hf"))
+    shutil.copy(spm_model, tmp_path / "hf" / "tokenizer.model")
+    assert isinstance(CausalLMPreprocessor.from_preset(str(tmp_path / "hf")), LlamaCausalLMPreprocessor)

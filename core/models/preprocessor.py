@@ -34,6 +34,13 @@ class Preprocessor(KerasHubSerializable):
         }
 
     @classmethod
+    def from_preset(cls, preset, **kwargs):
+        """The preprocessor a preset holds; ``kwargs`` override its config (e.g. ``sequence_length``)."""
+        from core.presets import load_preprocessor
+
+        return load_preprocessor(preset, cls=cls, **kwargs)
+
+    @classmethod
     def from_config(cls, config):
         config = dict(config)
         tokenizer = config.pop("tokenizer")

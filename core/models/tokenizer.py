@@ -29,6 +29,12 @@ class Tokenizer(KerasHubSerializable):
             raise ValueError(f"{type(self).__name__} got unknown arguments: {sorted(kwargs)}.")
         self.name = name or self.default_name()
 
+    @classmethod
+    def from_preset(cls, preset):
+        from core.presets import load_tokenizer
+
+        return load_tokenizer(preset, cls=cls)
+
     @property
     def special_tokens(self):
         roles = {"start_token": self.start_token, "end_token": self.end_token, "pad_token": self.pad_token}

@@ -2,7 +2,15 @@
 
 from core.presets.handles import PresetNotFound, resolve_handle
 
-__all__ = ["PresetNotFound", "load_backbone", "load_task", "resolve_handle", "save_task"]
+__all__ = [
+    "PresetNotFound",
+    "load_backbone",
+    "load_preprocessor",
+    "load_task",
+    "load_tokenizer",
+    "resolve_handle",
+    "save_task",
+]
 
 
 def load_task(preset, cls, load_weights=True, dtype=None, **kwargs):
@@ -25,6 +33,28 @@ def load_backbone(preset, cls, load_weights=True, dtype=None):
     if not isinstance(backbone, cls):
         raise ValueError(f"Preset {preset!r} holds a {type(backbone).__name__}, not a {cls.__name__}.")
     return backbone
+
+
+def load_preprocessor(preset, cls, **overrides):
+    from core.presets import keras_hub_format, transformers_import
+
+    directory = resolve_handle(preset)
+    if transformers_import.is_transformers_checkpoint(directory):
+        preprocessor = transformers_import.load_preprocessor(directory, **overrides)
+        if preprocessor is None:
+            raise FileNotFoundError(f"Preset {preset!r} has no tokenizer files in {directory}.")
+    else:
+        preprocessor = keras_hub_format.load_preprocessor(directory, **overrides)
+    if not isinstance(preprocessor, cls):
+        raise ValueError(f"Preset {preset!r} holds a {type(preprocessor).__name__}, not a {cls.__name__}.")
+    return preprocessor
+
+
+def load_tokenizer(preset, cls):
+    tokenizer = load_preprocessor(preset, cls=object).tokenizer
+    if not isinstance(tokenizer, cls):
+        raise ValueError(f"Preset {preset!r} holds a {type(tokenizer).__name__}, not a {cls.__name__}.")
+    return tokenizer
 
 
 def save_task(task, preset_dir):

@@ -58,13 +58,13 @@ def load_tokenizer(directory):
     return tokenizer
 
 
-def load_preprocessor(directory):
+def load_preprocessor(directory, **overrides):
     path = directory / "preprocessor.json"
     serialized = read_json(path)
     cls = get_registry().find_class(class_name_of(serialized, path), source=str(path))
     config = dict(serialized.get("config") or {})
     config.pop("tokenizer", None)  # tokenizer.json + assets are the source of truth
-    return cls(tokenizer=load_tokenizer(directory), **config)
+    return cls(tokenizer=load_tokenizer(directory), **{**config, **overrides})
 
 
 def task_class(directory, backbone, cls):

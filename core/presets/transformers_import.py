@@ -104,11 +104,38 @@ def load_task(directory, cls, load_weights=True, dtype=None, preprocessor="auto"
     if not issubclass(task_cls, cls):
         raise ValueError(f"Checkpoint {directory} holds a {task_cls.__name__}, not a {cls.__name__}.")
     if isinstance(preprocessor, str) and preprocessor == "auto":
-        tokenizer = importlib.import_module(architecture.hf_converter).tokenizer(directory)
-        preprocessor = None
-        if tokenizer is not None:
-            preprocessor = architecture.load("preprocessor")(tokenizer=tokenizer)
+        preprocessor = load_preprocessor(directory)
     return task_cls(backbone=backbone, preprocessor=preprocessor, **kwargs)
+
+
+def load_preprocessor(directory, **overrides):
+    """The architecture's preprocessor around the checkpoint's tokenizer files; None without them."""
+    _, architecture, converter = _architecture(directory)
+    tokenizer = converter.tokenizer(directory)
+    if tokenizer is None:
+        return None
+    return architecture.load("preprocessor")(tokenizer=tokenizer, **overrides)
+
+
+def decoder_config(hf_config):
+    """The settings Llama-layout checkpoints (Llama, Mistral) share -> KerasHub's backbone arguments."""
+    heads = hf_config["num_attention_heads"]
+    return {
+        "vocabulary_size": hf_config["vocab_size"],
+        "num_layers": hf_config["num_hidden_layers"],
+        "num_query_heads": heads,
+        "hidden_dim": hf_config["hidden_size"],
+        "intermediate_dim": hf_config["intermediate_size"],
+        "num_key_value_heads": hf_config.get("num_key_value_heads") or heads,
+        "layer_norm_epsilon": hf_config.get("rms_norm_eps", 1e-6),
+    }
+
+
+def rope_settings(hf_config):
+    """(theta, rope type, all rope settings) from ``rope_scaling`` or transformers 5's ``rope_parameters``."""
+    rope = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
+    theta = hf_config.get("rope_theta", rope.get("rope_theta", 10000.0))
+    return theta, rope.get("rope_type", rope.get("type", "default")), rope
 
 
 def convert_decoder_weights(backbone, checkpoint):
