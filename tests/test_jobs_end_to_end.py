@@ -108,6 +108,12 @@ def test_fit_registers_a_preset_that_generate_uses_by_name(lmq_home, tmp_path, t
     expected = reference(preset.path, PROMPTS[:2], max_length=24)
     assert [r["output"] for r in results] == [e["output"] for e in expected]
     assert expected != reference(tiny_llama_preset, PROMPTS[:2], max_length=24)
+    # The library resolves store names too: from_preset("tuned") is the fine-tuned model.
+    from core.models import CausalLM
+
+    tuned = CausalLM.from_preset("tuned")
+    tuned.compile(sampler="greedy")
+    assert tuned.generate(PROMPTS[:2], max_length=24) == [e["output"] for e in expected]
 
 
 class WorkerDied(BaseException):

@@ -6,6 +6,7 @@ or torch.
 
 from core.store.db import SchemaOutOfDate, session_scope, sessions, upgrade
 from core.store.models import Job, JobEvent, JobItem, JobKind, JobState, Preset
+from core.store.presets import lookup_preset_path
 
 __all__ = [
     "Job",
@@ -15,6 +16,7 @@ __all__ = [
     "JobState",
     "Preset",
     "SchemaOutOfDate",
+    "lookup_preset_path",
     "session_scope",
     "sessions",
     "upgrade",

@@ -87,3 +87,26 @@ def preset_architecture(directory: Path) -> str | None:
         architecture = registry.for_hf_model_type(config["model_type"])
     return architecture.name if architecture else None
 
+
+
+def lookup_preset_path(name: str) -> Path | None:
+    """The directory of the preset registered as `name`, so `from_preset("my-model")` finds it.
+
+    Reads the store the environment configures; an embedded database that does
+    not exist yet is not created by a lookup.
+    """
+    from sqlalchemy.engine import make_url
+
+    from core.config import load_settings
+    from core.store.db import session_scope, sessions
+
+    if not _NAME.match(name or ""):
+        return None
+    settings = load_settings()
+    if settings.is_sqlite:
+        database = make_url(settings.database_url).database
+        if not database or not Path(database).is_file():
+            return None
+    with session_scope(sessions(settings)) as session:
+        stored = get_preset(session, name)
+        return Path(stored.path) if stored is not None else None
