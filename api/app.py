@@ -9,8 +9,8 @@ in about a second and never builds a model.
 import json
 import logging
 import re
+from collections.abc import Iterator
 from contextlib import asynccontextmanager
-from typing import Iterator
 
 from fastapi import Body, Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError

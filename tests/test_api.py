@@ -7,9 +7,9 @@ import json
 
 import httpx
 import pytest
-
 from api_support import TEAM_A, TEAM_B, TOKENS, ApiServer, free_port, generate_body
 from conftest import _service_urls
+
 from core.config import load_settings
 from core.store import queries, session_scope, sessions
 

@@ -11,9 +11,9 @@ from importlib import resources
 
 import pytest
 import yaml
+from api_support import REPO
 from jsonschema import Draft202012Validator
 
-from api_support import REPO
 from core.config import load_settings
 
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())

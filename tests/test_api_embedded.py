@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import pytest
-
-from api.cli import main
 from api_support import REPO, ApiServer, generate_body, wait_for_job
 from service_support import PROMPTS, reference
+
+from api.cli import main
 
 
 def test_lmq_serve_alone_runs_the_jobs_it_accepts(lmq_home, tiny_llama_preset, tmp_path, capsys):

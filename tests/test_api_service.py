@@ -6,13 +6,13 @@ import json
 import os
 
 import pytest
-
-from api.cli import main
-from api.client import Client
 from api_support import TEAM_A, TEAM_B, TOKENS, ApiServer, generate_body, wait_for_job
 from conftest import _service_urls
 from service_support import PROMPTS, read_results, reference, write_prompts
 from test_worker_service import Worker, wait_for
+
+from api.cli import main
+from api.client import Client
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_cancel_over_http_stops_a_running_job(service, tiny_llama_preset):
             "/v1/jobs", json=generate_body(tiny_llama_preset, many, max_length=48, micro_batch_size=2)
         ).json()
         assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=TEAM_B).status_code == 404
-        progress = lambda: client.get(f"/v1/jobs/{job['id']}").json()["counts"]["completed"] >= 2  # noqa: E731
+        progress = lambda: client.get(f"/v1/jobs/{job['id']}").json()["counts"]["completed"] >= 2
         wait_for(progress, 120, "some progress", service.logs)
         assert client.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] in ("cancelling", "cancelled")
         summary = wait_for_job(client, job["id"], 60, service.logs)
