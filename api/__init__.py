@@ -1,1 +1,1 @@
-"""lmq's front doors: the `lmq` command line (and, next, the HTTP API and a client)."""
+"""lmq's front doors: the `lmq` command line, the HTTP API (`api.app`) and its Python client (`api.client`)."""

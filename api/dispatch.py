@@ -40,7 +40,7 @@ class CeleryDispatch:
         """Whether the broker answers now (what /readyz reports)."""
         try:
             with self.app.connection_for_write() as connection:
-                connection.ensure_connection(max_retries=1, timeout=2)
+                connection.ensure_connection(max_retries=1, interval_start=0, timeout=2)
         except Exception as error:
             return False, f"broker unreachable: {type(error).__name__}: {error}"
         return True, "broker reachable"
