@@ -570,6 +570,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except (BadInput, SettingsError) as error:
         fail(str(error))
+    except BrokenPipeError:
+        # `lmq jobs results ID | head`: the reader has all it wants.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
