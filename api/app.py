@@ -37,7 +37,7 @@ NDJSON = "application/x-ndjson"
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     dispatch = dispatch_for(settings)
-    models = schemas.request_models(settings.limits)
+    JobRequest = schemas.job_request(settings.limits)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -66,7 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/v1/jobs", status_code=202, response_model=schemas.JobOut, tags=["jobs"])
     def submit_job(
         response: Response,
-        job: models.job = Body(discriminator="kind"),
+        job: JobRequest = Body(discriminator="kind"),
         idempotency_key: str | None = Header(
             None, min_length=1, max_length=128, description="resubmitting with the same key returns the same job"
         ),

@@ -1,6 +1,6 @@
 """Request and response bodies of the HTTP API.
 
-Request models are built from the settings' limits (`request_models`), so the
+Request models are built from the settings' limits (`job_request`), so the
 limits show in the OpenAPI document and every bad body is a 422 that names
 its field. Unknown fields are refused: a misspelt parameter in a batch job
 of a million prompts should fail at once, not be silently ignored.
@@ -8,7 +8,6 @@ of a million prompts should fail at once, not be silently ignored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -77,15 +76,8 @@ class SamplerConfig(Strict):
         return self
 
 
-@dataclass(frozen=True)
-class RequestModels:
-    generate: type[BaseModel]
-    fit: type[BaseModel]
-    job: Any  # the union of the two, told apart by `kind`: what POST /v1/jobs takes
-
-
-def request_models(limits: Limits) -> RequestModels:
-    """The POST /v1/jobs body, with this deployment's limits built in."""
+def job_request(limits: Limits) -> Any:
+    """The POST /v1/jobs body, a generate or a fit job told apart by `kind`, with this deployment's limits."""
     Prompt = text(limits.prompt_chars)
     CustomId = text(256, min_length=0, label=True)
     PresetHandle = text(512, label=True)
@@ -152,8 +144,7 @@ def request_models(limits: Limits) -> RequestModels:
         hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
         output_preset: str = Field(pattern=PRESET_NAME_PATTERN, description="the store name of the result")
 
-    job = Union[GenerateJobRequest, FitJobRequest]
-    return RequestModels(generate=GenerateJobRequest, fit=FitJobRequest, job=job)
+    return Union[GenerateJobRequest, FitJobRequest]
 
 
 def job_params(model: BaseModel) -> dict:
