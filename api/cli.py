@@ -425,13 +425,13 @@ def cmd_db(args) -> int:
 
 def cmd_worker(args) -> int:
     """A Celery worker (solo pool: one job at a time, models pinned in this process)."""
-    from workers.celery_app import JOB_QUEUES, make_celery, worker_name
+    from workers.celery_app import make_celery, worker_name, worker_queue
     from workers.runner import process_runner
 
     settings = load_settings()
     if settings.broker_url is None:
         raise BadInput("LMQ_BROKER_URL is not set: a worker needs a broker (e.g. redis://127.0.0.1:6379/0)")
-    queues = [JOB_QUEUES.get(q.strip(), q.strip()) for q in args.queues.split(",") if q.strip()]
+    queues = [worker_queue(q.strip()) for q in args.queues.split(",") if q.strip()]
     open_store(settings)
     runner = process_runner(settings)
     for handle in args.preload:

@@ -18,6 +18,8 @@ wires a whole deployment. Nothing here imports keras or torch.
     LMQ_MAX_NEW_TOKENS       4096: the largest max_new_tokens
     LMQ_MAX_EPOCHS           100: the most epochs a fit job may ask for
     LMQ_MAX_BATCH_SIZE       1024: the largest fit batch size
+    LMQ_PRESET_QUEUES        preset=queue,...: jobs on these presets go to queue lmq.<kind>.<queue>,
+                             served by workers started with `lmq worker --queues <kind>.<queue>`
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class Settings:
     micro_batch_size: int
     micro_batch_tokens: int
     limits: Limits = field(default_factory=Limits)
+    preset_queues: dict[str, str] = field(default_factory=dict)
 
     @property
     def preset_store(self) -> Path:
@@ -103,15 +106,20 @@ def _float(environ, name: str, default: float) -> float:
     return value
 
 
+def _pairs(raw: str, separator: str, variable: str, shape: str) -> dict[str, str]:
+    """`a<sep>b,c<sep>d` -> {a: b, c: d}, naming the variable and the entry that does not parse."""
+    pairs = {}
+    for entry in filter(None, (part.strip() for part in raw.split(","))):
+        key, found, value = entry.partition(separator)
+        if not found or not key.strip() or not value.strip():
+            raise SettingsError(f"{variable} entry {entry!r} is not {shape}")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
 def parse_api_tokens(raw: str) -> dict[str, str]:
     """`token1:tenant-a,token2:tenant-b` -> {token: tenant}."""
-    tokens = {}
-    for entry in filter(None, (part.strip() for part in raw.split(","))):
-        token, sep, tenant = entry.partition(":")
-        if not sep or not token or not tenant:
-            raise SettingsError(f"LMQ_API_TOKENS entry {entry!r} is not token:tenant")
-        tokens[token] = tenant
-    return tokens
+    return _pairs(raw, ":", "LMQ_API_TOKENS", "token:tenant")
 
 
 def load_settings(environ=None) -> Settings:
@@ -136,6 +144,7 @@ def load_settings(environ=None) -> Settings:
         micro_batch_size=_int(environ, "LMQ_MICRO_BATCH_SIZE", 16),
         micro_batch_tokens=_int(environ, "LMQ_MICRO_BATCH_TOKENS", 16384),
         limits=load_limits(environ),
+        preset_queues=_pairs(environ.get("LMQ_PRESET_QUEUES", ""), "=", "LMQ_PRESET_QUEUES", "preset=queue"),
     )
 
 

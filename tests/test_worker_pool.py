@@ -97,3 +97,20 @@ def test_every_prompt_is_planned_exactly_once():
 )
 def test_out_of_memory_is_recognised(error, expected):
     assert is_out_of_memory(error) is expected
+
+
+def test_jobs_are_routed_by_kind_and_by_preset():
+    from core.config import SettingsError, load_settings
+    from workers.celery_app import queue_for, worker_queue
+
+    settings = load_settings({"LMQ_HOME": "/tmp/unused", "LMQ_PRESET_QUEUES": "big-model=a100, tuned=small"})
+    assert queue_for("generate", "other", settings) == "lmq.generate"
+    assert queue_for("generate", "big-model", settings) == "lmq.generate.a100"
+    assert queue_for("fit", "tuned", settings) == "lmq.fit.small"
+    assert [worker_queue(q) for q in ("generate", "fit.small", "lmq.generate")] == [
+        "lmq.generate",
+        "lmq.fit.small",
+        "lmq.generate",
+    ]
+    with pytest.raises(SettingsError, match="LMQ_PRESET_QUEUES entry 'broken'"):
+        load_settings({"LMQ_PRESET_QUEUES": "broken"})

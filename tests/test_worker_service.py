@@ -186,3 +186,18 @@ def test_fit_on_a_worker_then_generate_with_the_result(capsys, tmp_path, workers
         path = queries.get_preset(session, "worker-tuned").path
     expected = reference(path, PROMPTS[:2], max_length=24)
     assert [line["output"] for line in results(job_id)] == [e["output"] for e in expected]
+
+
+def test_a_preset_with_its_own_queue_reaches_only_its_workers(
+    capsys, tmp_path, workers, tiny_llama_preset, monkeypatch
+):
+    demo = REPO / "demo" / "stdlib-tiny-llama"
+    routes = {"LMQ_PRESET_QUEUES": f"{tiny_llama_preset}=tiny"}
+    monkeypatch.setenv("LMQ_PRESET_QUEUES", routes["LMQ_PRESET_QUEUES"])
+    worker = workers("--queues", "generate.tiny", **routes)
+    source = write_prompts(tmp_path / "in.jsonl", PROMPTS[:2])
+    routed = submit(capsys, "generate", "--preset", str(tiny_llama_preset), source, "--max-length", "48")
+    elsewhere = submit(capsys, "generate", "--preset", str(demo), source, "--max-new-tokens", "4")
+    assert wait_for(lambda: finished(routed), 120, "the routed job", [worker.log])["status"] == "succeeded"
+    time.sleep(1)
+    assert job(elsewhere)["status"] == "queued"

@@ -1,4 +1,5 @@
-"""The Celery app: one task, `lmq.run_job(job_id)`, routed to a queue per job kind.
+"""The Celery app: one task, `lmq.run_job(job_id)`, routed to a queue per job kind
+(and, for the presets LMQ_PRESET_QUEUES names, to workers that keep them loaded).
 
 Celery only carries job ids; what a job is and how far it got lives in SQL, so
 there is no result backend. Importing this module is light (no keras/torch),
@@ -16,11 +17,17 @@ from core.config import Settings
 from core.store import JobState, queries, session_scope, sessions
 
 RUN_JOB_TASK = "lmq.run_job"
-JOB_QUEUES = {"generate": "lmq.generate", "fit": "lmq.fit"}
 
 
-def queue_for(kind: str) -> str:
-    return JOB_QUEUES[kind]
+def queue_for(kind: str, preset: str, settings: Settings) -> str:
+    """`lmq.<kind>`, or `lmq.<kind>.<queue>` for a preset with workers of its own."""
+    dedicated = settings.preset_queues.get(preset)
+    return f"lmq.{kind}.{dedicated}" if dedicated else f"lmq.{kind}"
+
+
+def worker_queue(name: str) -> str:
+    """What `lmq worker --queues` accepts: `generate`, `fit.big-gpu`, or a full `lmq.` name."""
+    return name if name.startswith("lmq.") else f"lmq.{name}"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -42,7 +49,7 @@ def make_celery(settings: Settings) -> Celery:
         # Lost the broker mid-job: the message will be redelivered, so stop rather than race it.
         worker_cancel_long_running_tasks_on_connection_loss=True,
         broker_connection_retry_on_startup=True,
-        task_default_queue=JOB_QUEUES["generate"],
+        task_default_queue="lmq.generate",
         task_create_missing_queues=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
@@ -55,8 +62,10 @@ def enqueue_job(app: Celery, settings: Settings, job_id: str, kind: str) -> None
 
     A job that cannot be sent is marked failed rather than left queued forever.
     """
+    with session_scope(sessions(settings)) as session:
+        preset = queries.get_job(session, job_id).preset
     try:
-        app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue_for(kind))
+        app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue_for(kind, preset, settings))
     except Exception as error:
         with session_scope(sessions(settings)) as session:
             queries.finish_job(session, job_id, JobState.failed, error=f"could not enqueue: {error}")
