@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Iterable, Iterator
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from core.store.models import (
@@ -181,8 +181,12 @@ class ItemResult:
 
 
 def record_results(session: Session, job_id: str, results: Iterable[ItemResult]) -> int:
-    """Write each result unless another run already did; returns how many were written."""
-    written = 0
+    """Write each result unless another run already did; returns how many were written.
+
+    The job's counts grow by what this call wrote, so they stay exact when two
+    runs race, and cost no scan of the job's items.
+    """
+    completed = failed = 0
     now = utcnow()
     for result in results:
         outcome = session.execute(
@@ -201,25 +205,21 @@ def record_results(session: Session, job_id: str, results: Iterable[ItemResult])
                 finished_at=now,
             )
         )
-        written += outcome.rowcount
-    refresh_counts(session, job_id)
-    return written
-
-
-def refresh_counts(session: Session, job_id: str) -> None:
-    """Recount from the items, so counts stay right whichever run wrote them."""
-    done = JobItem.job_id == job_id, JobItem.finished_at.is_not(None)
-    completed = select(func.count()).where(*done, JobItem.error.is_(None)).scalar_subquery()
-    failed = select(func.count()).where(*done, JobItem.error.is_not(None)).scalar_subquery()
-    session.execute(
-        update(Job)
-        .where(Job.id == job_id)
-        .values(
-            completed=completed,
-            failed=failed,
-            progress=func.coalesce((completed + failed) * 1.0 / func.nullif(Job.total, 0), 0.0),
+        if result.error is None:
+            completed += outcome.rowcount
+        else:
+            failed += outcome.rowcount
+    if completed or failed:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(
+                completed=Job.completed + completed,
+                failed=Job.failed + failed,
+                progress=(Job.completed + Job.failed + completed + failed) * 1.0 / Job.total,
+            )
         )
-    )
+    return completed + failed
 
 
 def set_progress(session: Session, job_id: str, progress: float) -> None:
