@@ -3,16 +3,20 @@
 With a broker (LMQ_BROKER_URL) the job id goes to the Celery workers. Without
 one, the server runs its jobs itself, one at a time, in a thread of its own,
 through the same job runner the workers use; that thread imports keras and
-torch only when its first job arrives, so the API still starts light.
+torch only when its first job arrives, so the API still starts light, and
+at start it takes up the jobs an earlier server left unfinished.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import socket
 import threading
 
 from core.config import Settings
+from core.store import JobState, queries, session_scope, sessions
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +73,29 @@ class InProcessWorker:
         return False, "the in-process worker thread is not running"
 
     def start(self) -> None:
+        for job_id in self.left_over():
+            self.jobs.put(job_id)
         self.thread.start()
 
     def stop(self) -> None:
-        """Let the job in hand finish its micro-batch; a job cut short stays resumable in SQL."""
+        """Give the job in hand a moment; one cut short is resumed by the next start (see left_over)."""
         self.jobs.put(None)
         self.thread.join(timeout=5)
+
+    def left_over(self) -> list[str]:
+        """Jobs an earlier server accepted and did not finish, oldest first.
+
+        Queued jobs, and running ones whose process on this machine is gone. A
+        job that a live `lmq generate` is running is left to it.
+        """
+        with session_scope(sessions(self.settings)) as session:
+            unfinished = [
+                job
+                for state in (JobState.queued, JobState.running, JobState.cancelling)
+                for job in queries.list_jobs(session, state=state.value, limit=100_000)
+                if state is JobState.queued or runner_is_gone(job.worker)
+            ]
+        return [job.id for job in sorted(unfinished, key=lambda job: job.created_at)]
 
     def _work(self) -> None:
         runner = None
@@ -87,6 +108,20 @@ class InProcessWorker:
                 runner.run(job_id)
             except Exception:
                 logger.exception("in-process worker: job %s could not run", job_id)
+
+
+def runner_is_gone(worker: str | None) -> bool:
+    """Whether the process that ran a job (named "lmq-PID@HOST", see worker_name) has exited."""
+    name, _, host = (worker or "").partition("@")
+    if host != socket.gethostname() or not name.startswith("lmq-"):
+        return False
+    try:
+        os.kill(int(name.removeprefix("lmq-")), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, PermissionError):
+        return False
+    return False
 
 
 def dispatch_for(settings: Settings) -> CeleryDispatch | InProcessWorker:

@@ -4,6 +4,7 @@ stays light."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -12,9 +13,29 @@ from api_support import REPO, ApiServer, generate_body, wait_for_job
 from service_support import PROMPTS, reference
 
 from api.cli import main
+from core.config import load_settings
+from core.store import queries, session_scope, sessions
 
 
-def test_lmq_serve_alone_runs_the_jobs_it_accepts(lmq_home, tiny_llama_preset, tmp_path, capsys):
+def left_by_an_earlier_server(tiny_llama_preset):
+    """A queued job, a job whose runner died, and one whose runner (this test) is alive."""
+    settings = load_settings()
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    jobs = {}
+    with session_scope(sessions(settings)) as session:
+        for name, worker in (("queued", None), ("dead", ended.pid), ("alive", os.getpid())):
+            job = queries.create_generate_job(
+                session, preset=str(tiny_llama_preset), inputs=[{"prompt": PROMPTS[0]}], params={"max_length": 40}
+            )
+            if worker is not None:
+                queries.start_job(session, job.id, f"lmq-{worker}@{socket.gethostname()}")
+            jobs[name] = job.id
+    return jobs
+
+
+def test_lmq_serve_alone_runs_the_jobs_it_accepts_and_those_left_over(lmq_home, tiny_llama_preset, tmp_path, capsys):
+    left_over = left_by_an_earlier_server(tiny_llama_preset)
     env = {"LMQ_HOME": str(lmq_home), "LMQ_PRESET_ROOTS": str(tiny_llama_preset.parent)}
     server = ApiServer(env, tmp_path / "server.log")
     try:
@@ -29,11 +50,13 @@ def test_lmq_serve_alone_runs_the_jobs_it_accepts(lmq_home, tiny_llama_preset, t
             assert json.loads(capsys.readouterr().out)["status"] == "succeeded"
             summary = wait_for_job(client, job_id, 10, [server.log])
             lines = [json.loads(line) for line in client.get(f"/v1/jobs/{job_id}/results").text.splitlines()]
+            earlier = {name: client.get(f"/v1/jobs/{id}").json()["status"] for name, id in left_over.items()}
     finally:
         server.stop()
     assert summary["counts"]["completed"] == 3
     expected = reference(tiny_llama_preset, PROMPTS[:3], max_length=40)
     assert [line["output"] for line in lines] == [e["output"] for e in expected]
+    assert earlier == {"queued": "succeeded", "dead": "succeeded", "alive": "running"}
     print(f"lmq serve answered /healthz {server.started_seconds:.2f}s after it was started")
 
 
