@@ -32,6 +32,15 @@ logger = logging.getLogger(__name__)
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 NDJSON = "application/x-ndjson"
+# Documented in OpenAPI beside each route's own answer (FastAPI adds the 422 itself).
+AUTH_ERRORS = {401: {"description": "a missing or unknown bearer token"}}
+JOB_ERRORS = {**AUTH_ERRORS, 404: {"description": "no such job, or another tenant's"}}
+NOT_READY = {503: {"description": "the database or the broker does not answer"}}
+SUBMIT_ERRORS = {
+    **AUTH_ERRORS,
+    409: {"description": "the fit job's output_preset is already in the store"},
+    503: {"description": "the broker could not take the job (it is recorded as failed)"},
+}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -63,7 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # ------------------------------------------------------------ jobs
 
-    @app.post("/v1/jobs", status_code=202, response_model=schemas.JobOut, tags=["jobs"])
+    @app.post("/v1/jobs", status_code=202, response_model=schemas.JobOut, responses=SUBMIT_ERRORS, tags=["jobs"])
     def submit_job(
         response: Response,
         job: JobRequest = Body(discriminator="kind"),
@@ -75,8 +84,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Queue a generate or fit job; 202 with the job, which then runs on a worker."""
         try:
             with session_scope(sessions(settings)) as session:
-                if idempotency_key and (earlier := queries.find_job_by_idempotency_key(session, tenant, idempotency_key)):
-                    return replayed(response, earlier)
+                if idempotency_key:
+                    earlier = queries.find_job_by_idempotency_key(session, tenant, idempotency_key)
+                    if earlier is not None:
+                        return replayed(response, earlier)
                 check_preset(session, settings, job.preset)
                 summary = queries.job_summary(create_job(session, job, tenant, idempotency_key))
         except IntegrityError:
@@ -95,7 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         response.headers["Location"] = f"/v1/jobs/{summary['id']}"
         return summary
 
-    @app.get("/v1/jobs", response_model=schemas.JobPage, tags=["jobs"])
+    @app.get("/v1/jobs", response_model=schemas.JobPage, responses=AUTH_ERRORS, tags=["jobs"])
     def list_jobs(
         status: JobState | None = None,
         kind: JobKind | None = None,
@@ -121,7 +132,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "next_cursor": page[-1].id if len(jobs) > limit else None,
         }
 
-    @app.get("/v1/jobs/{job_id}", response_model=schemas.JobOut, tags=["jobs"])
+    @app.get("/v1/jobs/{job_id}", response_model=schemas.JobOut, responses=JOB_ERRORS, tags=["jobs"])
     def show_job(job_id: str, tenant: str = Tenant, session: Session = DB):
         """State, counts, progress, timings and error of one job."""
         return queries.job_summary(require_job(session, job_id, tenant))
@@ -130,7 +141,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "/v1/jobs/{job_id}/results",
         tags=["jobs"],
         response_class=StreamingResponse,
-        responses={200: {"content": {NDJSON: {}}, "description": "one JSON line per input, in input order"}},
+        responses={
+            200: {"content": {NDJSON: {}}, "description": "one JSON line per input, in input order"},
+            409: {"description": "a fit job, which has no results"},
+            **JOB_ERRORS,
+        },
     )
     def job_results(job_id: str, tenant: str = Tenant, session: Session = DB):
         """Results so far, streamed: an input not yet done has a null output and no error."""
@@ -139,7 +154,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(409, detail=f"job {job_id} is a {job.kind} job: only generate jobs have results")
         return StreamingResponse(result_lines(settings, job_id), media_type=NDJSON)
 
-    @app.get("/v1/jobs/{job_id}/events", response_model=schemas.EventPage, tags=["jobs"])
+    @app.get("/v1/jobs/{job_id}/events", response_model=schemas.EventPage, responses=JOB_ERRORS, tags=["jobs"])
     def job_events(
         job_id: str,
         after: int = Query(0, ge=0, le=2**62, description="only events with a larger id"),
@@ -150,7 +165,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         require_job(session, job_id, tenant)
         return {"events": [queries.event_line(event) for event in queries.job_events(session, job_id, after)]}
 
-    @app.post("/v1/jobs/{job_id}/cancel", response_model=schemas.JobOut, tags=["jobs"])
+    @app.post("/v1/jobs/{job_id}/cancel", response_model=schemas.JobOut, responses=JOB_ERRORS, tags=["jobs"])
     def cancel_job(job_id: str, tenant: str = Tenant, session: Session = DB):
         """A queued job is cancelled at once; a running one stops at its next micro-batch or step."""
         require_job(session, job_id, tenant)
@@ -158,12 +173,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # ------------------------------------------------------------ presets and architectures
 
-    @app.get("/v1/presets", response_model=schemas.PresetList, tags=["presets"])
+    @app.get("/v1/presets", response_model=schemas.PresetList, responses=AUTH_ERRORS, tags=["presets"])
     def list_presets(tenant: str = Tenant, session: Session = DB):
         """Presets in the store: fine-tuning results and imports, usable by name."""
         return {"presets": [queries.preset_summary(preset) for preset in queries.list_presets(session)]}
 
-    @app.get("/v1/presets/{name}", response_model=schemas.PresetOut, tags=["presets"])
+    @app.get(
+        "/v1/presets/{name}",
+        response_model=schemas.PresetOut,
+        responses={**AUTH_ERRORS, 404: {"description": "no such preset"}},
+        tags=["presets"],
+    )
     def show_preset(name: str, tenant: str = Tenant, session: Session = DB):
         """A preset in the store, or else a plugin's built-in preset of that name."""
         if is_store_name(name) and (stored := queries.get_preset(session, name)) is not None:
@@ -180,7 +200,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             }
         raise HTTPException(404, detail=f"no preset {name!r}")
 
-    @app.get("/v1/architectures", response_model=schemas.ArchitectureList, tags=["presets"])
+    @app.get("/v1/architectures", response_model=schemas.ArchitectureList, responses=AUTH_ERRORS, tags=["presets"])
     def list_architectures(tenant: str = Tenant):
         """Registered architectures and their built-in presets (from the plugins' records: no model is built)."""
         registry = get_registry()
@@ -196,7 +216,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """The process answers."""
         return {"ok": True}
 
-    @app.get("/readyz", response_model=schemas.Readiness, tags=["health"])
+    @app.get("/readyz", response_model=schemas.Readiness, responses=NOT_READY, tags=["health"])
     def readyz(response: Response):
         """The database and the broker are reachable; 503 when either is not."""
         database = check_database(settings)

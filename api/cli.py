@@ -408,7 +408,9 @@ def cmd_serve(args) -> int:
 
     settings = load_settings()
     if not settings.api_tokens and args.host not in LOOPBACK:
-        raise BadInput(f"LMQ_API_TOKENS is not set: without tokens `lmq serve` listens on 127.0.0.1 only, not {args.host}")
+        raise BadInput(
+            f"LMQ_API_TOKENS is not set: without tokens `lmq serve` listens on 127.0.0.1 only, not {args.host}"
+        )
     open_store(settings)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -465,7 +467,9 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server", default=os.environ.get("LMQ_SERVER") or None, help="an lmq API URL (default $LMQ_SERVER)"
     )
-    parser.add_argument("--token", default=os.environ.get("LMQ_TOKEN") or None, help="bearer token (default $LMQ_TOKEN)")
+    parser.add_argument(
+        "--token", default=os.environ.get("LMQ_TOKEN") or None, help="bearer token (default $LMQ_TOKEN)"
+    )
 
 
 def add_generate_flags(parser: argparse.ArgumentParser) -> None:

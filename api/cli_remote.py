@@ -27,7 +27,7 @@ def job_body(kind: str, args) -> dict:
             "kind": "generate",
             "preset": args.preset,
             "inputs": [
-                {"custom_id": None if row.get("custom_id") is None else str(row["custom_id"]), "prompt": row["prompt"]}
+                {"custom_id": as_label(row.get("custom_id")), "prompt": row["prompt"]}
                 for row in read_jsonl(args.input, "prompt")
             ],
             "params": generate_params(args),
@@ -42,6 +42,11 @@ def job_body(kind: str, args) -> dict:
     if args.validation:
         body["validation_data"] = [{"text": row["text"]} for row in read_jsonl(args.validation, "text")]
     return body
+
+
+def as_label(custom_id) -> str | None:
+    """JSONL ids may be numbers; the API takes strings, as the store keeps them."""
+    return None if custom_id is None else str(custom_id)
 
 
 def submit(args) -> int:
@@ -65,7 +70,8 @@ def jobs(args) -> int:
 
 def _jobs(client: Client, args) -> int:
     if args.action == "list":
-        for count, job in enumerate(client.jobs(status=args.status, kind=args.kind, limit=min(args.limit, 500)), start=1):
+        listing = client.jobs(status=args.status, kind=args.kind, limit=min(args.limit, 500))
+        for count, job in enumerate(listing, start=1):
             print(json.dumps(job))
             if count == args.limit:
                 break

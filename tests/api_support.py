@@ -45,7 +45,8 @@ class ApiServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise AssertionError(f"lmq serve exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
+                log = self.log.read_text()[-3000:]
+                raise AssertionError(f"lmq serve exited with {self.process.returncode}:\n{log}")
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
                     return
