@@ -5,7 +5,7 @@ Each block is a Keras layer (so it owns Keras variables, saves, trains with
 directly, skipping Keras' per-call machinery on the hot path.
 """
 
-from core.layers.attention import AttentionContext, CachedAttention, KVCache
+from core.layers.attention import AttentionContext, CachedAttention, KVCache, RollingKVCache
 from core.layers.decoder import DecoderBlock
 from core.layers.embedding import ReversibleEmbedding
 from core.layers.feedforward import GatedFeedForward
@@ -19,6 +19,7 @@ __all__ = [
     "GatedFeedForward",
     "KVCache",
     "RMSNorm",
+    "RollingKVCache",
     "ReversibleEmbedding",
     "RotaryEmbedding",
 ]

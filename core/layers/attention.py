@@ -49,6 +49,50 @@ class KVCache:
         self.values = self.values[:, rows]
         self._rows = torch.arange(len(rows), device=self.keys.device)
 
+    def step(self, positions, key_length):
+        """Where a decode step at ``positions`` [batch] writes and what it reads.
+
+        Returns the slots to write [batch], how many slots to read, and the
+        position each of those slots holds ([1, key_length]: slot i holds position i).
+        """
+        return positions, key_length, torch.arange(key_length, device=positions.device)[None]
+
+
+class RollingKVCache(KVCache):
+    """A KV cache for sliding-window attention that stops growing at the window.
+
+    Position p lives in slot ``p % slots``: a long generation overwrites keys that
+    have left every row's window, and each step reads at most ``slots`` keys.
+    The prefill fixes ``slots`` = window + prompt width - 1 (at most ``max_length``):
+    enough that the padding the prefill writes after a short prompt never
+    overwrites a key that row still sees (its own decode steps overwrite the padding).
+    """
+
+    def __init__(self, num_layers, batch_size, num_heads, max_length, head_dim, dtype, device, window):
+        self.window = window
+        # Storage waits for the prefill, the first time the prompt width is known.
+        self._storage = (num_layers, batch_size, num_heads, max_length, head_dim, dtype, device)
+        self.keys = self.values = self.slot_positions = None
+
+    def update(self, layer, keys, values, context):
+        if self.keys is None:
+            num_layers, batch_size, num_heads, max_length, head_dim, dtype, device = self._storage
+            slots = min(max_length, self.window + keys.shape[2] - 1)
+            super().__init__(num_layers, batch_size, num_heads, slots, head_dim, dtype, device)
+            # Slots not written yet hold "their own" position, which causal masking hides.
+            self.slot_positions = torch.arange(slots, device=device).repeat(batch_size, 1)
+        return super().update(layer, keys, values, context)
+
+    def select_rows(self, rows):
+        super().select_rows(rows)
+        self.slot_positions = self.slot_positions[rows]
+
+    def step(self, positions, key_length):
+        slots = positions % self.max_length
+        self.slot_positions[self._rows, slots] = positions
+        read = min(key_length, self.max_length)
+        return slots, read, self.slot_positions[:, :read]
+
 
 @dataclass
 class AttentionContext:
@@ -59,7 +103,7 @@ class AttentionContext:
     mask: torch.Tensor | None = None  # [batch, 1, seq, keys]: bool (True = attend) or additive
     is_causal: bool = False  # let SDPA build the causal mask (mask must be None)
     cache: KVCache | None = None
-    write_positions: torch.Tensor | None = None  # [batch]: one-token decode step
+    write_positions: torch.Tensor | None = None  # [batch]: the cache slot of a one-token decode step
     key_length: int | None = None  # cache slots a decode step attends to
 
 

@@ -4,13 +4,23 @@
 weight layout of KerasHub's ``model.weights.h5``). ``DecoderOnlyBackbone`` is the
 decoder stack Llama, Mistral and Phi-3 share, with the two entry points that
 generation uses: ``prefill`` (the whole prompt in one pass) and ``decode`` (one
-token per row, each row at its own position), both writing a ``KVCache``.
+token per row, each row at its own position), both writing a ``KVCache`` (a
+``RollingKVCache`` when a sliding window is shorter than the generation).
 """
 
 import keras
 import torch
 
-from core.layers import AttentionContext, KVCache
+from core.layers import (
+    AttentionContext,
+    CachedAttention,
+    DecoderBlock,
+    GatedFeedForward,
+    KVCache,
+    ReversibleEmbedding,
+    RMSNorm,
+    RollingKVCache,
+)
 from core.models.serialization import KerasHubSerializable
 
 
@@ -59,12 +69,52 @@ class DecoderOnlyBackbone(Backbone):
     """Token embedding -> ``DecoderBlock`` stack -> final norm.
 
     Subclasses build ``token_embedding``, ``transformer_layers``, ``layer_norm``
-    and ``rotary`` (or None), set ``num_key_value_heads``/``head_dim``, and may set
-    ``sliding_window``. ``keras_hub_layout`` names the layers of KerasHub's weight file.
+    (``build_llama_style_layers`` builds all three) and ``rotary`` (or None), set
+    ``num_key_value_heads``/``head_dim``, and may set ``sliding_window``.
+    ``keras_hub_layout`` names the layers of KerasHub's weight file.
     """
 
     sliding_window = None
     keras_hub_layout = None  # see ``keras_hub_weights``
+
+    def build_llama_style_layers(self, tie_word_embeddings=False):
+        """The layers Llama and Mistral share: RMSNorm pre-norm, grouped-query attention, SwiGLU.
+
+        Reads the config attributes the subclass has set: ``vocabulary_size``, ``num_layers``,
+        ``num_query_heads``, ``num_key_value_heads``, ``head_dim``, ``hidden_dim``,
+        ``intermediate_dim``, ``layer_norm_epsilon``, ``dropout``.
+        """
+        policy = self.dtype_policy
+        self.token_embedding = ReversibleEmbedding(
+            self.vocabulary_size,
+            self.hidden_dim,
+            tie_weights=tie_word_embeddings,
+            dtype=policy,
+            name="token_embedding",
+        )
+        self.transformer_layers = [
+            DecoderBlock(
+                attention=CachedAttention(
+                    self.hidden_dim,
+                    self.num_query_heads,
+                    self.num_key_value_heads,
+                    head_dim=self.head_dim,
+                    dropout=self.dropout,
+                    cache_index=i,
+                    dtype=policy,
+                ),
+                feedforward=GatedFeedForward(self.hidden_dim, self.intermediate_dim, dtype=policy),
+                attention_norm=RMSNorm(self.hidden_dim, self.layer_norm_epsilon, dtype=policy),
+                feedforward_norm=RMSNorm(self.hidden_dim, self.layer_norm_epsilon, dtype=policy),
+                dropout=self.dropout,
+                dtype=policy,
+                name=f"transformer_layer_{i}",
+            )
+            for i in range(self.num_layers)
+        ]
+        self.layer_norm = RMSNorm(
+            self.hidden_dim, self.layer_norm_epsilon, dtype=policy, name="sequence_output_layernorm"
+        )
 
     def call(self, inputs, training=False):
         token_ids = torch.as_tensor(inputs["token_ids"], device=self.device).long()
@@ -74,16 +124,19 @@ class DecoderOnlyBackbone(Backbone):
             padding_mask = torch.ones_like(token_ids, dtype=torch.bool)
         padding_mask = torch.as_tensor(padding_mask, device=self.device).bool()
         positions = torch.arange(length, device=self.device).expand(batch, length)
-        mask = self.attention_mask(positions, length) & padding_mask[:, None, None, :]
+        mask = self.attention_mask(positions, positions) & padding_mask[:, None, None, :]
         # A query with no key left (left padding) would give NaNs; it attends to all, like KerasHub.
         mask = mask | ~mask.any(dim=-1, keepdim=True)
         context = self._context(positions, mask=mask)
         return self.hidden_states(token_ids, context, training=training)
 
-    def attention_mask(self, query_positions, key_length):
-        """[batch, query] positions -> bool [batch, 1, query, key_length]: causal, windowed."""
-        keys = torch.arange(key_length, device=query_positions.device)
-        distance = query_positions[:, None, :, None] - keys
+    def attention_mask(self, query_positions, key_positions):
+        """Positions [batch, query] and [batch or 1, keys] -> bool [batch, 1, query, keys].
+
+        Causal and windowed: a query at position i sees keys at j with
+        i - sliding_window < j <= i, as transformers' Mistral does (and KerasHub's).
+        """
+        distance = query_positions[:, None, :, None] - key_positions[:, None, None, :]
         allowed = distance >= 0
         if self.sliding_window:
             allowed &= distance < self.sliding_window
@@ -103,23 +156,19 @@ class DecoderOnlyBackbone(Backbone):
     # -- generation -----------------------------------------------------------------
 
     def new_cache(self, batch_size, max_length):
+        """A cache of ``max_length`` slots, or a rolling one when the window is shorter."""
         embeddings = self.token_embedding.embeddings.value
-        return KVCache(
-            len(self.transformer_layers),
-            batch_size,
-            self.num_key_value_heads,
-            max_length,
-            self.head_dim,
-            embeddings.dtype,
-            embeddings.device,
-        )
+        shape = (len(self.transformer_layers), batch_size, self.num_key_value_heads, max_length, self.head_dim)
+        if self.sliding_window and self.sliding_window < max_length:
+            return RollingKVCache(*shape, embeddings.dtype, embeddings.device, window=self.sliding_window)
+        return KVCache(*shape, embeddings.dtype, embeddings.device)
 
     def prefill(self, token_ids, cache):
         """Right-padded prompts [batch, seq] -> hidden states; fills cache slots [0, seq)."""
         batch, length = token_ids.shape
         positions = torch.arange(length, device=token_ids.device).expand(batch, length)
         if self.sliding_window and length > self.sliding_window:
-            context = self._context(positions, mask=self.attention_mask(positions, length), cache=cache)
+            context = self._context(positions, mask=self.attention_mask(positions, positions), cache=cache)
         else:  # padding sits after every real token, so causal masking is enough
             context = self._context(positions, is_causal=True, cache=cache)
         return self.hidden_states(token_ids, context)
@@ -129,12 +178,13 @@ class DecoderOnlyBackbone(Backbone):
 
         ``key_length`` (a Python int, ``positions.max() + 1``) bounds the cache slots read.
         """
+        slots, key_length, key_positions = cache.step(positions, key_length)
         query_positions = positions[:, None]
         context = self._context(
             query_positions,
-            mask=self.attention_mask(query_positions, key_length),
+            mask=self.attention_mask(query_positions, key_positions),
             cache=cache,
-            write_positions=positions,
+            write_positions=slots,
             key_length=key_length,
         )
         return self.hidden_states(token_ids, context)

@@ -1,6 +1,6 @@
 """LlamaBackbone: KerasHub's arguments and defaults on lmq's shared decoder blocks."""
 
-from core.layers import CachedAttention, DecoderBlock, GatedFeedForward, ReversibleEmbedding, RMSNorm, RotaryEmbedding
+from core.layers import RotaryEmbedding
 from core.models.backbone import LLAMA_STYLE_LAYOUT, DecoderOnlyBackbone
 
 
@@ -56,10 +56,6 @@ class LlamaBackbone(DecoderOnlyBackbone):
         self.tie_word_embeddings = tie_word_embeddings
         self.head_dim = hidden_dim // num_query_heads
 
-        policy = self.dtype_policy
-        self.token_embedding = ReversibleEmbedding(
-            vocabulary_size, hidden_dim, tie_weights=tie_word_embeddings, dtype=policy, name="token_embedding"
-        )
         self.rotary = RotaryEmbedding(
             self.head_dim,
             max_wavelength=rope_max_wavelength,
@@ -69,21 +65,7 @@ class LlamaBackbone(DecoderOnlyBackbone):
             high_freq_factor=rope_high_freq_factor,
             pretraining_sequence_length=rope_pretraining_sequence_length,
         )
-        self.transformer_layers = [
-            DecoderBlock(
-                attention=CachedAttention(
-                    hidden_dim, num_query_heads, num_key_value_heads, dropout=dropout, cache_index=i, dtype=policy
-                ),
-                feedforward=GatedFeedForward(hidden_dim, intermediate_dim, dtype=policy),
-                attention_norm=RMSNorm(hidden_dim, layer_norm_epsilon, dtype=policy),
-                feedforward_norm=RMSNorm(hidden_dim, layer_norm_epsilon, dtype=policy),
-                dropout=dropout,
-                dtype=policy,
-                name=f"transformer_layer_{i}",
-            )
-            for i in range(num_layers)
-        ]
-        self.layer_norm = RMSNorm(hidden_dim, layer_norm_epsilon, dtype=policy, name="sequence_output_layernorm")
+        self.build_llama_style_layers(tie_word_embeddings)
         self.built = True
 
     def get_config(self):

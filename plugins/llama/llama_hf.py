@@ -4,13 +4,12 @@ Unlike KerasHub 0.32's converter, ``rms_norm_eps`` is honoured (transformers is 
 """
 
 from core.presets.transformers_import import convert_decoder_weights as convert_weights  # noqa: F401
+from core.presets.transformers_import import decoder_config, rope_settings
 
 
 def rope_arguments(hf_config):
     """transformers' rope settings (``rope_scaling`` or 5.x's ``rope_parameters``) -> KerasHub's."""
-    rope = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
-    theta = hf_config.get("rope_theta", rope.get("rope_theta", 10000.0))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    theta, rope_type, rope = rope_settings(hf_config)
     arguments = {"rope_max_wavelength": theta}
     if rope_type == "linear":
         arguments["rope_position_scaling_factor"] = rope["factor"]
@@ -39,13 +38,7 @@ def check_unsupported(hf_config):
 def backbone_config(hf_config):
     check_unsupported(hf_config)
     return {
-        "vocabulary_size": hf_config["vocab_size"],
-        "num_layers": hf_config["num_hidden_layers"],
-        "num_query_heads": hf_config["num_attention_heads"],
-        "hidden_dim": hf_config["hidden_size"],
-        "intermediate_dim": hf_config["intermediate_size"],
-        "num_key_value_heads": hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"],
-        "layer_norm_epsilon": hf_config.get("rms_norm_eps", 1e-6),
+        **decoder_config(hf_config),
         "tie_word_embeddings": hf_config.get("tie_word_embeddings", False),
         **rope_arguments(hf_config),
     }
