@@ -1,0 +1,10 @@
+"""MistralCausalLM (default sampler: top_k, as in KerasHub)."""
+
+from core.models.causal_lm import CausalLM
+from plugins.mistral.mistral_backbone import MistralBackbone
+from plugins.mistral.mistral_causal_lm_preprocessor import MistralCausalLMPreprocessor
+
+
+class MistralCausalLM(CausalLM):
+    backbone_cls = MistralBackbone
+    preprocessor_cls = MistralCausalLMPreprocessor

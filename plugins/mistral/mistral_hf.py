@@ -1,0 +1,34 @@
+"""Converts transformers' ``MistralForCausalLM`` checkpoints (Llama's weight layout)."""
+
+from core.presets.transformers_import import convert_decoder_weights as convert_weights  # noqa: F401
+from core.presets.transformers_import import decoder_config, rope_settings
+
+
+def backbone_config(hf_config):
+    """transformers' config.json -> MistralBackbone's arguments.
+
+    ``sliding_window`` is kept as given (null in v0.2 onwards: no window).
+    """
+    if hf_config.get("tie_word_embeddings"):
+        raise ValueError("config.json: tie_word_embeddings=true is unsupported (MistralBackbone has its own head).")
+    theta, rope_type, rope = rope_settings(hf_config)
+    if rope_type not in ("default", "linear"):
+        raise ValueError(f"Unsupported rope scaling {rope_type!r} in this checkpoint's config.json.")
+    config = decoder_config(hf_config)
+    head_dim = hf_config.get("head_dim")
+    default_head_dim = config["hidden_dim"] // config["num_query_heads"]
+    return {
+        **config,
+        "rope_max_wavelength": theta,
+        "rope_scaling_factor": rope["factor"] if rope_type == "linear" else 1.0,
+        "sliding_window": hf_config.get("sliding_window"),
+        "head_dim": None if head_dim in (None, default_head_dim) else head_dim,
+    }
+
+
+def tokenizer(directory):
+    """The SentencePiece ``tokenizer.model`` if the checkpoint has one, else None."""
+    from plugins.mistral.mistral_tokenizer import MistralTokenizer
+
+    path = directory / "tokenizer.model"
+    return MistralTokenizer(proto=path) if path.is_file() else None

@@ -1,0 +1,8 @@
+"""MistralTokenizer: SentencePiece with ``<s>``/``</s>``; id 0 pads."""
+
+from core.models.tokenizer import SentencePieceTokenizer
+
+
+class MistralTokenizer(SentencePieceTokenizer):
+    start_token = "<s>"
+    end_token = "</s>"
