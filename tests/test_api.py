@@ -10,6 +10,7 @@ import pytest
 from api_support import TEAM_A, TEAM_B, TOKENS, ApiServer, free_port, generate_body
 from conftest import _service_urls
 
+from api.cli import main
 from core.config import load_settings
 from core.store import queries, session_scope, sessions
 
@@ -268,3 +269,39 @@ def test_without_a_broker_to_reach_a_job_fails_and_the_server_says_503(tmp_path,
             assert job["status"] == "failed" and "could not enqueue" in job["error"]
     finally:
         server.stop()
+
+
+def test_the_cli_talks_to_the_api(server, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LMQ_SERVER", server.url)
+    monkeypatch.setenv("LMQ_TOKEN", "tok-a")
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text('{"custom_id": 7, "prompt": "Hi"}\n{"prompt": "There"}\n')
+
+    def run(*argv):
+        code = main(list(argv))
+        return code, capsys.readouterr()
+
+    submit_argv = ["submit", "generate", "--preset", BUILTIN, str(prompts), "--idempotency-key", "cli-1"]
+    code, out = run(*submit_argv)
+    job = json.loads(out.out)
+    assert code == 0 and job["status"] == "queued" and job["tenant"] == "team-a"
+    assert json.loads(run(*submit_argv)[1].out)["id"] == job["id"]
+    assert json.loads(run("jobs", "show", job["id"])[1].out)["counts"]["total"] == 2
+    assert [json.loads(line)["state"] for line in run("jobs", "events", job["id"])[1].out.splitlines()] == ["queued"]
+    output = tmp_path / "out.jsonl"
+    assert run("jobs", "results", job["id"], "-o", str(output))[0] == 0
+    assert [json.loads(line)["custom_id"] for line in output.read_text().splitlines()] == ["7", None]
+    assert json.loads(run("jobs", "cancel", job["id"])[1].out)["status"] == "cancelled"
+    listed = run("jobs", "list", "--status", "cancelled", "--limit", "1")[1].out.splitlines()
+    assert [json.loads(line)["id"] for line in listed] == [job["id"]]
+
+    # The server's refusal, naming the field, is the CLI's bad input: exit 2, one line.
+    with pytest.raises(SystemExit) as refused:
+        main(["submit", "generate", "--preset", "no-such-preset", str(prompts)])
+    assert refused.value.code == 2
+    assert "preset: preset 'no-such-preset' is not in the preset store" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["jobs", "show", job["id"], "--token", "wrong"])
+    assert "invalid bearer token" in capsys.readouterr().err
+    code, out = run("jobs", "show", job["id"], "--server", f"http://127.0.0.1:{free_port()}")
+    assert code == 1 and "cannot reach" in out.err
