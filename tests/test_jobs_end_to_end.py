@@ -83,9 +83,12 @@ def test_a_second_job_on_a_pinned_model_loads_nothing(lmq_home, tiny_llama_prese
 def test_fit_registers_a_preset_that_generate_uses_by_name(lmq_home, tmp_path, tiny_llama_preset, capsys):
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"text": p}) + "\n" for p in PROMPTS * 2))
+    validation = tmp_path / "validation.jsonl"
+    validation.write_text("".join(json.dumps({"text": p}) + "\n" for p in PROMPTS[:3]))
     code = main(
         ["fit", "--preset", str(tiny_llama_preset), str(train), "--output-preset", "tuned",
-         "--epochs", "2", "--batch-size", "4", "--sequence-length", "24", "--learning-rate", "0.01"]
+         "--validation", str(validation), "--epochs", "2", "--batch-size", "4", "--sequence-length", "24",
+         "--learning-rate", "0.01"]
     )
     assert code == 0, capsys.readouterr().err
     settings = load_settings()
@@ -93,6 +96,9 @@ def test_fit_registers_a_preset_that_generate_uses_by_name(lmq_home, tmp_path, t
         preset = queries.get_preset(session, "tuned")
         fit_job = queries.get_job(session, preset.job_id)
         steps = [e.data for e in queries.job_events(session, fit_job.id) if e.type == "step"]
+        epochs = [e.data for e in queries.job_events(session, fit_job.id) if e.type == "epoch"]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert all(e["val_loss"] > 0 and e["checkpoint"] for e in epochs)
     assert preset.path == str(lmq_home / "presets" / "tuned")
     assert preset.architecture == "llama" and preset.parent == str(tiny_llama_preset)
     assert preset.details["training_examples"] == 12 and preset.details["steps"] == 6
