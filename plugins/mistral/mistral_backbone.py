@@ -3,7 +3,8 @@
 from core.layers import RotaryEmbedding
 from core.models.backbone import LLAMA_STYLE_LAYOUT, DecoderOnlyBackbone
 
-# KerasHub's config.json keys, in its order; each is kept as the attribute of that name.
+# KerasHub's config.json keys, in its order: the constructor's arguments, each kept as
+# the attribute of that name (``head_dim`` as resolved, which KerasHub reads the same).
 KERAS_HUB_CONFIG = (
     "vocabulary_size",
     "num_layers",
@@ -42,7 +43,7 @@ class MistralBackbone(DecoderOnlyBackbone):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        arguments = locals()
+        arguments = locals()  # the constructor's arguments by name
         for name in KERAS_HUB_CONFIG:
             setattr(self, name, arguments[name])
         self.head_dim = head_dim or hidden_dim // num_query_heads

@@ -1,4 +1,8 @@
-"""Converts transformers' ``MistralForCausalLM`` checkpoints (Llama's weight layout)."""
+"""Converts transformers' ``MistralForCausalLM`` checkpoints (Llama's weight layout).
+
+Unlike KerasHub 0.32's converter, which rounds every weight through float16, the
+checkpoint's values are kept as they are (transformers is the reference).
+"""
 
 from core.presets.transformers_import import convert_decoder_weights as convert_weights  # noqa: F401
 from core.presets.transformers_import import decoder_config, rope_settings
@@ -14,15 +18,12 @@ def backbone_config(hf_config):
     theta, rope_type, rope = rope_settings(hf_config)
     if rope_type not in ("default", "linear"):
         raise ValueError(f"Unsupported rope scaling {rope_type!r} in this checkpoint's config.json.")
-    config = decoder_config(hf_config)
-    head_dim = hf_config.get("head_dim")
-    default_head_dim = config["hidden_dim"] // config["num_query_heads"]
     return {
-        **config,
+        **decoder_config(hf_config),
         "rope_max_wavelength": theta,
         "rope_scaling_factor": rope["factor"] if rope_type == "linear" else 1.0,
         "sliding_window": hf_config.get("sliding_window"),
-        "head_dim": None if head_dim in (None, default_head_dim) else head_dim,
+        "head_dim": hf_config.get("head_dim"),
     }
 
 
