@@ -30,7 +30,7 @@ from core.store.presets import UnknownPreset, check_preset_name, locate_preset
 
 logger = logging.getLogger(__name__)
 
-JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+JOB_ID = re.compile(r"[0-9a-f]{32}")
 NDJSON = "application/x-ndjson"
 # Documented in OpenAPI beside each route's own answer (FastAPI adds the 422 itself).
 AUTH_ERRORS = {401: {"description": "a missing or unknown bearer token"}}
@@ -88,8 +88,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     earlier = queries.find_job_by_idempotency_key(session, tenant, idempotency_key)
                     if earlier is not None:
                         return replayed(response, earlier)
-                check_preset(session, settings, job.preset)
-                summary = queries.job_summary(create_job(session, job, tenant, idempotency_key))
+                preset = checked_preset(session, settings, job.preset)
+                summary = queries.job_summary(create_job(session, job, preset, tenant, idempotency_key))
         except IntegrityError:
             # The same key arrived twice at once: the request that wrote first made the job.
             if idempotency_key is None:
@@ -231,11 +231,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 # ---------------------------------------------------------------- helpers
 
 
-def create_job(session: Session, job, tenant: str, idempotency_key: str | None):
+def create_job(session: Session, job, preset: str, tenant: str, idempotency_key: str | None):
     if job.kind == JobKind.generate.value:
         return queries.create_generate_job(
             session,
-            preset=job.preset,
+            preset=preset,
             inputs=[item.model_dump(exclude_none=True) for item in job.inputs],
             params=schemas.job_params(job.params),
             tenant=tenant,
@@ -245,7 +245,7 @@ def create_job(session: Session, job, tenant: str, idempotency_key: str | None):
         raise HTTPException(409, detail=f"output_preset: preset {job.output_preset!r} already exists in the store")
     return queries.create_fit_job(
         session,
-        preset=job.preset,
+        preset=preset,
         training_data=[row.model_dump(exclude_none=True) for row in job.training_data],
         validation_data=[row.model_dump(exclude_none=True) for row in job.validation_data or []],
         hyperparameters=schemas.job_params(job.hyperparameters),
@@ -261,20 +261,25 @@ def replayed(response: Response, job) -> dict:
     return queries.job_summary(job)
 
 
-def check_preset(session: Session, settings: Settings, handle: str) -> None:
-    """4xx for a handle the workers could not load, or a path outside LMQ_PRESET_ROOTS.
+def checked_preset(session: Session, settings: Settings, handle: str) -> str:
+    """The preset a job records: the handle as given, but a local directory as its absolute path
+    (workers do not share the API's working directory).
 
-    One message for every refusal, so that a client cannot learn which
-    directories exist on the server.
+    A 4xx for a handle the workers could not load, or a path outside
+    LMQ_PRESET_ROOTS: one message for every refusal, so that a client cannot
+    learn which directories exist on the server.
     """
     try:
-        locate_preset(session, handle, local_roots=settings.preset_roots)
+        location = locate_preset(session, handle, local_roots=settings.preset_roots)
     except UnknownPreset:
         raise field_error(
             ("body", "preset"),
             f"preset {handle!r} is not in the preset store, not a built-in name, not an hf:// or "
             "kaggle:// handle, and not a directory under LMQ_PRESET_ROOTS",
         ) from None
+    if location == handle or (is_store_name(handle) and queries.get_preset(session, handle) is not None):
+        return handle
+    return location
 
 
 def field_error(location: tuple, message: str) -> RequestValidationError:
@@ -283,7 +288,7 @@ def field_error(location: tuple, message: str) -> RequestValidationError:
 
 def find_job(session: Session, job_id: str, tenant: str):
     """A malformed id is simply no job (and never reaches SQL)."""
-    return queries.get_job(session, job_id, tenant) if JOB_ID.match(job_id) else None
+    return queries.get_job(session, job_id, tenant) if JOB_ID.fullmatch(job_id) else None
 
 
 def require_job(session: Session, job_id: str, tenant: str):

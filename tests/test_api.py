@@ -4,6 +4,7 @@
 Tenants, 401, 404, every 4xx of a bad submission, idempotency, pagination."""
 
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -172,6 +173,9 @@ def test_accepted_presets_built_in_remote_and_under_the_roots(server, team_a):
     local = str(server.home / "presets" / "a-directory-preset")
     for preset in (BUILTIN, "hf://org/model", "kaggle://keras/llama2/keras/llama2_7b_en", local):
         assert submit(team_a, generate_body(preset, ["x"]))["preset"] == preset
+    # A directory is recorded as its absolute path, the one the workers will load.
+    roundabout = str(server.home / "presets" / "." / "a-directory-preset" / ".." / "a-directory-preset")
+    assert submit(team_a, generate_body(roundabout, ["x"]))["preset"] == str(Path(local).resolve())
 
 
 def test_store_presets_are_listed_usable_by_name_and_not_overwritten(server, team_a, postgres_url):
