@@ -18,11 +18,13 @@ import os
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import NoReturn
 
 from core.config import Settings, SettingsError, load_settings
 from core.store import JobKind, JobState, SchemaOutOfDate, queries, session_scope, sessions
+from core.store.db import database_exists
 from core.store.presets import UnknownPreset, check_preset_name, locate_preset, preset_architecture
 
 SAMPLERS = ("greedy", "top_k", "top_p", "random", "beam", "contrastive")
@@ -162,17 +164,19 @@ def create_job(settings: Settings, kind: str, args) -> str:
             if args.validation
             else None
         )
-    factory = open_store(settings)
-    with session_scope(factory) as session:
+    # Check against the store without creating it: bad input leaves no trace, not even a database.
+    existing = open_store(settings) if database_exists(settings) else None
+    with session_scope(existing) if existing else nullcontext() as session:
         try:
             locate_preset(session, args.preset)
         except UnknownPreset as error:
             raise BadInput(str(error)) from None
+        if kind == JobKind.fit.value and session and queries.get_preset(session, args.output_preset):
+            raise BadInput(f"preset {args.output_preset!r} already exists in the store")
+    with session_scope(existing or open_store(settings)) as session:
         if kind == JobKind.generate.value:
             job = queries.create_generate_job(session, preset=args.preset, inputs=inputs, params=params)
         else:
-            if queries.get_preset(session, args.output_preset) is not None:
-                raise BadInput(f"preset {args.output_preset!r} already exists in the store")
             job = queries.create_fit_job(
                 session,
                 preset=args.preset,

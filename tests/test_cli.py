@@ -38,9 +38,9 @@ def preset_dir(tmp_path):
     return str(directory)
 
 
-def no_jobs_written():
-    with session_scope(sessions(load_settings())) as session:
-        return queries.list_jobs(session) == []
+def nothing_written(home):
+    """Not a job, not even a database: bad input is refused before the store is touched."""
+    return not home.exists()
 
 
 @pytest.mark.parametrize(
@@ -65,7 +65,7 @@ def test_bad_generate_input_is_one_line_exit_2_and_writes_nothing(
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("lmq: error: ") and message in err
     assert out == "" and not output.exists()
-    assert no_jobs_written()
+    assert nothing_written(lmq_home)
 
 
 def test_unknown_preset_is_named(capsys, lmq_home, tmp_path, prompts):
@@ -73,7 +73,7 @@ def test_unknown_preset_is_named(capsys, lmq_home, tmp_path, prompts):
     code, _, err = run_cli(capsys, "generate", "--preset", "no-such-model", prompts, "-o", str(output))
     assert code == 2 and err.count("\n") == 1
     assert "unknown preset 'no-such-model'" in err
-    assert not output.exists() and no_jobs_written()
+    assert not output.exists() and nothing_written(lmq_home)
 
 
 def test_missing_input_file_is_named(capsys, lmq_home, tmp_path, preset_dir):
@@ -93,7 +93,7 @@ def test_bad_fit_input(capsys, lmq_home, tmp_path, preset_dir, extra, message):
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": "some text"}])
     code, _, err = run_cli(capsys, "fit", "--preset", preset_dir, train, *extra)
     assert code == 2 and err.count("\n") == 1 and message in err
-    assert no_jobs_written()
+    assert nothing_written(lmq_home)
 
 
 def test_fit_needs_text_lines(capsys, lmq_home, tmp_path, preset_dir):
@@ -108,6 +108,8 @@ def test_fit_refuses_an_existing_output_preset(capsys, lmq_home, tmp_path, prese
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": "some text"}])
     code, _, err = run_cli(capsys, "fit", "--preset", preset_dir, train, "--output-preset", "taken")
     assert code == 2 and "preset 'taken' already exists" in err
+    with session_scope(sessions(load_settings())) as session:
+        assert queries.list_jobs(session) == []
 
 
 def test_submit_and_worker_need_a_broker(capsys, lmq_home, prompts, preset_dir):
@@ -115,7 +117,7 @@ def test_submit_and_worker_need_a_broker(capsys, lmq_home, prompts, preset_dir):
     assert code == 2 and "LMQ_BROKER_URL is not set" in err
     code, _, err = run_cli(capsys, "worker")
     assert code == 2 and "LMQ_BROKER_URL is not set" in err
-    assert no_jobs_written()
+    assert nothing_written(lmq_home)
 
 
 def test_jobs_commands_read_the_store(capsys, lmq_home, prompts):
@@ -217,4 +219,4 @@ def test_an_output_in_a_missing_directory_is_refused_before_the_job(capsys, lmq_
     output = tmp_path / "missing" / "out.jsonl"
     code, _, err = run_cli(capsys, "generate", "--preset", preset_dir, prompts, "-o", str(output))
     assert code == 2 and "output directory" in err and "does not exist" in err
-    assert no_jobs_written()
+    assert nothing_written(lmq_home)

@@ -88,6 +88,13 @@ def ensure_schema(settings: Settings) -> None:
         )
 
 
+def database_exists(settings: Settings) -> bool:
+    """False only for an embedded SQLite file not created yet (a server database is assumed)."""
+    if not settings.database_url.startswith("sqlite:///"):
+        return True
+    return Path(settings.database_url.removeprefix("sqlite:///")).exists()
+
+
 _checked: set[str] = set()
 
 

@@ -41,9 +41,11 @@ def _is_builtin(handle: str) -> bool:
 
 
 def locate_preset(
-    session: Session, handle: str, *, local_roots: tuple[Path, ...] | None = None
+    session: Session | None, handle: str, *, local_roots: tuple[Path, ...] | None = None
 ) -> str:
     """Where `from_preset` should load `handle` from, or UnknownPreset naming why not.
+
+    `session` is None when there is no database yet, so no store names either.
 
     `local_roots` limits local directories to those roots (the API passes
     LMQ_PRESET_ROOTS so that a client cannot make the server read its files);
@@ -51,7 +53,7 @@ def locate_preset(
     """
     if not handle:
         raise UnknownPreset("no preset given")
-    stored = get_preset(session, handle) if _NAME.match(handle) else None
+    stored = get_preset(session, handle) if session is not None and _NAME.match(handle) else None
     if stored is not None:
         return stored.path
     if handle.startswith(REMOTE_SCHEMES) or _is_builtin(handle):
