@@ -67,6 +67,17 @@ class Architecture:
     def load_class(self, class_name):
         return import_path(self.class_paths[class_name])
 
+    def lazy_module_attributes(self, module_name):
+        """A module ``__getattr__``: ``from plugins.llama import LlamaCausalLM`` imports on first use,
+        so registering the plugin never imports keras."""
+
+        def __getattr__(name):
+            if name in self.class_paths:
+                return self.load_class(name)
+            raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
+
+        return __getattr__
+
     def load(self, role):
         """The class for ``role`` ("backbone", "tokenizer", "preprocessor", "task")."""
         return import_path(getattr(self, role))

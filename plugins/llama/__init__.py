@@ -20,8 +20,4 @@ def register_architectures(register):
     register(ARCHITECTURE)
 
 
-def __getattr__(name):
-    """``from plugins.llama import LlamaCausalLM`` without importing keras for the registry."""
-    if name in ARCHITECTURE.class_paths:
-        return ARCHITECTURE.load_class(name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = ARCHITECTURE.lazy_module_attributes(__name__)
