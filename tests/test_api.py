@@ -186,7 +186,7 @@ def test_store_presets_are_listed_usable_by_name_and_not_overwritten(server, tea
             architecture="llama", source=BUILTIN, details={"final_loss": 1.5},
         )
     listed = team_a.get("/v1/presets").json()["presets"]
-    assert [p["name"] for p in listed] == ["registered"]
+    assert "registered" in [p["name"] for p in listed]
     shown = team_a.get("/v1/presets/registered").json()
     assert (shown["architecture"], shown["source"], shown["details"]) == ("llama", BUILTIN, {"final_loss": 1.5})
     assert submit(team_a, generate_body("registered", ["x"]))["preset"] == "registered"
