@@ -14,6 +14,7 @@ import os
 import queue
 import socket
 import threading
+from functools import cached_property
 
 from core.config import Settings
 from core.store import JobState, queries, session_scope, sessions
@@ -27,10 +28,14 @@ class BrokerUnavailable(RuntimeError):
 
 class CeleryDispatch:
     def __init__(self, settings: Settings):
+        self.settings = settings
+
+    @cached_property
+    def app(self):
+        """Made at first use: importing Celery would add a third of a second to every start."""
         from workers.celery_app import make_celery
 
-        self.settings = settings
-        self.app = make_celery(settings)
+        return make_celery(settings=self.settings)
 
     def submit(self, job_id: str, kind: str) -> None:
         from workers.celery_app import enqueue_job
