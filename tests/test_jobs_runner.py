@@ -217,3 +217,25 @@ def test_long_jobs_are_planned_window_by_window(setup):
     # Sorted by length within each window of four inputs, never across windows.
     assert lm.batches == [["one", "four", "two words", "three little words"], ["seven", "five and six"]]
     assert [line["output"] for line in results(factory, job_id)[0]] == [p.upper() for p in PROMPTS]
+
+
+def test_a_duplicate_delivery_racing_a_live_run_writes_each_result_once(setup):
+    """Redis redelivers a job whose worker is slow, not dead: both runs go on, and
+    the job still ends with one result per input and exact counts."""
+    settings, factory, preset = setup
+    job_id = submit(factory, preset, PROMPTS)
+    duplicate = StandInLM()
+
+    def duplicate_runs_everything_after_the_first_batch(done, total):
+        if done == 2:
+            assert runner_for(settings, duplicate)[0].run(job_id) == "succeeded"
+
+    live = StandInLM()
+    runner, _ = runner_for(settings, live, on_progress=duplicate_runs_everything_after_the_first_batch)
+    assert runner.run(job_id) == "succeeded"
+    # The live run saw the job finished at its next check and stopped there.
+    assert len(live.batches) == 1 and len(duplicate.batches) == 2
+    lines, summary = results(factory, job_id)
+    assert [line["output"] for line in lines] == [p.upper() for p in PROMPTS]
+    assert summary["counts"] == {"total": 6, "completed": 6, "failed": 0}
+    assert summary["attempts"] == 2

@@ -85,7 +85,7 @@ def test_state_machine(store):
     with session_scope(store) as session:
         assert queries.request_cancel(session, queued).state == "cancelled"
         assert queries.request_cancel(session, running).state == "cancelling"
-        assert queries.cancel_requested(session, running)
+        assert queries.job_state(session, running) == "cancelling"
     with session_scope(store) as session:
         # Nothing runs a cancelled job, and a cancelling one is cancelled on pickup.
         assert queries.start_job(session, queued, "w2") is None

@@ -2,7 +2,7 @@
 
 Training changes weights, so a fit job loads its own copy of the base model
 instead of borrowing the pinned one. Each step records an event (step, loss,
-tokens/s) and checks for a cancel request; each epoch ends with a checkpoint
+tokens/s) and checks whether to stop (see `JobRunner.should_stop`); each epoch ends with a checkpoint
 of the weights under LMQ_HOME/checkpoints/<job id>. On success the model is
 saved with `save_to_preset` into the preset store and registered in SQL with
 its lineage. A redelivered fit job resumes from its last checkpoint (weights
@@ -39,7 +39,7 @@ class StepEvents(keras.callbacks.Callback):
         self.tokens_per_step = tokens_per_step
         self.step = first_step
         self.loss = None
-        self.cancelled = False
+        self.stopped = False
         self._last = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
@@ -58,12 +58,12 @@ class StepEvents(keras.callbacks.Callback):
                 tokens_per_second=round(self.tokens_per_step / seconds, 1) if seconds > 0 else None,
             )
             queries.set_progress(session, self.job_id, min(self.step / self.total_steps, 1.0))
-            self.cancelled = queries.cancel_requested(session, self.job_id)
-        if self.cancelled:
+        self.stopped = self.runner.should_stop(self.job_id)
+        if self.stopped:
             self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.cancelled:
+        if self.stopped:
             return
         save_checkpoint(self.model, self.checkpoint, epoch + 1)
         metrics = {name: float(value) for name, value in (logs or {}).items()}
@@ -144,8 +144,7 @@ def run_fit(runner, job_id: str) -> None:
         validation_data=validation or None,
         verbose=0,
     )
-    if steps.cancelled:
-        runner.finish(job_id, JobState.cancelled, steps=steps.step)
+    if steps.stopped:  # cancelled, or finished by a duplicate delivery
         return
     _save_and_register(runner, job_id, lm, preset, output, len(texts), steps)
     shutil.rmtree(checkpoint, ignore_errors=True)

@@ -99,8 +99,7 @@ class JobRunner:
                 max_tokens=self.settings.micro_batch_tokens,
                 new_tokens=params.get("max_new_tokens") or 0,
             ):
-                if self._cancel_requested(job_id):
-                    self.finish(job_id, JobState.cancelled)
+                if self.should_stop(job_id):
                     return
                 results = self._generate(job_id, lm, batch, arguments)
                 with session_scope(self.sessions) as session:
@@ -152,9 +151,14 @@ class JobRunner:
         with session_scope(self.sessions) as session:
             queries.add_event(session, job_id, type, **data)
 
-    def _cancel_requested(self, job_id: str) -> bool:
+    def should_stop(self, job_id: str) -> bool:
+        """Checked between micro-batches and fit steps: a cancel request is honoured
+        here, and a job that a duplicate delivery already finished is left alone."""
         with session_scope(self.sessions) as session:
-            return queries.cancel_requested(session, job_id)
+            state = queries.job_state(session, job_id)
+            if state == JobState.cancelling.value:
+                queries.finish_job(session, job_id, JobState.cancelled)
+            return state != JobState.running.value
 
     def finish(self, job_id: str, state: JobState, error: str | None = None, **details) -> None:
         with session_scope(self.sessions) as session:

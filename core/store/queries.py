@@ -226,9 +226,8 @@ def set_progress(session: Session, job_id: str, progress: float) -> None:
     session.execute(update(Job).where(Job.id == job_id).values(progress=progress))
 
 
-def cancel_requested(session: Session, job_id: str) -> bool:
-    state = session.scalar(select(Job.state).where(Job.id == job_id))
-    return state in (JobState.cancelling.value, JobState.cancelled.value)
+def job_state(session: Session, job_id: str) -> str | None:
+    return session.scalar(select(Job.state).where(Job.id == job_id))
 
 
 def request_cancel(session: Session, job_id: str) -> Job | None:
