@@ -4,6 +4,7 @@
 Tenants, 401, 404, every 4xx of a bad submission, idempotency, pagination."""
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -214,6 +215,17 @@ def test_an_idempotency_key_makes_a_resubmission_the_same_job(team_a, team_b):
     assert submit(team_a, generate_body(BUILTIN, ["once"]))["id"] != first["id"]
     too_long = team_a.post("/v1/jobs", json=generate_body(BUILTIN, ["x"]), headers={"Idempotency-Key": "k" * 129})
     assert too_long.status_code == 422
+
+
+def test_the_same_key_sent_at_once_makes_one_job(server):
+    def send(_):
+        with server.client({**TEAM_A, "Idempotency-Key": "raced"}) as client:
+            response = client.post("/v1/jobs", json=generate_body(BUILTIN, ["at once"]))
+        assert response.status_code == 202, response.text
+        return response.json()["id"]
+
+    with ThreadPoolExecutor(8) as pool:
+        assert len(set(pool.map(send, range(8)))) == 1
 
 
 def test_listing_filters_by_status_and_kind_and_pages_with_a_cursor(team_b):
