@@ -147,3 +147,16 @@ def test_stop_strings_and_stream_with_beam_search(lm):
     assert out.finish_reason == "stop" and stop not in out.text
     assert out.token_ids == free.token_ids[: len(out.token_ids)] and len(out.token_ids) < len(free.token_ids)
     assert seen == out.token_ids
+
+
+def test_length_groups_bound_the_padding():
+    from core.models.generation import length_groups
+
+    prompts = [[0] * n for n in (8, 128, 25, 42, 59, 76, 93, 110, 9, 8)]
+    groups = length_groups(prompts)
+    assert sorted(i for g in groups for i in g) == list(range(len(prompts)))
+    for group in groups:
+        lengths = [len(prompts[i]) for i in group]
+        assert max(lengths) * len(lengths) <= 1.25 * sum(lengths)
+    assert len(groups) < len(prompts)
+    assert length_groups([[0] * 32] * 8) == [list(range(8))]

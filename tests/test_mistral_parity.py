@@ -104,13 +104,14 @@ def test_greedy_tokens_match_for_batch_of_different_lengths(pair):
 def test_rolling_cache_stops_growing_at_the_window(pair):
     _, lm = pair
     backbone, window = lm.backbone, lm.backbone.sliding_window
-    cache = backbone.new_cache(batch_size=2, max_length=500)
+    width = len(PROMPTS[0])
+    cache = backbone.new_cache(batch_size=2, max_length=500, prompt_width=width)
     if window is None:
         assert type(cache) is KVCache and cache.max_length == 500
         return
     assert isinstance(cache, RollingKVCache)
+    assert cache.max_length == window + width - 1
     backbone.prefill(torch.tensor(right_padded(PROMPTS[:2])[0]), cache)
-    assert cache.max_length == window + len(PROMPTS[0]) - 1
 
 
 @pytest.mark.parametrize("sampler", ["greedy", "beam", "contrastive"])
@@ -122,7 +123,7 @@ def test_rolling_cache_gives_what_a_full_cache_gives(pair, sampler, monkeypatch)
     lm.compile(sampler=sampler)
     ids, mask = padded_for_generation(PROMPTS, 30)
     rolling = lm.generate({"token_ids": ids, "padding_mask": mask}, stop_token_ids=None)
-    monkeypatch.setattr("core.models.backbone.RollingKVCache", lambda *shape, window: KVCache(*shape))
+    monkeypatch.setattr("core.models.backbone.RollingKVCache", lambda *shape, **window: KVCache(*shape))
     full = lm.generate({"token_ids": ids, "padding_mask": mask}, stop_token_ids=None)
     lm.compile(sampler="greedy")
     assert rolling["token_ids"].tolist() == full["token_ids"].tolist()

@@ -30,10 +30,11 @@ class KVCache:
     def update(self, layer, keys, values, context):
         """Writes this step's keys/values [batch, heads, seq, dim]; returns what to attend to."""
         layer_keys, layer_values = self.keys[layer], self.values[layer]
-        if context.write_positions is None:  # prefill: positions [0, seq)
+        if context.write_positions is None:  # prefill: positions [0, seq) of ``cache_rows``
             length = keys.shape[2]
-            layer_keys[:, :, :length] = keys
-            layer_values[:, :, :length] = values
+            rows = slice(None) if context.cache_rows is None else context.cache_rows
+            layer_keys[rows, :, :length] = keys
+            layer_values[rows, :, :length] = values
             return keys, values
         # one new token per row, each row at its own position
         layer_keys[self._rows, :, context.write_positions] = keys[:, :, 0]
@@ -63,25 +64,17 @@ class RollingKVCache(KVCache):
 
     Position p lives in slot ``p % slots``: a long generation overwrites keys that
     have left every row's window, and each step reads at most ``slots`` keys.
-    The prefill fixes ``slots`` = window + prompt width - 1 (at most ``max_length``):
-    enough that the padding the prefill writes after a short prompt never
-    overwrites a key that row still sees (its own decode steps overwrite the padding).
+    ``slots`` = window + prompt width - 1 (at most ``max_length``): enough that the
+    padding the prefill writes after a short prompt never overwrites a key that
+    row still sees (its own decode steps overwrite the padding).
     """
 
-    def __init__(self, num_layers, batch_size, num_heads, max_length, head_dim, dtype, device, window):
+    def __init__(self, num_layers, batch_size, num_heads, max_length, head_dim, dtype, device, window, prompt_width):
         self.window = window
-        # Storage waits for the prefill, the first time the prompt width is known.
-        self._storage = (num_layers, batch_size, num_heads, max_length, head_dim, dtype, device)
-        self.keys = self.values = self.slot_positions = None
-
-    def update(self, layer, keys, values, context):
-        if self.keys is None:
-            num_layers, batch_size, num_heads, max_length, head_dim, dtype, device = self._storage
-            slots = min(max_length, self.window + keys.shape[2] - 1)
-            super().__init__(num_layers, batch_size, num_heads, slots, head_dim, dtype, device)
-            # Slots not written yet hold "their own" position, which causal masking hides.
-            self.slot_positions = torch.arange(slots, device=device).repeat(batch_size, 1)
-        return super().update(layer, keys, values, context)
+        slots = min(max_length, window + prompt_width - 1)
+        super().__init__(num_layers, batch_size, num_heads, slots, head_dim, dtype, device)
+        # Slots not written yet hold "their own" position, which causal masking hides.
+        self.slot_positions = torch.arange(slots, device=device).repeat(batch_size, 1)
 
     def select_rows(self, rows):
         super().select_rows(rows)
@@ -103,6 +96,7 @@ class AttentionContext:
     mask: torch.Tensor | None = None  # [batch, 1, seq, keys]: bool (True = attend) or additive
     is_causal: bool = False  # let SDPA build the causal mask (mask must be None)
     cache: KVCache | None = None
+    cache_rows: torch.Tensor | None = None  # prefill: the cache rows these prompts fill (default: all)
     write_positions: torch.Tensor | None = None  # [batch]: the cache slot of a one-token decode step
     key_length: int | None = None  # cache slots a decode step attends to
 

@@ -155,22 +155,36 @@ class DecoderOnlyBackbone(Backbone):
 
     # -- generation -----------------------------------------------------------------
 
-    def new_cache(self, batch_size, max_length):
-        """A cache of ``max_length`` slots, or a rolling one when the window is shorter."""
+    def new_cache(self, batch_size, max_length, prompt_width=None):
+        """A cache of ``max_length`` slots, or a rolling one when the window is shorter.
+
+        ``prompt_width`` (the longest prompt) lets a rolling cache stop at window + width - 1 slots.
+        """
         embeddings = self.token_embedding.embeddings.value
         shape = (len(self.transformer_layers), batch_size, self.num_key_value_heads, max_length, self.head_dim)
         if self.sliding_window and self.sliding_window < max_length:
-            return RollingKVCache(*shape, embeddings.dtype, embeddings.device, window=self.sliding_window)
+            return RollingKVCache(
+                *shape,
+                embeddings.dtype,
+                embeddings.device,
+                window=self.sliding_window,
+                prompt_width=prompt_width or max_length,
+            )
         return KVCache(*shape, embeddings.dtype, embeddings.device)
 
-    def prefill(self, token_ids, cache):
-        """Right-padded prompts [batch, seq] -> hidden states; fills cache slots [0, seq)."""
+    def prefill(self, token_ids, cache, rows=None):
+        """Right-padded prompts [batch, seq] -> hidden states; fills cache slots [0, seq).
+
+        ``rows`` (a tensor of cache rows) lets prompts be prefilled group by group.
+        """
         batch, length = token_ids.shape
         positions = torch.arange(length, device=token_ids.device).expand(batch, length)
         if self.sliding_window and length > self.sliding_window:
-            context = self._context(positions, mask=self.attention_mask(positions, positions), cache=cache)
+            context = self._context(
+                positions, mask=self.attention_mask(positions, positions), cache=cache, cache_rows=rows
+            )
         else:  # padding sits after every real token, so causal masking is enough
-            context = self._context(positions, is_causal=True, cache=cache)
+            context = self._context(positions, is_causal=True, cache=cache, cache_rows=rows)
         return self.hidden_states(token_ids, context)
 
     def decode(self, token_ids, positions, cache, key_length):

@@ -1,6 +1,6 @@
 """The token generation loop shared by every causal LM.
 
-Prompts of different lengths are right-padded and prefilled in one pass; after
+Prompts are right-padded and prefilled in groups of similar length; after
 that each row decodes at its own position, writing one slot of a preallocated
 KV cache per step. Rows stop on their own stop token, stop string or token
 limit; the loop ends when every row has stopped.
@@ -50,6 +50,41 @@ class DecodeResult:
     stop_string_hits: list  # rows that stopped on a stop string
 
 
+def length_groups(prompts, max_padding=0.25):
+    """Prompt indices in groups of similar length: each group pads at most ``max_padding`` more tokens."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    groups, group, tokens = [], [], 0
+    for i in order:
+        length = len(prompts[i])  # the longest so far: the group pads to it
+        if group and length * (len(group) + 1) > (1 + max_padding) * (tokens + length):
+            groups.append(group)
+            group, tokens = [], 0
+        group.append(i)
+        tokens += length
+    return groups + [group]
+
+
+def prefill_prompts(backbone, prompts, cache_length, pad_token_id):
+    """A new cache holding the prompts, and their hidden states [batch, width, hidden].
+
+    Prompts are prefilled in groups of similar length, so a ragged batch computes
+    little padding; hidden states past the end of a prompt mean nothing.
+    """
+    device = backbone.device
+    width = max(len(p) for p in prompts)
+    cache = backbone.new_cache(len(prompts), cache_length, prompt_width=width)
+    hidden = None
+    for group in length_groups(prompts):
+        group_width = max(len(prompts[i]) for i in group)
+        padded = [list(prompts[i]) + [pad_token_id] * (group_width - len(prompts[i])) for i in group]
+        rows = torch.tensor(group, device=device)
+        group_hidden = backbone.prefill(torch.tensor(padded, dtype=torch.long, device=device), cache, rows)
+        if hidden is None:
+            hidden = group_hidden.new_zeros(len(prompts), width, group_hidden.shape[-1])
+        hidden[rows, :group_width] = group_hidden
+    return cache, hidden
+
+
 @torch.inference_mode()
 def decode(
     backbone,
@@ -71,8 +106,6 @@ def decode(
     width = max(len(p) for p in prompts)
     cache_length = max(len(p) + limit for p, limit in zip(prompts, limits))
     max_steps = max(limits)
-    padded = [list(p) + [pad_token_id] * (width - len(p)) for p in prompts]
-    tokens = torch.tensor(padded, dtype=torch.long, device=device)  # [batch, width]
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     limit = torch.tensor(limits, device=device)
     stop_ids = torch.tensor(list(stop_token_ids), dtype=torch.long, device=device)
@@ -85,8 +118,7 @@ def decode(
     # ``done`` marks live rows that finished but have not been dropped yet.
     live = torch.arange(batch, device=device)[limit > 0]
     if max_steps > 0 and len(live):
-        cache = backbone.new_cache(batch, cache_length)
-        hidden = backbone.prefill(tokens, cache)  # [batch, width, hidden]
+        cache, hidden = prefill_prompts(backbone, prompts, cache_length, pad_token_id)
         logits = backbone.token_embedding.reverse(hidden[live, lengths[live] - 1])  # [live, vocab]
         if len(live) < batch:
             cache.select_rows(live)

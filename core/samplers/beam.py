@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.models.generation import DecodeResult
+from core.models.generation import DecodeResult, prefill_prompts
 from core.samplers.base import Sampler
 
 
@@ -51,16 +51,12 @@ class BeamSampler(Sampler):
         width = max(len(p) for p in prompts)
         cache_length = max(len(p) + limit for p, limit in zip(prompts, limits))
         prompt_lengths = torch.tensor([len(p) for p in prompts], device=device)
-        tokens = torch.tensor(
-            [list(p) + [pad_token_id] * (width - len(p)) for p in prompts], dtype=torch.long, device=device
-        )  # [batch, width]
         stop_ids = torch.tensor(list(stop_token_ids), dtype=torch.long, device=device)
         prompt_of_row = torch.arange(batch, device=device).repeat_interleave(beams)  # [rows]
         lengths = prompt_lengths[prompt_of_row]
         limit = torch.tensor(limits, device=device)[prompt_of_row]
 
-        cache = backbone.new_cache(batch, cache_length)
-        hidden = backbone.prefill(tokens, cache)  # [batch, width, hidden]
+        cache, hidden = prefill_prompts(backbone, prompts, cache_length, pad_token_id)  # [batch, width, hidden]
         last = hidden[torch.arange(batch, device=device), prompt_lengths - 1]  # [batch, hidden]
         logits = backbone.token_embedding.reverse(last)[prompt_of_row]  # [rows, vocab]
         cache.select_rows(prompt_of_row)

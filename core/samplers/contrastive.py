@@ -2,7 +2,7 @@
 
 import torch
 
-from core.models.generation import DecodeResult
+from core.models.generation import DecodeResult, prefill_prompts
 from core.samplers.base import Sampler
 
 
@@ -40,15 +40,11 @@ class ContrastiveSampler(Sampler):
         width = max(len(p) for p in prompts)
         cache_length = max(len(p) + limit for p, limit in zip(prompts, limits))
         lengths = torch.tensor([len(p) for p in prompts], device=device)
-        tokens = torch.tensor(
-            [list(p) + [pad_token_id] * (width - len(p)) for p in prompts], dtype=torch.long, device=device
-        )  # [batch, width]
         limit = torch.tensor(limits, device=device)
         stop_ids = torch.tensor(list(stop_token_ids), dtype=torch.long, device=device)
         rows = torch.arange(batch, device=device)
 
-        cache = backbone.new_cache(batch, cache_length)
-        hidden = backbone.prefill(tokens, cache)  # [batch, width, hidden]
+        cache, hidden = prefill_prompts(backbone, prompts, cache_length, pad_token_id)  # [batch, width, hidden]
         logits = backbone.token_embedding.reverse(hidden[rows, lengths - 1])  # [batch, vocab]
         k = min(self.k, logits.shape[-1])
         # Unit hidden states of every token so far, by position; cosine is then a dot product.
