@@ -4,6 +4,8 @@ preset that the next job uses by name."""
 
 import json
 
+import numpy as np
+
 import pytest
 from service_support import PROMPTS, read_results, reference, write_prompts
 
@@ -120,6 +122,29 @@ def test_fit_registers_a_preset_that_generate_uses_by_name(lmq_home, tmp_path, t
     tuned = CausalLM.from_preset("tuned")
     tuned.compile(sampler="greedy")
     assert tuned.generate(PROMPTS[:2], max_length=24) == [e["output"] for e in expected]
+
+
+def test_lora_fit_registers_a_merged_preset(lmq_home, tmp_path, tiny_llama_preset, capsys):
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": p}) + "\n" for p in PROMPTS * 2))
+    code = main(
+        ["fit", "--preset", str(tiny_llama_preset), str(train), "--output-preset", "adapted", "--lora-rank", "4",
+         "--epochs", "2", "--batch-size", "4", "--sequence-length", "24", "--learning-rate", "0.01"]
+    )
+    assert code == 0, capsys.readouterr().err
+    with session_scope(sessions(load_settings())) as session:
+        path = queries.get_preset(session, "adapted").path
+    from core.models import CausalLM
+
+    tuned, base = CausalLM.from_preset(path), CausalLM.from_preset(str(tiny_llama_preset))
+    ids = np.array([[1, 30, 31, 32]])
+    layer = lambda lm: lm.backbone.transformer_layers[0]  # noqa: E731
+    # Only the query and value projections changed (LoRA), and the preset is a plain model.
+    assert not np.allclose(layer(tuned).attention.query_kernel.numpy(), layer(base).attention.query_kernel.numpy())
+    assert np.array_equal(layer(tuned).attention.key_kernel.numpy(), layer(base).attention.key_kernel.numpy())
+    assert np.array_equal(layer(tuned).feedforward.gate_kernel.numpy(), layer(base).feedforward.gate_kernel.numpy())
+    assert not layer(tuned).attention.lora
+    assert not np.allclose(tuned.score(ids).numpy(), base.score(ids).numpy())
 
 
 class WorkerDied(BaseException):

@@ -246,3 +246,34 @@ def test_tokenizer_and_preprocessor_from_preset(tmp_path, spm_model):
         CausalLMPreprocessor.from_preset(str(tmp_path / "hf"))
     shutil.copy(spm_model, tmp_path / "hf" / "tokenizer.model")
     assert isinstance(CausalLMPreprocessor.from_preset(str(tmp_path / "hf")), LlamaCausalLMPreprocessor)
+
+
+def test_lora_trains_only_adapters_and_saves_a_plain_preset(tiny_lm, tmp_path):
+    import keras
+
+    backbone = tiny_lm.backbone
+    kernel_before = backbone.transformer_layers[0].attention.query_kernel.value.detach().clone()
+    ids, mask = _batch()
+    logits_before = tiny_lm.score(ids, mask)
+    backbone.enable_lora(4)
+    assert torch.equal(tiny_lm.score(ids, mask), logits_before)  # adapters start as a no-op
+    trainable = {v.path.split("/")[-1] for v in tiny_lm.trainable_variables}
+    assert trainable == {"query_lora_down", "query_lora_up", "value_lora_down", "value_lora_up"}
+    assert len(tiny_lm.trainable_variables) == 4 * backbone.num_layers
+
+    tiny_lm.compile(optimizer=keras.optimizers.Adam(1e-2))
+    history = tiny_lm.fit(x=["Return the number of items in a container."] * 8, batch_size=4, epochs=4, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    assert torch.equal(backbone.transformer_layers[0].attention.query_kernel.value, kernel_before)
+    tuned = tiny_lm.score(ids, mask)
+    assert not torch.allclose(tuned, logits_before)
+
+    tiny_lm.save_to_preset(tmp_path / "lora")
+    loaded = CausalLM.from_preset(str(tmp_path / "lora"))
+    assert not loaded.backbone.transformer_layers[0].attention.lora
+    assert (loaded.score(ids, mask) - tuned).abs().max() < 1e-5
+
+
+def test_lora_rank_must_be_positive(tiny_lm):
+    with pytest.raises(ValueError, match="rank"):
+        tiny_lm.backbone.enable_lora(0)

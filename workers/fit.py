@@ -112,10 +112,7 @@ def run_fit(runner, job_id: str) -> None:
     if params.get("sequence_length"):
         lm.preprocessor.sequence_length = params["sequence_length"]
     if params.get("lora_rank"):
-        enable_lora = getattr(lm.backbone, "enable_lora", None)
-        if enable_lora is None:
-            raise ValueError(f"lora_rank: {type(lm.backbone).__name__} does not support LoRA")
-        enable_lora(params["lora_rank"])
+        lm.backbone.enable_lora(params["lora_rank"])  # the saved preset has the adapters merged in
     lm.compile(optimizer=keras.optimizers.AdamW(learning_rate=params.get("learning_rate") or 2e-5))
 
     checkpoint = runner.settings.home / "checkpoints" / job_id

@@ -6,6 +6,7 @@ cache is one tensor per model, allocated once per ``generate`` call and written
 in place; attention itself is ``torch.nn.functional.scaled_dot_product_attention``.
 """
 
+import math
 from dataclasses import dataclass
 
 import keras
@@ -147,21 +148,48 @@ class CachedAttention(keras.layers.Layer):
         self.value_bias = bias("value_bias", (num_key_value_heads, d))
         self.output_kernel = kernel("output_kernel", (num_query_heads, d, hidden_dim))
         self.output_bias = bias("output_bias", (hidden_dim,))
+        self.lora = {}  # name -> (down [hidden, rank], up [rank, heads * head_dim]), see enable_lora
+        self.lora_scale = 1.0
         self.built = True
 
-    def _heads(self, x, kernel, bias):
-        """[batch, seq, hidden] -> [batch, heads, seq, head_dim]."""
-        w = kernel.value
+    def _heads(self, x, name):
+        """[batch, seq, hidden] -> [batch, heads, seq, head_dim] through ``{name}_kernel``."""
+        w = getattr(self, f"{name}_kernel").value
         y = x @ w.reshape(w.shape[0], -1)
+        if name in self.lora:
+            down, up = self.lora[name]
+            y = y + (x @ down.value) @ up.value * self.lora_scale
+        bias = getattr(self, f"{name}_bias")
         if bias is not None:
             y = y + bias.value.reshape(-1)
         return y.unflatten(-1, w.shape[1:]).transpose(1, 2)
 
+    def enable_lora(self, rank, alpha=None):
+        """Trainable low-rank updates of the query and value projections, as KerasHub's
+        ``enable_lora`` adds them; ``up`` starts at zero, so the output is unchanged at first."""
+        for name in ("query", "value"):
+            kernel = getattr(self, f"{name}_kernel")
+            down = self.add_weight(
+                shape=(kernel.shape[0], rank), initializer="he_uniform", name=f"{name}_lora_down"
+            )
+            up = self.add_weight(shape=(rank, math.prod(kernel.shape[1:])), initializer="zeros", name=f"{name}_lora_up")
+            self.lora[name] = (down, up)
+        self.lora_scale = (alpha or rank) / rank
+
+    def merged_lora_kernels(self):
+        """{id(kernel): the kernel with its low-rank update added}: what a saved preset holds."""
+        merged = {}
+        for name, (down, up) in self.lora.items():
+            kernel = getattr(self, f"{name}_kernel")
+            update = (down.value @ up.value * self.lora_scale).reshape(kernel.shape)
+            merged[id(kernel)] = kernel.value + update.to(kernel.value.dtype)
+        return merged
+
     def call(self, x, context, training=False):
         batch, seq, _ = x.shape
-        query = self._heads(x, self.query_kernel, self.query_bias)
-        key = self._heads(x, self.key_kernel, self.key_bias)
-        value = self._heads(x, self.value_kernel, self.value_bias)
+        query = self._heads(x, "query")
+        key = self._heads(x, "key")
+        value = self._heads(x, "value")
         if context.cos is not None:
             query = apply_rotary(query, context.cos, context.sin)
             key = apply_rotary(key, context.cos, context.sin)

@@ -60,6 +60,28 @@ class Backbone(KerasHubSerializable, keras.Model):
         """{path in KerasHub's model.weights.h5: variable}. Each architecture defines its layout."""
         raise NotImplementedError
 
+    def enable_lora(self, rank, alpha=None):
+        """Freezes every weight and adds trainable low-rank updates to the attention's query
+        and value projections (KerasHub's ``Backbone.enable_lora``). ``save_to_preset``
+        writes the updates merged into the kernels, so the preset is a plain model."""
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}.")
+        attention_layers = [layer for layer in self._flatten_layers() if isinstance(layer, CachedAttention)]
+        if not attention_layers:
+            raise ValueError(f"{type(self).__name__} has no layer that supports LoRA.")
+        for variable in self.variables:
+            variable.trainable = False
+        for layer in attention_layers:
+            layer.enable_lora(rank, alpha)
+
+    def weights_to_save(self):
+        """{path: value} for ``model.weights.h5``, with LoRA updates merged in."""
+        merged = {}
+        for layer in self._flatten_layers():
+            if isinstance(layer, CachedAttention):
+                merged.update(layer.merged_lora_kernels())
+        return {path: merged.get(id(v), v.value) for path, v in self.keras_hub_weights().items()}
+
     @property
     def device(self):
         return self.token_embedding.embeddings.value.device

@@ -55,8 +55,8 @@ def load_weights(backbone, path):
 
 def save_weights(backbone, path):
     with h5py.File(path, "w") as h5_file:
-        for name, variable in backbone.keras_hub_weights().items():
-            value = keras.ops.convert_to_numpy(variable.value)
+        for name, value in backbone.weights_to_save().items():
+            value = keras.ops.convert_to_numpy(value)
             dataset = h5_file.create_dataset(name, data=value)
             if value.dtype == ml_dtypes.bfloat16:
                 dataset.attrs["dtype"] = "bfloat16"
