@@ -5,7 +5,6 @@ preset that the next job uses by name."""
 import json
 
 import numpy as np
-
 import pytest
 from service_support import PROMPTS, read_results, reference, write_prompts
 
