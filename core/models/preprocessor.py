@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from core.models.serialization import KerasHubSerializable, deserialize
+from core.models.serialization import KerasHubSerializable, deserialize, layer_config
 
 
 class Preprocessor(KerasHubSerializable):
@@ -21,16 +21,8 @@ class Preprocessor(KerasHubSerializable):
 
     def base_config(self):
         return {
-            "name": self.name,
-            "trainable": True,
-            "dtype": {
-                "module": "keras",
-                "class_name": "DTypePolicy",
-                "config": {"name": "float32"},
-                "registered_name": None,
-            },
+            **layer_config(self.name, "float32", self.config_file),
             "tokenizer": self.tokenizer.serialize(),
-            "config_file": self.config_file,
         }
 
     @classmethod

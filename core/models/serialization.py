@@ -14,6 +14,12 @@ def snake_case(name):
     return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()
 
 
+def layer_config(name, dtype, config_file):
+    """The keys KerasHub writes for every tokenizer and preprocessor layer."""
+    policy = {"module": "keras", "class_name": "DTypePolicy", "config": {"name": dtype}, "registered_name": None}
+    return {"name": name, "trainable": True, "dtype": policy, "config_file": config_file}
+
+
 class KerasHubSerializable:
     @classmethod
     def default_name(cls):

@@ -9,7 +9,7 @@ import pathlib
 
 import sentencepiece
 
-from core.models.serialization import KerasHubSerializable
+from core.models.serialization import KerasHubSerializable, layer_config
 
 TOKENIZER_ASSET_DIR = "assets/tokenizer"
 
@@ -78,17 +78,7 @@ class Tokenizer(KerasHubSerializable):
         return self.tokenize(inputs)
 
     def base_config(self):
-        return {
-            "name": self.name,
-            "trainable": True,
-            "dtype": {
-                "module": "keras",
-                "class_name": "DTypePolicy",
-                "config": {"name": "int32"},
-                "registered_name": None,
-            },
-            "config_file": self.config_file,
-        }
+        return layer_config(self.name, "int32", self.config_file)
 
 
 class SentencePieceTokenizer(Tokenizer):
