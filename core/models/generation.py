@@ -29,12 +29,17 @@ class StopStrings:
         self.tokenizer = tokenizer
         self.stops = [s for s in stops if s]
         self.special = set(tokenizer.special_token_ids)
+        # A stop string that the newest token completes lies within this many last
+        # tokens (a token is at least a byte, a character at most 4 bytes).
+        self.tail = 4 * max((len(s) for s in self.stops), default=0) + 8
 
     def text(self, token_ids):
         return self.tokenizer.detokenize([t for t in token_ids if t not in self.special])
 
     def found(self, token_ids):
-        text = self.text(token_ids)
+        """Whether the completion so far holds a stop string; called after every new
+        token, so only the tail needs decoding."""
+        text = self.text(token_ids[-self.tail :])
         return any(stop in text for stop in self.stops)
 
     def cut(self, text):
@@ -47,7 +52,6 @@ class StopStrings:
 class DecodeResult:
     completions: list  # list of lists of ids
     finish_reasons: list
-    stop_string_hits: list  # rows that stopped on a stop string
 
 
 def length_groups(prompts, max_padding=0.25):
@@ -113,7 +117,6 @@ def decode(
     generated = torch.full((batch, max(max_steps, 1)), pad_token_id, dtype=torch.long, device=device)
     counts = torch.zeros(batch, dtype=torch.long, device=device)
     stopped = torch.zeros(batch, dtype=torch.bool, device=device)
-    string_hits = set()
     # ``live`` maps the rows still in the batch (and the cache) to prompt indices;
     # ``done`` marks live rows that finished but have not been dropped yet.
     live = torch.arange(batch, device=device)[limit > 0]
@@ -133,7 +136,7 @@ def decode(
         done = done | hit_stop | (counts[live] >= limit[live])
         if stream is not None or stop_strings is not None:
             done = _per_row_checks(
-                step, live, next_tokens, done, stopped, generated, counts, stream, stop_strings, string_hits
+                step, live, next_tokens, done, stopped, generated, counts, stream, stop_strings
             )
         finished = int(done.sum())
         if finished == len(live):
@@ -152,11 +155,10 @@ def decode(
     return DecodeResult(
         completions=[generated_list[i][: counts_list[i]] for i in range(batch)],
         finish_reasons=["stop" if stopped_list[i] else "length" for i in range(batch)],
-        stop_string_hits=sorted(string_hits),
     )
 
 
-def _per_row_checks(step, live, next_tokens, done, stopped, generated, counts, stream, stop_strings, hits):
+def _per_row_checks(step, live, next_tokens, done, stopped, generated, counts, stream, stop_strings):
     """Python work per row, paid only when a caller asked for streaming or stop strings."""
     rows, tokens = live.tolist(), next_tokens.tolist()
     count_list, done_list = counts.tolist(), done.tolist()
@@ -169,7 +171,6 @@ def _per_row_checks(step, live, next_tokens, done, stopped, generated, counts, s
             if stop_strings.found(generated[row, : count_list[row]].tolist()):
                 done_list[index] = True
                 stopped[row] = True
-                hits.add(row)
     return torch.tensor(done_list, device=done.device)
 
 
@@ -185,7 +186,6 @@ def _after_search(result, stop_strings, stream):
             if end is not None:
                 result.completions[row] = completion = completion[:end]
                 result.finish_reasons[row] = "stop"
-                result.stop_string_hits.append(row)
         if stream is not None:
             for token in completion:
                 stream(row, token)

@@ -123,7 +123,6 @@ class BeamSampler(Sampler):
         return BeamSearchResult(
             completions=[ids[b] for ids, b in zip(completions, best)],
             finish_reasons=[r[b] for r, b in zip(reasons, best)],
-            stop_string_hits=[],
             beams=all_beams if self.return_all_beams else None,
         )
 

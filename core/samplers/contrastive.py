@@ -36,7 +36,7 @@ class ContrastiveSampler(Sampler):
         batch = len(prompts)
         max_steps = max(limits)
         if max_steps <= 0:
-            return DecodeResult([[] for _ in prompts], ["length"] * batch, [])
+            return DecodeResult([[] for _ in prompts], ["length"] * batch)
         width = max(len(p) for p in prompts)
         cache_length = max(len(p) + limit for p, limit in zip(prompts, limits))
         lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -89,7 +89,6 @@ class ContrastiveSampler(Sampler):
         return DecodeResult(
             completions=[generated_list[i][: counts_list[i]] for i in range(batch)],
             finish_reasons=["stop" if stopped_list[i] else "length" for i in range(batch)],
-            stop_string_hits=[],
         )
 
     def get_config(self):
