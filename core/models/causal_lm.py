@@ -174,7 +174,6 @@ class CausalLM(Task):
             _limits(prompts, max_length, max_new_tokens),
             self.sampler,
             stop_token_ids=self._stop_ids(stop_token_ids),
-            pad_token_id=int(token_ids[0, -1]) if not padding_mask[0, -1] else 0,
             generator=self._generator(seed),
             stream=stream,
         )
