@@ -1,8 +1,7 @@
 """Tokenizers: strings <-> token ids, special tokens, and the files a preset keeps.
 
-``SentencePieceTokenizer`` wraps the ``sentencepiece`` package (Llama, Mistral,
-Phi-3); ``BytePairTokenizer`` wraps the ``tokenizers`` package (Falcon, Bart).
-Both keep KerasHub's constructor arguments, config and asset file names.
+``SentencePieceTokenizer`` wraps the ``sentencepiece`` package (Llama, Mistral)
+and keeps KerasHub's constructor arguments, config and asset file names.
 """
 
 import pathlib
