@@ -66,10 +66,11 @@ def main() -> None:
     parser.add_argument("--text-chars", type=int, default=500_000)
     args = parser.parse_args()
 
+    import core  # noqa: F401  (before keras: it picks the torch backend)
+
     import keras
     import sentencepiece
 
-    import core  # noqa: F401  (keras on torch)
     from plugins.llama import LlamaBackbone, LlamaCausalLM, LlamaCausalLMPreprocessor, LlamaTokenizer
 
     paragraphs = docstring_paragraphs(args.text_chars)
