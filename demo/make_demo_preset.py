@@ -7,7 +7,7 @@ Steps: train a SentencePiece vocabulary on the docstrings, save a randomly
 initialised Llama as the base preset, run `lmq fit` on the docstrings, copy
 the result to demo/stdlib-tiny-llama/.
 
-    python demo/make_demo_preset.py            # a few minutes on two CPU cores
+    python demo/make_demo_preset.py            # about 7 minutes on two CPU cores
 """
 
 import argparse
@@ -62,7 +62,7 @@ def docstring_paragraphs(limit_chars: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=str(HERE / "stdlib-tiny-llama"))
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--text-chars", type=int, default=500_000)
     args = parser.parse_args()
 
