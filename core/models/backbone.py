@@ -34,6 +34,8 @@ def dtype_name(dtype):
 
 
 class Backbone(KerasHubSerializable, keras.Model):
+    """Subclasses define ``keras_hub_weights()``: {path in KerasHub's model.weights.h5: variable}."""
+
     config_file = "config.json"
 
     def __init__(self, dtype=None, name=None, trainable=True, **kwargs):
@@ -55,10 +57,6 @@ class Backbone(KerasHubSerializable, keras.Model):
         from core.presets import load_backbone
 
         return load_backbone(preset, cls=cls, load_weights=load_weights, **kwargs)
-
-    def keras_hub_weights(self):
-        """{path in KerasHub's model.weights.h5: variable}. Each architecture defines its layout."""
-        raise NotImplementedError
 
     def enable_lora(self, rank, alpha=None):
         """Freezes every weight and adds trainable low-rank updates to the attention's query

@@ -24,9 +24,6 @@ class Sampler:
     def next_token(self, logits, generator=None):
         return self.get_next_token(self.compute_probabilities(logits), generator)
 
-    def get_next_token(self, probabilities, generator=None):
-        raise NotImplementedError
-
     def get_config(self):
         return {"temperature": self.temperature}
 
