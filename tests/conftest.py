@@ -6,7 +6,6 @@ machine without them they skip and say why.
 """
 
 import os
-import sys
 
 import pytest
 
@@ -64,48 +63,20 @@ def service_env(lmq_home, postgres_url, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_llama_preset(tmp_path_factory):
     """A tiny random Llama preset directory with a real SentencePiece vocabulary."""
-    import inspect
-
-    import sentencepiece
-
     from plugins.llama import (
         LlamaBackbone,
         LlamaCausalLM,
         LlamaCausalLMPreprocessor,
         LlamaTokenizer,
     )
+    from tests.model_support import train_sentencepiece
 
     root = tmp_path_factory.mktemp("tiny-llama")
-    lines = [
-        line.strip()
-        for module in (os, sys, inspect, pytest)
-        for line in (inspect.getdoc(module) or "").splitlines()
-        + [
-            line
-            for _, member in inspect.getmembers(module)
-            for line in (inspect.getdoc(member) or "").splitlines()[:3]
-        ]
-        if line.strip()
-    ]
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(lines[:2000]))
-    sentencepiece.SentencePieceTrainer.train(
-        input=str(corpus),
-        model_prefix=str(root / "spm"),
-        vocab_size=512,  # 256 byte pieces for byte_fallback, the rest merges
-        character_coverage=0.99,
-        model_type="bpe",
-        byte_fallback=True,
-        pad_id=-1,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        minloglevel=2,
-    )
+    spm_model = train_sentencepiece(root, vocab_size=512)
     import keras
 
     keras.utils.set_random_seed(7)
-    tokenizer = LlamaTokenizer(proto=str(root / "spm.model"))
+    tokenizer = LlamaTokenizer(proto=spm_model)
     backbone = LlamaBackbone(
         vocabulary_size=tokenizer.vocabulary_size(),
         num_layers=2,
