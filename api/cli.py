@@ -71,8 +71,10 @@ def read_jsonl(path: str, field: str) -> list[dict]:
             raise BadInput(f"{name} line {number}: not valid JSON ({error.msg})") from None
         if not isinstance(row, dict):
             raise BadInput(f"{name} line {number}: expected a JSON object, got {type(row).__name__}")
-        if not isinstance(row.get(field), str):
-            raise BadInput(f"{name} line {number}: missing string field {field!r}")
+        if field not in row:
+            raise BadInput(f"{name} line {number}: missing field {field!r}")
+        if not isinstance(row[field], str):
+            raise BadInput(f"{name} line {number}: {field!r} must be a string, got {type(row[field]).__name__}")
         rows.append(row)
     if not rows:
         raise BadInput(f"{name} has no inputs")

@@ -48,7 +48,8 @@ def nothing_written(home):
     [
         (['{"prompt": "ok"}', '{"prompt": "broken'], [], "in.jsonl line 2: not valid JSON"),
         (['{"prompt": "ok"}', "[1, 2]"], [], "in.jsonl line 2: expected a JSON object, got list"),
-        (['{"custom_id": "x"}'], [], "in.jsonl line 1: missing string field 'prompt'"),
+        (['{"custom_id": "x"}'], [], "in.jsonl line 1: missing field 'prompt'"),
+        (['{"custom_id": "x", "prompt": 5}'], [], "in.jsonl line 1: 'prompt' must be a string, got int"),
         ([], [], "in.jsonl has no inputs"),
         (['{"prompt": "ok"}'], ["--max-length", "0"], "--max-length must be at least 1, got 0"),
         (['{"prompt": "ok"}'], ["--max-new-tokens", "-3"], "--max-new-tokens must be at least 1"),
@@ -99,7 +100,7 @@ def test_bad_fit_input(capsys, lmq_home, tmp_path, preset_dir, extra, message):
 def test_fit_needs_text_lines(capsys, lmq_home, tmp_path, preset_dir):
     train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "not text"}])
     code, _, err = run_cli(capsys, "fit", "--preset", preset_dir, train, "--output-preset", "x")
-    assert code == 2 and "missing string field 'text'" in err
+    assert code == 2 and "missing field 'text'" in err
 
 
 def test_fit_refuses_an_existing_output_preset(capsys, lmq_home, tmp_path, preset_dir):
