@@ -81,6 +81,34 @@ def random_hf_llama(seed=0, **overrides):
     return model
 
 
+def random_transformers_lm(model_cls, config, seed):
+    """A transformers model with random weights that generates without an end token."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def transformers_pair(hf, directory):
+    """(transformers model, lmq task loaded from its save_pretrained directory, greedy)."""
+    from core.models import CausalLM
+
+    hf.save_pretrained(directory)
+    lm = CausalLM.from_preset(str(directory))
+    lm.compile(sampler="greedy")
+    return hf, lm
+
+
+def padded_for_generation(prompts, new):
+    """Right-padded prompts with room for ``new`` tokens after the longest."""
+    ids, mask = right_padded(prompts)
+    room = ((0, 0), (0, max(len(p) for p in prompts) + new - ids.shape[1]))
+    return np.pad(ids, room), np.pad(mask, room)
+
+
 def right_padded(rows, pad=0):
     width = max(len(r) for r in rows)
     ids = np.full((len(rows), width), pad, dtype="int64")
@@ -89,3 +117,62 @@ def right_padded(rows, pad=0):
         ids[i, : len(row)] = row
         mask[i, : len(row)] = True
     return ids, mask
+
+
+def skeleton(value):
+    """A JSON value with its leaves dropped, class names kept: what must match KerasHub's."""
+    if isinstance(value, dict):
+        names = ("class_name", "registered_name", "module")
+        return {key: value[key] if key in names else skeleton(item) for key, item in value.items()}
+    return None
+
+
+def datasets(path):
+    """{dataset path: (shape, dtype)} of an HDF5 file."""
+    import h5py
+
+    found = {}
+    with h5py.File(path) as h5_file:
+        h5_file.visititems(
+            lambda name, item: found.update({name: (item.shape, item.dtype)}) if isinstance(item, h5py.Dataset) else None
+        )
+    return found
+
+
+def assert_keras_hub_structure(ours, reference):
+    """Same files, JSON keys (nested), class names and modules, parameter count and weight
+    paths/shapes/dtypes as the preset KerasHub saved in ``reference``."""
+    files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.suffix != ".npy")
+    assert files(ours) == files(reference)
+    for name in ("config.json", "task.json", "preprocessor.json", "tokenizer.json", "metadata.json"):
+        saved, expected = (json.loads((d / name).read_text()) for d in (ours, reference))
+        assert skeleton(saved) == skeleton(expected), name
+    count = lambda d: json.loads((d / "metadata.json").read_text())["parameter_count"]
+    assert count(ours) == count(reference)
+    assert datasets(ours / "model.weights.h5") == datasets(reference / "model.weights.h5")
+
+
+def hf_greedy(hf, prompts, new):
+    """transformers' greedy completions ([new] ids each); it pads a batch on the left."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = np.zeros((len(prompts), width), dtype="int64")
+    mask = np.zeros_like(ids)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt) :] = prompt
+        mask[i, width - len(prompt) :] = 1
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False, max_new_tokens=new
+        )
+    return out[:, width:].tolist()
+
+
+def lmq_greedy(lm, prompts, new):
+    """lmq's greedy completions ([new] ids each) of right-padded prompts, generated on token ids."""
+    ids, mask = right_padded(prompts)
+    room = ((0, 0), (0, new))
+    out = lm.generate({"token_ids": np.pad(ids, room), "padding_mask": np.pad(mask, room)}, stop_token_ids=None)
+    return [row[len(p) : len(p) + new].tolist() for row, p in zip(out["token_ids"], prompts)]
+

@@ -6,7 +6,7 @@ import pytest
 from core.models import CausalLM
 from tests.model_support import FIXTURES, fixture_expected
 
-CAUSAL_FIXTURES = ["llama", "mistral"]
+CAUSAL_FIXTURES = ["llama", "mistral", "phi3"]
 
 
 @pytest.fixture(scope="module", params=CAUSAL_FIXTURES)

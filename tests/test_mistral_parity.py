@@ -4,14 +4,18 @@ Same weights, same logits, same greedy tokens, including generations that run
 far past the window (where lmq's rolling KV cache overwrites old keys).
 """
 
-import numpy as np
 import pytest
 import torch
 
 from core.layers import KVCache, RollingKVCache
-from core.models import CausalLM
 from plugins.mistral import MistralCausalLM
-from tests.model_support import right_padded
+from tests.model_support import (
+    hf_greedy,
+    padded_for_generation,
+    random_transformers_lm,
+    right_padded,
+    transformers_pair,
+)
 
 SIZES = dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 CONFIGS = {
@@ -34,28 +38,14 @@ def random_hf_mistral(seed, **overrides):
     from transformers import MistralConfig, MistralForCausalLM
 
     config = MistralConfig(**SIZES, initializer_range=0.15, rms_norm_eps=1e-5, attn_implementation="eager", **overrides)
-    torch.manual_seed(seed)
-    model = MistralForCausalLM(config).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return random_transformers_lm(MistralForCausalLM, config, seed)
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def pair(request, tmp_path_factory):
     """(transformers model, lmq task loaded from its save_pretrained directory)."""
     hf = random_hf_mistral(seed=len(request.param), **CONFIGS[request.param])
-    directory = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(directory)
-    lm = CausalLM.from_preset(str(directory))
-    lm.compile(sampler="greedy")
-    return hf, lm
-
-
-def padded_for_generation(prompts, new):
-    ids, mask = right_padded(prompts)
-    room = ((0, 0), (0, max(len(p) for p in prompts) + new - ids.shape[1]))
-    return np.pad(ids, room), np.pad(mask, room)
+    return transformers_pair(hf, tmp_path_factory.mktemp(request.param))
 
 
 def test_loads_as_mistral_with_its_window(pair):
@@ -87,14 +77,8 @@ def test_greedy_tokens_match_far_past_the_window(pair):
 def test_greedy_tokens_match_for_batch_of_different_lengths(pair):
     """transformers pads on the left for generation; lmq takes right-padded prompts."""
     hf, lm = pair
-    new, width = 40, max(len(p) for p in PROMPTS)
-    left = np.zeros((len(PROMPTS), width), dtype="int64")
-    for i, prompt in enumerate(PROMPTS):
-        left[i, width - len(prompt) :] = prompt
-    with torch.no_grad():
-        reference = hf.generate(
-            torch.tensor(left), attention_mask=torch.tensor(left != 0).long(), do_sample=False, max_new_tokens=new
-        )[:, width:].tolist()
+    new = 40
+    reference = hf_greedy(hf, PROMPTS, new)
     ids, mask = padded_for_generation(PROMPTS, new)
     out = lm.generate({"token_ids": ids, "padding_mask": mask}, stop_token_ids=None, max_new_tokens=new)
     for i, prompt in enumerate(PROMPTS):

@@ -2,14 +2,13 @@
 
 import json
 
-import h5py
 import pytest
 import torch
 
 from core.models import CausalLM
 from core.plugins import get_registry
 from plugins.mistral import MistralBackbone, MistralCausalLM, MistralCausalLMPreprocessor, MistralTokenizer
-from tests.model_support import FIXTURES, right_padded
+from tests.model_support import FIXTURES, assert_keras_hub_structure, right_padded
 
 KERAS_HUB_PRESET = FIXTURES / "mistral"
 
@@ -23,36 +22,10 @@ def fresh_lm():
     return MistralCausalLM(backbone, MistralCausalLMPreprocessor(tokenizer, sequence_length=24))
 
 
-def skeleton(value):
-    """A JSON value with its leaves dropped, class names kept: what must match KerasHub's."""
-    if isinstance(value, dict):
-        names = ("class_name", "registered_name", "module")
-        return {key: value[key] if key in names else skeleton(item) for key, item in value.items()}
-    return None
-
-
-def datasets(path):
-    """{dataset path: (shape, dtype)} of an HDF5 file."""
-    found = {}
-    with h5py.File(path) as h5_file:
-        h5_file.visititems(
-            lambda name, item: found.update({name: (item.shape, item.dtype)}) if isinstance(item, h5py.Dataset) else None
-        )
-    return found
-
-
 def test_saved_preset_has_keras_hub_structure(fresh_lm, tmp_path):
     """Same files, JSON keys (nested), class names and modules, weight paths/shapes/dtypes as KerasHub's preset."""
-    ours = tmp_path / "preset"
-    fresh_lm.save_to_preset(ours)
-    files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.suffix != ".npy")
-    assert files(ours) == files(KERAS_HUB_PRESET)
-    for name in ("config.json", "task.json", "preprocessor.json", "tokenizer.json", "metadata.json"):
-        saved, reference = (json.loads((d / name).read_text()) for d in (ours, KERAS_HUB_PRESET))
-        assert skeleton(saved) == skeleton(reference), name
-    metadata = json.loads((ours / "metadata.json").read_text())
-    assert metadata["parameter_count"] == json.loads((KERAS_HUB_PRESET / "metadata.json").read_text())["parameter_count"]
-    assert datasets(ours / "model.weights.h5") == datasets(KERAS_HUB_PRESET / "model.weights.h5")
+    fresh_lm.save_to_preset(tmp_path / "preset")
+    assert_keras_hub_structure(tmp_path / "preset", KERAS_HUB_PRESET)
 
 
 def test_fixture_round_trip_keeps_window_and_logits(tmp_path):

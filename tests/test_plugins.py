@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -95,7 +96,9 @@ LIST = """
 
 def test_entry_points_register_builtin_and_third_party_without_keras(site, tmp_path):
     found = run_python(LIST, site, tmp_path)
-    assert found["architectures"] == {"llama": "llama", "mistral": "mistral", "example": "example"}
+    builtin = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["lmq.plugins"]
+    assert {"llama", "mistral", "phi3"} <= builtin.keys()
+    assert found["architectures"] == {**{name: name for name in builtin}, "example": "example"}
     assert found["heavy"] == []
 
 

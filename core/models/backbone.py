@@ -162,9 +162,10 @@ class DecoderOnlyBackbone(Backbone):
             allowed &= distance < self.sliding_window
         return allowed
 
-    def _context(self, positions, **kwargs):
+    def _context(self, positions, long_context=False, **kwargs):
+        """``long_context`` picks longrope's long factors (see ``RotaryEmbedding``)."""
         dtype = self.token_embedding.embeddings.value.dtype
-        cos, sin = self.rotary.cos_sin(positions, dtype) if self.rotary else (None, None)
+        cos, sin = self.rotary.cos_sin(positions, dtype, long_context) if self.rotary else (None, None)
         return AttentionContext(cos=cos, sin=sin, **kwargs)
 
     def hidden_states(self, token_ids, context, training=False):

@@ -1,0 +1,151 @@
+"""Phi3Backbone: KerasHub's arguments and defaults on lmq's shared decoder blocks, with longrope.
+
+Longrope ("su") follows transformers 5, not KerasHub 0.32. Both use the long factors
+once the sequence is longer than ``pretraining_sequence_length``; transformers decides
+per forward pass by the batch's longest sequence (max position + 1) and, when a
+generation first grows past that length, recomputes the whole KV cache with the long
+factors. KerasHub decides by the length of each call's input, so its cached decoding
+(one token per call) always uses the short factors.
+"""
+
+import torch
+
+from core.layers import KVCache, RotaryEmbedding
+from core.models.backbone import DecoderOnlyBackbone
+
+# KerasHub's config.json keys, in its order: the constructor's arguments, each kept as
+# the attribute of that name.
+KERAS_HUB_CONFIG = (
+    "vocabulary_size",
+    "num_layers",
+    "num_query_heads",
+    "hidden_dim",
+    "intermediate_dim",
+    "num_key_value_heads",
+    "layer_norm_epsilon",
+    "dropout",
+    "max_sequence_length",
+    "pretraining_sequence_length",
+    "rope_max_wavelength",
+    "rope_scaling_type",
+    "rope_scaling_short_factor",
+    "rope_scaling_long_factor",
+)
+
+
+class LongRopeKVCache(KVCache):
+    """A KV cache that also keeps the token ids it holds, so that a generation growing
+    past the pretraining length can recompute every layer's keys with the long factors."""
+
+    def __init__(self, *shape, prompt_width, long_context):
+        super().__init__(*shape)
+        _, batch_size, _, max_length = shape[:4]
+        self.token_ids = torch.zeros((batch_size, max_length), dtype=torch.long, device=self.keys.device)
+        self.prompt_width = prompt_width
+        self.long_context = long_context
+
+    def select_rows(self, rows):
+        super().select_rows(rows)
+        self.token_ids = self.token_ids[rows]
+
+
+class Phi3Backbone(DecoderOnlyBackbone):
+    """Phi-3: Llama's decoder block (RMSNorm pre-norm, grouped-query attention, SwiGLU).
+
+    ``rope_scaling_type="su"`` (transformers' "longrope") divides the rotary frequencies by
+    ``rope_scaling_short_factor`` or ``rope_scaling_long_factor`` (one per frequency) and
+    scales cos/sin by sqrt(1 + log(max / pretraining length) / log(pretraining length)).
+    ``sliding_window`` is not KerasHub's: transformers' Phi-3 checkpoints may set one.
+    """
+
+    keras_hub_layout = {
+        "block": "phi3_decoder",
+        "attention": "attention",
+        "query": "query_dense",
+        "key": "key_dense",
+        "value": "value_dense",
+        "output": "output_dense",
+        "attention_norm": "pre_attention_layernorm",
+        "feedforward_norm": "post_attention_layernorm",
+        "gate": "feedforward_gate_dense",
+        "intermediate": "feedforward_intermediate_dense",
+        "feedforward_output": "feedforward_output_dense",
+        "final_norm": "phi3_layer_norm",
+    }
+
+    def __init__(
+        self,
+        vocabulary_size, num_layers, hidden_dim, intermediate_dim, num_query_heads, num_key_value_heads,
+        layer_norm_epsilon=1e-6, dropout=0.0, max_sequence_length=4096, pretraining_sequence_length=4096,
+        rope_max_wavelength=10000, rope_scaling_type=None, rope_scaling_short_factor=None,
+        rope_scaling_long_factor=None, sliding_window=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if rope_scaling_type not in (None, "su", "longrope"):
+            raise ValueError(f"Phi3Backbone: unsupported rope_scaling_type {rope_scaling_type!r} (None or 'su').")
+        arguments = locals()  # the constructor's arguments by name
+        for name in KERAS_HUB_CONFIG:
+            setattr(self, name, arguments[name])
+        self.sliding_window = sliding_window
+        self.head_dim = hidden_dim // num_query_heads
+        scaled = rope_scaling_type is not None
+        self.rotary = RotaryEmbedding(
+            self.head_dim,
+            max_wavelength=rope_max_wavelength,
+            short_factor=rope_scaling_short_factor if scaled else None,
+            long_factor=rope_scaling_long_factor if scaled else None,
+            max_sequence_length=max_sequence_length,
+            pretraining_sequence_length=pretraining_sequence_length,
+        )
+        self.build_llama_style_layers()
+        self.built = True
+
+    def get_config(self):
+        config = {**self.base_config(), **{name: getattr(self, name) for name in KERAS_HUB_CONFIG}}
+        if self.sliding_window:  # KerasHub 0.32's Phi3Backbone has no such argument
+            config["sliding_window"] = self.sliding_window
+        return config
+
+    # -- longrope: the factors follow the sequence length, as in transformers ----------------
+
+    def _context(self, positions, cache=None, **kwargs):
+        if isinstance(cache, LongRopeKVCache):
+            long_context = cache.long_context
+        else:  # a forward pass over positions [0, length)
+            long_context = positions.shape[-1] > self.pretraining_sequence_length
+        return super()._context(positions, long_context=long_context, cache=cache, **kwargs)
+
+    def new_cache(self, batch_size, max_length, prompt_width=None):
+        if self.rope_scaling_type is None:
+            return super().new_cache(batch_size, max_length, prompt_width)
+        embeddings = self.token_embedding.embeddings.value
+        shape = (len(self.transformer_layers), batch_size, self.num_key_value_heads, max_length, self.head_dim)
+        width = prompt_width or 0
+        return LongRopeKVCache(
+            *shape,
+            embeddings.dtype,
+            embeddings.device,
+            prompt_width=width,
+            long_context=width > self.pretraining_sequence_length,
+        )
+
+    def prefill(self, token_ids, cache, rows=None):
+        if isinstance(cache, LongRopeKVCache):
+            cache.token_ids[slice(None) if rows is None else rows, : token_ids.shape[1]] = token_ids
+            cache.long_context |= token_ids.shape[1] > self.pretraining_sequence_length
+        return super().prefill(token_ids, cache, rows)
+
+    def decode(self, token_ids, positions, cache, key_length):
+        if not isinstance(cache, LongRopeKVCache):
+            return super().decode(token_ids, positions, cache, key_length)
+        rows = torch.arange(len(positions), device=positions.device)
+        cache.token_ids[rows, positions] = token_ids[:, 0]
+        if cache.long_context or key_length <= self.pretraining_sequence_length:
+            return super().decode(token_ids, positions, cache, key_length)
+        # The longest row just outgrew the pretraining length: like transformers, recompute
+        # every cached key with the long factors (each row's slots past its position are
+        # hidden by causal masking and rewritten by its later steps).
+        cache.long_context = True
+        hidden = super().prefill(cache.token_ids[:, :key_length], cache)
+        return hidden[rows, positions][:, None]
