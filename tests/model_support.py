@@ -176,3 +176,12 @@ def lmq_greedy(lm, prompts, new):
     out = lm.generate({"token_ids": np.pad(ids, room), "padding_mask": np.pad(mask, room)}, stop_token_ids=None)
     return [row[len(p) : len(p) + new].tolist() for row, p in zip(out["token_ids"], prompts)]
 
+
+def max_logit_difference(hf, lm, prompts):
+    """The largest |lmq - transformers| logit over the real tokens of a right-padded batch."""
+    import torch
+
+    ids, mask = right_padded(prompts)
+    with torch.no_grad():
+        reference = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask).long()).logits
+    return float((lm.score(ids, mask) - reference)[torch.tensor(mask)].abs().max())

@@ -6,7 +6,10 @@ import pytest
 from core.models import CausalLM
 from tests.model_support import FIXTURES, fixture_expected
 
-CAUSAL_FIXTURES = ["llama", "mistral", "phi3"]
+CAUSAL_FIXTURES = ["llama", "mistral", "phi3", "falcon"]
+# KerasHub 0.32's Falcon drops the ALiBi bias in cached decoding (lmq keeps it, as transformers
+# does), so its generations are not comparable; its logits and tokenization are.
+COMPARABLE_GENERATIONS = [arch for arch in CAUSAL_FIXTURES if arch != "falcon"]
 
 
 @pytest.fixture(scope="module", params=CAUSAL_FIXTURES)
@@ -34,6 +37,7 @@ def test_tokenization_matches_keras_hub(fixture_lm):
     assert lm.preprocessor.tokenizer.tokenize(expected["prompts"]) == expected["tokenized_prompts"]
 
 
+@pytest.mark.parametrize("fixture_lm", COMPARABLE_GENERATIONS, indirect=True)
 def test_greedy_generation_matches_keras_hub(fixture_lm):
     arch, lm = fixture_lm
     expected = fixture_expected(arch)

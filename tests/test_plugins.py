@@ -97,7 +97,7 @@ LIST = """
 def test_entry_points_register_builtin_and_third_party_without_keras(site, tmp_path):
     found = run_python(LIST, site, tmp_path)
     builtin = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["lmq.plugins"]
-    assert {"llama", "mistral", "phi3"} <= builtin.keys()
+    assert {"llama", "mistral", "phi3", "falcon"} <= builtin.keys()
     assert found["architectures"] == {**{name: name for name in builtin}, "example": "example"}
     assert found["heavy"] == []
 

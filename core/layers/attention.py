@@ -106,7 +106,8 @@ class CachedAttention(keras.layers.Layer):
     """Attention with ``num_query_heads`` queries sharing ``num_key_value_heads`` keys/values.
 
     Kernels keep KerasHub's shapes: query [hidden, heads, head_dim], output
-    [heads, head_dim, hidden].
+    [heads, head_dim, hidden] (or [heads * head_dim, hidden] with
+    ``flat_output_kernel``, where KerasHub uses a plain Dense, as in Falcon).
     """
 
     def __init__(
@@ -118,6 +119,7 @@ class CachedAttention(keras.layers.Layer):
         use_bias=False,
         dropout=0.0,
         cache_index=0,
+        flat_output_kernel=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -146,7 +148,8 @@ class CachedAttention(keras.layers.Layer):
         self.key_bias = bias("key_bias", (num_key_value_heads, d))
         self.value_kernel = kernel("value_kernel", (hidden_dim, num_key_value_heads, d))
         self.value_bias = bias("value_bias", (num_key_value_heads, d))
-        self.output_kernel = kernel("output_kernel", (num_query_heads, d, hidden_dim))
+        output_shape = (num_query_heads * d, hidden_dim) if flat_output_kernel else (num_query_heads, d, hidden_dim)
+        self.output_kernel = kernel("output_kernel", output_shape)
         self.output_bias = bias("output_bias", (hidden_dim,))
         self.lora = {}  # name -> (down [hidden, rank], up [rank, heads * head_dim]), see enable_lora
         self.lora_scale = 1.0

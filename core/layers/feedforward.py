@@ -38,3 +38,25 @@ class GatedFeedForward(keras.layers.Layer):
     def call(self, x):
         gate = self.activation(x @ self.gate_kernel.value)
         return (gate * (x @ self.intermediate_kernel.value)) @ self.output_kernel.value
+
+
+class FeedForward(keras.layers.Layer):
+    """``output(act(intermediate(x)))`` with biases (Falcon's dense_h_to_4h / dense_4h_to_h)."""
+
+    def __init__(self, hidden_dim, intermediate_dim, activation_name="gelu", **kwargs):
+        super().__init__(**kwargs)
+        init = keras.initializers.RandomNormal(stddev=0.02)
+        self.activation = activation(activation_name)
+        self.intermediate_kernel = self.add_weight(
+            shape=(hidden_dim, intermediate_dim), initializer=init, name="intermediate_kernel"
+        )
+        self.intermediate_bias = self.add_weight(shape=(intermediate_dim,), initializer="zeros", name="intermediate_bias")
+        self.output_kernel = self.add_weight(
+            shape=(intermediate_dim, hidden_dim), initializer=init, name="output_kernel"
+        )
+        self.output_bias = self.add_weight(shape=(hidden_dim,), initializer="zeros", name="output_bias")
+        self.built = True
+
+    def call(self, x):
+        hidden = self.activation(x @ self.intermediate_kernel.value + self.intermediate_bias.value)
+        return hidden @ self.output_kernel.value + self.output_bias.value

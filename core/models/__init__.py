@@ -13,10 +13,11 @@ from core.models.causal_lm import CausalLM  # noqa: E402
 from core.models.generation import Generation  # noqa: E402
 from core.models.preprocessor import CausalLMPreprocessor, Preprocessor  # noqa: E402
 from core.models.task import Task  # noqa: E402
-from core.models.tokenizer import SentencePieceTokenizer, Tokenizer  # noqa: E402
+from core.models.tokenizer import BytePairTokenizer, SentencePieceTokenizer, Tokenizer  # noqa: E402
 
 __all__ = [
     "Backbone",
+    "BytePairTokenizer",
     "CausalLM",
     "CausalLMPreprocessor",
     "DecoderOnlyBackbone",

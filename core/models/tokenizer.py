@@ -1,12 +1,15 @@
 """Tokenizers: strings <-> token ids, special tokens, and the files a preset keeps.
 
-``SentencePieceTokenizer`` wraps the ``sentencepiece`` package (Llama, Mistral)
-and keeps KerasHub's constructor arguments, config and asset file names.
+``SentencePieceTokenizer`` wraps the ``sentencepiece`` package (Llama, Mistral),
+``BytePairTokenizer`` the ``tokenizers`` package (byte-level BPE: Falcon); both
+keep KerasHub's constructor arguments, config and asset file names.
 """
 
+import json
 import pathlib
 
 import sentencepiece
+import tokenizers
 
 from core.models.serialization import KerasHubSerializable, layer_config
 
@@ -150,6 +153,111 @@ class SentencePieceTokenizer(Tokenizer):
 
     def load_assets(self, directory):
         self.set_proto(pathlib.Path(directory) / "vocabulary.spm")
+
+
+class BytePairTokenizer(Tokenizer):
+    """GPT-2-style byte-level BPE: ``vocabulary`` {token: id} and ``merges`` ["a b", ...],
+    each given as data or as a path to ``vocabulary.json`` / ``merges.txt``.
+
+    ``unsplittable_tokens`` (default: the special tokens) are matched whole in the
+    text before pre-tokenization, as KerasHub does; they must be in the vocabulary.
+    """
+
+    asset_files = ("vocabulary.json", "merges.txt")
+
+    def __init__(
+        self,
+        vocabulary=None,
+        merges=None,
+        sequence_length=None,
+        add_prefix_space=False,
+        unsplittable_tokens=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.sequence_length = sequence_length
+        self.add_prefix_space = add_prefix_space
+        if unsplittable_tokens is None:
+            unsplittable_tokens = list(dict.fromkeys(self.special_tokens.values()))
+        self.unsplittable_tokens = list(unsplittable_tokens)
+        self._processor = None
+        if vocabulary is not None or merges is not None:
+            self.set_vocabulary_and_merges(vocabulary, merges)
+
+    def set_vocabulary_and_merges(self, vocabulary, merges):
+        """Data or file paths, as KerasHub takes them; each merge must join two tokens into a third."""
+        if isinstance(vocabulary, (str, pathlib.Path)):
+            vocabulary = json.loads(_read_asset(vocabulary, "vocabulary"))
+        if isinstance(merges, (str, pathlib.Path)):
+            merges = _read_asset(merges, "merges").splitlines()
+        if not isinstance(vocabulary, dict) or merges is None:
+            raise ValueError(
+                f"{type(self).__name__} needs `vocabulary` (a dict or a JSON file) and `merges` "
+                f"(a list or a text file), got {type(vocabulary).__name__} and {type(merges).__name__}."
+            )
+        merges = [m.rstrip("\r\n") for m in merges]
+        pairs = [tuple(m.split(" ")) for m in merges if m and not m.startswith("#version")]
+        try:
+            model = tokenizers.models.BPE(vocab=dict(vocabulary), merges=pairs)
+        except Exception as error:  # the tokenizers package names the token a merge lacks
+            raise ValueError(f"Invalid BPE vocabulary/merges: {error}") from None
+        processor = tokenizers.Tokenizer(model)
+        processor.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=self.add_prefix_space)
+        processor.decoder = tokenizers.decoders.ByteLevel()
+        missing = [t for t in self.unsplittable_tokens if t not in vocabulary]
+        if missing:
+            raise ValueError(f"{type(self).__name__}: unsplittable tokens {missing} are not in the vocabulary.")
+        processor.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in self.unsplittable_tokens])
+        self.vocabulary, self.merges, self._processor = dict(vocabulary), merges, processor
+        self._check_special_tokens()
+
+    @property
+    def processor(self):
+        if self._processor is None:
+            raise ValueError(
+                f"{type(self).__name__} has no vocabulary yet: pass `vocabulary=` and `merges=` "
+                "or load it from a preset."
+            )
+        return self._processor
+
+    def vocabulary_size(self):
+        return self.processor.get_vocab_size()
+
+    def token_to_id(self, token):
+        return self.processor.token_to_id(token)
+
+    def id_to_token(self, token_id):
+        return self.processor.id_to_token(int(token_id))
+
+    def _encode(self, texts):
+        return [encoding.ids for encoding in self.processor.encode_batch(texts, add_special_tokens=False)]
+
+    def _decode(self, ids):
+        return self.processor.decode(ids, skip_special_tokens=False)
+
+    def get_config(self):
+        return {
+            **self.base_config(),
+            "sequence_length": self.sequence_length,
+            "add_prefix_space": self.add_prefix_space,
+            "unsplittable_tokens": self.unsplittable_tokens,
+        }
+
+    def save_assets(self, directory):
+        directory = pathlib.Path(directory)
+        (directory / "vocabulary.json").write_text(json.dumps(self.vocabulary), encoding="utf-8")
+        (directory / "merges.txt").write_text("".join(f"{merge}\n" for merge in self.merges), encoding="utf-8")
+
+    def load_assets(self, directory):
+        directory = pathlib.Path(directory)
+        self.set_vocabulary_and_merges(directory / "vocabulary.json", directory / "merges.txt")
+
+
+def _read_asset(path, what):
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"BPE {what} file not found: {path}")
+    return path.read_text(encoding="utf-8")
 
 
 def _to_list(ids):

@@ -1,0 +1,129 @@
+"""FalconBackbone: KerasHub's arguments and defaults on lmq's shared decoder blocks."""
+
+import torch
+
+from core.layers import CachedAttention, DecoderBlock, ReversibleEmbedding
+from core.layers.alibi import alibi_mask, alibi_slopes
+from core.layers.feedforward import FeedForward
+from core.layers.norms import LayerNorm
+from core.models.backbone import DecoderOnlyBackbone
+
+
+class FalconBackbone(DecoderOnlyBackbone):
+    """Falcon-RW (falcon-rw-1b): LayerNorm pre-norm blocks of multi-head attention with
+    biases and ALiBi, then a GELU MLP; the embedding doubles as the head.
+
+    Unlike KerasHub 0.32, whose cached decoding drops the ALiBi bias after the
+    prompt, every decode step keeps it, as transformers does.
+    """
+
+    def __init__(
+        self,
+        vocabulary_size,
+        num_layers,
+        num_attention_heads,
+        hidden_dim,
+        intermediate_dim,
+        layer_norm_epsilon=1e-5,
+        attention_dropout_rate=0,
+        feedforward_dropout_rate=0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.vocabulary_size = vocabulary_size
+        self.num_layers = num_layers
+        self.num_attention_heads = num_attention_heads
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.attention_dropout_rate = attention_dropout_rate
+        self.feedforward_dropout_rate = feedforward_dropout_rate
+        self.num_key_value_heads = num_attention_heads
+        self.head_dim = hidden_dim // num_attention_heads
+        self.rotary = None
+        self._alibi_slopes = {}  # device -> [heads]
+
+        policy = self.dtype_policy
+        self.token_embedding = ReversibleEmbedding(
+            vocabulary_size, hidden_dim, tie_weights=True, dtype=policy, name="token_embedding"
+        )
+        self.transformer_layers = [
+            DecoderBlock(
+                attention=CachedAttention(
+                    hidden_dim,
+                    num_attention_heads,
+                    num_attention_heads,
+                    use_bias=True,
+                    dropout=attention_dropout_rate,
+                    cache_index=i,
+                    flat_output_kernel=True,
+                    dtype=policy,
+                ),
+                feedforward=FeedForward(hidden_dim, intermediate_dim, "gelu", dtype=policy),
+                attention_norm=LayerNorm(hidden_dim, layer_norm_epsilon, dtype=policy),
+                feedforward_norm=LayerNorm(hidden_dim, layer_norm_epsilon, dtype=policy),
+                dropout=feedforward_dropout_rate,
+                attention_dropout=attention_dropout_rate,
+                dtype=policy,
+                name=f"transformer_layer_{i}",
+            )
+            for i in range(num_layers)
+        ]
+        self.layer_norm = LayerNorm(hidden_dim, layer_norm_epsilon, dtype=policy, name="final_layernorm")
+        self.built = True
+
+    def _context(self, positions, mask=None, is_causal=False, key_length=None, **kwargs):
+        """The shared context with ALiBi folded into an additive mask [batch, heads, queries, keys].
+
+        Keys are the queries themselves (a forward pass, a prefill) or, in a decode
+        step, cache slots ``[0, key_length)``: Falcon's cache never rolls, so slot i
+        holds position i.
+        """
+        if key_length is None:
+            key_positions = positions
+        else:
+            key_positions = torch.arange(key_length, device=positions.device)[None]
+        if is_causal:  # a prefill: SDPA cannot add a bias to its own causal mask; all rows share one
+            key_positions = positions[:1]
+            mask = self.attention_mask(key_positions, key_positions)
+        device = str(positions.device)
+        if device not in self._alibi_slopes:
+            self._alibi_slopes[device] = alibi_slopes(self.num_attention_heads).to(positions.device)
+        dtype = self.token_embedding.embeddings.value.dtype
+        mask = alibi_mask(self._alibi_slopes[device], key_positions, mask, self.head_dim, dtype)
+        return super()._context(positions, mask=mask, key_length=key_length, **kwargs)
+
+    def get_config(self):
+        return {
+            **self.base_config(),
+            "vocabulary_size": self.vocabulary_size,
+            "num_layers": self.num_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "hidden_dim": self.hidden_dim,
+            "intermediate_dim": self.intermediate_dim,
+            "attention_dropout_rate": self.attention_dropout_rate,
+            "feedforward_dropout_rate": self.feedforward_dropout_rate,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+        }
+
+    def keras_hub_weights(self):
+        """KerasHub's ``model.weights.h5`` layout: every kernel with its bias, norms with gamma and beta."""
+        weights = {"layers/reversible_embedding/vars/0": self.token_embedding.embeddings}
+        for index, block in enumerate(self.transformer_layers):
+            prefix = "layers/falcon_transformer_decoder" + (f"_{index}" if index else "")
+            attention, feedforward = block.attention, block.feedforward
+            parts = {
+                "attention_layer/query_dense": (attention.query_kernel, attention.query_bias),
+                "attention_layer/key_dense": (attention.key_kernel, attention.key_bias),
+                "attention_layer/value_dense": (attention.value_kernel, attention.value_bias),
+                "attention_layer/output_dense": (attention.output_kernel, attention.output_bias),
+                "input_layernorm": (block.attention_norm.gamma, block.attention_norm.beta),
+                "post_attention_layernorm": (block.feedforward_norm.gamma, block.feedforward_norm.beta),
+                "dense_h_to_4h": (feedforward.intermediate_kernel, feedforward.intermediate_bias),
+                "dense_4h_to_h": (feedforward.output_kernel, feedforward.output_bias),
+            }
+            for path, variables in parts.items():
+                weights.update({f"{prefix}/{path}/vars/{i}": v for i, v in enumerate(variables)})
+        weights["layers/layer_normalization/vars/0"] = self.layer_norm.gamma
+        weights["layers/layer_normalization/vars/1"] = self.layer_norm.beta
+        return weights

@@ -1,0 +1,11 @@
+"""FalconCausalLM (default sampler: greedy, as in KerasHub)."""
+
+from core.models.causal_lm import CausalLM
+from plugins.falcon.falcon_backbone import FalconBackbone
+from plugins.falcon.falcon_causal_lm_preprocessor import FalconCausalLMPreprocessor
+
+
+class FalconCausalLM(CausalLM):
+    backbone_cls = FalconBackbone
+    preprocessor_cls = FalconCausalLMPreprocessor
+    default_sampler = "greedy"
