@@ -1,6 +1,6 @@
 """Tokenizers: strings <-> token ids, special tokens, and the files a preset keeps.
 
-``SentencePieceTokenizer`` wraps the ``sentencepiece`` package (Llama, Mistral),
+``SentencePieceTokenizer`` wraps the ``sentencepiece`` package (Llama, Mistral, Phi-3),
 ``BytePairTokenizer`` the ``tokenizers`` package (byte-level BPE: Falcon); both
 keep KerasHub's constructor arguments, config and asset file names.
 """
@@ -86,8 +86,6 @@ class Tokenizer(KerasHubSerializable):
 class SentencePieceTokenizer(Tokenizer):
     """SentencePiece model; ``proto`` is a path to a ``.model`` file or its bytes."""
 
-    asset_files = ("vocabulary.spm",)
-
     def __init__(self, proto=None, sequence_length=None, add_bos=False, add_eos=False, **kwargs):
         super().__init__(**kwargs)
         self.sequence_length = sequence_length
@@ -163,7 +161,6 @@ class BytePairTokenizer(Tokenizer):
     text before pre-tokenization, as KerasHub does; they must be in the vocabulary.
     """
 
-    asset_files = ("vocabulary.json", "merges.txt")
 
     def __init__(
         self,
