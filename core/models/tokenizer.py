@@ -161,7 +161,6 @@ class BytePairTokenizer(Tokenizer):
     text before pre-tokenization, as KerasHub does; they must be in the vocabulary.
     """
 
-
     def __init__(
         self,
         vocabulary=None,
