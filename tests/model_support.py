@@ -56,7 +56,6 @@ def train_sentencepiece(directory, vocab_size=400):
 
 def random_hf_llama(seed=0, **overrides):
     """A transformers LlamaForCausalLM with random weights peaked enough for stable argmax."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = dict(
@@ -74,11 +73,7 @@ def random_hf_llama(seed=0, **overrides):
         attn_implementation="eager",
     )
     config.update(overrides)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**config)).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return random_transformers_lm(LlamaForCausalLM, LlamaConfig(**config), seed)
 
 
 def random_transformers_lm(model_cls, config, seed):
