@@ -63,29 +63,13 @@ def service_env(lmq_home, postgres_url, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_llama_preset(tmp_path_factory):
     """A tiny random Llama preset directory with a real SentencePiece vocabulary."""
-    from plugins.llama import (
-        LlamaBackbone,
-        LlamaCausalLM,
-        LlamaCausalLMPreprocessor,
-        LlamaTokenizer,
-    )
-    from tests.model_support import train_sentencepiece
+    import keras
+
+    from tests.model_support import tiny_llama, train_sentencepiece
 
     root = tmp_path_factory.mktemp("tiny-llama")
     spm_model = train_sentencepiece(root, vocab_size=512)
-    import keras
-
     keras.utils.set_random_seed(7)
-    tokenizer = LlamaTokenizer(proto=spm_model)
-    backbone = LlamaBackbone(
-        vocabulary_size=tokenizer.vocabulary_size(),
-        num_layers=2,
-        num_query_heads=4,
-        num_key_value_heads=2,
-        hidden_dim=32,
-        intermediate_dim=64,
-    )
-    preprocessor = LlamaCausalLMPreprocessor(tokenizer, sequence_length=64)
     preset = root / "preset"
-    LlamaCausalLM(backbone=backbone, preprocessor=preprocessor).save_to_preset(str(preset))
+    tiny_llama(spm_model, sequence_length=64).save_to_preset(str(preset))
     return preset

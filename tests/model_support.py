@@ -54,6 +54,22 @@ def train_sentencepiece(directory, vocab_size=400):
     return directory / "spm.model"
 
 
+def tiny_llama(spm_model, sequence_length):
+    """A random 2-layer Llama task (GQA, hidden 32) around a SentencePiece vocabulary."""
+    from plugins.llama import LlamaBackbone, LlamaCausalLM, LlamaCausalLMPreprocessor, LlamaTokenizer
+
+    tokenizer = LlamaTokenizer(proto=spm_model)
+    backbone = LlamaBackbone(
+        vocabulary_size=tokenizer.vocabulary_size(),
+        num_layers=2,
+        num_query_heads=4,
+        num_key_value_heads=2,
+        hidden_dim=32,
+        intermediate_dim=64,
+    )
+    return LlamaCausalLM(backbone, LlamaCausalLMPreprocessor(tokenizer, sequence_length=sequence_length))
+
+
 def random_hf_llama(seed=0, **overrides):
     """A transformers LlamaForCausalLM with random weights peaked enough for stable argmax."""
     from transformers import LlamaConfig, LlamaForCausalLM

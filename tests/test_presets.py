@@ -12,7 +12,7 @@ import torch
 from core.models import CausalLM
 from core.presets import PresetNotFound
 from plugins.llama import LlamaBackbone, LlamaCausalLM, LlamaCausalLMPreprocessor, LlamaTokenizer
-from tests.model_support import FIXTURES, random_hf_llama, right_padded, train_sentencepiece
+from tests.model_support import FIXTURES, random_hf_llama, right_padded, tiny_llama, train_sentencepiece
 
 
 @pytest.fixture(scope="module")
@@ -22,16 +22,7 @@ def spm_model(tmp_path_factory):
 
 @pytest.fixture
 def tiny_lm(spm_model):
-    tokenizer = LlamaTokenizer(proto=spm_model)
-    backbone = LlamaBackbone(
-        vocabulary_size=tokenizer.vocabulary_size(),
-        num_layers=2,
-        num_query_heads=4,
-        num_key_value_heads=2,
-        hidden_dim=32,
-        intermediate_dim=64,
-    )
-    return LlamaCausalLM(backbone, LlamaCausalLMPreprocessor(tokenizer, sequence_length=32))
+    return tiny_llama(spm_model, sequence_length=32)
 
 
 def _batch():
