@@ -8,7 +8,7 @@ import numpy as np
 
 import core  # noqa: F401  (KERAS_BACKEND before keras)
 
-FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "keras_hub_presets"
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "keras_hub_presets"
 
 
 def fixture_expected(arch):
