@@ -7,7 +7,8 @@ wires a whole deployment. Nothing here imports keras or torch.
     LMQ_DATABASE_URL         default sqlite:///$LMQ_HOME/lmq.db; postgresql+psycopg://... in production
     LMQ_BROKER_URL           unset: jobs run in-process; redis://...: Celery workers run them
     LMQ_API_TOKENS           token1:tenant-a,token2:tenant-b
-    LMQ_PRESET_ROOTS         directories (os.pathsep-separated) the API may load local presets from
+    LMQ_PRESET_ROOTS         directories (os.pathsep-separated) the API may load local presets from;
+                             default: the preset store and the repository's demo/ (its shipped demo preset)
     LMQ_MODEL_MEMORY_GB      16: weights a worker keeps pinned before evicting the least recently used
     LMQ_JOB_TIMEOUT_S        86400: the longest job; the broker's visibility timeout is set above it
     LMQ_MICRO_BATCH_SIZE     16: prompts per micro-batch (a job may set its own)
@@ -28,6 +29,8 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+DEMO_PRESETS = Path(__file__).resolve().parent.parent / "demo"
 
 
 class SettingsError(ValueError):
@@ -131,7 +134,7 @@ def load_settings(environ=None) -> Settings:
     preset_roots = (
         tuple(Path(p).expanduser().resolve() for p in roots.split(os.pathsep) if p)
         if roots
-        else ((home / "presets").resolve(),)
+        else ((home / "presets").resolve(), DEMO_PRESETS)
     )
     return Settings(
         home=home,
