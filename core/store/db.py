@@ -18,7 +18,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.config import Settings
+from core.config import Settings, SettingsError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -39,7 +39,13 @@ def get_engine(url: str) -> Engine:
 
 def _create_engine(url: str) -> Engine:
     if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True)
+        try:
+            return create_engine(url, pool_pre_ping=True)
+        except ModuleNotFoundError as error:  # the URL's driver, e.g. psycopg for postgresql+psycopg://
+            raise SettingsError(
+                f"LMQ_DATABASE_URL needs the {error.name} package, which is not installed "
+                "(PostgreSQL: pip install 'lmq[postgres]', in a clone pip install -e '.[postgres]')"
+            ) from None
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
