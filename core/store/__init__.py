@@ -4,8 +4,9 @@ Light on purpose: the API process imports this and must never pull in keras
 or torch.
 """
 
+from core.names import JobKind, JobState
 from core.store.db import SchemaOutOfDate, session_scope, sessions, upgrade
-from core.store.models import Job, JobEvent, JobItem, JobKind, JobState, Preset
+from core.store.models import Job, JobEvent, JobItem, Preset
 from core.store.presets import lookup_preset_path
 
 __all__ = [

@@ -7,7 +7,6 @@ in step (``tests/test_store.py`` checks they agree).
 
 from __future__ import annotations
 
-import enum
 import uuid
 from datetime import datetime, timezone
 
@@ -25,6 +24,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from core.names import JobState
+
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
@@ -32,27 +33,6 @@ def utcnow() -> datetime:
 
 def new_job_id() -> str:
     return uuid.uuid4().hex
-
-
-class JobKind(str, enum.Enum):
-    generate = "generate"
-    fit = "fit"
-
-
-class JobState(str, enum.Enum):
-    queued = "queued"
-    running = "running"
-    cancelling = "cancelling"
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (JobState.succeeded, JobState.failed, JobState.cancelled)
-
-
-TERMINAL_STATES = tuple(s.value for s in JobState if s.terminal)
 
 
 class UTCDateTime(TypeDecorator):

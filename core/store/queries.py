@@ -14,16 +14,8 @@ from typing import Iterable, Iterator
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
-from core.store.models import (
-    TERMINAL_STATES,
-    Job,
-    JobEvent,
-    JobItem,
-    JobKind,
-    JobState,
-    Preset,
-    utcnow,
-)
+from core.names import TERMINAL_STATES, JobKind, JobState
+from core.store.models import Job, JobEvent, JobItem, Preset, utcnow
 
 _INSERT_CHUNK = 5000
 
