@@ -375,9 +375,11 @@ def import_preset(settings: Settings, session, handle: str, name: str) -> None:
 
         source = resolve_handle(location)
     target = settings.preset_store / name
-    if target.exists():
-        raise BadInput(f"{target} already exists")
-    shutil.copytree(source, target)
+    # A preset already in the store's directory (made under another LMQ_DATABASE_URL) is registered in place.
+    if Path(source).resolve() != target.resolve():
+        if target.exists():
+            raise BadInput(f"{target} already exists")
+        shutil.copytree(source, target)
     preset = queries.register_preset(
         session,
         name=name,
