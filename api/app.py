@@ -24,9 +24,10 @@ from api.auth import current_tenant
 from api.dispatch import BrokerUnavailable, dispatch_for
 from core.config import Settings, load_settings
 from core.plugins import get_registry
+from core.presets import PresetNotFound
 from core.store import JobKind, JobState, SchemaOutOfDate, queries, session_scope, sessions
 from core.store.db import get_engine
-from core.store.presets import UnknownPreset, check_preset_name, locate_preset
+from core.store.presets import check_preset_name, store_resolver
 
 logger = logging.getLogger(__name__)
 
@@ -270,8 +271,8 @@ def checked_preset(session: Session, settings: Settings, handle: str) -> str:
     learn which directories exist on the server.
     """
     try:
-        location = locate_preset(session, handle, local_roots=settings.preset_roots)
-    except UnknownPreset:
+        location = store_resolver(session, local_roots=settings.preset_roots).locate(handle)
+    except PresetNotFound:
         raise field_error(
             ("body", "preset"),
             f"preset {handle!r} is not in the preset store, not a built-in name, not an hf:// or "

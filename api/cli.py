@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import NoReturn
 
 from core.config import Settings, SettingsError, load_settings
+from core.presets import PresetNotFound
 from core.store import JobKind, JobState, SchemaOutOfDate, queries, session_scope, sessions
 from core.store.db import database_exists
-from core.store.presets import UnknownPreset, check_preset_name, locate_preset, preset_architecture
+from core.store.presets import check_preset_name, preset_architecture, store_resolver
 
 SAMPLERS = ("greedy", "top_k", "top_p", "random", "beam", "contrastive")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -170,8 +171,8 @@ def create_job(settings: Settings, kind: str, args) -> str:
     existing = open_store(settings) if database_exists(settings) else None
     with session_scope(existing) if existing else nullcontext() as session:
         try:
-            locate_preset(session, args.preset)
-        except UnknownPreset as error:
+            store_resolver(session).locate(args.preset)
+        except PresetNotFound as error:
             raise BadInput(str(error)) from None
         if kind == JobKind.fit.value and session and queries.get_preset(session, args.output_preset):
             raise BadInput(f"preset {args.output_preset!r} already exists in the store")
@@ -365,15 +366,9 @@ def import_preset(settings: Settings, session, handle: str, name: str) -> None:
     if queries.get_preset(session, name) is not None:
         raise BadInput(f"preset {name!r} already exists in the store")
     try:
-        location = locate_preset(session, handle)
-    except UnknownPreset as error:
+        source = store_resolver(session).directory(handle)
+    except PresetNotFound as error:
         raise BadInput(str(error)) from None
-    if Path(location).is_dir():
-        source = Path(location)
-    else:
-        from core.presets import resolve_handle
-
-        source = resolve_handle(location)
     target = settings.preset_store / name
     # A preset already in the store's directory (made under another LMQ_DATABASE_URL) is registered in place.
     if Path(source).resolve() != target.resolve():
@@ -450,7 +445,7 @@ def cmd_worker(args) -> int:
     for handle in args.preload:
         try:
             location = runner.locate(handle)
-        except UnknownPreset as error:
+        except PresetNotFound as error:
             raise BadInput(str(error)) from None
         lease = runner.pool.get(location, args.dtype)
         print(f"lmq: preloaded {handle} in {lease.load_seconds:.1f}s", file=sys.stderr)

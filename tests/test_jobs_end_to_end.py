@@ -115,10 +115,12 @@ def test_fit_registers_a_preset_that_generate_uses_by_name(lmq_home, tmp_path, t
     expected = reference(preset.path, PROMPTS[:2], max_length=24)
     assert [r["output"] for r in results] == [e["output"] for e in expected]
     assert expected != reference(tiny_llama_preset, PROMPTS[:2], max_length=24)
-    # The library resolves store names too: from_preset("tuned") is the fine-tuned model.
+    # Handed the store's resolver, the library finds store names too: from_preset("tuned") is the fine-tuned model.
     from core.models import CausalLM
+    from core.store.presets import store_resolver
 
-    tuned = CausalLM.from_preset("tuned")
+    with session_scope(sessions(settings)) as session:
+        tuned = CausalLM.from_preset("tuned", resolver=store_resolver(session))
     tuned.compile(sampler="greedy")
     assert tuned.generate(PROMPTS[:2], max_length=24) == [e["output"] for e in expected]
 

@@ -1,7 +1,10 @@
 """Preset round trips, transformers imports, and clear errors for bad presets."""
 
+import ast
 import json
+import pathlib
 import shutil
+import subprocess
 import sys
 
 import h5py
@@ -10,7 +13,7 @@ import pytest
 import torch
 
 from core.models import CausalLM
-from core.presets import PresetNotFound
+from core.presets import PresetNotFound, PresetResolver
 from plugins.llama import LlamaBackbone, LlamaCausalLM, LlamaCausalLMPreprocessor, LlamaTokenizer
 from tests.model_support import FIXTURES, random_hf_llama, right_padded, tiny_llama, train_sentencepiece
 
@@ -151,6 +154,71 @@ def test_hf_handle_from_offline_cache(tmp_path, monkeypatch):
     assert isinstance(lm, LlamaCausalLM)
     with pytest.raises(PresetNotFound, match="hf://acme/missing"):
         CausalLM.from_preset("hf://acme/missing")
+
+
+# -- the resolver ---------------------------------------------------------------------
+
+
+def test_named_presets_come_only_from_the_callers_lookup(tmp_path):
+    named = {"tuned": str(FIXTURES / "llama")}
+    with pytest.raises(PresetNotFound, match="unknown preset 'tuned'"):
+        CausalLM.from_preset("tuned")  # plain library use knows no store names
+    lm = CausalLM.from_preset("tuned", resolver=PresetResolver(named.get))
+    assert isinstance(lm, LlamaCausalLM)
+    assert PresetResolver(named.get).locate("tuned") == str((FIXTURES / "llama").resolve())
+
+
+def test_builtin_names_win_over_the_lookup_and_remote_handles_pass_through():
+    resolver = PresetResolver({"llama2_7b_en": "/somewhere", "hf://acme/x": "/elsewhere"}.get)
+    assert resolver.locate("llama2_7b_en") == "llama2_7b_en"
+    assert resolver.locate("hf://acme/x") == "hf://acme/x"
+    assert resolver.locate("hf://acme/x@main") == "hf://acme/x@main"
+    assert resolver.locate("kaggle://keras/llama2/keras/llama2_7b_en/2") == "kaggle://keras/llama2/keras/llama2_7b_en/2"
+
+
+@pytest.mark.parametrize(
+    "handle", ["hf://acme", "hf://acme/x/y", "hf://../etc", "hf://x/../../y", "hf://acme/x@", "kaggle://a", "kaggle://a//b/c"]
+)
+def test_malformed_remote_handles_are_refused_before_any_fetch(handle):
+    with pytest.raises(PresetNotFound, match="expected (hf|kaggle)://"):
+        PresetResolver().locate(handle)
+
+
+def test_local_directories_relative_to_the_roots(tmp_path):
+    inside = shutil.copytree(FIXTURES / "llama", tmp_path / "roots" / "llama")
+    resolver = PresetResolver(local_roots=[tmp_path / "roots"])
+    assert resolver.directory(str(tmp_path / "roots" / "." / "llama")) == inside.resolve()
+    with pytest.raises(PresetNotFound, match="outside the allowed preset roots"):
+        resolver.locate(str(FIXTURES / "llama"))
+
+
+@pytest.mark.parametrize("handle", ["~no_such_user_xyz/model", "x" * 300, "a/" + "y" * 300])
+def test_unusable_paths_are_preset_not_found(tmp_path, monkeypatch, handle):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").mkdir()
+    with pytest.raises(PresetNotFound, match="unknown preset"):
+        PresetResolver().locate(handle)
+
+
+LIBRARY = ("core/models", "core/presets", "core/layers", "core/samplers")
+
+
+def test_the_model_library_reads_neither_the_store_nor_the_environment():
+    root = pathlib.Path(__file__).resolve().parents[1]
+    for path in sorted(p for package in LIBRARY for p in (root / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            modules += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not [m for m in modules if m.startswith(("core.store", "core.config"))], path
+            assert not (isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv")), path
+    code = (
+        "import sys; from core.models import CausalLM; "
+        f"CausalLM.from_preset({str(FIXTURES / 'llama')!r}); "
+        "print(sorted(m for m in sys.modules if m.startswith(('core.store', 'core.config'))))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 # -- bad presets --------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Callable
 
 from core.config import Settings
 from core.store import JobKind, JobState, queries, session_scope, sessions
-from core.store.presets import locate_preset
+from core.store.presets import store_resolver
 from workers.batching import Prompt, is_out_of_memory, plan_micro_batches
 from workers.celery_app import worker_name
 from workers.pool import ModelPool
@@ -66,7 +66,7 @@ class JobRunner:
 
     def locate(self, handle: str) -> str:
         with session_scope(self.sessions) as session:
-            return locate_preset(session, handle)
+            return store_resolver(session).locate(handle)
 
     def _run_generate(self, job_id: str, preset: str, params: dict) -> None:
         lease = self.pool.get(self.locate(preset), params.get("dtype"))

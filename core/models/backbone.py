@@ -53,10 +53,10 @@ class Backbone(KerasHubSerializable, keras.Model):
         return cls(**config)
 
     @classmethod
-    def from_preset(cls, preset, load_weights=True, **kwargs):
+    def from_preset(cls, preset, load_weights=True, dtype=None, resolver=None):
         from core.presets import load_backbone
 
-        return load_backbone(preset, cls=cls, load_weights=load_weights, **kwargs)
+        return load_backbone(preset, cls=cls, load_weights=load_weights, dtype=dtype, resolver=resolver)
 
     def enable_lora(self, rank, alpha=None):
         """Freezes every weight and adds trainable low-rank updates to the attention's query

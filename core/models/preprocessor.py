@@ -26,11 +26,11 @@ class Preprocessor(KerasHubSerializable):
         }
 
     @classmethod
-    def from_preset(cls, preset, **kwargs):
+    def from_preset(cls, preset, resolver=None, **kwargs):
         """The preprocessor a preset holds; ``kwargs`` override its config (e.g. ``sequence_length``)."""
         from core.presets import load_preprocessor
 
-        return load_preprocessor(preset, cls=cls, **kwargs)
+        return load_preprocessor(preset, cls=cls, resolver=resolver, **kwargs)
 
     @classmethod
     def from_config(cls, config):

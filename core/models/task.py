@@ -46,14 +46,15 @@ class Task(KerasHubSerializable, keras.Model):
         return cls(backbone=backbone, preprocessor=preprocessor, **config)
 
     @classmethod
-    def from_preset(cls, preset, load_weights=True, **kwargs):
-        """Builds the task a preset describes (see ``core.presets.load_task``).
+    def from_preset(cls, preset, load_weights=True, resolver=None, **kwargs):
+        """Builds the task a preset describes (see ``core.presets.load_task``); ``resolver``
+        (a ``PresetResolver``) knows names beyond the built-in ones, e.g. the store's.
 
         Called on a base class (``CausalLM``) it returns the subclass the preset names.
         """
         from core.presets import load_task
 
-        return load_task(preset, cls=cls, load_weights=load_weights, **kwargs)
+        return load_task(preset, cls=cls, load_weights=load_weights, resolver=resolver, **kwargs)
 
     def save_to_preset(self, preset_dir):
         from core.presets import save_task

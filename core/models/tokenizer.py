@@ -32,10 +32,11 @@ class Tokenizer(KerasHubSerializable):
         self.name = name or self.default_name()
 
     @classmethod
-    def from_preset(cls, preset):
+    def from_preset(cls, preset, resolver=None):
+        """The tokenizer a preset holds; ``resolver``: see ``core.presets``."""
         from core.presets import load_tokenizer
 
-        return load_tokenizer(preset, cls=cls)
+        return load_tokenizer(preset, cls=cls, resolver=resolver)
 
     @property
     def special_tokens(self):

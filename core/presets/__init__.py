@@ -1,31 +1,40 @@
-"""Presets: resolve a handle, then load a KerasHub preset or convert a transformers checkpoint."""
+"""Presets: resolve a handle, then load a KerasHub preset or convert a transformers checkpoint.
 
-from core.presets.handles import PresetNotFound, resolve_handle
+Every loader takes ``resolver``: the ``PresetResolver`` that turns the handle into a
+directory. Without one, built-in names, local directories, ``hf://`` and ``kaggle://``
+resolve; a caller that knows more names (the SQL store) passes its own.
+"""
+
+from core.presets.resolver import PresetNotFound, PresetResolver
 
 __all__ = [
     "PresetNotFound",
+    "PresetResolver",
     "load_backbone",
     "load_preprocessor",
     "load_task",
     "load_tokenizer",
-    "resolve_handle",
     "save_task",
 ]
 
 
-def load_task(preset, cls, load_weights=True, dtype=None, **kwargs):
+def _directory(preset, resolver):
+    return (resolver or PresetResolver()).directory(preset)
+
+
+def load_task(preset, cls, load_weights=True, dtype=None, resolver=None, **kwargs):
     from core.presets import keras_hub_format, transformers_import
 
-    directory = resolve_handle(preset)
+    directory = _directory(preset, resolver)
     if transformers_import.is_transformers_checkpoint(directory):
         return transformers_import.load_task(directory, cls, load_weights, dtype, **kwargs)
     return keras_hub_format.load_task(directory, cls, load_weights, dtype, **kwargs)
 
 
-def load_backbone(preset, cls, load_weights=True, dtype=None):
+def load_backbone(preset, cls, load_weights=True, dtype=None, resolver=None):
     from core.presets import keras_hub_format, transformers_import
 
-    directory = resolve_handle(preset)
+    directory = _directory(preset, resolver)
     if transformers_import.is_transformers_checkpoint(directory):
         backbone = transformers_import.load_backbone(directory, load_weights, dtype)
     else:
@@ -35,10 +44,10 @@ def load_backbone(preset, cls, load_weights=True, dtype=None):
     return backbone
 
 
-def load_preprocessor(preset, cls, **overrides):
+def load_preprocessor(preset, cls, resolver=None, **overrides):
     from core.presets import keras_hub_format, transformers_import
 
-    directory = resolve_handle(preset)
+    directory = _directory(preset, resolver)
     if transformers_import.is_transformers_checkpoint(directory):
         preprocessor = transformers_import.load_preprocessor(directory, **overrides)
         if preprocessor is None:
@@ -50,8 +59,8 @@ def load_preprocessor(preset, cls, **overrides):
     return preprocessor
 
 
-def load_tokenizer(preset, cls):
-    tokenizer = load_preprocessor(preset, cls=object).tokenizer
+def load_tokenizer(preset, cls, resolver=None):
+    tokenizer = load_preprocessor(preset, cls=object, resolver=resolver).tokenizer
     if not isinstance(tokenizer, cls):
         raise ValueError(f"Preset {preset!r} holds a {type(tokenizer).__name__}, not a {cls.__name__}.")
     return tokenizer

@@ -7,7 +7,6 @@ or torch.
 from core.names import JobKind, JobState
 from core.store.db import SchemaOutOfDate, session_scope, sessions, upgrade
 from core.store.models import Job, JobEvent, JobItem, Preset
-from core.store.presets import lookup_preset_path
 
 __all__ = [
     "Job",
@@ -17,7 +16,6 @@ __all__ = [
     "JobState",
     "Preset",
     "SchemaOutOfDate",
-    "lookup_preset_path",
     "session_scope",
     "sessions",
     "upgrade",
