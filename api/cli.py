@@ -433,8 +433,8 @@ def cmd_db(args) -> int:
 
 def cmd_worker(args) -> int:
     """A Celery worker (solo pool: one job at a time, models pinned in this process)."""
-    from workers.celery_app import make_celery, worker_name, worker_queue
-    from workers.runner import process_runner
+    from workers.celery_app import make_celery, worker_queue
+    from workers.runner import process_runner, worker_name
 
     settings = load_settings()
     if settings.broker_url is None:

@@ -8,9 +8,6 @@ so the API and `lmq submit` can enqueue through it.
 
 from __future__ import annotations
 
-import os
-import socket
-
 from celery import Celery
 
 from core.config import Settings
@@ -70,8 +67,3 @@ def enqueue_job(app: Celery, settings: Settings, job_id: str, kind: str) -> None
         with session_scope(sessions(settings)) as session:
             queries.finish_job(session, job_id, JobState.failed, error=f"could not enqueue: {error}")
         raise
-
-
-def worker_name() -> str:
-    """This process, as Celery and the job records name it."""
-    return f"lmq-{os.getpid()}@{socket.gethostname()}"

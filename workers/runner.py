@@ -10,13 +10,14 @@ at any moment loses at most the micro-batch it was running.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from typing import Callable
 
 from core.config import Settings
 from core.store import JobKind, JobState, queries, session_scope, sessions
 from core.store.presets import store_resolver
 from workers.batching import Prompt, is_out_of_memory, plan_micro_batches
-from workers.celery_app import worker_name
 from workers.pool import ModelPool
 
 logger = logging.getLogger(__name__)
@@ -167,6 +168,11 @@ class JobRunner:
     def report_progress(self, done: int, total: int) -> None:
         if self.on_progress is not None:
             self.on_progress(done, total)
+
+
+def worker_name() -> str:
+    """This process, as the job records (and Celery, for `lmq worker`) name it; see api.dispatch.runner_is_gone."""
+    return f"lmq-{os.getpid()}@{socket.gethostname()}"
 
 
 def pool_from_settings(settings: Settings) -> ModelPool:
