@@ -6,7 +6,6 @@ settings and the plugin registry's records, never keras or torch, so it starts
 in about a second and never builds a model.
 """
 
-import json
 import logging
 import re
 from collections.abc import Iterator
@@ -22,12 +21,14 @@ from sqlalchemy.orm import Session
 from api import schemas
 from api.auth import current_tenant
 from api.dispatch import BrokerUnavailable, dispatch_for
+from api.jobs import OutputPresetTaken, store_job
 from core.config import Settings, load_settings
+from core.names import is_preset_name
 from core.plugins import get_registry
 from core.presets import PresetNotFound
 from core.store import JobKind, JobState, SchemaOutOfDate, queries, session_scope, sessions
 from core.store.db import get_engine
-from core.store.presets import check_preset_name, store_resolver
+from core.store.presets import store_resolver
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     if earlier is not None:
                         return replayed(response, earlier)
                 preset = checked_preset(session, settings, job.preset)
-                summary = queries.job_summary(create_job(session, job, preset, tenant, idempotency_key))
+                try:
+                    stored = store_job(session, job, preset, tenant=tenant, idempotency_key=idempotency_key)
+                except OutputPresetTaken as error:
+                    raise HTTPException(409, detail=f"output_preset: {error}") from None
+                summary = queries.job_summary(stored)
         except IntegrityError:
             # The same key arrived twice at once: the request that wrote first made the job.
             if idempotency_key is None:
@@ -187,7 +192,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     def show_preset(name: str, tenant: str = Tenant, session: Session = DB):
         """A preset in the store, or else a plugin's built-in preset of that name."""
-        if is_store_name(name) and (stored := queries.get_preset(session, name)) is not None:
+        if is_preset_name(name) and (stored := queries.get_preset(session, name)) is not None:
             return queries.preset_summary(stored)
         if (builtin := get_registry().find_preset(name)) is not None:
             architecture, info = builtin
@@ -232,30 +237,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 # ---------------------------------------------------------------- helpers
 
 
-def create_job(session: Session, job, preset: str, tenant: str, idempotency_key: str | None):
-    if job.kind == JobKind.generate.value:
-        return queries.create_generate_job(
-            session,
-            preset=preset,
-            inputs=[item.model_dump(exclude_none=True) for item in job.inputs],
-            params=schemas.job_params(job.params),
-            tenant=tenant,
-            idempotency_key=idempotency_key,
-        )
-    if queries.get_preset(session, job.output_preset) is not None:
-        raise HTTPException(409, detail=f"output_preset: preset {job.output_preset!r} already exists in the store")
-    return queries.create_fit_job(
-        session,
-        preset=preset,
-        training_data=[row.model_dump(exclude_none=True) for row in job.training_data],
-        validation_data=[row.model_dump(exclude_none=True) for row in job.validation_data or []],
-        hyperparameters=schemas.job_params(job.hyperparameters),
-        output_preset=job.output_preset,
-        tenant=tenant,
-        idempotency_key=idempotency_key,
-    )
-
-
 def replayed(response: Response, job) -> dict:
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     response.headers["Idempotent-Replayed"] = "true"
@@ -278,7 +259,7 @@ def checked_preset(session: Session, settings: Settings, handle: str) -> str:
             f"preset {handle!r} is not in the preset store, not a built-in name, not an hf:// or "
             "kaggle:// handle, and not a directory under LMQ_PRESET_ROOTS",
         ) from None
-    if location == handle or (is_store_name(handle) and queries.get_preset(session, handle) is not None):
+    if location == handle or (is_preset_name(handle) and queries.get_preset(session, handle) is not None):
         return handle
     return location
 
@@ -304,15 +285,7 @@ def result_lines(settings: Settings, job_id: str) -> Iterator[bytes]:
     """Streamed from a session of its own, which lives as long as the response."""
     with session_scope(sessions(settings)) as session:
         for line in queries.job_results(session, job_id):
-            yield (json.dumps(line, ensure_ascii=False) + "\n").encode()
-
-
-def is_store_name(name: str) -> bool:
-    try:
-        check_preset_name(name)
-    except ValueError:
-        return False
-    return True
+            yield schemas.jsonl(line).encode()
 
 
 def architecture_summary(architecture) -> dict:
@@ -342,10 +315,11 @@ def add_error_handlers(app: FastAPI) -> None:
     async def invalid_request(request: Request, error: RequestValidationError):
         """422 naming each bad field; the offending input is not echoed back (it may be huge)."""
         problems = [
-            {"loc": error_location(problem), "msg": problem["msg"], "type": problem["type"]}
-            for problem in error.errors()
+            {"loc": problem["loc"], "msg": problem["msg"], "type": problem["type"]}
+            for problem in schemas.problems(error.errors())
         ]
-        message = "; ".join(f"{field_name(p['loc'])}: {p['msg']}" for p in problems[:10])
+        # "inputs[0].prompt: ..." for a body's field, "cursor: ..." for a query parameter.
+        message = "; ".join(f"{schemas.field_name(p['loc'][1:]) or p['loc'][0]}: {p['msg']}" for p in problems[:10])
         return JSONResponse(status_code=422, content={"detail": problems, "message": message})
 
     @app.exception_handler(OperationalError)
@@ -356,25 +330,3 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SchemaOutOfDate)
     async def schema_out_of_date(request: Request, error: SchemaOutOfDate):
         return JSONResponse(status_code=503, content={"detail": str(error)})
-
-
-def error_location(problem: dict) -> list:
-    """Where a problem is; a bad or missing `kind` is placed on `kind` itself, not the whole body."""
-    location = list(problem["loc"])
-    if problem["type"] in ("union_tag_invalid", "union_tag_not_found"):
-        location.append(problem["ctx"]["discriminator"].strip("'"))
-    return location
-
-
-def field_name(location: list) -> str:
-    """("body", "generate", "inputs", 0, "prompt") -> "inputs[0].prompt".
-
-    Union members' tags (pydantic's "literal[...]", "function-after[...]") are left out.
-    """
-    parts = [part for part in location[1:] if not (isinstance(part, str) and "[" in part)]
-    if location[:1] == ["body"] and parts[:1] in (["generate"], ["fit"]):
-        parts = parts[1:]
-    name = ""
-    for part in parts:
-        name += f"[{part}]" if isinstance(part, int) else f".{part}" if name else str(part)
-    return name or str(location[0])

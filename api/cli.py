@@ -22,19 +22,17 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import NoReturn
 
+from api import cli_remote
+from api.cli_jobs import BadInput, JobFromFlags, check_output, report_finished, write_jsonl
+from api.jobs import OutputPresetTaken, store_job
 from core.config import Settings, SettingsError, load_settings
+from core.names import DTYPES, SAMPLER_NAMES, TERMINAL_STATES, JobKind, JobState, check_preset_name
 from core.presets import PresetNotFound
-from core.store import JobKind, JobState, SchemaOutOfDate, queries, session_scope, sessions
+from core.store import SchemaOutOfDate, queries, session_scope, sessions
 from core.store.db import database_exists
-from core.store.presets import check_preset_name, preset_architecture, store_resolver
+from core.store.presets import preset_architecture, store_resolver
 
-SAMPLERS = ("greedy", "top_k", "top_p", "random", "beam", "contrastive")
-TERMINAL = ("succeeded", "failed", "cancelled")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-class BadInput(Exception):
-    """A problem with what the user asked for: exit 2, nothing written."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -45,99 +43,6 @@ class Parser(argparse.ArgumentParser):
 def fail(message: str) -> NoReturn:
     print(f"lmq: error: {message}", file=sys.stderr)
     raise SystemExit(2)
-
-
-# ---------------------------------------------------------------- input files
-
-
-def read_jsonl(path: str, field: str) -> list[dict]:
-    """Rows of a JSONL file ("-" is stdin), each an object with a string `field`."""
-    name = "stdin" if path == "-" else path
-    if path == "-":
-        lines = sys.stdin.read().splitlines()
-    else:
-        try:
-            lines = Path(path).read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            raise BadInput(f"input file {path!r} does not exist") from None
-        except (OSError, UnicodeDecodeError) as error:
-            raise BadInput(f"cannot read input file {path!r}: {error}") from None
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise BadInput(f"{name} line {number}: not valid JSON ({error.msg})") from None
-        if not isinstance(row, dict):
-            raise BadInput(f"{name} line {number}: expected a JSON object, got {type(row).__name__}")
-        if field not in row:
-            raise BadInput(f"{name} line {number}: missing field {field!r}")
-        if not isinstance(row[field], str):
-            raise BadInput(f"{name} line {number}: {field!r} must be a string, got {type(row[field]).__name__}")
-        rows.append(row)
-    if not rows:
-        raise BadInput(f"{name} has no inputs")
-    return rows
-
-
-def at_least(value: int | float | None, minimum: int | float, flag: str) -> None:
-    if value is not None and value < minimum:
-        raise BadInput(f"{flag} must be at least {minimum}, got {value}")
-
-
-def parse_sampler(value: str | None):
-    """A sampler name, or a JSON object such as '{"name": "top_p", "p": 0.9}'."""
-    if value is None:
-        return None
-    if value.lstrip().startswith("{"):
-        try:
-            sampler = json.loads(value)
-        except json.JSONDecodeError as error:
-            raise BadInput(f"--sampler is not valid JSON ({error.msg})") from None
-        name = sampler.get("name")
-    else:
-        sampler = name = value
-    if name not in SAMPLERS:
-        raise BadInput(f"--sampler {name!r} is not one of {', '.join(SAMPLERS)}")
-    return sampler
-
-
-def generate_params(args) -> dict:
-    at_least(args.max_length, 1, "--max-length")
-    at_least(args.max_new_tokens, 1, "--max-new-tokens")
-    at_least(args.micro_batch_size, 1, "--micro-batch-size")
-    params = {
-        "max_length": args.max_length,
-        "max_new_tokens": args.max_new_tokens,
-        "sampler": parse_sampler(args.sampler) or "greedy",
-        "seed": args.seed,
-        "stop_token_ids": "auto",
-        "stop": args.stop,
-        "strip_prompt": args.strip_prompt,
-        "dtype": args.dtype,
-        "micro_batch_size": args.micro_batch_size,
-    }
-    return {key: value for key, value in params.items() if value is not None}
-
-
-def fit_hyperparameters(args) -> dict:
-    at_least(args.epochs, 1, "--epochs")
-    at_least(args.batch_size, 1, "--batch-size")
-    at_least(args.sequence_length, 2, "--sequence-length")
-    at_least(args.lora_rank, 1, "--lora-rank")
-    if args.learning_rate is not None and not args.learning_rate > 0:
-        raise BadInput(f"--learning-rate must be positive, got {args.learning_rate}")
-    params = {
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "learning_rate": args.learning_rate,
-        "sequence_length": args.sequence_length,
-        "lora_rank": args.lora_rank,
-        "dtype": args.dtype,
-    }
-    return {key: value for key, value in params.items() if value is not None}
 
 
 # ---------------------------------------------------------------- creating jobs
@@ -152,43 +57,21 @@ def open_store(settings: Settings):
 
 def create_job(settings: Settings, kind: str, args) -> str:
     """Check everything about the job, then write it; returns the job id."""
-    if kind == JobKind.generate.value:
-        params = generate_params(args)
-        inputs = [
-            {"custom_id": row.get("custom_id"), "prompt": row["prompt"]}
-            for row in read_jsonl(args.input, "prompt")
-        ]
-    else:
-        params = fit_hyperparameters(args)
-        check_name(args.output_preset)
-        training = [{"text": row["text"]} for row in read_jsonl(args.input, "text")]
-        validation = (
-            [{"text": row["text"]} for row in read_jsonl(args.validation, "text")]
-            if args.validation
-            else None
-        )
+    job = JobFromFlags(kind, args).checked(settings.limits)
     # Check against the store without creating it: bad input leaves no trace, not even a database.
     existing = open_store(settings) if database_exists(settings) else None
     with session_scope(existing) if existing else nullcontext() as session:
         try:
-            store_resolver(session).locate(args.preset)
+            store_resolver(session).locate(job.preset)
         except PresetNotFound as error:
             raise BadInput(str(error)) from None
-        if kind == JobKind.fit.value and session and queries.get_preset(session, args.output_preset):
-            raise BadInput(f"preset {args.output_preset!r} already exists in the store")
+        if kind == JobKind.fit.value and session and queries.get_preset(session, job.output_preset):
+            raise BadInput(f"preset {job.output_preset!r} already exists in the store")
     with session_scope(existing or open_store(settings)) as session:
-        if kind == JobKind.generate.value:
-            job = queries.create_generate_job(session, preset=args.preset, inputs=inputs, params=params)
-        else:
-            job = queries.create_fit_job(
-                session,
-                preset=args.preset,
-                training_data=training,
-                validation_data=validation,
-                hyperparameters=params,
-                output_preset=args.output_preset,
-            )
-        return job.id
+        try:
+            return store_job(session, job, job.preset, tenant="local").id
+        except OutputPresetTaken as error:
+            raise BadInput(str(error)) from None
 
 
 def check_name(name: str) -> None:
@@ -207,9 +90,7 @@ def cmd_run_here(args) -> int:
 
     from workers.runner import JobRunner, pool_from_settings
 
-    output = getattr(args, "output", None)
-    if output and output != "-" and not Path(output).resolve().parent.is_dir():
-        raise BadInput(f"output directory {str(Path(output).parent)!r} does not exist")
+    check_output(getattr(args, "output", None))
     settings = load_settings()
     job_id = create_job(settings, args.command, args)
     unit = "prompt" if args.command == "generate" else "step"
@@ -231,37 +112,12 @@ def cmd_run_here(args) -> int:
         job = queries.get_job(session, job_id)
         summary = queries.job_summary(job)
         if args.command == "generate":
-            write_results(session, job_id, args.output)
+            write_jsonl(queries.job_results(session, job_id), args.output)
     return report_finished(summary)
-
-
-def report_finished(summary: dict) -> int:
-    counts = summary["counts"]
-    line = f"lmq: job {summary['id']} {summary['status']}"
-    if summary["kind"] == "generate":
-        line += f": {counts['completed']} completed, {counts['failed']} failed of {counts['total']}"
-    elif summary["output_preset"] and summary["status"] == "succeeded":
-        line += f": preset {summary['output_preset']!r} registered"
-    if summary["error"]:
-        line += f": {summary['error']}"
-    print(line, file=sys.stderr)
-    return 0 if summary["status"] == "succeeded" else 1
-
-
-def write_results(session, job_id: str, output: str | None) -> None:
-    stream = open(output, "w", encoding="utf-8") if output and output != "-" else sys.stdout
-    try:
-        for line in queries.job_results(session, job_id):
-            stream.write(json.dumps(line, ensure_ascii=False) + "\n")
-    finally:
-        if stream is not sys.stdout:
-            stream.close()
 
 
 def cmd_submit(args) -> int:
     if args.server:
-        from api import cli_remote
-
         return cli_remote.submit(args)
     from kombu.exceptions import OperationalError
 
@@ -307,7 +163,7 @@ def watch(settings: Settings, job_id: str, poll_seconds: float = 0.5) -> int:
                 summary = queries.job_summary(require_job(session, job_id))
             bar.n = round(summary["progress"] * 100)
             bar.set_postfix_str(summary["status"])
-            if summary["status"] in TERMINAL:
+            if summary["status"] in TERMINAL_STATES:
                 break
             time.sleep(poll_seconds)
     print(json.dumps(summary))
@@ -316,8 +172,6 @@ def watch(settings: Settings, job_id: str, poll_seconds: float = 0.5) -> int:
 
 def cmd_jobs(args) -> int:
     if args.server:
-        from api import cli_remote
-
         return cli_remote.jobs(args)
     settings = load_settings()
     if args.action == "watch":
@@ -330,7 +184,7 @@ def cmd_jobs(args) -> int:
             print(json.dumps(queries.job_summary(require_job(session, args.id)), indent=2))
         elif args.action == "results":
             require_job(session, args.id)
-            write_results(session, args.id, args.output)
+            write_jsonl(queries.job_results(session, args.id), args.output)
         elif args.action == "events":
             require_job(session, args.id)
             for event in queries.job_events(session, args.id):
@@ -483,11 +337,11 @@ def add_generate_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help='JSONL with {"custom_id", "prompt"} per line; "-" reads stdin')
     parser.add_argument("--max-length", type=int)
     parser.add_argument("--max-new-tokens", type=int)
-    parser.add_argument("--sampler", help=f"one of {', '.join(SAMPLERS)}, or a JSON object")
+    parser.add_argument("--sampler", help=f"one of {', '.join(SAMPLER_NAMES)}, or a JSON object")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stop", action="append", help="a stop string (repeatable)")
     parser.add_argument("--strip-prompt", action="store_true", default=None)
-    parser.add_argument("--dtype", help="e.g. float32, bfloat16 (default: the preset's)")
+    parser.add_argument("--dtype", help=f"one of {', '.join(DTYPES)} (default: the preset's)")
     parser.add_argument("--micro-batch-size", type=int, help="prompts per micro-batch")
 
 
@@ -501,7 +355,7 @@ def add_fit_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--sequence-length", type=int)
     parser.add_argument("--lora-rank", type=int)
-    parser.add_argument("--dtype")
+    parser.add_argument("--dtype", help=f"one of {', '.join(DTYPES)} (default: the preset's)")
 
 
 def build_parser() -> Parser:
@@ -536,7 +390,7 @@ def build_parser() -> Parser:
     worker = commands.add_parser("worker", help="run a Celery worker")
     worker.add_argument("--queues", default="generate,fit", help="job kinds or queue names")
     worker.add_argument("--preload", action="append", default=[], metavar="HANDLE")
-    worker.add_argument("--dtype", help="dtype for preloaded presets")
+    worker.add_argument("--dtype", choices=DTYPES, help="dtype for preloaded presets (default: each preset's)")
     worker.add_argument("--loglevel", default="INFO")
     worker.set_defaults(handler=cmd_worker)
 

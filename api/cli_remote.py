@@ -12,8 +12,9 @@ import sys
 
 import httpx
 
-from api.cli import BadInput, fit_hyperparameters, generate_params, read_jsonl, report_finished
+from api.cli_jobs import BadInput, JobFromFlags, report_finished, write_jsonl
 from api.client import ApiError, Client
+from core.config import load_settings
 
 
 def client_for(args) -> Client:
@@ -21,32 +22,10 @@ def client_for(args) -> Client:
 
 
 def job_body(kind: str, args) -> dict:
-    """The POST /v1/jobs body for `lmq submit KIND` (input files read and checked here first)."""
-    if kind == "generate":
-        return {
-            "kind": "generate",
-            "preset": args.preset,
-            "inputs": [
-                {"custom_id": as_label(row.get("custom_id")), "prompt": row["prompt"]}
-                for row in read_jsonl(args.input, "prompt")
-            ],
-            "params": generate_params(args),
-        }
-    body = {
-        "kind": "fit",
-        "preset": args.preset,
-        "training_data": [{"text": row["text"]} for row in read_jsonl(args.input, "text")],
-        "hyperparameters": fit_hyperparameters(args),
-        "output_preset": args.output_preset,
-    }
-    if args.validation:
-        body["validation_data"] = [{"text": row["text"]} for row in read_jsonl(args.validation, "text")]
-    return body
-
-
-def as_label(custom_id) -> str | None:
-    """JSONL ids may be numbers; the API takes strings, as the store keeps them."""
-    return None if custom_id is None else str(custom_id)
+    """The POST /v1/jobs body for `lmq submit KIND`, checked here first against this
+    environment's LMQ_MAX_* limits (the server checks it again, against its own)."""
+    job = JobFromFlags(kind, args).checked(load_settings().limits)
+    return job.model_dump(mode="json", exclude_none=True)
 
 
 def submit(args) -> int:
@@ -79,9 +58,9 @@ def _jobs(client: Client, args) -> int:
         print(json.dumps(client.job(args.id), indent=2))
     elif args.action == "results":
         client.job(args.id)  # a 404 before an output file is opened
-        write_lines(client.results(args.id), args.output)
+        write_jsonl(client.results(args.id), args.output)
     elif args.action == "events":
-        write_lines(client.events(args.id), None)
+        write_jsonl(client.events(args.id), None)
     elif args.action == "watch":
         return follow(client, args.id)
     elif args.action == "cancel":
@@ -106,16 +85,6 @@ def follow(client: Client, job_id: str) -> int:
         summary = client.wait(job_id, on_update=show)
     print(json.dumps(summary))
     return report_finished(summary)
-
-
-def write_lines(lines, output: str | None) -> None:
-    stream = open(output, "w", encoding="utf-8") if output and output != "-" else sys.stdout
-    try:
-        for line in lines:
-            stream.write(json.dumps(line, ensure_ascii=False) + "\n")
-    finally:
-        if stream is not sys.stdout:
-            stream.close()
 
 
 def talking_to(server: str, call) -> int:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import httpx
 
-TERMINAL = ("succeeded", "failed", "cancelled")
+from core.names import TERMINAL_STATES
 
 
 class ApiError(Exception):
@@ -92,7 +92,7 @@ class Client:
             summary = self.job(job_id)
             if on_update is not None:
                 on_update(summary)
-            if summary["status"] in TERMINAL:
+            if summary["status"] in TERMINAL_STATES:
                 return summary
             time.sleep(poll_seconds)
 

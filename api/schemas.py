@@ -1,33 +1,54 @@
-"""Request and response bodies of the HTTP API.
+"""Request and response bodies of the HTTP API, and the one job request model.
 
 Request models are built from the settings' limits (`job_request`), so the
 limits show in the OpenAPI document and every bad body is a 422 that names
-its field. Unknown fields are refused: a misspelt parameter in a batch job
-of a million prompts should fail at once, not be silently ignored.
+its field. The CLI builds the same body from its flags and files and checks
+it through the same model (`parse_job`), so `lmq generate` refuses exactly
+what the server refuses, before any model loads. Unknown fields are refused:
+a misspelt parameter in a batch job of a million prompts should fail at once,
+not be silently ignored.
 """
 
 from __future__ import annotations
 
+import json
+from functools import lru_cache
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    TypeAdapter,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from core.config import Limits
+from core.names import DTYPES, PRESET_NAME_PATTERN, SAMPLER_ARGUMENTS, SAMPLER_NAMES, check_preset_name
 
-SamplerName = Literal["greedy", "top_k", "top_p", "random", "beam", "contrastive"]
-Dtype = Literal["float32", "float16", "bfloat16"]
-PRESET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+SamplerName = Literal[SAMPLER_NAMES]
+Dtype = Literal[DTYPES]
 MAX_SEED = 2**31 - 1
 MAX_TOKEN_ID = 2**31 - 1
-# What each sampler takes besides temperature and seed (core.samplers' constructors).
-SAMPLER_ARGUMENTS = {
-    "greedy": set(),
-    "random": set(),
-    "top_k": {"k"},
-    "top_p": {"p", "k"},
-    "beam": {"num_beams"},
-    "contrastive": {"k", "alpha"},
-}
+SEQ2SEQ_NOT_YET = (
+    "sequence-to-sequence {fields} is not supported yet (no architecture is a Seq2SeqLM); give {instead}"
+)
+# The branch tags pydantic puts into an error's location; field names leave them out.
+SAMPLER_BY_NAME, SAMPLER_WITH_ARGUMENTS = "sampler-name", "sampler-object"
+UNION_TAGS = ("generate", "fit", SAMPLER_BY_NAME, SAMPLER_WITH_ARGUMENTS)
+
+
+def _a_string(value: Any) -> Any:
+    """A JSONL prompt of 5 is named as a non-string ("must be a string, got int")."""
+    if not isinstance(value, str):
+        raise PydanticCustomError("string_type", "must be a string, got {type}", {"type": type(value).__name__})
+    return value
 
 
 def _encodable(value: str) -> str:
@@ -46,10 +67,28 @@ def _no_nul(value: str) -> str:
     return value
 
 
+def _preset_name(value: str) -> str:
+    try:
+        return check_preset_name(value)
+    except ValueError as error:
+        raise PydanticCustomError("preset_name", str(error)) from None
+
+
 def text(max_length: int, *, min_length: int = 1, label: bool = False):
     """A string type with length limits; a label (stored in a plain SQL column) also refuses NUL."""
     checks = (AfterValidator(_encodable), AfterValidator(_no_nul)) if label else (AfterValidator(_encodable),)
-    return Annotated[str, StringConstraints(min_length=min_length, max_length=max_length), *checks]
+    return Annotated[
+        str, StringConstraints(min_length=min_length, max_length=max_length), BeforeValidator(_a_string), *checks
+    ]
+
+
+# The store name of a fit job's result; the pattern shows in OpenAPI, the check names the rule.
+PresetName = Annotated[
+    str,
+    BeforeValidator(_a_string),
+    AfterValidator(_preset_name),
+    Field(json_schema_extra={"pattern": PRESET_NAME_PATTERN}),
+]
 
 
 class Strict(BaseModel):
@@ -70,12 +109,20 @@ class SamplerConfig(Strict):
     @model_validator(mode="after")
     def arguments_it_takes(self):
         given = {name for name in self.model_fields_set if getattr(self, name) is not None}
-        unknown = given - {"name", "temperature", "seed"} - SAMPLER_ARGUMENTS[self.name]
+        unknown = given - {"name", "temperature", "seed"} - set(SAMPLER_ARGUMENTS[self.name])
         if unknown:
             raise ValueError(f"sampler {self.name!r} takes no {', '.join(sorted(unknown))}")
         return self
 
 
+# A name ("top_k") or an object ({"name": "top_k", "k": 5}); only the matching branch's errors are reported.
+Sampler = Annotated[
+    Union[Annotated[SamplerName, Tag(SAMPLER_BY_NAME)], Annotated[SamplerConfig, Tag(SAMPLER_WITH_ARGUMENTS)]],
+    Discriminator(lambda value: SAMPLER_WITH_ARGUMENTS if isinstance(value, (dict, SamplerConfig)) else SAMPLER_BY_NAME),
+]
+
+
+@lru_cache
 def job_request(limits: Limits) -> Any:
     """The POST /v1/jobs body, a generate or a fit job told apart by `kind`, with this deployment's limits."""
     Prompt = text(limits.prompt_chars)
@@ -83,22 +130,26 @@ def job_request(limits: Limits) -> Any:
     PresetHandle = text(512, label=True)
 
     class GenerateInput(Strict):
-        """A prompt, or `encoder_text` for a sequence-to-sequence model."""
+        """A prompt (`encoder_text` is for sequence-to-sequence models, which lmq does not run yet)."""
 
         custom_id: CustomId | None = None
         prompt: Prompt | None = None
         encoder_text: Prompt | None = None
 
         @model_validator(mode="after")
-        def one_text(self):
-            if (self.prompt is None) == (self.encoder_text is None):
-                raise ValueError("give exactly one of prompt and encoder_text")
+        def a_prompt(self):
+            if self.encoder_text is not None:
+                raise PydanticCustomError(
+                    "seq2seq", SEQ2SEQ_NOT_YET.format(fields="generation (encoder_text)", instead="a prompt")
+                )
+            if self.prompt is None:
+                raise PydanticCustomError("missing_text", "missing field 'prompt'")
             return self
 
     class GenerateParams(Strict):
         max_length: int | None = Field(None, ge=1, le=limits.max_length)
         max_new_tokens: int | None = Field(None, ge=1, le=limits.max_new_tokens)
-        sampler: SamplerName | SamplerConfig = "greedy"
+        sampler: Sampler = "greedy"
         seed: int | None = Field(None, ge=0, le=MAX_SEED)
         stop_token_ids: Literal["auto"] | list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]] | None = Field(
             "auto", max_length=64
@@ -115,17 +166,21 @@ def job_request(limits: Limits) -> Any:
         params: GenerateParams = Field(default_factory=GenerateParams)
 
     class TrainingExample(Strict):
-        """A text, or an `encoder_text`/`decoder_text` pair for a sequence-to-sequence model."""
+        """A text (`encoder_text`/`decoder_text` pairs are for sequence-to-sequence models, not run yet)."""
 
         text: Prompt | None = None
         encoder_text: Prompt | None = None
         decoder_text: Prompt | None = None
 
         @model_validator(mode="after")
-        def one_kind(self):
-            pair = (self.encoder_text is not None, self.decoder_text is not None)
-            if (self.text is not None) == any(pair) or (any(pair) and not all(pair)):
-                raise ValueError("give either text, or both encoder_text and decoder_text")
+        def a_text(self):
+            if self.encoder_text is not None or self.decoder_text is not None:
+                raise PydanticCustomError(
+                    "seq2seq",
+                    SEQ2SEQ_NOT_YET.format(fields="training (encoder_text, decoder_text)", instead="a text"),
+                )
+            if self.text is None:
+                raise PydanticCustomError("missing_text", "missing field 'text'")
             return self
 
     class Hyperparameters(Strict):
@@ -142,14 +197,56 @@ def job_request(limits: Limits) -> Any:
         training_data: list[TrainingExample] = Field(min_length=1, max_length=limits.inputs_per_job)
         validation_data: list[TrainingExample] | None = Field(None, max_length=limits.inputs_per_job)
         hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
-        output_preset: str = Field(pattern=PRESET_NAME_PATTERN, description="the store name of the result")
+        output_preset: PresetName = Field(description="the store name of the result")
 
     return Union[GenerateJobRequest, FitJobRequest]
+
+
+@lru_cache
+def _job_adapter(limits: Limits) -> TypeAdapter:
+    return TypeAdapter(Annotated[job_request(limits), Field(discriminator="kind")])
+
+
+def parse_job(body: dict, limits: Limits) -> BaseModel:
+    """The job request a body describes, or pydantic's ValidationError (see `problems`)."""
+    return _job_adapter(limits).validate_python(body)
+
+
+def problems(errors: list[dict]) -> list[dict]:
+    """Validation problems (`ValidationError.errors()`), each at the field it is about (union tags left out).
+
+    A bad or missing `kind` is placed on `kind` itself, not the whole body.
+    """
+    found = []
+    for problem in errors:
+        location = [part for part in problem["loc"] if not is_union_tag(part)]
+        if problem["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            location.append(problem["ctx"]["discriminator"].strip("'"))
+        found.append({**problem, "loc": location})
+    return found
+
+
+def is_union_tag(part) -> bool:
+    """pydantic's "literal[...]", "function-after[...]" or one of the tags above."""
+    return isinstance(part, str) and ("[" in part or part in UNION_TAGS)
+
+
+def field_name(location: list) -> str:
+    """["params", "sampler", "p"] -> "params.sampler.p"; ["inputs", 0, "prompt"] -> "inputs[0].prompt"."""
+    name = ""
+    for part in location:
+        name += f"[{part}]" if isinstance(part, int) else f".{part}" if name else str(part)
+    return name
 
 
 def job_params(model: BaseModel) -> dict:
     """Parameters as the job runner reads them: no nulls, samplers as plain JSON."""
     return model.model_dump(mode="json", exclude_none=True)
+
+
+def jsonl(record: dict) -> str:
+    """One line of a JSONL file or an NDJSON stream (results, listings): text kept as it is."""
+    return json.dumps(record, ensure_ascii=False) + "\n"
 
 
 # ---------------------------------------------------------------- responses

@@ -55,6 +55,14 @@ def nothing_written(home):
         (['{"prompt": "ok"}'], ["--max-new-tokens", "-3"], "--max-new-tokens must be at least 1"),
         (['{"prompt": "ok"}'], ["--sampler", "nucleus"], "--sampler 'nucleus' is not one of greedy"),
         (['{"prompt": "ok"}'], ["--max-length", "ten"], "argument --max-length: invalid int value"),
+        # The job request model's own checks and limits, as POST /v1/jobs applies them.
+        (['{"prompt": "ok"}'], ["--sampler", '{"name": "top_k", "p": 0.5}'], "--sampler: sampler 'top_k' takes no p"),
+        (['{"prompt": "ok"}'], ["--sampler", '{"name": "top_p", "p": 1.5}'], "--sampler p must be at most 1.0, got 1.5"),
+        (['{"prompt": "ok"}'], ["--sampler", '{"name": "top_p"'], "--sampler is not valid JSON"),
+        (['{"prompt": "ok"}'], ["--max-new-tokens", "5000"], "--max-new-tokens must be at most 4096, got 5000"),
+        (['{"prompt": "ok"}'], ["--dtype", "float17"], "--dtype 'float17' is not one of float32, float16 or bfloat16"),
+        (['{"prompt": "ok"}', '{"prompt": ""}'], [], "in.jsonl line 2: 'prompt' must not be empty"),
+        (['{"prompt": "ok"}', "", '{"encoder_text": "x"}'], [], "in.jsonl line 3: sequence-to-sequence generation"),
     ],
 )
 def test_bad_generate_input_is_one_line_exit_2_and_writes_nothing(
@@ -66,6 +74,37 @@ def test_bad_generate_input_is_one_line_exit_2_and_writes_nothing(
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("lmq: error: ") and message in err
     assert out == "" and not output.exists()
+    assert nothing_written(lmq_home)
+
+
+def test_a_bad_sampler_is_refused_before_keras_is_imported(lmq_home, tmp_path, preset_dir):
+    """Not only before the model loads: before the model library is imported at all."""
+    source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "ok"}])
+    code = (
+        "import sys\n"
+        "from api.cli import main\n"
+        "try:\n"
+        f"    main(['generate', '--preset', {preset_dir!r}, {source!r}, '--sampler', '{{\"name\": \"top_k\", \"p\": 0.5}}'])\n"
+        "except SystemExit as exit:\n"
+        "    assert exit.code == 2, exit.code\n"
+        "assert 'keras' not in sys.modules and 'torch' not in sys.modules, 'the model library was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "lmq: error: --sampler: sampler 'top_k' takes no p\n"
+    assert nothing_written(lmq_home)
+
+
+def test_the_limits_are_the_servers(capsys, lmq_home, monkeypatch, tmp_path, preset_dir):
+    """LMQ_MAX_* bound `lmq generate` as they bound POST /v1/jobs."""
+    monkeypatch.setenv("LMQ_MAX_PROMPT_CHARS", "4")
+    monkeypatch.setenv("LMQ_MAX_INPUTS", "2")
+    source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "ok"}, {"prompt": "too long"}])
+    code, _, err = run_cli(capsys, "generate", "--preset", preset_dir, source)
+    assert code == 2 and "in.jsonl line 2: 'prompt' must be at most 4 characters long" in err
+    source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}] * 3)
+    code, _, err = run_cli(capsys, "generate", "--preset", preset_dir, source)
+    assert code == 2 and "in.jsonl has 3 entries, more than the 2 allowed" in err
     assert nothing_written(lmq_home)
 
 
@@ -88,6 +127,7 @@ def test_missing_input_file_is_named(capsys, lmq_home, tmp_path, preset_dir):
         (["--output-preset", "bad name!"], "preset name 'bad name!' is not valid"),
         (["--output-preset", "ok", "--epochs", "0"], "--epochs must be at least 1"),
         (["--output-preset", "ok", "--learning-rate", "-1"], "--learning-rate must be positive"),
+        (["--output-preset", "ok", "--dtype", "float17"], "--dtype 'float17' is not one of float32"),
     ],
 )
 def test_bad_fit_input(capsys, lmq_home, tmp_path, preset_dir, extra, message):
@@ -101,6 +141,14 @@ def test_fit_needs_text_lines(capsys, lmq_home, tmp_path, preset_dir):
     train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "not text"}])
     code, _, err = run_cli(capsys, "fit", "--preset", preset_dir, train, "--output-preset", "x")
     assert code == 2 and "missing field 'text'" in err
+
+
+def test_fit_refuses_sequence_to_sequence_examples(capsys, lmq_home, tmp_path, preset_dir):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "fine"}, {"encoder_text": "q", "decoder_text": "a"}])
+    code, _, err = run_cli(capsys, "fit", "--preset", preset_dir, train, "--output-preset", "x")
+    assert code == 2 and err.count("\n") == 1
+    assert "train.jsonl line 2: sequence-to-sequence training (encoder_text, decoder_text) is not supported yet" in err
+    assert nothing_written(lmq_home)
 
 
 def test_fit_refuses_an_existing_output_preset(capsys, lmq_home, tmp_path, preset_dir):
