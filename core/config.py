@@ -11,6 +11,10 @@ wires a whole deployment. Nothing here imports keras or torch.
                              default: the preset store and the repository's demo/ (its shipped demo preset)
     LMQ_MODEL_MEMORY_GB      16: weights a worker keeps pinned before evicting the least recently used
     LMQ_JOB_TIMEOUT_S        86400: the longest job; the broker's visibility timeout is set above it
+    LMQ_LEASE_S              30: a running job whose worker has not renewed its lease for this long
+                             is taken over by another worker (see core/store/leases.py)
+    LMQ_HEARTBEAT_S          5: how often a worker renews the lease of the job it runs
+    LMQ_SWEEP_S              10: how often each worker re-sends the jobs the broker lost (workers/sweep.py)
     LMQ_MICRO_BATCH_SIZE     16: prompts per micro-batch (a job may set its own)
     LMQ_MICRO_BATCH_TOKENS   16384: rows x padded length per micro-batch
     LMQ_MAX_INPUTS           100000: inputs (or training examples) per job the API accepts
@@ -62,6 +66,9 @@ class Settings:
     micro_batch_tokens: int
     limits: Limits = field(default_factory=Limits)
     preset_queues: dict[str, str] = field(default_factory=dict)
+    lease_s: float = 30.0
+    heartbeat_s: float = 5.0
+    sweep_s: float = 10.0
 
     @property
     def preset_store(self) -> Path:
@@ -148,7 +155,20 @@ def load_settings(environ=None) -> Settings:
         micro_batch_tokens=_int(environ, "LMQ_MICRO_BATCH_TOKENS", 16384),
         limits=load_limits(environ),
         preset_queues=_pairs(environ.get("LMQ_PRESET_QUEUES", ""), "=", "LMQ_PRESET_QUEUES", "preset=queue"),
+        **load_lease_timing(environ),
     )
+
+
+def load_lease_timing(environ) -> dict[str, float]:
+    """Lease, heartbeat and sweep periods; a heartbeat must come well inside its lease."""
+    lease_s = _float(environ, "LMQ_LEASE_S", 30.0)
+    heartbeat_s = _float(environ, "LMQ_HEARTBEAT_S", 5.0)
+    if heartbeat_s * 2 > lease_s:
+        raise SettingsError(
+            f"LMQ_HEARTBEAT_S ({heartbeat_s:g}) must be at most half of LMQ_LEASE_S ({lease_s:g}), "
+            "or a slow heartbeat loses the lease of a live worker"
+        )
+    return {"lease_s": lease_s, "heartbeat_s": heartbeat_s, "sweep_s": _float(environ, "LMQ_SWEEP_S", 10.0)}
 
 
 def load_limits(environ) -> Limits:

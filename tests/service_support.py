@@ -4,6 +4,7 @@ The reference is `CausalLM.generate` itself, called directly on the preset.
 """
 
 import json
+from datetime import timedelta
 
 PROMPTS = [
     "Return the absolute value",
@@ -38,3 +39,14 @@ def write_prompts(path, prompts):
 
 def read_results(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def lease_runs_out(factory, job_id):
+    """What LMQ_LEASE_S of silence from a job's worker does (the worker died or was paused)."""
+    from sqlalchemy import update
+
+    from core.store import Job, session_scope
+    from core.store.models import utcnow
+
+    with session_scope(factory) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1)))

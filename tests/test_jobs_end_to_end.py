@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from service_support import PROMPTS, read_results, reference, write_prompts
+from service_support import PROMPTS, lease_runs_out, read_results, reference, write_prompts
 
 from api.cli import main
 from core.config import load_settings
@@ -169,20 +169,26 @@ def test_a_redelivered_fit_job_resumes_from_its_last_checkpoint(lmq_home, tiny_l
     factory = sessions(settings)
     job_id = fit_job(factory, tiny_llama_preset, "resumed")
 
-    def die_in_the_second_epoch(step, total):
-        if step == 3:
+    def die_late_in_the_second_epoch(step, total):
+        if step == 4:  # step 3, past the checkpoint, is recorded and will be redone
             raise WorkerDied
 
     with pytest.raises(WorkerDied):
-        JobRunner(settings, pool_from_settings(settings), on_progress=die_in_the_second_epoch).run(job_id)
+        JobRunner(settings, pool_from_settings(settings), on_progress=die_late_in_the_second_epoch).run(job_id)
     assert (lmq_home / "checkpoints" / job_id / "latest.weights.h5").exists()
 
+    lease_runs_out(factory, job_id)
     assert JobRunner(settings, pool_from_settings(settings)).run(job_id) == "succeeded"
     with session_scope(factory) as session:
         events = queries.job_events(session, job_id)
         assert queries.get_preset(session, "resumed").job_id == job_id
+        summary = queries.job_summary(queries.get_job(session, job_id))
     assert [e.data["epochs_done"] for e in events if e.type == "resumed"] == [1]
+    # Each step and epoch recorded once, though step 3 ran twice.
     assert [e.data["step"] for e in events if e.type == "step"] == [1, 2, 3, 4]
+    assert [e.data["epoch"] for e in events if e.type == "epoch"] == [1, 2]
+    # A fit job counts training steps (two epochs of two batches).
+    assert summary["counts"] == {"total": 4, "completed": 4, "failed": 0} and summary["progress"] == 1.0
     assert not (lmq_home / "checkpoints" / job_id).exists()
 
 

@@ -2,12 +2,16 @@
 splitting, cancellation and redelivery are checked exactly and fast.
 (tests/test_jobs_end_to_end.py runs the same runner on a real model.)"""
 
+import threading
+import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
+from service_support import lease_runs_out
 
 from core.config import load_settings
-from core.store import queries, session_scope, sessions
+from core.store import leases, queries, session_scope, sessions
 from workers.pool import ModelPool
 from workers.runner import JobRunner
 
@@ -120,7 +124,8 @@ def test_a_bad_prompt_fails_alone(setup):
     assert runner.run(job_id) == "succeeded"
     lines, summary = results(factory, job_id)
     assert [line["output"] for line in lines] == ["FINE", None, "ALSO FINE"]
-    assert lines[1]["error"] == "prompt is longer than max_length"
+    # The row's own index and custom_id, not the index within the batch of one that raised.
+    assert lines[1]["error"] == "input 1 (custom_id 'q1'): prompt is longer than max_length"
     assert summary["counts"] == {"total": 3, "completed": 2, "failed": 1}
 
 
@@ -155,6 +160,12 @@ def test_a_redelivered_job_runs_only_what_is_left_and_writes_each_result_once(se
         runner_for(settings, first, on_progress=die_after_two_batches)[0].run(job_id)
     assert results(factory, job_id)[1]["status"] == "running"
 
+    # Until its lease runs out the job is the dead worker's: a delivery now does nothing.
+    early = StandInLM()
+    assert runner_for(settings, early)[0].run(job_id) == "running"
+    assert early.batches == []
+
+    lease_runs_out(factory, job_id)
     second = StandInLM()
     assert runner_for(settings, second)[0].run(job_id) == "succeeded"
     generated = [p for batch in first.batches + second.batches for p in batch]
@@ -219,23 +230,91 @@ def test_long_jobs_are_planned_window_by_window(setup):
     assert [line["output"] for line in results(factory, job_id)[0]] == [p.upper() for p in PROMPTS]
 
 
-def test_a_duplicate_delivery_racing_a_live_run_writes_each_result_once(setup):
-    """Redis redelivers a job whose worker is slow, not dead: both runs go on, and
-    the job still ends with one result per input and exact counts."""
+def test_a_paused_run_that_lost_its_lease_stops_and_writes_nothing_more(setup):
+    """A worker paused past its lease (SIGSTOP) comes back after another worker
+    took the job over and finished it: the job still ends with one result per
+    input and exact counts."""
     settings, factory, preset = setup
     job_id = submit(factory, preset, PROMPTS)
     duplicate = StandInLM()
 
-    def duplicate_runs_everything_after_the_first_batch(done, total):
+    def paused_while_another_runs_everything_after_the_first_batch(done, total):
         if done == 2:
+            lease_runs_out(factory, job_id)
             assert runner_for(settings, duplicate)[0].run(job_id) == "succeeded"
 
     live = StandInLM()
-    runner, _ = runner_for(settings, live, on_progress=duplicate_runs_everything_after_the_first_batch)
+    runner, _ = runner_for(settings, live, on_progress=paused_while_another_runs_everything_after_the_first_batch)
     assert runner.run(job_id) == "succeeded"
-    # The live run saw the job finished at its next check and stopped there.
+    # The live run found its lease gone at its next check and stopped there.
     assert len(live.batches) == 1 and len(duplicate.batches) == 2
     lines, summary = results(factory, job_id)
     assert [line["output"] for line in lines] == [p.upper() for p in PROMPTS]
     assert summary["counts"] == {"total": 6, "completed": 6, "failed": 0}
     assert summary["attempts"] == 2
+
+
+class TakenOverDuringBatch(StandInLM):
+    """Pauses during its second batch, long enough for another worker to take the job."""
+
+    def __init__(self, factory, job_id):
+        super().__init__()
+        self.factory, self.job_id = factory, job_id
+
+    def generate(self, prompts, return_details, **arguments):
+        if len(self.batches) == 1:
+            lease_runs_out(self.factory, self.job_id)
+            with session_scope(self.factory) as session:
+                assert leases.claim(session, self.job_id, "second-worker", lease_s=60).attempts == 2
+        return super().generate(prompts, return_details, **arguments)
+
+
+def test_results_of_a_run_that_lost_its_lease_mid_batch_are_refused(setup):
+    settings, factory, preset = setup
+    job_id = submit(factory, preset, PROMPTS)
+    lm = TakenOverDuringBatch(factory, job_id)
+    assert runner_for(settings, lm)[0].run(job_id) == "running"
+    assert len(lm.batches) == 2  # it generated a second batch, and could not write it
+    lines, summary = results(factory, job_id)
+    assert [line["output"] for line in lines] == ["ONE", None, None, "FOUR", None, None]
+    assert summary["counts"]["completed"] == 2
+    with session_scope(factory) as session:
+        job = queries.get_job(session, job_id)
+        assert (job.worker, job.attempts) == ("second-worker", 2)
+
+
+class Slow(StandInLM):
+    def generate(self, prompts, return_details, **arguments):
+        time.sleep(1.5)
+        return super().generate(prompts, return_details, **arguments)
+
+
+def test_the_heartbeat_keeps_the_lease_through_a_batch_longer_than_the_lease(setup, monkeypatch):
+    settings, factory, preset = setup
+    settings = replace(settings, lease_s=0.6, heartbeat_s=0.1)
+    job_id = submit(factory, preset, ["one"])
+    refused = []
+
+    def claim_meanwhile():
+        time.sleep(1.0)
+        with session_scope(factory) as session:
+            refused.append(leases.claim(session, job_id, "second-worker", lease_s=60) is None)
+
+    other = threading.Thread(target=claim_meanwhile)
+    other.start()
+    assert runner_for(settings, Slow())[0].run(job_id) == "succeeded"
+    other.join()
+    assert refused == [True]
+
+
+def test_every_result_line_of_a_failed_job_carries_its_error(setup):
+    settings, factory, preset = setup
+    job_id = submit(factory, preset, ["a", "b"])
+
+    def broken(location, dtype):
+        raise OSError("model.weights.h5 is truncated")
+
+    assert JobRunner(settings, ModelPool(2**30, load=broken)).run(job_id) == "failed"
+    lines, summary = results(factory, job_id)
+    assert [line["error"] for line in lines] == ["OSError: model.weights.h5 is truncated"] * 2
+    assert summary["counts"] == {"total": 2, "completed": 0, "failed": 2}

@@ -1,14 +1,18 @@
 """The SQL store on SQLite (always) and PostgreSQL (when LMQ_TEST_DATABASE_URL is set)."""
 
+from datetime import timedelta
+
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from core.config import load_settings
-from core.store import Job, JobState, queries, session_scope, sessions
+from core.store import Job, JobState, leases, queries, session_scope, sessions
 from core.store.db import get_engine
-from core.store.models import Base
+from core.store.models import Base, utcnow
+
+LEASE_S = 30
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -57,7 +61,7 @@ def test_items_keep_input_order_and_custom_ids(store):
 def test_a_result_is_written_once_and_counts_follow_the_items(store):
     job_id = make_job(store)
     with session_scope(store) as session:
-        assert queries.start_job(session, job_id, "w1").attempts == 1
+        assert leases.claim(session, job_id, "w1", LEASE_S).attempts == 1
     with session_scope(store) as session:
         written = queries.record_results(
             session,
@@ -81,15 +85,15 @@ def test_a_result_is_written_once_and_counts_follow_the_items(store):
 def test_state_machine(store):
     queued, running = make_job(store), make_job(store)
     with session_scope(store) as session:
-        queries.start_job(session, running, "w1")
+        leases.claim(session, running, "w1", lease_s=0)  # w1 is gone at once
     with session_scope(store) as session:
         assert queries.request_cancel(session, queued).state == "cancelled"
         assert queries.request_cancel(session, running).state == "cancelling"
         assert queries.job_state(session, running) == "cancelling"
     with session_scope(store) as session:
-        # Nothing runs a cancelled job, and a cancelling one is cancelled on pickup.
-        assert queries.start_job(session, queued, "w2") is None
-        assert queries.start_job(session, running, "w2") is None
+        # Nothing runs a cancelled job, and a cancelling one whose worker is gone is cancelled on pickup.
+        assert leases.claim(session, queued, "w2", LEASE_S) is None
+        assert leases.claim(session, running, "w2", LEASE_S) is None
         assert queries.get_job(session, running).state == "cancelled"
         assert not queries.finish_job(session, running, JobState.succeeded)
     with session_scope(store) as session:
@@ -100,13 +104,58 @@ def test_state_machine(store):
 def test_a_redelivered_job_is_taken_over_not_restarted(store):
     job_id = make_job(store)
     with session_scope(store) as session:
-        first = queries.start_job(session, job_id, "w1").started_at
+        first = leases.claim(session, job_id, "w1", lease_s=0).started_at
     with session_scope(store) as session:
-        job = queries.start_job(session, job_id, "w2")
+        job = leases.claim(session, job_id, "w2", LEASE_S)
         assert (job.attempts, job.worker, job.started_at) == (2, "w2", first)
         assert queries.finish_job(session, job_id, JobState.succeeded)
     with session_scope(store) as session:
-        assert queries.start_job(session, job_id, "w3") is None
+        assert leases.claim(session, job_id, "w3", LEASE_S) is None
+
+
+def test_a_live_lease_refuses_a_second_worker_and_fences_the_first_after_a_takeover(store):
+    job_id = make_job(store)
+    with session_scope(store) as session:
+        first = leases.Lease(job_id, "w1", leases.claim(session, job_id, "w1", LEASE_S).attempts)
+    with session_scope(store) as session:
+        assert leases.claim(session, job_id, "w2", LEASE_S) is None  # a duplicate delivery
+        leases.renew(session, first, lease_s=0)  # ... then w1 goes silent
+    with session_scope(store) as session:
+        taken = leases.claim(session, job_id, "w2", LEASE_S)
+        assert (taken.attempts, taken.worker) == (2, "w2")
+        running = [e.data for e in queries.job_events(session, job_id) if e.data.get("state") == "running"]
+        assert running[-1]["expired_lease_of"] == "w1" and running[-1]["resumed"] is True
+    with pytest.raises(leases.LeaseLost, match="attempt 1 no longer holds"):
+        with session_scope(store) as session:
+            leases.renew(session, first, LEASE_S)
+            queries.record_results(session, job_id, [queries.ItemResult(0, output="from w1")])
+    with session_scope(store) as session:
+        assert next(queries.job_results(session, job_id))["output"] is None
+        leases.renew(session, leases.Lease(job_id, "w2", 2), LEASE_S)
+
+
+def test_jobs_waiting_for_a_worker_and_one_send_among_many_sweepers(store):
+    stale, fresh, expired, live = (make_job(store) for _ in range(4))
+    now = utcnow()
+    with session_scope(store) as session:
+        session.execute(update(Job).where(Job.id == stale).values(enqueued_at=now - timedelta(minutes=5)))
+        session.execute(update(Job).where(Job.id == fresh).values(enqueued_at=now))
+        leases.claim(session, expired, "w1", lease_s=0)
+        leases.claim(session, live, "w1", LEASE_S)
+        session.execute(update(Job).where(Job.id.in_([expired, live])).values(enqueued_at=now - timedelta(minutes=5)))
+    with session_scope(store) as session:
+        waiting = leases.waiting_for_a_worker(session, utcnow(), sent_before=now - timedelta(minutes=1))
+        found = {job.id: job.state for job in waiting if job.id in (stale, fresh, expired, live)}
+        assert found == {stale: "queued", expired: "running"}
+        last_sent = next(job.enqueued_at for job in waiting if job.id == stale)
+    with session_scope(store) as session:
+        assert leases.mark_sent(session, stale, last_sent)
+    with session_scope(store) as session:
+        assert not leases.mark_sent(session, stale, last_sent)  # a second sweeper saw the same row
+        # Sent again after it expired: not waiting any more until the next sweep interval passes.
+        assert leases.mark_sent(session, expired, now - timedelta(minutes=5))
+        waiting = leases.waiting_for_a_worker(session, utcnow(), sent_before=now - timedelta(minutes=1))
+        assert {job.id for job in waiting} & {stale, fresh, expired, live} == set()
 
 
 def test_list_jobs_pages_newest_first(store):

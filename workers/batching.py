@@ -16,6 +16,7 @@ class Prompt:
     index: int
     text: str
     length: int  # in tokens
+    custom_id: str | None = None
 
 
 def plan_micro_batches(

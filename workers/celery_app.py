@@ -11,7 +11,7 @@ from __future__ import annotations
 from celery import Celery
 
 from core.config import Settings
-from core.store import JobState, queries, session_scope, sessions
+from core.store import JobState, leases, queries, session_scope, sessions
 
 RUN_JOB_TASK = "lmq.run_job"
 
@@ -45,7 +45,9 @@ def make_celery(settings: Settings) -> Celery:
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         # Lost the broker mid-job: the message will be redelivered, so stop rather than race it.
         worker_cancel_long_running_tasks_on_connection_loss=True,
+        # A broker that restarts is waited for, however long it takes.
         broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
         task_default_queue="lmq.generate",
         task_create_missing_queues=True,
         worker_hijack_root_logger=False,
@@ -61,6 +63,7 @@ def enqueue_job(app: Celery, settings: Settings, job_id: str, kind: str) -> None
     """
     with session_scope(sessions(settings)) as session:
         preset = queries.get_job(session, job_id).preset
+        leases.mark_sent(session, job_id, last_seen=None)
     try:
         app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue_for(kind, preset, settings))
     except Exception as error:

@@ -1,13 +1,18 @@
 """Fit jobs: fine-tune through `CausalLM.fit`, then register the result as a preset.
 
 Training changes weights, so a fit job loads its own copy of the base model
-instead of borrowing the pinned one. Each step records an event (step, loss,
-tokens/s) and checks whether to stop (see `JobRunner.should_stop`); each epoch ends with a checkpoint
+instead of borrowing the pinned one. A fit job's counts are in training steps
+(`total` = steps per epoch x epochs). Each step records an event (step, loss,
+tokens/s) and checks for a cancel request; each epoch ends with a checkpoint
 of the weights under LMQ_HOME/checkpoints/<job id>. On success the model is
 saved with `save_to_preset` into the preset store and registered in SQL with
-its lineage. A redelivered fit job resumes from its last checkpoint (weights
-only: the optimizer starts afresh), or only marks the job done when its
-preset is already registered.
+its lineage.
+
+A fit job taken over from a dead worker resumes from its last checkpoint
+(weights only: the optimizer starts afresh). The step and epoch events of the
+lost attempt after that checkpoint are dropped, since that training is redone,
+so each step is recorded once; and the preset is registered once, even when
+the earlier attempt died after moving it into the store.
 """
 
 from __future__ import annotations
@@ -21,19 +26,26 @@ import warnings
 from pathlib import Path
 
 import keras
+from sqlalchemy import delete, update
 
-from core.store import JobState, queries, session_scope
+from core.names import JobState
+from core.store import queries
+from core.store.db import DatabaseUnavailable
+from core.store.leases import LeaseLost
+from core.store.models import Job, JobEvent
 from core.store.presets import preset_architecture
+from workers.attempt import Attempt
 from workers.pool import load_task
+
+MADE_BY = ".lmq-job-id"  # in a preset directory: the fit job that made it
 
 
 class StepEvents(keras.callbacks.Callback):
-    """Per-step events and cooperative cancellation, from inside `fit`."""
+    """Per-step events, counts and cooperative cancellation, from inside `fit`."""
 
-    def __init__(self, runner, job_id, checkpoint: Path, first_step, total_steps, tokens_per_step):
+    def __init__(self, attempt: Attempt, checkpoint: Path, first_step, total_steps, tokens_per_step):
         super().__init__()
-        self.runner = runner
-        self.job_id = job_id
+        self.attempt = attempt
         self.checkpoint = checkpoint
         self.total_steps = total_steps
         self.tokens_per_step = tokens_per_step
@@ -47,27 +59,33 @@ class StepEvents(keras.callbacks.Callback):
         seconds, self._last = now - self._last, now
         self.step += 1
         self.loss = float(logs["loss"]) if logs and "loss" in logs else None
-        self.runner.report_progress(self.step, self.total_steps)
-        with session_scope(self.runner.sessions) as session:
+        self.attempt.report_progress(self.step, self.total_steps)
+        tokens_per_second = round(self.tokens_per_step / seconds, 1) if seconds > 0 else None
+
+        def record_step(session) -> bool:
             queries.add_event(
-                session,
-                self.job_id,
-                "step",
-                step=self.step,
-                loss=self.loss,
-                tokens_per_second=round(self.tokens_per_step / seconds, 1) if seconds > 0 else None,
+                session, self.attempt.job_id, "step", step=self.step, loss=self.loss, tokens_per_second=tokens_per_second
             )
-            queries.set_progress(session, self.job_id, min(self.step / self.total_steps, 1.0))
-        self.stopped = self.runner.should_stop(self.job_id)
+            set_steps(session, self.attempt.job_id, self.step, self.total_steps)
+            return self.attempt.stop_requested(session)
+
+        self.stopped = self.attempt.write(record_step)
         if self.stopped:
             self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
         if self.stopped:
             return
+        self.attempt.confirm()  # a paused attempt that lost the job must not write its checkpoint
         save_checkpoint(self.model, self.checkpoint, epoch + 1)
         metrics = {name: float(value) for name, value in (logs or {}).items()}
-        self.runner.event(self.job_id, "epoch", epoch=epoch + 1, checkpoint=True, **metrics)
+        self.attempt.event("epoch", epoch=epoch + 1, checkpoint=True, **metrics)
+
+
+def set_steps(session, job_id: str, done: int, total: int) -> None:
+    session.execute(
+        update(Job).where(Job.id == job_id).values(total=total, completed=done, progress=min(done / total, 1.0))
+    )
 
 
 def save_checkpoint(model, directory: Path, epochs_done: int) -> None:
@@ -92,18 +110,33 @@ def restore_checkpoint(model, directory: Path) -> int:
     return epochs_done
 
 
-def run_fit(runner, job_id: str) -> None:
-    with session_scope(runner.sessions) as session:
+def forget_steps_after(session, job_id: str, step: int, epoch: int) -> None:
+    """Drop what a lost attempt recorded past the checkpoint this attempt resumes from."""
+    events = delete(JobEvent).where(JobEvent.job_id == job_id)
+    session.execute(events.where(JobEvent.type == "step", JobEvent.data["step"].as_integer() > step))
+    session.execute(events.where(JobEvent.type == "epoch", JobEvent.data["epoch"].as_integer() > epoch))
+
+
+def run_fit(attempt: Attempt, location: str) -> None:
+    """Fine-tune the base preset at `location` as the job asks, under `attempt`'s lease."""
+    job_id, settings = attempt.job_id, attempt.settings
+
+    def read_job(session):
         job = queries.get_job(session, job_id)
-        preset, output, params, data = job.preset, job.output_preset, dict(job.params), job.data
-        registered = queries.get_preset(session, output)
-        if registered is not None and registered.job_id == job_id:
-            queries.finish_job(session, job_id, JobState.succeeded)
-            return
+        return job.preset, job.output_preset, dict(job.params), job.data, queries.get_preset(session, job.output_preset)
+
+    preset, output, params, data, registered = attempt.write(read_job)
+    final = settings.preset_store / output
+    if registered is not None and registered.job_id == job_id:
+        attempt.finish(JobState.succeeded)
+        return
+    if registered is None and made_by(final) == job_id:  # the last attempt died between moving and registering
+        _register(attempt, final, preset, output, {"training_examples": len(data["training_data"])}, None)
+        return
 
     started = time.perf_counter()
-    lm = load_task(runner.locate(preset), params.get("dtype"))
-    runner.event(job_id, "model", preset=preset, pool_hit=False, load_seconds=round(time.perf_counter() - started, 3))
+    lm = load_task(location, params.get("dtype"))
+    attempt.event("model", preset=preset, pool_hit=False, load_seconds=round(time.perf_counter() - started, 3))
 
     texts = [row["text"] for row in data["training_data"]]
     validation = [row["text"] for row in data.get("validation_data") or []]
@@ -115,20 +148,26 @@ def run_fit(runner, job_id: str) -> None:
         lm.backbone.enable_lora(params["lora_rank"])  # the saved preset has the adapters merged in
     lm.compile(optimizer=keras.optimizers.AdamW(learning_rate=params.get("learning_rate") or 2e-5))
 
-    checkpoint = runner.settings.home / "checkpoints" / job_id
+    checkpoint = settings.home / "checkpoints" / job_id
     epochs_done = restore_checkpoint(lm, checkpoint)
-    if epochs_done:
-        runner.event(job_id, "resumed", epochs_done=epochs_done)
+    steps_per_epoch = math.ceil(len(texts) / batch_size)
+    first_step = epochs_done * steps_per_epoch
+
+    def start_steps(session) -> None:
+        forget_steps_after(session, job_id, first_step, epochs_done)
+        set_steps(session, job_id, first_step, steps_per_epoch * epochs)
+        if epochs_done:
+            queries.add_event(session, job_id, "resumed", epochs_done=epochs_done, step=first_step)
+
+    attempt.write(start_steps)
 
     tokenize = lm.preprocessor.tokenizer.tokenize
     sequence_length = lm.preprocessor.sequence_length
     tokens = sum(min(len(tokenize(text)) + 1, sequence_length) for text in texts)
-    steps_per_epoch = math.ceil(len(texts) / batch_size)
     steps = StepEvents(
-        runner,
-        job_id,
+        attempt,
         checkpoint,
-        first_step=epochs_done * steps_per_epoch,
+        first_step=first_step,
         total_steps=steps_per_epoch * epochs,
         tokens_per_step=tokens / steps_per_epoch,
     )
@@ -141,36 +180,53 @@ def run_fit(runner, job_id: str) -> None:
         validation_data=validation or None,
         verbose=0,
     )
-    if steps.stopped:  # cancelled, or finished by a duplicate delivery
+    if steps.stopped:  # cancelled
         return
-    _save_and_register(runner, job_id, lm, preset, output, len(texts), steps)
+    details = {"training_examples": len(texts), "steps": steps.step, "final_loss": steps.loss}
+    _save(lm, attempt, final)
+    _register(attempt, final, preset, output, details, steps.loss)
     shutil.rmtree(checkpoint, ignore_errors=True)
 
 
-def _save_and_register(runner, job_id, lm, base, name, examples, steps: StepEvents) -> None:
+def made_by(directory: Path) -> str | None:
+    try:
+        return (directory / MADE_BY).read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def _save(lm, attempt: Attempt, final: Path) -> None:
     """Save beside the final directory, then rename: a preset in the store is always whole."""
-    store = runner.settings.preset_store
-    store.mkdir(parents=True, exist_ok=True)
-    final = store / name
-    partial = store / f".{name}.{job_id}.partial"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = final.parent / f".{final.name}.{attempt.job_id}.{attempt.lease.attempt}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     lm.save_to_preset(str(partial))
+    (partial / MADE_BY).write_text(attempt.job_id)
+    attempt.confirm()
     if final.exists():
+        shutil.rmtree(partial, ignore_errors=True)
         raise FileExistsError(f"preset directory {final} already exists")
     partial.rename(final)
+
+
+def _register(attempt: Attempt, final: Path, base: str, name: str, details: dict, final_loss) -> None:
+    def register(session) -> None:
+        queries.register_preset(
+            session,
+            name=name,
+            path=str(final),
+            architecture=preset_architecture(final),
+            source=None,  # made here, not imported: `parent` and `job_id` say how
+            parent=base,
+            job_id=attempt.job_id,
+            details=details,
+        )
+        queries.finish_job(session, attempt.job_id, JobState.succeeded, final_loss=final_loss)
+
     try:
-        with session_scope(runner.sessions) as session:
-            queries.register_preset(
-                session,
-                name=name,
-                path=str(final),
-                architecture=preset_architecture(final),
-                source=None,  # made here, not imported: `parent` and `job_id` say how
-                parent=base,
-                job_id=job_id,
-                details={"training_examples": examples, "steps": steps.step, "final_loss": steps.loss},
-            )
-            queries.finish_job(session, job_id, JobState.succeeded, final_loss=steps.loss)
+        attempt.write(register)
+    except (LeaseLost, DatabaseUnavailable):
+        raise  # the next attempt registers the directory (see made_by)
     except Exception:
         shutil.rmtree(final, ignore_errors=True)
         raise

@@ -37,7 +37,7 @@ def weight_bytes(model) -> int:
 
 
 @dataclass
-class Lease:
+class PinnedModel:
     """A pinned model handed to one job, and what getting it cost."""
 
     model: object
@@ -61,13 +61,13 @@ class ModelPool:
         self.hits = 0
         self.misses = 0
 
-    def get(self, location: str, dtype: str | None = None) -> Lease:
+    def get(self, location: str, dtype: str | None = None) -> PinnedModel:
         key = (location, dtype)
         with self._lock:
             if key in self._pinned:
                 self._pinned.move_to_end(key)
                 self.hits += 1
-                return Lease(self._pinned[key][0], hit=True, load_seconds=0.0)
+                return PinnedModel(self._pinned[key][0], hit=True, load_seconds=0.0)
             self.misses += 1
             started = time.perf_counter()
             model = self._load(location, dtype)
@@ -75,7 +75,7 @@ class ModelPool:
             size = self._measure(model)
             evicted = self._make_room(size)
             self._pinned[key] = (model, size)
-            return Lease(model, hit=False, load_seconds=load_seconds, evicted=evicted)
+            return PinnedModel(model, hit=False, load_seconds=load_seconds, evicted=evicted)
 
     def _make_room(self, incoming_bytes: int) -> list[str]:
         """Evict least recently used models until the new one fits (it always loads)."""

@@ -2,27 +2,30 @@
 
 Celery workers and the embedded mode (`lmq generate`, `lmq fit`) run jobs
 through this same code. Running a job is idempotent: a job that is already
-finished is left alone, a redelivered generate job continues with the items
-that have no result yet, and every write is conditional, so a worker killed
-at any moment loses at most the micro-batch it was running.
+finished is left alone, a job another worker holds a live lease on is left to
+it, and a job taken over from a dead worker continues with the items that have
+no result yet. Every write is fenced by the lease (workers/attempt.py), so a
+worker killed or paused at any moment loses at most the micro-batch it was
+running, and never writes over another worker's results.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
-from typing import Callable
 
 from core.config import Settings
 from core.store import JobKind, JobState, queries, session_scope, sessions
+from core.store.db import DatabaseUnavailable, transact
+from core.store.leases import Lease, LeaseLost, claim
 from core.store.presets import store_resolver
+from workers.attempt import Attempt, ProgressCallback
 from workers.batching import Prompt, is_out_of_memory, plan_micro_batches
 from workers.pool import ModelPool
 
 logger = logging.getLogger(__name__)
-
-ProgressCallback = Callable[[int, int], None]
 
 PLANNING_WINDOW = 4096  # inputs tokenized and sorted together into micro-batches
 GENERATE_ARGUMENTS = ("max_length", "max_new_tokens", "stop_token_ids", "stop", "strip_prompt", "seed")
@@ -46,77 +49,96 @@ class JobRunner:
 
     def run(self, job_id: str) -> str | None:
         """Run (or continue) a job; returns its state afterwards, None for an unknown id."""
-        with session_scope(self.sessions) as session:
-            job = queries.start_job(session, job_id, self.worker)
-            claimed = job is not None and (job.kind, job.preset, dict(job.params))
-        if claimed:
-            kind, preset, params = claimed
-            try:
-                if kind == JobKind.generate.value:
-                    self._run_generate(job_id, preset, params)
-                else:
-                    from workers.fit import run_fit
 
-                    run_fit(self, job_id)
-            except Exception as error:
-                logger.exception("job %s failed", job_id)
-                self.finish(job_id, JobState.failed, error=f"{type(error).__name__}: {error}")
-        with session_scope(self.sessions) as session:
-            job = queries.get_job(session, job_id)
-            return None if job is None else job.state
+        def claim_job(session) -> tuple[Lease, str, str] | None:
+            job = claim(session, job_id, self.worker, self.settings.lease_s)
+            return None if job is None else (Lease(job.id, self.worker, job.attempts), job.kind, job.preset)
+
+        claimed = transact(self.sessions, claim_job)
+        if claimed is not None:
+            lease, kind, preset = claimed
+            with Attempt(self.sessions, lease, self.settings, self.on_progress) as attempt:
+                self._run_attempt(attempt, kind, preset)
+        return transact(self.sessions, lambda session: queries.job_state(session, job_id))
+
+    def _run_attempt(self, attempt: Attempt, kind: str, preset: str) -> None:
+        """Failures of the job fail it; losing the lease or the database does not (another attempt follows)."""
+        try:
+            location = self.locate(preset)
+            if kind == JobKind.generate.value:
+                self._run_generate(attempt, preset, location)
+            else:
+                from workers.fit import run_fit
+
+                run_fit(attempt, location)
+        except LeaseLost as lost:
+            logger.warning("%s; leaving the job to it", lost)
+        except DatabaseUnavailable as error:
+            logger.error("job %s: %s; the job is taken up again once its lease expires", attempt.job_id, error)
+        except Exception as error:
+            logger.exception("job %s failed", attempt.job_id)
+            try:
+                attempt.finish(JobState.failed, error=f"{type(error).__name__}: {error}")
+            except (LeaseLost, DatabaseUnavailable) as lost:
+                logger.warning("job %s: could not record the failure: %s", attempt.job_id, lost)
 
     def locate(self, handle: str) -> str:
         with session_scope(self.sessions) as session:
             return store_resolver(session).locate(handle)
 
-    def _run_generate(self, job_id: str, preset: str, params: dict) -> None:
-        lease = self.pool.get(self.locate(preset), params.get("dtype"))
-        self.event(
-            job_id,
+    def _run_generate(self, attempt: Attempt, preset: str, location: str) -> None:
+        job_id = attempt.job_id
+
+        def read_job(session) -> tuple[dict, int, int]:
+            job = queries.get_job(session, job_id)
+            return dict(job.params), job.total, job.completed + job.failed
+
+        params, total, done = attempt.write(read_job)
+        pinned = self.pool.get(location, params.get("dtype"))
+        attempt.event(
             "model",
             preset=preset,
-            pool_hit=lease.hit,
-            load_seconds=round(lease.load_seconds, 3),
-            evicted=lease.evicted,
+            pool_hit=pinned.hit,
+            load_seconds=round(pinned.load_seconds, 3),
+            evicted=pinned.evicted,
             pool_hits=self.pool.hits,
             pool_misses=self.pool.misses,
         )
-        lm = lease.model
+        lm = pinned.model
         lm.compile(sampler=params.get("sampler") or "greedy")
         arguments = {k: params[k] for k in GENERATE_ARGUMENTS if params.get(k) is not None}
 
         tokenize = lm.preprocessor.tokenizer.tokenize
-        with session_scope(self.sessions) as session:
-            job = queries.get_job(session, job_id)
-            total, done = job.total, job.completed + job.failed
-        self.report_progress(done, total)
+        attempt.report_progress(done, total)
         after = -1
-        while window := self._pending(job_id, after):
+        while window := attempt.write(self._pending(job_id, after)):
             after = window[-1][0]
-            prompts = [Prompt(index, text, len(tokenize(text))) for index, text in window]
+            prompts = [Prompt(index, text, len(tokenize(text)), custom_id) for index, text, custom_id in window]
             for batch in plan_micro_batches(
                 prompts,
                 max_items=params.get("micro_batch_size") or self.settings.micro_batch_size,
                 max_tokens=self.settings.micro_batch_tokens,
                 new_tokens=params.get("max_new_tokens") or 0,
             ):
-                if self.should_stop(job_id):
+                if attempt.should_stop():
                     return
-                results = self._generate(job_id, lm, batch, arguments)
-                with session_scope(self.sessions) as session:
-                    queries.record_results(session, job_id, results)
+                results = self._generate(attempt, lm, batch, arguments)
+                attempt.write(lambda session: queries.record_results(session, job_id, results))
                 done += len(batch)
-                self.report_progress(done, total)
-        self.finish(job_id, JobState.succeeded)
+                attempt.report_progress(done, total)
+        attempt.finish(JobState.succeeded)
 
-    def _pending(self, job_id: str, after: int) -> list[tuple[int, str]]:
+    def _pending(self, job_id: str, after: int):
         """The next window of unfinished inputs: sorting by length happens within a
         window, so a job of millions of prompts starts at once and stays small in memory."""
-        with session_scope(self.sessions) as session:
-            items = queries.pending_items(session, job_id, after=after, limit=self.planning_window)
-            return [(item.index, item.input["prompt"]) for item in items]
 
-    def _generate(self, job_id, lm, batch: list[Prompt], arguments: dict) -> list[queries.ItemResult]:
+        def pending(session) -> list[tuple[int, str, str | None]]:
+            items = queries.pending_items(session, job_id, after=after, limit=self.planning_window)
+            return [(item.index, item.input["prompt"], item.custom_id) for item in items]
+
+        return pending
+
+    def _generate(self, attempt: Attempt, lm, batch: list[Prompt], arguments: dict) -> list[queries.ItemResult]:
         """Results for one micro-batch; a batch that runs out of memory is split in two.
 
         A ValueError (a prompt longer than max_length, say) is split down to the
@@ -130,12 +152,12 @@ class JobRunner:
                 raise
             if len(batch) == 1:
                 message = "out of memory on a batch of one" if out_of_memory else str(error)
-                return [queries.ItemResult(batch[0].index, error=message)]
+                return [queries.ItemResult(batch[0].index, error=row_error(batch[0], message))]
             if out_of_memory:
-                self.event(job_id, "split", reason="out_of_memory", size=len(batch))
+                attempt.event("split", reason="out_of_memory", size=len(batch))
             half = len(batch) // 2
-            return self._generate(job_id, lm, batch[:half], arguments) + self._generate(
-                job_id, lm, batch[half:], arguments
+            return self._generate(attempt, lm, batch[:half], arguments) + self._generate(
+                attempt, lm, batch[half:], arguments
             )
         return [
             queries.ItemResult(
@@ -148,26 +170,16 @@ class JobRunner:
             for prompt, generation in zip(batch, generations)
         ]
 
-    def event(self, job_id: str, type: str, **data) -> None:
-        with session_scope(self.sessions) as session:
-            queries.add_event(session, job_id, type, **data)
-
-    def should_stop(self, job_id: str) -> bool:
-        """Checked between micro-batches and fit steps: a cancel request is honoured
-        here, and a job that a duplicate delivery already finished is left alone."""
-        with session_scope(self.sessions) as session:
-            state = queries.job_state(session, job_id)
-            if state == JobState.cancelling.value:
-                queries.finish_job(session, job_id, JobState.cancelled)
-            return state != JobState.running.value
-
     def finish(self, job_id: str, state: JobState, error: str | None = None, **details) -> None:
+        """Outside any attempt: `lmq generate` ending its own job on Ctrl-C."""
         with session_scope(self.sessions) as session:
             queries.finish_job(session, job_id, state, error, **details)
 
-    def report_progress(self, done: int, total: int) -> None:
-        if self.on_progress is not None:
-            self.on_progress(done, total)
+
+def row_error(prompt: Prompt, message: str) -> str:
+    """The error of one input, naming it: the message came from a batch of one, whose "Prompt 0" is this input."""
+    name = f"input {prompt.index}" + ("" if prompt.custom_id is None else f" (custom_id {prompt.custom_id!r})")
+    return f"{name}: {re.sub(r'^Prompt 0 ', 'the prompt ', message)}"
 
 
 def worker_name() -> str:

@@ -1,13 +1,31 @@
-"""The one Celery task: run a job by id through the process's job runner."""
+"""The one Celery task: run a job by id through the process's job runner; and the
+sweep (workers/sweep.py) that runs beside it in every worker."""
 
 from celery import shared_task
+from celery.signals import worker_ready, worker_shutdown
 
 from core.config import load_settings
 from workers.celery_app import RUN_JOB_TASK
 from workers.runner import process_runner
+from workers.sweep import Sweeper
+
+_sweeper: Sweeper | None = None
 
 
 @shared_task(name=RUN_JOB_TASK, ignore_result=True)
 def run_job(job_id: str) -> str | None:
     """Idempotent: a redelivered or duplicate message finishes what is left, or nothing."""
     return process_runner(load_settings()).run(job_id)
+
+
+@worker_ready.connect
+def start_sweeping(sender, **_) -> None:
+    global _sweeper
+    _sweeper = Sweeper(sender.app, load_settings())
+    _sweeper.start()
+
+
+@worker_shutdown.connect
+def stop_sweeping(**_) -> None:
+    if _sweeper is not None:
+        _sweeper.stop()

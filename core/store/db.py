@@ -7,20 +7,31 @@ with `lmq db upgrade`, so that many workers never race to change a schema.
 
 from __future__ import annotations
 
+import itertools
+import logging
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import Settings, SettingsError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# A database restart or failover is usually over within a minute.
+RETRY_WITHIN_S = 90.0
+_BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 _engines: dict[str, Engine] = {}
 
@@ -117,3 +128,35 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One transaction: committed when the block ends, rolled back if it raises."""
     with factory() as session, session.begin():
         yield session
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The database did not answer within RETRY_WITHIN_S."""
+
+
+def is_connection_error(error: BaseException) -> bool:
+    """Lost or refused connections (worth retrying), not SQL errors (which would fail again)."""
+    if isinstance(error, (OperationalError, InterfaceError)):
+        return True
+    return isinstance(error, DBAPIError) and error.connection_invalidated
+
+
+def transact(factory: sessionmaker[Session], work: Callable[[Session], T], within_s: float = RETRY_WITHIN_S) -> T:
+    """`work(session)` in one transaction, run again with backoff while the connection is down.
+
+    Only for idempotent work: a commit whose answer was lost may have happened.
+    (pool_pre_ping replaces a stale pooled connection before it is used.)
+    """
+    deadline = time.monotonic() + within_s
+    for attempt in itertools.count():
+        try:
+            with session_scope(factory) as session:
+                return work(session)
+        except Exception as error:
+            if not is_connection_error(error):
+                raise
+            pause = _BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)]
+            if time.monotonic() + pause > deadline:
+                raise DatabaseUnavailable(f"the database did not answer for {within_s:g}s: {error}") from error
+            logger.warning("database unavailable (%s); retrying in %gs", type(error).__name__, pause)
+            time.sleep(pause)

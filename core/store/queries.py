@@ -120,35 +120,6 @@ def list_jobs(
     return list(session.scalars(query))
 
 
-def start_job(session: Session, job_id: str, worker: str) -> Job | None:
-    """Mark a job running for this attempt; None when there is nothing to run.
-
-    A job already running is taken over: its earlier worker died, or this is a
-    duplicate delivery, and item writes are idempotent either way.
-    """
-    job = session.get(Job, job_id, with_for_update=True)
-    if job is None or job.state in TERMINAL_STATES:
-        return None
-    if job.state == JobState.cancelling.value:
-        _finish(session, job, JobState.cancelled)
-        return None
-    first_start = job.started_at is None
-    job.state = JobState.running.value
-    job.started_at = job.started_at or utcnow()
-    job.attempts += 1
-    job.worker = worker
-    _add_event(
-        session,
-        job.id,
-        "state",
-        state=JobState.running.value,
-        attempt=job.attempts,
-        worker=worker,
-        resumed=not first_start,
-    )
-    return job
-
-
 def pending_items(
     session: Session, job_id: str, after: int = -1, limit: int | None = None
 ) -> list[JobItem]:
@@ -250,7 +221,19 @@ def _finish(session: Session, job: Job, state: JobState, error: str | None = Non
     job.state = state.value
     job.error = error
     job.finished_at = utcnow()
+    if state is JobState.failed:
+        job.failed += _fail_unfinished_items(session, job.id, error)
     _add_event(session, job.id, "state", state=state.value, error=error, **details)
+
+
+def _fail_unfinished_items(session: Session, job_id: str, error: str | None) -> int:
+    """A failed job's inputs without a result carry the job's error, so every result line says why."""
+    outcome = session.execute(
+        update(JobItem)
+        .where(JobItem.job_id == job_id, JobItem.finished_at.is_(None))
+        .values(error=error, finished_at=utcnow())
+    )
+    return outcome.rowcount
 
 
 def add_event(session: Session, job_id: str, type: str, **data) -> None:

@@ -1,0 +1,139 @@
+"""Leases: which worker may run a job and write its results, and until when.
+
+A worker that takes a job holds a lease on it in the job's row: its name
+(`worker`), the attempt number (`attempts`, the fencing token) and an expiry
+(`lease_expires_at`) that it pushes forward every LMQ_HEARTBEAT_S while it
+works. Each of its writes runs in a transaction that starts by renewing the
+lease with `UPDATE ... WHERE attempts = <its token>`, which locks the row
+until the write commits: a takeover either waits for that write or makes it
+fail. So a worker that was paused (SIGSTOP) and comes back after another one
+took its job finds its token stale and stops, having written nothing.
+
+A lease not renewed for LMQ_LEASE_S has expired: its holder is dead, paused or
+cut off. The next worker that gets the job's message takes it over with a new
+attempt number; workers/sweep.py makes sure that message is sent. While a
+lease is live, another delivery of the job (a duplicate message) is refused,
+so one job never runs on two workers at once.
+
+Expiry is read from the clocks of the machines involved, which are assumed to
+agree to well within a lease (NTP does that).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from core.names import TERMINAL_STATES, JobState
+from core.store import queries
+from core.store.models import Job, utcnow
+
+HELD_STATES = (JobState.running.value, JobState.cancelling.value)
+
+
+class LeaseLost(RuntimeError):
+    """Another attempt holds the job now, or it has finished: stop and write nothing."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    job_id: str
+    worker: str
+    attempt: int  # the fencing token
+
+
+def claim(session: Session, job_id: str, worker: str, lease_s: float) -> Job | None:
+    """Take the job for a new attempt; None when there is nothing for this worker to run.
+
+    A queued job starts. A running one is taken over only when its lease has
+    expired (or it has none): while the lease is live another worker has the
+    job, and this delivery is a duplicate. A job asked to cancel whose holder
+    is gone is cancelled here.
+    """
+    job = session.get(Job, job_id, with_for_update=True)
+    if job is None or job.state in TERMINAL_STATES:
+        return None
+    now = utcnow()
+    if job.state in HELD_STATES and not has_expired(job, now):
+        return None
+    if job.state == JobState.cancelling.value:
+        queries.finish_job(session, job_id, JobState.cancelled)
+        return None
+    taken_from = job.worker if job.state == JobState.running.value else None
+    job.state = JobState.running.value
+    job.started_at = job.started_at or now
+    job.attempts += 1
+    job.worker = worker
+    job.lease_expires_at = now + timedelta(seconds=lease_s)
+    queries.add_event(
+        session,
+        job.id,
+        "state",
+        state=JobState.running.value,
+        attempt=job.attempts,
+        worker=worker,
+        resumed=job.attempts > 1,
+        **({"expired_lease_of": taken_from} if taken_from else {}),
+    )
+    return job
+
+
+def has_expired(job: Job, now: datetime) -> bool:
+    return job.lease_expires_at is None or job.lease_expires_at <= now
+
+
+def renew(session: Session, lease: Lease, lease_s: float) -> None:
+    """Extend the lease, or raise LeaseLost; locks the job's row until the transaction ends."""
+    renewed = session.execute(
+        update(Job)
+        .where(Job.id == lease.job_id, Job.attempts == lease.attempt, Job.state.in_(HELD_STATES))
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+    )
+    if renewed.rowcount != 1:
+        raise LeaseLost(f"job {lease.job_id}: attempt {lease.attempt} no longer holds the lease")
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A job that needs a worker, and when a message for it was last sent."""
+
+    id: str
+    kind: str
+    preset: str
+    state: str
+    enqueued_at: datetime | None
+    lease_expires_at: datetime | None
+
+
+def waiting_for_a_worker(session: Session, now: datetime, sent_before: datetime) -> list[Waiting]:
+    """Jobs whose message the broker may have lost, oldest first.
+
+    Queued jobs last sent (or made) before `sent_before`, and running ones whose lease
+    has expired and that were not sent again since (or not since `sent_before`).
+    """
+    last_sent = Job.enqueued_at
+    queued = and_(Job.state == JobState.queued.value, func.coalesce(last_sent, Job.created_at) < sent_before)
+    expired = and_(
+        Job.state.in_(HELD_STATES),
+        or_(Job.lease_expires_at.is_(None), Job.lease_expires_at <= now),
+        or_(last_sent.is_(None), last_sent < Job.lease_expires_at, last_sent < sent_before),
+    )
+    rows = session.execute(
+        select(Job.id, Job.kind, Job.preset, Job.state, Job.enqueued_at, Job.lease_expires_at)
+        .where(or_(queued, expired))
+        .order_by(Job.created_at)
+    )
+    return [Waiting(*row) for row in rows]
+
+
+def mark_sent(session: Session, job_id: str, last_seen: datetime | None, now: datetime | None = None) -> bool:
+    """Record a send unless someone else recorded one since `last_seen` (so N sweeping workers send once)."""
+    marked = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.enqueued_at.is_not_distinct_from(last_seen))
+        .values(enqueued_at=now or utcnow())
+    )
+    return marked.rowcount == 1

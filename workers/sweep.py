@@ -1,0 +1,107 @@
+"""The sweep: SQL says which jobs need a worker; make sure the broker has a message for each.
+
+Every `lmq worker` sweeps in a thread of its own, at start and then every
+LMQ_SWEEP_S. It sends again the id of
+
+- a running job whose lease has expired: its worker died or was paused, and
+  the message that worker held is stuck unacknowledged in Redis until the
+  visibility timeout (over a day), or was dropped by a worker that found the
+  lease still live;
+- a queued job last sent more than LMQ_SWEEP_S ago, when its queue holds fewer
+  messages than there are such jobs: the broker lost some (Redis restarted
+  without persistence, a publish was lost, the sender died between the SQL
+  commit and the publish). Comparing counts keeps a long queue, whose jobs
+  are merely waiting, from being sent twice over.
+
+Why the workers sweep, not `lmq serve`: a deployment may have no API server at
+all (`lmq submit` talks to the broker), while nothing runs without a worker;
+and a thread beside the job keeps sweeping while its worker is busy for hours.
+Many workers sweeping send each message once, because a send is first
+recorded with a compare-and-set on `enqueued_at` (leases.mark_sent). A message
+too many is harmless anyway: a job that is finished, or running under a live
+lease, ignores it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from datetime import timedelta
+
+from celery import Celery
+
+from core.config import Settings
+from core.names import JobState
+from core.store import leases, session_scope, sessions
+from core.store.models import utcnow
+from workers.celery_app import RUN_JOB_TASK, queue_for
+
+logger = logging.getLogger(__name__)
+
+
+def sweep(app: Celery, settings: Settings) -> list[str]:
+    """Send again the jobs the broker has lost; returns their ids."""
+    now = utcnow()
+    factory = sessions(settings)
+    with session_scope(factory) as session:
+        waiting = leases.waiting_for_a_worker(session, now, sent_before=now - timedelta(seconds=settings.sweep_s))
+    by_queue = defaultdict(list)
+    for job in waiting:
+        by_queue[queue_for(job.kind, job.preset, settings)].append(job)
+    sent = []
+    for queue, jobs in by_queue.items():
+        lost = [job for job in jobs if not_sent_since_expiry(job)]
+        rest = [job for job in jobs if not not_sent_since_expiry(job)]
+        if rest and messages_on(app, queue) < len(rest):
+            lost += rest
+        for job in lost:
+            with session_scope(factory) as session:
+                if not leases.mark_sent(session, job.id, job.enqueued_at, now):
+                    continue  # another worker's sweep sent it
+            app.send_task(RUN_JOB_TASK, args=[job.id], queue=queue)
+            sent.append(job.id)
+    if sent:
+        logger.warning("sweep: sent %d job(s) again: %s", len(sent), ", ".join(sent))
+    return sent
+
+
+def not_sent_since_expiry(job: leases.Waiting) -> bool:
+    if job.state == JobState.queued.value:
+        return False
+    return job.enqueued_at is None or job.lease_expires_at is None or job.enqueued_at < job.lease_expires_at
+
+
+def messages_on(app: Celery, queue: str) -> int:
+    """Messages waiting on `queue`; 0 when the broker has no such queue (as after a Redis restart)."""
+    with app.connection_for_read() as connection:
+        try:
+            return connection.default_channel.queue_declare(queue=queue, passive=True).message_count
+        except connection.channel_errors:
+            return 0
+
+
+class Sweeper:
+    """The sweep, repeated in a daemon thread; a failed round (broker or database away) waits for the next."""
+
+    def __init__(self, app: Celery, settings: Settings):
+        self.app = app
+        self.settings = settings
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="lmq-sweep", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                sweep(self.app, self.settings)
+            except Exception as error:
+                logger.warning("sweep failed, trying again in %gs: %s", self.settings.sweep_s, error)
+            if self._stopped.wait(self.settings.sweep_s):
+                return
