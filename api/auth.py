@@ -14,6 +14,8 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 LOCAL_TENANT = "local"
+# Documented in OpenAPI beside each route's own answers (FastAPI adds the 422 itself).
+AUTH_ERRORS = {401: {"description": "a missing or unknown bearer token"}}
 
 bearer = HTTPBearer(auto_error=False, description="a token from LMQ_API_TOKENS")
 

@@ -22,7 +22,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import NoReturn
 
-from api import cli_remote
+from api import cli_remote, schemas
 from api.cli_jobs import BadInput, JobFromFlags, check_output, report_finished, write_jsonl
 from api.jobs import OutputPresetTaken, store_job
 from core.config import Settings, SettingsError, load_settings
@@ -110,9 +110,9 @@ def cmd_run_here(args) -> int:
             return 130
     with session_scope(runner.sessions) as session:
         job = queries.get_job(session, job_id)
-        summary = queries.job_summary(job)
+        summary = schemas.job_summary(job)
         if args.command == "generate":
-            write_jsonl(queries.job_results(session, job_id), args.output)
+            write_jsonl(map(schemas.result_line, queries.job_items(session, job_id)), args.output)
     return report_finished(summary)
 
 
@@ -142,7 +142,7 @@ def cmd_submit(args) -> int:
 
 def print_job(settings: Settings, job_id: str) -> int:
     with session_scope(open_store(settings)) as session:
-        print(json.dumps(queries.job_summary(require_job(session, job_id))))
+        print(json.dumps(schemas.job_summary(require_job(session, job_id))))
     return 0
 
 
@@ -160,7 +160,7 @@ def watch(settings: Settings, job_id: str, poll_seconds: float = 0.5) -> int:
     with tqdm(desc=f"job {job_id[:8]}", total=100, unit="%", file=sys.stderr, disable=None) as bar:
         while True:
             with session_scope(factory) as session:
-                summary = queries.job_summary(require_job(session, job_id))
+                summary = schemas.job_summary(require_job(session, job_id))
             bar.n = round(summary["progress"] * 100)
             bar.set_postfix_str(summary["status"])
             if summary["status"] in TERMINAL_STATES:
@@ -179,21 +179,21 @@ def cmd_jobs(args) -> int:
     with session_scope(open_store(settings)) as session:
         if args.action == "list":
             for job in queries.list_jobs(session, state=args.status, kind=args.kind, limit=args.limit):
-                print(json.dumps(queries.job_summary(job)))
+                print(json.dumps(schemas.job_summary(job)))
         elif args.action == "show":
-            print(json.dumps(queries.job_summary(require_job(session, args.id)), indent=2))
+            print(json.dumps(schemas.job_summary(require_job(session, args.id)), indent=2))
         elif args.action == "results":
             require_job(session, args.id)
-            write_jsonl(queries.job_results(session, args.id), args.output)
+            write_jsonl(map(schemas.result_line, queries.job_items(session, args.id)), args.output)
         elif args.action == "events":
             require_job(session, args.id)
             for event in queries.job_events(session, args.id):
-                print(json.dumps(queries.event_line(event)))
+                print(json.dumps(schemas.event_line(event)))
         elif args.action == "cancel":
             job = queries.request_cancel(session, args.id)
             if job is None:
                 raise BadInput(f"no job {args.id!r}")
-            print(json.dumps(queries.job_summary(job)))
+            print(json.dumps(schemas.job_summary(job)))
     return 0
 
 
@@ -203,12 +203,12 @@ def cmd_presets(args) -> int:
     with session_scope(factory) as session:
         if args.action == "list":
             for preset in queries.list_presets(session):
-                print(json.dumps(queries.preset_summary(preset)))
+                print(json.dumps(schemas.preset_summary(preset)))
         elif args.action == "show":
             preset = queries.get_preset(session, args.name)
             if preset is None:
                 raise BadInput(f"no preset {args.name!r} in the store")
-            print(json.dumps(queries.preset_summary(preset), indent=2))
+            print(json.dumps(schemas.preset_summary(preset), indent=2))
         elif args.action == "import":
             import_preset(settings, session, args.handle, args.name)
     return 0
@@ -236,7 +236,7 @@ def import_preset(settings: Settings, session, handle: str, name: str) -> None:
         architecture=preset_architecture(target),
         source=handle,
     )
-    print(json.dumps(queries.preset_summary(preset)))
+    print(json.dumps(schemas.preset_summary(preset)))
 
 
 def cmd_architectures(args) -> int:

@@ -12,6 +12,7 @@ not be silently ignored.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from functools import lru_cache
 from typing import Annotated, Any, Literal, Union
 
@@ -30,6 +31,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from core.config import Limits
+from core.store import Job, JobEvent, JobItem, Preset
 from core.names import DTYPES, PRESET_NAME_PATTERN, SAMPLER_ARGUMENTS, SAMPLER_NAMES, check_preset_name
 
 SamplerName = Literal[SAMPLER_NAMES]
@@ -249,7 +251,63 @@ def jsonl(record: dict) -> str:
     return json.dumps(record, ensure_ascii=False) + "\n"
 
 
-# ---------------------------------------------------------------- responses
+# ---------------------------------------------------------------- responses: the models and the shapes
+# The store hands back its records; these functions shape them into the
+# contract's JSON (the models below describe the same shapes in OpenAPI).
+
+
+def job_summary(job: Job) -> dict:
+    """The job as `GET /v1/jobs/{id}` shows it."""
+    return {
+        "id": job.id,
+        "kind": job.kind,
+        "status": job.state,
+        "preset": job.preset,
+        "counts": {"total": job.total, "completed": job.completed, "failed": job.failed},
+        "progress": job.progress,
+        "error": job.error,
+        "attempts": job.attempts,
+        "tenant": job.tenant,
+        "created_at": isoformat(job.created_at),
+        "started_at": isoformat(job.started_at),
+        "finished_at": isoformat(job.finished_at),
+        "output_preset": job.output_preset,
+    }
+
+
+def result_line(item: JobItem) -> dict:
+    """One line of a generate job's results (`GET /v1/jobs/{id}/results`, `lmq generate -o`)."""
+    return {
+        "index": item.index,
+        "custom_id": item.custom_id,
+        "output": item.output,
+        "prompt_tokens": item.prompt_tokens,
+        "completion_tokens": item.completion_tokens,
+        "finish_reason": item.finish_reason,
+        "error": item.error,
+    }
+
+
+def event_line(event: JobEvent) -> dict:
+    return {"id": event.id, "type": event.type, "created_at": isoformat(event.created_at), **event.data}
+
+
+def preset_summary(preset: Preset) -> dict:
+    return {
+        "name": preset.name,
+        "architecture": preset.architecture,
+        "path": preset.path,
+        "source": preset.source,
+        "parent": preset.parent,
+        "job_id": preset.job_id,
+        "details": preset.details,
+        "created_at": isoformat(preset.created_at),
+    }
+
+
+def isoformat(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()
+
 
 
 class Counts(BaseModel):

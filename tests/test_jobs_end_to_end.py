@@ -9,6 +9,7 @@ import pytest
 from service_support import PROMPTS, lease_runs_out, read_results, reference, write_prompts
 
 from api.cli import main
+from api.schemas import job_summary
 from core.config import load_settings
 from core.store import queries, session_scope, sessions
 from workers.runner import JobRunner, pool_from_settings
@@ -182,7 +183,7 @@ def test_a_redelivered_fit_job_resumes_from_its_last_checkpoint(lmq_home, tiny_l
     with session_scope(factory) as session:
         events = queries.job_events(session, job_id)
         assert queries.get_preset(session, "resumed").job_id == job_id
-        summary = queries.job_summary(queries.get_job(session, job_id))
+        summary = job_summary(queries.get_job(session, job_id))
     assert [e.data["epochs_done"] for e in events if e.type == "resumed"] == [1]
     # Each step and epoch recorded once, though step 3 ran twice.
     assert [e.data["step"] for e in events if e.type == "step"] == [1, 2, 3, 4]

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 from service_support import lease_runs_out
 
+from api.schemas import job_summary, result_line
 from core.config import load_settings
 from core.store import leases, queries, session_scope, sessions
 from workers.pool import ModelPool
@@ -80,7 +81,8 @@ def runner_for(settings, lm, **kwargs):
 
 def results(factory, job_id):
     with session_scope(factory) as session:
-        return list(queries.job_results(session, job_id)), queries.job_summary(queries.get_job(session, job_id))
+        lines = [result_line(item) for item in queries.job_items(session, job_id)]
+        return lines, job_summary(queries.get_job(session, job_id))
 
 
 PROMPTS = ["one", "two words", "three little words", "four", "five and six", "seven"]

@@ -7,6 +7,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import select, update
 
+from api.schemas import preset_summary, result_line
 from core.config import load_settings
 from core.store import Job, JobState, leases, queries, session_scope, sessions
 from core.store.db import get_engine
@@ -49,7 +50,7 @@ def test_embedded_default_is_migrated_on_first_use(lmq_home):
 def test_items_keep_input_order_and_custom_ids(store):
     job_id = make_job(store, ["x", "y"])
     with session_scope(store) as session:
-        lines = list(queries.job_results(session, job_id))
+        lines = [result_line(item) for item in queries.job_items(session, job_id)]
         job = queries.get_job(session, job_id)
         assert job.state == "queued" and job.total == 2
     assert [(line["index"], line["custom_id"], line["output"]) for line in lines] == [
@@ -79,7 +80,7 @@ def test_a_result_is_written_once_and_counts_follow_the_items(store):
     with session_scope(store) as session:
         job = queries.get_job(session, job_id)
         assert (job.completed, job.failed, job.progress) == (1, 1, pytest.approx(2 / 3))
-        assert next(queries.job_results(session, job_id))["output"] == "first"
+        assert result_line(next(queries.job_items(session, job_id)))["output"] == "first"
 
 
 def test_state_machine(store):
@@ -130,7 +131,7 @@ def test_a_live_lease_refuses_a_second_worker_and_fences_the_first_after_a_takeo
             leases.renew(session, first, LEASE_S)
             queries.record_results(session, job_id, [queries.ItemResult(0, output="from w1")])
     with session_scope(store) as session:
-        assert next(queries.job_results(session, job_id))["output"] is None
+        assert result_line(next(queries.job_items(session, job_id)))["output"] is None
         leases.renew(session, leases.Lease(job_id, "w2", 2), LEASE_S)
 
 
@@ -182,7 +183,7 @@ def test_presets_are_registered_with_lineage(store):
             details={"final_loss": 1.5},
         )
     with session_scope(store) as session:
-        summary = queries.preset_summary(queries.get_preset(session, name))
+        summary = preset_summary(queries.get_preset(session, name))
     assert summary["parent"] == "base" and summary["job_id"] == job_id
     assert summary["details"] == {"final_loss": 1.5}
 
@@ -192,7 +193,7 @@ def test_deleting_a_job_deletes_its_items_and_events(store):
     with session_scope(store) as session:
         session.delete(session.get(Job, job_id))
     with session_scope(store) as session:
-        assert list(queries.job_results(session, job_id)) == []
+        assert [result_line(item) for item in queries.job_items(session, job_id)] == []
         assert queries.job_events(session, job_id) == []
         assert session.scalar(select(Job).where(Job.id == job_id)) is None
 

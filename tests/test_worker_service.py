@@ -15,6 +15,7 @@ import pytest
 from service_support import PROMPTS, reference, write_prompts
 
 from api.cli import main
+from api.schemas import job_summary, result_line
 from core.config import load_settings
 from core.store import queries, session_scope, sessions
 
@@ -75,12 +76,12 @@ def wait_for(condition, timeout, what, workers_logs=()):
 
 def job(job_id):
     with session_scope(sessions(load_settings())) as session:
-        return queries.job_summary(queries.get_job(session, job_id))
+        return job_summary(queries.get_job(session, job_id))
 
 
 def results(job_id):
     with session_scope(sessions(load_settings())) as session:
-        return list(queries.job_results(session, job_id))
+        return [result_line(item) for item in queries.job_items(session, job_id)]
 
 
 def events(job_id, type):

@@ -8,7 +8,6 @@ result twice.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Iterable, Iterator
 
 from sqlalchemy import insert, select, update
@@ -253,55 +252,10 @@ def job_events(session: Session, job_id: str, after: int = 0) -> list[JobEvent]:
     return list(session.scalars(query))
 
 
-def job_results(session: Session, job_id: str) -> Iterator[dict]:
-    """One line per input in input order; an unfinished input has no output yet."""
+def job_items(session: Session, job_id: str) -> Iterator[JobItem]:
+    """A job's items in input order, read a thousand at a time; an unfinished one has no output yet."""
     query = select(JobItem).where(JobItem.job_id == job_id).order_by(JobItem.index)
-    for item in session.scalars(query.execution_options(yield_per=1000)):
-        yield result_line(item)
-
-
-def result_line(item: JobItem) -> dict:
-    return {
-        "index": item.index,
-        "custom_id": item.custom_id,
-        "output": item.output,
-        "prompt_tokens": item.prompt_tokens,
-        "completion_tokens": item.completion_tokens,
-        "finish_reason": item.finish_reason,
-        "error": item.error,
-    }
-
-
-def job_summary(job: Job) -> dict:
-    """The job as the contract shows it (`GET /v1/jobs/{id}`)."""
-    return {
-        "id": job.id,
-        "kind": job.kind,
-        "status": job.state,
-        "preset": job.preset,
-        "counts": {"total": job.total, "completed": job.completed, "failed": job.failed},
-        "progress": job.progress,
-        "error": job.error,
-        "attempts": job.attempts,
-        "tenant": job.tenant,
-        "created_at": isoformat(job.created_at),
-        "started_at": isoformat(job.started_at),
-        "finished_at": isoformat(job.finished_at),
-        "output_preset": job.output_preset,
-    }
-
-
-def event_line(event: JobEvent) -> dict:
-    return {
-        "id": event.id,
-        "type": event.type,
-        "created_at": isoformat(event.created_at),
-        **event.data,
-    }
-
-
-def isoformat(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat()
+    yield from session.scalars(query.execution_options(yield_per=1000))
 
 
 def register_preset(
@@ -335,16 +289,3 @@ def get_preset(session: Session, name: str) -> Preset | None:
 
 def list_presets(session: Session) -> list[Preset]:
     return list(session.scalars(select(Preset).order_by(Preset.created_at, Preset.name)))
-
-
-def preset_summary(preset: Preset) -> dict:
-    return {
-        "name": preset.name,
-        "architecture": preset.architecture,
-        "path": preset.path,
-        "source": preset.source,
-        "parent": preset.parent,
-        "job_id": preset.job_id,
-        "details": preset.details,
-        "created_at": isoformat(preset.created_at),
-    }

@@ -1,0 +1,40 @@
+"""GET /healthz and /readyz: whether the process answers, and whether the database and broker do."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from sqlalchemy import text
+
+from api import schemas
+from api.dependencies import DispatchDep, SettingsDep
+from core.config import Settings
+from core.store.db import get_engine
+
+NOT_READY = {503: {"description": "the database or the broker does not answer"}}
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz():
+    """The process answers."""
+    return {"ok": True}
+
+
+@router.get("/readyz", response_model=schemas.Readiness, responses=NOT_READY)
+def readyz(response: Response, settings: Settings = SettingsDep, dispatch=DispatchDep):
+    """The database and the broker are reachable; 503 when either is not."""
+    database = check_database(settings)
+    broker_ok, broker_detail = dispatch.check()
+    ready = database["ok"] and broker_ok
+    response.status_code = 200 if ready else 503
+    return {"ready": ready, "database": database, "broker": {"ok": broker_ok, "detail": broker_detail}}
+
+
+def check_database(settings: Settings) -> dict:
+    try:
+        with get_engine(settings.database_url).connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except Exception as error:
+        return {"ok": False, "detail": f"database unreachable: {type(error).__name__}: {error}"}
+    return {"ok": True, "detail": "database reachable"}
