@@ -1,13 +1,13 @@
 """Plugin hooks and the registry of architectures.
 
 Every architecture, built-in or third-party, is a package exposing an entry point
-in the ``lmq.plugins`` group whose module implements one hook::
+in the ``lmq.plugins`` group whose module implements one hook. Laid out as KerasHub
+lays out an architecture (see ``Architecture.in_package``), its ``__init__.py`` is::
 
-    from core.plugins import Architecture, hookimpl
+    from core.plugins import Architecture, plugin_hooks
 
-    @hookimpl
-    def register_architectures(register):
-        register(Architecture(name="llama", backbone="plugins.llama.llama_backbone:LlamaBackbone", ...))
+    ARCHITECTURE = Architecture.in_package(__name__, "Llama", hf_model_types=("llama",))
+    register_architectures, __getattr__ = plugin_hooks(__name__, ARCHITECTURE)
 
 Records hold import paths as ``"module:Class"`` strings, imported only when a
 class is needed, so listing architectures (the API does) never imports keras.
@@ -17,6 +17,7 @@ class is needed, so listing architectures (the API does) never imports keras.
 import functools
 import importlib
 import importlib.metadata
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass, field, replace
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field, replace
 import pluggy
 
 ENTRY_POINT_GROUP = "lmq.plugins"
+
+TASK_NAMES = {"causal_lm": ("causal_lm", "CausalLM"), "seq2seq_lm": ("seq2seq_lm", "Seq2SeqLM")}  # file, class
 
 hookspec = pluggy.HookspecMarker("lmq")
 hookimpl = pluggy.HookimplMarker("lmq")
@@ -67,20 +70,61 @@ class Architecture:
     def load_class(self, class_name):
         return import_path(self.class_paths[class_name])
 
-    def lazy_module_attributes(self, module_name):
-        """A module ``__getattr__``: ``from plugins.llama import LlamaCausalLM`` imports on first use,
-        so registering the plugin never imports keras."""
+    @classmethod
+    def in_package(cls, package, prefix, **fields):
+        """The record of an architecture laid out as KerasHub lays one out, in ``package``
+        (``plugins.llama``, whose last part ``llama`` names the architecture)::
 
-        def __getattr__(name):
-            if name in self.class_paths:
-                return self.load_class(name)
-            raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
+            llama_backbone.py                  LlamaBackbone
+            llama_tokenizer.py                 LlamaTokenizer
+            llama_causal_lm_preprocessor.py    LlamaCausalLMPreprocessor
+            llama_causal_lm.py                 LlamaCausalLM    (seq2seq_lm: ..._seq2seq_lm.py, ...Seq2SeqLM)
+            llama_presets.py                   backbone_presets: {name: PresetInfo}, if there are any
+            llama_hf.py                        the transformers converter, when hf_model_types are given
 
-        return __getattr__
+        ``fields`` give the record's other fields, or override these.
+        """
+        name = fields.get("name", package.rpartition(".")[2])
+        module = f"{package}.{name}"
+        task_file, task_class = TASK_NAMES[fields.get("task_kind", "causal_lm")]
+        presets_module = f"{module}_presets"
+        defaults = {
+            "name": name,
+            "backbone": f"{module}_backbone:{prefix}Backbone",
+            "tokenizer": f"{module}_tokenizer:{prefix}Tokenizer",
+            "preprocessor": f"{module}_{task_file}_preprocessor:{prefix}{task_class}Preprocessor",
+            "task": f"{module}_{task_file}:{prefix}{task_class}",
+            "hf_converter": f"{module}_hf" if fields.get("hf_model_types") else None,
+            "presets": (
+                importlib.import_module(presets_module).backbone_presets
+                if importlib.util.find_spec(presets_module)
+                else {}
+            ),
+        }
+        return cls(**{**defaults, **fields})
 
     def load(self, role):
         """The class for ``role`` ("backbone", "tokenizer", "preprocessor", "task")."""
         return import_path(getattr(self, role))
+
+
+def plugin_hooks(module_name, *architectures):
+    """What a plugin's ``__init__`` exports: its ``register_architectures`` hook, and a module
+    ``__getattr__`` so that ``from plugins.llama import LlamaCausalLM`` imports on first use
+    (registering a plugin never imports keras)."""
+
+    @hookimpl
+    def register_architectures(register):
+        for architecture in architectures:
+            register(architecture)
+
+    def __getattr__(name):
+        for architecture in architectures:
+            if name in architecture.class_paths:
+                return architecture.load_class(name)
+        raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
+
+    return register_architectures, __getattr__
 
 
 def import_path(path):

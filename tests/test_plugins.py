@@ -153,3 +153,59 @@ def test_third_party_architecture_serves_a_job(site, tmp_path):
     assert outcome["class"] == "ExampleCausalLM" and outcome["config_class"] == "ExampleBackbone"
     assert outcome["served"] == outcome["direct"]
     assert all(out.startswith(p) for out, p in zip(outcome["served"], ["Return the number", "Open the file"]))
+
+
+# -- the backbone contract -------------------------------------------------------------
+
+
+def test_a_backbone_class_missing_a_piece_is_refused_when_created():
+    from core.models import BackboneContractError, DecoderOnlyBackbone
+
+    with pytest.raises(BackboneContractError, match=r"NoWeights does not meet the Backbone contract: .*keras_hub_weights\("):
+
+        class NoWeights(DecoderOnlyBackbone):
+            keras_hub_config = ("vocabulary_size",)
+
+            def __init__(self, vocabulary_size, **kwargs):
+                super().__init__(**kwargs)
+
+    with pytest.raises(BackboneContractError, match=r"constructor arguments \['hidden_dim'\] are in neither"):
+
+        class UnsavedArgument(DecoderOnlyBackbone):
+            keras_hub_config = ("vocabulary_size",)
+            keras_hub_weights = dict
+
+            def __init__(self, vocabulary_size, hidden_dim, **kwargs):
+                super().__init__(**kwargs)
+
+    with pytest.raises(BackboneContractError, match=r"keras_hub_layout names no \['final_norm'\]"):
+        from plugins.llama.llama_backbone import LlamaBackbone
+
+        class HalfLayout(LlamaBackbone):
+            keras_hub_layout = {k: v for k, v in LlamaBackbone.keras_hub_layout.items() if k != "final_norm"}
+
+
+def test_a_backbone_instance_missing_a_piece_is_named_once_built():
+    from core.layers import ReversibleEmbedding
+    from core.models import BackboneContractError, DecoderOnlyBackbone
+
+    class NoStack(DecoderOnlyBackbone):
+        keras_hub_config = ("vocabulary_size",)
+        keras_hub_weights = dict
+
+        def __init__(self, vocabulary_size, **kwargs):
+            super().__init__(**kwargs)
+            self.vocabulary_size = vocabulary_size
+            self.token_embedding = ReversibleEmbedding(vocabulary_size, 8)
+
+    with pytest.raises(BackboneContractError, match="NoStack .* it builds no transformer_layers"):
+        NoStack(10)
+
+    class NoAttribute(NoStack):
+        def __init__(self, vocabulary_size, **kwargs):
+            super().__init__(vocabulary_size, **kwargs)
+            del self.vocabulary_size
+
+    # The subclass's constructor runs to its end before the check, and the check names the key.
+    with pytest.raises(BackboneContractError, match=r"no attribute for the config keys \['vocabulary_size'\]"):
+        NoAttribute(10)

@@ -8,7 +8,7 @@ if keras.backend.backend() != "torch":
         "set KERAS_BACKEND=torch (or import core before keras)."
     )
 
-from core.models.backbone import Backbone, DecoderOnlyBackbone  # noqa: E402
+from core.models.backbone import Backbone, BackboneContractError, DecoderOnlyBackbone  # noqa: E402
 from core.models.causal_lm import CausalLM  # noqa: E402
 from core.models.generation import Generation  # noqa: E402
 from core.models.preprocessor import CausalLMPreprocessor, Preprocessor  # noqa: E402
@@ -17,6 +17,7 @@ from core.models.tokenizer import BytePairTokenizer, SentencePieceTokenizer, Tok
 
 __all__ = [
     "Backbone",
+    "BackboneContractError",
     "BytePairTokenizer",
     "CausalLM",
     "CausalLMPreprocessor",

@@ -1,27 +1,26 @@
 """Backbones: the network without its task head.
 
-``Backbone`` carries what every architecture shares (KerasHub-style config, the
-weight layout of KerasHub's ``model.weights.h5``). ``DecoderOnlyBackbone`` is the
-decoder stack Llama, Mistral and Phi-3 share, with the two entry points that
+``Backbone`` carries what every architecture shares: its config (KerasHub's
+``config.json``), the layout of KerasHub's ``model.weights.h5``, LoRA, and the
+contract a backbone class must meet, checked when the class is created and when an
+instance has been built. ``DecoderOnlyBackbone`` is the decoder stack (token
+embedding -> ``DecoderBlock``s -> final norm) with the two entry points that
 generation uses: ``prefill`` (the whole prompt in one pass) and ``decode`` (one
 token per row, each row at its own position), both writing a ``KVCache`` (a
 ``RollingKVCache`` when a sliding window is shorter than the generation).
 """
 
+import functools
+import inspect
+
 import keras
 import torch
 
-from core.layers import (
-    AttentionContext,
-    CachedAttention,
-    DecoderBlock,
-    GatedFeedForward,
-    KVCache,
-    ReversibleEmbedding,
-    RMSNorm,
-    RollingKVCache,
-)
+from core.layers import AttentionContext, CachedAttention, KVCache, ReversibleEmbedding, RollingKVCache
 from core.models.serialization import KerasHubSerializable
+
+# What Backbone.__init__ takes for every backbone; the rest of a constructor is its config.
+BASE_ARGUMENTS = ("dtype", "name", "trainable")
 
 
 def dtype_name(dtype):
@@ -33,13 +32,78 @@ def dtype_name(dtype):
     return dtype
 
 
+class BackboneContractError(TypeError):
+    """A backbone class or instance lacks something every backbone must have."""
+
+
 class Backbone(KerasHubSerializable, keras.Model):
-    """Subclasses define ``keras_hub_weights()``: {path in KerasHub's model.weights.h5: variable}."""
+    """The base of every backbone. A subclass (say ``LlamaBackbone``) must:
+
+    - take its config as named constructor arguments, pass ``**kwargs`` (``dtype``,
+      ``name``, ``trainable``) to ``super().__init__`` first, and keep each argument
+      as the attribute of that name;
+    - list those arguments in ``keras_hub_config``, in the order KerasHub writes them
+      to ``config.json``; arguments KerasHub lacks go in ``extra_config`` and are
+      written only when set, so that KerasHub still loads the preset;
+    - build ``token_embedding``, a ``ReversibleEmbedding`` (the task head reverses it);
+    - define ``keras_hub_weights()``: {path in KerasHub's ``model.weights.h5``: variable}.
+
+    The constructor's arguments, the config lists and ``keras_hub_weights`` are checked
+    when the class is created; the attributes and ``token_embedding`` once the outermost
+    constructor has returned. A miss is a ``BackboneContractError`` naming it.
+    ``get_config`` follows from the config lists. A base class for other backbones
+    (``DecoderOnlyBackbone``) says ``abstract=True`` and is not checked.
+    """
 
     config_file = "config.json"
+    keras_hub_config = ()
+    extra_config = ()
+
+    def __init_subclass__(cls, abstract=False, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if abstract:
+            return
+        cls.check_class()
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _checked_when_built(cls.__init__)
 
     def __init__(self, dtype=None, name=None, trainable=True, **kwargs):
         super().__init__(dtype=dtype_name(dtype), name=name or self.default_name(), trainable=trainable, **kwargs)
+
+    # -- the contract -----------------------------------------------------------------
+
+    @classmethod
+    def contract_error(cls, what):
+        return BackboneContractError(f"{cls.__name__} does not meet the Backbone contract: {what}.")
+
+    @classmethod
+    def check_class(cls):
+        """What the class itself must define (see the class docstring)."""
+        parameters = inspect.signature(cls.__init__).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            raise cls.contract_error("its __init__ takes no **kwargs to pass dtype, name and trainable on")
+        arguments = [
+            name for name, p in parameters.items()
+            if name != "self" and name not in BASE_ARGUMENTS and p.kind is p.POSITIONAL_OR_KEYWORD
+        ]
+        declared = (*cls.keras_hub_config, *cls.extra_config)
+        if missing := [a for a in arguments if a not in declared]:
+            raise cls.contract_error(
+                f"constructor arguments {missing} are in neither keras_hub_config nor extra_config"
+            )
+        if unknown := [k for k in declared if k not in arguments]:
+            raise cls.contract_error(f"config keys {unknown} are not constructor arguments")
+        if not callable(getattr(cls, "keras_hub_weights", None)):
+            raise cls.contract_error("it defines no keras_hub_weights() (its layout of KerasHub's model.weights.h5)")
+
+    def check_instance(self):
+        """What a built instance must hold (see the class docstring)."""
+        if missing := [k for k in (*self.keras_hub_config, *self.extra_config) if not hasattr(self, k)]:
+            raise self.contract_error(f"its constructor keeps no attribute for the config keys {missing}")
+        if not isinstance(getattr(self, "token_embedding", None), ReversibleEmbedding):
+            raise self.contract_error("it builds no token_embedding (a ReversibleEmbedding)")
+
+    # -- config -----------------------------------------------------------------------
 
     def base_config(self):
         return {
@@ -48,9 +112,10 @@ class Backbone(KerasHubSerializable, keras.Model):
             "dtype": keras.dtype_policies.serialize(self.dtype_policy),
         }
 
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
+    def get_config(self):
+        config = {**self.base_config(), **{key: getattr(self, key) for key in self.keras_hub_config}}
+        config.update({key: getattr(self, key) for key in self.extra_config if getattr(self, key)})
+        return config
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, dtype=None, resolver=None):
@@ -85,56 +150,26 @@ class Backbone(KerasHubSerializable, keras.Model):
         return self.token_embedding.embeddings.value.device
 
 
-class DecoderOnlyBackbone(Backbone):
+class DecoderOnlyBackbone(Backbone, abstract=True):
     """Token embedding -> ``DecoderBlock`` stack -> final norm.
 
-    Subclasses build ``token_embedding``, ``transformer_layers``, ``layer_norm``
-    (``build_llama_style_layers`` builds all three) and ``rotary`` (or None), set
-    ``num_key_value_heads``/``head_dim``, and may set ``sliding_window``.
-    ``keras_hub_layout`` names the layers of KerasHub's weight file.
+    Besides ``Backbone``'s contract, a subclass builds ``transformer_layers`` (a list
+    of ``DecoderBlock``) and ``layer_norm``, and sets ``num_key_value_heads`` and
+    ``head_dim`` (the cache's shape). It may build ``rotary`` (a ``RotaryEmbedding``;
+    without one, attention gets no position tables), set ``sliding_window``, and
+    override ``_context`` to add other position information (Falcon's ALiBi).
     """
 
+    rotary = None
     sliding_window = None
-    keras_hub_layout = None  # see ``keras_hub_weights``
 
-    def build_llama_style_layers(self, tie_word_embeddings=False):
-        """The layers Llama and Mistral share: RMSNorm pre-norm, grouped-query attention, SwiGLU.
-
-        Reads the config attributes the subclass has set: ``vocabulary_size``, ``num_layers``,
-        ``num_query_heads``, ``num_key_value_heads``, ``head_dim``, ``hidden_dim``,
-        ``intermediate_dim``, ``layer_norm_epsilon``, ``dropout``.
-        """
-        policy = self.dtype_policy
-        self.token_embedding = ReversibleEmbedding(
-            self.vocabulary_size,
-            self.hidden_dim,
-            tie_weights=tie_word_embeddings,
-            dtype=policy,
-            name="token_embedding",
-        )
-        self.transformer_layers = [
-            DecoderBlock(
-                attention=CachedAttention(
-                    self.hidden_dim,
-                    self.num_query_heads,
-                    self.num_key_value_heads,
-                    head_dim=self.head_dim,
-                    dropout=self.dropout,
-                    cache_index=i,
-                    dtype=policy,
-                ),
-                feedforward=GatedFeedForward(self.hidden_dim, self.intermediate_dim, dtype=policy),
-                attention_norm=RMSNorm(self.hidden_dim, self.layer_norm_epsilon, dtype=policy),
-                feedforward_norm=RMSNorm(self.hidden_dim, self.layer_norm_epsilon, dtype=policy),
-                dropout=self.dropout,
-                dtype=policy,
-                name=f"transformer_layer_{i}",
-            )
-            for i in range(self.num_layers)
-        ]
-        self.layer_norm = RMSNorm(
-            self.hidden_dim, self.layer_norm_epsilon, dtype=policy, name="sequence_output_layernorm"
-        )
+    def check_instance(self):
+        super().check_instance()
+        if not isinstance(getattr(self, "transformer_layers", None), list):
+            raise self.contract_error("it builds no transformer_layers (a list of DecoderBlock)")
+        for piece in ("layer_norm", "num_key_value_heads", "head_dim"):
+            if getattr(self, piece, None) is None:
+                raise self.contract_error(f"it sets no {piece}")
 
     def call(self, inputs, training=False):
         token_ids = torch.as_tensor(inputs["token_ids"], device=self.device).long()
@@ -147,7 +182,7 @@ class DecoderOnlyBackbone(Backbone):
         mask = self.attention_mask(positions, positions) & padding_mask[:, None, None, :]
         # A query with no key left (left padding) would give NaNs; it attends to all, like KerasHub.
         mask = mask | ~mask.any(dim=-1, keepdim=True)
-        context = self._context(positions, mask=mask)
+        context = self._context(positions, AttentionContext(mask=mask))
         return self.hidden_states(token_ids, context, training=training)
 
     def attention_mask(self, query_positions, key_positions):
@@ -162,11 +197,12 @@ class DecoderOnlyBackbone(Backbone):
             allowed &= distance < self.sliding_window
         return allowed
 
-    def _context(self, positions, long_context=False, **kwargs):
-        """``long_context`` picks longrope's long factors (see ``RotaryEmbedding``)."""
-        dtype = self.token_embedding.embeddings.value.dtype
-        cos, sin = self.rotary.cos_sin(positions, dtype, long_context) if self.rotary else (None, None)
-        return AttentionContext(cos=cos, sin=sin, **kwargs)
+    def _context(self, positions, context):
+        """``context`` with this architecture's position information, for queries at
+        ``positions`` [batch, queries]: the rotary tables, when there is a ``rotary``."""
+        if self.rotary is not None:
+            context.cos, context.sin = self.rotary.cos_sin(positions, self.token_embedding.embeddings.value.dtype)
+        return context
 
     def hidden_states(self, token_ids, context, training=False):
         x = self.token_embedding.call(token_ids)  # [batch, seq, hidden]
@@ -201,12 +237,10 @@ class DecoderOnlyBackbone(Backbone):
         batch, length = token_ids.shape
         positions = torch.arange(length, device=token_ids.device).expand(batch, length)
         if self.sliding_window and length > self.sliding_window:
-            context = self._context(
-                positions, mask=self.attention_mask(positions, positions), cache=cache, cache_rows=rows
-            )
+            context = AttentionContext(mask=self.attention_mask(positions, positions), cache=cache, cache_rows=rows)
         else:  # padding sits after every real token, so causal masking is enough
-            context = self._context(positions, is_causal=True, cache=cache, cache_rows=rows)
-        return self.hidden_states(token_ids, context)
+            context = AttentionContext(is_causal=True, cache=cache, cache_rows=rows)
+        return self.hidden_states(token_ids, self._context(positions, context))
 
     def decode(self, token_ids, positions, cache, key_length):
         """One token per row [batch, 1] at ``positions`` [batch] -> hidden [batch, 1, hidden].
@@ -215,51 +249,22 @@ class DecoderOnlyBackbone(Backbone):
         """
         slots, key_length, key_positions = cache.step(positions, key_length)
         query_positions = positions[:, None]
-        context = self._context(
-            query_positions,
+        context = AttentionContext(
             mask=self.attention_mask(query_positions, key_positions),
             cache=cache,
             write_positions=slots,
             key_length=key_length,
         )
-        return self.hidden_states(token_ids, context)
-
-    # -- KerasHub weight layout -------------------------------------------------------
-
-    def keras_hub_weights(self):
-        layout = self.keras_hub_layout
-        weights = {"layers/reversible_embedding/vars/0": self.token_embedding.embeddings}
-        if self.token_embedding.reverse_embeddings is not None:
-            weights["layers/reversible_embedding/vars/1"] = self.token_embedding.reverse_embeddings
-        for index, block in enumerate(self.transformer_layers):
-            prefix = f"layers/{layout['block']}" + (f"_{index}" if index else "")
-            attention = f"{prefix}/{layout['attention']}"
-            parts = {
-                f"{attention}/{layout['query']}": block.attention.query_kernel,
-                f"{attention}/{layout['key']}": block.attention.key_kernel,
-                f"{attention}/{layout['value']}": block.attention.value_kernel,
-                f"{attention}/{layout['output']}": block.attention.output_kernel,
-                f"{prefix}/{layout['attention_norm']}": block.attention_norm.scale,
-                f"{prefix}/{layout['feedforward_norm']}": block.feedforward_norm.scale,
-                f"{prefix}/{layout['gate']}": block.feedforward.gate_kernel,
-                f"{prefix}/{layout['intermediate']}": block.feedforward.intermediate_kernel,
-                f"{prefix}/{layout['feedforward_output']}": block.feedforward.output_kernel,
-            }
-            weights.update({f"{path}/vars/0": variable for path, variable in parts.items()})
-        weights[f"layers/{layout['final_norm']}/vars/0"] = self.layer_norm.scale
-        return weights
+        return self.hidden_states(token_ids, self._context(query_positions, context))
 
 
-# KerasHub's attribute names inside its Llama-style decoder layer (Llama, Mistral).
-LLAMA_STYLE_LAYOUT = {
-    "attention": "_self_attention_layer",
-    "query": "_query_dense",
-    "key": "_key_dense",
-    "value": "_value_dense",
-    "output": "_output_dense",
-    "attention_norm": "_self_attention_layernorm",
-    "feedforward_norm": "_feedforward_layernorm",
-    "gate": "_feedforward_gate_dense",
-    "intermediate": "_feedforward_intermediate_dense",
-    "feedforward_output": "_feedforward_output_dense",
-}
+def _checked_when_built(constructor):
+    """``constructor``, followed by ``check_instance`` once the outermost constructor returns."""
+
+    @functools.wraps(constructor)
+    def __init__(self, *args, **kwargs):
+        constructor(self, *args, **kwargs)
+        if type(self).__init__ is __init__:  # no subclass constructor is still running
+            self.check_instance()
+
+    return __init__

@@ -17,7 +17,9 @@ TOKENIZER_ASSET_DIR = "assets/tokenizer"
 
 
 class Tokenizer(KerasHubSerializable):
-    """Base class. Subclasses name their special tokens as class attributes."""
+    """Base class. Subclasses name their special tokens as class attributes; an architecture
+    that converts transformers checkpoints has a tokenizer with ``from_transformers_checkpoint``
+    (SentencePiece and byte-level BPE have one)."""
 
     config_file = "tokenizer.json"
     start_token = None
@@ -146,6 +148,12 @@ class SentencePieceTokenizer(Tokenizer):
             "add_eos": self.add_eos,
         }
 
+    @classmethod
+    def from_transformers_checkpoint(cls, directory):
+        """The checkpoint's SentencePiece ``tokenizer.model``, or None without one."""
+        path = pathlib.Path(directory) / "tokenizer.model"
+        return cls(proto=path) if path.is_file() else None
+
     def save_assets(self, directory):
         path = pathlib.Path(directory) / "vocabulary.spm"
         path.write_bytes(self._proto)
@@ -239,6 +247,24 @@ class BytePairTokenizer(Tokenizer):
             "add_prefix_space": self.add_prefix_space,
             "unsplittable_tokens": self.unsplittable_tokens,
         }
+
+    @classmethod
+    def from_transformers_checkpoint(cls, directory):
+        """The byte-level BPE vocabulary and merges of the checkpoint's ``tokenizer.json``, or None without one."""
+        path = pathlib.Path(directory) / "tokenizer.json"
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+        model, pre_tokenizer = data.get("model") or {}, data.get("pre_tokenizer") or {}
+        byte_level = pre_tokenizer.get("type") == "ByteLevel" and pre_tokenizer.get("use_regex", True)
+        if model.get("type") != "BPE" or not byte_level:
+            raise ValueError(
+                f"{path}: only a byte-level BPE tokenizer (model BPE, pre_tokenizer ByteLevel) is supported, "
+                f"got model {model.get('type')!r} with pre_tokenizer {pre_tokenizer.get('type')!r}."
+            )
+        vocabulary = {**model["vocab"], **{t["content"]: t["id"] for t in data.get("added_tokens", [])}}
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        return cls(vocabulary, merges, add_prefix_space=pre_tokenizer.get("add_prefix_space", False))
 
     def save_assets(self, directory):
         directory = pathlib.Path(directory)

@@ -1,8 +1,9 @@
 """Converting a transformers checkpoint (config.json with ``model_type``, safetensors) on load.
 
 The architecture registered for the ``model_type`` supplies a converter module with
-``backbone_config(hf_config) -> dict`` (KerasHub backbone arguments),
-``convert_weights(backbone, checkpoint)`` and ``tokenizer(directory) -> Tokenizer | None``.
+``backbone_config(hf_config) -> dict`` (KerasHub backbone arguments) and
+``convert_weights(backbone, checkpoint)``; its tokenizer class reads the checkpoint's
+tokenizer files (``from_transformers_checkpoint(directory) -> Tokenizer | None``).
 Only safetensors are read; pickle files (``*.bin``) are refused.
 """
 
@@ -110,25 +111,14 @@ def load_task(directory, cls, load_weights=True, dtype=None, preprocessor="auto"
 
 def load_preprocessor(directory, **overrides):
     """The architecture's preprocessor around the checkpoint's tokenizer files; None without them."""
-    _, architecture, converter = _architecture(directory)
-    tokenizer = converter.tokenizer(directory)
+    _, architecture, _ = _architecture(directory)
+    tokenizer_cls = architecture.load("tokenizer")
+    if not hasattr(tokenizer_cls, "from_transformers_checkpoint"):
+        raise ValueError(f"{tokenizer_cls.__name__} cannot read a transformers checkpoint's tokenizer files.")
+    tokenizer = tokenizer_cls.from_transformers_checkpoint(directory)
     if tokenizer is None:
         return None
     return architecture.load("preprocessor")(tokenizer=tokenizer, **overrides)
-
-
-def decoder_config(hf_config):
-    """The settings Llama-layout checkpoints (Llama, Mistral) share -> KerasHub's backbone arguments."""
-    heads = hf_config["num_attention_heads"]
-    return {
-        "vocabulary_size": hf_config["vocab_size"],
-        "num_layers": hf_config["num_hidden_layers"],
-        "num_query_heads": heads,
-        "hidden_dim": hf_config["hidden_size"],
-        "intermediate_dim": hf_config["intermediate_size"],
-        "num_key_value_heads": hf_config.get("num_key_value_heads") or heads,
-        "layer_norm_epsilon": hf_config.get("rms_norm_eps", 1e-6),
-    }
 
 
 def rope_settings(hf_config):
@@ -136,36 +126,3 @@ def rope_settings(hf_config):
     rope = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
     theta = hf_config.get("rope_theta", rope.get("rope_theta", 10000.0))
     return theta, rope.get("rope_type", rope.get("type", "default")), rope
-
-
-def convert_decoder_weights(backbone, checkpoint):
-    """Llama-layout checkpoints (Llama, Mistral): q/k/v/o, gate/up/down, two norms per layer."""
-    hidden = backbone.hidden_dim
-
-    def heads(num_heads):  # [heads * head_dim, hidden] -> [hidden, heads, head_dim]
-        return lambda w: w.T.reshape(hidden, num_heads, -1)
-
-    def transpose(w):
-        return w.T
-
-    checkpoint.assign(backbone.token_embedding.embeddings, "model.embed_tokens.weight")
-    for i, block in enumerate(backbone.transformer_layers):
-        prefix = f"model.layers.{i}"
-        attention, feedforward = block.attention, block.feedforward
-        query_heads, kv_heads = attention.num_query_heads, attention.num_key_value_heads
-        checkpoint.assign(attention.query_kernel, f"{prefix}.self_attn.q_proj.weight", heads(query_heads))
-        checkpoint.assign(attention.key_kernel, f"{prefix}.self_attn.k_proj.weight", heads(kv_heads))
-        checkpoint.assign(attention.value_kernel, f"{prefix}.self_attn.v_proj.weight", heads(kv_heads))
-        checkpoint.assign(
-            attention.output_kernel,
-            f"{prefix}.self_attn.o_proj.weight",
-            lambda w: w.T.reshape(query_heads, -1, hidden),
-        )
-        checkpoint.assign(feedforward.gate_kernel, f"{prefix}.mlp.gate_proj.weight", transpose)
-        checkpoint.assign(feedforward.intermediate_kernel, f"{prefix}.mlp.up_proj.weight", transpose)
-        checkpoint.assign(feedforward.output_kernel, f"{prefix}.mlp.down_proj.weight", transpose)
-        checkpoint.assign(block.attention_norm.scale, f"{prefix}.input_layernorm.weight")
-        checkpoint.assign(block.feedforward_norm.scale, f"{prefix}.post_attention_layernorm.weight")
-    checkpoint.assign(backbone.layer_norm.scale, "model.norm.weight")
-    if backbone.token_embedding.reverse_embeddings is not None:
-        checkpoint.assign(backbone.token_embedding.reverse_embeddings, "lm_head.weight", transpose)

@@ -17,6 +17,17 @@ class FalconBackbone(DecoderOnlyBackbone):
     prompt, every decode step keeps it, as transformers does.
     """
 
+    keras_hub_config = (
+        "vocabulary_size",
+        "num_layers",
+        "num_attention_heads",
+        "hidden_dim",
+        "intermediate_dim",
+        "attention_dropout_rate",
+        "feedforward_dropout_rate",
+        "layer_norm_epsilon",
+    )
+
     def __init__(
         self,
         vocabulary_size,
@@ -40,7 +51,6 @@ class FalconBackbone(DecoderOnlyBackbone):
         self.feedforward_dropout_rate = feedforward_dropout_rate
         self.num_key_value_heads = num_attention_heads
         self.head_dim = hidden_dim // num_attention_heads
-        self.rotary = None
         self._alibi_slopes = {}  # device -> [heads]
 
         policy = self.dtype_policy
@@ -72,39 +82,26 @@ class FalconBackbone(DecoderOnlyBackbone):
         self.layer_norm = LayerNorm(hidden_dim, layer_norm_epsilon, dtype=policy, name="final_layernorm")
         self.built = True
 
-    def _context(self, positions, mask=None, is_causal=False, key_length=None, **kwargs):
-        """The shared context with ALiBi folded into an additive mask [batch, heads, queries, keys].
+    def _context(self, positions, context):
+        """``context`` with ALiBi folded into an additive mask [batch, heads, queries, keys].
 
         Keys are the queries themselves (a forward pass, a prefill) or, in a decode
         step, cache slots ``[0, key_length)``: Falcon's cache never rolls, so slot i
         holds position i.
         """
-        if key_length is None:
+        if context.key_length is None:
             key_positions = positions
         else:
-            key_positions = torch.arange(key_length, device=positions.device)[None]
-        if is_causal:  # a prefill: SDPA cannot add a bias to its own causal mask; all rows share one
+            key_positions = torch.arange(context.key_length, device=positions.device)[None]
+        if context.is_causal:  # a prefill: SDPA cannot add a bias to its own causal mask; all rows share one
             key_positions = positions[:1]
-            mask = self.attention_mask(key_positions, key_positions)
+            context.mask, context.is_causal = self.attention_mask(key_positions, key_positions), False
         device = str(positions.device)
         if device not in self._alibi_slopes:
             self._alibi_slopes[device] = alibi_slopes(self.num_attention_heads).to(positions.device)
         dtype = self.token_embedding.embeddings.value.dtype
-        mask = alibi_mask(self._alibi_slopes[device], key_positions, mask, self.head_dim, dtype)
-        return super()._context(positions, mask=mask, key_length=key_length, **kwargs)
-
-    def get_config(self):
-        return {
-            **self.base_config(),
-            "vocabulary_size": self.vocabulary_size,
-            "num_layers": self.num_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "hidden_dim": self.hidden_dim,
-            "intermediate_dim": self.intermediate_dim,
-            "attention_dropout_rate": self.attention_dropout_rate,
-            "feedforward_dropout_rate": self.feedforward_dropout_rate,
-            "layer_norm_epsilon": self.layer_norm_epsilon,
-        }
+        context.mask = alibi_mask(self._alibi_slopes[device], key_positions, context.mask, self.head_dim, dtype)
+        return context
 
     def keras_hub_weights(self):
         """KerasHub's ``model.weights.h5`` layout: every kernel with its bias, norms with gamma and beta."""

@@ -78,22 +78,3 @@ def convert_weights(backbone, checkpoint):
             checkpoint.assign(norm.beta, f"{prefix}.{name}.bias")
     checkpoint.assign(backbone.layer_norm.gamma, "transformer.ln_f.weight")
     checkpoint.assign(backbone.layer_norm.beta, "transformer.ln_f.bias")
-
-
-def tokenizer(directory):
-    """``tokenizer.json``'s byte-level BPE vocabulary and merges as a FalconTokenizer, or None without one."""
-    from plugins.falcon.falcon_tokenizer import FalconTokenizer
-
-    path = directory / "tokenizer.json"
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text(encoding="utf-8"))
-    model, pre_tokenizer = data.get("model") or {}, data.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or pre_tokenizer.get("type") != "ByteLevel" or not pre_tokenizer.get("use_regex", True):
-        raise ValueError(
-            f"{path}: only a byte-level BPE tokenizer (model BPE, pre_tokenizer ByteLevel) is supported, "
-            f"got model {model.get('type')!r} with pre_tokenizer {pre_tokenizer.get('type')!r}."
-        )
-    vocabulary = {**model["vocab"], **{t["content"]: t["id"] for t in data.get("added_tokens", [])}}
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    return FalconTokenizer(vocabulary, merges, add_prefix_space=pre_tokenizer.get("add_prefix_space", False))

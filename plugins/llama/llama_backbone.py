@@ -1,10 +1,99 @@
-"""LlamaBackbone: KerasHub's arguments and defaults on lmq's shared decoder blocks."""
+"""LlamaBackbone, and the Llama-family decoder that Llama, Mistral and Phi-3 share.
 
-from core.layers import RotaryEmbedding
-from core.models.backbone import LLAMA_STYLE_LAYOUT, DecoderOnlyBackbone
+``LlamaStyleBackbone`` is that family in one place: RMSNorm pre-norm blocks of
+grouped-query attention with RoPE and a SwiGLU feed-forward, and the layout of
+their weights in KerasHub's ``model.weights.h5``. ``llama_hf`` holds the family's
+transformers checkpoint layout.
+"""
+
+from core.layers import CachedAttention, DecoderBlock, GatedFeedForward, ReversibleEmbedding, RMSNorm, RotaryEmbedding
+from core.models.backbone import DecoderOnlyBackbone
+
+# KerasHub's attribute names inside its Llama and Mistral decoder layers.
+LLAMA_LAYOUT = {
+    "attention": "_self_attention_layer",
+    "query": "_query_dense",
+    "key": "_key_dense",
+    "value": "_value_dense",
+    "output": "_output_dense",
+    "attention_norm": "_self_attention_layernorm",
+    "feedforward_norm": "_feedforward_layernorm",
+    "gate": "_feedforward_gate_dense",
+    "intermediate": "_feedforward_intermediate_dense",
+    "feedforward_output": "_feedforward_output_dense",
+}
 
 
-class LlamaBackbone(DecoderOnlyBackbone):
+class LlamaStyleBackbone(DecoderOnlyBackbone, abstract=True):
+    """The Llama family. A subclass keeps its config, builds ``rotary``, then calls
+    ``build_layers``; ``keras_hub_layout`` names its layers in KerasHub's weight file
+    (``LLAMA_LAYOUT`` plus its ``block`` and ``final_norm``)."""
+
+    def build_layers(self, tie_word_embeddings=False):
+        """Reads the config attributes ``vocabulary_size``, ``num_layers``, ``num_query_heads``,
+        ``num_key_value_heads``, ``hidden_dim``, ``intermediate_dim``, ``layer_norm_epsilon``,
+        ``dropout``, and ``head_dim`` (which the subclass sets)."""
+        policy = self.dtype_policy
+        self.token_embedding = ReversibleEmbedding(
+            self.vocabulary_size, self.hidden_dim, tie_weights=tie_word_embeddings, dtype=policy, name="token_embedding"
+        )
+        self.transformer_layers = [
+            DecoderBlock(
+                attention=CachedAttention(
+                    self.hidden_dim,
+                    self.num_query_heads,
+                    self.num_key_value_heads,
+                    head_dim=self.head_dim,
+                    dropout=self.dropout,
+                    cache_index=i,
+                    dtype=policy,
+                ),
+                feedforward=GatedFeedForward(self.hidden_dim, self.intermediate_dim, dtype=policy),
+                attention_norm=RMSNorm(self.hidden_dim, self.layer_norm_epsilon, dtype=policy),
+                feedforward_norm=RMSNorm(self.hidden_dim, self.layer_norm_epsilon, dtype=policy),
+                dropout=self.dropout,
+                dtype=policy,
+                name=f"transformer_layer_{i}",
+            )
+            for i in range(self.num_layers)
+        ]
+        self.layer_norm = RMSNorm(
+            self.hidden_dim, self.layer_norm_epsilon, dtype=policy, name="sequence_output_layernorm"
+        )
+        self.built = True
+
+    def keras_hub_weights(self):
+        layout = self.keras_hub_layout
+        weights = {"layers/reversible_embedding/vars/0": self.token_embedding.embeddings}
+        if self.token_embedding.reverse_embeddings is not None:
+            weights["layers/reversible_embedding/vars/1"] = self.token_embedding.reverse_embeddings
+        for index, block in enumerate(self.transformer_layers):
+            prefix = f"layers/{layout['block']}" + (f"_{index}" if index else "")
+            attention = f"{prefix}/{layout['attention']}"
+            parts = {
+                f"{attention}/{layout['query']}": block.attention.query_kernel,
+                f"{attention}/{layout['key']}": block.attention.key_kernel,
+                f"{attention}/{layout['value']}": block.attention.value_kernel,
+                f"{attention}/{layout['output']}": block.attention.output_kernel,
+                f"{prefix}/{layout['attention_norm']}": block.attention_norm.scale,
+                f"{prefix}/{layout['feedforward_norm']}": block.feedforward_norm.scale,
+                f"{prefix}/{layout['gate']}": block.feedforward.gate_kernel,
+                f"{prefix}/{layout['intermediate']}": block.feedforward.intermediate_kernel,
+                f"{prefix}/{layout['feedforward_output']}": block.feedforward.output_kernel,
+            }
+            weights.update({f"{path}/vars/0": variable for path, variable in parts.items()})
+        weights[f"layers/{layout['final_norm']}/vars/0"] = self.layer_norm.scale
+        return weights
+
+    @classmethod
+    def check_class(cls):
+        super().check_class()
+        names = {*LLAMA_LAYOUT, "block", "final_norm"}
+        if missing := sorted(names - set(getattr(cls, "keras_hub_layout", None) or {})):
+            raise cls.contract_error(f"its keras_hub_layout names no {missing}")
+
+
+class LlamaBackbone(LlamaStyleBackbone):
     """Llama 2 / 3 / 3.1: RMSNorm, grouped-query attention with RoPE, SwiGLU.
 
     ``rope_position_scaling_factor`` is linear position scaling; the four
@@ -13,11 +102,24 @@ class LlamaBackbone(DecoderOnlyBackbone):
     Llama 3.1's frequency scaling.
     """
 
-    keras_hub_layout = {
-        **LLAMA_STYLE_LAYOUT,
-        "block": "llama_transformer_decoder",
-        "final_norm": "llama_layer_norm",
-    }
+    keras_hub_config = (
+        "vocabulary_size",
+        "num_layers",
+        "num_query_heads",
+        "hidden_dim",
+        "intermediate_dim",
+        "rope_max_wavelength",
+        "rope_position_scaling_factor",
+        "rope_frequency_adjustment_factor",
+        "rope_low_freq_factor",
+        "rope_high_freq_factor",
+        "rope_pretraining_sequence_length",
+        "num_key_value_heads",
+        "layer_norm_epsilon",
+        "dropout",
+    )
+    extra_config = ("tie_word_embeddings",)  # KerasHub 0.32's LlamaBackbone has no such argument
+    keras_hub_layout = {**LLAMA_LAYOUT, "block": "llama_transformer_decoder", "final_norm": "llama_layer_norm"}
 
     def __init__(
         self,
@@ -55,7 +157,6 @@ class LlamaBackbone(DecoderOnlyBackbone):
         self.dropout = dropout
         self.tie_word_embeddings = tie_word_embeddings
         self.head_dim = hidden_dim // num_query_heads
-
         self.rotary = RotaryEmbedding(
             self.head_dim,
             max_wavelength=rope_max_wavelength,
@@ -65,27 +166,4 @@ class LlamaBackbone(DecoderOnlyBackbone):
             high_freq_factor=rope_high_freq_factor,
             pretraining_sequence_length=rope_pretraining_sequence_length,
         )
-        self.build_llama_style_layers(tie_word_embeddings)
-        self.built = True
-
-    def get_config(self):
-        config = {
-            **self.base_config(),
-            "vocabulary_size": self.vocabulary_size,
-            "num_layers": self.num_layers,
-            "num_query_heads": self.num_query_heads,
-            "hidden_dim": self.hidden_dim,
-            "intermediate_dim": self.intermediate_dim,
-            "rope_max_wavelength": self.rope_max_wavelength,
-            "rope_position_scaling_factor": self.rope_position_scaling_factor,
-            "rope_frequency_adjustment_factor": self.rope_frequency_adjustment_factor,
-            "rope_low_freq_factor": self.rope_low_freq_factor,
-            "rope_high_freq_factor": self.rope_high_freq_factor,
-            "rope_pretraining_sequence_length": self.rope_pretraining_sequence_length,
-            "num_key_value_heads": self.num_key_value_heads,
-            "layer_norm_epsilon": self.layer_norm_epsilon,
-            "dropout": self.dropout,
-        }
-        if self.tie_word_embeddings:  # KerasHub 0.32's LlamaBackbone has no such argument
-            config["tie_word_embeddings"] = True
-        return config
+        self.build_layers(tie_word_embeddings)

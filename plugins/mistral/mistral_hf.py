@@ -4,8 +4,10 @@ Unlike KerasHub 0.32's converter, which rounds every weight through float16, the
 checkpoint's values are kept as they are (transformers is the reference).
 """
 
-from core.presets.transformers_import import convert_decoder_weights as convert_weights  # noqa: F401
-from core.presets.transformers_import import decoder_config, rope_settings
+from core.presets.transformers_import import rope_settings
+from plugins.llama.llama_hf import convert_weights, decoder_config
+
+__all__ = ["backbone_config", "convert_weights"]
 
 
 def backbone_config(hf_config):
@@ -25,11 +27,3 @@ def backbone_config(hf_config):
         "sliding_window": hf_config.get("sliding_window"),
         "head_dim": hf_config.get("head_dim"),
     }
-
-
-def tokenizer(directory):
-    """The SentencePiece ``tokenizer.model`` if the checkpoint has one, else None."""
-    from plugins.mistral.mistral_tokenizer import MistralTokenizer
-
-    path = directory / "tokenizer.model"
-    return MistralTokenizer(proto=path) if path.is_file() else None

@@ -1,23 +1,6 @@
 """Phi-3 mini (4k and 128k context)."""
 
-from core.plugins import Architecture, hookimpl
-from plugins.phi3.phi3_presets import backbone_presets
+from core.plugins import Architecture, plugin_hooks
 
-ARCHITECTURE = Architecture(
-    name="phi3",
-    backbone="plugins.phi3.phi3_backbone:Phi3Backbone",
-    tokenizer="plugins.phi3.phi3_tokenizer:Phi3Tokenizer",
-    preprocessor="plugins.phi3.phi3_causal_lm_preprocessor:Phi3CausalLMPreprocessor",
-    task="plugins.phi3.phi3_causal_lm:Phi3CausalLM",
-    hf_model_types=("phi3",),
-    hf_converter="plugins.phi3.phi3_hf",
-    presets=backbone_presets,
-)
-
-
-@hookimpl
-def register_architectures(register):
-    register(ARCHITECTURE)
-
-
-__getattr__ = ARCHITECTURE.lazy_module_attributes(__name__)
+ARCHITECTURE = Architecture.in_package(__name__, "Phi3", hf_model_types=("phi3",))
+register_architectures, __getattr__ = plugin_hooks(__name__, ARCHITECTURE)

@@ -11,27 +11,7 @@ factors. KerasHub decides by the length of each call's input, so its cached deco
 import torch
 
 from core.layers import KVCache, RotaryEmbedding
-from core.models.backbone import DecoderOnlyBackbone
-
-# KerasHub's config.json keys, in its order: the constructor's arguments, each kept as
-# the attribute of that name.
-KERAS_HUB_CONFIG = (
-    "vocabulary_size",
-    "num_layers",
-    "num_query_heads",
-    "hidden_dim",
-    "intermediate_dim",
-    "num_key_value_heads",
-    "layer_norm_epsilon",
-    "dropout",
-    "max_sequence_length",
-    "pretraining_sequence_length",
-    "rope_max_wavelength",
-    "rope_scaling_type",
-    "rope_scaling_short_factor",
-    "rope_scaling_long_factor",
-)
-
+from plugins.llama.llama_backbone import LlamaStyleBackbone
 
 class LongRopeKVCache(KVCache):
     """A KV cache that also keeps the token ids it holds, so that a generation growing
@@ -49,8 +29,8 @@ class LongRopeKVCache(KVCache):
         self.token_ids = self.token_ids[rows]
 
 
-class Phi3Backbone(DecoderOnlyBackbone):
-    """Phi-3: Llama's decoder block (RMSNorm pre-norm, grouped-query attention, SwiGLU).
+class Phi3Backbone(LlamaStyleBackbone):
+    """Phi-3: the Llama-family decoder (RMSNorm pre-norm, grouped-query attention, SwiGLU).
 
     ``rope_scaling_type="su"`` (transformers' "longrope") divides the rotary frequencies by
     ``rope_scaling_short_factor`` or ``rope_scaling_long_factor`` (one per frequency) and
@@ -58,6 +38,23 @@ class Phi3Backbone(DecoderOnlyBackbone):
     ``sliding_window`` is not KerasHub's: transformers' Phi-3 checkpoints may set one.
     """
 
+    keras_hub_config = (
+        "vocabulary_size",
+        "num_layers",
+        "num_query_heads",
+        "hidden_dim",
+        "intermediate_dim",
+        "num_key_value_heads",
+        "layer_norm_epsilon",
+        "dropout",
+        "max_sequence_length",
+        "pretraining_sequence_length",
+        "rope_max_wavelength",
+        "rope_scaling_type",
+        "rope_scaling_short_factor",
+        "rope_scaling_long_factor",
+    )
+    extra_config = ("sliding_window",)  # KerasHub 0.32's Phi3Backbone has no such argument
     keras_hub_layout = {
         "block": "phi3_decoder",
         "attention": "attention",
@@ -84,9 +81,20 @@ class Phi3Backbone(DecoderOnlyBackbone):
         super().__init__(**kwargs)
         if rope_scaling_type not in (None, "su", "longrope"):
             raise ValueError(f"Phi3Backbone: unsupported rope_scaling_type {rope_scaling_type!r} (None or 'su').")
-        arguments = locals()  # the constructor's arguments by name
-        for name in KERAS_HUB_CONFIG:
-            setattr(self, name, arguments[name])
+        self.vocabulary_size = vocabulary_size
+        self.num_layers = num_layers
+        self.num_query_heads = num_query_heads
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.num_key_value_heads = num_key_value_heads
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.dropout = dropout
+        self.max_sequence_length = max_sequence_length
+        self.pretraining_sequence_length = pretraining_sequence_length
+        self.rope_max_wavelength = rope_max_wavelength
+        self.rope_scaling_type = rope_scaling_type
+        self.rope_scaling_short_factor = rope_scaling_short_factor
+        self.rope_scaling_long_factor = rope_scaling_long_factor
         self.sliding_window = sliding_window
         self.head_dim = hidden_dim // num_query_heads
         scaled = rope_scaling_type is not None
@@ -98,23 +106,19 @@ class Phi3Backbone(DecoderOnlyBackbone):
             max_sequence_length=max_sequence_length,
             pretraining_sequence_length=pretraining_sequence_length,
         )
-        self.build_llama_style_layers()
-        self.built = True
-
-    def get_config(self):
-        config = {**self.base_config(), **{name: getattr(self, name) for name in KERAS_HUB_CONFIG}}
-        if self.sliding_window:  # KerasHub 0.32's Phi3Backbone has no such argument
-            config["sliding_window"] = self.sliding_window
-        return config
+        self.build_layers()
 
     # -- longrope: the factors follow the sequence length, as in transformers ----------------
 
-    def _context(self, positions, cache=None, **kwargs):
-        if isinstance(cache, LongRopeKVCache):
-            long_context = cache.long_context
+    def _context(self, positions, context):
+        """The rotary tables with the long factors once the sequence outgrows the pretraining length."""
+        if isinstance(context.cache, LongRopeKVCache):
+            long_context = context.cache.long_context
         else:  # a forward pass over positions [0, length)
             long_context = positions.shape[-1] > self.pretraining_sequence_length
-        return super()._context(positions, long_context=long_context, cache=cache, **kwargs)
+        dtype = self.token_embedding.embeddings.value.dtype
+        context.cos, context.sin = self.rotary.cos_sin(positions, dtype, long_context)
+        return context
 
     def new_cache(self, batch_size, max_length, prompt_width=None):
         if self.rope_scaling_type is None:

@@ -5,7 +5,8 @@ feed-forward's gate/up projections (``gate_up_proj``); they are split into
 KerasHub's separate kernels here.
 """
 
-from core.presets.transformers_import import decoder_config, rope_settings
+from core.presets.transformers_import import rope_settings
+from plugins.llama.llama_hf import decoder_config
 
 
 def backbone_config(hf_config):
@@ -71,14 +72,3 @@ def convert_weights(backbone, checkpoint):
         checkpoint.assign(block.feedforward_norm.scale, f"{prefix}.post_attention_layernorm.weight")
     checkpoint.assign(backbone.layer_norm.scale, "model.norm.weight")
     checkpoint.assign(backbone.token_embedding.reverse_embeddings, "lm_head.weight", lambda w: w.T)
-
-
-def tokenizer(directory):
-    """The SentencePiece ``tokenizer.model`` if the checkpoint has one, else None.
-
-    Its vocabulary must hold ``<|endoftext|>`` (Phi3Tokenizer's end token) as a piece.
-    """
-    from plugins.phi3.phi3_tokenizer import Phi3Tokenizer
-
-    path = directory / "tokenizer.model"
-    return Phi3Tokenizer(proto=path) if path.is_file() else None
