@@ -1,5 +1,6 @@
 """Greedy generation: lmq vs transformers on the same random Llama weights, in one process.
 
+    pip install -e ".[bench]"    # transformers, the reference it runs against
     python bench/generate.py [--repeats 3] [--threads 2]
 
 Builds a ~50M-parameter Llama (vocab 32000, hidden 512, 8 layers, 8 query heads,
