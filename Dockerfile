@@ -22,6 +22,9 @@ COPY plugins plugins
 COPY workers workers
 COPY api api
 RUN pip install --no-deps ".[postgres]"
+# The demo preset, servable as "demo/stdlib-tiny-llama" (the processes start in /app).
+COPY demo demo
+ENV LMQ_PRESET_ROOTS=/data/presets:/app/demo
 
 # Not root; /data (LMQ_HOME: the preset store, checkpoints, the hub cache) is a volume shared by api and workers.
 RUN useradd --create-home --uid 1000 lmq && mkdir -p /data && chown lmq /data
