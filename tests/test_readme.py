@@ -163,7 +163,7 @@ class Walkthrough:
             lines = [install_command(lines[0])]
         needs_services = any(line.startswith("export LMQ_BROKER_URL") or " lmq worker" in f" {line}" for line in lines)
         if needs_services and not self.services:
-            return  # README: "For the embedded default, skip this block and the worker's."
+            return  # README: "for the embedded default, skip the next two blocks"
         for line in lines:
             if line.startswith("export "):
                 self.env.update(word.split("=", 1) for word in shlex.split(self.substitute(line))[1:])
