@@ -23,8 +23,18 @@ from pathlib import Path
 from typing import NoReturn
 
 from api import cli_remote, schemas
-from api.cli_jobs import BadInput, JobFromFlags, check_output, report_finished, write_jsonl
+from api.cli_jobs import (
+    BadInput,
+    JobFromFlags,
+    check_output,
+    no_jobs,
+    report_finished,
+    request_defaults,
+    say_empty,
+    write_jsonl,
+)
 from api.jobs import OutputPresetTaken, store_job
+from api.suggest import did_you_mean, preset_names
 from core.config import Settings, SettingsError, load_settings
 from core.names import DTYPES, SAMPLER_NAMES, TERMINAL_STATES, JobKind, JobState, check_preset_name
 from core.presets import PresetNotFound
@@ -35,7 +45,21 @@ from core.store.presets import preset_architecture, store_resolver
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help names its default: argparse's own, or the help's words for a computed one."""
+
+    def _get_help_string(self, action):
+        if action.required:
+            return f"{action.help} (required)"
+        if "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=DefaultsFormatter, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         fail(f"{self.prog}: {message}")
 
@@ -61,10 +85,7 @@ def create_job(settings: Settings, kind: str, args) -> str:
     # Check against the store without creating it: bad input leaves no trace, not even a database.
     existing = open_store(settings) if database_exists(settings) else None
     with session_scope(existing) if existing else nullcontext() as session:
-        try:
-            store_resolver(session).locate(job.preset)
-        except PresetNotFound as error:
-            raise BadInput(str(error)) from None
+        locate(session, job.preset)
         if kind == JobKind.fit.value and session and queries.get_preset(session, job.output_preset):
             raise BadInput(f"preset {job.output_preset!r} already exists in the store")
     with session_scope(existing or open_store(settings)) as session:
@@ -72,6 +93,16 @@ def create_job(settings: Settings, kind: str, args) -> str:
             return store_job(session, job, job.preset, tenant="local").id
         except OutputPresetTaken as error:
             raise BadInput(str(error)) from None
+
+
+def locate(session, handle: str, *, fetch: bool = False) -> str:
+    """Where `handle`'s preset is (fetched into a local directory with `fetch`), or BadInput
+    naming the closest store and built-in names when it is misspelt."""
+    resolver = store_resolver(session)
+    try:
+        return str(resolver.directory(handle) if fetch else resolver.locate(handle))
+    except PresetNotFound as error:
+        raise BadInput(f"{error}{did_you_mean(handle, preset_names(session))}") from None
 
 
 def check_name(name: str) -> None:
@@ -117,6 +148,10 @@ def cmd_run_here(args) -> int:
 
 
 def cmd_submit(args) -> int:
+    output = getattr(args, "output", None)
+    if output and not args.wait:
+        raise BadInput("-o/--output needs --wait: a job's results are there once it has finished")
+    check_output(output)
     if args.server:
         return cli_remote.submit(args)
     from kombu.exceptions import OperationalError
@@ -136,7 +171,7 @@ def cmd_submit(args) -> int:
         print(f"lmq: error: job {job_id} could not be sent to the broker: {error}", file=sys.stderr)
         return 1
     if args.wait:
-        return watch(settings, job_id)
+        return watch(settings, job_id, output)
     return print_job(settings, job_id)
 
 
@@ -153,7 +188,8 @@ def require_job(session, job_id: str):
     return job
 
 
-def watch(settings: Settings, job_id: str, poll_seconds: float = 0.5) -> int:
+def watch(settings: Settings, job_id: str, output: str | None = None, poll_seconds: float = 0.5) -> int:
+    """Follow a job until it finishes; its summary goes to stdout, and with `output` its results there."""
     from tqdm import tqdm
 
     factory = open_store(settings)
@@ -167,6 +203,9 @@ def watch(settings: Settings, job_id: str, poll_seconds: float = 0.5) -> int:
                 break
             time.sleep(poll_seconds)
     print(json.dumps(summary))
+    if output:
+        with session_scope(factory) as session:
+            write_jsonl(map(schemas.result_line, queries.job_items(session, job_id)), output)
     return report_finished(summary)
 
 
@@ -178,8 +217,11 @@ def cmd_jobs(args) -> int:
         return watch(settings, args.id)
     with session_scope(open_store(settings)) as session:
         if args.action == "list":
-            for job in queries.list_jobs(session, state=args.status, kind=args.kind, limit=args.limit):
+            listed = queries.list_jobs(session, state=args.status, kind=args.kind, limit=args.limit)
+            for job in listed:
                 print(json.dumps(schemas.job_summary(job)))
+            if not listed:
+                say_empty(no_jobs(args))
         elif args.action == "show":
             print(json.dumps(schemas.job_summary(require_job(session, args.id)), indent=2))
         elif args.action == "results":
@@ -202,12 +244,19 @@ def cmd_presets(args) -> int:
     factory = open_store(settings)
     with session_scope(factory) as session:
         if args.action == "list":
-            for preset in queries.list_presets(session):
+            stored = queries.list_presets(session)
+            for preset in stored:
                 print(json.dumps(schemas.preset_summary(preset)))
+            if not stored:
+                say_empty(
+                    "the preset store has no presets yet (`lmq presets import` or `lmq fit` adds one; "
+                    "`lmq architectures` lists the built-in presets)"
+                )
         elif args.action == "show":
             preset = queries.get_preset(session, args.name)
             if preset is None:
-                raise BadInput(f"no preset {args.name!r} in the store")
+                names = [stored.name for stored in queries.list_presets(session)]
+                raise BadInput(f"no preset {args.name!r} in the store{did_you_mean(args.name, names)}")
             print(json.dumps(schemas.preset_summary(preset), indent=2))
         elif args.action == "import":
             import_preset(settings, session, args.handle, args.name)
@@ -219,10 +268,7 @@ def import_preset(settings: Settings, session, handle: str, name: str) -> None:
     check_name(name)
     if queries.get_preset(session, name) is not None:
         raise BadInput(f"preset {name!r} already exists in the store")
-    try:
-        source = store_resolver(session).directory(handle)
-    except PresetNotFound as error:
-        raise BadInput(str(error)) from None
+    source = locate(session, handle, fetch=True)
     target = settings.preset_store / name
     # A preset already in the store's directory (made under another LMQ_DATABASE_URL) is registered in place.
     if Path(source).resolve() != target.resolve():
@@ -257,6 +303,8 @@ def cmd_architectures(args) -> int:
         )
     for message in registry.load_errors.values():
         print(f"lmq: warning: {message}", file=sys.stderr)
+    if not registry.architectures():
+        say_empty("no architectures are registered (see LMQ_PLUGINS and the warnings above)")
     return 0
 
 
@@ -325,36 +373,51 @@ def cmd_worker(args) -> int:
 
 def add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--server", default=os.environ.get("LMQ_SERVER") or None, help="an lmq API URL (default $LMQ_SERVER)"
+        "--server", default=os.environ.get("LMQ_SERVER") or None, help="an lmq API URL (default: $LMQ_SERVER)"
     )
     parser.add_argument(
-        "--token", default=os.environ.get("LMQ_TOKEN") or None, help="bearer token (default $LMQ_TOKEN)"
+        "--token", default=os.environ.get("LMQ_TOKEN") or None, help="bearer token (default: $LMQ_TOKEN)"
     )
 
 
 def add_generate_flags(parser: argparse.ArgumentParser) -> None:
+    params = request_defaults("generate")
     parser.add_argument("--preset", required=True, help="store name, built-in name, hf://, kaggle:// or a directory")
     parser.add_argument("input", help='JSONL with {"custom_id", "prompt"} per line; "-" reads stdin')
-    parser.add_argument("--max-length", type=int)
-    parser.add_argument("--max-new-tokens", type=int)
-    parser.add_argument("--sampler", help=f"one of {', '.join(SAMPLER_NAMES)}, or a JSON object")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--stop", action="append", help="a stop string (repeatable)")
-    parser.add_argument("--strip-prompt", action="store_true", default=None)
+    parser.add_argument(
+        "--max-length", type=int, help="prompt plus completion, in tokens (default: the preset's sequence length)"
+    )
+    parser.add_argument("--max-new-tokens", type=int, help="the longest completion (default: up to --max-length)")
+    parser.add_argument(
+        "--sampler",
+        help=f"one of {', '.join(SAMPLER_NAMES)}, or a JSON object such as "
+        f"'{{\"name\": \"top_p\", \"p\": 0.9}}' (default: {params.sampler})",
+    )
+    parser.add_argument("--seed", type=int, help="makes a sampling sampler reproducible (default: unseeded)")
+    parser.add_argument(
+        "--stop", action="append", help="a stop string, repeatable (default: none; the end token stops a row)"
+    )
+    parser.add_argument(
+        "--strip-prompt", action="store_true", default=None,
+        help="results hold the completion only (default: the prompt and its completion)",
+    )
     parser.add_argument("--dtype", help=f"one of {', '.join(DTYPES)} (default: the preset's)")
-    parser.add_argument("--micro-batch-size", type=int, help="prompts per micro-batch")
+    parser.add_argument("--micro-batch-size", type=int, help="prompts per micro-batch (default: $LMQ_MICRO_BATCH_SIZE)")
 
 
 def add_fit_flags(parser: argparse.ArgumentParser) -> None:
+    hyperparameters = request_defaults("fit")
     parser.add_argument("--preset", required=True, help="the base preset")
     parser.add_argument("input", help='JSONL with {"text"} per line; "-" reads stdin')
     parser.add_argument("--output-preset", required=True, help="name to register the result under")
-    parser.add_argument("--validation", help="JSONL of validation texts")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--learning-rate", type=float)
-    parser.add_argument("--sequence-length", type=int)
-    parser.add_argument("--lora-rank", type=int)
+    parser.add_argument("--validation", help="JSONL of validation texts (default: none)")
+    parser.add_argument("--epochs", type=int, help=f"passes over the training data (default: {hyperparameters.epochs})")
+    parser.add_argument("--batch-size", type=int, help=f"examples per step (default: {hyperparameters.batch_size})")
+    parser.add_argument("--learning-rate", type=float, help=f"AdamW's (default: {hyperparameters.learning_rate})")
+    parser.add_argument(
+        "--sequence-length", type=int, help="tokens per training example (default: the preset's sequence length)"
+    )
+    parser.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank (default: train every weight)")
     parser.add_argument("--dtype", help=f"one of {', '.join(DTYPES)} (default: the preset's)")
 
 
@@ -364,7 +427,7 @@ def build_parser() -> Parser:
 
     generate = commands.add_parser("generate", help="run a generate job here, now")
     add_generate_flags(generate)
-    generate.add_argument("-o", "--output", help="results JSONL (default stdout)")
+    generate.add_argument("-o", "--output", help="results JSONL (default: stdout)")
     generate.set_defaults(handler=cmd_run_here)
 
     fit = commands.add_parser("fit", help="run a fit job here, now")
@@ -376,37 +439,45 @@ def build_parser() -> Parser:
     for kind, add_flags in (("generate", add_generate_flags), ("fit", add_fit_flags)):
         sub = kinds.add_parser(kind)
         add_flags(sub)
-        sub.add_argument("--wait", action="store_true", help="wait for the job with a progress bar")
-        sub.add_argument("--idempotency-key", help="with --server: a retry with the same key returns the same job")
+        sub.add_argument(
+            "--wait", action="store_true", help="follow the job with a progress bar (default: return once queued)"
+        )
+        if kind == "generate":
+            sub.add_argument("-o", "--output", help="with --wait: the results JSONL (default: the summary only)")
+        sub.add_argument(
+            "--idempotency-key", help="with --server: a retry with the same key returns the same job (default: none)"
+        )
         add_server_flags(sub)
         sub.set_defaults(handler=cmd_submit)
 
     serve = commands.add_parser("serve", help="run the HTTP API (and, with no broker, the jobs too)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="the port to listen on")
+    serve.add_argument("--log-level", default="info", help="uvicorn's")
     serve.set_defaults(handler=cmd_serve)
 
     worker = commands.add_parser("worker", help="run a Celery worker")
     worker.add_argument("--queues", default="generate,fit", help="job kinds or queue names")
-    worker.add_argument("--preload", action="append", default=[], metavar="HANDLE")
+    worker.add_argument(
+        "--preload", action="append", default=[], metavar="HANDLE", help="a preset to load at start (default: none)"
+    )
     worker.add_argument("--dtype", choices=DTYPES, help="dtype for preloaded presets (default: each preset's)")
-    worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--loglevel", default="INFO", help="Celery's")
     worker.set_defaults(handler=cmd_worker)
 
     jobs = commands.add_parser("jobs", help="list, show, follow and cancel jobs")
     actions = jobs.add_subparsers(dest="action", required=True, parser_class=Parser)
     listing = actions.add_parser("list")
-    listing.add_argument("--status")
-    listing.add_argument("--kind", choices=[k.value for k in JobKind])
-    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--status", choices=[s.value for s in JobState], help="(default: any)")
+    listing.add_argument("--kind", choices=[k.value for k in JobKind], help="(default: any)")
+    listing.add_argument("--limit", type=int, default=50, help="the most jobs to list, newest first")
     add_server_flags(listing)
     for action in ("show", "results", "watch", "cancel", "events"):
         sub = actions.add_parser(action)
         sub.add_argument("id")
         add_server_flags(sub)
         if action == "results":
-            sub.add_argument("-o", "--output")
+            sub.add_argument("-o", "--output", help="results JSONL (default: stdout)")
     jobs.set_defaults(handler=cmd_jobs)
 
     presets = commands.add_parser("presets", help="the preset store")
@@ -415,7 +486,7 @@ def build_parser() -> Parser:
     actions.add_parser("show").add_argument("name")
     importing = actions.add_parser("import")
     importing.add_argument("handle")
-    importing.add_argument("--name", required=True)
+    importing.add_argument("--name", required=True, help="the store name to register it under")
     presets.set_defaults(handler=cmd_presets)
 
     commands.add_parser("architectures", help="registered architectures").set_defaults(

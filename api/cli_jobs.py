@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import get_args
 
 from pydantic import BaseModel, ValidationError
 
@@ -158,6 +159,14 @@ class JobFromFlags:
         return f"{name}: {problem['msg'].removeprefix('Value error, ')}"
 
 
+def request_defaults(kind: str) -> BaseModel:
+    """The request model's defaults for a generate job's params or a fit job's hyperparameters (for --help)."""
+    generate, fit = get_args(schemas.job_request(Limits()))
+    if kind == "generate":
+        return generate.model_fields["params"].default_factory()
+    return fit.model_fields["hyperparameters"].default_factory()
+
+
 def flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
@@ -190,6 +199,17 @@ def write_jsonl(records, output: str | None) -> None:
     finally:
         if stream is not sys.stdout:
             stream.close()
+
+
+def say_empty(message: str) -> None:
+    """An empty listing says so, on stderr: stdout stays one JSON object per line."""
+    print(f"lmq: {message}", file=sys.stderr)
+
+
+def no_jobs(args) -> str:
+    """"no jobs", "no failed fit jobs", ..."""
+    words = [word for word in (args.status, args.kind) if word]
+    return f"no {' '.join(words + ['jobs'])}"
 
 
 def report_finished(summary: dict) -> int:

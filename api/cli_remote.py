@@ -12,7 +12,7 @@ import sys
 
 import httpx
 
-from api.cli_jobs import BadInput, JobFromFlags, report_finished, write_jsonl
+from api.cli_jobs import BadInput, JobFromFlags, no_jobs, report_finished, say_empty, write_jsonl
 from api.client import ApiError, Client
 from core.config import load_settings
 
@@ -37,7 +37,7 @@ def submit(args) -> int:
 def _submit(client: Client, body: dict, args) -> int:
     job = client.submit(body, idempotency_key=args.idempotency_key)
     if args.wait:
-        return follow(client, job["id"])
+        return follow(client, job["id"], getattr(args, "output", None))
     print(json.dumps(job))
     return 0
 
@@ -50,10 +50,13 @@ def jobs(args) -> int:
 def _jobs(client: Client, args) -> int:
     if args.action == "list":
         listing = client.jobs(status=args.status, kind=args.kind, limit=min(args.limit, 500))
+        count = 0
         for count, job in enumerate(listing, start=1):
             print(json.dumps(job))
             if count == args.limit:
                 break
+        if count == 0:
+            say_empty(no_jobs(args))
     elif args.action == "show":
         print(json.dumps(client.job(args.id), indent=2))
     elif args.action == "results":
@@ -68,8 +71,8 @@ def _jobs(client: Client, args) -> int:
     return 0
 
 
-def follow(client: Client, job_id: str) -> int:
-    """A live progress bar until the job finishes: prompts done for generate, percent for fit."""
+def follow(client: Client, job_id: str, output: str | None = None) -> int:
+    """A live progress bar until the job finishes; its summary goes to stdout, and with `output` its results there."""
     from tqdm import tqdm
 
     with tqdm(desc=f"job {job_id[:8]}", file=sys.stderr, disable=None) as bar:
@@ -84,6 +87,8 @@ def follow(client: Client, job_id: str) -> int:
 
         summary = client.wait(job_id, on_update=show)
     print(json.dumps(summary))
+    if output:
+        write_jsonl(client.results(job_id), output)
     return report_finished(summary)
 
 

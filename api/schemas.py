@@ -117,10 +117,14 @@ class SamplerConfig(Strict):
         return self
 
 
+def _sampler_form(value) -> str:
+    return SAMPLER_WITH_ARGUMENTS if isinstance(value, (dict, SamplerConfig)) else SAMPLER_BY_NAME
+
+
 # A name ("top_k") or an object ({"name": "top_k", "k": 5}); only the matching branch's errors are reported.
 Sampler = Annotated[
     Union[Annotated[SamplerName, Tag(SAMPLER_BY_NAME)], Annotated[SamplerConfig, Tag(SAMPLER_WITH_ARGUMENTS)]],
-    Discriminator(lambda value: SAMPLER_WITH_ARGUMENTS if isinstance(value, (dict, SamplerConfig)) else SAMPLER_BY_NAME),
+    Discriminator(_sampler_form),
 ]
 
 

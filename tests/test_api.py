@@ -149,7 +149,7 @@ def test_a_bad_body_is_422_naming_the_field(team_a, body, field):
 @pytest.mark.parametrize(
     "body, field, what",
     [
-        ({**generate_body(BUILTIN, ["x"]), "inputs": [{"encoder_text": "y"}]}, "inputs[0]", "generation (encoder_text)"),
+        ({**generate_body(BUILTIN, ["x"]), "inputs": [{"encoder_text": "y"}]}, "inputs[0]", "generation"),
         (fit_body(training_data=[{"encoder_text": "q", "decoder_text": "a"}]), "training_data[0]", "training"),
         (fit_body(validation_data=[{"encoder_text": "q", "decoder_text": "a"}]), "validation_data[0]", "training"),
     ],
@@ -184,6 +184,15 @@ def test_an_unknown_preset_or_a_path_outside_the_preset_roots_is_422(team_a, pre
         message = response.json()["message"]
         # The same words whether or not the directory exists: the server's files stay private.
         assert message.startswith(f"preset: preset {preset!r} is not in the preset store"), message
+
+
+def test_a_misspelt_preset_gets_the_closest_names(team_a):
+    response = team_a.post("/v1/jobs", json=generate_body("llama2_7b_em", ["x"]))
+    assert response.status_code == 422
+    assert "(did you mean 'llama2_7b_en'" in response.json()["message"], response.json()["message"]
+    shown = team_a.get("/v1/presets/llama2_7b_em")
+    assert shown.status_code == 404 and "(did you mean 'llama2_7b_en'" in shown.json()["detail"]
+    assert "did you mean" not in team_a.get("/v1/presets/zzzzzz").json()["detail"]
 
 
 def test_accepted_presets_built_in_remote_and_under_the_roots(server, team_a):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 from api_support import REPO, ApiServer, generate_body, wait_for_job
-from service_support import PROMPTS, reference
+from service_support import PROMPTS, reference, write_prompts
 
 from api.cli import main
 from core.config import load_settings
@@ -48,6 +48,11 @@ def test_lmq_serve_alone_runs_the_jobs_it_accepts_and_those_left_over(lmq_home, 
             assert job.json()["tenant"] == "local"
             assert main(["jobs", "watch", job_id, "--server", server.url]) == 0
             assert json.loads(capsys.readouterr().out)["status"] == "succeeded"
+            # `lmq submit --wait -o` writes the results, as `lmq generate -o` does.
+            source, submitted = write_prompts(tmp_path / "in.jsonl", PROMPTS[:2]), tmp_path / "submitted.jsonl"
+            argv = ["submit", "generate", "--preset", str(tiny_llama_preset), source, "--max-length", "40"]
+            assert main([*argv, "--server", server.url, "--wait", "-o", str(submitted)]) == 0
+            assert json.loads(capsys.readouterr().out)["status"] == "succeeded"
             summary = wait_for_job(client, job_id, 10, [server.log])
             lines = [json.loads(line) for line in client.get(f"/v1/jobs/{job_id}/results").text.splitlines()]
             earlier = {name: client.get(f"/v1/jobs/{id}").json()["status"] for name, id in left_over.items()}
@@ -57,6 +62,10 @@ def test_lmq_serve_alone_runs_the_jobs_it_accepts_and_those_left_over(lmq_home, 
     expected = reference(tiny_llama_preset, PROMPTS[:3], max_length=40)
     assert [line["output"] for line in lines] == [e["output"] for e in expected]
     assert earlier == {"queued": "succeeded", "dead": "succeeded", "alive": "running"}
+    written = [json.loads(line) for line in submitted.read_text().splitlines()]
+    assert [(line["custom_id"], line["output"]) for line in written] == [
+        (f"q{i}", e["output"]) for i, e in enumerate(expected[:2])
+    ]
     print(f"lmq serve answered /healthz {server.started_seconds:.2f}s after it was started")
 
 

@@ -57,7 +57,7 @@ def nothing_written(home):
         (['{"prompt": "ok"}'], ["--max-length", "ten"], "argument --max-length: invalid int value"),
         # The job request model's own checks and limits, as POST /v1/jobs applies them.
         (['{"prompt": "ok"}'], ["--sampler", '{"name": "top_k", "p": 0.5}'], "--sampler: sampler 'top_k' takes no p"),
-        (['{"prompt": "ok"}'], ["--sampler", '{"name": "top_p", "p": 1.5}'], "--sampler p must be at most 1.0, got 1.5"),
+        (['{"prompt": "ok"}'], ["--sampler", '{"name": "top_p", "p": 1.5}'], "--sampler p must be at most 1.0"),
         (['{"prompt": "ok"}'], ["--sampler", '{"name": "top_p"'], "--sampler is not valid JSON"),
         (['{"prompt": "ok"}'], ["--max-new-tokens", "5000"], "--max-new-tokens must be at most 4096, got 5000"),
         (['{"prompt": "ok"}'], ["--dtype", "float17"], "--dtype 'float17' is not one of float32, float16 or bfloat16"),
@@ -80,11 +80,12 @@ def test_bad_generate_input_is_one_line_exit_2_and_writes_nothing(
 def test_a_bad_sampler_is_refused_before_keras_is_imported(lmq_home, tmp_path, preset_dir):
     """Not only before the model loads: before the model library is imported at all."""
     source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "ok"}])
+    sampler = json.dumps({"name": "top_k", "p": 0.5})
     code = (
         "import sys\n"
         "from api.cli import main\n"
         "try:\n"
-        f"    main(['generate', '--preset', {preset_dir!r}, {source!r}, '--sampler', '{{\"name\": \"top_k\", \"p\": 0.5}}'])\n"
+        f"    main(['generate', '--preset', {preset_dir!r}, {source!r}, '--sampler', {sampler!r}])\n"
         "except SystemExit as exit:\n"
         "    assert exit.code == 2, exit.code\n"
         "assert 'keras' not in sys.modules and 'torch' not in sys.modules, 'the model library was imported'\n"
@@ -114,6 +115,80 @@ def test_unknown_preset_is_named(capsys, lmq_home, tmp_path, prompts):
     assert code == 2 and err.count("\n") == 1
     assert "unknown preset 'no-such-model'" in err
     assert not output.exists() and nothing_written(lmq_home)
+
+
+def test_a_misspelt_preset_gets_the_closest_names(capsys, lmq_home, tmp_path, prompts, preset_dir):
+    code, _, err = run_cli(capsys, "generate", "--preset", "llama2_7b_em", prompts)
+    assert code == 2 and err.count("\n") == 1
+    assert "unknown preset 'llama2_7b_em'" in err and "(did you mean 'llama2_7b_en'" in err
+    with session_scope(sessions(load_settings())) as session:
+        queries.register_preset(session, name="support-bot", path=preset_dir, architecture=None, source=None)
+    code, _, err = run_cli(capsys, "generate", "--preset", "suport-bot", prompts)
+    assert code == 2 and "(did you mean 'support-bot'?)" in err
+    code, _, err = run_cli(capsys, "presets", "show", "support-bto")
+    assert code == 2 and "no preset 'support-bto' in the store (did you mean 'support-bot'?)" in err
+    code, _, err = run_cli(capsys, "presets", "import", "suport-bot", "--name", "copy")
+    assert code == 2 and "(did you mean 'support-bot'?)" in err
+    # Nothing close: no suggestion.
+    code, _, err = run_cli(capsys, "generate", "--preset", "zzzzzz", prompts)
+    assert code == 2 and "did you mean" not in err
+
+
+def test_empty_listings_say_so(capsys, lmq_home):
+    code, out, err = run_cli(capsys, "jobs", "list")
+    assert (code, out, err) == (0, "", "lmq: no jobs\n")
+    code, out, err = run_cli(capsys, "jobs", "list", "--status", "failed", "--kind", "fit")
+    assert (code, out, err) == (0, "", "lmq: no failed fit jobs\n")
+    code, out, err = run_cli(capsys, "presets", "list")
+    assert code == 0 and out == "" and err.startswith("lmq: the preset store has no presets yet")
+
+
+def test_no_architectures_says_so(capsys, lmq_home, monkeypatch):
+    import core.plugins
+
+    monkeypatch.setattr(core.plugins, "get_registry", EmptyRegistry)
+    code, out, err = run_cli(capsys, "architectures")
+    assert code == 0 and out == "" and "lmq: no architectures are registered" in err
+
+
+class EmptyRegistry:
+    """What LMQ_PLUGINS naming no installed plugin leaves."""
+
+    load_errors = {}
+
+    def architectures(self):
+        return []
+
+
+def test_every_option_shows_its_default():
+    """`--help` names each option's default (or says it is required), on every command."""
+    import argparse
+
+    from api.cli import build_parser
+
+    pending, checked = [build_parser()], 0
+    while pending:
+        parser = pending.pop()
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                pending.extend(action.choices.values())
+            elif action.option_strings and not isinstance(action, argparse._HelpAction):
+                shown = formatter._expand_help(action)
+                assert "(default" in shown or "(required)" in shown, (parser.prog, action.option_strings, shown)
+                checked += 1
+    assert checked > 60
+
+
+def test_submit_writes_results_only_when_it_waits(capsys, lmq_home, prompts, preset_dir, tmp_path):
+    code, _, err = run_cli(capsys, "submit", "generate", "--preset", preset_dir, prompts, "-o", str(tmp_path / "o"))
+    assert code == 2 and "-o/--output needs --wait" in err
+    assert nothing_written(lmq_home)
+
+
+def test_worker_dtype_is_checked_before_anything_loads(capsys, lmq_home):
+    code, _, err = run_cli(capsys, "worker", "--dtype", "float17")
+    assert code == 2 and err.count("\n") == 1 and "invalid choice: 'float17'" in err
 
 
 def test_missing_input_file_is_named(capsys, lmq_home, tmp_path, preset_dir):

@@ -20,6 +20,7 @@ from api.auth import AUTH_ERRORS
 from api.dependencies import DispatchDep, SessionDep, SettingsDep, TenantDep
 from api.dispatch import BrokerUnavailable
 from api.jobs import OutputPresetTaken, store_job
+from api.suggest import did_you_mean, preset_names
 from core.config import Limits, Settings
 from core.names import JobKind, JobState, is_preset_name
 from core.presets import PresetNotFound
@@ -41,7 +42,8 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 def submit_router(limits: Limits) -> APIRouter:
     """POST /v1/jobs, whose body model carries this deployment's LMQ_MAX_* limits (so OpenAPI shows them)."""
     submitting = APIRouter(tags=["jobs"])
-    JobRequest = schemas.job_request(limits)  # read by FastAPI at once (so no `from __future__ import annotations` here)
+    # FastAPI reads this annotation at once (so this module has no `from __future__ import annotations`).
+    JobRequest = schemas.job_request(limits)
 
     @submitting.post("/v1/jobs", status_code=202, response_model=schemas.JobOut, responses=SUBMIT_ERRORS)
     def submit_job(
@@ -179,10 +181,11 @@ def checked_preset(session: Session, settings: Settings, handle: str) -> str:
     try:
         location = store_resolver(session, local_roots=settings.preset_roots).locate(handle)
     except PresetNotFound:
+        suggestion = did_you_mean(handle, preset_names(session))
         raise field_error(
             ("body", "preset"),
             f"preset {handle!r} is not in the preset store, not a built-in name, not an hf:// or "
-            "kaggle:// handle, and not a directory under LMQ_PRESET_ROOTS",
+            f"kaggle:// handle, and not a directory under LMQ_PRESET_ROOTS{suggestion}",
         ) from None
     if location == handle or (is_preset_name(handle) and queries.get_preset(session, handle) is not None):
         return handle

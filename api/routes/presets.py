@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 from api import schemas
 from api.auth import AUTH_ERRORS
 from api.dependencies import SessionDep, TenantDep
+from api.suggest import did_you_mean, preset_names
 from core.names import is_preset_name
 from core.plugins import get_registry
 from core.store import queries
@@ -36,7 +37,7 @@ def show_preset(name: str, session: Session = SessionDep):
             "description": info.description,
             "details": {"params": info.params},
         }
-    raise HTTPException(404, detail=f"no preset {name!r}")
+    raise HTTPException(404, detail=f"no preset {name!r}{did_you_mean(name, preset_names(session))}")
 
 
 @router.get("/v1/architectures", response_model=schemas.ArchitectureList)
