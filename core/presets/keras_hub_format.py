@@ -38,10 +38,12 @@ def read_json(path):
 
 def load_backbone(directory, load_weights=True, dtype=None):
     path = directory / "config.json"
-    overrides = {"dtype": dtype} if dtype else {}
+    serialized = read_json(path)
+    cls = get_registry().find_class(class_name_of(serialized, path), source=str(path))
+    config = {**(serialized.get("config") or {}), **({"dtype": dtype} if dtype else {})}
     try:
-        backbone = deserialize(read_json(path), source=str(path), **overrides)
-    except TypeError as error:
+        backbone = cls.from_config(config)
+    except (TypeError, ValueError) as error:  # a missing, unknown or refused argument
         raise ValueError(f"{path}: the config does not fit its class: {error}") from None
     if load_weights:
         weights.load_weights(backbone, directory / weights.WEIGHTS_FILE)
