@@ -84,11 +84,15 @@ def commands(code: str) -> list[str]:
         if not pending and (not line.strip() or line.lstrip().startswith("#")):
             continue
         pending += line + "\n"
-        if not line.endswith("\\") and subprocess.run(["bash", "-n"], input=pending, text=True, capture_output=True).returncode == 0:
+        if not line.endswith("\\") and parses(pending):
             found.append(pending.strip())
             pending = ""
     assert not pending, f"README command does not parse in bash: {pending}"
     return found
+
+
+def parses(script: str) -> bool:
+    return subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True).returncode == 0
 
 
 def install_command(command: str) -> str:
@@ -161,7 +165,7 @@ class Walkthrough:
         if "python3 -m venv" in lines[0]:
             check_test_command(lines[1])
             lines = [install_command(lines[0])]
-        needs_services = any(line.startswith("export LMQ_BROKER_URL") or " lmq worker" in f" {line}" for line in lines)
+        needs_services = any(line.startswith("export LMQ_BROKER_URL") or "lmq worker" in line for line in lines)
         if needs_services and not self.services:
             return  # README: "for the embedded default, skip the next two blocks"
         for line in lines:
@@ -171,7 +175,7 @@ class Walkthrough:
             for line in lines:
                 self.start(self.substitute(line))
             return
-        assert not any(LONG_RUNNING.match(line) for line in lines), f"a long-running command in a block of others: {code}"
+        assert not any(LONG_RUNNING.match(line) for line in lines), f"long-running and other commands mixed: {code}"
         self.wait_for_background()
         script = "set -euo pipefail\n" + "".join(f"echo {MARKER}\n{self.substitute(line)}\n" for line in lines)
         stdout = self.run(["bash", "-c", script])
@@ -188,15 +192,18 @@ class Walkthrough:
             stop(process)
             stdout, stderr = process.communicate()
             pytest.fail(f"README block ran over {BLOCK_TIMEOUT_S}s:\n{argv[-1]}\n{stderr}\n{self.logs()}")
-        assert process.returncode == 0, f"README block failed:\n{argv[-1]}\n--- stdout\n{stdout}\n--- stderr\n{stderr}\n{self.logs()}"
+        assert process.returncode == 0, (
+            f"README block failed:\n{argv[-1]}\n--- stdout\n{stdout}\n--- stderr\n{stderr}\n{self.logs()}"
+        )
         return stdout
 
     def start(self, command: str) -> None:
         log = self.cwd.parent / f"background-{len(self.background)}.log"
-        process = subprocess.Popen(
-            ["bash", "-c", command], cwd=self.cwd, env=self.env, stdout=log.open("w"),
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        with log.open("w") as output:
+            process = subprocess.Popen(
+                ["bash", "-c", command], cwd=self.cwd, env=self.env, stdout=output,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )
         self.background.append((process, log))
 
     def wait_for_background(self, timeout_s: float = 120) -> None:
