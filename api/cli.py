@@ -34,6 +34,7 @@ from api.cli_jobs import (
     write_jsonl,
 )
 from api.jobs import OutputPresetTaken, store_job
+from api.progress import Progress, latest_loss, unit_of
 from api.suggest import did_you_mean, preset_names
 from core.config import Settings, SettingsError, load_settings
 from core.names import DTYPES, SAMPLER_NAMES, TERMINAL_STATES, JobKind, JobState, check_preset_name
@@ -117,20 +118,15 @@ def check_name(name: str) -> None:
 
 def cmd_run_here(args) -> int:
     """`lmq generate` / `lmq fit`: one job, in this process, with a progress bar."""
-    from tqdm import tqdm
-
     from workers.runner import JobRunner, pool_from_settings
 
     check_output(getattr(args, "output", None))
     settings = load_settings()
     job_id = create_job(settings, args.command, args)
-    unit = "prompt" if args.command == "generate" else "step"
-    with tqdm(desc=f"{args.command} {job_id[:8]}", unit=unit, file=sys.stderr, disable=None) as bar:
+    with Progress(f"{args.command} {job_id[:8]}", unit_of(args.command)) as progress:
 
-        def on_progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
+        def on_progress(done: int, total: int, loss: float | None = None) -> None:
+            progress.update(done, total, loss=loss)
 
         runner = JobRunner(settings, pool_from_settings(settings), on_progress=on_progress)
         try:
@@ -190,15 +186,16 @@ def require_job(session, job_id: str):
 
 def watch(settings: Settings, job_id: str, output: str | None = None, poll_seconds: float = 0.5) -> int:
     """Follow a job until it finishes; its summary goes to stdout, and with `output` its results there."""
-    from tqdm import tqdm
-
     factory = open_store(settings)
-    with tqdm(desc=f"job {job_id[:8]}", total=100, unit="%", file=sys.stderr, disable=None) as bar:
+    loss, seen = None, 0
+    with Progress(f"job {job_id[:8]}", "item") as progress:
         while True:
             with session_scope(factory) as session:
                 summary = schemas.job_summary(require_job(session, job_id))
-            bar.n = round(summary["progress"] * 100)
-            bar.set_postfix_str(summary["status"])
+                events = [schemas.event_line(event) for event in queries.job_events(session, job_id, seen)]
+            seen = events[-1]["id"] if events else seen
+            loss = latest_loss(events, loss)
+            progress.show_summary(summary, loss)
             if summary["status"] in TERMINAL_STATES:
                 break
             time.sleep(poll_seconds)

@@ -14,6 +14,7 @@ import httpx
 
 from api.cli_jobs import BadInput, JobFromFlags, no_jobs, report_finished, say_empty, write_jsonl
 from api.client import ApiError, Client
+from api.progress import Progress, latest_loss
 from core.config import load_settings
 
 
@@ -73,17 +74,16 @@ def _jobs(client: Client, args) -> int:
 
 def follow(client: Client, job_id: str, output: str | None = None) -> int:
     """A live progress bar until the job finishes; its summary goes to stdout, and with `output` its results there."""
-    from tqdm import tqdm
-
-    with tqdm(desc=f"job {job_id[:8]}", file=sys.stderr, disable=None) as bar:
+    with Progress(f"job {job_id[:8]}", "item") as progress:
+        loss, seen = None, 0
 
         def show(summary: dict) -> None:
-            counts = summary["counts"]
-            if summary["kind"] == "generate":
-                bar.total, bar.n, bar.unit = counts["total"], counts["completed"] + counts["failed"], "prompt"
-            else:
-                bar.total, bar.n, bar.unit = 100, round(summary["progress"] * 100), "%"
-            bar.set_postfix_str(summary["status"])
+            nonlocal loss, seen
+            if summary["kind"] == "fit":
+                events = client.events(job_id, after=seen)
+                seen = events[-1]["id"] if events else seen
+                loss = latest_loss(events, loss)
+            progress.show_summary(summary, loss)
 
         summary = client.wait(job_id, on_update=show)
     print(json.dumps(summary))

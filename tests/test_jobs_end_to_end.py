@@ -170,7 +170,7 @@ def test_a_redelivered_fit_job_resumes_from_its_last_checkpoint(lmq_home, tiny_l
     factory = sessions(settings)
     job_id = fit_job(factory, tiny_llama_preset, "resumed")
 
-    def die_late_in_the_second_epoch(step, total):
+    def die_late_in_the_second_epoch(step, total, **details):
         if step == 4:  # step 3, past the checkpoint, is recorded and will be redone
             raise WorkerDied
 
@@ -198,7 +198,7 @@ def test_a_cancelled_fit_job_registers_nothing(lmq_home, tiny_llama_preset):
     factory = sessions(settings)
     job_id = fit_job(factory, tiny_llama_preset, "never")
 
-    def cancel(step, total):
+    def cancel(step, total, **details):
         with session_scope(factory) as session:
             queries.request_cancel(session, job_id)
 

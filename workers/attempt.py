@@ -26,7 +26,8 @@ from core.store.leases import Lease, LeaseLost, renew
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-ProgressCallback = Callable[[int, int], None]
+# on_progress(done, total, **details): items or steps done; a fit step's details carry its loss.
+ProgressCallback = Callable[..., None]
 
 
 class Attempt:
@@ -97,6 +98,6 @@ class Attempt:
     def finish(self, state: JobState, error: str | None = None, **details) -> None:
         self.write(lambda session: queries.finish_job(session, self.job_id, state, error, **details))
 
-    def report_progress(self, done: int, total: int) -> None:
+    def report_progress(self, done: int, total: int, **details) -> None:
         if self.on_progress is not None:
-            self.on_progress(done, total)
+            self.on_progress(done, total, **details)

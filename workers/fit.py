@@ -59,7 +59,7 @@ class StepEvents(keras.callbacks.Callback):
         seconds, self._last = now - self._last, now
         self.step += 1
         self.loss = float(logs["loss"]) if logs and "loss" in logs else None
-        self.attempt.report_progress(self.step, self.total_steps)
+        self.attempt.report_progress(self.step, self.total_steps, loss=self.loss)
         tokens_per_second = round(self.tokens_per_step / seconds, 1) if seconds > 0 else None
 
         def record_step(session) -> bool:
