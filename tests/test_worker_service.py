@@ -4,120 +4,28 @@ LMQ_TEST_DATABASE_URL are set (always in CI); the tests marked with the "amqp"
 broker also run on RabbitMQ where LMQ_TEST_AMQP_URL is set (CI sets it)."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from service_support import PROMPTS, reference, write_prompts
+from worker_support import (  # noqa: F401  broker and workers are fixtures
+    MANY_PROMPTS,
+    broker,
+    events,
+    finished,
+    job,
+    results,
+    submit,
+    wait_for,
+    workers,
+)
 
 from api.cli import main
-from api.schemas import job_summary, result_line
 from core.config import load_settings
 from core.store import queries, session_scope, sessions
 
 REPO = Path(__file__).resolve().parent.parent
-MANY_PROMPTS = [f"{prompt} number {i}" for i in range(8) for prompt in PROMPTS[:5]]
-
-
-class Worker:
-    """A real `lmq worker` subprocess; stopped (or killed) at the end of the test."""
-
-    def __init__(self, env, log: Path, *extra):
-        self.log = log
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "worker", "--loglevel", "INFO", *extra],
-            cwd=REPO,
-            env={**os.environ, **env},
-            stdout=log.open("ab"),
-            stderr=subprocess.STDOUT,
-        )
-
-    def kill(self):
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(30)
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-LMQ_QUEUES = ("lmq.generate", "lmq.fit", "lmq.generate.tiny")
-
-
-@pytest.fixture
-def broker(request, service_env, monkeypatch):
-    """Redis; or, for tests parametrized with "amqp", RabbitMQ at LMQ_TEST_AMQP_URL (CI sets it)."""
-    if getattr(request, "param", "redis") == "redis":
-        return service_env["LMQ_BROKER_URL"]
-    url = os.environ.get("LMQ_TEST_AMQP_URL") or pytest.skip("LMQ_TEST_AMQP_URL is not set (CI sets it)")
-    from kombu import Connection
-
-    with Connection(url) as connection:  # messages left by an earlier run name jobs of another database
-        for queue in LMQ_QUEUES:
-            try:
-                connection.channel().queue_purge(queue)
-            except connection.channel_errors:
-                pass  # not declared yet
-    monkeypatch.setenv("LMQ_BROKER_URL", url)
-    return url
-
-
-@pytest.fixture
-def workers(service_env, broker, tmp_path):
-    started = []
-
-    def start(*extra, **env):
-        worker = Worker({**service_env, "LMQ_BROKER_URL": broker, **env}, tmp_path / f"worker-{len(started)}.log", *extra)
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in started:
-        worker.stop()
-
-
-def wait_for(condition, timeout, what, workers_logs=()):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    logs = "\n".join(path.read_text()[-3000:] for path in workers_logs if path.exists())
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{logs}")
-
-
-def job(job_id):
-    with session_scope(sessions(load_settings())) as session:
-        return job_summary(queries.get_job(session, job_id))
-
-
-def results(job_id):
-    with session_scope(sessions(load_settings())) as session:
-        return [result_line(item) for item in queries.job_items(session, job_id)]
-
-
-def events(job_id, type):
-    with session_scope(sessions(load_settings())) as session:
-        return [e.data for e in queries.job_events(session, job_id) if e.type == type]
-
-
-def submit(capsys, kind, *argv):
-    assert main(["submit", kind, *argv]) == 0
-    return json.loads(capsys.readouterr().out)["id"]
-
-
-def finished(job_id):
-    summary = job(job_id)
-    return summary if summary["status"] in ("succeeded", "failed", "cancelled") else None
 
 
 @pytest.mark.parametrize("broker", ["redis", "amqp"], indirect=True)

@@ -57,7 +57,7 @@ def sweep(app: Celery, settings: Settings) -> list[str]:
             lost += rest
         for job in lost:
             with session_scope(factory) as session:
-                if not leases.mark_sent(session, job.id, job.enqueued_at, now):
+                if not leases.mark_sent(session, job.id, job.enqueued_at):
                     continue  # another worker's sweep sent it
             app.send_task(RUN_JOB_TASK, args=[job.id], queue=queue)
             sent.append(job.id)

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from core.names import TERMINAL_STATES, JobState
@@ -32,6 +32,7 @@ from core.store import queries
 from core.store.models import Job, utcnow
 
 HELD_STATES = (JobState.running.value, JobState.cancelling.value)
+HOLDER_IDLE_LIMIT = "5s"
 
 
 class LeaseLost(RuntimeError):
@@ -53,6 +54,7 @@ def claim(session: Session, job_id: str, worker: str, lease_s: float) -> Job | N
     job, and this delivery is a duplicate. A job asked to cancel whose holder
     is gone is cancelled here.
     """
+    release_locks_if_paused(session)
     job = session.get(Job, job_id, with_for_update=True)
     if job is None or job.state in TERMINAL_STATES:
         return None
@@ -87,6 +89,7 @@ def has_expired(job: Job, now: datetime) -> bool:
 
 def renew(session: Session, lease: Lease, lease_s: float) -> None:
     """Extend the lease, or raise LeaseLost; locks the job's row until the transaction ends."""
+    release_locks_if_paused(session)
     renewed = session.execute(
         update(Job)
         .where(Job.id == lease.job_id, Job.attempts == lease.attempt, Job.state.in_(HELD_STATES))
@@ -94,6 +97,14 @@ def renew(session: Session, lease: Lease, lease_s: float) -> None:
     )
     if renewed.rowcount != 1:
         raise LeaseLost(f"job {lease.job_id}: attempt {lease.attempt} no longer holds the lease")
+
+
+def release_locks_if_paused(session: Session) -> None:
+    """A holder paused inside a transaction (SIGSTOP) would keep the job's row
+    locked, and so block its own takeover: PostgreSQL ends such a transaction
+    after a few idle seconds. (Ours never idle: they are a few quick statements.)"""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text(f"SET LOCAL idle_in_transaction_session_timeout = '{HOLDER_IDLE_LIMIT}'"))
 
 
 @dataclass(frozen=True)
@@ -129,11 +140,9 @@ def waiting_for_a_worker(session: Session, now: datetime, sent_before: datetime)
     return [Waiting(*row) for row in rows]
 
 
-def mark_sent(session: Session, job_id: str, last_seen: datetime | None, now: datetime | None = None) -> bool:
+def mark_sent(session: Session, job_id: str, last_seen: datetime | None) -> bool:
     """Record a send unless someone else recorded one since `last_seen` (so N sweeping workers send once)."""
     marked = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.enqueued_at.is_not_distinct_from(last_seen))
-        .values(enqueued_at=now or utcnow())
+        update(Job).where(Job.id == job_id, Job.enqueued_at.is_not_distinct_from(last_seen)).values(enqueued_at=utcnow())
     )
     return marked.rowcount == 1

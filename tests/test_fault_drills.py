@@ -1,0 +1,333 @@
+"""Fault drills on the real service: workers killed and paused, a Redis server
+restarted, the database connection cut. Every job must still finish with
+exactly one result per input, equal to an uninterrupted greedy run.
+
+Loopback only, bounded in time, default settings except for a short lease and
+sweep period (DRILL_TIMING), so that a takeover happens in seconds instead of
+LMQ_LEASE_S=30; recovery never comes from a shortened visibility timeout or
+LMQ_JOB_TIMEOUT_S. Each drill prints what it measured. Runs where the service
+tests run (LMQ_TEST_REDIS_URL and LMQ_TEST_DATABASE_URL, always in CI).
+"""
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+from api_support import ApiServer, free_port
+from service_support import PROMPTS, reference, write_prompts
+from sqlalchemy.engine import make_url
+from worker_support import (  # noqa: F401  broker and workers are fixtures
+    MANY_PROMPTS,
+    broker,
+    events,
+    finished,
+    submit,
+    wait_for,
+    workers,
+)
+
+from core.config import load_settings
+from core.store import queries, session_scope, sessions
+from core.store.models import utcnow
+
+DRILL_TIMING = {"LMQ_LEASE_S": "3", "LMQ_HEARTBEAT_S": "0.5", "LMQ_SWEEP_S": "1"}
+GENERATE = ("--max-length", "48", "--micro-batch-size", "2")
+
+
+def report(capsys, line: str) -> None:
+    with capsys.disabled():
+        print(f"\n[drill] {line}")
+
+
+def holder(job_id) -> dict:
+    with session_scope(sessions(load_settings())) as session:
+        job = queries.get_job(session, job_id)
+        return {"worker": job.worker, "attempts": job.attempts, "completed": job.completed, "state": job.state}
+
+
+def sent_at(job_id):
+    with session_scope(sessions(load_settings())) as session:
+        return queries.get_job(session, job_id).enqueued_at
+
+
+def item_rows(job_id) -> list[tuple]:
+    """Every result as stored, with the moment it was written: an overwrite would change it."""
+    with session_scope(sessions(load_settings())) as session:
+        return [(i.index, i.output, i.error, i.finished_at) for i in queries.job_items(session, job_id)]
+
+
+def assert_one_greedy_result_per_input(job_id, preset, prompts):
+    summary = finished(job_id)
+    assert summary and summary["status"] == "succeeded", summary
+    assert summary["counts"] == {"total": len(prompts), "completed": len(prompts), "failed": 0}
+    rows = item_rows(job_id)
+    assert [row[0] for row in rows] == list(range(len(prompts)))
+    assert all(row[2] is None for row in rows)
+    expected = reference(preset, prompts, max_length=48)
+    assert [row[1] for row in rows] == [e["output"] for e in expected]
+    return summary
+
+
+def taken_by(worker, job_id, logs, timeout=120):
+    return wait_for(lambda: holder(job_id)["worker"] == worker.name, timeout, f"{worker.name} to take the job", logs)
+
+
+def test_sigkill_the_worker_five_times_during_one_generate_job(capsys, tmp_path, workers, tiny_llama_preset):
+    seed = int(os.environ.get("LMQ_DRILL_SEED") or time.time())
+    rng = random.Random(seed)
+    source = write_prompts(tmp_path / "many.jsonl", MANY_PROMPTS)
+    job_id = submit(capsys, "generate", "--preset", str(tiny_llama_preset), source, *GENERATE)
+    # Where to kill: after this many results (0: while the model loads), then a random moment more.
+    kill_after = sorted(rng.sample(range(0, len(MANY_PROMPTS) - 8), 5))
+    logs, recoveries, killed_at = [], [], None
+    for target in kill_after:
+        worker = workers(**DRILL_TIMING)
+        logs.append(worker.log)
+        taken_by(worker, job_id, logs)
+        if killed_at is not None:
+            recoveries.append(time.monotonic() - killed_at)
+        wait_for(lambda: holder(job_id)["completed"] >= target, 120, f"{target} results", logs)
+        time.sleep(rng.uniform(0, 0.5))
+        assert holder(job_id)["state"] == "running"
+        worker.kill()
+        killed_at = time.monotonic()
+    last = workers(**DRILL_TIMING)
+    logs.append(last.log)
+    taken_by(last, job_id, logs)
+    recoveries.append(time.monotonic() - killed_at)
+    wait_for(lambda: finished(job_id), 240, "the job", logs)
+
+    summary = assert_one_greedy_result_per_input(job_id, tiny_llama_preset, MANY_PROMPTS)
+    assert summary["attempts"] == 6
+    running = [e for e in events(job_id, "state") if e["state"] == "running"]
+    assert [e["attempt"] for e in running] == [1, 2, 3, 4, 5, 6]
+    report(
+        capsys,
+        f"SIGKILL x5 (seed {seed}, after {kill_after} results): job running again on the restarted worker "
+        f"{', '.join(f'{r:.1f}s' for r in recoveries)} after each kill (worker start included)",
+    )
+
+
+def test_a_paused_worker_that_lost_its_lease_writes_nothing_when_it_wakes(capsys, tmp_path, workers, tiny_llama_preset):
+    source = write_prompts(tmp_path / "many.jsonl", MANY_PROMPTS)
+    first = workers(**DRILL_TIMING)
+    job_id = submit(capsys, "generate", "--preset", str(tiny_llama_preset), source, *GENERATE)
+    wait_for(lambda: holder(job_id)["completed"] >= 4, 180, "some progress", [first.log])
+    first.pause()
+    paused_at = time.monotonic()
+    second = workers(**DRILL_TIMING)
+    taken_by(second, job_id, [first.log, second.log])
+    taken_after = time.monotonic() - paused_at
+    wait_for(lambda: finished(job_id), 240, "the second worker to finish", [second.log])
+    written, event_count = item_rows(job_id), len(events(job_id, "state")) + len(events(job_id, "model"))
+
+    first.resume()
+    wait_for(lambda: "no longer holds the lease" in first.log.read_text(), 60, "the first worker to stop", [first.log])
+    assert item_rows(job_id) == written  # nothing duplicated, nothing overwritten
+    assert len(events(job_id, "state")) + len(events(job_id, "model")) == event_count
+    summary = assert_one_greedy_result_per_input(job_id, tiny_llama_preset, MANY_PROMPTS)
+    assert summary["attempts"] == 2
+    report(capsys, f"SIGSTOP: job taken over by a second worker {taken_after:.1f}s after the first was paused; "
+                   "the first, resumed, found its lease gone and wrote nothing")
+
+
+class RedisServer:
+    """A Redis of the test's own on a free loopback port, keeping nothing on disk."""
+
+    def __init__(self, directory):
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.directory = directory
+        self.process = None
+        self.start()
+
+    def start(self):
+        command = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+                   "--dir", str(self.directory)]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        wait_for(self._answers, 20, "redis-server to start")
+
+    def _answers(self):
+        import redis
+
+        try:
+            return redis.Redis(port=self.port, socket_timeout=1).ping()
+        except redis.RedisError:
+            return False
+
+    def kill(self):
+        self.process.kill()
+        self.process.wait(10)
+
+
+@pytest.fixture
+def own_redis(tmp_path, monkeypatch):
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(tmp_path)
+    monkeypatch.setenv("LMQ_BROKER_URL", server.url)
+    yield server
+    server.kill()
+
+
+def ready(server) -> int:
+    try:
+        return httpx.get(f"{server.url}/readyz", timeout=10).status_code
+    except httpx.HTTPError:
+        return 0
+
+
+def test_redis_restarted_while_jobs_run_and_wait(capsys, tmp_path, workers, own_redis, service_env, tiny_llama_preset):
+    worker = workers(LMQ_BROKER_URL=own_redis.url, **DRILL_TIMING)
+    api = ApiServer({**service_env, "LMQ_BROKER_URL": own_redis.url}, tmp_path / "api.log")
+    try:
+        long = write_prompts(tmp_path / "long.jsonl", MANY_PROMPTS[:12])
+        short = write_prompts(tmp_path / "short.jsonl", PROMPTS[:3])
+        running = submit(capsys, "generate", "--preset", str(tiny_llama_preset), long, *GENERATE)
+        queued = [submit(capsys, "generate", "--preset", str(tiny_llama_preset), short, *GENERATE) for _ in range(2)]
+        wait_for(lambda: holder(running)["completed"] >= 2, 180, "the first job to run", [worker.log])
+        assert [holder(job_id)["state"] for job_id in queued] == ["queued", "queued"]
+        assert ready(api) == 200
+
+        own_redis.kill()
+        down_at = time.monotonic()
+        wait_for(lambda: ready(api) == 503, 30, "/readyz to say 503", [api.log])
+        unready_after = time.monotonic() - down_at
+        time.sleep(1)
+        own_redis.start()  # empty: the queued jobs' messages are gone
+        up_at, restarted = time.monotonic(), utcnow()
+        wait_for(lambda: ready(api) == 200, 30, "/readyz to recover", [api.log])
+        ready_after = time.monotonic() - up_at
+        wait_for(lambda: all(sent_at(j) > restarted for j in queued), 60, "the sweep to send them again", [worker.log])
+        resent_after = time.monotonic() - up_at
+        wait_for(lambda: all(finished(j) for j in [running, *queued]), 240, "every job", [worker.log])
+        all_done_after = time.monotonic() - up_at
+    finally:
+        api.stop()
+    assert_one_greedy_result_per_input(running, tiny_llama_preset, MANY_PROMPTS[:12])
+    for job_id in queued:
+        assert_one_greedy_result_per_input(job_id, tiny_llama_preset, PROMPTS[:3])
+    report(capsys, f"Redis restart: /readyz 503 {unready_after:.1f}s after Redis died, 200 {ready_after:.1f}s after "
+                   f"it came back; the two lost queued jobs sent again {resent_after:.1f}s after the restart; "
+                   f"all three jobs (one running, two queued) done {all_done_after:.1f}s after it")
+
+
+def test_a_fit_job_killed_mid_epoch_resumes_and_registers_one_preset(capsys, tmp_path, workers, tiny_llama_preset):
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": p}) + "\n" for p in PROMPTS * 4))
+    first = workers(**DRILL_TIMING)
+    fit_id = submit(
+        capsys, "fit", "--preset", str(tiny_llama_preset), str(train), "--output-preset", "drill-tuned",
+        "--epochs", "3", "--batch-size", "3", "--sequence-length", "24",
+    )  # 8 steps an epoch, 24 in all
+    wait_for(lambda: holder(fit_id)["completed"] >= 10, 180, "the second epoch", [first.log])
+    first.kill()
+    killed_at = time.monotonic()
+    second = workers(**DRILL_TIMING)
+    taken_by(second, fit_id, [first.log, second.log])
+    recovery = time.monotonic() - killed_at
+    summary = wait_for(lambda: finished(fit_id), 240, "the fit job", [first.log, second.log])
+
+    assert summary["status"] == "succeeded", summary
+    assert summary["counts"] == {"total": 24, "completed": 24, "failed": 0}
+    (resumed,) = events(fit_id, "resumed")
+    assert 1 <= resumed["epochs_done"] <= 2
+    assert [e["step"] for e in events(fit_id, "step")] == list(range(1, 25))
+    assert [e["epoch"] for e in events(fit_id, "epoch")] == [1, 2, 3]
+    settings = load_settings()
+    with session_scope(sessions(settings)) as session:
+        tuned = [p for p in queries.list_presets(session) if p.job_id == fit_id]
+    assert [p.name for p in tuned] == ["drill-tuned"]
+    assert sorted(path.name for path in settings.preset_store.iterdir()) == ["drill-tuned"]
+    assert not (settings.home / "checkpoints" / fit_id).exists()
+    report(capsys, f"fit killed mid-epoch: running again {recovery:.1f}s after SIGKILL, resumed after "
+                   f"{resumed['epochs_done']} epoch(s), one preset registered")
+
+
+class CuttableProxy:
+    """A loopback TCP proxy that can cut every connection and refuse new ones, as a database restart does."""
+
+    def __init__(self, upstream_port):
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.open = True
+        self.sockets = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.open:
+                client.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            self.sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink):
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                end.close()
+
+    def cut(self):
+        self.open = False
+        for end in self.sockets:
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.sockets = []
+
+    def restore(self):
+        self.open = True
+
+    def close(self):
+        self.cut()
+        self.listener.close()
+
+
+def test_the_database_going_away_mid_job(capsys, tmp_path, workers, service_env, tiny_llama_preset):
+    url = make_url(service_env["LMQ_DATABASE_URL"])
+    proxy = CuttableProxy(url.port or 5432)
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    worker = workers(LMQ_DATABASE_URL=proxied)  # default lease: the worker must ride the outage out
+    api = ApiServer({**service_env, "LMQ_DATABASE_URL": proxied}, tmp_path / "api.log")
+    try:
+        source = write_prompts(tmp_path / "many.jsonl", MANY_PROMPTS[:16])
+        job_id = submit(capsys, "generate", "--preset", str(tiny_llama_preset), source, *GENERATE)
+        wait_for(lambda: holder(job_id)["completed"] >= 4, 180, "some progress", [worker.log])
+        assert ready(api) == 200
+        proxy.cut()
+        wait_for(lambda: ready(api) == 503, 30, "/readyz to say 503", [api.log])
+        time.sleep(4)
+        proxy.restore()
+        back_at = time.monotonic()
+        wait_for(lambda: ready(api) == 200, 30, "/readyz to recover", [api.log])
+        ready_after = time.monotonic() - back_at
+        wait_for(lambda: finished(job_id), 240, "the job", [worker.log])
+    finally:
+        api.stop()
+        proxy.close()
+    summary = assert_one_greedy_result_per_input(job_id, tiny_llama_preset, MANY_PROMPTS[:16])
+    assert summary["attempts"] == 1  # the worker kept its job: it retried, it was not replaced
+    assert "database unavailable" in worker.log.read_text()
+    report(capsys, f"database cut for 4s+: the worker retried and finished its job in one attempt; "
+                   f"/readyz 503 during the cut, 200 again {ready_after:.1f}s after the database came back")
