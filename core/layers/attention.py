@@ -51,6 +51,13 @@ class KVCache:
         self.values = self.values[:, rows]
         self._rows = torch.arange(len(rows), device=self.keys.device)
 
+    def add_rows(self, count):
+        """Appends ``count`` rows for prompts that join a running batch (prefill fills them).
+
+        They start as copies of row 0: causal masking hides every slot until the new row writes it.
+        """
+        self.select_rows(torch.cat([self._rows, self._rows.new_zeros(count)]))
+
     def step(self, positions, key_length):
         """Where a decode step at ``positions`` [batch] writes and what it reads.
 
@@ -80,6 +87,10 @@ class RollingKVCache(KVCache):
     def select_rows(self, rows):
         super().select_rows(rows)
         self.slot_positions = self.slot_positions[rows]
+
+    def add_rows(self, count):
+        super().add_rows(count)
+        self.slot_positions[-count:] = torch.arange(self.max_length, device=self.slot_positions.device)
 
     def step(self, positions, key_length):
         slots = positions % self.max_length
