@@ -150,7 +150,7 @@ def test_stop_strings_and_stream_with_beam_search(lm):
 
 
 def test_length_groups_bound_the_padding():
-    from core.models.generation import length_groups
+    from core.generation import length_groups
 
     prompts = [[0] * n for n in (8, 128, 25, 42, 59, 76, 93, 110, 9, 8)]
     groups = length_groups(prompts)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from core import samplers
-from core.models.generation import decode
+from core.generation import DecoderOnlyModel, decode
 from core.samplers import (
     BeamSampler,
     ContrastiveSampler,
@@ -22,6 +22,7 @@ from core.samplers import (
 )
 from plugins.llama.llama_backbone import LlamaBackbone
 from plugins.llama.llama_causal_lm import LlamaCausalLM
+from plugins.mistral.mistral_backbone import MistralBackbone
 from tests.model_support import right_padded
 
 VOCAB = 8
@@ -29,22 +30,21 @@ STOP = 5  # a stop token that greedy search emits in some rows of PROMPTS and no
 PROMPTS = [[1, 3, 4, 2, 6, 7, 1], [2, 6], [7, 4, 4, 1], [0, 5, 2]]
 
 
-@pytest.fixture(scope="module")
-def lm():
+def random_weights(backbone):
     """Random weights large enough that the next-token distributions are far from flat."""
-    backbone = LlamaBackbone(
-        vocabulary_size=VOCAB,
-        num_layers=2,
-        num_query_heads=4,
-        hidden_dim=32,
-        intermediate_dim=64,
-        num_key_value_heads=2,
-    )
     generator = torch.Generator().manual_seed(0)
     for weight in backbone.weights:
         if len(weight.shape) >= 2:
             weight.assign(torch.randn(tuple(weight.shape), generator=generator) * 0.5)
-    return LlamaCausalLM(backbone)
+    return backbone
+
+
+SIZES = dict(vocabulary_size=VOCAB, num_layers=2, num_query_heads=4, hidden_dim=32, intermediate_dim=64, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return LlamaCausalLM(random_weights(LlamaBackbone(**SIZES)))
 
 
 def generate(lm, sampler, prompts=PROMPTS, new_tokens=6, stop_token_ids=(STOP,), **kwargs):
@@ -74,14 +74,51 @@ def next_token_logits(lm, sequences):
 )
 def test_narrowed_samplers_equal_greedy_with_per_row_limits_and_stops(lm, sampler):
     limits = [6, 0, 4, 8]
-    greedy = decode(lm.backbone, PROMPTS, limits, GreedySampler(), stop_token_ids=[STOP])
+    greedy = decode(DecoderOnlyModel(lm.backbone), PROMPTS, limits, GreedySampler(), stop_token_ids=[STOP])
     # The batch mixes rows that stop early, an empty row and a row cut at its limit.
     assert greedy.finish_reasons == ["stop", "length", "length", "stop"]
     assert [len(c) for c in greedy.completions] == [1, 0, 4, 7]
     generator = torch.Generator().manual_seed(1)
-    result = decode(lm.backbone, PROMPTS, limits, sampler, stop_token_ids=[STOP], generator=generator)
+    result = decode(DecoderOnlyModel(lm.backbone), PROMPTS, limits, sampler, stop_token_ids=[STOP], generator=generator)
     assert result.completions == greedy.completions
     assert result.finish_reasons == greedy.finish_reasons
+
+
+# -- rows that leave and join a running batch ------------------------------------------
+
+
+def test_rows_that_join_a_running_batch_give_the_tokens_of_one_at_a_time_generation(lm):
+    """At most two requests in flight: the others join as rows finish, each at its own position."""
+    prompts, limits = PROMPTS * 2, [6, 0, 4, 8, 3, 5, 7, 2]
+    for backbone in (lm.backbone, random_weights(MistralBackbone(**SIZES, sliding_window=3))):
+        model = DecoderOnlyModel(backbone)
+        events = []
+        joined = decode(
+            model, prompts, limits, GreedySampler(), stop_token_ids=[STOP], max_rows=2,
+            stream=lambda request, token: events.append(request),
+        )
+        for i, (prompt, limit) in enumerate(zip(prompts, limits)):
+            alone = decode(model, [prompt], [limit], GreedySampler(), stop_token_ids=[STOP])
+            assert (joined.completions[i], joined.finish_reasons[i]) == (alone.completions[0], alone.finish_reasons[0])
+        assert {"stop", "length"} <= set(joined.finish_reasons)
+        # A request that joined later decoded while an earlier one was still running.
+        last = {request: n for n, request in enumerate(events)}
+        assert any(events.index(j) < last[i] for i in last for j in last if j > i and j >= 2)
+
+
+@pytest.mark.parametrize(
+    "sampler", [BeamSampler(num_beams=3, return_all_beams=True), ContrastiveSampler(k=3)], ids=["beam", "contrastive"]
+)
+def test_searches_in_a_running_batch_equal_searches_in_one_batch(lm, sampler):
+    prompts, limits = PROMPTS * 2, [6, 0, 4, 8, 3, 5, 7, 2]
+    model = DecoderOnlyModel(lm.backbone)
+    together = decode(model, prompts, limits, sampler, stop_token_ids=[STOP])
+    joined = decode(model, prompts, limits, sampler, stop_token_ids=[STOP], max_rows=2)
+    assert (joined.completions, joined.finish_reasons) == (together.completions, together.finish_reasons)
+    if together.beams is not None:
+        for ours, theirs in zip(joined.beams, together.beams):
+            assert [(ids, reason) for ids, _, reason in ours] == [(ids, reason) for ids, _, reason in theirs]
+            assert [score for _, score, _ in ours] == pytest.approx([score for _, score, _ in theirs], abs=1e-5)
 
 
 # -- beam search finds the most likely sequence ---------------------------------------
@@ -111,8 +148,8 @@ def test_beam_search_finds_the_exhaustive_best_sequence(lm):
     limits = [3, 2, 3, 3]
     # Enough beams to keep every prefix one token short of the longest limit: search is exact.
     sampler = BeamSampler(num_beams=VOCAB**2, return_all_beams=True)
-    result = sampler.search(lm.backbone, PROMPTS, limits, stop_token_ids=[STOP], pad_token_id=0)
-    greedy = decode(lm.backbone, PROMPTS, limits, GreedySampler(), stop_token_ids=[STOP])
+    result = decode(DecoderOnlyModel(lm.backbone), PROMPTS, limits, sampler, stop_token_ids=[STOP])
+    greedy = decode(DecoderOnlyModel(lm.backbone), PROMPTS, limits, GreedySampler(), stop_token_ids=[STOP])
     assert result.completions != greedy.completions  # the search finds what greedy misses
     for i, (prompt, limit) in enumerate(zip(PROMPTS, limits)):
         scores = exhaustive_scores(lm, prompt, limit)
@@ -133,7 +170,7 @@ def test_beam_search_finds_the_exhaustive_best_sequence(lm):
 
 def test_beam_search_through_generate_returns_the_best_beam(lm):
     beam = BeamSampler(num_beams=VOCAB**2)
-    direct = beam.search(lm.backbone, PROMPTS, [3] * len(PROMPTS), stop_token_ids=[STOP], pad_token_id=0)
+    direct = decode(DecoderOnlyModel(lm.backbone), PROMPTS, [3] * len(PROMPTS), beam, stop_token_ids=[STOP])
     assert direct.beams is None
     assert generate(lm, beam, new_tokens=3) == direct.completions != generate(lm, "greedy", new_tokens=3)
 

@@ -8,9 +8,9 @@ if keras.backend.backend() != "torch":
         "set KERAS_BACKEND=torch (or import core before keras)."
     )
 
+from core.generation import Generation  # noqa: E402
 from core.models.backbone import Backbone, BackboneContractError, DecoderOnlyBackbone  # noqa: E402
 from core.models.causal_lm import CausalLM  # noqa: E402
-from core.models.generation import Generation  # noqa: E402
 from core.models.preprocessor import CausalLMPreprocessor, Preprocessor  # noqa: E402
 from core.models.task import Task  # noqa: E402
 from core.models.tokenizer import BytePairTokenizer, SentencePieceTokenizer, Tokenizer  # noqa: E402

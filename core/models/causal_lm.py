@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from core import samplers
-from core.models.generation import Generation, StopStrings, decode
+from core.generation import DecoderOnlyModel, Generation, StopStrings, decode
 from core.models.task import Task
 
 
@@ -132,12 +132,11 @@ class CausalLM(Task):
         tokenizer = self.preprocessor.tokenizer
         stop_strings = StopStrings(tokenizer, stop) if stop else None
         result = decode(
-            self.backbone,
+            DecoderOnlyModel(self.backbone, tokenizer.pad_token_id),
             prompts,
             limits,
             self.sampler,
             stop_token_ids=self._stop_ids(stop_token_ids),
-            pad_token_id=tokenizer.pad_token_id,
             generator=self._generator(seed),
             stop_strings=stop_strings,
             stream=stream,
@@ -169,7 +168,7 @@ class CausalLM(Task):
         prompts = [row[:n].tolist() for row, n in zip(token_ids, lengths)]
         max_length = token_ids.shape[1]
         result = decode(
-            self.backbone,
+            DecoderOnlyModel(self.backbone),
             prompts,
             _limits(prompts, max_length, max_new_tokens),
             self.sampler,

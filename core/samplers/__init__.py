@@ -1,13 +1,12 @@
 """Samplers: how generation chooses tokens (KerasHub's names and defaults)."""
 
 from core.samplers.base import GreedySampler, Sampler, get, serialize
-from core.samplers.beam import BeamSampler, BeamSearchResult
+from core.samplers.beam import BeamSampler
 from core.samplers.contrastive import ContrastiveSampler
 from core.samplers.sampling import RandomSampler, TopKSampler, TopPSampler
 
 __all__ = [
     "BeamSampler",
-    "BeamSearchResult",
     "ContrastiveSampler",
     "GreedySampler",
     "RandomSampler",

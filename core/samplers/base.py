@@ -2,15 +2,24 @@
 
 import torch
 
+from core.generation import Completion
+
 
 class Sampler:
     """Chooses one token per row from ``logits`` [batch, vocab].
 
     Subclasses implement ``get_next_token(probabilities, generator)`` (KerasHub's
     method name); ``temperature`` divides the logits first.
+
+    To the decode engine (``core.generation``) a sampler is its strategy: it
+    says how many rows a request takes (``rows_per_prompt``), sets up what it
+    keeps per row when requests join (``admit``), chooses each step's tokens
+    (``choose``) and turns a finished request's rows into its result (``finish``).
+    The defaults here are those of a sampler that draws one token per row.
     """
 
     name = None  # the short name ``compile(sampler=...)`` accepts
+    commits_each_step = True  # a row's tokens are final as they come (beam search: only at the end)
 
     def __init__(self, temperature=1.0, seed=None):
         if not temperature > 0:
@@ -26,6 +35,23 @@ class Sampler:
 
     def get_config(self):
         return {"temperature": self.temperature}
+
+    # -- as the decode engine's strategy ----------------------------------------------
+
+    def rows_per_prompt(self, vocabulary_size):
+        return 1
+
+    def admit(self, batch, rows, hidden):
+        """Adds what this sampler keeps per row to ``rows``, the joining rows' tensors;
+        ``hidden`` [prompts, width, hidden] are their prompts' hidden states."""
+
+    def choose(self, batch, logits):
+        """Each row's next token [rows] from its logits [rows, vocab]."""
+        return self.next_token(logits, batch.generator)
+
+    def finish(self, rows):
+        """A request's ``Completion`` from its finished rows (``FinishedRow``s)."""
+        return Completion(rows[0].token_ids, rows[0].finish_reason)
 
 
 class GreedySampler(Sampler):

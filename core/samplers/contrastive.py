@@ -2,7 +2,6 @@
 
 import torch
 
-from core.models.generation import DecodeResult, prefill_prompts
 from core.samplers.base import Sampler
 
 
@@ -13,9 +12,9 @@ class ContrastiveSampler(Sampler):
 
     where h is the backbone's final hidden state (after the last norm), as in
     KerasHub, and the previous tokens are the row's prompt and completion so far.
-    Each step runs all ``k`` candidates one step (the cache holds ``k`` rows per
-    prompt); the chosen one's logits, hidden state and cache row carry on.
-    ``alpha=0`` is greedy search.
+    Each request takes ``k`` rows, one per candidate: each step runs every
+    candidate one step ahead (``batch.look_ahead``), and the chosen one's row,
+    logits and hidden state carry on in all ``k``. ``alpha=0`` is greedy search.
     """
 
     name = "contrastive"
@@ -29,67 +28,36 @@ class ContrastiveSampler(Sampler):
         self.k = k
         self.alpha = alpha
 
-    @torch.inference_mode()
-    def search(self, backbone, prompts, limits, stop_token_ids=(), pad_token_id=0, generator=None):
-        """Contrastive search for each prompt (lists of ids, any lengths), up to ``limits[i]`` new tokens."""
-        device = backbone.device
-        batch = len(prompts)
-        max_steps = max(limits)
-        if max_steps <= 0:
-            return DecodeResult([[] for _ in prompts], ["length"] * batch)
-        width = max(len(p) for p in prompts)
-        cache_length = max(len(p) + limit for p, limit in zip(prompts, limits))
-        lengths = torch.tensor([len(p) for p in prompts], device=device)
-        limit = torch.tensor(limits, device=device)
-        stop_ids = torch.tensor(list(stop_token_ids), dtype=torch.long, device=device)
-        rows = torch.arange(batch, device=device)
+    def rows_per_prompt(self, vocabulary_size):
+        return min(self.k, vocabulary_size)
 
-        cache, hidden = prefill_prompts(backbone, prompts, cache_length, pad_token_id)  # [batch, width, hidden]
-        logits = backbone.token_embedding.reverse(hidden[rows, lengths - 1])  # [batch, vocab]
-        k = min(self.k, logits.shape[-1])
+    def admit(self, batch, rows, hidden):
         # Unit hidden states of every token so far, by position; cosine is then a dot product.
-        history = torch.zeros(batch, cache_length, hidden.shape[-1], device=device)  # [batch, slots, hidden]
-        history[:, :width] = torch.nn.functional.normalize(hidden.float(), dim=-1)
-        slots = torch.arange(cache_length, device=device)
-        cache.select_rows(rows.repeat_interleave(k))  # k rows per prompt, one per candidate
+        k = batch.rows_per_prompt
+        history = hidden.new_zeros(len(hidden), batch.max_length, hidden.shape[-1], dtype=torch.float32)
+        history[:, : hidden.shape[1]] = torch.nn.functional.normalize(hidden.float(), dim=-1)
+        rows["history"] = history.repeat_interleave(k, dim=0)  # [rows, slots, hidden]
 
-        generated = torch.full((batch, max_steps), pad_token_id, dtype=torch.long, device=device)
-        counts = torch.zeros(batch, dtype=torch.long, device=device)
-        stopped = torch.zeros(batch, dtype=torch.bool, device=device)
-        done = limit <= 0
-        for step in range(max_steps):
-            probabilities, candidates = self.compute_probabilities(logits).topk(k, dim=-1)  # [batch, k]
-            positions = torch.clamp(lengths + step, max=cache_length - 1)  # [batch]
-            key_length = min(width + step + 1, cache_length)
-            candidate_hidden = backbone.decode(
-                candidates.reshape(-1, 1), positions.repeat_interleave(k), cache, key_length
-            )[:, 0]  # [batch * k, hidden]
-            candidate_logits = backbone.token_embedding.reverse(candidate_hidden)  # [batch * k, vocab]
-            unit = torch.nn.functional.normalize(candidate_hidden.float(), dim=-1).view(batch, k, -1)
-            similarity = unit @ history.transpose(1, 2)  # [batch, k, slots]
-            seen = slots < positions[:, None]  # [batch, slots]: the prompt and the tokens chosen so far
-            degeneration = similarity.masked_fill(~seen[:, None, :], -1.0).max(dim=-1).values  # [batch, k]
-            scores = (1 - self.alpha) * probabilities - self.alpha * degeneration  # [batch, k]
-            best = scores.argmax(dim=-1)  # [batch]
-
-            next_tokens = torch.where(done, pad_token_id, candidates[rows, best])
-            generated[:, step] = next_tokens
-            counts += ~done
-            hit_stop = ~done & torch.isin(next_tokens, stop_ids)
-            stopped |= hit_stop
-            done = done | hit_stop | (counts >= limit)
-            if bool(done.all()):
-                break
-            chosen = rows * k + best  # [batch]: the chosen candidate's cache row
-            history[rows, positions] = unit[rows, best]
-            logits = candidate_logits[chosen]
-            cache.select_rows(chosen.repeat_interleave(k))
-
-        counts_list, stopped_list, generated_list = counts.tolist(), stopped.tolist(), generated.tolist()
-        return DecodeResult(
-            completions=[generated_list[i][: counts_list[i]] for i in range(batch)],
-            finish_reasons=["stop" if stopped_list[i] else "length" for i in range(batch)],
-        )
+    def choose(self, batch, logits):
+        k = batch.rows_per_prompt
+        requests = len(logits) // k
+        # The k rows of a request hold the same sequence: candidates from the first.
+        probabilities, candidates = self.compute_probabilities(logits[::k]).topk(k, dim=-1)  # [requests, k]
+        hidden = batch.look_ahead(candidates.flatten())  # [rows, hidden]: row j of a request runs candidate j
+        unit = torch.nn.functional.normalize(hidden.float(), dim=-1)
+        history = batch.rows["history"][::k]  # [requests, slots, hidden]
+        similarity = unit.view(requests, k, -1) @ history.transpose(1, 2)  # [requests, k, slots]
+        slots = torch.arange(history.shape[1], device=logits.device)
+        seen = slots < batch.rows["length"][::k, None]  # [requests, slots]: the prompt and the tokens chosen so far
+        degeneration = similarity.masked_fill(~seen[:, None, :], -1.0).max(dim=-1).values  # [requests, k]
+        scores = (1 - self.alpha) * probabilities - self.alpha * degeneration  # [requests, k]
+        chosen = torch.arange(requests, device=logits.device) * k + scores.argmax(dim=-1)  # [requests]: its row
+        source = chosen.repeat_interleave(k)
+        batch.select(source)
+        rows = torch.arange(len(source), device=logits.device)
+        batch.rows["history"][rows, batch.rows["length"].clamp(max=history.shape[1] - 1)] = unit[source]
+        batch.logits = batch.model.logits(hidden[chosen]).repeat_interleave(k, dim=0)
+        return candidates.flatten()[source]
 
     def get_config(self):
         return {**super().get_config(), "k": self.k, "alpha": self.alpha}

@@ -1,0 +1,80 @@
+"""The one decode loop: every sampler, every model, through the same steps.
+
+Each step the sampler chooses one token per row from the rows' logits, the
+batch appends them (stop tokens, token limits, stop strings and streaming are
+handled there, once), requests whose rows have all finished leave the batch,
+and the model runs the new tokens one step:
+
+    while waiting or batch.size:
+        batch.add(...)                              # requests join while rows are free: prefill
+        tokens = sampler.choose(batch, batch.take_logits())
+        batch.append(tokens)
+        batch.drop_finished()
+        if batch.size and batch.logits is None:     # a look-ahead sampler left them
+            batch.step()                            # the next logits
+
+Samplers are strategies (``core.samplers``): a token sampler (greedy, top-k,
+top-p, random) picks from the logits; beam search ranks (beam x vocabulary)
+candidate sequences and reorders the rows with ``batch.select``; contrastive
+search runs its candidates through ``batch.look_ahead`` and keeps the best.
+Beam and contrastive take several rows per request (``rows_per_prompt``); a
+request finishes when all its rows have, and ``sampler.finish`` makes its result.
+
+How the two next kinds of generation plug in, without a second loop:
+
+- An encoder-decoder model (Bart) is another model object with the calls of
+  ``DecoderOnlyModel``: its cache also holds each row's cross-attention keys and
+  values; ``prefill`` runs the encoder once over the requests' encoder tokens
+  (kept by the model, looked up by the request ids it receives), writes those keys
+  and values, and prefills the decoder start tokens, which are the prompt the engine
+  sees; ``step`` runs one decoder token per row against both; the cache's
+  ``select_rows`` and ``add_rows`` move both parts, so beams and dropped rows just work.
+- A continuously refilled batch keeps one ``Batch`` for the whole job and runs
+  this same loop; between steps, after ``drop_finished`` has taken finished
+  requests out (their results are in ``batch.completions`` from then on), it calls
+  ``batch.add`` with waiting prompts and their request ids: they are prefilled into
+  new cache rows and decode from the next step on, each at its own position.
+  ``decode(..., max_rows=n)`` does this with at most ``n`` requests in flight; a
+  scheduler adds its own admission order, budgets and per-request callbacks there.
+"""
+
+from collections import deque
+
+import torch
+
+from core.generation.batch import Batch
+
+
+@torch.inference_mode()
+def decode(
+    model,
+    prompts,
+    limits,
+    sampler,
+    stop_token_ids=(),
+    generator=None,
+    stop_strings=None,
+    stream=None,
+    max_rows=None,
+):
+    """Generates up to ``limits[i]`` tokens after ``prompts[i]`` (lists of ids); a ``DecodeResult``.
+
+    ``model`` is the model side (``DecoderOnlyModel``); ``stream(request, token_id)``
+    receives each new token; ``stop_strings`` is a ``StopStrings``. ``max_rows`` caps
+    the requests in flight: the others wait, and join as finished ones leave.
+    """
+    waiting = deque(range(len(prompts)))
+    max_rows = max_rows or len(prompts)
+    room = (max(map(sum, zip(map(len, prompts), limits)), default=0), max(map(len, prompts), default=0))
+    batch = Batch(model, sampler, stop_token_ids, generator, stop_strings, stream, room=room)
+    while waiting or batch.size:
+        if waiting and batch.requests < max_rows:  # rows join between steps
+            joining = [waiting.popleft() for _ in range(min(len(waiting), max_rows - batch.requests))]
+            batch.add([prompts[i] for i in joining], [limits[i] for i in joining], joining)
+        if batch.size:
+            tokens = sampler.choose(batch, batch.take_logits())
+            batch.append(tokens)
+            batch.drop_finished()
+            if batch.size and batch.logits is None:
+                batch.step()
+    return batch.result()
