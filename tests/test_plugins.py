@@ -1,7 +1,10 @@
-"""The plugin registry: entry points, the allow-list, broken plugins, a third-party architecture."""
+"""The plugin registry: entry points, the allow-list, broken plugins, the backbone contract, and
+the example third-party architecture (examples/lmq-minigpt) installed, passing the kit, serving a job."""
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -10,49 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.model_support import train_sentencepiece
+from core.testing import CausalLMConformance
 
 ROOT = Path(__file__).resolve().parents[1]
-
-EXAMPLE_PLUGIN = {
-    "lmq_example_plugin/__init__.py": '''
-        """A third-party architecture: one entry point, one hook."""
-        from core.plugins import Architecture, PresetInfo, hookimpl
-
-        ARCHITECTURE = Architecture(
-            name="example",
-            backbone="lmq_example_plugin.model:ExampleBackbone",
-            tokenizer="lmq_example_plugin.model:ExampleTokenizer",
-            preprocessor="lmq_example_plugin.model:ExampleCausalLMPreprocessor",
-            task="lmq_example_plugin.model:ExampleCausalLM",
-            presets={"example_tiny_en": PresetInfo("kaggle://acme/example/keras/tiny")},
-        )
-
-        @hookimpl
-        def register_architectures(register):
-            register(ARCHITECTURE)
-    ''',
-    "lmq_example_plugin/model.py": '''
-        from plugins.llama.llama_backbone import LlamaBackbone
-        from plugins.llama.llama_causal_lm import LlamaCausalLM
-        from plugins.llama.llama_causal_lm_preprocessor import LlamaCausalLMPreprocessor
-        from plugins.llama.llama_tokenizer import LlamaTokenizer
-
-        class ExampleBackbone(LlamaBackbone):
-            keras_hub_layout = {**LlamaBackbone.keras_hub_layout, "block": "example_decoder"}
-
-        class ExampleTokenizer(LlamaTokenizer):
-            pass
-
-        class ExampleCausalLMPreprocessor(LlamaCausalLMPreprocessor):
-            tokenizer_cls = ExampleTokenizer
-
-        class ExampleCausalLM(LlamaCausalLM):
-            backbone_cls = ExampleBackbone
-            preprocessor_cls = ExampleCausalLMPreprocessor
-    ''',
-    "lmq_example_plugin-0.1.dist-info/METADATA": "Metadata-Version: 2.1\nName: lmq-example-plugin\nVersion: 0.1\n",
-    "lmq_example_plugin-0.1.dist-info/entry_points.txt": "[lmq.plugins]\nexample = lmq_example_plugin\n",
+EXAMPLE = ROOT / "examples" / "lmq-minigpt"
+BROKEN_PLUGIN = {
     "lmq_broken_plugin-0.1.dist-info/METADATA": "Metadata-Version: 2.1\nName: lmq-broken-plugin\nVersion: 0.1\n",
     "lmq_broken_plugin-0.1.dist-info/entry_points.txt": "[lmq.plugins]\nbroken = lmq_missing_module_xyz\n",
 }
@@ -60,12 +25,18 @@ EXAMPLE_PLUGIN = {
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    """A directory on PYTHONPATH where the example (and a broken) plugin are 'installed'."""
+    """A directory for PYTHONPATH where the example is pip-installed (no network: no dependencies,
+    the venv's setuptools) beside a broken plugin's entry point."""
     site = tmp_path_factory.mktemp("site")
-    for name, text in EXAMPLE_PLUGIN.items():
-        path = site / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text).lstrip())
+    source = shutil.copytree(EXAMPLE, tmp_path_factory.mktemp("example") / EXAMPLE.name)  # builds write here
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(site), str(source)],
+        check=True, capture_output=True,
+    )
+    for name, text in BROKEN_PLUGIN.items():
+        (site / name).parent.mkdir(parents=True, exist_ok=True)
+        (site / name).write_text(text)
     return site
 
 
@@ -98,7 +69,7 @@ def test_entry_points_register_builtin_and_third_party_without_keras(site, tmp_p
     found = run_python(LIST, site, tmp_path)
     builtin = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["lmq.plugins"]
     assert {"llama", "mistral", "phi3", "falcon"} <= builtin.keys()
-    assert found["architectures"] == {**{name: name for name in builtin}, "example": "example"}
+    assert found["architectures"] == {**{name: name for name in builtin}, "minigpt": "minigpt"}
     assert found["heavy"] == []
 
 
@@ -110,47 +81,60 @@ def test_a_broken_plugin_is_named_and_the_others_load(site, tmp_path):
 
 
 def test_lmq_plugins_allow_list(site, tmp_path):
-    found = run_python(LIST, site, tmp_path, LMQ_PLUGINS="llama,example")
-    assert found["architectures"] == {"llama": "llama", "example": "example"}
+    found = run_python(LIST, site, tmp_path, LMQ_PLUGINS="llama,minigpt")
+    assert found["architectures"] == {"llama": "llama", "minigpt": "minigpt"}
     assert found["errors"] == {}
 
 
+def test_the_installed_example_passes_the_plugin_kit(site, tmp_path):
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    environment.pop("LMQ_PLUGINS", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE / "tests")],
+        env=environment, capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    kit_checks = [name for name in dir(CausalLMConformance) if name.startswith("test_")]
+    passed = re.search(r"(\d+) passed", done.stdout)
+    assert passed and int(passed.group(1)) == len(kit_checks) + 1, done.stdout[-500:]  # + its tokenizer test
+
+
 def test_third_party_architecture_serves_a_job(site, tmp_path):
-    spm = train_sentencepiece(tmp_path / "spm")
     outcome = run_python(
-        f"""
+        """
         import json
         import core
         import keras
         from api.cli import main
         from core.models import CausalLM
-        from lmq_example_plugin.model import (
-            ExampleBackbone, ExampleCausalLM, ExampleCausalLMPreprocessor, ExampleTokenizer)
+        from lmq_minigpt import MiniGPTBackbone, MiniGPTCausalLM, MiniGPTCausalLMPreprocessor, MiniGPTTokenizer
 
         keras.utils.set_random_seed(1)
-        tokenizer = ExampleTokenizer(proto={str(spm)!r})
-        backbone = ExampleBackbone(tokenizer.vocabulary_size(), 2, 4, 32, 64, 2)
-        ExampleCausalLM(backbone, ExampleCausalLMPreprocessor(tokenizer, sequence_length=32)).save_to_preset("preset")
+        tokenizer = MiniGPTTokenizer()
+        backbone = MiniGPTBackbone(tokenizer.vocabulary_size(), 2, 4, 32, 64)
+        MiniGPTCausalLM(backbone, MiniGPTCausalLMPreprocessor(tokenizer, sequence_length=64)).save_to_preset("preset")
         prompts = ["Return the number", "Open the file"]
         with open("in.jsonl", "w") as f:
-            f.writelines(json.dumps({{"custom_id": str(i), "prompt": p}}) + "\\n" for i, p in enumerate(prompts))
-        code = main(["generate", "--preset", "preset", "in.jsonl", "-o", "out.jsonl", "--max-length", "16"])
+            f.writelines(json.dumps({"custom_id": str(i), "prompt": p}) + "\\n" for i, p in enumerate(prompts))
+        code = main(["generate", "--preset", "preset", "in.jsonl", "-o", "out.jsonl", "--max-length", "32"])
         served = [json.loads(line)["output"] for line in open("out.jsonl")]
         lm = CausalLM.from_preset("preset")
         lm.compile(sampler="greedy")
-        print(json.dumps({{
+        print(json.dumps({
             "code": code,
             "class": type(lm).__name__,
+            "module": type(lm).__module__,
             "served": served,
-            "direct": lm.generate(prompts, max_length=16),
+            "direct": lm.generate(prompts, max_length=32),
             "config_class": json.load(open("preset/config.json"))["class_name"],
-        }}))
+        }))
         """,
         site,
         tmp_path,
     )
     assert outcome["code"] == 0
-    assert outcome["class"] == "ExampleCausalLM" and outcome["config_class"] == "ExampleBackbone"
+    assert outcome["class"] == "MiniGPTCausalLM" and outcome["config_class"] == "MiniGPTBackbone"
+    assert outcome["module"] == "lmq_minigpt.minigpt_causal_lm"
     assert outcome["served"] == outcome["direct"]
     assert all(out.startswith(p) for out, p in zip(outcome["served"], ["Return the number", "Open the file"]))
 

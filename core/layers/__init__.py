@@ -8,16 +8,18 @@ directly, skipping Keras' per-call machinery on the hot path.
 from core.layers.attention import AttentionContext, CachedAttention, KVCache, RollingKVCache
 from core.layers.decoder import DecoderBlock
 from core.layers.embedding import ReversibleEmbedding
-from core.layers.feedforward import GatedFeedForward
-from core.layers.norms import RMSNorm
+from core.layers.feedforward import FeedForward, GatedFeedForward
+from core.layers.norms import LayerNorm, RMSNorm
 from core.layers.rotary import RotaryEmbedding
 
 __all__ = [
     "AttentionContext",
     "CachedAttention",
     "DecoderBlock",
+    "FeedForward",
     "GatedFeedForward",
     "KVCache",
+    "LayerNorm",
     "RMSNorm",
     "RollingKVCache",
     "ReversibleEmbedding",

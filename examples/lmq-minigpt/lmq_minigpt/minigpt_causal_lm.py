@@ -1,0 +1,11 @@
+"""MiniGPTCausalLM (default sampler: greedy)."""
+
+from core.models import CausalLM
+from lmq_minigpt.minigpt_backbone import MiniGPTBackbone
+from lmq_minigpt.minigpt_causal_lm_preprocessor import MiniGPTCausalLMPreprocessor
+
+
+class MiniGPTCausalLM(CausalLM):
+    backbone_cls = MiniGPTBackbone
+    preprocessor_cls = MiniGPTCausalLMPreprocessor
+    default_sampler = "greedy"

@@ -1,0 +1,8 @@
+"""MiniGPTCausalLMPreprocessor."""
+
+from core.models import CausalLMPreprocessor
+from lmq_minigpt.minigpt_tokenizer import MiniGPTTokenizer
+
+
+class MiniGPTCausalLMPreprocessor(CausalLMPreprocessor):
+    tokenizer_cls = MiniGPTTokenizer

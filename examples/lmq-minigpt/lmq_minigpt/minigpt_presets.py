@@ -1,0 +1,9 @@
+"""MiniGPT's built-in preset names and where their files live."""
+
+from core.plugins import PresetInfo
+
+backbone_presets = {
+    "minigpt_tiny_en": PresetInfo(
+        "hf://lmq-examples/minigpt-tiny-en", "2-layer MiniGPT over bytes (illustrative: a table entry, no such repository is published).", "0.1M"
+    ),
+}
