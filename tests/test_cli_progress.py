@@ -56,6 +56,15 @@ def read_terminal(process, reader, timeout=300) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
+def when_done(process, reader) -> tuple[str, list[str]]:
+    """(everything written to the terminal, the screen it left) once the command succeeded."""
+    written = read_terminal(process, reader)
+    assert process.returncode == 0, written
+    shown = screen(written)
+    print("the screen:\n" + "\n".join(shown))
+    return written, shown
+
+
 def screen(written: str) -> list[str]:
     """The lines left on the screen: each line as its last carriage return left it."""
     lines = []
@@ -75,17 +84,14 @@ def test_generate_on_a_terminal_draws_a_live_bar(lmq_home, tiny_llama_preset, tm
     source, output = write_prompts(tmp_path / "in.jsonl", PROMPTS), tmp_path / "out.jsonl"
     argv = ["generate", "--preset", str(tiny_llama_preset), source, "-o", str(output), "--max-length", "40",
             "--micro-batch-size", "2"]
-    process, reader = start_on_a_terminal(argv, subprocess.DEVNULL)
-    written = read_terminal(process, reader)
-    assert process.returncode == 0, written
-    shown = screen(written)
-    print("the screen:\n" + "\n".join(shown))
+    written, shown = when_done(*start_on_a_terminal(argv, subprocess.DEVNULL))
     bar = re.compile(r"^generate [0-9a-f]{8}: 100%\|█+\| 6/6 \[\d\d:\d\d<00:00, +[\d.]+(prompt/s|s/prompt)\]$")
     assert any(bar.match(line) for line in shown), shown
     assert shown[-1].startswith("lmq: job ") and "6 completed, 0 failed of 6" in shown[-1]
     # Redrawn as the micro-batches of two finished, not printed once at the end.
-    counts = [re.search(r"\| (\d)/6 \[", frame).group(1) for frame in bar_frames(written, "generate ") if "/6 [" in frame]
-    assert {"2", "4", "6"} <= set(counts), counts
+    drawn = [re.search(r"\| (\d)/6 \[", frame) for frame in bar_frames(written, "generate ")]
+    counts = {match.group(1) for match in drawn if match}
+    assert {"2", "4", "6"} <= counts, counts
     assert len(output.read_text().splitlines()) == len(PROMPTS)
 
 
@@ -94,11 +100,7 @@ def test_fit_on_a_terminal_shows_steps_and_the_loss(lmq_home, tiny_llama_preset,
     source.write_text("".join(f'{{"text": "{prompt}"}}\n' for prompt in PROMPTS))
     argv = ["fit", "--preset", str(tiny_llama_preset), str(source), "--output-preset", "progress-tuned",
             "--epochs", "2", "--batch-size", "3", "--sequence-length", "24", "--learning-rate", "0.01"]
-    process, reader = start_on_a_terminal(argv, subprocess.DEVNULL)
-    written = read_terminal(process, reader)
-    assert process.returncode == 0, written
-    shown = screen(written)
-    print("the screen:\n" + "\n".join(shown))
+    written, shown = when_done(*start_on_a_terminal(argv, subprocess.DEVNULL))
     bar = re.compile(r"^fit [0-9a-f]{8}: 100%\|█+\| 4/4 \[\d\d:\d\d<00:00, +[\d.]+(step/s|s/step), loss=\d+\.\d{4}\]$")
     assert any(bar.match(line) for line in shown), shown
     assert "preset 'progress-tuned' registered" in shown[-1]
@@ -137,11 +139,8 @@ def test_jobs_watch_on_a_terminal_follows_a_job_another_process_runs(lmq_home, t
     with (tmp_path / "summary.json").open("w") as summary:
         process, reader = start_on_a_terminal(["jobs", "watch", job_id], summary)
         assert JobRunner(settings, pool_from_settings(settings)).run(job_id) == "succeeded"
-        written = read_terminal(process, reader)
-    assert process.returncode == 0, written
-    shown = screen(written)
-    print("the screen:\n" + "\n".join(shown))
+        _, shown = when_done(process, reader)
     total = len(many)
     bar = re.compile(rf"^job {job_id[:8]}: 100%\|█+\| {total}/{total} \[.*(prompt/s|s/prompt), status=succeeded\]$")
     assert any(bar.match(line) for line in shown), shown
-    assert f'"status": "succeeded"' in (tmp_path / "summary.json").read_text()
+    assert '"status": "succeeded"' in (tmp_path / "summary.json").read_text()
