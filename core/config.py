@@ -10,7 +10,8 @@ wires a whole deployment. Nothing here imports keras or torch.
     LMQ_PRESET_ROOTS         directories (os.pathsep-separated) the API may load local presets from;
                              default: the preset store and the repository's demo/ (its shipped demo preset)
     LMQ_MODEL_MEMORY_GB      16: weights a worker keeps pinned before evicting the least recently used
-    LMQ_JOB_TIMEOUT_S        86400: the longest job; the broker's visibility timeout is set above it
+    LMQ_JOB_TIMEOUT_S        86400: the longest job; Redis's visibility timeout is set above it
+                             (recovery from a dead worker does not wait for it: see LMQ_LEASE_S)
     LMQ_LEASE_S              30: a running job whose worker has not renewed its lease for this long
                              is taken over by another worker (see core/store/leases.py)
     LMQ_HEARTBEAT_S          5: how often a worker renews the lease of the job it runs

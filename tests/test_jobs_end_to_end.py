@@ -193,6 +193,35 @@ def test_a_redelivered_fit_job_resumes_from_its_last_checkpoint(lmq_home, tiny_l
     assert not (lmq_home / "checkpoints" / job_id).exists()
 
 
+def test_a_fit_job_that_died_after_moving_its_preset_into_the_store_registers_it_once(
+    lmq_home, tiny_llama_preset, monkeypatch
+):
+    from workers import fit
+
+    settings = load_settings()
+    factory = sessions(settings)
+    job_id = fit_job(factory, tiny_llama_preset, "moved", epochs=1)
+    register = fit._register
+
+    def die_before_registering(*args):
+        raise WorkerDied
+
+    monkeypatch.setattr(fit, "_register", die_before_registering)
+    with pytest.raises(WorkerDied):
+        JobRunner(settings, pool_from_settings(settings)).run(job_id)
+    assert (settings.preset_store / "moved").is_dir()
+
+    monkeypatch.setattr(fit, "_register", register)
+    lease_runs_out(factory, job_id)
+    assert JobRunner(settings, pool_from_settings(settings)).run(job_id) == "succeeded"
+    with session_scope(factory) as session:
+        assert queries.get_preset(session, "moved").path == str(settings.preset_store / "moved")
+        events = queries.job_events(session, job_id)
+    # The second attempt registered what the first had trained and saved, and trained nothing.
+    assert len([e for e in events if e.type == "step"]) == 2
+    assert sorted(path.name for path in settings.preset_store.iterdir()) == ["moved"]
+
+
 def test_a_cancelled_fit_job_registers_nothing(lmq_home, tiny_llama_preset):
     settings = load_settings()
     factory = sessions(settings)

@@ -37,13 +37,18 @@ def make_celery(settings: Settings) -> Celery:
         result_serializer="json",
         task_ignore_result=True,
         result_backend=None,
-        # One job at a time per worker, acknowledged only once it has finished:
-        # a worker that dies mid-job leaves the message for the next worker.
+        # One job at a time per worker, acknowledged once it has finished, so a
+        # busy worker holds no second message that an idle one could run. Who
+        # runs a job is decided in SQL: a dead worker's job is taken over through
+        # its lease and sent again by the sweep (workers/sweep.py), so recovery
+        # never waits for Redis's visibility timeout; that stays above the longest
+        # job only to spare live jobs a duplicate message (which their lease refuses).
         worker_prefetch_multiplier=1,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
-        # Lost the broker mid-job: the message will be redelivered, so stop rather than race it.
+        # Celery 6's default, set to silence its warning: the solo pool notices a
+        # lost broker only between jobs, so this never cuts a job short.
         worker_cancel_long_running_tasks_on_connection_loss=True,
         # A broker that restarts is waited for, however long it takes.
         broker_connection_retry_on_startup=True,
