@@ -5,11 +5,13 @@ from datetime import timedelta
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from api.schemas import preset_summary, result_line
 from core.config import load_settings
 from core.store import Job, JobState, leases, queries, session_scope, sessions
+from core.store import db
 from core.store.db import get_engine
 from core.store.models import Base, utcnow
 
@@ -210,6 +212,50 @@ def test_settings_reject_bad_values(lmq_home, monkeypatch):
         load_settings()
     monkeypatch.setenv("LMQ_API_TOKENS", "t1:a, t2:b")
     assert load_settings().api_tokens == {"t1": "a", "t2": "b"}
+
+
+def test_lease_timing_is_configurable_and_a_heartbeat_must_fit_its_lease(lmq_home, monkeypatch):
+    from core.config import SettingsError
+
+    defaults = load_settings()
+    assert (defaults.lease_s, defaults.heartbeat_s, defaults.sweep_s) == (30.0, 5.0, 10.0)
+    monkeypatch.setenv("LMQ_LEASE_S", "8")
+    monkeypatch.setenv("LMQ_HEARTBEAT_S", "5")
+    with pytest.raises(SettingsError, match=r"LMQ_HEARTBEAT_S \(5\) must be at most half of LMQ_LEASE_S \(8\)"):
+        load_settings()
+    monkeypatch.setenv("LMQ_HEARTBEAT_S", "2")
+    assert (load_settings().lease_s, load_settings().heartbeat_s) == (8.0, 2.0)
+
+
+def test_a_transaction_is_retried_while_the_server_is_away_and_only_then(lmq_home, postgres_url, monkeypatch):
+    monkeypatch.setenv("LMQ_DATABASE_URL", postgres_url)
+    store = sessions(load_settings())
+    monkeypatch.setattr(db, "_BACKOFF_S", (0.01,))
+    lost = OperationalError("SELECT 1", {}, ConnectionError("server closed the connection unexpectedly"))
+    calls = []
+
+    def lost_twice(session):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise lost
+        return session.execute(text("SELECT 41 + 1")).scalar()
+
+    assert db.transact(store, lost_twice) == 42 and len(calls) == 3
+
+    def broken_sql(session):
+        calls.append(1)
+        session.execute(text("SELECT * FROM no_such_table"))
+
+    calls.clear()
+    with pytest.raises(DBAPIError, match="no_such_table"):
+        db.transact(store, broken_sql)
+    assert len(calls) == 1
+
+    def always_down(session):
+        raise lost
+
+    with pytest.raises(db.DatabaseUnavailable, match="did not answer for 0.05s"):
+        db.transact(store, always_down, within_s=0.05)
 
 
 def test_engine_is_shared_per_url(lmq_home):

@@ -135,10 +135,12 @@ class DatabaseUnavailable(RuntimeError):
 
 
 def is_connection_error(error: BaseException) -> bool:
-    """Lost or refused connections (worth retrying), not SQL errors (which would fail again)."""
-    if isinstance(error, (OperationalError, InterfaceError)):
-        return True
-    return isinstance(error, DBAPIError) and error.connection_invalidated
+    """Lost or refused connections to a database server (worth retrying), not SQL
+    errors, which would fail again. (SQLite has no connection to lose, and calls
+    many SQL errors OperationalError; its locks are waited for by its busy timeout.)"""
+    if not isinstance(error, DBAPIError) or type(error.orig).__module__ == "sqlite3":
+        return False
+    return error.connection_invalidated or isinstance(error, (OperationalError, InterfaceError))
 
 
 def transact(factory: sessionmaker[Session], work: Callable[[Session], T], within_s: float = RETRY_WITHIN_S) -> T:
