@@ -131,9 +131,11 @@ def test_left_padded_ids_are_refused(lm):
         lm.generate({"token_ids": ids, "padding_mask": mask[:, ::-1]})
 
 
-def test_stop_strings_and_stream_with_beam_search(lm):
-    """Search samplers pick whole sequences; stop strings cut them, stream gets the result."""
-    lm.compile(sampler="beam")
+@pytest.mark.parametrize("sampler", ["beam", "contrastive"])
+def test_stop_strings_and_stream_with_search_samplers(lm, sampler):
+    """Beam search picks its sequence at the end, contrastive search token by token: either
+    way a stop string cuts the sequence the search finds, and stream gets exactly that."""
+    lm.compile(sampler=sampler)
     try:
         free = lm.generate(PROMPTS[0], max_length=30, stop_token_ids=None, strip_prompt=True, return_details=True)
         stop = free.text.strip()[2:5]

@@ -39,12 +39,25 @@ def random_weights(backbone):
     return backbone
 
 
-SIZES = dict(vocabulary_size=VOCAB, num_layers=2, num_query_heads=4, hidden_dim=32, intermediate_dim=64, num_key_value_heads=2)
+SIZES = dict(
+    vocabulary_size=VOCAB,
+    num_layers=2,
+    num_query_heads=4,
+    hidden_dim=32,
+    intermediate_dim=64,
+    num_key_value_heads=2,
+)
 
 
 @pytest.fixture(scope="module")
 def lm():
     return LlamaCausalLM(random_weights(LlamaBackbone(**SIZES)))
+
+
+@pytest.fixture(scope="module")
+def model(lm):
+    """The decode engine's view of the backbone."""
+    return DecoderOnlyModel(lm.backbone)
 
 
 def generate(lm, sampler, prompts=PROMPTS, new_tokens=6, stop_token_ids=(STOP,), **kwargs):
@@ -72,14 +85,14 @@ def next_token_logits(lm, sequences):
     [TopKSampler(k=1), TopPSampler(p=1e-6), BeamSampler(num_beams=1), ContrastiveSampler(alpha=0.0)],
     ids=["top_k_1", "top_p_tiny", "beam_1", "contrastive_alpha_0"],
 )
-def test_narrowed_samplers_equal_greedy_with_per_row_limits_and_stops(lm, sampler):
+def test_narrowed_samplers_equal_greedy_with_per_row_limits_and_stops(model, sampler):
     limits = [6, 0, 4, 8]
-    greedy = decode(DecoderOnlyModel(lm.backbone), PROMPTS, limits, GreedySampler(), stop_token_ids=[STOP])
+    greedy = decode(model, PROMPTS, limits, GreedySampler(), stop_token_ids=[STOP])
     # The batch mixes rows that stop early, an empty row and a row cut at its limit.
     assert greedy.finish_reasons == ["stop", "length", "length", "stop"]
     assert [len(c) for c in greedy.completions] == [1, 0, 4, 7]
     generator = torch.Generator().manual_seed(1)
-    result = decode(DecoderOnlyModel(lm.backbone), PROMPTS, limits, sampler, stop_token_ids=[STOP], generator=generator)
+    result = decode(model, PROMPTS, limits, sampler, stop_token_ids=[STOP], generator=generator)
     assert result.completions == greedy.completions
     assert result.finish_reasons == greedy.finish_reasons
 
@@ -99,7 +112,8 @@ def test_rows_that_join_a_running_batch_give_the_tokens_of_one_at_a_time_generat
         )
         for i, (prompt, limit) in enumerate(zip(prompts, limits)):
             alone = decode(model, [prompt], [limit], GreedySampler(), stop_token_ids=[STOP])
-            assert (joined.completions[i], joined.finish_reasons[i]) == (alone.completions[0], alone.finish_reasons[0])
+            assert joined.completions[i] == alone.completions[0]
+            assert joined.finish_reasons[i] == alone.finish_reasons[0]
         assert {"stop", "length"} <= set(joined.finish_reasons)
         # A request that joined later decoded while an earlier one was still running.
         last = {request: n for n, request in enumerate(events)}
@@ -107,18 +121,20 @@ def test_rows_that_join_a_running_batch_give_the_tokens_of_one_at_a_time_generat
 
 
 @pytest.mark.parametrize(
-    "sampler", [BeamSampler(num_beams=3, return_all_beams=True), ContrastiveSampler(k=3)], ids=["beam", "contrastive"]
+    "sampler",
+    [BeamSampler(num_beams=3, return_all_beams=True), ContrastiveSampler(k=3)],
+    ids=["beam", "contrastive"],
 )
-def test_searches_in_a_running_batch_equal_searches_in_one_batch(lm, sampler):
+def test_searches_in_a_running_batch_equal_searches_in_one_batch(model, sampler):
     prompts, limits = PROMPTS * 2, [6, 0, 4, 8, 3, 5, 7, 2]
-    model = DecoderOnlyModel(lm.backbone)
     together = decode(model, prompts, limits, sampler, stop_token_ids=[STOP])
     joined = decode(model, prompts, limits, sampler, stop_token_ids=[STOP], max_rows=2)
     assert (joined.completions, joined.finish_reasons) == (together.completions, together.finish_reasons)
     if together.beams is not None:
         for ours, theirs in zip(joined.beams, together.beams):
             assert [(ids, reason) for ids, _, reason in ours] == [(ids, reason) for ids, _, reason in theirs]
-            assert [score for _, score, _ in ours] == pytest.approx([score for _, score, _ in theirs], abs=1e-5)
+            scores = [score for _, score, _ in theirs]
+            assert [score for _, score, _ in ours] == pytest.approx(scores, abs=1e-5)
 
 
 # -- beam search finds the most likely sequence ---------------------------------------
@@ -144,12 +160,12 @@ def exhaustive_scores(lm, prompt, new_tokens):
     return scores
 
 
-def test_beam_search_finds_the_exhaustive_best_sequence(lm):
+def test_beam_search_finds_the_exhaustive_best_sequence(lm, model):
     limits = [3, 2, 3, 3]
     # Enough beams to keep every prefix one token short of the longest limit: search is exact.
     sampler = BeamSampler(num_beams=VOCAB**2, return_all_beams=True)
-    result = decode(DecoderOnlyModel(lm.backbone), PROMPTS, limits, sampler, stop_token_ids=[STOP])
-    greedy = decode(DecoderOnlyModel(lm.backbone), PROMPTS, limits, GreedySampler(), stop_token_ids=[STOP])
+    result = decode(model, PROMPTS, limits, sampler, stop_token_ids=[STOP])
+    greedy = decode(model, PROMPTS, limits, GreedySampler(), stop_token_ids=[STOP])
     assert result.completions != greedy.completions  # the search finds what greedy misses
     for i, (prompt, limit) in enumerate(zip(PROMPTS, limits)):
         scores = exhaustive_scores(lm, prompt, limit)
@@ -168,9 +184,9 @@ def test_beam_search_finds_the_exhaustive_best_sequence(lm):
     assert "stop" in result.finish_reasons  # a finished beam won a row
 
 
-def test_beam_search_through_generate_returns_the_best_beam(lm):
+def test_beam_search_through_generate_returns_the_best_beam(lm, model):
     beam = BeamSampler(num_beams=VOCAB**2)
-    direct = decode(DecoderOnlyModel(lm.backbone), PROMPTS, [3] * len(PROMPTS), beam, stop_token_ids=[STOP])
+    direct = decode(model, PROMPTS, [3] * len(PROMPTS), beam, stop_token_ids=[STOP])
     assert direct.beams is None
     assert generate(lm, beam, new_tokens=3) == direct.completions != generate(lm, "greedy", new_tokens=3)
 

@@ -55,19 +55,18 @@ class Batch:
         self.completions = {}  # request -> Completion
 
     @property
-    def requests(self):
-        """How many requests are in flight."""
+    def in_flight(self):
+        """How many requests are being decoded."""
         return self.size // self.rows_per_prompt
 
     # -- rows join -------------------------------------------------------------------
 
-    def add(self, prompts, limits, requests=None):
+    def add(self, prompts, limits, requests):
         """Prefills ``prompts`` (lists of ids) as new requests of up to ``limits[i]`` tokens each.
 
-        ``requests`` names them (default 0, 1, ...); one with nothing to generate
-        finishes at once.
+        ``requests`` are their ids (results are keyed by them); a request with nothing
+        to generate finishes at once.
         """
-        requests = list(range(len(prompts))) if requests is None else list(requests)
         for request, limit in zip(requests, limits):
             if limit <= 0:
                 self._complete(request, [FinishedRow([], "length", 0.0)])
@@ -110,7 +109,9 @@ class Batch:
         self.sampler.admit(self, joined, hidden)
         if self.rows_per_prompt > 1:  # each request's rows side by side
             self.cache.select_rows(torch.cat([torch.arange(self.size, device=device), self.size + each]))
-        self.rows = {name: torch.cat([self.rows[name], value]) if self.rows else value for name, value in joined.items()}
+        if self.rows:
+            joined = {name: torch.cat([self.rows[name], value]) for name, value in joined.items()}
+        self.rows = joined
         # Rows join between steps, when the rows in flight hold their next logits.
         self.logits = logits[each] if self.size == 0 else torch.cat([self.logits, logits[each]])
         self.size += len(each)
@@ -149,8 +150,8 @@ class Batch:
         """Streaming and stop strings: Python work per request and token."""
         group, rows = self.rows_per_prompt, self.rows
         first = slice(None, None, group)  # the rows of a request hold the same tokens
-        columns = zip(*(rows[name][first].tolist() for name in ("request", "token", "start", "length")))
-        for index, (is_fresh, (request, token, start, length)) in enumerate(zip(fresh[first].tolist(), columns)):
+        columns = [fresh[first]] + [rows[name][first] for name in ("request", "token", "start", "length")]
+        for index, (is_fresh, request, token, start, length) in enumerate(zip(*(c.tolist() for c in columns))):
             if not is_fresh:
                 continue
             if self.stream is not None:

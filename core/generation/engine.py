@@ -68,8 +68,8 @@ def decode(
     room = (max(map(sum, zip(map(len, prompts), limits)), default=0), max(map(len, prompts), default=0))
     batch = Batch(model, sampler, stop_token_ids, generator, stop_strings, stream, room=room)
     while waiting or batch.size:
-        if waiting and batch.requests < max_rows:  # rows join between steps
-            joining = [waiting.popleft() for _ in range(min(len(waiting), max_rows - batch.requests))]
+        if waiting and batch.in_flight < max_rows:  # rows join between steps
+            joining = [waiting.popleft() for _ in range(min(len(waiting), max_rows - batch.in_flight))]
             batch.add([prompts[i] for i in joining], [limits[i] for i in joining], joining)
         if batch.size:
             tokens = sampler.choose(batch, batch.take_logits())

@@ -2,8 +2,8 @@
 
 The engine never touches a backbone itself. It asks a model for a cache, has
 it prefill prompts into cache rows, runs one token per row, and turns hidden
-states into logits; the cache moves rows with ``select_rows``. Any network
-that provides these calls decodes through the same loop.
+states into logits; the cache moves rows with ``select_rows`` and grows with
+``add_rows``. Any network that provides these calls decodes through the same loop.
 """
 
 import torch

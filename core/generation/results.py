@@ -18,7 +18,8 @@ class Completion:
 
     token_ids: list
     finish_reason: str
-    beams: list | None = None  # beam search with ``return_all_beams``: (ids, log-probability, reason), best first
+    # With ``BeamSampler(return_all_beams=True)``: every beam as (ids, log-probability, reason), best first.
+    beams: list | None = None
 
 
 @dataclass

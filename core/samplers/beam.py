@@ -58,7 +58,8 @@ class BeamSampler(Sampler):
         # Beams still at -inf never held a sequence (more beams than continuations).
         ranked = sorted((row for row in rows if row.score > float("-inf")), key=lambda row: -row.score)
         beams = [(row.token_ids, row.score, row.finish_reason) for row in ranked]
-        return Completion(ranked[0].token_ids, ranked[0].finish_reason, beams if self.return_all_beams else None)
+        best = ranked[0]
+        return Completion(best.token_ids, best.finish_reason, beams if self.return_all_beams else None)
 
     def get_config(self):
         config = {"num_beams": self.num_beams, "return_all_beams": self.return_all_beams}

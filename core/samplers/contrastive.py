@@ -43,15 +43,15 @@ class ContrastiveSampler(Sampler):
         requests = len(logits) // k
         # The k rows of a request hold the same sequence: candidates from the first.
         probabilities, candidates = self.compute_probabilities(logits[::k]).topk(k, dim=-1)  # [requests, k]
-        hidden = batch.look_ahead(candidates.flatten())  # [rows, hidden]: row j of a request runs candidate j
+        hidden = batch.look_ahead(candidates.flatten())  # [rows, hidden]: a request's row j runs candidate j
         unit = torch.nn.functional.normalize(hidden.float(), dim=-1)
         history = batch.rows["history"][::k]  # [requests, slots, hidden]
         similarity = unit.view(requests, k, -1) @ history.transpose(1, 2)  # [requests, k, slots]
         slots = torch.arange(history.shape[1], device=logits.device)
-        seen = slots < batch.rows["length"][::k, None]  # [requests, slots]: the prompt and the tokens chosen so far
+        seen = slots < batch.rows["length"][::k, None]  # [requests, slots]: prompt and tokens chosen so far
         degeneration = similarity.masked_fill(~seen[:, None, :], -1.0).max(dim=-1).values  # [requests, k]
         scores = (1 - self.alpha) * probabilities - self.alpha * degeneration  # [requests, k]
-        chosen = torch.arange(requests, device=logits.device) * k + scores.argmax(dim=-1)  # [requests]: its row
+        chosen = torch.arange(requests, device=logits.device) * k + scores.argmax(dim=-1)  # [requests]: a row
         source = chosen.repeat_interleave(k)
         batch.select(source)
         rows = torch.arange(len(source), device=logits.device)
