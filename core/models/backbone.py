@@ -32,6 +32,17 @@ def dtype_name(dtype):
     return dtype
 
 
+def keras_weight_paths(layers):
+    """Where Keras' ``model.weights.h5`` keeps each layer's variables: ``layers`` maps a layer's
+    path (``"llama_transformer_decoder_1/_query_dense"``) to its variables, in creation order."""
+    return {f"layers/{path}/vars/{i}": v for path, variables in layers.items() for i, v in enumerate(variables)}
+
+
+def numbered(name, index):
+    """Keras' name for the ``index``-th layer called ``name``: name, name_1, name_2, ..."""
+    return f"{name}_{index}" if index else name
+
+
 class BackboneContractError(TypeError):
     """A backbone class or instance lacks something every backbone must have."""
 

@@ -6,7 +6,7 @@ from core.layers import CachedAttention, DecoderBlock, ReversibleEmbedding
 from core.layers.alibi import alibi_mask, alibi_slopes
 from core.layers.feedforward import FeedForward
 from core.layers.norms import LayerNorm
-from core.models.backbone import DecoderOnlyBackbone
+from core.models.backbone import DecoderOnlyBackbone, keras_weight_paths, numbered
 
 
 class FalconBackbone(DecoderOnlyBackbone):
@@ -105,22 +105,19 @@ class FalconBackbone(DecoderOnlyBackbone):
 
     def keras_hub_weights(self):
         """KerasHub's ``model.weights.h5`` layout: every kernel with its bias, norms with gamma and beta."""
-        weights = {"layers/reversible_embedding/vars/0": self.token_embedding.embeddings}
+        layers = {"reversible_embedding": (self.token_embedding.embeddings,)}
         for index, block in enumerate(self.transformer_layers):
-            prefix = "layers/falcon_transformer_decoder" + (f"_{index}" if index else "")
+            prefix = numbered("falcon_transformer_decoder", index)
             attention, feedforward = block.attention, block.feedforward
-            parts = {
-                "attention_layer/query_dense": (attention.query_kernel, attention.query_bias),
-                "attention_layer/key_dense": (attention.key_kernel, attention.key_bias),
-                "attention_layer/value_dense": (attention.value_kernel, attention.value_bias),
-                "attention_layer/output_dense": (attention.output_kernel, attention.output_bias),
-                "input_layernorm": (block.attention_norm.gamma, block.attention_norm.beta),
-                "post_attention_layernorm": (block.feedforward_norm.gamma, block.feedforward_norm.beta),
-                "dense_h_to_4h": (feedforward.intermediate_kernel, feedforward.intermediate_bias),
-                "dense_4h_to_h": (feedforward.output_kernel, feedforward.output_bias),
-            }
-            for path, variables in parts.items():
-                weights.update({f"{prefix}/{path}/vars/{i}": v for i, v in enumerate(variables)})
-        weights["layers/layer_normalization/vars/0"] = self.layer_norm.gamma
-        weights["layers/layer_normalization/vars/1"] = self.layer_norm.beta
-        return weights
+            layers.update({
+                f"{prefix}/attention_layer/query_dense": (attention.query_kernel, attention.query_bias),
+                f"{prefix}/attention_layer/key_dense": (attention.key_kernel, attention.key_bias),
+                f"{prefix}/attention_layer/value_dense": (attention.value_kernel, attention.value_bias),
+                f"{prefix}/attention_layer/output_dense": (attention.output_kernel, attention.output_bias),
+                f"{prefix}/input_layernorm": (block.attention_norm.gamma, block.attention_norm.beta),
+                f"{prefix}/post_attention_layernorm": (block.feedforward_norm.gamma, block.feedforward_norm.beta),
+                f"{prefix}/dense_h_to_4h": (feedforward.intermediate_kernel, feedforward.intermediate_bias),
+                f"{prefix}/dense_4h_to_h": (feedforward.output_kernel, feedforward.output_bias),
+            })
+        layers["layer_normalization"] = (self.layer_norm.gamma, self.layer_norm.beta)
+        return keras_weight_paths(layers)

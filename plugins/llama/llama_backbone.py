@@ -7,7 +7,7 @@ transformers checkpoint layout.
 """
 
 from core.layers import CachedAttention, DecoderBlock, GatedFeedForward, ReversibleEmbedding, RMSNorm, RotaryEmbedding
-from core.models.backbone import DecoderOnlyBackbone
+from core.models.backbone import DecoderOnlyBackbone, keras_weight_paths, numbered
 
 # KerasHub's attribute names inside its Llama and Mistral decoder layers.
 LLAMA_LAYOUT = {
@@ -64,11 +64,9 @@ class LlamaStyleBackbone(DecoderOnlyBackbone, abstract=True):
 
     def keras_hub_weights(self):
         layout = self.keras_hub_layout
-        weights = {"layers/reversible_embedding/vars/0": self.token_embedding.embeddings}
-        if self.token_embedding.reverse_embeddings is not None:
-            weights["layers/reversible_embedding/vars/1"] = self.token_embedding.reverse_embeddings
+        layers = {"reversible_embedding": self.token_embedding.variables}  # the head's own matrix too, if untied
         for index, block in enumerate(self.transformer_layers):
-            prefix = f"layers/{layout['block']}" + (f"_{index}" if index else "")
+            prefix = numbered(layout["block"], index)
             attention = f"{prefix}/{layout['attention']}"
             parts = {
                 f"{attention}/{layout['query']}": block.attention.query_kernel,
@@ -81,9 +79,9 @@ class LlamaStyleBackbone(DecoderOnlyBackbone, abstract=True):
                 f"{prefix}/{layout['intermediate']}": block.feedforward.intermediate_kernel,
                 f"{prefix}/{layout['feedforward_output']}": block.feedforward.output_kernel,
             }
-            weights.update({f"{path}/vars/0": variable for path, variable in parts.items()})
-        weights[f"layers/{layout['final_norm']}/vars/0"] = self.layer_norm.scale
-        return weights
+            layers.update({path: (variable,) for path, variable in parts.items()})
+        layers[layout["final_norm"]] = (self.layer_norm.scale,)
+        return keras_weight_paths(layers)
 
     @classmethod
     def check_class(cls):

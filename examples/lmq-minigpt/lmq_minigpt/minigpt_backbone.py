@@ -2,6 +2,7 @@
 
 from core.layers import CachedAttention, DecoderBlock, FeedForward, LayerNorm, ReversibleEmbedding, RotaryEmbedding
 from core.models import DecoderOnlyBackbone
+from core.models.backbone import keras_weight_paths, numbered
 
 
 class MiniGPTBackbone(DecoderOnlyBackbone):
@@ -67,22 +68,19 @@ class MiniGPTBackbone(DecoderOnlyBackbone):
 
     def keras_hub_weights(self):
         """The paths this architecture's ``model.weights.h5`` uses (its own: KerasHub has no MiniGPT)."""
-        weights = {"layers/reversible_embedding/vars/0": self.token_embedding.embeddings}
+        layers = {"reversible_embedding": (self.token_embedding.embeddings,)}
         for index, block in enumerate(self.transformer_layers):
-            prefix = "layers/minigpt_decoder" + (f"_{index}" if index else "")
+            prefix = numbered("minigpt_decoder", index)
             attention, feedforward = block.attention, block.feedforward
-            parts = {
-                "attention/query": (attention.query_kernel, attention.query_bias),
-                "attention/key": (attention.key_kernel, attention.key_bias),
-                "attention/value": (attention.value_kernel, attention.value_bias),
-                "attention/output": (attention.output_kernel, attention.output_bias),
-                "attention_norm": (block.attention_norm.gamma, block.attention_norm.beta),
-                "mlp_norm": (block.feedforward_norm.gamma, block.feedforward_norm.beta),
-                "mlp/intermediate": (feedforward.intermediate_kernel, feedforward.intermediate_bias),
-                "mlp/output": (feedforward.output_kernel, feedforward.output_bias),
-            }
-            for path, variables in parts.items():
-                weights.update({f"{prefix}/{path}/vars/{i}": v for i, v in enumerate(variables)})
-        weights["layers/final_layernorm/vars/0"] = self.layer_norm.gamma
-        weights["layers/final_layernorm/vars/1"] = self.layer_norm.beta
-        return weights
+            layers.update({
+                f"{prefix}/attention_norm": (block.attention_norm.gamma, block.attention_norm.beta),
+                f"{prefix}/attention/query": (attention.query_kernel, attention.query_bias),
+                f"{prefix}/attention/key": (attention.key_kernel, attention.key_bias),
+                f"{prefix}/attention/value": (attention.value_kernel, attention.value_bias),
+                f"{prefix}/attention/output": (attention.output_kernel, attention.output_bias),
+                f"{prefix}/mlp_norm": (block.feedforward_norm.gamma, block.feedforward_norm.beta),
+                f"{prefix}/mlp/intermediate": (feedforward.intermediate_kernel, feedforward.intermediate_bias),
+                f"{prefix}/mlp/output": (feedforward.output_kernel, feedforward.output_bias),
+            })
+        layers["final_layernorm"] = (self.layer_norm.gamma, self.layer_norm.beta)
+        return keras_weight_paths(layers)

@@ -4,6 +4,8 @@ from core.plugins import PresetInfo
 
 backbone_presets = {
     "minigpt_tiny_en": PresetInfo(
-        "hf://lmq-examples/minigpt-tiny-en", "2-layer MiniGPT over bytes (illustrative: a table entry, no such repository is published).", "0.1M"
+        "hf://lmq-examples/minigpt-tiny-en",
+        "2-layer MiniGPT over bytes (an illustration: no such repository is published).",
+        "0.1M",
     ),
 }
