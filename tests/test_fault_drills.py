@@ -79,6 +79,15 @@ def taken_by(worker, job_id, logs, timeout=120):
     return wait_for(lambda: holder(job_id)["worker"] == worker.name, timeout, f"{worker.name} to take the job", logs)
 
 
+def replaced(worker, stop, job_id, workers):
+    """Stop `worker` (kill or pause it) and start another; returns it and the seconds until it holds the job."""
+    stop()
+    stopped_at = time.monotonic()
+    new = workers(**DRILL_TIMING)
+    taken_by(new, job_id, [worker.log, new.log])
+    return new, time.monotonic() - stopped_at
+
+
 def test_sigkill_the_worker_five_times_during_one_generate_job(capsys, tmp_path, workers, tiny_llama_preset):
     seed = int(os.environ.get("LMQ_DRILL_SEED") or time.time())
     rng = random.Random(seed)
@@ -120,11 +129,7 @@ def test_a_paused_worker_that_lost_its_lease_writes_nothing_when_it_wakes(capsys
     first = workers(**DRILL_TIMING)
     job_id = submit(capsys, "generate", "--preset", str(tiny_llama_preset), source, *GENERATE)
     wait_for(lambda: holder(job_id)["completed"] >= 4, 180, "some progress", [first.log])
-    first.pause()
-    paused_at = time.monotonic()
-    second = workers(**DRILL_TIMING)
-    taken_by(second, job_id, [first.log, second.log])
-    taken_after = time.monotonic() - paused_at
+    second, taken_after = replaced(first, first.pause, job_id, workers)
     wait_for(lambda: finished(job_id), 240, "the second worker to finish", [second.log])
     written, event_count = item_rows(job_id), len(events(job_id, "state")) + len(events(job_id, "model"))
 
@@ -228,11 +233,7 @@ def test_a_fit_job_killed_mid_epoch_resumes_and_registers_one_preset(capsys, tmp
         "--epochs", "3", "--batch-size", "3", "--sequence-length", "24",
     )  # 8 steps an epoch, 24 in all
     wait_for(lambda: holder(fit_id)["completed"] >= 10, 180, "the second epoch", [first.log])
-    first.kill()
-    killed_at = time.monotonic()
-    second = workers(**DRILL_TIMING)
-    taken_by(second, fit_id, [first.log, second.log])
-    recovery = time.monotonic() - killed_at
+    second, recovery = replaced(first, first.kill, fit_id, workers)
     summary = wait_for(lambda: finished(fit_id), 240, "the fit job", [first.log, second.log])
 
     assert summary["status"] == "succeeded", summary

@@ -45,16 +45,15 @@ def sweep(app: Celery, settings: Settings) -> list[str]:
     now = utcnow()
     factory = sessions(settings)
     with session_scope(factory) as session:
-        waiting = leases.waiting_for_a_worker(session, now, sent_before=now - timedelta(seconds=settings.sweep_s))
+        candidates = leases.waiting_for_a_worker(session, now, sent_before=now - timedelta(seconds=settings.sweep_s))
     by_queue = defaultdict(list)
-    for job in waiting:
+    for job in candidates:
         by_queue[queue_for(job.kind, job.preset, settings)].append(job)
     sent = []
     for queue, jobs in by_queue.items():
-        lost = [job for job in jobs if not_sent_since_expiry(job)]
-        rest = [job for job in jobs if not not_sent_since_expiry(job)]
-        if rest and messages_on(app, queue) < len(rest):
-            lost += rest
+        expired = [job for job in jobs if not_sent_since_expiry(job)]
+        waiting = [job for job in jobs if job not in expired]
+        lost = expired + (waiting if waiting and messages_on(app, queue) < len(waiting) else [])
         for job in lost:
             with session_scope(factory) as session:
                 if not leases.mark_sent(session, job.id, job.enqueued_at):
