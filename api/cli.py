@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import NoReturn
@@ -34,10 +33,10 @@ from api.cli_jobs import (
     write_jsonl,
 )
 from api.jobs import OutputPresetTaken, store_job
-from api.progress import Progress, latest_loss, unit_of
+from api.progress import Progress, follow_job, unit_of
 from api.suggest import did_you_mean, preset_names
 from core.config import Settings, SettingsError, load_settings
-from core.names import DTYPES, SAMPLER_NAMES, TERMINAL_STATES, JobKind, JobState, check_preset_name
+from core.names import DTYPES, SAMPLER_NAMES, JobKind, JobState, check_preset_name
 from core.presets import PresetNotFound
 from core.store import SchemaOutOfDate, queries, session_scope, sessions
 from core.store.db import database_exists
@@ -87,12 +86,10 @@ def create_job(settings: Settings, kind: str, args) -> str:
     existing = open_store(settings) if database_exists(settings) else None
     with session_scope(existing) if existing else nullcontext() as session:
         locate(session, job.preset)
-        if kind == JobKind.fit.value and session and queries.get_preset(session, job.output_preset):
-            raise BadInput(f"preset {job.output_preset!r} already exists in the store")
     with session_scope(existing or open_store(settings)) as session:
         try:
             return store_job(session, job, job.preset, tenant="local").id
-        except OutputPresetTaken as error:
+        except OutputPresetTaken as error:  # the transaction is rolled back: no job either
             raise BadInput(str(error)) from None
 
 
@@ -139,7 +136,7 @@ def cmd_run_here(args) -> int:
         job = queries.get_job(session, job_id)
         summary = schemas.job_summary(job)
         if args.command == "generate":
-            write_jsonl(map(schemas.result_line, queries.job_items(session, job_id)), args.output)
+            write_results(session, job_id, args.output)
     return report_finished(summary)
 
 
@@ -184,26 +181,28 @@ def require_job(session, job_id: str):
     return job
 
 
-def watch(settings: Settings, job_id: str, output: str | None = None, poll_seconds: float = 0.5) -> int:
+def watch(settings: Settings, job_id: str, output: str | None = None) -> int:
     """Follow a job until it finishes; its summary goes to stdout, and with `output` its results there."""
     factory = open_store(settings)
-    loss, seen = None, 0
-    with Progress(f"job {job_id[:8]}", "item") as progress:
-        while True:
-            with session_scope(factory) as session:
-                summary = schemas.job_summary(require_job(session, job_id))
-                events = [schemas.event_line(event) for event in queries.job_events(session, job_id, seen)]
-            seen = events[-1]["id"] if events else seen
-            loss = latest_loss(events, loss)
-            progress.show_summary(summary, loss)
-            if summary["status"] in TERMINAL_STATES:
-                break
-            time.sleep(poll_seconds)
+
+    def summary_of() -> dict:
+        with session_scope(factory) as session:
+            return schemas.job_summary(require_job(session, job_id))
+
+    def events_after(seen: int) -> list[dict]:
+        with session_scope(factory) as session:
+            return [schemas.event_line(event) for event in queries.job_events(session, job_id, seen)]
+
+    summary = follow_job(job_id, summary_of, events_after)
     print(json.dumps(summary))
     if output:
         with session_scope(factory) as session:
-            write_jsonl(map(schemas.result_line, queries.job_items(session, job_id)), output)
+            write_results(session, job_id, output)
     return report_finished(summary)
+
+
+def write_results(session, job_id: str, output: str | None) -> None:
+    write_jsonl(map(schemas.result_line, queries.job_items(session, job_id)), output)
 
 
 def cmd_jobs(args) -> int:
@@ -223,7 +222,7 @@ def cmd_jobs(args) -> int:
             print(json.dumps(schemas.job_summary(require_job(session, args.id)), indent=2))
         elif args.action == "results":
             require_job(session, args.id)
-            write_jsonl(map(schemas.result_line, queries.job_items(session, args.id)), args.output)
+            write_results(session, args.id, args.output)
         elif args.action == "events":
             require_job(session, args.id)
             for event in queries.job_events(session, args.id):

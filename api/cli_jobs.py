@@ -146,16 +146,16 @@ class JobFromFlags:
             name = self.files[head][0]
         else:
             name = flag(head)
-        kind = problem["type"]
-        if kind == "greater_than" and problem["ctx"]["gt"] == 0:
-            kind = "positive"
-        elif kind == "string_too_short" and problem["ctx"]["min_length"] == 1:
-            kind = "empty"
-        phrase = PHRASES.get(kind)
+        kind, context = problem["type"], problem.get("ctx", {})
         if kind == "literal_error":
-            return f"{name} {problem['input']!r} is not one of {problem['ctx']['expected'].replace(chr(39), '')}"
-        if phrase is not None:
-            return f"{name} {phrase.format(input=problem.get('input'), **problem.get('ctx', {}))}"
+            choices = context["expected"].replace("'", "")
+            return f"{name} {problem['input']!r} is not one of {choices}"
+        if kind == "greater_than" and context["gt"] == 0:
+            kind = "positive"
+        elif kind == "string_too_short" and context["min_length"] == 1:
+            kind = "empty"
+        if kind in PHRASES:
+            return f"{name} {PHRASES[kind].format(input=problem.get('input'), **context)}"
         return f"{name}: {problem['msg'].removeprefix('Value error, ')}"
 
 

@@ -14,7 +14,7 @@ import httpx
 
 from api.cli_jobs import BadInput, JobFromFlags, no_jobs, report_finished, say_empty, write_jsonl
 from api.client import ApiError, Client
-from api.progress import Progress, latest_loss
+from api.progress import follow_job
 from core.config import load_settings
 
 
@@ -74,18 +74,7 @@ def _jobs(client: Client, args) -> int:
 
 def follow(client: Client, job_id: str, output: str | None = None) -> int:
     """A live progress bar until the job finishes; its summary goes to stdout, and with `output` its results there."""
-    with Progress(f"job {job_id[:8]}", "item") as progress:
-        loss, seen = None, 0
-
-        def show(summary: dict) -> None:
-            nonlocal loss, seen
-            if summary["kind"] == "fit":
-                events = client.events(job_id, after=seen)
-                seen = events[-1]["id"] if events else seen
-                loss = latest_loss(events, loss)
-            progress.show_summary(summary, loss)
-
-        summary = client.wait(job_id, on_update=show)
+    summary = follow_job(job_id, lambda: client.job(job_id), lambda seen: client.events(job_id, after=seen))
     print(json.dumps(summary))
     if output:
         write_jsonl(client.results(job_id), output)

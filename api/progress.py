@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 
 from tqdm import tqdm
+
+from core.names import TERMINAL_STATES
 
 PLAIN_LINE_SECONDS = 5.0
 
@@ -27,7 +30,7 @@ class Progress:
         self.unit = unit
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty()
-        self.bar = tqdm(desc=label, unit=unit, file=self.stream, dynamic_ncols=True) if self.live else None
+        self.bar: tqdm | None = None  # drawn at the first update, so nothing shows for a job that is not there
         self.started = time.monotonic()
         self.first_done: int | None = None
         self.last_line: float | None = None
@@ -38,9 +41,10 @@ class Progress:
         if self.first_done is None:
             # The clock starts with the work, not with the model load; a resumed job's done items are not its rate.
             self.first_done, self.started = done, now
-            if self.bar is not None:
-                self.bar.reset(total=total)
-                self.bar.initial = self.bar.n = done
+            if self.live:
+                self.bar = tqdm(
+                    desc=self.label, unit=self.unit, total=total, initial=done, file=self.stream, dynamic_ncols=True
+                )
         if self.bar is not None:
             self.bar.total = total
             self.bar.update(done - self.bar.n)  # through update(), so that tqdm measures the rate
@@ -74,8 +78,6 @@ class Progress:
         """A job summary as the API and the store shape it (api.schemas.job_summary)."""
         counts = summary["counts"]
         self.unit = unit_of(summary["kind"])
-        if self.bar is not None:
-            self.bar.unit = self.unit
         self.update(counts["completed"] + counts["failed"], counts["total"], loss=loss, status=summary["status"])
 
     def close(self) -> None:
@@ -87,6 +89,27 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def follow_job(
+    job_id: str, summary_of: Callable[[], dict], events_after: Callable[[int], list[dict]], poll_seconds: float = 0.5
+) -> dict:
+    """Poll a job (through the store or the HTTP API) until it finishes, showing its progress; its last summary.
+
+    `summary_of()` is the job's summary now, `events_after(id)` its events after that one (for a fit step's loss).
+    """
+    loss, seen = None, 0
+    with Progress(f"job {job_id[:8]}", "item") as progress:
+        while True:
+            summary = summary_of()
+            if summary["kind"] == "fit":
+                events = events_after(seen)
+                seen = events[-1]["id"] if events else seen
+                loss = latest_loss(events, loss)
+            progress.show_summary(summary, loss)
+            if summary["status"] in TERMINAL_STATES:
+                return summary
+            time.sleep(poll_seconds)
 
 
 def latest_loss(events: list[dict], loss: float | None = None) -> float | None:
