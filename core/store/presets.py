@@ -1,9 +1,8 @@
-"""The preset store: naming, locating and describing presets without keras.
+"""The preset store: locating and describing presets without keras.
 
 A job names its preset by a handle, which `core.presets.PresetResolver`
 resolves; here the resolver is handed the store's names, each mapped to its
-directory in the store. (`check_preset_name` is `core.names`'s, importable
-here for the store's callers.)
+directory in the store.
 """
 
 from __future__ import annotations
@@ -13,11 +12,9 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from core.names import check_preset_name, is_preset_name
+from core.names import is_preset_name
 from core.presets import PresetResolver
 from core.store.queries import get_preset
-
-__all__ = ["check_preset_name", "preset_architecture", "store_resolver"]
 
 
 def store_resolver(session: Session | None, *, local_roots: tuple[Path, ...] | None = None) -> PresetResolver:
