@@ -9,7 +9,7 @@ import pytest
 from api_support import TEAM_A, TEAM_B, TOKENS, ApiServer, generate_body, wait_for_job
 from conftest import _service_urls
 from service_support import PROMPTS, read_results, reference, write_prompts
-from test_worker_service import Worker, wait_for
+from worker_support import Worker, wait_for
 
 from api.cli import main
 from api.client import Client
