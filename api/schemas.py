@@ -113,7 +113,8 @@ class SamplerConfig(Strict):
         given = {name for name in self.model_fields_set if getattr(self, name) is not None}
         unknown = given - {"name", "temperature", "seed"} - set(SAMPLER_ARGUMENTS[self.name])
         if unknown:
-            raise ValueError(f"sampler {self.name!r} takes no {', '.join(sorted(unknown))}")
+            context = {"name": self.name, "unknown": ", ".join(sorted(unknown))}
+            raise PydanticCustomError("sampler_arguments", "sampler '{name}' takes no {unknown}", context)
         return self
 
 
