@@ -177,7 +177,8 @@ def test_builtin_names_win_over_the_lookup_and_remote_handles_pass_through():
 
 
 @pytest.mark.parametrize(
-    "handle", ["hf://acme", "hf://acme/x/y", "hf://../etc", "hf://x/../../y", "hf://acme/x@", "kaggle://a", "kaggle://a//b/c"]
+    "handle",
+    ["hf://acme", "hf://acme/x/y", "hf://../etc", "hf://x/../../y", "hf://acme/x@", "kaggle://a", "kaggle://a//b/c"],
 )
 def test_malformed_remote_handles_are_refused_before_any_fetch(handle):
     with pytest.raises(PresetNotFound, match="expected (hf|kaggle)://"):
@@ -201,22 +202,48 @@ def test_unusable_paths_are_preset_not_found(tmp_path, monkeypatch, handle):
 
 
 LIBRARY = ("core/models", "core/presets", "core/layers", "core/samplers")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def imports_of(path):
+    """The modules a file imports anywhere in its body (function-level imports too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def test_the_model_library_and_plugins_import_without_a_cycle():
+    """Lazy imports count: a function-level import that closes a loop is still a cycle."""
+    paths = [ROOT / "core" / "plugins.py"]
+    for package in ("core/models", "core/presets", "core/layers", "core/testing", "plugins"):
+        paths += (ROOT / package).rglob("*.py")
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p for p in paths}
+    graph = {module: imports_of(path) & modules.keys() - {module} for module, path in modules.items()}
+
+    def visit(module, path):
+        assert module not in path, "import cycle: " + " -> ".join([*path, module])
+        for imported in graph[module]:
+            visit(imported, [*path, module])
+
+    for module in graph:
+        visit(module, [])
 
 
 def test_the_model_library_reads_neither_the_store_nor_the_environment():
-    root = pathlib.Path(__file__).resolve().parents[1]
-    for path in sorted(p for package in LIBRARY for p in (root / package).rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            modules += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            assert not [m for m in modules if m.startswith(("core.store", "core.config"))], path
-            assert not (isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv")), path
+    for path in sorted(p for package in LIBRARY for p in (ROOT / package).rglob("*.py")):
+        assert not [m for m in imports_of(path) if m.startswith(("core.store", "core.config"))], path
+        names = {node.attr for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Attribute)}
+        assert not names & {"environ", "getenv"}, path
     code = (
         "import sys; from core.models import CausalLM; "
         f"CausalLM.from_preset({str(FIXTURES / 'llama')!r}); "
         "print(sorted(m for m in sys.modules if m.startswith(('core.store', 'core.config'))))"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
 

@@ -13,8 +13,6 @@ import tokenizers
 
 from core.models.serialization import KerasHubSerializable, layer_config
 
-TOKENIZER_ASSET_DIR = "assets/tokenizer"
-
 
 class Tokenizer(KerasHubSerializable):
     """Base class. Subclasses name their special tokens as class attributes; an architecture

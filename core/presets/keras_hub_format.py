@@ -20,11 +20,11 @@ import tempfile
 import keras
 
 from core.models.serialization import class_name_of, deserialize
-from core.models.tokenizer import TOKENIZER_ASSET_DIR
 from core.plugins import get_registry
-from core.presets import weights
+from core.presets.weights import WEIGHTS_FILE, read_weights, write_weights
 
 KERAS_HUB_VERSION = "0.32.0"  # the format version lmq writes
+TOKENIZER_ASSET_DIR = "assets/tokenizer"
 
 
 def read_json(path):
@@ -46,7 +46,7 @@ def load_backbone(directory, load_weights=True, dtype=None):
     except (TypeError, ValueError) as error:  # a missing, unknown or refused argument
         raise ValueError(f"{path}: the config does not fit its class: {error}") from None
     if load_weights:
-        weights.load_weights(backbone, directory / weights.WEIGHTS_FILE)
+        read_weights(backbone, directory / WEIGHTS_FILE)
     return backbone
 
 
@@ -106,7 +106,7 @@ def save_task(task, preset_dir):
             assets = staging / TOKENIZER_ASSET_DIR
             assets.mkdir(parents=True)
             task.preprocessor.tokenizer.save_assets(assets)
-        weights.save_weights(task.backbone, staging / weights.WEIGHTS_FILE)
+        write_weights(task.backbone, staging / WEIGHTS_FILE)
         base_task = next(c.__name__ for c in type(task).__mro__ if c.__module__.startswith("core."))
         _write(
             staging / "metadata.json",

@@ -29,7 +29,7 @@ def _read(dataset):
     return dataset[()]
 
 
-def load_weights(backbone, path):
+def read_weights(backbone, path):
     expected = backbone.keras_hub_weights()
     if not path.is_file():
         raise FileNotFoundError(f"Preset weights file not found: {path}")
@@ -53,7 +53,7 @@ def load_weights(backbone, path):
             variable.assign(_read(data))
 
 
-def save_weights(backbone, path):
+def write_weights(backbone, path):
     with h5py.File(path, "w") as h5_file:
         for name, value in backbone.weights_to_save().items():
             value = keras.ops.convert_to_numpy(value)
