@@ -18,6 +18,8 @@ import os
 import pathlib
 import re
 
+from core.plugins import get_registry
+
 REMOTE_SCHEMES = ("hf://", "kaggle://")
 # Files a preset can need; weights in pickle formats (*.bin, *.pth) are never fetched.
 HF_PATTERNS = ["*.json", "*.safetensors", "*.h5", "*.model", "*.spm", "*.txt", "assets/**"]
@@ -108,8 +110,6 @@ def remote_parts(handle):
 
 def _builtin(name):
     """The ``PresetInfo`` of a built-in preset name, or None."""
-    from core.plugins import get_registry
-
     found = get_registry().find_preset(name)
     return None if found is None else found[1]
 
