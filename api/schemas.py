@@ -32,7 +32,15 @@ from pydantic_core import PydanticCustomError
 
 from core.config import Limits
 from core.store import Job, JobEvent, JobItem, Preset
-from core.names import DTYPES, PRESET_NAME_PATTERN, SAMPLER_ARGUMENTS, SAMPLER_NAMES, check_preset_name
+from core.names import (
+    DTYPES,
+    PRESET_NAME_PATTERN,
+    SAMPLER_ARGUMENTS,
+    SAMPLER_NAMES,
+    JobKind,
+    JobState,
+    check_preset_name,
+)
 
 SamplerName = Literal[SAMPLER_NAMES]
 Dtype = Literal[DTYPES]
@@ -323,8 +331,8 @@ class Counts(BaseModel):
 
 class JobOut(BaseModel):
     id: str
-    kind: Literal["generate", "fit"]
-    status: Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+    kind: JobKind
+    status: JobState
     preset: str
     counts: Counts
     progress: float

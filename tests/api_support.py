@@ -10,6 +10,8 @@ from pathlib import Path
 
 import httpx
 
+from core.names import TERMINAL_STATES
+
 REPO = Path(__file__).resolve().parent.parent
 TOKENS = "tok-a:team-a,tok-b:team-b"
 TEAM_A = {"Authorization": "Bearer tok-a"}
@@ -82,7 +84,7 @@ def wait_for_job(client: httpx.Client, job_id: str, timeout: float, logs=()) -> 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
+        if job["status"] in TERMINAL_STATES:
             return job
         time.sleep(0.1)
     tails = "\n".join(Path(log).read_text()[-3000:] for log in logs if Path(log).exists())

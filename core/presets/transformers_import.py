@@ -12,6 +12,7 @@ import json
 
 from safetensors import safe_open
 
+from core.names import DTYPES
 from core.plugins import get_registry
 from core.presets.keras_hub_format import read_json
 
@@ -85,7 +86,7 @@ def _architecture(directory):
 
 def checkpoint_dtype(hf_config):
     dtype = hf_config.get("torch_dtype") or hf_config.get("dtype")
-    return dtype if dtype in ("float32", "float16", "bfloat16") else None
+    return dtype if dtype in DTYPES else None
 
 
 def load_backbone(directory, load_weights=True, dtype=None):
