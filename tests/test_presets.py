@@ -15,6 +15,7 @@ import torch
 from core.models import CausalLM
 from core.presets import PresetNotFound, PresetResolver
 from plugins.llama import LlamaBackbone, LlamaCausalLM, LlamaCausalLMPreprocessor, LlamaTokenizer
+from tests.import_support import assert_no_cycle, imports_of, module_graph
 from tests.model_support import FIXTURES, random_hf_llama, right_padded, tiny_llama, train_sentencepiece
 
 
@@ -205,32 +206,12 @@ LIBRARY = ("core/models", "core/presets", "core/layers", "core/samplers")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def imports_of(path):
-    """The modules a file imports anywhere in its body (function-level imports too)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
-    return found
-
-
 def test_the_model_library_and_plugins_import_without_a_cycle():
     """Lazy imports count: a function-level import that closes a loop is still a cycle."""
     paths = [ROOT / "core" / "plugins.py"]
     for package in ("core/models", "core/presets", "core/layers", "core/testing", "plugins"):
         paths += (ROOT / package).rglob("*.py")
-    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p for p in paths}
-    graph = {module: imports_of(path) & modules.keys() - {module} for module, path in modules.items()}
-
-    def visit(module, path):
-        assert module not in path, "import cycle: " + " -> ".join([*path, module])
-        for imported in graph[module]:
-            visit(imported, [*path, module])
-
-    for module in graph:
-        visit(module, [])
+    assert_no_cycle(module_graph(paths))
 
 
 def test_the_model_library_reads_neither_the_store_nor_the_environment():
