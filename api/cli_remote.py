@@ -7,6 +7,7 @@ shown as it is (exit 2). A server that cannot be reached, or fails, is exit 1.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -15,7 +16,11 @@ import httpx
 from api.cli_jobs import BadInput, JobFromFlags, no_jobs, report_finished, say_empty, write_jsonl
 from api.client import ApiError, Client
 from api.progress import follow_job
-from core.config import load_settings
+from core.config import Limits
+
+
+# Limits no server is below: this side checks everything but the limits.
+SERVERS_LIMITS = Limits(**{field.name: 2**62 for field in dataclasses.fields(Limits)})
 
 
 def client_for(args) -> Client:
@@ -23,9 +28,9 @@ def client_for(args) -> Client:
 
 
 def job_body(kind: str, args) -> dict:
-    """The POST /v1/jobs body for `lmq submit KIND`, checked here first against this
-    environment's LMQ_MAX_* limits (the server checks it again, against its own)."""
-    job = JobFromFlags(kind, args).checked(load_settings().limits)
+    """The POST /v1/jobs body for `lmq submit KIND`, checked here first through the same model;
+    the limits are the server's (its LMQ_MAX_*), so the server applies them."""
+    job = JobFromFlags(kind, args).checked(SERVERS_LIMITS)
     return job.model_dump(mode="json", exclude_none=True)
 
 

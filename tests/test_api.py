@@ -341,6 +341,17 @@ def test_the_cli_talks_to_the_api(server, tmp_path, capsys, monkeypatch):
         main(["submit", "generate", "--preset", "no-such-preset", str(prompts)])
     assert refused.value.code == 2
     assert "preset: preset 'no-such-preset' is not in the preset store" in capsys.readouterr().err
+    # The limits are the server's (LMQ_MAX_INPUTS=5 there), not this environment's.
+    monkeypatch.setenv("LMQ_MAX_INPUTS", "1")
+    assert run("submit", "generate", "--preset", BUILTIN, str(prompts))[0] == 0
+    prompts.write_text('{"prompt": "Hi"}\n' * 6)
+    with pytest.raises(SystemExit) as refused:
+        main(["submit", "generate", "--preset", BUILTIN, str(prompts)])
+    assert refused.value.code == 2 and "inputs: List should have at most 5 items" in capsys.readouterr().err
+    # What the model refuses whatever the limits is refused here, before any request.
+    with pytest.raises(SystemExit) as refused:
+        main(["submit", "generate", "--preset", BUILTIN, str(prompts), "--sampler", '{"name": "greedy", "k": 2}'])
+    assert refused.value.code == 2 and capsys.readouterr().err == "lmq: error: --sampler: sampler 'greedy' takes no k\n"
     with pytest.raises(SystemExit):
         main(["jobs", "show", job["id"], "--token", "wrong"])
     assert "invalid bearer token" in capsys.readouterr().err
