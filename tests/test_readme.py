@@ -308,13 +308,16 @@ def check_walkthrough(walkthrough: Walkthrough, broker_detail: str) -> None:
     cwd = walkthrough.cwd
     prompts = [json.loads(line) for line in (REPO / "demo/prompts.jsonl").read_text().splitlines()]
 
-    # The first command: the demo generates docstring English for every prompt, in input order.
-    for name in ("results.jsonl", "results-my-model.jsonl"):
+    # The demo, my-model and the job submitted to the API: text for every prompt, in input order.
+    for name in ("results.jsonl", "results-my-model.jsonl", "results-api.jsonl"):
         results = json_lines((cwd / name).read_text())
         assert [r["custom_id"] for r in results] == [p["custom_id"] for p in prompts], name
         for prompt, result in zip(prompts, results):
             assert result["error"] is None and result["output"].startswith(prompt["prompt"]), result
             assert result["completion_tokens"] > 0, result
+    # Through the API and the worker, my-model writes what `lmq generate` wrote here.
+    served = json_lines((cwd / "results-api.jsonl").read_text())
+    assert served == json_lines((cwd / "results-my-model.jsonl").read_text())
     assert json_lines(walkthrough.outputs[0][1]) == json_lines((cwd / "results.jsonl").read_text())
 
     # Fine-tuning registered my-model; the CLI's three jobs succeeded.
