@@ -65,7 +65,11 @@ def decode(
     """
     waiting = deque(range(len(prompts)))
     max_rows = max_rows or len(prompts)
-    room = (max(map(sum, zip(map(len, prompts), limits)), default=0), max(map(len, prompts), default=0))
+    # The cache is sized for every request at once, so that waiting ones fit when they join.
+    room = (
+        max((len(p) + limit for p, limit in zip(prompts, limits)), default=0),
+        max((len(p) for p in prompts), default=0),
+    )
     batch = Batch(model, sampler, stop_token_ids, generator, stop_strings, stream, room=room)
     while waiting or batch.size:
         if waiting and batch.in_flight < max_rows:  # rows join between steps
