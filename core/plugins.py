@@ -57,7 +57,7 @@ class Architecture:
     task: str  # the CausalLM or Seq2SeqLM subclass
     task_kind: str = "causal_lm"  # or "seq2seq_lm"
     hf_model_types: tuple = ()
-    hf_converter: str | None = None  # module with backbone_config / convert_weights / tokenizer
+    hf_converter: str | None = None  # module with backbone_config and convert_weights
     presets: dict = field(default_factory=dict)  # name -> PresetInfo
     plugin: str = ""  # the entry point that registered it
 
