@@ -23,6 +23,7 @@ from core.samplers import (
 from plugins.llama.llama_backbone import LlamaBackbone
 from plugins.llama.llama_causal_lm import LlamaCausalLM
 from plugins.mistral.mistral_backbone import MistralBackbone
+from tests.import_support import ROOT, assert_no_cycle, imports_of, module_graph
 from tests.model_support import right_padded
 
 VOCAB = 8
@@ -366,3 +367,14 @@ def test_serialized_sampler_round_trips(sampler):
 def test_compile_rejects_anything_else_by_name(lm, bad, named):
     with pytest.raises(ValueError, match=named):
         lm.compile(sampler=bad)
+
+
+# -- imports flow one way ----------------------------------------------------------------
+
+
+def test_models_samplers_and_the_decode_engine_import_without_a_cycle():
+    """core.models uses the engine and the samplers; the samplers use the engine; the engine neither."""
+    paths = [p for package in ("core/models", "core/samplers", "core/generation") for p in (ROOT / package).rglob("*.py")]
+    assert_no_cycle(module_graph(paths))
+    for path in (ROOT / "core" / "generation").rglob("*.py"):
+        assert not [m for m in imports_of(path) if m.startswith(("core.models", "core.samplers", "core.store"))], path

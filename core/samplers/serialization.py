@@ -1,0 +1,48 @@
+"""Samplers by name: ``compile(sampler=...)``'s names, dicts and KerasHub's serialized form."""
+
+from core.samplers.base import GreedySampler, Sampler
+from core.samplers.beam import BeamSampler
+from core.samplers.contrastive import ContrastiveSampler
+from core.samplers.sampling import RandomSampler, TopKSampler, TopPSampler
+
+SAMPLERS = {
+    cls.name: cls
+    for cls in (GreedySampler, RandomSampler, TopKSampler, TopPSampler, BeamSampler, ContrastiveSampler)
+}
+
+
+def get(identifier):
+    """A sampler from a name, a ``{"name": ..., **args}`` dict, a KerasHub-serialized dict, or itself."""
+    if isinstance(identifier, Sampler):
+        return identifier
+    by_class_name = {cls.__name__: cls for cls in SAMPLERS.values()}
+    if isinstance(identifier, str):
+        if identifier not in SAMPLERS:
+            raise ValueError(f"Unknown sampler {identifier!r}; expected one of {sorted(SAMPLERS)}.")
+        return SAMPLERS[identifier]()
+    if isinstance(identifier, dict):
+        if "class_name" in identifier:
+            cls = by_class_name.get(identifier["class_name"])
+            arguments = identifier.get("config", {})
+        else:
+            arguments = dict(identifier)
+            cls = SAMPLERS.get(arguments.pop("name", None))
+        if cls is None:
+            raise ValueError(f"Unknown sampler {identifier!r}; expected one of {sorted(SAMPLERS)}.")
+        try:
+            return cls(**arguments)
+        except TypeError as error:
+            raise ValueError(f"Bad arguments for sampler {cls.name!r}: {error}") from None
+    raise ValueError(
+        f"sampler must be a name, a dict or a Sampler, got {type(identifier).__name__}: {identifier!r}."
+    )
+
+
+def serialize(sampler):
+    cls = type(sampler)
+    return {
+        "module": "keras_hub.src.samplers",
+        "class_name": cls.__name__,
+        "config": sampler.get_config(),
+        "registered_name": f"keras_hub>{cls.__name__}",
+    }
