@@ -39,6 +39,7 @@ class Sampler:
     # -- as the decode engine's strategy ----------------------------------------------
 
     def rows_per_prompt(self, vocabulary_size):
+        """How many neighbouring batch rows a request takes."""
         return 1
 
     def admit(self, batch, rows, hidden):
