@@ -69,6 +69,8 @@ class Job(Base):
     output_preset: Mapped[str | None] = mapped_column(String(128), nullable=True)
     tenant: Mapped[str] = mapped_column(String(128), default="local")
     idempotency_key: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # sha256 of the request that came with the key: a different one under the same key is refused.
+    request_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
     total: Mapped[int] = mapped_column(Integer, default=0)
     completed: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)
@@ -128,11 +130,12 @@ class JobEvent(Base):
 
 
 class Preset(Base):
-    """A preset directory in the store, with where it came from."""
+    """A preset directory in the store, with where it came from and the tenant it belongs to."""
 
     __tablename__ = "presets"
 
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128), default="local", server_default="local", index=True)
     architecture: Mapped[str | None] = mapped_column(String(128), nullable=True)
     path: Mapped[str] = mapped_column(String(1024))
     source: Mapped[str | None] = mapped_column(String(1024), nullable=True)
@@ -141,4 +144,18 @@ class Preset(Base):
         ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True
     )
     details: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+EVERYONE = "*"
+
+
+class PresetShare(Base):
+    """A preset's owner let `tenant` use it; the tenant EVERYONE ("*") means every tenant."""
+
+    __tablename__ = "preset_shares"
+
+    preset: Mapped[str] = mapped_column(ForeignKey("presets.name", ondelete="CASCADE"), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    shared_by: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
