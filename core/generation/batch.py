@@ -20,7 +20,7 @@ class Batch:
     - what the sampler keeps per row (``score`` for beams, ``history`` for contrastive).
 
     Rows leave with ``drop_finished`` (their request's result is kept) and join with
-    ``add``; the engine loop in ``core.generation.engine`` is the only driver.
+    ``add``; ``core.generation.engine.decode`` drives the steps.
     """
 
     def __init__(
@@ -68,7 +68,7 @@ class Batch:
         to generate finishes at once.
         """
         for request, limit in zip(requests, limits):
-            if limit <= 0:
+            if limit <= 0:  # the empty completion, of log-probability 0
                 self._complete(request, [FinishedRow([], "length", 0.0)])
         joining = [i for i, limit in enumerate(limits) if limit > 0]
         if not joining:
