@@ -32,7 +32,8 @@ from api.cli_jobs import (
     say_empty,
     write_jsonl,
 )
-from api.jobs import OutputPresetTaken, store_job
+from api.auth import LOCAL_TENANT
+from api.jobs import OutputPresetTaken, check_output_name, store_job
 from api.progress import Progress, follow_job, unit_of
 from api.suggest import did_you_mean, preset_names
 from core.config import Settings, SettingsError, load_settings
@@ -88,7 +89,7 @@ def create_job(settings: Settings, kind: str, args) -> str:
         locate(session, job.preset)
     with session_scope(existing or open_store(settings)) as session:
         try:
-            return store_job(session, job, job.preset, tenant="local").id
+            return store_job(session, job, job.preset, tenant=LOCAL_TENANT).id
         except OutputPresetTaken as error:  # the transaction is rolled back: no job either
             raise BadInput(str(error)) from None
 
@@ -236,6 +237,8 @@ def cmd_jobs(args) -> int:
 
 
 def cmd_presets(args) -> int:
+    if args.action == "share" and args.server:
+        return cli_remote.share(args)
     settings = load_settings()
     factory = open_store(settings)
     with session_scope(factory) as session:
@@ -255,15 +258,19 @@ def cmd_presets(args) -> int:
                 raise BadInput(f"no preset {args.name!r} in the store{did_you_mean(args.name, names)}")
             print(json.dumps(schemas.preset_summary(preset), indent=2))
         elif args.action == "import":
-            import_preset(settings, session, args.handle, args.name)
+            import_preset(settings, session, args.handle, args.name, args.tenant)
+        elif args.action == "share":
+            share_preset(session, args.name, args.tenant)
     return 0
 
 
-def import_preset(settings: Settings, session, handle: str, name: str) -> None:
-    """Copy a preset from any handle into the store, so jobs can name it."""
+def import_preset(settings: Settings, session, handle: str, name: str, tenant: str = LOCAL_TENANT) -> None:
+    """Copy a preset from any handle into the store as `tenant`'s, so that tenant's jobs can name it."""
     check_name(name)
-    if queries.get_preset(session, name) is not None:
-        raise BadInput(f"preset {name!r} already exists in the store")
+    try:
+        check_output_name(session, name)
+    except OutputPresetTaken as error:
+        raise BadInput(str(error)) from None
     source = locate(session, handle, fetch=True)
     target = settings.preset_store / name
     # A preset already in the store's directory (made under another LMQ_DATABASE_URL) is registered in place.
@@ -277,8 +284,18 @@ def import_preset(settings: Settings, session, handle: str, name: str) -> None:
         path=str(target),
         architecture=preset_architecture(target),
         source=handle,
+        tenant=tenant,
     )
     print(json.dumps(schemas.preset_summary(preset)))
+
+
+def share_preset(session, name: str, tenant: str) -> None:
+    """`lmq presets share NAME TENANT`: the store's own user shares on the owner's behalf."""
+    preset = queries.get_preset(session, name)
+    if preset is None:
+        raise BadInput(f"no preset {name!r} in the store")
+    queries.share_preset(session, name, owner=preset.tenant, tenant=tenant)
+    print(json.dumps({"name": name, "shared_with": queries.preset_shares(session, name)}))
 
 
 def cmd_architectures(args) -> int:
@@ -483,6 +500,13 @@ def build_parser() -> Parser:
     importing = actions.add_parser("import")
     importing.add_argument("handle")
     importing.add_argument("--name", required=True, help="the store name to register it under")
+    importing.add_argument(
+        "--tenant", default=LOCAL_TENANT, help="whose preset it is (default: local, a server without tokens' tenant)"
+    )
+    sharing = actions.add_parser("share", help="let another tenant, or every tenant, use a preset")
+    sharing.add_argument("name")
+    sharing.add_argument("tenant", help='the tenant to share it with, or "*" for every tenant')
+    add_server_flags(sharing)
     presets.set_defaults(handler=cmd_presets)
 
     commands.add_parser("architectures", help="registered architectures").set_defaults(

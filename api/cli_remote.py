@@ -1,4 +1,4 @@
-"""`lmq submit` and `lmq jobs` through a server's HTTP API (`--server` or LMQ_SERVER).
+"""`lmq submit`, `lmq jobs` and `lmq presets share` through a server's HTTP API (`--server` or LMQ_SERVER).
 
 The same flags and input files as the local commands; the server checks the
 job again and answers a bad one with a message naming the field, which is
@@ -45,6 +45,17 @@ def _submit(client: Client, body: dict, args) -> int:
     if args.wait:
         return follow(client, job["id"], getattr(args, "output", None))
     print(json.dumps(job))
+    return 0
+
+
+def share(args) -> int:
+    """`lmq presets share NAME TENANT --server URL`: the token's tenant shares its own preset."""
+    with client_for(args) as client:
+        return talking_to(args.server, lambda: _share(client, args))
+
+
+def _share(client: Client, args) -> int:
+    print(json.dumps(client.share(args.name, args.tenant)))
     return 0
 
 

@@ -81,6 +81,10 @@ class Client:
     def preset(self, name: str) -> dict:
         return self._json("GET", f"/v1/presets/{name}")
 
+    def share(self, name: str, tenant: str) -> dict:
+        """Let `tenant` ("*": every tenant) use your preset `name`."""
+        return self._json("POST", f"/v1/presets/{name}/shares", json={"tenant": tenant})
+
     def architectures(self) -> list[dict]:
         return self._json("GET", "/v1/architectures")["architectures"]
 

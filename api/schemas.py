@@ -305,17 +305,25 @@ def event_line(event: JobEvent) -> dict:
     return {"id": event.id, "type": event.type, "created_at": isoformat(event.created_at), **event.data}
 
 
-def preset_summary(preset: Preset) -> dict:
-    return {
+def preset_summary(preset: Preset, viewer: str | None = None) -> dict:
+    """A stored preset as the CLI's local user sees it (viewer None: everything, its path too),
+    or as tenant `viewer` does over the API: never the server path, and of a preset shared by
+    another tenant not where it came from (its job, source and parent are that tenant's)."""
+    summary = {
         "name": preset.name,
         "architecture": preset.architecture,
-        "path": preset.path,
+        "owner": preset.tenant,
         "source": preset.source,
         "parent": preset.parent,
         "job_id": preset.job_id,
         "details": preset.details,
         "created_at": isoformat(preset.created_at),
     }
+    if viewer is None:
+        return {**summary, "path": preset.path}
+    if viewer != preset.tenant:
+        return {**summary, "source": None, "parent": None, "job_id": None}
+    return summary
 
 
 def isoformat(moment: datetime | None) -> str | None:
@@ -365,10 +373,12 @@ class EventPage(BaseModel):
 
 
 class PresetOut(BaseModel):
+    """No path: where a preset lies on the server is never shown over the API."""
+
     name: str
     architecture: str | None
     builtin: bool = False
-    path: str | None = None
+    owner: str | None = Field(None, description="the tenant whose preset it is (none for a built-in)")
     handle: str | None = None
     source: str | None = None
     parent: str | None = None
@@ -380,6 +390,17 @@ class PresetOut(BaseModel):
 
 class PresetList(BaseModel):
     presets: list[PresetOut]
+
+
+class PresetShareIn(BaseModel):
+    tenant: str = Field(
+        min_length=1, max_length=128, pattern=r"^[^\s]+$", description='a tenant to share with, or "*" for every tenant'
+    )
+
+
+class PresetShareOut(BaseModel):
+    name: str
+    shared_with: list[str] = Field(description='the tenants who may use the preset ("*": every tenant)')
 
 
 class BuiltinPreset(BaseModel):

@@ -10,9 +10,10 @@ from core.plugins import get_registry
 from core.store import queries
 
 
-def preset_names(session: Session | None) -> list[str]:
-    """Every name a job can give as its preset: the store's and the plugins' built-in ones."""
-    stored = [preset.name for preset in queries.list_presets(session)] if session is not None else []
+def preset_names(session: Session | None, tenant: str | None = None) -> list[str]:
+    """Every name a job can give as its preset: the store's (those `tenant` may use, when given)
+    and the plugins' built-in ones."""
+    stored = [preset.name for preset in queries.list_presets(session, tenant)] if session is not None else []
     builtin = [name for architecture in get_registry().architectures() for name in architecture.presets]
     return stored + builtin
 

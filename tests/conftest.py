@@ -42,7 +42,7 @@ def postgres_url():
     database, _ = _service_urls()
     with get_engine(database).begin() as connection:
         connection.execute(
-            text("DROP TABLE IF EXISTS presets, job_events, job_items, jobs, alembic_version CASCADE")
+            text("DROP TABLE IF EXISTS preset_shares, presets, job_events, job_items, jobs, alembic_version CASCADE")
         )
     upgrade(database)
     return database

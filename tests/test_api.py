@@ -209,7 +209,7 @@ def test_store_presets_are_listed_usable_by_name_and_not_overwritten(server, tea
     with session_scope(sessions(settings)) as session:
         queries.register_preset(
             session, name="registered", path=str(server.home / "presets" / "a-directory-preset"),
-            architecture="llama", source=BUILTIN, details={"final_loss": 1.5},
+            architecture="llama", source=BUILTIN, details={"final_loss": 1.5}, tenant="team-a",
         )
     listed = team_a.get("/v1/presets").json()["presets"]
     assert "registered" in [p["name"] for p in listed]

@@ -29,6 +29,7 @@ def service(tmp_path_factory, postgres_url, tiny_llama_preset):
     worker = Worker(env, root / "worker.log")
     server = ApiServer({**env, "LMQ_API_TOKENS": TOKENS, "LMQ_PRESET_ROOTS": roots}, root / "server.log")
     server.logs = [root / "worker.log", root / "server.log"]
+    server.home = home
     yield server
     server.stop()
     worker.stop()
@@ -85,11 +86,12 @@ def test_fit_over_http_makes_a_preset_the_next_job_uses(service, tiny_llama_pres
         assert preset["job_id"] == fit["id"] and preset["architecture"] == "llama"
         assert preset["parent"] == str(tiny_llama_preset)
         assert client.preset("api-tuned") == preset
+        assert "path" not in preset and preset["owner"] == "team-a"
 
         job = client.submit(generate_body("api-tuned", PROMPTS[:2], max_length=24))
         assert client.wait(job["id"], poll_seconds=0.2)["status"] == "succeeded"
         results = list(client.results(job["id"]))
-    expected = reference(preset["path"], PROMPTS[:2], max_length=24)
+    expected = reference(service.home / "presets" / "api-tuned", PROMPTS[:2], max_length=24)
     assert [r["output"] for r in results] == [e["output"] for e in expected]
     assert expected != reference(tiny_llama_preset, PROMPTS[:2], max_length=24)
 

@@ -220,6 +220,7 @@ def _register(attempt: Attempt, final: Path, base: str, name: str, details: dict
             parent=base,
             job_id=attempt.job_id,
             details=details,
+            tenant=queries.get_job(session, attempt.job_id).tenant,  # the preset is the job's tenant's
         )
         queries.finish_job(session, attempt.job_id, JobState.succeeded, final_loss=final_loss)
 

@@ -50,21 +50,23 @@ class JobRunner:
     def run(self, job_id: str) -> str | None:
         """Run (or continue) a job; returns its state afterwards, None for an unknown id."""
 
-        def claim_job(session) -> tuple[Lease, str, str] | None:
+        def claim_job(session) -> tuple[Lease, str, str, str] | None:
             job = claim(session, job_id, self.worker, self.settings.lease_s)
-            return None if job is None else (Lease(job.id, self.worker, job.attempts), job.kind, job.preset)
+            if job is None:
+                return None
+            return Lease(job.id, self.worker, job.attempts), job.kind, job.preset, job.tenant
 
         claimed = transact(self.sessions, claim_job)
         if claimed is not None:
-            lease, kind, preset = claimed
+            lease, kind, preset, tenant = claimed
             with Attempt(self.sessions, lease, self.settings, self.on_progress) as attempt:
-                self._run_attempt(attempt, kind, preset)
+                self._run_attempt(attempt, kind, preset, tenant)
         return transact(self.sessions, lambda session: queries.job_state(session, job_id))
 
-    def _run_attempt(self, attempt: Attempt, kind: str, preset: str) -> None:
+    def _run_attempt(self, attempt: Attempt, kind: str, preset: str, tenant: str) -> None:
         """Failures of the job fail it; losing the lease or the database does not (another attempt follows)."""
         try:
-            location = self.locate(preset)
+            location = self.locate(preset, tenant)
             if kind == JobKind.generate.value:
                 self._run_generate(attempt, preset, location)
             else:
@@ -82,9 +84,10 @@ class JobRunner:
             except (LeaseLost, DatabaseUnavailable) as lost:
                 logger.warning("job %s: could not record the failure: %s", attempt.job_id, lost)
 
-    def locate(self, handle: str) -> str:
+    def locate(self, handle: str, tenant: str | None = None) -> str:
+        """Where `handle` is; a store name only among `tenant`'s presets (and those shared with it) when given."""
         with session_scope(self.sessions) as session:
-            return store_resolver(session).locate(handle)
+            return store_resolver(session, tenant=tenant).locate(handle)
 
     def _run_generate(self, attempt: Attempt, preset: str, location: str) -> None:
         job_id = attempt.job_id

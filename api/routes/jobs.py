@@ -7,6 +7,7 @@ existed: 404 either way.
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 from fastapi import APIRouter, Body, Header, HTTPException, Query, Response
 from fastapi.exceptions import RequestValidationError
@@ -19,7 +20,7 @@ from api import schemas
 from api.auth import AUTH_ERRORS
 from api.dependencies import DispatchDep, SessionDep, SettingsDep, TenantDep
 from api.dispatch import BrokerUnavailable
-from api.jobs import OutputPresetTaken, store_job
+from api.jobs import OutputPresetTaken, request_digest, store_job
 from api.suggest import did_you_mean, preset_names
 from core.config import Limits, Settings
 from core.names import JobKind, JobState, is_preset_name
@@ -32,7 +33,7 @@ NDJSON = "application/x-ndjson"
 JOB_ERRORS = {**AUTH_ERRORS, 404: {"description": "no such job, or another tenant's"}}
 SUBMIT_ERRORS = {
     **AUTH_ERRORS,
-    409: {"description": "the fit job's output_preset is already in the store"},
+    409: {"description": "the fit job's output_preset is reserved, already in the store, or another fit's"},
     503: {"description": "the broker could not take the job (it is recorded as failed)"},
 }
 
@@ -68,8 +69,8 @@ def submit(job: BaseModel, response: Response, idempotency_key: str | None, tena
             if idempotency_key:
                 earlier = queries.find_job_by_idempotency_key(session, tenant, idempotency_key)
                 if earlier is not None:
-                    return replayed(response, earlier)
-            preset = checked_preset(session, settings, job.preset)
+                    return replayed(response, earlier, job, idempotency_key)
+            preset = checked_preset(session, settings, job.preset, tenant)
             try:
                 stored = store_job(session, job, preset, tenant=tenant, idempotency_key=idempotency_key)
             except OutputPresetTaken as error:
@@ -83,7 +84,7 @@ def submit(job: BaseModel, response: Response, idempotency_key: str | None, tena
             earlier = queries.find_job_by_idempotency_key(session, tenant, idempotency_key)
         if earlier is None:
             raise
-        return replayed(response, earlier)
+        return replayed(response, earlier, job, idempotency_key)
     try:
         dispatch.submit(summary["id"], summary["kind"])
     except BrokerUnavailable as error:
@@ -164,32 +165,55 @@ def cancel_job(job_id: str, tenant: str = TenantDep, session: Session = SessionD
 # ---------------------------------------------------------------- helpers
 
 
-def replayed(response: Response, job) -> dict:
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
+def replayed(response: Response, earlier, job: BaseModel, key: str) -> dict:
+    """The job first made under `key`, if this request is the one that made it; else 422
+    (as Stripe's API and the IETF Idempotency-Key draft answer a key reused for another request)."""
+    if earlier.request_digest is not None and earlier.request_digest != request_digest(job):
+        raise field_error(
+            ("header", "idempotency-key"),
+            f"Idempotency-Key {key!r} was already used for a different request; use a new key for a new job",
+        )
+    response.headers["Location"] = f"/v1/jobs/{earlier.id}"
     response.headers["Idempotent-Replayed"] = "true"
-    return schemas.job_summary(job)
+    return schemas.job_summary(earlier)
 
 
-def checked_preset(session: Session, settings: Settings, handle: str) -> str:
+def checked_preset(session: Session, settings: Settings, handle: str, tenant: str) -> str:
     """The preset a job records: the handle as given, but a local directory as its absolute path
     (workers do not share the API's working directory).
 
-    A 4xx for a handle the workers could not load, or a path outside
-    LMQ_PRESET_ROOTS: one message for every refusal, so that a client cannot
-    learn which directories exist on the server.
+    A 4xx for a handle the workers could not load, a path outside
+    LMQ_PRESET_ROOTS, or another tenant's preset (by name or by its directory
+    in the store): one message for every refusal, so that a client cannot
+    learn which directories, users or other tenants' presets exist.
     """
     try:
-        location = store_resolver(session, local_roots=settings.preset_roots).locate(handle)
+        location = store_resolver(session, tenant=tenant, local_roots=settings.preset_roots).locate(handle)
+        if not store_directory_usable(session, settings, location, tenant):
+            raise PresetNotFound(handle)
     except PresetNotFound:
-        suggestion = did_you_mean(handle, preset_names(session))
+        suggestion = did_you_mean(handle, preset_names(session, tenant))
         raise field_error(
             ("body", "preset"),
             f"preset {handle!r} is not in the preset store, not a built-in name, not an hf:// or "
             f"kaggle:// handle, and not a directory under LMQ_PRESET_ROOTS{suggestion}",
         ) from None
-    if location == handle or (is_preset_name(handle) and queries.get_preset(session, handle) is not None):
+    if location == handle or (is_preset_name(handle) and queries.get_preset(session, handle, tenant) is not None):
         return handle
     return location
+
+
+def store_directory_usable(session: Session, settings: Settings, location: str, tenant: str) -> bool:
+    """Whether a directory inside the preset store may be named by its path: not a fit's
+    unfinished output (a dot name), nor a stored preset this tenant may not use."""
+    store = settings.preset_store.resolve()
+    path = Path(location)
+    if not path.is_absolute() or not path.is_relative_to(store) or path == store:
+        return True
+    top = path.relative_to(store).parts[0]
+    if top.startswith("."):
+        return False
+    return queries.get_preset(session, top) is None or queries.get_preset(session, top, tenant) is not None
 
 
 def field_error(location: tuple, message: str) -> RequestValidationError:

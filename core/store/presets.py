@@ -17,17 +17,21 @@ from core.presets import PresetResolver
 from core.store.queries import get_preset
 
 
-def store_resolver(session: Session | None, *, local_roots: tuple[Path, ...] | None = None) -> PresetResolver:
+def store_resolver(
+    session: Session | None, *, tenant: str | None = None, local_roots: tuple[Path, ...] | None = None
+) -> PresetResolver:
     """The preset resolver that also knows the names registered in the store.
 
     `session` is None when there is no database yet, so no store names either.
+    `tenant` limits the names to the presets that tenant may use (the API and
+    the workers pass the job's tenant); None, for the CLI's local user, knows them all.
     `local_roots` limits local directories to those roots (the API passes
     LMQ_PRESET_ROOTS so that a client cannot make the server read its files);
     the CLI passes None because its user may read any directory anyway.
     """
 
     def lookup(name: str) -> str | None:
-        stored = get_preset(session, name) if session is not None and is_preset_name(name) else None
+        stored = get_preset(session, name, tenant) if session is not None and is_preset_name(name) else None
         return None if stored is None else stored.path
 
     return PresetResolver(lookup, local_roots=local_roots)

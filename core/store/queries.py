@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import exists, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from core.names import TERMINAL_STATES, JobKind, JobState
-from core.store.models import Job, JobEvent, JobItem, Preset, utcnow
+from core.store.models import EVERYONE, Job, JobEvent, JobItem, Preset, PresetShare, utcnow
 
 _INSERT_CHUNK = 5000
 
@@ -27,6 +27,7 @@ def create_generate_job(
     params: dict,
     tenant: str = "local",
     idempotency_key: str | None = None,
+    request_digest: str | None = None,
 ) -> Job:
     """A queued generate job with one item per input, in input order."""
     job = Job(
@@ -35,6 +36,7 @@ def create_generate_job(
         params=params,
         tenant=tenant,
         idempotency_key=idempotency_key,
+        request_digest=request_digest,
         total=len(inputs),
     )
     session.add(job)
@@ -64,6 +66,7 @@ def create_fit_job(
     output_preset: str,
     tenant: str = "local",
     idempotency_key: str | None = None,
+    request_digest: str | None = None,
 ) -> Job:
     job = Job(
         kind=JobKind.fit.value,
@@ -73,6 +76,7 @@ def create_fit_job(
         output_preset=output_preset,
         tenant=tenant,
         idempotency_key=idempotency_key,
+        request_digest=request_digest,
         total=len(training_data),
     )
     session.add(job)
@@ -82,10 +86,11 @@ def create_fit_job(
 
 
 def get_job(session: Session, job_id: str, tenant: str | None = None) -> Job | None:
-    job = session.get(Job, job_id)
-    if job is None or (tenant is not None and job.tenant != tenant):
-        return None
-    return job
+    """A job by id; with `tenant`, only that tenant's, found by one query on both
+    (another tenant's job costs what an unknown id does)."""
+    if tenant is None:
+        return session.get(Job, job_id)
+    return session.scalar(select(Job).where(Job.id == job_id, Job.tenant == tenant))
 
 
 def find_job_by_idempotency_key(session: Session, tenant: str, key: str) -> Job | None:
@@ -268,9 +273,11 @@ def register_preset(
     parent: str | None = None,
     job_id: str | None = None,
     details: dict | None = None,
+    tenant: str = "local",
 ) -> Preset:
     preset = Preset(
         name=name,
+        tenant=tenant,
         path=path,
         architecture=architecture,
         source=source,
@@ -283,9 +290,40 @@ def register_preset(
     return preset
 
 
-def get_preset(session: Session, name: str) -> Preset | None:
-    return session.get(Preset, name)
+def get_preset(session: Session, name: str, tenant: str | None = None) -> Preset | None:
+    """A stored preset by name; with `tenant`, only one that tenant may use (see visible_to)."""
+    if tenant is None:
+        return session.get(Preset, name)
+    return session.scalar(select(Preset).where(Preset.name == name, visible_to(tenant)))
 
 
-def list_presets(session: Session) -> list[Preset]:
-    return list(session.scalars(select(Preset).order_by(Preset.created_at, Preset.name)))
+def list_presets(session: Session, tenant: str | None = None) -> list[Preset]:
+    query = select(Preset).order_by(Preset.created_at, Preset.name)
+    if tenant is not None:
+        query = query.where(visible_to(tenant))
+    return list(session.scalars(query))
+
+
+def visible_to(tenant: str):
+    """The presets `tenant` owns, or that were shared with it or with everyone."""
+    shared = exists().where(PresetShare.preset == Preset.name, PresetShare.tenant.in_([tenant, EVERYONE]))
+    return or_(Preset.tenant == tenant, shared)
+
+
+def share_preset(session: Session, name: str, *, owner: str, tenant: str) -> PresetShare | None:
+    """Let `tenant` (EVERYONE for all) use `owner`'s preset `name`; None when `owner` has no such preset.
+    Sharing twice is one share."""
+    preset = session.scalar(select(Preset).where(Preset.name == name, Preset.tenant == owner))
+    if preset is None:
+        return None
+    share = session.get(PresetShare, (name, tenant))
+    if share is None:
+        share = PresetShare(preset=name, tenant=tenant, shared_by=owner)
+        session.add(share)
+        session.flush()
+    return share
+
+
+def preset_shares(session: Session, name: str) -> list[str]:
+    """The tenants a preset is shared with (EVERYONE when published)."""
+    return list(session.scalars(select(PresetShare.tenant).where(PresetShare.preset == name).order_by(PresetShare.tenant)))
