@@ -35,6 +35,7 @@ from api.cli_jobs import (
 from api.auth import LOCAL_TENANT
 from api.jobs import OutputPresetTaken, check_output_name, store_job
 from api.progress import Progress, follow_job, unit_of
+from api.serving import ServeLimits, serve
 from api.suggest import did_you_mean, preset_names
 from core.config import Settings, SettingsError, load_settings
 from core.names import DTYPES, SAMPLER_NAMES, JobKind, JobState, check_preset_name
@@ -323,8 +324,6 @@ def cmd_architectures(args) -> int:
 
 def cmd_serve(args) -> int:
     """The HTTP API under uvicorn; with no broker configured it runs the jobs itself too."""
-    import uvicorn
-
     from api.app import create_app
 
     settings = load_settings()
@@ -333,7 +332,10 @@ def cmd_serve(args) -> int:
             f"LMQ_API_TOKENS is not set: without tokens `lmq serve` listens on 127.0.0.1 only, not {args.host}"
         )
     open_store(settings)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    limits = ServeLimits(
+        request_timeout_s=args.request_timeout, keep_alive_s=args.keep_alive, max_connections=args.max_connections
+    )
+    serve(create_app(settings), args.host, args.port, args.log_level, limits)
     return 0
 
 
@@ -467,6 +469,21 @@ def build_parser() -> Parser:
     serve.add_argument("--host", default="127.0.0.1", help="the address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="the port to listen on")
     serve.add_argument("--log-level", default="info", help="uvicorn's")
+    serve.add_argument(
+        "--request-timeout",
+        type=float,
+        default=ServeLimits.request_timeout_s,
+        help="seconds a client has to send a whole request, head and body",
+    )
+    serve.add_argument(
+        "--keep-alive", type=int, default=ServeLimits.keep_alive_s, help="seconds an idle connection is kept"
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=ServeLimits.max_connections,
+        help="open connections beyond which requests get 503",
+    )
     serve.set_defaults(handler=cmd_serve)
 
     worker = commands.add_parser("worker", help="run a Celery worker")
