@@ -189,8 +189,11 @@ def checked_preset(session: Session, settings: Settings, handle: str, tenant: st
     """
     try:
         location = store_resolver(session, tenant=tenant, local_roots=settings.preset_roots).locate(handle)
+        if is_preset_name(handle) and queries.get_preset(session, handle, tenant) is not None:
+            return handle
         if not store_directory_usable(session, settings, location, tenant):
             raise PresetNotFound(handle)
+        return location
     except PresetNotFound:
         suggestion = did_you_mean(handle, preset_names(session, tenant))
         raise field_error(
@@ -198,14 +201,11 @@ def checked_preset(session: Session, settings: Settings, handle: str, tenant: st
             f"preset {handle!r} is not in the preset store, not a built-in name, not an hf:// or "
             f"kaggle:// handle, and not a directory under LMQ_PRESET_ROOTS{suggestion}",
         ) from None
-    if location == handle or (is_preset_name(handle) and queries.get_preset(session, handle, tenant) is not None):
-        return handle
-    return location
 
 
 def store_directory_usable(session: Session, settings: Settings, location: str, tenant: str) -> bool:
-    """Whether a directory inside the preset store may be named by its path: not a fit's
-    unfinished output (a dot name), nor a stored preset this tenant may not use."""
+    """Whether a local directory may be named by its path: anywhere outside the preset store;
+    inside it, neither a fit's unfinished output (a dot name) nor a preset this tenant may not use."""
     store = settings.preset_store.resolve()
     path = Path(location)
     if not path.is_absolute() or not path.is_relative_to(store) or path == store:
