@@ -86,7 +86,7 @@ def test_fit_over_http_makes_a_preset_the_next_job_uses(service, tiny_llama_pres
         assert preset["job_id"] == fit["id"] and preset["architecture"] == "llama"
         assert preset["parent"] == str(tiny_llama_preset)
         assert client.preset("api-tuned") == preset
-        assert "path" not in preset and preset["owner"] == "team-a"
+        assert "path" not in preset and preset["owner"] == "team-b"
 
         job = client.submit(generate_body("api-tuned", PROMPTS[:2], max_length=24))
         assert client.wait(job["id"], poll_seconds=0.2)["status"] == "succeeded"
