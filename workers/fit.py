@@ -26,13 +26,11 @@ import warnings
 from pathlib import Path
 
 import keras
-from sqlalchemy import delete, update
 
 from core.names import JobState
 from core.store import queries
 from core.store.db import DatabaseUnavailable
 from core.store.leases import LeaseLost
-from core.store.models import Job, JobEvent
 from core.store.presets import preset_architecture
 from workers.attempt import Attempt
 from workers.pool import load_task
@@ -66,7 +64,7 @@ class StepEvents(keras.callbacks.Callback):
             queries.add_event(
                 session, self.attempt.job_id, "step", step=self.step, loss=self.loss, tokens_per_second=tokens_per_second
             )
-            set_steps(session, self.attempt.job_id, self.step, self.total_steps)
+            queries.set_steps(session, self.attempt.job_id, self.step, self.total_steps)
             return self.attempt.stop_requested(session)
 
         self.stopped = self.attempt.write(record_step)
@@ -80,12 +78,6 @@ class StepEvents(keras.callbacks.Callback):
         save_checkpoint(self.model, self.checkpoint, epoch + 1)
         metrics = {name: float(value) for name, value in (logs or {}).items()}
         self.attempt.event("epoch", epoch=epoch + 1, checkpoint=True, **metrics)
-
-
-def set_steps(session, job_id: str, done: int, total: int) -> None:
-    session.execute(
-        update(Job).where(Job.id == job_id).values(total=total, completed=done, progress=min(done / total, 1.0))
-    )
 
 
 def save_checkpoint(model, directory: Path, epochs_done: int) -> None:
@@ -108,13 +100,6 @@ def restore_checkpoint(model, directory: Path) -> int:
         warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
         model.load_weights(str(directory / "latest.weights.h5"))
     return epochs_done
-
-
-def forget_steps_after(session, job_id: str, step: int, epoch: int) -> None:
-    """Drop what a lost attempt recorded past the checkpoint this attempt resumes from."""
-    events = delete(JobEvent).where(JobEvent.job_id == job_id)
-    session.execute(events.where(JobEvent.type == "step", JobEvent.data["step"].as_integer() > step))
-    session.execute(events.where(JobEvent.type == "epoch", JobEvent.data["epoch"].as_integer() > epoch))
 
 
 def run_fit(attempt: Attempt, location: str) -> None:
@@ -154,8 +139,8 @@ def run_fit(attempt: Attempt, location: str) -> None:
     first_step = epochs_done * steps_per_epoch
 
     def start_steps(session) -> None:
-        forget_steps_after(session, job_id, first_step, epochs_done)
-        set_steps(session, job_id, first_step, steps_per_epoch * epochs)
+        queries.forget_steps_after(session, job_id, first_step, epochs_done)
+        queries.set_steps(session, job_id, first_step, steps_per_epoch * epochs)
         if epochs_done:
             queries.add_event(session, job_id, "resumed", epochs_done=epochs_done, step=first_step)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from sqlalchemy import exists, insert, or_, select, update
+from sqlalchemy import delete, exists, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from core.names import TERMINAL_STATES, JobKind, JobState
@@ -189,8 +189,18 @@ def record_results(session: Session, job_id: str, results: Iterable[ItemResult])
     return completed + failed
 
 
-def set_progress(session: Session, job_id: str, progress: float) -> None:
-    session.execute(update(Job).where(Job.id == job_id).values(progress=progress))
+def set_steps(session: Session, job_id: str, done: int, total: int) -> None:
+    """A fit job's counts: training steps done of all its epochs' steps."""
+    session.execute(
+        update(Job).where(Job.id == job_id).values(total=total, completed=done, progress=min(done / total, 1.0))
+    )
+
+
+def forget_steps_after(session: Session, job_id: str, step: int, epoch: int) -> None:
+    """Drop the fit steps and epochs a lost attempt recorded past the checkpoint the next one resumes from."""
+    events = delete(JobEvent).where(JobEvent.job_id == job_id)
+    session.execute(events.where(JobEvent.type == "step", JobEvent.data["step"].as_integer() > step))
+    session.execute(events.where(JobEvent.type == "epoch", JobEvent.data["epoch"].as_integer() > epoch))
 
 
 def job_state(session: Session, job_id: str) -> str | None:
