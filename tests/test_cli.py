@@ -344,3 +344,21 @@ def test_an_output_in_a_missing_directory_is_refused_before_the_job(capsys, lmq_
     code, _, err = run_cli(capsys, "generate", "--preset", preset_dir, prompts, "-o", str(output))
     assert code == 2 and "output directory" in err and "does not exist" in err
     assert nothing_written(lmq_home)
+
+
+def test_presets_import_for_a_tenant_refuses_reserved_names_and_share_is_recorded(capsys, lmq_home, preset_dir):
+    for reserved in ("llama2_7b_en", "Llama"):
+        code, _, err = run_cli(capsys, "presets", "import", preset_dir, "--name", reserved)
+        assert code == 2 and f"preset name {reserved!r} is reserved" in err
+    assert not (lmq_home / "presets" / "llama2_7b_en").exists()
+    code, out, _ = run_cli(capsys, "presets", "import", preset_dir, "--name", "theirs", "--tenant", "team-a")
+    assert code == 0 and json.loads(out)["owner"] == "team-a"
+    with session_scope(sessions(load_settings())) as session:
+        assert queries.get_preset(session, "theirs", "team-b") is None
+    code, out, _ = run_cli(capsys, "presets", "share", "theirs", "team-b")
+    assert code == 0 and json.loads(out) == {"name": "theirs", "shared_with": ["team-b"]}
+    with session_scope(sessions(load_settings())) as session:
+        assert queries.get_preset(session, "theirs", "team-b").tenant == "team-a"
+        assert queries.get_preset(session, "theirs", "team-c") is None
+    code, _, err = run_cli(capsys, "presets", "share", "nothing-here", "team-b")
+    assert code == 2 and "no preset 'nothing-here'" in err

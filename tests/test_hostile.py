@@ -187,6 +187,22 @@ def test_sharing_is_explicit_recorded_and_only_the_owners(server, team_a, team_b
     assert team_a.post("/v1/presets/shared-model/shares", json={"tenant": ""}).status_code == 422
 
 
+def test_lmq_presets_share_over_http_acts_as_the_tokens_tenant(server, capsys):
+    from api.cli import main
+
+    with session_scope(sessions(server.settings)) as session:
+        queries.register_preset(
+            session, name="cli-shared", path=str(server.home / "presets" / "cli-shared"), architecture=None,
+            source=None, tenant="team-a",
+        )
+    share = ["presets", "share", "cli-shared", "team-b", "--server", server.url, "--token"]
+    with pytest.raises(SystemExit) as refused:
+        main([*share, "tok-b"])
+    assert refused.value.code == 2 and "no preset 'cli-shared' of yours" in capsys.readouterr().err
+    assert main([*share, "tok-a"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"name": "cli-shared", "shared_with": ["team-b"]}
+
+
 # ---------------------------------------------------------------- handles
 
 
