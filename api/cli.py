@@ -97,12 +97,13 @@ def create_job(settings: Settings, kind: str, args) -> str:
 
 def locate(session, handle: str, *, fetch: bool = False) -> str:
     """Where `handle`'s preset is (fetched into a local directory with `fetch`), or BadInput
-    naming the closest store and built-in names when it is misspelt."""
-    resolver = store_resolver(session)
+    naming the closest store and built-in names when it is misspelt. Store names are the local
+    tenant's, as for the jobs this CLI runs (a server's tenants' presets are theirs)."""
+    resolver = store_resolver(session, tenant=LOCAL_TENANT)
     try:
         return str(resolver.directory(handle) if fetch else resolver.locate(handle))
     except PresetNotFound as error:
-        raise BadInput(f"{error}{did_you_mean(handle, preset_names(session))}") from None
+        raise BadInput(f"{error}{did_you_mean(handle, preset_names(session, LOCAL_TENANT))}") from None
 
 
 def check_name(name: str) -> None:

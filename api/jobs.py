@@ -60,7 +60,7 @@ def check_output_name(session: Session, name: str) -> None:
         Job.output_preset == name, Job.state.not_in([JobState.failed.value, JobState.cancelled.value])
     )
     if queries.get_preset(session, name) is not None or session.scalar(pending.limit(1)) is not None:
-        raise OutputPresetTaken(f"preset {name!r} already exists in the store")
+        raise OutputPresetTaken(f"preset {name!r} already exists in the store, or a fit job is making it")
 
 
 def request_digest(job: BaseModel) -> str:

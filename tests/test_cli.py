@@ -355,6 +355,9 @@ def test_presets_import_for_a_tenant_refuses_reserved_names_and_share_is_recorde
     assert code == 0 and json.loads(out)["owner"] == "team-a"
     with session_scope(sessions(load_settings())) as session:
         assert queries.get_preset(session, "theirs", "team-b") is None
+    prompts = write_jsonl(lmq_home / "in.jsonl", [{"prompt": "Hello"}])
+    code, _, err = run_cli(capsys, "generate", "--preset", "theirs", prompts)  # the local user's jobs are local's
+    assert code == 2 and "unknown preset 'theirs'" in err
     code, out, _ = run_cli(capsys, "presets", "share", "theirs", "team-b")
     assert code == 0 and json.loads(out) == {"name": "theirs", "shared_with": ["team-b"]}
     with session_scope(sessions(load_settings())) as session:
