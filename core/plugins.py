@@ -58,6 +58,8 @@ class Architecture:
     task_kind: str = "causal_lm"  # or "seq2seq_lm"
     hf_model_types: tuple = ()
     hf_converter: str | None = None  # module with backbone_config and convert_weights
+    # Architectures sharing a model_type tell their checkpoints apart by tokenizer file (see for_hf_model_type).
+    hf_tokenizer_files: tuple = ()
     presets: dict = field(default_factory=dict)  # name -> PresetInfo
     plugin: str = ""  # the entry point that registered it
 
@@ -197,11 +199,15 @@ class Registry:
                 return architecture
         return None
 
-    def for_hf_model_type(self, model_type):
-        for architecture in self._architectures.values():
-            if model_type in architecture.hf_model_types:
-                return architecture
-        return None
+    def for_hf_model_type(self, model_type, directory=None):
+        """The architecture converting ``model_type`` checkpoints. When several do (Llama and
+        Llama 3), the first with one of its ``hf_tokenizer_files`` in ``directory``, else the first."""
+        candidates = [a for a in self._architectures.values() if model_type in a.hf_model_types]
+        if directory is not None:
+            for architecture in candidates:
+                if any((directory / name).is_file() for name in architecture.hf_tokenizer_files):
+                    return architecture
+        return candidates[0] if candidates else None
 
     def find_preset(self, name):
         """(architecture, PresetInfo) for a built-in preset name, or None."""

@@ -75,7 +75,7 @@ class Checkpoint:
 def _architecture(directory):
     hf_config = read_json(directory / "config.json")
     model_type = hf_config["model_type"]
-    architecture = get_registry().for_hf_model_type(model_type)
+    architecture = get_registry().for_hf_model_type(model_type, directory)
     if architecture is None or architecture.hf_converter is None:
         raise ValueError(
             f"{directory / 'config.json'}: no registered lmq plugin converts transformers "

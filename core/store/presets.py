@@ -53,5 +53,5 @@ def preset_architecture(directory: Path) -> str | None:
     class_name = str(config.get("class_name", "")).rpartition(">")[2]
     architecture = registry.architecture_of_class(class_name) if class_name else None
     if architecture is None and "model_type" in config:
-        architecture = registry.for_hf_model_type(config["model_type"])
+        architecture = registry.for_hf_model_type(config["model_type"], directory)
     return architecture.name if architecture else None
