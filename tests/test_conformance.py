@@ -15,6 +15,16 @@ class TestLlamaConformance(CausalLMConformance):
         return LlamaCausalLM(backbone, LlamaCausalLMPreprocessor(tokenizer, sequence_length=32))
 
 
+class TestLlama3Conformance(CausalLMConformance):
+    def make_task(self):
+        from plugins.llama import Llama3Backbone, Llama3CausalLM, Llama3CausalLMPreprocessor, Llama3Tokenizer
+
+        assets = FIXTURES / "llama3" / ASSETS
+        tokenizer = Llama3Tokenizer(assets / "vocabulary.json", assets / "merges.txt")
+        backbone = Llama3Backbone(tokenizer.vocabulary_size(), 2, 4, 32, 64, 2)
+        return Llama3CausalLM(backbone, Llama3CausalLMPreprocessor(tokenizer, sequence_length=32))
+
+
 class TestMistralConformance(CausalLMConformance):
     def make_task(self):
         from plugins.mistral import MistralBackbone, MistralCausalLM, MistralCausalLMPreprocessor, MistralTokenizer

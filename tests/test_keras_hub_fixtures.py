@@ -6,7 +6,7 @@ import pytest
 from core.models import CausalLM
 from tests.model_support import FIXTURES, fixture_expected
 
-CAUSAL_FIXTURES = ["llama", "mistral", "phi3", "falcon"]
+CAUSAL_FIXTURES = ["llama", "llama3", "mistral", "phi3", "falcon"]
 # KerasHub 0.32's Falcon drops the ALiBi bias in cached decoding (lmq keeps it, as transformers
 # does), so its generations are not comparable; its logits and tokenization are.
 COMPARABLE_GENERATIONS = [arch for arch in CAUSAL_FIXTURES if arch != "falcon"]

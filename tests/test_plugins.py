@@ -69,7 +69,8 @@ def test_entry_points_register_builtin_and_third_party_without_keras(site, tmp_p
     found = run_python(LIST, site, tmp_path)
     builtin = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["lmq.plugins"]
     assert {"llama", "mistral", "phi3", "falcon"} <= builtin.keys()
-    assert found["architectures"] == {**{name: name for name in builtin}, "minigpt": "minigpt"}
+    # each built-in plugin registers its own architecture; the llama plugin Llama 3's too
+    assert found["architectures"] == {**{name: name for name in builtin}, "llama3": "llama", "minigpt": "minigpt"}
     assert found["heavy"] == []
 
 
@@ -82,7 +83,7 @@ def test_a_broken_plugin_is_named_and_the_others_load(site, tmp_path):
 
 def test_lmq_plugins_allow_list(site, tmp_path):
     found = run_python(LIST, site, tmp_path, LMQ_PLUGINS="llama,minigpt")
-    assert found["architectures"] == {"llama": "llama", "minigpt": "minigpt"}
+    assert found["architectures"] == {"llama": "llama", "llama3": "llama", "minigpt": "minigpt"}
     assert found["errors"] == {}
 
 

@@ -109,7 +109,7 @@ class CausalLM(Task):
 
         - ``max_length``: prompt plus completion, in tokens (default: the
           preprocessor's ``sequence_length``); ``max_new_tokens`` caps the completion.
-        - ``stop_token_ids``: "auto" (the end token), None, or a sequence of ids.
+        - ``stop_token_ids``: "auto" (the tokenizer's end tokens), None, or a sequence of ids.
         - ``stop``: strings; a row stops when its completion contains one, which is cut off.
         - ``seed``: makes a sampling sampler reproducible for this call.
         - ``stream``: ``stream(row, token_id)`` is called for each new token.
@@ -190,9 +190,9 @@ class CausalLM(Task):
                 raise ValueError(f"stop_token_ids must be 'auto', None or ids, got {stop_token_ids!r}.")
             if self.preprocessor is None:
                 raise ValueError(
-                    'stop_token_ids="auto" needs a preprocessor (its end token); pass ids or None.'
+                    'stop_token_ids="auto" needs a preprocessor (its end tokens); pass ids or None.'
                 )
-            return (self.preprocessor.tokenizer.end_token_id,)
+            return self.preprocessor.tokenizer.stop_token_ids
         return tuple(int(t) for t in stop_token_ids)
 
     def _generator(self, seed):

@@ -27,10 +27,11 @@ class KerasHubSerializable:
 
     @classmethod
     def keras_hub_module(cls):
-        """``plugins.llama.llama_backbone`` -> ``keras_hub.src.models.llama.llama_backbone``."""
+        """``plugins.llama.llama3_backbone`` -> ``keras_hub.src.models.llama3.llama3_backbone``:
+        KerasHub's package is the file name's first word."""
         parts = cls.__module__.split(".")
         if parts[0] == "plugins":
-            return ".".join(["keras_hub.src.models", *parts[1:]])
+            return ".".join(["keras_hub.src.models", parts[-1].split("_")[0], parts[-1]])
         return cls.__module__
 
     def serialize(self):

@@ -23,6 +23,8 @@ class Tokenizer(KerasHubSerializable):
     start_token = None
     end_token = None
     pad_token = None  # None: id 0 pads (KerasHub's choice for SentencePiece models)
+    end_of_turn_token = None  # a chat model's second end (Llama 3's <|eot_id|>): it stops generation too
+    control_tokens = ()  # other special tokens (chat headers), matched whole and dropped from outputs
 
     def __init__(self, name=None, **kwargs):
         for key in ("trainable", "dtype", "config_file"):
@@ -40,7 +42,13 @@ class Tokenizer(KerasHubSerializable):
 
     @property
     def special_tokens(self):
-        roles = {"start_token": self.start_token, "end_token": self.end_token, "pad_token": self.pad_token}
+        roles = {
+            "start_token": self.start_token,
+            "end_token": self.end_token,
+            "pad_token": self.pad_token,
+            "end_of_turn_token": self.end_of_turn_token,
+            **{f"control_token_{i}": token for i, token in enumerate(self.control_tokens)},
+        }
         return {role: token for role, token in roles.items() if token is not None}
 
     def _check_special_tokens(self):
@@ -59,6 +67,12 @@ class Tokenizer(KerasHubSerializable):
     @property
     def pad_token_id(self):
         return 0 if self.pad_token is None else self.token_to_id(self.pad_token)
+
+    @property
+    def stop_token_ids(self):
+        """The ids that end a generation: the end token, and the end-of-turn token if any."""
+        ends = (self.end_token, self.end_of_turn_token)
+        return tuple(dict.fromkeys(self.token_to_id(t) for t in ends if t is not None))
 
     @property
     def special_token_ids(self):
@@ -248,21 +262,35 @@ class BytePairTokenizer(Tokenizer):
 
     @classmethod
     def from_transformers_checkpoint(cls, directory):
-        """The byte-level BPE vocabulary and merges of the checkpoint's ``tokenizer.json``, or None without one."""
+        """The byte-level BPE vocabulary and merges of the checkpoint's ``tokenizer.json``, or None without one.
+
+        A split regex before the byte-level step (Llama 3's) is not applied: the text is
+        split by GPT-2's pattern, as KerasHub's tokenizer splits it.
+        """
         path = pathlib.Path(directory) / "tokenizer.json"
         if not path.is_file():
             return None
         data = json.loads(path.read_text(encoding="utf-8"))
-        model, pre_tokenizer = data.get("model") or {}, data.get("pre_tokenizer") or {}
-        byte_level = pre_tokenizer.get("type") == "ByteLevel" and pre_tokenizer.get("use_regex", True)
-        if model.get("type") != "BPE" or not byte_level:
+        model, byte_level = data.get("model") or {}, _byte_level_step(data.get("pre_tokenizer") or {})
+        if model.get("type") != "BPE" or byte_level is None:
             raise ValueError(
                 f"{path}: only a byte-level BPE tokenizer (model BPE, pre_tokenizer ByteLevel) is supported, "
-                f"got model {model.get('type')!r} with pre_tokenizer {pre_tokenizer.get('type')!r}."
+                f"got model {model.get('type')!r} with pre_tokenizer {(data.get('pre_tokenizer') or {}).get('type')!r}."
             )
-        vocabulary = {**model["vocab"], **{t["content"]: t["id"] for t in data.get("added_tokens", [])}}
+        added_tokens = data.get("added_tokens", [])
+        vocabulary = {**model["vocab"], **{t["content"]: t["id"] for t in added_tokens}}
         merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-        return cls(vocabulary, merges, add_prefix_space=pre_tokenizer.get("add_prefix_space", False))
+        return cls(
+            vocabulary,
+            merges,
+            add_prefix_space=byte_level.get("add_prefix_space", False),
+            unsplittable_tokens=cls.checkpoint_unsplittable_tokens(added_tokens),
+        )
+
+    @classmethod
+    def checkpoint_unsplittable_tokens(cls, added_tokens):
+        """Which of a checkpoint's ``added_tokens`` are matched whole; None: this class's special tokens."""
+        return None
 
     def save_assets(self, directory):
         directory = pathlib.Path(directory)
@@ -272,6 +300,17 @@ class BytePairTokenizer(Tokenizer):
     def load_assets(self, directory):
         directory = pathlib.Path(directory)
         self.set_vocabulary_and_merges(directory / "vocabulary.json", directory / "merges.txt")
+
+
+def _byte_level_step(pre_tokenizer):
+    """The ByteLevel step of a ``tokenizer.json`` pre-tokenizer: the whole of it (GPT-2's regex
+    inside), or the last of a Sequence whose Split regex comes first (Llama 3); else None."""
+    if pre_tokenizer.get("type") == "ByteLevel" and pre_tokenizer.get("use_regex", True):
+        return pre_tokenizer
+    steps = pre_tokenizer.get("pretokenizers") or []
+    if pre_tokenizer.get("type") == "Sequence" and [s.get("type") for s in steps] == ["Split", "ByteLevel"]:
+        return steps[1]
+    return None
 
 
 def _read_asset(path, what):
