@@ -296,6 +296,8 @@ def share_preset(session, name: str, tenant: str) -> None:
     preset = queries.get_preset(session, name)
     if preset is None:
         raise BadInput(f"no preset {name!r} in the store")
+    if not tenant or any(character.isspace() for character in tenant):
+        raise BadInput(f"tenant {tenant!r} is not a tenant name")
     queries.share_preset(session, name, owner=preset.tenant, tenant=tenant)
     print(json.dumps({"name": name, "shared_with": queries.preset_shares(session, name)}))
 
@@ -519,7 +521,7 @@ def build_parser() -> Parser:
     importing.add_argument("handle")
     importing.add_argument("--name", required=True, help="the store name to register it under")
     importing.add_argument(
-        "--tenant", default=LOCAL_TENANT, help="whose preset it is (default: local, a server without tokens' tenant)"
+        "--tenant", default=LOCAL_TENANT, help="the tenant whose preset it is (a server without tokens has only local)"
     )
     sharing = actions.add_parser("share", help="let another tenant, or every tenant, use a preset")
     sharing.add_argument("name")

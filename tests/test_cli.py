@@ -363,5 +363,7 @@ def test_presets_import_for_a_tenant_refuses_reserved_names_and_share_is_recorde
     with session_scope(sessions(load_settings())) as session:
         assert queries.get_preset(session, "theirs", "team-b").tenant == "team-a"
         assert queries.get_preset(session, "theirs", "team-c") is None
+    code, _, err = run_cli(capsys, "presets", "share", "theirs", "team c")
+    assert code == 2 and "tenant 'team c' is not a tenant name" in err
     code, _, err = run_cli(capsys, "presets", "share", "nothing-here", "team-b")
     assert code == 2 and "no preset 'nothing-here'" in err
