@@ -151,6 +151,52 @@ def test_stop_strings_and_stream_with_search_samplers(lm, sampler):
     assert seen == out.token_ids
 
 
+def test_continuous_batching_gives_each_prompt_its_tokens_alone(lm):
+    """Two rows in flight, eight prompts of mixed lengths: rows leave on a stop token, a
+    stop string or their own max_new_tokens, waiting prompts take their places, and
+    every row's output equals that prompt generated alone."""
+    prompts = PROMPTS + [p + " again" for p in PROMPTS]
+    free = lm.generate(prompts[:1], max_length=40, stop_token_ids=None, return_details=True)[0]
+    stop_token = free.token_ids[3]
+    stop_string = lm.preprocessor.tokenizer.detokenize(free.token_ids[5:7]).strip()[:3]
+    limits = [12, 3, 9, 0, 7, 12, 5, 10]
+    arguments = dict(max_length=40, stop_token_ids=(stop_token,), stop=[stop_string], return_details=True)
+    finished = []
+    joined = lm.generate(
+        prompts, max_new_tokens=limits, max_rows=2, on_result=lambda row, g: finished.append((row, g)), **arguments
+    )
+    for i, prompt in enumerate(prompts):
+        alone = lm.generate(prompt, max_new_tokens=limits[i], **arguments)
+        assert joined[i] == alone
+        assert joined[i].completion_tokens <= limits[i]
+    assert {"stop", "length"} <= {g.finish_reason for g in joined}
+    # Each result came out once, as its row finished, before the call returned; not in prompt order.
+    assert sorted(row for row, _ in finished) == list(range(len(prompts)))
+    assert all(joined[row] == g for row, g in finished)
+    assert [row for row, _ in finished] != list(range(len(prompts)))
+
+
+def test_the_cache_token_budget_bounds_the_rows_in_flight(lm):
+    """A budget of 70 cache positions holds one request of 40 positions at a time: the rows
+    never overlap, and the tokens are those of the batch without a budget."""
+    together = lm.generate(PROMPTS, max_length=40, stop_token_ids=None, return_details=True)
+    seen = []
+    budgeted = lm.generate(
+        PROMPTS, max_length=40, stop_token_ids=None, return_details=True, max_cache_tokens=70,
+        stream=lambda row, token: seen.append(row),
+    )
+    assert budgeted == together
+    runs = [row for n, row in enumerate(seen) if n == 0 or seen[n - 1] != row]
+    assert len(runs) == len(PROMPTS)  # one row at a time: each row's tokens in one run
+
+
+def test_a_per_row_max_new_tokens_list_must_fit_the_prompts(lm):
+    with pytest.raises(ValueError, match="max_new_tokens has 2 values for 4 prompts"):
+        lm.generate(PROMPTS, max_length=40, max_new_tokens=[3, 4])
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        lm.generate(PROMPTS, max_length=40, max_new_tokens=[3, 4, -1, 2])
+
+
 def test_length_groups_bound_the_padding():
     from core.generation import length_groups
 

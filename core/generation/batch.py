@@ -28,18 +28,24 @@ class Batch:
         model,
         sampler,
         stop_token_ids=(),
-        generator=None,
+        seeds=None,
         stop_strings=None,
         stream=None,
+        on_finish=None,
         room=(0, 0),
     ):
-        """``room``: (positions, prompt length) the cache keeps for requests that join later;
+        """``seeds``: request -> seed, so that each request samples from its own random
+        stream (its output then depends on its prompt and seed, not on its neighbours);
+        ``on_finish(request, completion)`` receives each result as its request finishes;
+        ``room``: (positions, prompt length) the cache keeps for requests that join later;
         by default it fits the first requests only."""
         self.model = model
         self.sampler = sampler
-        self.generator = generator
+        self.seeds = seeds
+        self.generators = {}  # request in flight -> its torch.Generator, when seeded
         self.stop_strings = stop_strings
         self.stream = stream
+        self.on_finish = on_finish
         self.stop_ids = torch.tensor(list(stop_token_ids), dtype=torch.long, device=model.device)
         # Python work per token, only when asked for; a search that picks its sequence at
         # the end (beam) gets stop strings and streaming once it has picked.
@@ -88,6 +94,10 @@ class Batch:
             )
         else:  # continuous batching: cache rows for requests that join a running batch
             self.cache.add_rows(len(prompts))
+        if self.seeds is not None:
+            for i in joining:
+                generator = torch.Generator(device=device)
+                self.generators[requests[i]] = generator.manual_seed(int(self.seeds[requests[i]]))
         rows = torch.arange(self.size, self.size + len(prompts), device=device)
         hidden = self.model.prefill(self.cache, prompts, rows, [requests[i] for i in joining])
         lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -118,6 +128,12 @@ class Batch:
         self.width = max(self.width, width)
 
     # -- one step --------------------------------------------------------------------
+
+    def row_generators(self):
+        """Each row's random generator (its request's), or None when unseeded."""
+        if self.seeds is None:
+            return None
+        return [self.generators[request] for request in self.rows["request"].tolist()]
 
     def take_logits(self):
         """The rows' next-token logits [rows, vocab], for the sampler to choose from."""
@@ -193,6 +209,7 @@ class Batch:
             self.rows, self.size, self.cache, self.logits = {}, 0, None, None
         else:
             self.select(((~done).nonzero() * group + within).flatten())
+            self.width = int(self.rows["length"].max())  # long rows that left no longer widen the reads
 
     def _harvest(self, index):
         """The results of the requests whose rows are ``index`` (whole requests, in order)."""
@@ -218,6 +235,9 @@ class Batch:
                 for token in completion.token_ids:
                     self.stream(request, token)
         self.completions[request] = completion
+        self.generators.pop(request, None)
+        if self.on_finish is not None:
+            self.on_finish(request, completion)
 
     def result(self):
         return DecodeResult.of([self.completions[r] for r in sorted(self.completions)])

@@ -34,8 +34,9 @@ How the two next kinds of generation plug in, without a second loop:
   requests out (their results are in ``batch.completions`` from then on), it calls
   ``batch.add`` with waiting prompts and their request ids: they are prefilled into
   new cache rows and decode from the next step on, each at its own position.
-  ``decode(..., max_rows=n)`` does this with at most ``n`` requests in flight; a
-  scheduler adds its own admission order, budgets and per-request callbacks there.
+  ``decode(..., max_rows=n, max_cache_tokens=t)`` does this within a budget of
+  rows and cache positions, admitting the shortest waiting prompts first, and
+  hands each result to ``on_finish`` as its request finishes.
 """
 
 from collections import deque
@@ -52,25 +53,33 @@ def decode(
     limits,
     sampler,
     stop_token_ids=(),
-    generator=None,
+    seeds=None,
     stop_strings=None,
     stream=None,
+    on_finish=None,
     max_rows=None,
+    max_cache_tokens=None,
 ):
     """Generates up to ``limits[i]`` tokens after ``prompts[i]`` (lists of ids); a ``DecodeResult``.
 
-    ``model`` is the model side (``DecoderOnlyModel``); ``stream(request, token_id)``
-    receives each new token; ``stop_strings`` is a ``StopStrings``. ``max_rows`` caps
-    the requests in flight: the others wait, and join as finished ones leave.
+    ``model`` is the model side (``DecoderOnlyModel``); ``seeds[i]`` seeds request i's own
+    random generator; ``stream(request, token_id)`` receives each new token and
+    ``on_finish(request, completion)`` each result as its request finishes; ``stop_strings``
+    is a ``StopStrings``.
+
+    The budget: at most ``max_rows`` requests in flight, and at most ``max_cache_tokens``
+    KV-cache positions (rows x positions per row). The others wait, shortest prompt first
+    (neighbours of similar length pad little), and join as finished ones leave.
     """
-    waiting = deque(range(len(prompts)))
-    max_rows = max_rows or len(prompts)
-    # The cache is sized for every request at once, so that waiting ones fit when they join.
+    # The cache is sized for every request, so that waiting ones fit when they join;
+    # the token budget then bounds how many rows it holds.
     room = (
         max((len(p) + limit for p, limit in zip(prompts, limits)), default=0),
         max((len(p) for p in prompts), default=0),
     )
-    batch = Batch(model, sampler, stop_token_ids, generator, stop_strings, stream, room=room)
+    max_rows = rows_in_budget(room[0], max_rows or max(len(prompts), 1), max_cache_tokens)
+    waiting = deque(sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i)))
+    batch = Batch(model, sampler, stop_token_ids, seeds, stop_strings, stream, on_finish, room=room)
     while waiting or batch.size:
         if waiting and batch.in_flight < max_rows:  # rows join between steps
             joining = [waiting.popleft() for _ in range(min(len(waiting), max_rows - batch.in_flight))]
@@ -82,3 +91,12 @@ def decode(
             if batch.size and batch.logits is None:
                 batch.step()
     return batch.result()
+
+
+def rows_in_budget(positions, max_rows, max_cache_tokens=None):
+    """How many requests of ``positions`` cache positions each fit the budget (at least one)."""
+    if max_rows < 1 or (max_cache_tokens is not None and max_cache_tokens < 1):
+        raise ValueError(f"The row budget must be positive: max_rows={max_rows}, max_cache_tokens={max_cache_tokens}.")
+    if max_cache_tokens is None or positions == 0:
+        return max_rows
+    return max(1, min(max_rows, max_cache_tokens // positions))

@@ -103,23 +103,35 @@ class CausalLM(Task):
         stop=None,
         seed=None,
         stream=None,
+        on_result=None,
+        max_rows=None,
+        max_cache_tokens=None,
         return_details=False,
     ):
         """Generates text for a prompt or a list of prompts (KerasHub semantics, plus more).
 
         - ``max_length``: prompt plus completion, in tokens (default: the
-          preprocessor's ``sequence_length``); ``max_new_tokens`` caps the completion.
+          preprocessor's ``sequence_length``); ``max_new_tokens`` caps the completion
+          (one number for every row, or a list with one per row).
         - ``stop_token_ids``: "auto" (the tokenizer's end tokens), None, or a sequence of ids.
         - ``stop``: strings; a row stops when its completion contains one, which is cut off.
-        - ``seed``: makes a sampling sampler reproducible for this call.
+        - ``seed``: makes a sampling sampler reproducible: row i draws from its own
+          generator seeded ``seed + i`` (or ``seed[i]``, a list), so a row's output
+          depends on its prompt and seed, never on the other rows.
         - ``stream``: ``stream(row, token_id)`` is called for each new token.
+        - ``on_result``: ``on_result(row, output)`` is called as each row finishes, with
+          what the return value holds for that row.
+        - ``max_rows``, ``max_cache_tokens``: the most rows decoded at once, and KV-cache
+          positions (rows x positions per row); the other prompts join as rows finish
+          (continuous batching). By default every prompt runs at once.
         - ``return_details``: ``Generation`` records (text, token counts, finish reason).
 
         Without a preprocessor, ``inputs`` is ``{"token_ids", "padding_mask"}``
         (right-padded) and the same dict comes back with the completions written in.
         """
+        budget = dict(max_rows=max_rows, max_cache_tokens=max_cache_tokens)
         if isinstance(inputs, dict):
-            return self._generate_from_ids(inputs, stop_token_ids, max_new_tokens, seed, stream)
+            return self._generate_from_ids(inputs, stop_token_ids, max_new_tokens, seed, stream, budget)
         if self.preprocessor is None:
             raise ValueError(
                 "This task has no preprocessor: pass {'token_ids', 'padding_mask'}, not strings."
@@ -131,28 +143,38 @@ class CausalLM(Task):
         limits = _limits(prompts, max_length, max_new_tokens)
         tokenizer = self.preprocessor.tokenizer
         stop_strings = StopStrings(tokenizer, stop) if stop else None
-        result = decode(
+
+        def output(row, completion):
+            prompt, ids = prompts[row], completion.token_ids
+            text = self.preprocessor.generate_postprocess([ids if strip_prompt else prompt + ids])[0]
+            if stop_strings is not None:
+                text = _cut_after_prompt(text, stop_strings, [] if strip_prompt else prompt)
+            generation = Generation(text, ids, len(prompt), len(ids), completion.finish_reason)
+            return generation if return_details else text
+
+        outputs = {}
+
+        def finished(row, completion):
+            outputs[row] = output(row, completion)
+            if on_result is not None:
+                on_result(row, outputs[row])
+
+        decode(
             DecoderOnlyModel(self.backbone, tokenizer.pad_token_id),
             prompts,
             limits,
             self.sampler,
             stop_token_ids=self._stop_ids(stop_token_ids),
-            generator=self._generator(seed),
+            seeds=self._seeds(seed, len(prompts)),
             stop_strings=stop_strings,
             stream=stream,
+            on_finish=finished,
+            **budget,
         )
-        outputs = []
-        for prompt, completion, reason in zip(prompts, result.completions, result.finish_reasons):
-            ids = completion if strip_prompt else prompt + completion
-            text = self.preprocessor.generate_postprocess([ids])[0]
-            if stop_strings is not None:
-                text = _cut_after_prompt(text, stop_strings, [] if strip_prompt else prompt)
-            outputs.append(Generation(text, completion, len(prompt), len(completion), reason))
-        if not return_details:
-            outputs = [g.text for g in outputs]
+        outputs = [outputs[row] for row in range(len(prompts))]
         return outputs[0] if single else outputs
 
-    def _generate_from_ids(self, inputs, stop_token_ids, max_new_tokens, seed, stream):
+    def _generate_from_ids(self, inputs, stop_token_ids, max_new_tokens, seed, stream, budget):
         token_ids = np.asarray(inputs["token_ids"])
         padding_mask = np.asarray(inputs.get("padding_mask", np.ones_like(token_ids))).astype(bool)
         if token_ids.ndim != 2 or token_ids.shape != padding_mask.shape:
@@ -173,8 +195,9 @@ class CausalLM(Task):
             _limits(prompts, max_length, max_new_tokens),
             self.sampler,
             stop_token_ids=self._stop_ids(stop_token_ids),
-            generator=self._generator(seed),
+            seeds=self._seeds(seed, len(prompts)),
             stream=stream,
+            **budget,
         )
         out_ids, out_mask = token_ids.copy(), padding_mask.copy()
         for i, (prompt, completion) in enumerate(zip(prompts, result.completions)):
@@ -195,26 +218,34 @@ class CausalLM(Task):
             return self.preprocessor.tokenizer.stop_token_ids
         return tuple(int(t) for t in stop_token_ids)
 
-    def _generator(self, seed):
+    def _seeds(self, seed, rows):
+        """Each row's seed: ``seed[i]``, or ``seed + i`` (the sampler's seed by default); None unseeded."""
         seed = seed if seed is not None else getattr(self.sampler, "seed", None)
         if seed is None:
             return None
-        return torch.Generator(device=self.backbone.device).manual_seed(int(seed))
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != rows:
+                raise ValueError(f"seed has {len(seed)} values for {rows} prompts; give one per prompt or one int.")
+            return [int(s) for s in seed]
+        return [int(seed) + i for i in range(rows)]
 
 
 def _limits(prompts, max_length, max_new_tokens):
     if max_length is None or max_length < 1:
         raise ValueError(f"max_length must be a positive integer, got {max_length!r}.")
-    if max_new_tokens is not None and max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens!r}.")
+    per_row = max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompts)
+    if len(per_row) != len(prompts):
+        raise ValueError(f"max_new_tokens has {len(per_row)} values for {len(prompts)} prompts.")
     limits = []
-    for i, prompt in enumerate(prompts):
+    for i, (prompt, new_tokens) in enumerate(zip(prompts, per_row)):
+        if new_tokens is not None and new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {new_tokens!r}.")
         if len(prompt) > max_length:
             raise ValueError(
                 f"Prompt {i} is {len(prompt)} tokens, longer than max_length={max_length}."
             )
         room = max_length - len(prompt)
-        limits.append(room if max_new_tokens is None else min(room, max_new_tokens))
+        limits.append(room if new_tokens is None else min(room, new_tokens))
     return limits
 
 

@@ -9,7 +9,8 @@ class Sampler:
     """Chooses one token per row from ``logits`` [batch, vocab].
 
     Subclasses implement ``get_next_token(probabilities, generator)`` (KerasHub's
-    method name); ``temperature`` divides the logits first.
+    method name); ``temperature`` divides the logits first. ``generator`` is one
+    ``torch.Generator``, one per row (a list: the decode engine's seeded rows), or None.
 
     To the decode engine (``core.generation``) a sampler is its strategy: it
     says how many rows a request takes (``rows_per_prompt``), sets up what it
@@ -48,7 +49,7 @@ class Sampler:
 
     def choose(self, batch, logits):
         """Each row's next token [rows] from its logits [rows, vocab]."""
-        return self.next_token(logits, batch.generator)
+        return self.next_token(logits, batch.row_generators())
 
     def finish(self, rows):
         """A request's ``Completion`` from its finished rows (``FinishedRow``s)."""

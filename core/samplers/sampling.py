@@ -6,6 +6,10 @@ from core.samplers.base import Sampler
 
 
 def _draw(probabilities, generator):
+    """One draw per row of ``probabilities`` [rows, n]; a list of generators gives each row its own."""
+    if isinstance(generator, list):
+        draws = [torch.multinomial(row[None], 1, generator=g)[0, 0] for row, g in zip(probabilities, generator)]
+        return torch.stack(draws) if draws else probabilities.new_zeros(0, dtype=torch.long)
     return torch.multinomial(probabilities, 1, generator=generator)[:, 0]
 
 
