@@ -61,12 +61,13 @@ class Architecture:
     # Architectures sharing a model_type tell their checkpoints apart by tokenizer file (see for_hf_model_type).
     hf_tokenizer_files: tuple = ()
     presets: dict = field(default_factory=dict)  # name -> PresetInfo
+    extra_classes: tuple = ()  # "module:Class" of other classes it answers to (a second backbone layout)
     plugin: str = ""  # the entry point that registered it
 
     @property
     def class_paths(self):
         """KerasHub class name -> import path, for every class this architecture answers to."""
-        paths = (self.backbone, self.tokenizer, self.preprocessor, self.task)
+        paths = (self.backbone, self.tokenizer, self.preprocessor, self.task, *self.extra_classes)
         return {path.rsplit(":", 1)[1]: path for path in paths}
 
     def load_class(self, class_name):

@@ -51,3 +51,15 @@ class TestFalconConformance(CausalLMConformance):
         tokenizer = FalconTokenizer(assets / "vocabulary.json", assets / "merges.txt")
         backbone = FalconBackbone(tokenizer.vocabulary_size(), 2, 4, 32, 128)
         return FalconCausalLM(backbone, FalconCausalLMPreprocessor(tokenizer, sequence_length=32))
+
+
+class TestFalconRotaryConformance(CausalLMConformance):
+    """The Falcon-40B layout: grouped key/value heads, attention in parallel with the MLP."""
+
+    def make_task(self):
+        from plugins.falcon import FalconCausalLM, FalconCausalLMPreprocessor, FalconRotaryBackbone, FalconTokenizer
+
+        assets = FIXTURES / "falcon" / ASSETS
+        tokenizer = FalconTokenizer(assets / "vocabulary.json", assets / "merges.txt")
+        backbone = FalconRotaryBackbone(tokenizer.vocabulary_size(), 2, 4, 2, 32, 128, num_layer_norms=2)
+        return FalconCausalLM(backbone, FalconCausalLMPreprocessor(tokenizer, sequence_length=32))

@@ -6,7 +6,7 @@ directly, skipping Keras' per-call machinery on the hot path.
 """
 
 from core.layers.attention import AttentionContext, CachedAttention, KVCache, RollingKVCache
-from core.layers.decoder import DecoderBlock
+from core.layers.decoder import DecoderBlock, ParallelDecoderBlock
 from core.layers.embedding import ReversibleEmbedding
 from core.layers.feedforward import FeedForward, GatedFeedForward
 from core.layers.norms import LayerNorm, RMSNorm
@@ -20,6 +20,7 @@ __all__ = [
     "GatedFeedForward",
     "KVCache",
     "LayerNorm",
+    "ParallelDecoderBlock",
     "RMSNorm",
     "RollingKVCache",
     "ReversibleEmbedding",

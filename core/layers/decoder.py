@@ -1,4 +1,4 @@
-"""The pre-norm transformer decoder block that Llama, Mistral and Phi-3 share."""
+"""Pre-norm transformer decoder blocks: sequential (Llama, Mistral, Phi-3, Falcon-RW) and parallel (Falcon-7B/40B)."""
 
 import keras
 import torch
@@ -34,3 +34,18 @@ class DecoderBlock(keras.layers.Layer):
         x = x + self._dropout(attended, self.attention_dropout, training)
         fed = self.feedforward.call(self.feedforward_norm.call(x))
         return x + self._dropout(fed, self.dropout, training)
+
+
+class ParallelDecoderBlock(DecoderBlock):
+    """``x + attention(norm(x)) + feedforward(norm'(x))``: both branches read the block's input.
+
+    Without a ``feedforward_norm`` both read the one ``attention_norm`` (Falcon-7B);
+    with one, each has its own (Falcon-40B's ``ln_attn`` and ``ln_mlp``). ``dropout``
+    applies to the branches' sum.
+    """
+
+    def call(self, x, context, training=False):
+        normed = self.attention_norm.call(x)  # [batch, seq, hidden]
+        attended = self.attention.call(normed, context, training=training)
+        fed = self.feedforward.call(normed if self.feedforward_norm is None else self.feedforward_norm.call(x))
+        return x + self._dropout(attended + fed, self.dropout, training)

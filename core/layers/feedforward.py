@@ -41,22 +41,29 @@ class GatedFeedForward(keras.layers.Layer):
 
 
 class FeedForward(keras.layers.Layer):
-    """``output(act(intermediate(x)))`` with biases (Falcon's dense_h_to_4h / dense_4h_to_h)."""
+    """``output(act(intermediate(x)))``, with biases unless ``use_bias=False`` (Falcon's dense_h_to_4h / dense_4h_to_h)."""
 
-    def __init__(self, hidden_dim, intermediate_dim, activation_name="gelu", **kwargs):
+    def __init__(self, hidden_dim, intermediate_dim, activation_name="gelu", use_bias=True, **kwargs):
         super().__init__(**kwargs)
         init = keras.initializers.RandomNormal(stddev=0.02)
         self.activation = activation(activation_name)
+
+        def bias(name, size):
+            return self.add_weight(shape=(size,), initializer="zeros", name=name) if use_bias else None
+
         self.intermediate_kernel = self.add_weight(
             shape=(hidden_dim, intermediate_dim), initializer=init, name="intermediate_kernel"
         )
-        self.intermediate_bias = self.add_weight(shape=(intermediate_dim,), initializer="zeros", name="intermediate_bias")
+        self.intermediate_bias = bias("intermediate_bias", intermediate_dim)
         self.output_kernel = self.add_weight(
             shape=(intermediate_dim, hidden_dim), initializer=init, name="output_kernel"
         )
-        self.output_bias = self.add_weight(shape=(hidden_dim,), initializer="zeros", name="output_bias")
+        self.output_bias = bias("output_bias", hidden_dim)
         self.built = True
 
     def call(self, x):
-        hidden = self.activation(x @ self.intermediate_kernel.value + self.intermediate_bias.value)
-        return hidden @ self.output_kernel.value + self.output_bias.value
+        hidden = x @ self.intermediate_kernel.value
+        if self.intermediate_bias is not None:
+            hidden = hidden + self.intermediate_bias.value
+        out = self.activation(hidden) @ self.output_kernel.value
+        return out if self.output_bias is None else out + self.output_bias.value

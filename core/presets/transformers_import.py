@@ -2,7 +2,8 @@
 
 The architecture registered for the ``model_type`` supplies a converter module with
 ``backbone_config(hf_config) -> dict`` (KerasHub backbone arguments) and
-``convert_weights(backbone, checkpoint)``; its tokenizer class reads the checkpoint's
+``convert_weights(backbone, checkpoint)`` (and ``backbone_class(hf_config) -> class name`` when
+the architecture has more than one backbone class); its tokenizer class reads the checkpoint's
 tokenizer files (``from_transformers_checkpoint(directory) -> Tokenizer | None``).
 Only safetensors are read; pickle files (``*.bin``) are refused.
 """
@@ -84,6 +85,13 @@ def _architecture(directory):
     return hf_config, architecture, importlib.import_module(architecture.hf_converter)
 
 
+def _backbone_class(architecture, converter, hf_config):
+    """The architecture's backbone, or the one of its classes the converter names for this layout."""
+    if hasattr(converter, "backbone_class"):
+        return architecture.load_class(converter.backbone_class(hf_config))
+    return architecture.load("backbone")
+
+
 def checkpoint_dtype(hf_config):
     dtype = hf_config.get("torch_dtype") or hf_config.get("dtype")
     return dtype if dtype in DTYPES else None
@@ -93,7 +101,7 @@ def load_backbone(directory, load_weights=True, dtype=None):
     hf_config, architecture, converter = _architecture(directory)
     config = converter.backbone_config(hf_config)
     config["dtype"] = dtype or checkpoint_dtype(hf_config)
-    backbone = architecture.load("backbone")(**config)
+    backbone = _backbone_class(architecture, converter, hf_config)(**config)
     if load_weights:
         converter.convert_weights(backbone, Checkpoint(directory))
     return backbone

@@ -12,7 +12,7 @@ import torch
 
 from core.models import CausalLM
 from core.names import SAMPLER_NAMES
-from core.plugins import get_registry
+from core.plugins import get_registry, import_path
 from core.presets import PresetNotFound, PresetResolver
 from core.presets.weights import WEIGHTS_FILE
 
@@ -76,8 +76,11 @@ class CausalLMConformance:
         task, backbone = self.task, self.task.backbone
         architecture = get_registry().architecture_of_class(type(backbone).__name__)
         assert architecture is not None, f"no registered plugin provides {type(backbone).__name__}"
+        layouts = [architecture.backbone, *architecture.extra_classes]  # a second backbone layout is an extra class
+        assert type(backbone) in [import_path(path) for path in layouts], (
+            f"{architecture.name}'s backbone is not {type(backbone).__name__}"
+        )
         parts = {
-            "backbone": backbone,
             "tokenizer": task.preprocessor.tokenizer,
             "preprocessor": task.preprocessor,
             "task": task,

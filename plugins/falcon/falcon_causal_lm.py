@@ -1,4 +1,4 @@
-"""FalconCausalLM (default sampler: greedy, as in KerasHub)."""
+"""FalconCausalLM (default sampler: greedy, as in KerasHub), on a FalconBackbone or a FalconRotaryBackbone."""
 
 from core.models.causal_lm import CausalLM
 from plugins.falcon.falcon_backbone import FalconBackbone
