@@ -306,6 +306,11 @@ def cmd_architectures(args) -> int:
     from core.plugins import get_registry
 
     registry = get_registry()
+    if registry.unknown_plugins:
+        raise BadInput(
+            f"LMQ_PLUGINS names no installed plugin: {', '.join(registry.unknown_plugins)} "
+            f"(installed: {', '.join(registry.installed_plugins)})"
+        )
     for architecture in registry.architectures():
         print(
             json.dumps(

@@ -141,10 +141,15 @@ class Registry:
         self.manager.add_hookspecs(HookSpecs)
         self._architectures = {}
         self.load_errors = {}  # entry-point name -> message
+        self.installed_plugins = []  # every lmq.plugins entry point's name
+        self.unknown_plugins = []  # names the allow-list gives that no installed plugin has
 
     def load_entry_points(self, allowed=None):
         """Registers every allowed ``lmq.plugins`` entry point, then collects their architectures."""
-        for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+        self.installed_plugins = sorted(entry_point.name for entry_point in entry_points)
+        self.unknown_plugins = sorted(set(allowed or ()) - set(self.installed_plugins))
+        for entry_point in entry_points:
             if allowed is not None and entry_point.name not in allowed:
                 continue
             try:

@@ -155,6 +155,8 @@ class EmptyRegistry:
     """What LMQ_PLUGINS naming no installed plugin leaves."""
 
     load_errors = {}
+    installed_plugins = ["llama"]
+    unknown_plugins = []
 
     def architectures(self):
         return []

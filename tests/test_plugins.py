@@ -87,6 +87,19 @@ def test_lmq_plugins_allow_list(site, tmp_path):
     assert found["errors"] == {}
 
 
+def test_an_allow_list_name_no_plugin_has_is_named_in_one_line(site, tmp_path):
+    unknown = run_python(LIST + "    print(json.dumps(registry.unknown_plugins))\n", site, tmp_path, LMQ_PLUGINS="lama,llama")
+    assert unknown == ["lama"]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)]), "LMQ_PLUGINS": "lama"}
+    environment["LMQ_HOME"] = str(tmp_path / "home")
+    done = subprocess.run(
+        [sys.executable, "-m", "api.cli", "architectures"], env=environment, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert done.returncode != 0 and done.stdout == ""
+    assert done.stderr.strip().count("\n") == 0 and "LMQ_PLUGINS names no installed plugin: lama" in done.stderr
+    assert "llama" in done.stderr.partition("installed:")[2]
+
+
 def test_the_installed_example_passes_the_plugin_kit(site, tmp_path):
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
     environment.pop("LMQ_PLUGINS", None)
