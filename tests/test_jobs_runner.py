@@ -18,7 +18,9 @@ from workers.runner import JobRunner
 
 
 class StandInLM:
-    """Upper-cases prompts. Runs out of memory above `fits` rows; rejects "TOO LONG"."""
+    """Upper-cases prompts, as the decode engine schedules them: shortest first, at most
+    `max_rows` in flight (recorded in `batches`), each result handed to `on_result` as it
+    finishes. Runs out of memory above `fits` rows; rejects "TOO LONG"."""
 
     def __init__(self, fits=1000):
         self.fits = fits
@@ -28,21 +30,28 @@ class StandInLM:
     def compile(self, sampler):
         self.sampler = sampler
 
-    def generate(self, prompts, return_details, **arguments):
-        if len(prompts) > self.fits:
+    def generate(self, prompts, return_details, on_result, between_steps, max_rows, max_cache_tokens, **arguments):
+        self.arguments = arguments
+        if min(max_rows, len(prompts)) > self.fits:
             raise RuntimeError("CUDA out of memory. Tried to allocate 1 GiB")
         if any("TOO LONG" in prompt for prompt in prompts):
             raise ValueError("prompt is longer than max_length")
+        order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i].split()), i))
+        for start in range(0, len(order), max_rows):
+            between_steps()
+            rows = order[start : start + max_rows]
+            self.run_rows([prompts[i] for i in rows])
+            for i in rows:
+                on_result(i, self.generation(prompts[i]))
+
+    def run_rows(self, prompts):
         self.batches.append(list(prompts))
-        return [
-            SimpleNamespace(
-                text=prompt.upper(),
-                prompt_tokens=len(prompt.split()),
-                completion_tokens=1,
-                finish_reason="length",
-            )
-            for prompt in prompts
-        ]
+
+    @staticmethod
+    def generation(prompt):
+        return SimpleNamespace(
+            text=prompt.upper(), prompt_tokens=len(prompt.split()), completion_tokens=1, finish_reason="length"
+        )
 
 
 class WorkerDied(BaseException):
@@ -257,18 +266,18 @@ def test_a_paused_run_that_lost_its_lease_stops_and_writes_nothing_more(setup):
 
 
 class TakenOverDuringBatch(StandInLM):
-    """Pauses during its second batch, long enough for another worker to take the job."""
+    """Pauses during its second group of rows, long enough for another worker to take the job."""
 
     def __init__(self, factory, job_id):
         super().__init__()
         self.factory, self.job_id = factory, job_id
 
-    def generate(self, prompts, return_details, **arguments):
+    def run_rows(self, prompts):
         if len(self.batches) == 1:
             lease_runs_out(self.factory, self.job_id)
             with session_scope(self.factory) as session:
                 assert leases.claim(session, self.job_id, "second-worker", lease_s=60).attempts == 2
-        return super().generate(prompts, return_details, **arguments)
+        super().run_rows(prompts)
 
 
 def test_results_of_a_run_that_lost_its_lease_mid_batch_are_refused(setup):
@@ -286,9 +295,9 @@ def test_results_of_a_run_that_lost_its_lease_mid_batch_are_refused(setup):
 
 
 class Slow(StandInLM):
-    def generate(self, prompts, return_details, **arguments):
+    def run_rows(self, prompts):
         time.sleep(1.5)
-        return super().generate(prompts, return_details, **arguments)
+        super().run_rows(prompts)
 
 
 def test_the_heartbeat_keeps_the_lease_through_a_batch_longer_than_the_lease(setup, monkeypatch):
@@ -320,3 +329,41 @@ def test_every_result_line_of_a_failed_job_carries_its_error(setup):
     lines, summary = results(factory, job_id)
     assert [line["error"] for line in lines] == ["OSError: model.weights.h5 is truncated"] * 2
     assert summary["counts"] == {"total": 2, "completed": 0, "failed": 2}
+
+
+class OutOfMemoryMidway(StandInLM):
+    """Runs out of memory at its second group of rows while more than one row is in flight."""
+
+    def run_rows(self, prompts):
+        if len(self.batches) == 1 and len(prompts) > 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1 GiB")
+        super().run_rows(prompts)
+
+
+def test_out_of_memory_mid_job_keeps_finished_rows_and_reruns_the_rest_on_a_smaller_budget(setup):
+    settings, factory, preset = setup
+    job_id = submit(factory, preset, PROMPTS, micro_batch_size=2)
+    reported = []
+    lm = OutOfMemoryMidway()
+    runner, _ = runner_for(settings, lm, on_progress=lambda done, total: reported.append(done))
+    assert runner.run(job_id) == "succeeded"
+    # The first two rows were committed before the error and never ran again.
+    assert lm.batches == [["one", "four"], ["seven"], ["two words"], ["three little words"], ["five and six"]]
+    lines, summary = results(factory, job_id)
+    assert [line["output"] for line in lines] == [p.upper() for p in PROMPTS]
+    assert summary["counts"] == {"total": 6, "completed": 6, "failed": 0}
+    with session_scope(factory) as session:
+        splits = [e.data for e in queries.job_events(session, job_id) if e.type == "split"]
+    assert splits == [{"reason": "out_of_memory", "size": 2}]
+    # Progress advanced row by row once the budget was one row.
+    assert reported == [0, 2, 3, 4, 5, 6]
+
+
+def test_a_seeded_job_seeds_each_input_by_its_index(setup):
+    """Input i samples from seed + i wherever it lands in the batch, so a retried or taken-over
+    job samples what the first attempt would have."""
+    settings, factory, preset = setup
+    job_id = submit(factory, preset, PROMPTS, seed=7, sampler="top_k")
+    lm = StandInLM()
+    assert runner_for(settings, lm)[0].run(job_id) == "succeeded"
+    assert lm.arguments["seed"] == [7 + i for i in range(6)]  # the job's inputs, in order

@@ -1,8 +1,13 @@
-"""The micro-batch scheduler: prompts of similar length run together.
+"""How a job's prompts are batched: the row budget of continuous batching, and the
+fixed micro-batches it replaced (still the baseline ``bench/job_throughput.py`` measures).
 
-A batch pads every row to its longest prompt, so sorting by length before
-cutting batches wastes little compute on padding. A batch is cut when it has
-`max_items` rows or when rows x (longest prompt + new tokens) would pass
+The runner streams a job's prompts through the decode engine, which keeps up to
+``RowBudget.rows`` requests and ``RowBudget.cache_tokens`` KV-cache positions in
+flight and refills rows as they finish.
+
+A fixed micro-batch pads every row to its longest prompt, so sorting by length
+before cutting batches wastes little compute on padding. A batch is cut when it
+has `max_items` rows or when rows x (longest prompt + new tokens) would pass
 `max_tokens`, which bounds its memory.
 """
 
@@ -17,6 +22,19 @@ class Prompt:
     text: str
     length: int  # in tokens
     custom_id: str | None = None
+
+
+@dataclass
+class RowBudget:
+    """What the decode engine may hold at once: requests, and KV-cache positions (rows x positions)."""
+
+    rows: int
+    cache_tokens: int
+
+    def shrink(self) -> None:
+        """After running out of memory: half the rows and half the cache."""
+        self.rows = max(1, self.rows // 2)
+        self.cache_tokens = max(1, self.cache_tokens // 2)
 
 
 def plan_micro_batches(

@@ -5,8 +5,9 @@ through this same code. Running a job is idempotent: a job that is already
 finished is left alone, a job another worker holds a live lease on is left to
 it, and a job taken over from a dead worker continues with the items that have
 no result yet. Every write is fenced by the lease (workers/attempt.py), so a
-worker killed or paused at any moment loses at most the micro-batch it was
-running, and never writes over another worker's results.
+worker killed or paused at any moment loses at most the rows it had in flight
+(results are committed in small groups as rows finish, see ResultGroup), and
+never writes over another worker's results.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import os
 import re
 import socket
+import time
 
 from core.config import Settings
 from core.store import JobKind, JobState, queries, session_scope, sessions
@@ -22,7 +24,7 @@ from core.store.db import DatabaseUnavailable, transact
 from core.store.leases import Lease, LeaseLost, claim
 from core.store.presets import store_resolver
 from workers.attempt import Attempt, ProgressCallback
-from workers.batching import Prompt, is_out_of_memory, plan_micro_batches
+from workers.batching import Prompt, RowBudget, is_out_of_memory
 from workers.pool import ModelPool
 
 logger = logging.getLogger(__name__)
@@ -112,23 +114,20 @@ class JobRunner:
         arguments = {k: params[k] for k in GENERATE_ARGUMENTS if params.get(k) is not None}
 
         tokenize = lm.preprocessor.tokenizer.tokenize
-        attempt.report_progress(done, total)
+        budget = RowBudget(
+            rows=params.get("micro_batch_size") or self.settings.micro_batch_size,
+            cache_tokens=self.settings.micro_batch_tokens,
+        )
+        progress = Progress(attempt, done, total)
+        progress.report()
         after = -1
         while window := attempt.write(self._pending(job_id, after)):
             after = window[-1][0]
             prompts = [Prompt(index, text, len(tokenize(text)), custom_id) for index, text, custom_id in window]
-            for batch in plan_micro_batches(
-                prompts,
-                max_items=params.get("micro_batch_size") or self.settings.micro_batch_size,
-                max_tokens=self.settings.micro_batch_tokens,
-                new_tokens=params.get("max_new_tokens") or 0,
-            ):
-                if attempt.should_stop():
-                    return
-                results = self._generate(attempt, lm, batch, arguments)
-                attempt.write(lambda session: queries.record_results(session, job_id, results))
-                done += len(batch)
-                attempt.report_progress(done, total)
+            try:
+                self._stream(attempt, lm, prompts, arguments, budget, progress)
+            except StopRequested:
+                return
         attempt.finish(JobState.succeeded)
 
     def _pending(self, job_id: str, after: int):
@@ -141,42 +140,113 @@ class JobRunner:
 
         return pending
 
-    def _generate(self, attempt: Attempt, lm, batch: list[Prompt], arguments: dict) -> list[queries.ItemResult]:
-        """Results for one micro-batch; a batch that runs out of memory is split in two.
+    def _stream(self, attempt, lm, prompts: list[Prompt], arguments: dict, budget: RowBudget, progress) -> None:
+        """Generates ``prompts`` through the decode engine, committing results as rows finish.
 
-        A ValueError (a prompt longer than max_length, say) is split down to the
-        prompt that raised it, which gets the message as its error; the others run.
+        Rows leave and join the batch continuously within ``budget``. Out of memory
+        halves the budget and runs again what has no result yet; a ValueError (a prompt
+        longer than max_length, say) is split down to the prompt that raised it, which
+        gets the message as its error; the others run.
         """
-        try:
-            generations = lm.generate([p.text for p in batch], return_details=True, **arguments)
-        except Exception as error:
-            out_of_memory = is_out_of_memory(error)
-            if not (out_of_memory or isinstance(error, ValueError)):
-                raise
-            if len(batch) == 1:
-                message = "out of memory on a batch of one" if out_of_memory else str(error)
-                return [queries.ItemResult(batch[0].index, error=row_error(batch[0], message))]
-            if out_of_memory:
-                attempt.event("split", reason="out_of_memory", size=len(batch))
-            half = len(batch) // 2
-            return self._generate(attempt, lm, batch[:half], arguments) + self._generate(
-                attempt, lm, batch[half:], arguments
-            )
-        return [
-            queries.ItemResult(
-                prompt.index,
-                output=generation.text,
-                prompt_tokens=generation.prompt_tokens,
-                completion_tokens=generation.completion_tokens,
-                finish_reason=generation.finish_reason,
-            )
-            for prompt, generation in zip(batch, generations)
-        ]
+        group = ResultGroup(attempt, progress, budget)
+        seed = arguments.get("seed")
+        while prompts:
+            try:
+                lm.generate(
+                    [p.text for p in prompts],
+                    return_details=True,
+                    **{**arguments, **({} if seed is None else {"seed": [seed + p.index for p in prompts]})},
+                    on_result=lambda row, generation: group.add(result_of(prompts[row], generation)),
+                    between_steps=progress.check_now_and_then,
+                    max_rows=budget.rows,
+                    max_cache_tokens=budget.cache_tokens,
+                )
+                group.commit()
+                return
+            except Exception as error:
+                group.commit()  # what finished before the error is kept
+                if not (is_out_of_memory(error) or isinstance(error, ValueError)):
+                    raise
+                prompts = [p for p in prompts if p.index not in group.finished]
+                if is_out_of_memory(error) and budget.rows > 1:
+                    attempt.event("split", reason="out_of_memory", size=budget.rows)
+                    budget.shrink()
+                elif len(prompts) == 1:
+                    message = "out of memory on a batch of one" if is_out_of_memory(error) else str(error)
+                    group.add(queries.ItemResult(prompts[0].index, error=row_error(prompts[0], message)))
+                    group.commit()
+                    return
+                else:
+                    half = len(prompts) // 2
+                    self._stream(attempt, lm, prompts[:half], arguments, budget, progress)
+                    prompts = prompts[half:]
 
     def finish(self, job_id: str, state: JobState, error: str | None = None, **details) -> None:
         """Outside any attempt: `lmq generate` ending its own job on Ctrl-C."""
         with session_scope(self.sessions) as session:
             queries.finish_job(session, job_id, state, error, **details)
+
+
+class StopRequested(Exception):
+    """Cancellation was asked for: the job stops between decode steps."""
+
+
+class Progress:
+    """The job's progress, reported as rows finish; cancellation checked between steps."""
+
+    def __init__(self, attempt: Attempt, done: int, total: int, check_every_s: float = 1.0):
+        self.attempt, self.done, self.total = attempt, done, total
+        self.check_every_s = check_every_s
+        self.checked = time.monotonic()
+
+    def report(self) -> None:
+        self.attempt.report_progress(self.done, self.total)
+
+    def check(self) -> None:
+        """Raises StopRequested when the job is to stop (LeaseLost when it is no longer ours)."""
+        self.checked = time.monotonic()
+        if self.attempt.should_stop():
+            raise StopRequested
+
+    def check_now_and_then(self) -> None:
+        """Between decode steps: one query a second at most, not one per step."""
+        if time.monotonic() - self.checked >= self.check_every_s:
+            self.check()
+
+
+class ResultGroup:
+    """Finished rows, committed to SQL a few at a time: a crash redoes at most the rows in
+    flight and the last uncommitted few (as many as the budget's rows)."""
+
+    def __init__(self, attempt: Attempt, progress: Progress, budget: RowBudget):
+        self.attempt, self.progress, self.budget = attempt, progress, budget
+        self.results: list[queries.ItemResult] = []
+        self.finished: set[int] = set()  # the indices committed or about to be
+
+    def add(self, result: queries.ItemResult) -> None:
+        self.results.append(result)
+        self.finished.add(result.index)
+        if len(self.results) >= self.budget.rows:
+            self.commit()
+            self.progress.check()
+
+    def commit(self) -> None:
+        if not self.results:
+            return
+        results, self.results = self.results, []
+        self.attempt.write(lambda session: queries.record_results(session, self.attempt.job_id, results))
+        self.progress.done += len(results)
+        self.progress.report()
+
+
+def result_of(prompt: Prompt, generation) -> queries.ItemResult:
+    return queries.ItemResult(
+        prompt.index,
+        output=generation.text,
+        prompt_tokens=generation.prompt_tokens,
+        completion_tokens=generation.completion_tokens,
+        finish_reason=generation.finish_reason,
+    )
 
 
 def row_error(prompt: Prompt, message: str) -> str:

@@ -59,13 +59,15 @@ def decode(
     on_finish=None,
     max_rows=None,
     max_cache_tokens=None,
+    between_steps=None,
 ):
     """Generates up to ``limits[i]`` tokens after ``prompts[i]`` (lists of ids); a ``DecodeResult``.
 
     ``model`` is the model side (``DecoderOnlyModel``); ``seeds[i]`` seeds request i's own
     random generator; ``stream(request, token_id)`` receives each new token and
     ``on_finish(request, completion)`` each result as its request finishes; ``stop_strings``
-    is a ``StopStrings``.
+    is a ``StopStrings``; ``between_steps()`` is called before each step (a job runner
+    checks for cancellation there; what it raises ends the decoding).
 
     The budget: at most ``max_rows`` requests in flight, and at most ``max_cache_tokens``
     KV-cache positions (rows x positions per row). The others wait, shortest prompt first
@@ -81,6 +83,8 @@ def decode(
     waiting = deque(sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i)))
     batch = Batch(model, sampler, stop_token_ids, seeds, stop_strings, stream, on_finish, room=room)
     while waiting or batch.size:
+        if between_steps is not None:
+            between_steps()
         if waiting and batch.in_flight < max_rows:  # rows join between steps
             joining = [waiting.popleft() for _ in range(min(len(waiting), max_rows - batch.in_flight))]
             batch.add([prompts[i] for i in joining], [limits[i] for i in joining], joining)

@@ -106,6 +106,7 @@ class CausalLM(Task):
         on_result=None,
         max_rows=None,
         max_cache_tokens=None,
+        between_steps=None,
         return_details=False,
     ):
         """Generates text for a prompt or a list of prompts (KerasHub semantics, plus more).
@@ -124,14 +125,15 @@ class CausalLM(Task):
         - ``max_rows``, ``max_cache_tokens``: the most rows decoded at once, and KV-cache
           positions (rows x positions per row); the other prompts join as rows finish
           (continuous batching). By default every prompt runs at once.
+        - ``between_steps()``: called before each decode step; what it raises ends the call.
         - ``return_details``: ``Generation`` records (text, token counts, finish reason).
 
         Without a preprocessor, ``inputs`` is ``{"token_ids", "padding_mask"}``
         (right-padded) and the same dict comes back with the completions written in.
         """
-        budget = dict(max_rows=max_rows, max_cache_tokens=max_cache_tokens)
+        batching = dict(max_rows=max_rows, max_cache_tokens=max_cache_tokens, between_steps=between_steps)
         if isinstance(inputs, dict):
-            return self._generate_from_ids(inputs, stop_token_ids, max_new_tokens, seed, stream, budget)
+            return self._generate_from_ids(inputs, stop_token_ids, max_new_tokens, seed, stream, batching)
         if self.preprocessor is None:
             raise ValueError(
                 "This task has no preprocessor: pass {'token_ids', 'padding_mask'}, not strings."
@@ -169,12 +171,12 @@ class CausalLM(Task):
             stop_strings=stop_strings,
             stream=stream,
             on_finish=finished,
-            **budget,
+            **batching,
         )
         outputs = [outputs[row] for row in range(len(prompts))]
         return outputs[0] if single else outputs
 
-    def _generate_from_ids(self, inputs, stop_token_ids, max_new_tokens, seed, stream, budget):
+    def _generate_from_ids(self, inputs, stop_token_ids, max_new_tokens, seed, stream, batching):
         token_ids = np.asarray(inputs["token_ids"])
         padding_mask = np.asarray(inputs.get("padding_mask", np.ones_like(token_ids))).astype(bool)
         if token_ids.ndim != 2 or token_ids.shape != padding_mask.shape:
@@ -197,7 +199,7 @@ class CausalLM(Task):
             stop_token_ids=self._stop_ids(stop_token_ids),
             seeds=self._seeds(seed, len(prompts)),
             stream=stream,
-            **budget,
+            **batching,
         )
         out_ids, out_mask = token_ids.copy(), padding_mask.copy()
         for i, (prompt, completion) in enumerate(zip(prompts, result.completions)):
