@@ -26,6 +26,8 @@ wires a whole deployment. Nothing here imports keras or torch.
     LMQ_MAX_BATCH_SIZE       1024: the largest fit batch size
     LMQ_PRESET_QUEUES        preset=queue,...: jobs on these presets go to queue lmq.<kind>.<queue>,
                              served by workers started with `lmq worker --queues <kind>.<queue>`
+    LMQ_WORKER_METRICS_PORT  unset: off; a port: each `lmq worker` serves its Prometheus metrics
+                             at http://<host>:<port>/metrics (workers/metrics.py)
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class Settings:
     lease_s: float = 30.0
     heartbeat_s: float = 5.0
     sweep_s: float = 10.0
+    worker_metrics_port: int | None = None
 
     @property
     def preset_store(self) -> Path:
@@ -91,7 +94,7 @@ class Settings:
         return math.ceil(self.job_timeout_s * 1.1) + 1
 
 
-def _int(environ, name: str, default: int, minimum: int = 1) -> int:
+def _int(environ, name: str, default: int | None, minimum: int = 1) -> int | None:
     raw = environ.get(name)
     if raw in (None, ""):
         return default
@@ -156,6 +159,7 @@ def load_settings(environ=None) -> Settings:
         micro_batch_tokens=_int(environ, "LMQ_MICRO_BATCH_TOKENS", 16384),
         limits=load_limits(environ),
         preset_queues=_pairs(environ.get("LMQ_PRESET_QUEUES", ""), "=", "LMQ_PRESET_QUEUES", "preset=queue"),
+        worker_metrics_port=_int(environ, "LMQ_WORKER_METRICS_PORT", None),
         **load_lease_timing(environ),
     )
 

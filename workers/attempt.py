@@ -22,6 +22,7 @@ from core.names import JobState
 from core.store import queries
 from core.store.db import transact
 from core.store.leases import Lease, LeaseLost, renew
+from workers import metrics
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -68,6 +69,7 @@ class Attempt:
 
     def _renew(self, session: Session) -> None:
         renew(session, self.lease, self.settings.lease_s)
+        metrics.LEASE_RENEWALS.inc()
 
     def write(self, work: Callable[[Session], T]) -> T:
         """`work(session)` under the lease: LeaseLost if another attempt has the job now."""

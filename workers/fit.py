@@ -18,7 +18,6 @@ the earlier attempt died after moving it into the store.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -32,6 +31,7 @@ from core.store import queries
 from core.store.db import DatabaseUnavailable
 from core.store.leases import LeaseLost
 from core.store.presets import preset_architecture
+from workers import metrics
 from workers.attempt import Attempt
 from workers.pool import load_task
 
@@ -58,6 +58,7 @@ class StepEvents(keras.callbacks.Callback):
         self.step += 1
         self.loss = float(logs["loss"]) if logs and "loss" in logs else None
         self.attempt.report_progress(self.step, self.total_steps, loss=self.loss)
+        metrics.fit_step(self.attempt.job_id, self.step, self.total_steps, self.loss)
         tokens_per_second = round(self.tokens_per_step / seconds, 1) if seconds > 0 else None
 
         def record_step(session) -> bool:
@@ -125,8 +126,7 @@ def run_fit(attempt: Attempt, location: str) -> None:
 
     texts = [row["text"] for row in data["training_data"]]
     validation = [row["text"] for row in data.get("validation_data") or []]
-    batch_size = params.get("batch_size") or 8
-    epochs = params.get("epochs") or 1
+    schedule = queries.fit_steps(len(texts), params)
     if params.get("sequence_length"):
         lm.preprocessor.sequence_length = params["sequence_length"]
     if params.get("lora_rank"):
@@ -135,12 +135,11 @@ def run_fit(attempt: Attempt, location: str) -> None:
 
     checkpoint = settings.home / "checkpoints" / job_id
     epochs_done = restore_checkpoint(lm, checkpoint)
-    steps_per_epoch = math.ceil(len(texts) / batch_size)
-    first_step = epochs_done * steps_per_epoch
+    first_step = epochs_done * schedule.per_epoch
 
     def start_steps(session) -> None:
         queries.forget_steps_after(session, job_id, first_step, epochs_done)
-        queries.set_steps(session, job_id, first_step, steps_per_epoch * epochs)
+        queries.set_steps(session, job_id, first_step, schedule.total)
         if epochs_done:
             queries.add_event(session, job_id, "resumed", epochs_done=epochs_done, step=first_step)
 
@@ -153,13 +152,13 @@ def run_fit(attempt: Attempt, location: str) -> None:
         attempt,
         checkpoint,
         first_step=first_step,
-        total_steps=steps_per_epoch * epochs,
-        tokens_per_step=tokens / steps_per_epoch,
+        total_steps=schedule.total,
+        tokens_per_step=tokens / schedule.per_epoch,
     )
     lm.fit(
         x=texts,
-        batch_size=batch_size,
-        epochs=epochs,
+        batch_size=schedule.batch_size,
+        epochs=schedule.epochs,
         initial_epoch=epochs_done,
         callbacks=[steps],
         validation_data=validation or None,

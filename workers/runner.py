@@ -23,6 +23,7 @@ from core.store import JobKind, JobState, queries, session_scope, sessions
 from core.store.db import DatabaseUnavailable, transact
 from core.store.leases import Lease, LeaseLost, claim
 from core.store.presets import store_resolver
+from workers import metrics
 from workers.attempt import Attempt, ProgressCallback
 from workers.batching import Prompt, RowBudget, is_out_of_memory
 from workers.pool import ModelPool
@@ -61,9 +62,14 @@ class JobRunner:
         claimed = transact(self.sessions, claim_job)
         if claimed is not None:
             lease, kind, preset, tenant = claimed
+            started = time.perf_counter()
+            metrics.job_started(job_id, kind, lease.attempt)
             with Attempt(self.sessions, lease, self.settings, self.on_progress) as attempt:
                 self._run_attempt(attempt, kind, preset, tenant)
-        return transact(self.sessions, lambda session: queries.job_state(session, job_id))
+        state = transact(self.sessions, lambda session: queries.job_state(session, job_id))
+        if claimed is not None:
+            metrics.job_ended(job_id, kind, state, time.perf_counter() - started)
+        return state
 
     def _run_attempt(self, attempt: Attempt, kind: str, preset: str, tenant: str) -> None:
         """Failures of the job fail it; losing the lease or the database does not (another attempt follows)."""
@@ -100,6 +106,7 @@ class JobRunner:
 
         params, total, done = attempt.write(read_job)
         pinned = self.pool.get(location, params.get("dtype"))
+        metrics.model_ready(job_id, preset, pinned.hit, pinned.load_seconds, pinned.evicted)
         attempt.event(
             "model",
             preset=preset,
@@ -152,15 +159,16 @@ class JobRunner:
         seed = arguments.get("seed")
         while prompts:
             try:
-                lm.generate(
-                    [p.text for p in prompts],
-                    return_details=True,
-                    **{**arguments, **({} if seed is None else {"seed": [seed + p.index for p in prompts]})},
-                    on_result=lambda row, generation: group.add(result_of(prompts[row], generation)),
-                    between_steps=progress.check_now_and_then,
-                    max_rows=budget.rows,
-                    max_cache_tokens=budget.cache_tokens,
-                )
+                with metrics.in_flight(min(len(prompts), budget.rows)):
+                    lm.generate(
+                        [p.text for p in prompts],
+                        return_details=True,
+                        **{**arguments, **({} if seed is None else {"seed": [seed + p.index for p in prompts]})},
+                        on_result=lambda row, generation: group.add(result_of(prompts[row], generation)),
+                        between_steps=progress.check_now_and_then,
+                        max_rows=budget.rows,
+                        max_cache_tokens=budget.cache_tokens,
+                    )
                 group.commit()
                 return
             except Exception as error:
@@ -237,6 +245,7 @@ class ResultGroup:
         self.attempt.write(lambda session: queries.record_results(session, self.attempt.job_id, results))
         self.progress.done += len(results)
         self.progress.report()
+        metrics.results_committed(self.attempt.job_id, results, self.progress.done, self.progress.total)
 
 
 def result_of(prompt: Prompt, generation) -> queries.ItemResult:

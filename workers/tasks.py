@@ -1,10 +1,12 @@
-"""The one Celery task: run a job by id through the process's job runner; and the
-sweep (workers/sweep.py) that runs beside it in every worker."""
+"""The one Celery task: run a job by id through the process's job runner; and what
+runs beside it in every worker: the sweep (workers/sweep.py) and the metrics server
+(workers/metrics.py)."""
 
 from celery import shared_task
 from celery.signals import worker_ready, worker_shutdown
 
 from core.config import load_settings
+from workers import metrics
 from workers.celery_app import RUN_JOB_TASK
 from workers.runner import process_runner
 from workers.sweep import Sweeper
@@ -21,7 +23,9 @@ def run_job(job_id: str) -> str | None:
 @worker_ready.connect
 def start_sweeping(sender, **_) -> None:
     global _sweeper
-    _sweeper = Sweeper(sender.app, load_settings())
+    settings = load_settings()
+    metrics.serve(settings.worker_metrics_port)
+    _sweeper = Sweeper(sender.app, settings)
     _sweeper.start()
 
 
