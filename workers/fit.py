@@ -18,6 +18,7 @@ the earlier attempt died after moving it into the store.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -126,7 +127,8 @@ def run_fit(attempt: Attempt, location: str) -> None:
 
     texts = [row["text"] for row in data["training_data"]]
     validation = [row["text"] for row in data.get("validation_data") or []]
-    schedule = queries.fit_steps(len(texts), params)
+    batch_size = params.get("batch_size") or 8
+    epochs = params.get("epochs") or 1
     if params.get("sequence_length"):
         lm.preprocessor.sequence_length = params["sequence_length"]
     if params.get("lora_rank"):
@@ -135,11 +137,12 @@ def run_fit(attempt: Attempt, location: str) -> None:
 
     checkpoint = settings.home / "checkpoints" / job_id
     epochs_done = restore_checkpoint(lm, checkpoint)
-    first_step = epochs_done * schedule.per_epoch
+    steps_per_epoch = math.ceil(len(texts) / batch_size)
+    first_step = epochs_done * steps_per_epoch
 
     def start_steps(session) -> None:
         queries.forget_steps_after(session, job_id, first_step, epochs_done)
-        queries.set_steps(session, job_id, first_step, schedule.total)
+        queries.set_steps(session, job_id, first_step, steps_per_epoch * epochs)
         if epochs_done:
             queries.add_event(session, job_id, "resumed", epochs_done=epochs_done, step=first_step)
 
@@ -152,13 +155,13 @@ def run_fit(attempt: Attempt, location: str) -> None:
         attempt,
         checkpoint,
         first_step=first_step,
-        total_steps=schedule.total,
-        tokens_per_step=tokens / schedule.per_epoch,
+        total_steps=steps_per_epoch * epochs,
+        tokens_per_step=tokens / steps_per_epoch,
     )
     lm.fit(
         x=texts,
-        batch_size=schedule.batch_size,
-        epochs=schedule.epochs,
+        batch_size=batch_size,
+        epochs=epochs,
         initial_epoch=epochs_done,
         callbacks=[steps],
         validation_data=validation or None,
