@@ -104,20 +104,30 @@ class FalconBackbone(DecoderOnlyBackbone):
         return context
 
     def keras_hub_weights(self):
-        """KerasHub's ``model.weights.h5`` layout: every kernel with its bias, norms with gamma and beta."""
-        layers = {"reversible_embedding": (self.token_embedding.embeddings,)}
-        for index, block in enumerate(self.transformer_layers):
-            prefix = numbered("falcon_transformer_decoder", index)
-            attention, feedforward = block.attention, block.feedforward
-            layers.update({
-                f"{prefix}/attention_layer/query_dense": (attention.query_kernel, attention.query_bias),
-                f"{prefix}/attention_layer/key_dense": (attention.key_kernel, attention.key_bias),
-                f"{prefix}/attention_layer/value_dense": (attention.value_kernel, attention.value_bias),
-                f"{prefix}/attention_layer/output_dense": (attention.output_kernel, attention.output_bias),
-                f"{prefix}/input_layernorm": (block.attention_norm.gamma, block.attention_norm.beta),
-                f"{prefix}/post_attention_layernorm": (block.feedforward_norm.gamma, block.feedforward_norm.beta),
-                f"{prefix}/dense_h_to_4h": (feedforward.intermediate_kernel, feedforward.intermediate_bias),
-                f"{prefix}/dense_4h_to_h": (feedforward.output_kernel, feedforward.output_bias),
-            })
-        layers["layer_normalization"] = (self.layer_norm.gamma, self.layer_norm.beta)
-        return keras_weight_paths(layers)
+        return falcon_weights(self)
+
+
+def falcon_weights(backbone, second_norm="post_attention_layernorm"):
+    """KerasHub's FalconBackbone layout of ``model.weights.h5``: every kernel with its bias
+    (when there is one), norms with gamma and beta; ``second_norm`` names a block's MLP norm."""
+
+    def dense(kernel, bias):
+        return (kernel,) if bias is None else (kernel, bias)
+
+    layers = {"reversible_embedding": backbone.token_embedding.variables}  # the head's own matrix too, if untied
+    for index, block in enumerate(backbone.transformer_layers):
+        prefix = numbered("falcon_transformer_decoder", index)
+        attention, feedforward = block.attention, block.feedforward
+        layers.update({
+            f"{prefix}/attention_layer/query_dense": dense(attention.query_kernel, attention.query_bias),
+            f"{prefix}/attention_layer/key_dense": dense(attention.key_kernel, attention.key_bias),
+            f"{prefix}/attention_layer/value_dense": dense(attention.value_kernel, attention.value_bias),
+            f"{prefix}/attention_layer/output_dense": dense(attention.output_kernel, attention.output_bias),
+            f"{prefix}/input_layernorm": (block.attention_norm.gamma, block.attention_norm.beta),
+            f"{prefix}/dense_h_to_4h": dense(feedforward.intermediate_kernel, feedforward.intermediate_bias),
+            f"{prefix}/dense_4h_to_h": dense(feedforward.output_kernel, feedforward.output_bias),
+        })
+        if block.feedforward_norm is not None:
+            layers[f"{prefix}/{second_norm}"] = (block.feedforward_norm.gamma, block.feedforward_norm.beta)
+    layers["layer_normalization"] = (backbone.layer_norm.gamma, backbone.layer_norm.beta)
+    return keras_weight_paths(layers)

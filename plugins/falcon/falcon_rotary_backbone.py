@@ -3,7 +3,8 @@
 from core.layers import CachedAttention, DecoderBlock, ParallelDecoderBlock, ReversibleEmbedding, RotaryEmbedding
 from core.layers.feedforward import FeedForward
 from core.layers.norms import LayerNorm
-from core.models.backbone import DecoderOnlyBackbone, keras_weight_paths, numbered
+from core.models.backbone import DecoderOnlyBackbone
+from plugins.falcon.falcon_backbone import falcon_weights
 
 
 class FalconRotaryBackbone(DecoderOnlyBackbone):
@@ -110,27 +111,6 @@ class FalconRotaryBackbone(DecoderOnlyBackbone):
         self.built = True
 
     def keras_hub_weights(self):
-        """KerasHub's FalconBackbone layout, with the second norm named for the layout
-        (``post_attention_layernorm`` one after the other, ``mlp_layernorm`` in parallel)."""
-
-        def dense(kernel, bias):
-            return (kernel,) if bias is None else (kernel, bias)
-
-        second_norm = "mlp_layernorm" if self.parallel_attention else "post_attention_layernorm"
-        layers = {"reversible_embedding": self.token_embedding.variables}
-        for index, block in enumerate(self.transformer_layers):
-            prefix = numbered("falcon_transformer_decoder", index)
-            attention, feedforward = block.attention, block.feedforward
-            layers.update({
-                f"{prefix}/attention_layer/query_dense": dense(attention.query_kernel, attention.query_bias),
-                f"{prefix}/attention_layer/key_dense": dense(attention.key_kernel, attention.key_bias),
-                f"{prefix}/attention_layer/value_dense": dense(attention.value_kernel, attention.value_bias),
-                f"{prefix}/attention_layer/output_dense": dense(attention.output_kernel, attention.output_bias),
-                f"{prefix}/input_layernorm": (block.attention_norm.gamma, block.attention_norm.beta),
-                f"{prefix}/dense_h_to_4h": dense(feedforward.intermediate_kernel, feedforward.intermediate_bias),
-                f"{prefix}/dense_4h_to_h": dense(feedforward.output_kernel, feedforward.output_bias),
-            })
-            if block.feedforward_norm is not None:
-                layers[f"{prefix}/{second_norm}"] = (block.feedforward_norm.gamma, block.feedforward_norm.beta)
-        layers["layer_normalization"] = (self.layer_norm.gamma, self.layer_norm.beta)
-        return keras_weight_paths(layers)
+        """KerasHub's FalconBackbone layout; a block's second norm is ``post_attention_layernorm``
+        one after the other, ``mlp_layernorm`` in parallel."""
+        return falcon_weights(self, "mlp_layernorm" if self.parallel_attention else "post_attention_layernorm")
