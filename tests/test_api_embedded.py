@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from datetime import timedelta
 
 import pytest
 from api_support import REPO, ApiServer, generate_body, wait_for_job
@@ -18,18 +19,20 @@ from core.store import leases, queries, session_scope, sessions
 
 
 def left_by_an_earlier_server(tiny_llama_preset):
-    """A queued job, a job whose runner died, and one whose runner (this test) is alive."""
+    """A queued job, a job whose runner died, and one whose runner (this test) is alive, all made an hour ago."""
     settings = load_settings()
     ended = subprocess.Popen(["true"])
     ended.wait()
     jobs = {}
     with session_scope(sessions(settings)) as session:
-        for name, worker in (("queued", None), ("dead", ended.pid), ("alive", os.getpid())):
+        # A lease that ran out long ago, as any runner's does once it stops; a live runner renews its lease.
+        for name, worker, lease_s in (("queued", None, 0), ("dead", ended.pid, 0), ("alive", os.getpid(), 3600)):
             job = queries.create_generate_job(
                 session, preset=str(tiny_llama_preset), inputs=[{"prompt": PROMPTS[0]}], params={"max_length": 40}
             )
-            if worker is not None:  # a lease that ran out long ago, as any runner's does once it stops
-                leases.claim(session, job.id, f"lmq-{worker}@{socket.gethostname()}", lease_s=0)
+            job.created_at -= timedelta(hours=1)
+            if worker is not None:
+                leases.claim(session, job.id, f"lmq-{worker}@{socket.gethostname()}", lease_s=lease_s)
             jobs[name] = job.id
     return jobs
 

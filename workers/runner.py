@@ -265,7 +265,7 @@ def row_error(prompt: Prompt, message: str) -> str:
 
 
 def worker_name() -> str:
-    """This process, as the job records (and Celery, for `lmq worker`) name it; see api.dispatch.runner_is_gone."""
+    """This process, as the job records (and Celery, for `lmq worker`) name it."""
     return f"lmq-{os.getpid()}@{socket.gethostname()}"
 
 
