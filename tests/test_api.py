@@ -111,6 +111,18 @@ def fit_body(**changes):
     return {**body, **changes}
 
 
+def test_a_queued_fit_job_counts_its_training_steps(team_a):
+    """Steps from submission on, as the fit runner counts them: no worker runs these."""
+    texts = [{"text": f"example {i}"} for i in range(5)]
+    hyperparameters = {"batch_size": 2, "epochs": 3}
+    job = submit(team_a, fit_body(training_data=texts, output_preset="steps-x", hyperparameters=hyperparameters))
+    assert job["status"] == "queued"
+    assert job["counts"] == {"total": 9, "completed": 0, "failed": 0}  # 3 batches (2, 2, 1) x 3 epochs
+    assert team_a.get(f"/v1/jobs/{job['id']}").json()["counts"]["total"] == 9
+    by_default = submit(team_a, fit_body(training_data=texts, output_preset="steps-y"))
+    assert by_default["counts"]["total"] == 1  # one batch of up to 8, one epoch
+
+
 @pytest.mark.parametrize(
     "body, field",
     [

@@ -169,6 +169,8 @@ def test_a_redelivered_fit_job_resumes_from_its_last_checkpoint(lmq_home, tiny_l
     settings = load_settings()
     factory = sessions(settings)
     job_id = fit_job(factory, tiny_llama_preset, "resumed")
+    with session_scope(factory) as session:  # steps while queued too: 6 examples in batches of 3, 2 epochs
+        assert job_summary(queries.get_job(session, job_id))["counts"] == {"total": 4, "completed": 0, "failed": 0}
 
     def die_late_in_the_second_epoch(step, total, **details):
         if step == 4:  # step 3, past the checkpoint, is recorded and will be redone

@@ -18,7 +18,6 @@ the earlier attempt died after moving it into the store.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -127,8 +126,7 @@ def run_fit(attempt: Attempt, location: str) -> None:
 
     texts = [row["text"] for row in data["training_data"]]
     validation = [row["text"] for row in data.get("validation_data") or []]
-    batch_size = params.get("batch_size") or 8
-    epochs = params.get("epochs") or 1
+    schedule = queries.fit_steps(len(texts), params)
     if params.get("sequence_length"):
         lm.preprocessor.sequence_length = params["sequence_length"]
     if params.get("lora_rank"):
@@ -137,12 +135,11 @@ def run_fit(attempt: Attempt, location: str) -> None:
 
     checkpoint = settings.home / "checkpoints" / job_id
     epochs_done = restore_checkpoint(lm, checkpoint)
-    steps_per_epoch = math.ceil(len(texts) / batch_size)
-    first_step = epochs_done * steps_per_epoch
+    first_step = epochs_done * schedule.per_epoch
 
     def start_steps(session) -> None:
         queries.forget_steps_after(session, job_id, first_step, epochs_done)
-        queries.set_steps(session, job_id, first_step, steps_per_epoch * epochs)
+        queries.set_steps(session, job_id, first_step, schedule.total)
         if epochs_done:
             queries.add_event(session, job_id, "resumed", epochs_done=epochs_done, step=first_step)
 
@@ -155,13 +152,13 @@ def run_fit(attempt: Attempt, location: str) -> None:
         attempt,
         checkpoint,
         first_step=first_step,
-        total_steps=steps_per_epoch * epochs,
-        tokens_per_step=tokens / steps_per_epoch,
+        total_steps=schedule.total,
+        tokens_per_step=tokens / schedule.per_epoch,
     )
     lm.fit(
         x=texts,
-        batch_size=batch_size,
-        epochs=epochs,
+        batch_size=schedule.batch_size,
+        epochs=schedule.epochs,
         initial_epoch=epochs_done,
         callbacks=[steps],
         validation_data=validation or None,

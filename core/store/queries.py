@@ -7,6 +7,7 @@ result twice.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -77,7 +78,7 @@ def create_fit_job(
         tenant=tenant,
         idempotency_key=idempotency_key,
         request_digest=request_digest,
-        total=len(training_data),
+        total=fit_steps(len(training_data), hyperparameters).total,
     )
     session.add(job)
     session.flush()
@@ -187,6 +188,26 @@ def record_results(session: Session, job_id: str, results: Iterable[ItemResult])
             )
         )
     return completed + failed
+
+
+@dataclass(frozen=True)
+class FitSteps:
+    """How a fit job's training divides into steps: its counts are steps, from submission on."""
+
+    batch_size: int
+    epochs: int
+    per_epoch: int
+
+    @property
+    def total(self) -> int:
+        return self.per_epoch * self.epochs
+
+
+def fit_steps(examples: int, hyperparameters: dict) -> FitSteps:
+    """The steps of `examples` training examples, as `CausalLM.fit` takes them (a last short batch is a step)."""
+    batch_size = hyperparameters.get("batch_size") or 8
+    epochs = hyperparameters.get("epochs") or 1
+    return FitSteps(batch_size, epochs, per_epoch=math.ceil(examples / batch_size))
 
 
 def set_steps(session: Session, job_id: str, done: int, total: int) -> None:
