@@ -12,6 +12,10 @@ import sentencepiece
 import tokenizers
 
 from core.models.serialization import KerasHubSerializable, layer_config
+from core.presets.files import preset_files
+
+SENTENCEPIECE_ASSET = "vocabulary.spm"
+VOCABULARY_ASSET, MERGES_ASSET = "vocabulary.json", "merges.txt"
 
 
 class Tokenizer(KerasHubSerializable):
@@ -20,6 +24,7 @@ class Tokenizer(KerasHubSerializable):
     (SentencePiece and byte-level BPE have one)."""
 
     config_file = "tokenizer.json"
+    asset_fields = ()  # constructor arguments that can name a file: a preset's config may not
     start_token = None
     end_token = None
     pad_token = None  # None: id 0 pads (KerasHub's choice for SentencePiece models)
@@ -101,6 +106,8 @@ class Tokenizer(KerasHubSerializable):
 class SentencePieceTokenizer(Tokenizer):
     """SentencePiece model; ``proto`` is a path to a ``.model`` file or its bytes."""
 
+    asset_fields = ("proto",)
+
     def __init__(self, proto=None, sequence_length=None, add_bos=False, add_eos=False, **kwargs):
         super().__init__(**kwargs)
         self.sequence_length = sequence_length
@@ -119,8 +126,8 @@ class SentencePieceTokenizer(Tokenizer):
         processor = sentencepiece.SentencePieceProcessor()
         try:
             processor.LoadFromSerializedProto(proto)
-        except Exception as error:
-            raise ValueError(f"Not a valid SentencePiece model: {error}") from None
+        except Exception:  # sentencepiece says only that parsing failed
+            raise ValueError("Not a valid SentencePiece model.") from None
         self._proto = proto
         self._processor = processor
         self._check_special_tokens()
@@ -163,15 +170,26 @@ class SentencePieceTokenizer(Tokenizer):
     @classmethod
     def from_transformers_checkpoint(cls, directory):
         """The checkpoint's SentencePiece ``tokenizer.model``, or None without one."""
-        path = pathlib.Path(directory) / "tokenizer.model"
-        return cls(proto=path) if path.is_file() else None
+        files = preset_files(directory)
+        if not files.is_file("tokenizer.model"):
+            return None
+        tokenizer = cls()
+        tokenizer._load_proto(files, "tokenizer.model")
+        return tokenizer
 
     def save_assets(self, directory):
-        path = pathlib.Path(directory) / "vocabulary.spm"
+        path = pathlib.Path(directory) / SENTENCEPIECE_ASSET
         path.write_bytes(self._proto)
 
     def load_assets(self, directory):
-        self.set_proto(pathlib.Path(directory) / "vocabulary.spm")
+        """Reads ``vocabulary.spm`` from ``directory`` (a path or a preset's ``PresetFiles``)."""
+        self._load_proto(preset_files(directory), SENTENCEPIECE_ASSET)
+
+    def _load_proto(self, files, name):
+        try:
+            self.set_proto(files.read_bytes(name))
+        except ValueError as error:  # its messages quote no file content
+            raise files.error(name, str(error)) from None
 
 
 class BytePairTokenizer(Tokenizer):
@@ -201,6 +219,8 @@ class BytePairTokenizer(Tokenizer):
         if vocabulary is not None or merges is not None:
             self.set_vocabulary_and_merges(vocabulary, merges)
 
+    asset_fields = ("vocabulary", "merges")
+
     def set_vocabulary_and_merges(self, vocabulary, merges):
         """Data or file paths, as KerasHub takes them; each merge must join two tokens into a third."""
         if isinstance(vocabulary, (str, pathlib.Path)):
@@ -217,7 +237,7 @@ class BytePairTokenizer(Tokenizer):
         try:
             model = tokenizers.models.BPE(vocab=dict(vocabulary), merges=pairs)
         except Exception as error:  # the tokenizers package names the token a merge lacks
-            raise ValueError(f"Invalid BPE vocabulary/merges: {error}") from None
+            raise MergeError(f"Invalid BPE vocabulary/merges: {error}") from None
         processor = tokenizers.Tokenizer(model)
         processor.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=self.add_prefix_space)
         processor.decoder = tokenizers.decoders.ByteLevel()
@@ -267,25 +287,29 @@ class BytePairTokenizer(Tokenizer):
         A split regex before the byte-level step (Llama 3's) is not applied: the text is
         split by GPT-2's pattern, as KerasHub's tokenizer splits it.
         """
-        path = pathlib.Path(directory) / "tokenizer.json"
-        if not path.is_file():
+        files = preset_files(directory)
+        if not files.is_file("tokenizer.json"):
             return None
-        data = json.loads(path.read_text(encoding="utf-8"))
-        model, byte_level = data.get("model") or {}, _byte_level_step(data.get("pre_tokenizer") or {})
-        if model.get("type") != "BPE" or byte_level is None:
-            raise ValueError(
-                f"{path}: only a byte-level BPE tokenizer (model BPE, pre_tokenizer ByteLevel) is supported, "
-                f"got model {model.get('type')!r} with pre_tokenizer {(data.get('pre_tokenizer') or {}).get('type')!r}."
-            )
-        added_tokens = data.get("added_tokens", [])
-        vocabulary = {**model["vocab"], **{t["content"]: t["id"] for t in added_tokens}}
-        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-        return cls(
-            vocabulary,
-            merges,
-            add_prefix_space=byte_level.get("add_prefix_space", False),
-            unsplittable_tokens=cls.checkpoint_unsplittable_tokens(added_tokens),
-        )
+        data = files.read_json("tokenizer.json")
+        try:
+            model, pre_tokenizer = data.get("model") or {}, data.get("pre_tokenizer") or {}
+            byte_level = _byte_level_step(pre_tokenizer)
+            if model.get("type") != "BPE" or byte_level is None:
+                raise files.error(
+                    "tokenizer.json",
+                    "only a byte-level BPE tokenizer (model BPE, pre_tokenizer ByteLevel) is supported, "
+                    f"got model {model.get('type')!r} with pre_tokenizer {pre_tokenizer.get('type')!r}",
+                )
+            added_tokens = data.get("added_tokens", [])
+            vocabulary = {**model["vocab"], **{t["content"]: t["id"] for t in added_tokens}}
+            merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+            add_prefix_space = byte_level.get("add_prefix_space", False)
+            unsplittable_tokens = cls.checkpoint_unsplittable_tokens(added_tokens)
+        except (LookupError, TypeError, AttributeError):  # a part missing or of the wrong kind
+            raise files.error("tokenizer.json", "is not a tokenizers file of the expected layout") from None
+        tokenizer = cls(add_prefix_space=add_prefix_space, unsplittable_tokens=unsplittable_tokens)
+        tokenizer._set_from_files(files, "tokenizer.json", vocabulary, merges)
+        return tokenizer
 
     @classmethod
     def checkpoint_unsplittable_tokens(cls, added_tokens):
@@ -294,12 +318,22 @@ class BytePairTokenizer(Tokenizer):
 
     def save_assets(self, directory):
         directory = pathlib.Path(directory)
-        (directory / "vocabulary.json").write_text(json.dumps(self.vocabulary), encoding="utf-8")
-        (directory / "merges.txt").write_text("".join(f"{merge}\n" for merge in self.merges), encoding="utf-8")
+        (directory / VOCABULARY_ASSET).write_text(json.dumps(self.vocabulary), encoding="utf-8")
+        (directory / MERGES_ASSET).write_text("".join(f"{merge}\n" for merge in self.merges), encoding="utf-8")
 
     def load_assets(self, directory):
-        directory = pathlib.Path(directory)
-        self.set_vocabulary_and_merges(directory / "vocabulary.json", directory / "merges.txt")
+        """Reads ``vocabulary.json`` and ``merges.txt`` from ``directory`` (a path or a preset's ``PresetFiles``)."""
+        files = preset_files(directory)
+        vocabulary, merges = files.read_json(VOCABULARY_ASSET), files.read_text(MERGES_ASSET).splitlines()
+        self._set_from_files(files, MERGES_ASSET, vocabulary, merges)
+
+    def _set_from_files(self, files, name, vocabulary, merges):
+        try:
+            self.set_vocabulary_and_merges(vocabulary, merges)
+        except MergeError:  # its message quotes the file's tokens
+            raise files.error(name, "a merge joins or makes a token the vocabulary lacks") from None
+        except ValueError as error:  # the special tokens this class needs, named by the class
+            raise files.error(name, str(error)) from None
 
 
 def _byte_level_step(pre_tokenizer):
@@ -311,6 +345,10 @@ def _byte_level_step(pre_tokenizer):
     if pre_tokenizer.get("type") == "Sequence" and [s.get("type") for s in steps] == ["Split", "ByteLevel"]:
         return steps[1]
     return None
+
+
+class MergeError(ValueError):
+    """A BPE merge of tokens the vocabulary lacks; its message names them."""
 
 
 def _read_asset(path, what):

@@ -1,7 +1,8 @@
 """Presets: resolve a handle, then load a KerasHub preset or convert a transformers checkpoint.
 
 Every loader takes ``resolver``: the ``PresetResolver`` that turns the handle into a
-directory. Without one, built-in names, local directories, ``hf://`` and ``kaggle://``
+directory, whose files the loaders open only through ``core.presets.files`` (a preset
+is a closed world). Without one, built-in names, local directories, ``hf://`` and ``kaggle://``
 resolve; a caller that knows more names (the SQL store) passes its own.
 """
 
@@ -18,27 +19,27 @@ __all__ = [
 ]
 
 
-def _directory(preset, resolver):
-    return (resolver or PresetResolver()).directory(preset)
+def _files(preset, resolver):
+    return (resolver or PresetResolver()).files(preset)
 
 
 def load_task(preset, cls, load_weights=True, dtype=None, resolver=None, **kwargs):
     from core.presets import keras_hub_format, transformers_import
 
-    directory = _directory(preset, resolver)
-    if transformers_import.is_transformers_checkpoint(directory):
-        return transformers_import.load_task(directory, cls, load_weights, dtype, **kwargs)
-    return keras_hub_format.load_task(directory, cls, load_weights, dtype, **kwargs)
+    files = _files(preset, resolver)
+    if transformers_import.is_transformers_checkpoint(files):
+        return transformers_import.load_task(files, cls, load_weights, dtype, **kwargs)
+    return keras_hub_format.load_task(files, cls, load_weights, dtype, **kwargs)
 
 
 def load_backbone(preset, cls, load_weights=True, dtype=None, resolver=None):
     from core.presets import keras_hub_format, transformers_import
 
-    directory = _directory(preset, resolver)
-    if transformers_import.is_transformers_checkpoint(directory):
-        backbone = transformers_import.load_backbone(directory, load_weights, dtype)
+    files = _files(preset, resolver)
+    if transformers_import.is_transformers_checkpoint(files):
+        backbone = transformers_import.load_backbone(files, load_weights, dtype)
     else:
-        backbone = keras_hub_format.load_backbone(directory, load_weights, dtype)
+        backbone = keras_hub_format.load_backbone(files, load_weights, dtype)
     if not isinstance(backbone, cls):
         raise ValueError(f"Preset {preset!r} holds a {type(backbone).__name__}, not a {cls.__name__}.")
     return backbone
@@ -47,13 +48,13 @@ def load_backbone(preset, cls, load_weights=True, dtype=None, resolver=None):
 def load_preprocessor(preset, cls, resolver=None, **overrides):
     from core.presets import keras_hub_format, transformers_import
 
-    directory = _directory(preset, resolver)
-    if transformers_import.is_transformers_checkpoint(directory):
-        preprocessor = transformers_import.load_preprocessor(directory, **overrides)
+    files = _files(preset, resolver)
+    if transformers_import.is_transformers_checkpoint(files):
+        preprocessor = transformers_import.load_preprocessor(files, **overrides)
         if preprocessor is None:
-            raise FileNotFoundError(f"Preset {preset!r} has no tokenizer files in {directory}.")
+            raise FileNotFoundError(f"Preset {files.name!r} has no tokenizer files.")
     else:
-        preprocessor = keras_hub_format.load_preprocessor(directory, **overrides)
+        preprocessor = keras_hub_format.load_preprocessor(files, **overrides)
     if not isinstance(preprocessor, cls):
         raise ValueError(f"Preset {preset!r} holds a {type(preprocessor).__name__}, not a {cls.__name__}.")
     return preprocessor

@@ -19,7 +19,7 @@ import tempfile
 
 import keras
 
-from core.models.serialization import class_name_of, deserialize
+from core.models.serialization import class_name_of
 from core.plugins import get_registry
 from core.presets.weights import WEIGHTS_FILE, read_weights, write_weights
 
@@ -27,68 +27,72 @@ KERAS_HUB_VERSION = "0.32.0"  # the format version lmq writes
 TOKENIZER_ASSET_DIR = "assets/tokenizer"
 
 
-def read_json(path):
-    if not path.is_file():
-        raise FileNotFoundError(f"Preset file not found: {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
+def _read_config(files, relative):
+    """(class, config) of the serialized KerasHub object in ``relative``, its class found in the registry."""
+    serialized = files.read_json(relative)
+    config = serialized.get("config") or {}
+    names = (serialized.get("class_name"), serialized.get("registered_name") or "")
+    if not all(isinstance(name, str) for name in names) or not isinstance(config, dict):
+        raise files.error(relative, "is not a serialized Keras object (a 'class_name' string and a 'config' object)")
+    source = f"Preset {files.name!r}, file {relative}"
+    return get_registry().find_class(class_name_of(serialized, source), source=source), dict(config)
 
 
-def load_backbone(directory, load_weights=True, dtype=None):
-    path = directory / "config.json"
-    serialized = read_json(path)
-    cls = get_registry().find_class(class_name_of(serialized, path), source=str(path))
-    config = {**(serialized.get("config") or {}), **({"dtype": dtype} if dtype else {})}
+def _build(files, relative, build, /, **arguments):
+    """``build(**arguments)`` from ``relative``'s config; an error names that file."""
+    source = f"Preset {files.name!r}, file {relative}"
     try:
-        backbone = cls.from_config(config)
+        return build(**arguments)
     except (TypeError, ValueError) as error:  # a missing, unknown or refused argument
-        raise ValueError(f"{path}: the config does not fit its class: {error}") from None
+        raise ValueError(f"{source}: the config does not fit its class: {error}") from None
+    except (ArithmeticError, AttributeError, LookupError) as error:  # e.g. zero heads, a list for a number
+        raise ValueError(f"{source}: the config does not fit its class ({type(error).__name__})") from None
+
+
+def load_backbone(files, load_weights=True, dtype=None):
+    cls, config = _read_config(files, "config.json")
+    backbone = _build(files, "config.json", cls.from_config, config={**config, **({"dtype": dtype} if dtype else {})})
     if load_weights:
-        read_weights(backbone, directory / WEIGHTS_FILE)
+        read_weights(backbone, files, WEIGHTS_FILE)
     return backbone
 
 
-def load_tokenizer(directory):
-    path = directory / "tokenizer.json"
-    tokenizer = deserialize(read_json(path), source=str(path))
-    assets = directory / TOKENIZER_ASSET_DIR
-    if not assets.is_dir():
-        raise FileNotFoundError(f"Preset tokenizer assets not found: {assets}")
-    tokenizer.load_assets(assets)
+def load_tokenizer(files):
+    """The tokenizer of ``tokenizer.json``; its vocabulary comes from the preset's assets only."""
+    cls, config = _read_config(files, "tokenizer.json")
+    named = [field for field in cls.asset_fields if isinstance(config.get(field), str)]
+    if named:
+        only = f"a preset's tokenizer reads only {TOKENIZER_ASSET_DIR}/"
+        raise files.error("tokenizer.json", f"{named} name files; {only}")
+    tokenizer = _build(files, "tokenizer.json", cls.from_config, config=config)
+    tokenizer.load_assets(files.sub(TOKENIZER_ASSET_DIR))
     return tokenizer
 
 
-def load_preprocessor(directory, **overrides):
-    path = directory / "preprocessor.json"
-    serialized = read_json(path)
-    cls = get_registry().find_class(class_name_of(serialized, path), source=str(path))
-    config = dict(serialized.get("config") or {})
+def load_preprocessor(files, **overrides):
+    cls, config = _read_config(files, "preprocessor.json")
     config.pop("tokenizer", None)  # tokenizer.json + assets are the source of truth
-    return cls(tokenizer=load_tokenizer(directory), **{**config, **overrides})
+    return _build(files, "preprocessor.json", cls, tokenizer=load_tokenizer(files), **{**config, **overrides})
 
 
-def task_class(directory, backbone, cls):
+def task_class(files, backbone, cls):
     """The task class to build: the one task.json names, else the architecture's."""
     registry = get_registry()
-    path = directory / "task.json"
-    if path.is_file():
-        found = registry.find_class(class_name_of(read_json(path), path), source=str(path))
+    if files.is_file("task.json"):
+        found, _ = _read_config(files, "task.json")
     else:
         architecture = registry.architecture_of_class(type(backbone).__name__)
         found = architecture.load("task")
     if not issubclass(found, cls):
-        raise ValueError(f"Preset {directory} holds a {found.__name__}, not a {cls.__name__}.")
+        raise ValueError(f"Preset {files.name!r} holds a {found.__name__}, not a {cls.__name__}.")
     return found
 
 
-def load_task(directory, cls, load_weights=True, dtype=None, preprocessor="auto", **kwargs):
-    backbone = load_backbone(directory, load_weights, dtype)
-    task_cls = task_class(directory, backbone, cls)
+def load_task(files, cls, load_weights=True, dtype=None, preprocessor="auto", **kwargs):
+    backbone = load_backbone(files, load_weights, dtype)
+    task_cls = task_class(files, backbone, cls)
     if isinstance(preprocessor, str) and preprocessor == "auto":
-        has_preprocessor = (directory / "preprocessor.json").is_file()
-        preprocessor = load_preprocessor(directory) if has_preprocessor else None
+        preprocessor = load_preprocessor(files) if files.is_file("preprocessor.json") else None
     return task_cls(backbone=backbone, preprocessor=preprocessor, **kwargs)
 
 

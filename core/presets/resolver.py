@@ -19,6 +19,7 @@ import pathlib
 import re
 
 from core.plugins import get_registry
+from core.presets.files import PresetFiles
 
 REMOTE_SCHEMES = ("hf://", "kaggle://")
 # Files a preset can need; weights in pickle formats (*.bin, *.pth) are never fetched.
@@ -66,15 +67,22 @@ class PresetResolver:
 
     def directory(self, handle):
         """The local directory holding ``handle``'s preset; a remote one is fetched into its cache."""
+        return self.files(handle).directory
+
+    def files(self, handle):
+        """``handle``'s ``PresetFiles``: its directory (fetched if remote), the only place its loaders read."""
         location = self.locate(handle)
         builtin = _builtin(location)
         if builtin is not None:
             location = builtin.handle
+        name = handle if isinstance(handle, str) else str(handle)
         if location.startswith("hf://"):
-            return _huggingface(location)
+            snapshot = _huggingface(location)  # in the hub cache, snapshots/<revision>/* link into ../../blobs
+            blobs = [snapshot.parent.parent / "blobs"] if snapshot.parent.name == "snapshots" else []
+            return PresetFiles(snapshot, name, also_inside=blobs)
         if location.startswith("kaggle://"):
-            return _kaggle(location)
-        return pathlib.Path(location)
+            return PresetFiles(_kaggle(location), name)
+        return PresetFiles(location, name)
 
     def _local(self, path, handle, required=True):
         try:

@@ -9,79 +9,93 @@ Only safetensors are read; pickle files (``*.bin``) are refused.
 """
 
 import importlib
-import json
 
-from safetensors import safe_open
+import keras
+from safetensors import SafetensorError, safe_open
 
 from core.names import DTYPES
 from core.plugins import get_registry
-from core.presets.keras_hub_format import read_json
+from core.presets.files import PresetFileError, PresetFileMissing
+from core.presets.weights import dtype_fits
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
-def is_transformers_checkpoint(directory):
-    path = directory / "config.json"
-    if not path.is_file():
+def is_transformers_checkpoint(files):
+    if not files.is_file("config.json"):
         return False
     try:
-        return "model_type" in json.loads(path.read_text())
-    except json.JSONDecodeError:
+        return "model_type" in files.read_json("config.json")
+    except PresetFileError:  # not JSON, or not an object: the KerasHub loader names the problem
         return False
 
 
 class Checkpoint:
-    """Tensors of a (possibly sharded) safetensors checkpoint, read one at a time."""
+    """Tensors of a (possibly sharded) safetensors checkpoint, read one at a time; every
+    shard the index names is a file of the preset (``PresetFiles``, see core.presets.files)."""
 
-    def __init__(self, directory):
-        self.directory = directory
-        index = directory / SAFETENSORS_INDEX
-        if index.is_file():
-            weight_map = read_json(index)["weight_map"]
-            self.files = {name: directory / file for name, file in weight_map.items()}
+    def __init__(self, files):
+        self.preset = files
+        if files.is_file(SAFETENSORS_INDEX):
+            weight_map = files.read_json(SAFETENSORS_INDEX).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise files.error(SAFETENSORS_INDEX, "needs a 'weight_map' object of tensor -> file")
+            self.files = {name: files.file(file) for name, file in weight_map.items()}
+            self._names = {path: file for file, path in zip(weight_map.values(), self.files.values())}
         else:
-            single = directory / "model.safetensors"
-            if not single.is_file():
-                pickles = sorted(p.name for p in directory.glob("*.bin"))
+            if not files.is_file("model.safetensors"):
+                pickles = sorted(p.name for p in files.directory.glob("*.bin"))
                 hint = f" (found {pickles}: pickle files are never loaded)" if pickles else ""
-                raise FileNotFoundError(f"No safetensors weights in {directory}{hint}.")
-            with safe_open(single, framework="pt") as handle:
-                self.files = {name: single for name in handle.keys()}
+                raise files.error("model.safetensors", f"not found; no safetensors weights{hint}", PresetFileMissing)
+            single = files.file("model.safetensors")
+            self._names = {single: "model.safetensors"}
+            self.files = {name: single for name in self._open(single).keys()}
         self._handles = {}
+
+    def _open(self, path):
+        try:
+            return safe_open(path, framework="pt")
+        except (SafetensorError, OSError):  # its messages can quote the file's header
+            raise self.preset.error(self._names[path], "is not a readable safetensors file") from None
 
     def __contains__(self, name):
         return name in self.files
 
     def read(self, name):
         if name not in self.files:
-            raise ValueError(f"Checkpoint {self.directory} has no tensor {name!r}.")
+            raise ValueError(f"Preset {self.preset.name!r}: the checkpoint has no tensor {name!r}.")
         path = self.files[name]
         if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="pt")
-        return self._handles[path].get_tensor(name)
+            self._handles[path] = self._open(path)
+        try:
+            return self._handles[path].get_tensor(name)
+        except SafetensorError:
+            raise self.preset.error(self._names[path], f"tensor {name!r} cannot be read") from None
 
     def assign(self, variable, name, transform=None):
-        """Copies tensor ``name`` (after ``transform``) into ``variable``, checking its shape."""
+        """Copies tensor ``name`` (after ``transform``) into ``variable``, checking its shape and dtype."""
         tensor = self.read(name)
+        stored = keras.backend.standardize_dtype(tensor.dtype)
+        if not dtype_fits(stored, variable.dtype):
+            problem = f"tensor {name!r} holds {stored} data, but the layer is {variable.dtype}."
+            raise self.preset.error(self._names[self.files[name]], problem)
         if transform is not None:
             tensor = transform(tensor)
         if tuple(tensor.shape) != tuple(variable.shape):
             raise ValueError(
-                f"Checkpoint {self.directory}: tensor {name!r} has shape {tuple(tensor.shape)} "
+                f"Preset {self.preset.name!r}: tensor {name!r} has shape {tuple(tensor.shape)} "
                 f"(after conversion), but the config needs {tuple(variable.shape)}."
             )
         variable.assign(tensor.to(variable.value.dtype))
 
 
-def _architecture(directory):
-    hf_config = read_json(directory / "config.json")
+def _architecture(files):
+    hf_config = files.read_json("config.json")
     model_type = hf_config["model_type"]
-    architecture = get_registry().for_hf_model_type(model_type, directory)
+    registry = get_registry()
+    architecture = registry.for_hf_model_type(model_type, files.directory) if isinstance(model_type, str) else None
     if architecture is None or architecture.hf_converter is None:
-        raise ValueError(
-            f"{directory / 'config.json'}: no registered lmq plugin converts transformers "
-            f"model_type {model_type!r}."
-        )
+        raise files.error("config.json", f"no registered lmq plugin converts transformers model_type {model_type!r}.")
     return hf_config, architecture, importlib.import_module(architecture.hf_converter)
 
 
@@ -97,34 +111,41 @@ def checkpoint_dtype(hf_config):
     return dtype if dtype in DTYPES else None
 
 
-def load_backbone(directory, load_weights=True, dtype=None):
-    hf_config, architecture, converter = _architecture(directory)
-    config = converter.backbone_config(hf_config)
-    config["dtype"] = dtype or checkpoint_dtype(hf_config)
-    backbone = _backbone_class(architecture, converter, hf_config)(**config)
+def load_backbone(files, load_weights=True, dtype=None):
+    hf_config, architecture, converter = _architecture(files)
+    try:
+        config = converter.backbone_config(hf_config)
+        config["dtype"] = dtype or checkpoint_dtype(hf_config)
+        backbone = _backbone_class(architecture, converter, hf_config)(**config)
+    except (TypeError, ValueError) as error:  # a refused setting, named by the converter or the backbone
+        raise files.error("config.json", f"does not describe a model lmq can build: {error}") from None
+    except KeyError as error:  # the key is the converter's, not the file's
+        raise files.error("config.json", f"lacks the setting {error.args[0]!r}") from None
+    except (ArithmeticError, AttributeError, LookupError) as error:  # a setting zero or of the wrong type
+        raise files.error("config.json", f"does not describe a model lmq can build ({type(error).__name__})") from None
     if load_weights:
-        converter.convert_weights(backbone, Checkpoint(directory))
+        converter.convert_weights(backbone, Checkpoint(files))
     return backbone
 
 
-def load_task(directory, cls, load_weights=True, dtype=None, preprocessor="auto", **kwargs):
-    backbone = load_backbone(directory, load_weights, dtype)
+def load_task(files, cls, load_weights=True, dtype=None, preprocessor="auto", **kwargs):
+    backbone = load_backbone(files, load_weights, dtype)
     architecture = get_registry().architecture_of_class(type(backbone).__name__)
     task_cls = architecture.load("task")
     if not issubclass(task_cls, cls):
-        raise ValueError(f"Checkpoint {directory} holds a {task_cls.__name__}, not a {cls.__name__}.")
+        raise ValueError(f"Preset {files.name!r} holds a {task_cls.__name__}, not a {cls.__name__}.")
     if isinstance(preprocessor, str) and preprocessor == "auto":
-        preprocessor = load_preprocessor(directory)
+        preprocessor = load_preprocessor(files)
     return task_cls(backbone=backbone, preprocessor=preprocessor, **kwargs)
 
 
-def load_preprocessor(directory, **overrides):
+def load_preprocessor(files, **overrides):
     """The architecture's preprocessor around the checkpoint's tokenizer files; None without them."""
-    _, architecture, _ = _architecture(directory)
+    _, architecture, _ = _architecture(files)
     tokenizer_cls = architecture.load("tokenizer")
     if not hasattr(tokenizer_cls, "from_transformers_checkpoint"):
         raise ValueError(f"{tokenizer_cls.__name__} cannot read a transformers checkpoint's tokenizer files.")
-    tokenizer = tokenizer_cls.from_transformers_checkpoint(directory)
+    tokenizer = tokenizer_cls.from_transformers_checkpoint(files)
     if tokenizer is None:
         return None
     return architecture.load("preprocessor")(tokenizer=tokenizer, **overrides)

@@ -12,45 +12,77 @@ import numpy as np
 WEIGHTS_FILE = "model.weights.h5"
 
 
-def _datasets(h5_file):
+def _datasets(h5_file, refuse):
+    """{path: dataset} of every dataset, reached by hard links only; ``refuse(problem)`` raises."""
+    links = []
+    h5_file.visititems_links(lambda name, link: links.append((name, link)))  # (raising inside is h5py's SystemError)
     found = {}
-
-    def visit(name, obj):  # returning anything but None would stop the walk
-        if isinstance(obj, h5py.Dataset):
-            found[name] = obj
-
-    h5_file.visititems(visit)
+    for name, link in links:
+        if not isinstance(link, h5py.HardLink):
+            refuse(f"{name!r} is a {type(link).__name__}; only plain datasets are read")
+        item = h5_file[name]
+        if isinstance(item, h5py.Dataset):
+            if item.external or item.is_virtual:
+                refuse(f"dataset {name!r} keeps its data in other files; refused")
+            found[name] = item
     return found
 
 
-def _read(dataset):
-    if dataset.attrs.get("dtype") == "bfloat16":  # how Keras stores bfloat16
+def _stored_dtype(dataset):
+    if dataset.attrs.get("dtype") == "bfloat16":  # how Keras stores bfloat16: 2-byte opaque values
+        return "bfloat16" if dataset.dtype.itemsize == 2 and dataset.dtype.kind == "V" else None
+    try:
+        return keras.backend.standardize_dtype(dataset.dtype)
+    except ValueError:  # strings, compounds, opaque data
+        return None
+
+
+def dtype_fits(stored, variable_dtype):
+    """Whether data of ``stored`` dtype may fill a variable of ``variable_dtype``: any float into
+    a float (a preset loads at another precision), else only the same dtype (int8 into int8)."""
+    variable_dtype = keras.backend.standardize_dtype(variable_dtype)
+    if stored is None:
+        return False
+    both_float = keras.backend.is_float_dtype(stored) and keras.backend.is_float_dtype(variable_dtype)
+    return stored == variable_dtype or both_float
+
+
+def _read(dataset, stored):
+    if stored == "bfloat16":
         return np.array(dataset, dtype=ml_dtypes.bfloat16)
     return dataset[()]
 
 
-def read_weights(backbone, path):
+def read_weights(backbone, files, relative=WEIGHTS_FILE):
+    """Fills ``backbone`` from the preset's ``relative`` file (``PresetFiles``, see core.presets.files)."""
     expected = backbone.keras_hub_weights()
-    if not path.is_file():
-        raise FileNotFoundError(f"Preset weights file not found: {path}")
-    with h5py.File(path, "r") as h5_file:
-        found = _datasets(h5_file)
+    path = files.file(relative)
+
+    def refuse(problem):
+        raise files.error(relative, problem)
+
+    try:
+        h5_file = h5py.File(path, "r")
+    except OSError:
+        refuse("is not a readable HDF5 file")
+    with h5_file:
+        found = _datasets(h5_file, refuse)
         missing = sorted(expected.keys() - found.keys())
         unexpected = sorted(found.keys() - expected.keys())
         if missing or unexpected:
-            raise ValueError(
-                f"{path} does not match {type(backbone).__name__}'s config: "
+            refuse(
+                f"does not match {type(backbone).__name__}'s config: "
                 f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                 f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}."
             )
         for name, variable in expected.items():
             data = found[name]
             if tuple(data.shape) != tuple(variable.shape):
-                raise ValueError(
-                    f"{path}: weight {name!r} has shape {tuple(data.shape)}, but the config "
-                    f"needs {tuple(variable.shape)}."
-                )
-            variable.assign(_read(data))
+                refuse(f"weight {name!r} has shape {tuple(data.shape)}, but the config needs {tuple(variable.shape)}.")
+            stored = _stored_dtype(data)
+            if not dtype_fits(stored, variable.dtype):
+                refuse(f"weight {name!r} holds {stored or 'non-numeric'} data, but the layer is {variable.dtype}.")
+            variable.assign(_read(data, stored))
 
 
 def write_weights(backbone, path):

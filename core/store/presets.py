@@ -7,13 +7,13 @@ directory in the store.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from sqlalchemy.orm import Session
 
 from core.names import is_preset_name
 from core.presets import PresetResolver
+from core.presets.files import PresetFileError, PresetFiles
 from core.store.queries import get_preset
 
 
@@ -37,10 +37,10 @@ def store_resolver(
     return PresetResolver(lookup, local_roots=local_roots)
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(directory: Path, name: str) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return PresetFiles(directory).read_json(name)
+    except PresetFileError:  # not there, not JSON, or a link out of the preset
         return {}
 
 
@@ -49,7 +49,7 @@ def preset_architecture(directory: Path) -> str | None:
     from core.plugins import get_registry
 
     registry = get_registry()
-    config = _read_json(directory / "config.json")
+    config = _read_json(directory, "config.json")
     class_name = str(config.get("class_name", "")).rpartition(">")[2]
     architecture = registry.architecture_of_class(class_name) if class_name else None
     if architecture is None and "model_type" in config:

@@ -4,6 +4,7 @@ import json
 import pathlib
 
 from core.models import Tokenizer
+from core.presets.files import preset_files
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2; byte b is id b + 3
 
@@ -48,8 +49,7 @@ class MiniGPTTokenizer(Tokenizer):
         (pathlib.Path(directory) / "special_tokens.json").write_text(json.dumps(list(SPECIAL_TOKENS)))
 
     def load_assets(self, directory):
-        path = pathlib.Path(directory) / "special_tokens.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"MiniGPT tokenizer asset not found: {path}")
-        if json.loads(path.read_text()) != list(SPECIAL_TOKENS):
-            raise ValueError(f"{path}: expected the special tokens {list(SPECIAL_TOKENS)}.")
+        # preset_files reads only inside the preset (no symlink out) and names the file in its errors.
+        files = preset_files(directory)
+        if files.read_json("special_tokens.json", kind=list) != list(SPECIAL_TOKENS):
+            raise files.error("special_tokens.json", f"expected the special tokens {list(SPECIAL_TOKENS)}.")
