@@ -7,6 +7,7 @@ state change and each micro-batch this way, always with `job=<id>`, so
 
 from __future__ import annotations
 
+import logging
 import re
 
 BARE = re.compile(r"[\w.:/@+-]+")
@@ -25,3 +26,12 @@ def _value(value) -> str:
     if BARE.fullmatch(text):
         return text
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def log_to_stderr(level: str) -> None:
+    """The `lmq.*` loggers (lmq.api, lmq.worker) to stderr at `level`, leaving other libraries' logging alone."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger("lmq")
+    root.addHandler(handler)
+    root.setLevel(logging.getLevelNamesMapping().get(level.upper(), logging.DEBUG))  # uvicorn's "trace": DEBUG

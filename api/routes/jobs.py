@@ -5,6 +5,7 @@ a runner (api.dispatch). Another tenant's job is as absent as one that never
 existed: 404 either way.
 """
 
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from api.dispatch import BrokerUnavailable
 from api.jobs import OutputPresetTaken, request_digest, store_job
 from api.suggest import did_you_mean, preset_names
 from core.config import Limits, Settings
+from core.logfmt import logfmt
 from core.names import JobKind, JobState, is_preset_name
 from core.presets import PresetNotFound
 from core.store import queries, session_scope, sessions
@@ -38,6 +40,7 @@ SUBMIT_ERRORS = {
 }
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+logger = logging.getLogger("lmq.api")
 
 
 def submit_router(limits: Limits) -> APIRouter:
@@ -85,9 +88,11 @@ def submit(job: BaseModel, response: Response, idempotency_key: str | None, tena
         if earlier is None:
             raise
         return replayed(response, earlier, job, idempotency_key)
+    logger.info(logfmt("job_state", job=summary["id"], state=summary["status"], kind=summary["kind"], tenant=tenant))
     try:
         dispatch.submit(summary["id"], summary["kind"])
     except BrokerUnavailable as error:
+        logger.warning(logfmt("job_state", job=summary["id"], state=JobState.failed.value, error=str(error)))
         raise HTTPException(503, detail=str(error)) from None
     response.headers["Location"] = f"/v1/jobs/{summary['id']}"
     return summary
@@ -159,7 +164,9 @@ def job_events(
 def cancel_job(job_id: str, tenant: str = TenantDep, session: Session = SessionDep):
     """A queued job is cancelled at once; a running one stops at its next micro-batch or step."""
     require_job(session, job_id, tenant)
-    return schemas.job_summary(queries.request_cancel(session, job_id))
+    summary = schemas.job_summary(queries.request_cancel(session, job_id))
+    logger.info(logfmt("job_state", job=job_id, state=summary["status"], cancel_requested=True, tenant=tenant))
+    return summary
 
 
 # ---------------------------------------------------------------- helpers
