@@ -11,7 +11,7 @@ from datetime import timedelta
 
 from api_support import ApiServer, generate_body
 from service_support import reference
-from worker_support import MANY_PROMPTS, events, finished, wait_for
+from worker_support import MANY_PROMPTS, events, finished, holder, item_rows, wait_for
 
 from api.dispatch import InProcessWorker
 from core.config import load_settings
@@ -19,18 +19,6 @@ from core.store import leases, queries, session_scope, sessions
 from core.store.models import utcnow
 
 TIMING = {"LMQ_LEASE_S": "4", "LMQ_HEARTBEAT_S": "1", "LMQ_SWEEP_S": "1"}
-
-
-def holder(job_id) -> dict:
-    with session_scope(sessions(load_settings())) as session:
-        job = queries.get_job(session, job_id)
-        return {"worker": job.worker, "attempts": job.attempts, "completed": job.completed, "state": job.state}
-
-
-def item_rows(job_id) -> list[tuple]:
-    """Every result as stored, with the moment it was written: redoing an input would change it."""
-    with session_scope(sessions(load_settings())) as session:
-        return [(i.index, i.output, i.error, i.finished_at) for i in queries.job_items(session, job_id)]
 
 
 def test_a_killed_lmq_serve_started_again_resumes_its_job(capsys, lmq_home, tiny_llama_preset, tmp_path):

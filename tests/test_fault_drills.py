@@ -28,6 +28,8 @@ from worker_support import (  # noqa: F401  broker and workers are fixtures
     broker,
     events,
     finished,
+    holder,
+    item_rows,
     submit,
     wait_for,
     workers,
@@ -46,21 +48,9 @@ def report(capsys, line: str) -> None:
         print(f"\n[drill] {line}")
 
 
-def holder(job_id) -> dict:
-    with session_scope(sessions(load_settings())) as session:
-        job = queries.get_job(session, job_id)
-        return {"worker": job.worker, "attempts": job.attempts, "completed": job.completed, "state": job.state}
-
-
 def sent_at(job_id):
     with session_scope(sessions(load_settings())) as session:
         return queries.get_job(session, job_id).enqueued_at
-
-
-def item_rows(job_id) -> list[tuple]:
-    """Every result as stored, with the moment it was written: an overwrite would change it."""
-    with session_scope(sessions(load_settings())) as session:
-        return [(i.index, i.output, i.error, i.finished_at) for i in queries.job_items(session, job_id)]
 
 
 def assert_one_greedy_result_per_input(job_id, preset, prompts):

@@ -116,6 +116,18 @@ def results(job_id):
         return [result_line(item) for item in queries.job_items(session, job_id)]
 
 
+def holder(job_id) -> dict:
+    with session_scope(sessions(load_settings())) as session:
+        job = queries.get_job(session, job_id)
+        return {"worker": job.worker, "attempts": job.attempts, "completed": job.completed, "state": job.state}
+
+
+def item_rows(job_id) -> list[tuple]:
+    """Every result as stored, with the moment it was written: an overwrite would change it."""
+    with session_scope(sessions(load_settings())) as session:
+        return [(i.index, i.output, i.error, i.finished_at) for i in queries.job_items(session, job_id)]
+
+
 def events(job_id, type):
     with session_scope(sessions(load_settings())) as session:
         return [e.data for e in queries.job_events(session, job_id) if e.type == type]
