@@ -8,6 +8,7 @@ from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
+import torch
 from service_support import lease_runs_out
 
 from api.schemas import job_summary, result_line
@@ -26,6 +27,7 @@ class StandInLM:
         self.fits = fits
         self.batches = []
         self.preprocessor = SimpleNamespace(tokenizer=SimpleNamespace(tokenize=lambda text: text.split()))
+        self.backbone = SimpleNamespace(device=torch.device("cpu"))
 
     def compile(self, sampler):
         self.sampler = sampler

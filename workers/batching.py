@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -35,6 +37,17 @@ class RowBudget:
         """After running out of memory: half the rows and half the cache."""
         self.rows = max(1, self.rows // 2)
         self.cache_tokens = max(1, self.cache_tokens // 2)
+
+
+def cache_positions(backbone, configured: int, share: float = 0.8) -> int:
+    """The budget's KV-cache positions: ``configured``, or on a GPU as many as ``share`` of
+    its free memory holds (keys and values of every layer, per position) when that is more."""
+    if not torch.cuda.is_available() or backbone.device.type != "cuda":
+        return configured
+    free, _ = torch.cuda.mem_get_info(backbone.device)
+    dtype = backbone.token_embedding.embeddings.value.dtype
+    per_position = 2 * len(backbone.transformer_layers) * backbone.num_key_value_heads * backbone.head_dim
+    return max(configured, int(free * share) // (per_position * dtype.itemsize))
 
 
 def plan_micro_batches(

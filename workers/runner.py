@@ -25,7 +25,7 @@ from core.store.leases import Lease, LeaseLost, claim
 from core.store.presets import store_resolver
 from workers import metrics
 from workers.attempt import Attempt, ProgressCallback
-from workers.batching import Prompt, RowBudget, is_out_of_memory
+from workers.batching import Prompt, RowBudget, cache_positions, is_out_of_memory
 from workers.pool import ModelPool
 
 logger = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class JobRunner:
         tokenize = lm.preprocessor.tokenizer.tokenize
         budget = RowBudget(
             rows=params.get("micro_batch_size") or self.settings.micro_batch_size,
-            cache_tokens=self.settings.micro_batch_tokens,
+            cache_tokens=cache_positions(lm.backbone, self.settings.micro_batch_tokens),
         )
         progress = Progress(attempt, done, total)
         progress.report()
