@@ -200,7 +200,6 @@ class CachedAttention(keras.layers.Layer):
         return merged
 
     def call(self, x, context, training=False):
-        batch, seq, _ = x.shape
         query = self._heads(x, "query")
         key = self._heads(x, "key")
         value = self._heads(x, "value")
@@ -209,12 +208,18 @@ class CachedAttention(keras.layers.Layer):
             key = apply_rotary(key, context.cos, context.sin)
         if context.cache is not None:
             key, value = context.cache.update(self.cache_index, key, value, context)
+        return self.attend(query, key, value, context.mask, context.is_causal, training)
+
+    def attend(self, query, key, value, mask=None, is_causal=False, training=False):
+        """Queries [batch, heads, seq, head_dim] over keys/values -> [batch, seq, hidden],
+        through the output projection (cross-attention calls it with an encoder's keys)."""
+        batch, _, seq, _ = query.shape
         out = torch.nn.functional.scaled_dot_product_attention(
             query,
             key,
             value,
-            attn_mask=context.mask,
-            is_causal=context.is_causal,
+            attn_mask=mask,
+            is_causal=is_causal,
             dropout_p=self.dropout if training else 0.0,
             enable_gqa=self.num_query_heads != self.num_key_value_heads,
         )  # [batch, heads, seq, head_dim]

@@ -34,3 +34,24 @@ class ReversibleEmbedding(keras.layers.Layer):
         if self.tie_weights:
             return hidden @ self.embeddings.value.T
         return hidden @ self.reverse_embeddings.value
+
+
+class PositionEmbedding(keras.layers.Layer):
+    """Learned absolute positions (Bart): ``embeddings`` [sequence_length, hidden], one row per position."""
+
+    def __init__(self, sequence_length, hidden_dim, initializer=None, **kwargs):
+        super().__init__(**kwargs)
+        initializer = initializer or keras.initializers.RandomNormal(stddev=0.02)
+        self.sequence_length = sequence_length
+        self.embeddings = self.add_weight(
+            shape=(sequence_length, hidden_dim), initializer=initializer, name="embeddings"
+        )
+        self.built = True
+
+    def call(self, positions):
+        """Positions [batch, seq] (ints) -> [batch, seq, hidden]."""
+        if positions.numel() and int(positions.max()) >= self.sequence_length:
+            raise ValueError(
+                f"Position {int(positions.max())} is beyond this model's {self.sequence_length} learned positions."
+            )
+        return torch.nn.functional.embedding(positions, self.embeddings.value)

@@ -12,6 +12,8 @@ from core.generation import Generation  # noqa: E402
 from core.models.backbone import Backbone, BackboneContractError, DecoderOnlyBackbone  # noqa: E402
 from core.models.causal_lm import CausalLM  # noqa: E402
 from core.models.preprocessor import CausalLMPreprocessor, Preprocessor  # noqa: E402
+from core.models.seq2seq_lm import Seq2SeqLM  # noqa: E402
+from core.models.seq2seq_lm_preprocessor import Seq2SeqLMPreprocessor  # noqa: E402
 from core.models.task import Task  # noqa: E402
 from core.models.tokenizer import BytePairTokenizer, SentencePieceTokenizer, Tokenizer  # noqa: E402
 
@@ -25,6 +27,8 @@ __all__ = [
     "Generation",
     "Preprocessor",
     "SentencePieceTokenizer",
+    "Seq2SeqLM",
+    "Seq2SeqLMPreprocessor",
     "Task",
     "Tokenizer",
 ]

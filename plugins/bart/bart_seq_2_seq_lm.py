@@ -1,0 +1,10 @@
+"""BartSeq2SeqLM (default sampler: greedy, as in KerasHub)."""
+
+from core.models.seq2seq_lm import Seq2SeqLM
+from plugins.bart.bart_backbone import BartBackbone
+from plugins.bart.bart_seq_2_seq_lm_preprocessor import BartSeq2SeqLMPreprocessor
+
+
+class BartSeq2SeqLM(Seq2SeqLM):
+    backbone_cls = BartBackbone
+    preprocessor_cls = BartSeq2SeqLMPreprocessor

@@ -1,0 +1,224 @@
+"""Bart (Seq2SeqLM) against KerasHub's saved preset and transformers' BartForConditionalGeneration:
+same logits, tokenization and generations; conversion, fine-tuning and saving."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from core.models import CausalLM, Seq2SeqLM
+from core.samplers import BeamSampler
+from plugins.bart import BartSeq2SeqLM
+from tests.model_support import FIXTURES, assert_keras_hub_structure, fixture_expected, right_padded
+
+BART = FIXTURES / "bart"
+ID_KEYS = ("encoder_token_ids", "encoder_padding_mask", "decoder_token_ids", "decoder_padding_mask")
+# encoder and decoder rows of different lengths, padded with <pad> (1)
+ENCODER = [[0, 17, 42, 99, 250, 7, 30, 2], [0, 5, 6, 7, 2], [0, 200, 201, 202, 203, 204, 205, 206, 207, 208, 2]]
+DECODER = [[2, 0, 11, 12, 13, 14], [2, 0, 21, 22], [2, 0, 9]]
+START = [2, 0]  # Bart's decoder start tokens: </s> <s>
+
+
+def id_batch(encoder, decoder):
+    (encoder_ids, encoder_mask), (decoder_ids, decoder_mask) = right_padded(encoder, 1), right_padded(decoder, 1)
+    return dict(zip(ID_KEYS, (encoder_ids, encoder_mask, decoder_ids, decoder_mask)))
+
+
+# -- KerasHub's preset -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def keras_hub_bart():
+    return Seq2SeqLM.from_preset(str(BART))
+
+
+def test_keras_hub_preset_reproduces_its_logits(keras_hub_bart):
+    expected = fixture_expected("bart")
+    assert isinstance(keras_hub_bart, BartSeq2SeqLM)
+    inputs = {key: np.array(expected[key]) for key in ID_KEYS}
+    logits = keras_hub_bart(inputs).detach().numpy()
+    reference = np.load(BART / "expected_logits.npy")
+    real = inputs["decoder_padding_mask"]
+    assert logits.shape == reference.shape
+    assert np.abs(logits - reference)[real].max() <= 1e-4
+
+
+def test_keras_hub_preset_greedy_outputs(keras_hub_bart):
+    expected = fixture_expected("bart")
+    keras_hub_bart.compile(sampler="greedy")
+    assert keras_hub_bart.generate(expected["inputs"], max_length=expected["max_length"]) == expected["greedy_generate"]
+
+
+def test_tokenization_matches_transformers_bart_tokenizer(keras_hub_bart):
+    from transformers import BartTokenizer as HFBartTokenizer
+
+    assets = BART / "assets" / "tokenizer"
+    reference = HFBartTokenizer(vocab=str(assets / "vocabulary.json"), merges=str(assets / "merges.txt"))
+    texts = fixture_expected("bart")["inputs"] + ["  Spaces, tabs\tand <s> specials </s>!", "ünïcödé and 123"]
+    tokenizer = keras_hub_bart.preprocessor.tokenizer
+    assert tokenizer.tokenize(texts) == [reference(t, add_special_tokens=False)["input_ids"] for t in texts]
+    encoder, decoder = keras_hub_bart.preprocessor.generate_preprocess(texts[:1])
+    assert encoder == [reference(texts[0])["input_ids"]]  # <s> tokens </s>
+    assert decoder == [START]
+
+
+def test_preprocessor_packs_as_keras_hub_and_truncates(keras_hub_bart):
+    preprocessor = keras_hub_bart.preprocessor
+    tokenizer = preprocessor.tokenizer
+    text = fixture_expected("bart")["inputs"][0]
+    tokens = tokenizer.tokenize(text)
+    x, y, weights = preprocessor({"encoder_text": [text], "decoder_text": [text]}, encoder_sequence_length=6,
+                                 decoder_sequence_length=8)
+    assert x["encoder_token_ids"].tolist() == [[0, *tokens[:4], 2]]  # truncated, end token kept
+    assert x["decoder_token_ids"].tolist() == [[2, 0, *tokens[:6]]]
+    assert y.tolist() == [[0, *tokens[:6], 2]]
+    assert weights.all()
+
+
+def test_saved_preset_has_keras_hub_layout_and_loads_back_bit_identically(keras_hub_bart, tmp_path):
+    keras_hub_bart.save_to_preset(tmp_path / "saved")
+    assert_keras_hub_structure(tmp_path / "saved", BART)
+    loaded = Seq2SeqLM.from_preset(str(tmp_path / "saved"))
+    for ours, theirs in zip(keras_hub_bart.backbone.weights, loaded.backbone.weights):
+        assert torch.equal(ours.value, theirs.value)
+    inputs = id_batch(ENCODER, DECODER)
+    assert torch.equal(keras_hub_bart(inputs), loaded(inputs))
+
+
+def test_a_bart_preset_is_not_a_causal_lm():
+    with pytest.raises(ValueError, match="not a CausalLM"):
+        CausalLM.from_preset(str(BART))
+
+
+def test_fit_on_text_pairs_lowers_the_loss(tmp_path):
+    shutil.copytree(BART, tmp_path / "bart")
+    lm = Seq2SeqLM.from_preset(str(tmp_path / "bart"))
+    lm.preprocessor.encoder_sequence_length = lm.preprocessor.decoder_sequence_length = 16
+    pairs = {"encoder_text": ["Return the number of items.", "This class implements a queue."] * 2,
+             "decoder_text": ["Number of items.", "A queue."] * 2}
+    lm.compile(optimizer=__import__("keras").optimizers.Adam(1e-2))
+    history = lm.fit(pairs, epochs=4, batch_size=4, verbose=0)
+    losses = history.history["loss"]
+    assert losses[-1] < losses[0]
+
+
+# -- transformers --------------------------------------------------------------------------
+
+
+def random_hf_bart(seed=0, **settings):
+    """Random weights peaked enough for a stable argmax, with random biases and norms."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    config = BartConfig(**{
+        **dict(
+            vocab_size=300, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+            dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, init_std=0.2, pad_token_id=1,
+            bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_bos_token_id=0,
+        ),
+        **settings,
+    })
+    torch.manual_seed(seed)
+    model = BartForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0.0, 0.1)
+            elif "layer_norm" in name or "layernorm" in name:
+                parameter.normal_(1.0, 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    hf = random_hf_bart()
+    directory = tmp_path_factory.mktemp("hf_bart")
+    hf.save_pretrained(directory)
+    return hf, Seq2SeqLM.from_preset(str(directory))
+
+
+def hf_inputs(inputs):
+    return dict(
+        input_ids=torch.tensor(inputs["encoder_token_ids"]),
+        attention_mask=torch.tensor(inputs["encoder_padding_mask"]).long(),
+    )
+
+
+def test_converted_checkpoint_matches_transformers_logits_on_padded_batches(pair):
+    hf, lm = pair
+    assert isinstance(lm, BartSeq2SeqLM)
+    inputs = id_batch(ENCODER, DECODER)
+    with torch.no_grad():
+        reference = hf(
+            **hf_inputs(inputs),
+            decoder_input_ids=torch.tensor(inputs["decoder_token_ids"]),
+            decoder_attention_mask=torch.tensor(inputs["decoder_padding_mask"]).long(),
+        ).logits
+    logits = lm(inputs)
+    real = torch.tensor(inputs["decoder_padding_mask"])
+    assert (logits - reference).abs()[real].max() <= 1e-4
+
+
+def hf_generate(hf, inputs, new, **settings):
+    """transformers' generate from the decoder start tokens, with nothing forced or stopped."""
+    with torch.no_grad():
+        out = hf.generate(
+            **hf_inputs(inputs), decoder_input_ids=torch.tensor([START] * len(inputs["encoder_token_ids"])),
+            max_new_tokens=new, min_length=0, eos_token_id=None, forced_bos_token_id=None, forced_eos_token_id=None,
+            no_repeat_ngram_size=0, do_sample=False, **settings,
+        )
+    return out[:, len(START):].tolist()
+
+
+def lmq_generate(lm, inputs, new):
+    rows = len(inputs["encoder_token_ids"])
+    decoder = id_batch(ENCODER[:rows], [START + [1] * new] * rows)
+    decoder["decoder_padding_mask"][:, len(START):] = False
+    out = lm.generate({**inputs, "decoder_token_ids": decoder["decoder_token_ids"],
+                       "decoder_padding_mask": decoder["decoder_padding_mask"]}, stop_token_ids=None)
+    return out["decoder_token_ids"][:, len(START):].tolist()
+
+
+@pytest.mark.parametrize("sampler, settings", [("greedy", dict(num_beams=1)),
+                                               (BeamSampler(num_beams=3), dict(num_beams=3, length_penalty=0.0))])
+def test_generate_is_token_identical_to_transformers(pair, sampler, settings):
+    hf, lm = pair
+    inputs = id_batch(ENCODER, DECODER)
+    lm.compile(sampler=sampler)
+    assert lmq_generate(lm, inputs, 10) == hf_generate(hf, inputs, 10, **settings)
+
+
+@pytest.mark.parametrize("setting", [dict(scale_embedding=True), dict(decoder_layers=3), dict(activation_function="relu")])
+def test_unsupported_checkpoint_settings_are_named(setting, tmp_path):
+    random_hf_bart(**setting).save_pretrained(tmp_path)
+    key = next(iter(setting))
+    with pytest.raises(Exception, match=key):
+        Seq2SeqLM.from_preset(str(tmp_path))
+
+
+# -- samplers and generation options ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler", ["top_k", "top_p", "random", "contrastive", "beam"])
+def test_every_sampler_generates_text_reproducibly(keras_hub_bart, sampler):
+    keras_hub_bart.compile(sampler=sampler)
+    prompts = fixture_expected("bart")["inputs"]
+    first = keras_hub_bart.generate(prompts, max_length=12, stop_token_ids=None, seed=7, return_details=True)
+    again = keras_hub_bart.generate(prompts, max_length=12, stop_token_ids=None, seed=7, return_details=True)
+    assert [g.token_ids for g in first] == [g.token_ids for g in again]
+    assert all(g.completion_tokens == 10 for g in first)  # 12 decoder tokens, 2 of them the start
+
+
+def test_max_new_tokens_and_stop_strings(keras_hub_bart):
+    keras_hub_bart.compile(sampler="random")  # the fixture's greedy output is only end tokens
+    prompt = fixture_expected("bart")["inputs"][0]
+    options = dict(max_length=20, stop_token_ids=None, seed=3)
+    full = keras_hub_bart.generate(prompt, **options, return_details=True)
+    short = keras_hub_bart.generate(prompt, **options, max_new_tokens=3, return_details=True)
+    assert short.token_ids == full.token_ids[:3] and short.finish_reason == "length"
+    assert len(full.text) > 6
+    stop = full.text[len(full.text) // 2 :][:3]
+    cut = keras_hub_bart.generate(prompt, **options, stop=[stop])
+    assert stop not in cut and full.text.startswith(cut) and len(cut) < len(full.text)
