@@ -50,8 +50,8 @@ def test_docker_compose_config_accepts_it():
 
 
 def test_services_health_checks_and_start_order():
-    assert set(SERVICES) == {"api", "worker", "redis", "postgres", "migrate"}
-    for name in ("api", "worker", "redis", "postgres"):
+    assert set(SERVICES) == {"api", "worker", "redis", "postgres", "migrate", "flower"}
+    for name in ("api", "worker", "redis", "postgres", "flower"):
         assert SERVICES[name]["healthcheck"]["test"], name
     assert "/readyz" in " ".join(SERVICES["api"]["healthcheck"]["test"])
     for name in ("api", "worker"):
@@ -102,3 +102,23 @@ def test_the_image_installs_lmq_and_runs_as_a_user():
     assert "tensorflow" not in dockerfile.lower()
     assert re.search(r"^USER lmq$", dockerfile, re.MULTILINE)
     assert "LMQ_HOME=/data" in dockerfile
+
+
+def worker_settings():
+    return load_settings({key: interpolated(str(value)) for key, value in SERVICES["worker"]["environment"].items()})
+
+
+def test_flower_watches_the_broker_the_workers_use_from_loopback_only():
+    flower = SERVICES["flower"]
+    assert flower["command"][:2] == ["celery", "flower"]
+    assert flower["environment"]["CELERY_BROKER_URL"] == worker_settings().broker_url
+    assert flower["depends_on"]["redis"]["condition"] == "service_healthy"
+    (published,) = flower["ports"]
+    assert interpolated(published) == "127.0.0.1:5555:5555"
+
+
+def test_each_worker_serves_its_metrics_inside_the_compose_network():
+    worker = SERVICES["worker"]
+    port = worker_settings().worker_metrics_port
+    assert port is not None and worker["expose"] == [str(port)]
+    assert "ports" not in worker  # `--scale worker=N` would fight over one host port
