@@ -120,6 +120,28 @@ def test_rows_that_join_a_running_batch_give_the_tokens_of_one_at_a_time_generat
         assert any(events.index(j) < last[i] for i in last for j in last if j > i and j >= 2)
 
 
+def test_what_between_steps_raises_ends_decoding_after_the_results_so_far(model):
+    """A job runner stops a job there: the requests that finished were handed out, no others."""
+    prompts, limits = PROMPTS * 2, [1, 1, 2, 2, 8, 8, 8, 8]
+    finished, steps = [], []
+
+    class Cancelled(Exception):
+        pass
+
+    def between_steps():
+        steps.append(len(finished))
+        if len(steps) == 4:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        decode(model, prompts, limits, GreedySampler(), max_rows=2, between_steps=between_steps,
+               on_finish=lambda request, completion: finished.append((request, completion.token_ids)))
+    assert 0 < len(finished) < len(prompts)
+    for request, tokens in finished:  # what came out before the stop is each request's whole result
+        assert tokens == decode(model, [prompts[request]], [limits[request]], GreedySampler()).completions[0]
+    assert steps == sorted(steps) and steps[0] == 0  # checked before every step, as results came out
+
+
 @pytest.mark.parametrize(
     "sampler",
     [BeamSampler(num_beams=3, return_all_beams=True), ContrastiveSampler(k=3)],
