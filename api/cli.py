@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from contextlib import nullcontext
-from pathlib import Path
 from typing import NoReturn
 
 from api import cli_remote, schemas
@@ -41,6 +39,7 @@ from core.config import Settings, SettingsError, load_settings
 from core.logfmt import log_to_stderr
 from core.names import DTYPES, SAMPLER_NAMES, JobKind, JobState, check_preset_name
 from core.presets import PresetNotFound
+from core.presets.files import PresetFileError
 from core.store import SchemaOutOfDate, queries, session_scope, sessions
 from core.store.db import database_exists
 from core.store.presets import preset_architecture, store_resolver
@@ -96,13 +95,13 @@ def create_job(settings: Settings, kind: str, args) -> str:
             raise BadInput(str(error)) from None
 
 
-def locate(session, handle: str, *, fetch: bool = False) -> str:
-    """Where `handle`'s preset is (fetched into a local directory with `fetch`), or BadInput
+def locate(session, handle: str, *, fetch: bool = False):
+    """Where `handle`'s preset is (with `fetch`, its `PresetFiles` in a local directory), or BadInput
     naming the closest store and built-in names when it is misspelt. Store names are the local
     tenant's, as for the jobs this CLI runs (a server's tenants' presets are theirs)."""
     resolver = store_resolver(session, tenant=LOCAL_TENANT)
     try:
-        return str(resolver.directory(handle) if fetch else resolver.locate(handle))
+        return resolver.files(handle) if fetch else resolver.locate(handle)
     except PresetNotFound as error:
         raise BadInput(f"{error}{did_you_mean(handle, preset_names(session, LOCAL_TENANT))}") from None
 
@@ -277,10 +276,13 @@ def import_preset(settings: Settings, session, handle: str, name: str, tenant: s
     source = locate(session, handle, fetch=True)
     target = settings.preset_store / name
     # A preset already in the store's directory (made under another LMQ_DATABASE_URL) is registered in place.
-    if Path(source).resolve() != target.resolve():
+    if source.directory.resolve() != target.resolve():
         if target.exists():
             raise BadInput(f"{target} already exists")
-        shutil.copytree(source, target)
+        try:
+            source.copy_to(target)  # only the preset's own files: no link out of it is followed
+        except PresetFileError as error:  # refused before anything is copied
+            raise BadInput(str(error)) from None
     preset = queries.register_preset(
         session,
         name=name,

@@ -396,6 +396,29 @@ def test_preset_files_refuse_every_name_that_leads_out(tmp_path):
         files.read_json("nothing.json")
 
 
+def test_lmq_presets_import_copies_no_file_from_outside(lmq_home, tmp_path, canaries, capsys):
+    """The import copies the preset into the store; a followed link would copy the canary in."""
+    from api.cli import main
+
+    preset, outside = keras_hub_preset(tmp_path)
+    canary = move_out(preset, outside, "assets/tokenizer/vocabulary.spm")
+    canaries.watch(canary)
+    with pytest.raises(SystemExit) as exit:
+        main(["presets", "import", str(preset), "--name", "copied"])
+    error = capsys.readouterr().err
+    assert exit.value.code == 2 and "file assets/tokenizer/vocabulary.spm" in error and "outside" in error, error
+    assert canaries.opened() == set() and not (lmq_home / "presets" / "copied").exists()
+    (preset / "assets" / "tokenizer" / "vocabulary.spm").unlink()
+    shutil.copy(canary, preset / "assets" / "tokenizer" / "vocabulary.spm")
+    (preset / "assets" / "tokenizer" / "loop").symlink_to(preset / "assets")  # inside, but a linked directory
+    with pytest.raises(SystemExit):
+        main(["presets", "import", str(preset), "--name", "copied"])
+    assert "assets/tokenizer/loop: is a linked directory" in capsys.readouterr().err
+    (preset / "assets" / "tokenizer" / "loop").unlink()
+    assert main(["presets", "import", str(preset), "--name", "copied"]) == 0
+    assert isinstance(CausalLM.from_preset(str(lmq_home / "presets" / "copied")), CausalLM)
+
+
 # -- through the service -------------------------------------------------------------------
 
 

@@ -12,7 +12,9 @@ quotes what a file holds: a tenant reads job errors, and a preset is not theirs 
 """
 
 import json
+import os
 import pathlib
+import shutil
 
 
 class PresetFileError(ValueError):
@@ -96,6 +98,22 @@ class PresetFiles:
         if not isinstance(data, kind):
             raise self.error(relative, f"must hold a JSON {'object' if kind is dict else kind.__name__}")
         return data
+
+    def copy_to(self, target):
+        """Copies the preset's files into the new directory ``target`` as plain files (``lmq presets
+        import``); a link leading outside, or any linked directory, is refused before anything is read."""
+        files = []
+        for top, directories, names in os.walk(self.directory):  # links to directories are not followed
+            here = pathlib.Path(top).relative_to(self.directory)
+            for name in directories + names:
+                relative = (here / name).as_posix()
+                if (self.directory / relative).is_symlink() and self.path(relative).is_dir():
+                    raise self.error(relative, "is a linked directory; refused")
+                files += [] if name in directories else [(relative, self.path(relative))]
+        target.mkdir(parents=True)
+        for relative, path in files:
+            (target / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target / relative)
 
     def sub(self, relative):
         """The files under the subdirectory ``relative`` (a tokenizer's assets), still inside this preset."""
