@@ -172,12 +172,12 @@ def hf_generate(hf, inputs, new, **settings):
     return out[:, len(START):].tolist()
 
 
-def lmq_generate(lm, inputs, new):
+def lmq_generate(lm, inputs, new, **options):
     rows = len(inputs["encoder_token_ids"])
     decoder = id_batch(ENCODER[:rows], [START + [1] * new] * rows)
     decoder["decoder_padding_mask"][:, len(START):] = False
     out = lm.generate({**inputs, "decoder_token_ids": decoder["decoder_token_ids"],
-                       "decoder_padding_mask": decoder["decoder_padding_mask"]}, stop_token_ids=None)
+                       "decoder_padding_mask": decoder["decoder_padding_mask"]}, stop_token_ids=None, **options)
     return out["decoder_token_ids"][:, len(START):].tolist()
 
 
@@ -188,6 +188,35 @@ def test_generate_is_token_identical_to_transformers(pair, sampler, settings):
     inputs = id_batch(ENCODER, DECODER)
     lm.compile(sampler=sampler)
     assert lmq_generate(lm, inputs, 10) == hf_generate(hf, inputs, 10, **settings)
+
+
+@pytest.mark.parametrize("sampler", ["greedy", BeamSampler(num_beams=2)])
+def test_rows_joining_a_running_batch_get_the_same_tokens(pair, sampler):
+    """One row at a time (continuous batching): each joining row's encoder keys/values are
+    written into the running cache, whatever its encoder length."""
+    _, lm = pair
+    inputs = id_batch(ENCODER, DECODER)
+    lm.compile(sampler=sampler)
+    assert lmq_generate(lm, inputs, 8, max_rows=1) == lmq_generate(lm, inputs, 8)
+
+
+def test_checkpoint_with_its_tokenizer_generates_the_text_transformers_does(tmp_path):
+    from transformers import BartTokenizer as HFBartTokenizer
+
+    assets = BART / "assets" / "tokenizer"
+    tokenizer = HFBartTokenizer(vocab=str(assets / "vocabulary.json"), merges=str(assets / "merges.txt"))
+    hf = random_hf_bart(seed=1, vocab_size=len(tokenizer))
+    hf.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    lm = Seq2SeqLM.from_preset(str(tmp_path))
+    lm.compile(sampler="greedy")
+    texts = fixture_expected("bart")["inputs"]
+    encoder, _ = lm.preprocessor.generate_preprocess(texts)
+    assert encoder == tokenizer(texts)["input_ids"]
+    batch = tokenizer(texts, return_tensors="np", padding=True)
+    inputs = {"encoder_token_ids": batch["input_ids"], "encoder_padding_mask": batch["attention_mask"].astype(bool)}
+    expected = tokenizer.batch_decode(hf_generate(hf, inputs, 8), skip_special_tokens=True)
+    assert lm.generate(texts, max_length=len(START) + 8, stop_token_ids=None) == expected
 
 
 @pytest.mark.parametrize("setting", [dict(scale_embedding=True), dict(decoder_layers=3), dict(activation_function="relu")])
@@ -222,3 +251,14 @@ def test_max_new_tokens_and_stop_strings(keras_hub_bart):
     stop = full.text[len(full.text) // 2 :][:3]
     cut = keras_hub_bart.generate(prompt, **options, stop=[stop])
     assert stop not in cut and full.text.startswith(cut) and len(cut) < len(full.text)
+
+
+def test_streaming_receives_each_generated_token(keras_hub_bart):
+    keras_hub_bart.compile(sampler="top_k")
+    streamed = {}
+    prompts = fixture_expected("bart")["inputs"]
+    results = keras_hub_bart.generate(
+        prompts, max_length=10, stop_token_ids=None, seed=1, return_details=True,
+        stream=lambda row, token: streamed.setdefault(row, []).append(token),
+    )
+    assert [streamed[row] for row in range(len(prompts))] == [r.token_ids for r in results]

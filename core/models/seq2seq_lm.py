@@ -117,6 +117,9 @@ class Seq2SeqLM(Task):
         seed=None,
         stream=None,
         on_result=None,
+        max_rows=None,
+        max_cache_tokens=None,
+        between_steps=None,
         return_details=False,
     ):
         """Generates decoder text for an encoder text, a list of them, or
@@ -128,8 +131,9 @@ class Seq2SeqLM(Task):
         "decoder_token_ids", "decoder_padding_mask"}`` (right-padded); the same dict comes back
         with the completions written into the decoder ids.
         """
+        batching = dict(max_rows=max_rows, max_cache_tokens=max_cache_tokens, between_steps=between_steps)
         if isinstance(inputs, dict) and "encoder_token_ids" in inputs:
-            return self._generate_from_ids(inputs, stop_token_ids, max_new_tokens, seed, stream)
+            return self._generate_from_ids(inputs, stop_token_ids, max_new_tokens, seed, stream, batching)
         if self.preprocessor is None:
             raise ValueError("This task has no preprocessor: pass the token-id dict, not strings.")
         single = isinstance(inputs, str) or (isinstance(inputs, dict) and isinstance(inputs.get("encoder_text"), str))
@@ -163,11 +167,12 @@ class Seq2SeqLM(Task):
             stop_strings=stop_strings,
             stream=stream,
             on_finish=finished,
+            **batching,
         )
         outputs = [outputs[row] for row in range(len(prompts))]
         return outputs[0] if single else outputs
 
-    def _generate_from_ids(self, inputs, stop_token_ids, max_new_tokens, seed, stream):
+    def _generate_from_ids(self, inputs, stop_token_ids, max_new_tokens, seed, stream, batching):
         encoder_inputs = _unpadded(inputs, "encoder")
         prompts = _unpadded(inputs, "decoder")
         decoder_ids = np.asarray(inputs["decoder_token_ids"])
@@ -179,6 +184,7 @@ class Seq2SeqLM(Task):
             stop_token_ids=self._stop_ids(stop_token_ids),
             seeds=self._seeds(seed, len(prompts)),
             stream=stream,
+            **batching,
         )
         out_ids = decoder_ids.copy()
         out_mask = np.asarray(inputs["decoder_padding_mask"]).astype(bool).copy()
