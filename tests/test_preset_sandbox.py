@@ -249,6 +249,20 @@ def test_hdf5_soft_and_external_links_are_refused_unread(tmp_path, canaries, kin
     assert kind in refused(preset, canaries, canary, file="model.weights.h5")
 
 
+def test_an_hdf5_filter_that_loads_a_plugin_library_is_refused(tmp_path):
+    """For a filter it lacks (32001: Blosc), HDF5 would load a library from its plugin path."""
+    preset, _ = keras_hub_preset(tmp_path)
+
+    def blosc(weights, path, data):
+        options = {"chunks": data.shape, "compression": 32001, "allow_unknown_filter": True}
+        dataset = weights.create_dataset(path, shape=data.shape, dtype="float32", **options)
+        dataset.id.write_direct_chunk((0,) * data.ndim, data.astype("float32").tobytes())
+
+    rewrite_weight(preset, blosc)
+    with pytest.raises(PresetFileError, match=r"model.weights.h5: dataset .* needs HDF5 filter \[32001\]"):
+        CausalLM.from_preset(str(preset))
+
+
 def test_integer_weight_data_is_refused_not_cast(tmp_path):
     """The probe's int64 weights were cast into float weights silently."""
     preset, _ = keras_hub_preset(tmp_path)

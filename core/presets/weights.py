@@ -10,6 +10,11 @@ import ml_dtypes
 import numpy as np
 
 WEIGHTS_FILE = "model.weights.h5"
+# The filters HDF5 has built in; for any other it would load a plugin library from its plugin path.
+BUILT_IN_FILTERS = {
+    h5py.h5z.FILTER_DEFLATE, h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_FLETCHER32, h5py.h5z.FILTER_SZIP,
+    h5py.h5z.FILTER_NBIT, h5py.h5z.FILTER_SCALEOFFSET, h5py.h5z.FILTER_LZF,
+}
 
 
 def _datasets(h5_file, refuse):
@@ -24,6 +29,10 @@ def _datasets(h5_file, refuse):
         if isinstance(item, h5py.Dataset):
             if item.external or item.is_virtual:
                 refuse(f"dataset {name!r} keeps its data in other files; refused")
+            plist = item.id.get_create_plist()
+            filters = {plist.get_filter(i)[0] for i in range(plist.get_nfilters())}
+            if filters - BUILT_IN_FILTERS:
+                refuse(f"dataset {name!r} needs HDF5 filter {sorted(filters - BUILT_IN_FILTERS)}, a plugin; refused")
             found[name] = item
     return found
 
