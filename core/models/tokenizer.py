@@ -331,9 +331,11 @@ class BytePairTokenizer(Tokenizer):
         try:
             self.set_vocabulary_and_merges(vocabulary, merges)
         except MergeError:  # its message quotes the file's tokens
-            raise files.error(name, "a merge joins or makes a token the vocabulary lacks") from None
-        except ValueError as error:  # the special tokens this class needs, named by the class
-            raise files.error(name, str(error)) from None
+            problem = "merges and vocabulary do not fit (a merge of tokens the vocabulary lacks, or an id not a number)"
+            raise files.error(name, problem) from None
+        except ValueError:  # its message can list tokens of the file (unsplittable ones)
+            problem = f"the vocabulary lacks special or unsplittable tokens {type(self).__name__} needs"
+            raise files.error(name, problem) from None
 
 
 def _byte_level_step(pre_tokenizer):

@@ -1,7 +1,9 @@
 """``model.weights.h5`` in KerasHub's layout, read and written with h5py (no pickle).
 
 Each backbone lists ``{h5 path: variable}`` (``Backbone.keras_hub_weights``); the
-file must hold exactly those datasets with the configured shapes.
+file must hold exactly those datasets with the configured shapes and a dtype that fits.
+Nothing in it may reach another file: soft and external links, external storage,
+virtual datasets and filters HDF5 would load as plugins are refused.
 """
 
 import h5py
