@@ -341,6 +341,18 @@ def test_lora_trains_only_adapters_and_saves_a_plain_preset(tiny_lm, tmp_path):
     assert (loaded.score(ids, mask) - tuned).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("mode", ["int8", "float8", "int4"])
+def test_quantize_is_refused_by_name_and_changes_nothing(tiny_lm, mode):
+    """Keras' own quantize would warn per layer and leave lmq's weights in float32."""
+    ids, mask = _batch()
+    before = tiny_lm.score(ids, mask)
+    for target in (tiny_lm, tiny_lm.backbone):
+        with pytest.raises(NotImplementedError, match=f"quantize\\('{mode}'\\).*does not quantize"):
+            target.quantize(mode)
+    assert {v.dtype for v in tiny_lm.backbone.weights} == {"float32"}
+    assert torch.equal(tiny_lm.score(ids, mask), before)
+
+
 def test_lora_rank_must_be_positive(tiny_lm):
     with pytest.raises(ValueError, match="rank"):
         tiny_lm.backbone.enable_lora(0)

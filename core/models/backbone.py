@@ -134,6 +134,14 @@ class Backbone(KerasHubSerializable, keras.Model):
 
         return load_backbone(preset, cls=cls, load_weights=load_weights, dtype=dtype, resolver=resolver)
 
+    def quantize(self, mode, **kwargs):
+        """Refused with a clear error: lmq's layers are not Keras' Dense/EinsumDense/Embedding,
+        so Keras' own ``quantize`` would only warn and leave every weight in float."""
+        raise NotImplementedError(
+            f"{type(self).__name__}.quantize({mode!r}): lmq does not quantize models yet; "
+            "load or convert the preset with dtype='bfloat16' or 'float16' to halve its size."
+        )
+
     def enable_lora(self, rank, alpha=None):
         """Freezes every weight and adds trainable low-rank updates to the attention's query
         and value projections (KerasHub's ``Backbone.enable_lora``). ``save_to_preset``

@@ -56,6 +56,10 @@ class Task(KerasHubSerializable, keras.Model):
 
         return load_task(preset, cls=cls, load_weights=load_weights, resolver=resolver, **kwargs)
 
+    def quantize(self, mode, **kwargs):
+        """The backbone's ``quantize`` (which refuses: see ``Backbone.quantize``)."""
+        self.backbone.quantize(mode, **kwargs)
+
     def save_to_preset(self, preset_dir):
         from core.presets import save_task
 
