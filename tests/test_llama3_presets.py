@@ -10,6 +10,7 @@ import torch
 
 from core.models import CausalLM
 from core.plugins import get_registry
+from core.store.presets import preset_architecture
 from plugins.llama import Llama3CausalLM, Llama3Tokenizer, LlamaCausalLM
 from tests.model_support import (
     FIXTURES,
@@ -70,6 +71,7 @@ def test_checkpoint_with_only_tokenizer_json_is_llama3_with_a_preprocessor(llama
     lm = CausalLM.from_preset(str(directory))
     assert isinstance(lm, Llama3CausalLM)
     assert type(lm.backbone).__name__ == "Llama3Backbone"
+    assert preset_architecture(directory) == "llama3"  # what the store records for an import
     assert lm.backbone.rope_max_wavelength == 500000.0
     ids = np.array([[5, 17, 42, 99, 250, 7], [5, 6, 7, 0, 0, 0]])
     mask = ids != 0
@@ -100,6 +102,7 @@ def test_llama2_checkpoint_with_tokenizer_model_stays_llama(tmp_path):
     (tmp_path / "ckpt" / "tokenizer.json").write_text("{}")  # Llama 2 repositories ship both
     lm = CausalLM.from_preset(str(tmp_path / "ckpt"))
     assert type(lm) is LlamaCausalLM
+    assert preset_architecture(tmp_path / "ckpt") == "llama"
 
 
 def test_converted_checkpoint_saves_a_keras_hub_llama3_preset(llama3_checkpoint, tmp_path):
