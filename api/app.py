@@ -1,6 +1,6 @@
 """The HTTP API: submit jobs, follow them, read their results, list presets.
 
-`create_app` wires the resource routers (api/routes: jobs, presets, health, metrics)
+`create_app` wires the resource routers (api/routes: jobs, presets, health, metrics, dashboard)
 to one deployment's settings and dispatch; handlers get both, a database
 session and the caller's tenant as dependencies (api/dependencies.py). The
 process stays light: it imports the store, the settings and the plugin
@@ -18,7 +18,7 @@ from sqlalchemy.exc import OperationalError
 
 from api import schemas
 from api.dispatch import dispatch_for
-from api.routes import health, jobs, presets
+from api.routes import dashboard, health, jobs, presets
 from api.routes.metrics import add_metrics
 from core.config import Settings, load_settings
 from core.store import SchemaOutOfDate
@@ -47,6 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(presets.router)
     app.include_router(health.router)
+    app.include_router(dashboard.router)
     add_metrics(app, settings)
     add_error_handlers(app)
     return app

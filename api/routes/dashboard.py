@@ -1,0 +1,154 @@
+"""GET /dashboard: the jobs to look at, in a browser.
+
+Two server-rendered pages with a little JavaScript and nothing fetched from
+outside: the job list (state, progress bars, refreshed every second) and a
+job's page (timings, its events and, for a fit job, the loss per step as an
+inline SVG plot). The pages hold no data: their script reads the same JSON
+endpoints as every client (/v1/jobs, /v1/jobs/{id}, /v1/jobs/{id}/events)
+with the bearer token the user types in, kept in the tab's sessionStorage, so
+a tenant sees only its own jobs exactly as the API decides.
+"""
+
+from __future__ import annotations
+
+from html import escape
+
+from fastapi import APIRouter
+from fastapi.responses import HTMLResponse
+
+router = APIRouter(prefix="/dashboard", include_in_schema=False)
+
+STYLE = """
+body { font: 14px system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; } td, th { padding: 4px 10px; border-bottom: 1px solid #ddd; text-align: left; }
+.bar { width: 160px; height: 12px; background: #eee; border-radius: 3px; overflow: hidden; display: inline-block; }
+.bar > div { height: 100%; background: #3a7; }
+#error { color: #b00; } svg { border: 1px solid #ddd; background: #fcfcfc; }
+"""
+
+# Shared by both pages: the token form and an authenticated fetch.
+COMMON_SCRIPT = """
+const tokenKey = "lmq-token";
+function token() { return sessionStorage.getItem(tokenKey) || ""; }
+document.getElementById("token-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  sessionStorage.setItem(tokenKey, document.getElementById("token").value);
+  refresh();
+});
+async function api(path) {
+  const headers = token() ? {Authorization: "Bearer " + token()} : {};
+  const response = await fetch(path, {headers});
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.detail || response.statusText);
+  document.getElementById("error").textContent = "";
+  return body;
+}
+function cell(row, text) { const td = row.insertCell(); td.textContent = text ?? ""; return td; }
+function bar(fraction) {
+  const outer = document.createElement("span"); outer.className = "bar";
+  const inner = document.createElement("div"); inner.style.width = (100 * fraction).toFixed(1) + "%";
+  outer.appendChild(inner); outer.dataset.progress = fraction; return outer;
+}
+function every(seconds, work) {
+  const run = () => work().catch((error) => { document.getElementById("error").textContent = error.message; });
+  window.refresh = run; run(); setInterval(run, seconds * 1000);
+}
+"""
+
+LIST_SCRIPT = """
+every(1, async () => {
+  const page = await api("/v1/jobs?limit=100");
+  const body = document.getElementById("jobs");
+  body.replaceChildren();
+  for (const job of page.jobs) {
+    const row = body.insertRow(); row.dataset.job = job.id; row.className = "job";
+    const link = document.createElement("a"); link.href = "/dashboard/jobs/" + job.id; link.textContent = job.id.slice(0, 12);
+    row.insertCell().appendChild(link);
+    cell(row, job.kind); const status = cell(row, job.status); status.className = "status"; status.dataset.state = job.status; cell(row, job.preset);
+    row.insertCell().appendChild(bar(job.progress));
+    cell(row, job.counts.completed + job.counts.failed + " / " + job.counts.total);
+    cell(row, job.created_at);
+  }
+});
+"""
+
+JOB_SCRIPT = """
+const jobId = document.body.dataset.job;
+function lossPlot(steps) {
+  const svg = document.getElementById("loss");
+  svg.replaceChildren();
+  if (!steps.length) return;
+  const [width, height, pad] = [600, 240, 30];
+  const losses = steps.map((s) => s.loss), low = Math.min(...losses), high = Math.max(...losses);
+  const lastStep = Math.max(...steps.map((s) => s.step));
+  const x = (step) => pad + (width - 2 * pad) * (lastStep > 1 ? (step - 1) / (lastStep - 1) : 0.5);
+  const y = (loss) => height - pad - (height - 2 * pad) * (high > low ? (loss - low) / (high - low) : 0.5);
+  const ns = "http://www.w3.org/2000/svg";
+  const line = document.createElementNS(ns, "polyline");
+  line.setAttribute("points", steps.map((s) => x(s.step) + "," + y(s.loss)).join(" "));
+  line.setAttribute("fill", "none"); line.setAttribute("stroke", "#37a");
+  svg.appendChild(line);
+  for (const s of steps) {
+    const point = document.createElementNS(ns, "circle");
+    point.setAttribute("cx", x(s.step)); point.setAttribute("cy", y(s.loss)); point.setAttribute("r", 3);
+    point.setAttribute("class", "step"); point.dataset.step = s.step; point.dataset.loss = s.loss;
+    svg.appendChild(point);
+  }
+  const label = document.createElementNS(ns, "text");
+  label.setAttribute("x", pad); label.setAttribute("y", 16);
+  label.textContent = "loss " + high.toFixed(3) + " (top) to " + low.toFixed(3) + ", steps 1 to " + lastStep;
+  svg.appendChild(label);
+}
+every(1, async () => {
+  const job = await api("/v1/jobs/" + jobId);
+  document.getElementById("status").textContent = job.status;
+  document.getElementById("progress").replaceChildren(bar(job.progress));
+  for (const field of ["kind", "preset", "created_at", "started_at", "finished_at", "error", "output_preset"]) {
+    document.getElementById(field).textContent = job[field] ?? "";
+  }
+  const events = (await api("/v1/jobs/" + jobId + "/events")).events;
+  const body = document.getElementById("events");
+  body.replaceChildren();
+  for (const event of events) {
+    const {id, type, created_at, ...data} = event;
+    const row = body.insertRow(); cell(row, created_at); cell(row, type); cell(row, JSON.stringify(data));
+  }
+  lossPlot(events.filter((e) => e.type === "step" && e.loss !== null && e.loss !== undefined));
+});
+"""
+
+
+def page(title: str, content: str, script: str, **data: str) -> HTMLResponse:
+    attributes = "".join(f' data-{name}="{escape(value)}"' for name, value in data.items())
+    return HTMLResponse(
+        f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{escape(title)}</title><style>{STYLE}</style></head>
+<body{attributes}>
+<h1>{escape(title)}</h1>
+<form id="token-form"><label>Token <input id="token" type="password" autocomplete="off"></label>
+<button type="submit">Use</button></form>
+<p id="error"></p>
+{content}
+<script>{COMMON_SCRIPT}{script}</script>
+</body></html>"""
+    )
+
+
+@router.get("", response_class=HTMLResponse)
+def job_list() -> HTMLResponse:
+    table = """<table><thead><tr><th>job</th><th>kind</th><th>state</th><th>preset</th><th>progress</th>
+<th>done</th><th>created</th></tr></thead><tbody id="jobs"></tbody></table>"""
+    return page("lmq jobs", table, LIST_SCRIPT)
+
+
+@router.get("/jobs/{job_id}", response_class=HTMLResponse)
+def job_page(job_id: str) -> HTMLResponse:
+    fields = "".join(
+        f'<tr><th>{name.replace("_", " ")}</th><td id="{name}"></td></tr>'
+        for name in ("status", "kind", "preset", "created_at", "started_at", "finished_at", "output_preset", "error")
+    )
+    content = f"""<p><a href="/dashboard">all jobs</a></p>
+<table>{fields}<tr><th>progress</th><td id="progress"></td></tr></table>
+<h2>Loss per step</h2><svg id="loss" width="600" height="240"></svg>
+<h2>Events</h2><table><thead><tr><th>at</th><th>type</th><th>data</th></tr></thead><tbody id="events"></tbody></table>"""
+    return page(f"lmq job {job_id[:12]}", content, JOB_SCRIPT, job=job_id)
