@@ -3,6 +3,7 @@
 the job list and of a fit job's page are kept in test-artifacts/ (or
 $LMQ_TEST_ARTIFACTS)."""
 
+import json
 import os
 import shutil
 import time
@@ -118,13 +119,27 @@ def test_progress_advances_live_the_loss_plot_has_each_step_and_tenants_see_thei
         assert browser.find_element(By.ID, "status").text == "succeeded"
         browser.save_screenshot(str(ARTIFACTS / "dashboard-fit-job.png"))
 
+        # The preset it made, with its lineage; and the generate job's results preview.
+        browser.get(f"{server.url}/dashboard")
+        wait_until(lambda: data_of(browser, "tr.preset", "preset") == ["dashboard-tuned"], 10, "the preset")
+        made_by = browser.find_element(By.CSS_SELECTOR, 'tr[data-preset="dashboard-tuned"] a').get_attribute("href")
+        assert made_by.endswith(f"/dashboard/jobs/{fit_id}")
+        assert float(data_of(browser, "tr.preset td[data-loss]", "loss")[0]) == pytest.approx(steps[-1]["loss"])
+        browser.get(f"{server.url}/dashboard/jobs/{generate_id}")
+        wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, "tr.result"), 10, "the results preview")
+        first = client.get(f"/v1/jobs/{generate_id}/results").text.splitlines()[:5]
+        rows = browser.execute_script(
+            "return [...document.querySelectorAll('tr.result')].map((row) => row.cells[1].textContent)"
+        )
+        assert rows == [json.loads(line)["output"] for line in first]
+
     # Another tenant, in a fresh tab session: none of team-a's jobs, and team-a's job page says it is not there.
     browser.delete_all_cookies()
     browser.execute_script("sessionStorage.clear()")
     sign_in(browser, f"{server.url}/dashboard", "tok-b")
     wait_until(lambda: browser.execute_script("return window.refresh !== undefined"), 10, "the script")
     time.sleep(1.5)  # a refresh or two
-    assert data_of(browser, "tr.job", "job") == []
+    assert data_of(browser, "tr.job", "job") == [] and data_of(browser, "tr.preset", "preset") == []
     sign_in(browser, f"{server.url}/dashboard/jobs/{fit_id}", "tok-b")
     error = wait_until(lambda: browser.find_element(By.ID, "error").text, 10, "an error")
     assert error == f"no job {fit_id!r}"

@@ -1,12 +1,13 @@
 """GET /dashboard: the jobs to look at, in a browser.
 
 Two server-rendered pages with a little JavaScript and nothing fetched from
-outside: the job list (state, progress bars, refreshed every second) and a
-job's page (timings, its events and, for a fit job, the loss per step as an
-inline SVG plot). The pages hold no data: their script reads the same JSON
-endpoints as every client (/v1/jobs, /v1/jobs/{id}, /v1/jobs/{id}/events)
-with the bearer token the user types in, kept in the tab's sessionStorage, so
-a tenant sees only its own jobs exactly as the API decides.
+outside. The list: jobs with their state and progress bars, refreshed every
+second, and the presets with their lineage (base preset, producing job, final
+loss). A job's page: timings, its events, a preview of its results and errors
+and, for a fit job, the loss per step as an inline SVG plot. The pages hold no
+data: their script reads the same JSON endpoints as every client (/v1/jobs...,
+/v1/presets) with the bearer token the user types in, kept in the tab's
+sessionStorage, so a tenant sees only its own jobs, exactly as the API decides.
 """
 
 from __future__ import annotations
@@ -69,11 +70,24 @@ every(1, async () => {
     cell(row, job.counts.completed + job.counts.failed + " / " + job.counts.total);
     cell(row, job.created_at);
   }
+  const presets = document.getElementById("presets");
+  presets.replaceChildren();
+  for (const preset of (await api("/v1/presets")).presets) {
+    const row = presets.insertRow(); row.dataset.preset = preset.name; row.className = "preset";
+    cell(row, preset.name); cell(row, preset.architecture); cell(row, preset.parent || preset.source);
+    const made = row.insertCell();
+    if (preset.job_id) {
+      const link = document.createElement("a"); link.href = "/dashboard/jobs/" + preset.job_id;
+      link.textContent = preset.job_id.slice(0, 12); made.appendChild(link);
+    }
+    const loss = preset.details.final_loss;
+    cell(row, loss === undefined || loss === null ? "" : loss.toFixed(4)).dataset.loss = loss ?? "";
+  }
 });
 """
 
 JOB_SCRIPT = """
-const jobId = document.body.dataset.job;
+const jobId = document.body.dataset.job, PREVIEW = 5;
 function lossPlot(steps) {
   const svg = document.getElementById("loss");
   svg.replaceChildren();
@@ -114,7 +128,22 @@ every(1, async () => {
     const row = body.insertRow(); cell(row, created_at); cell(row, type); cell(row, JSON.stringify(data));
   }
   lossPlot(events.filter((e) => e.type === "step" && e.loss !== null && e.loss !== undefined));
+  if (job.kind === "generate" && job.finished_at && !document.getElementById("results").rows.length) {
+    await showResults();
+  }
 });
+async function showResults() {
+  // The first few result lines, once the job has ended (the endpoint streams them all).
+  const headers = token() ? {Authorization: "Bearer " + token()} : {};
+  const lines = (await (await fetch("/v1/jobs/" + jobId + "/results", {headers})).text()).split("\\n");
+  const body = document.getElementById("results");
+  for (const line of lines.filter(Boolean).slice(0, PREVIEW)) {
+    const result = JSON.parse(line);
+    const row = body.insertRow(); row.className = "result";
+    cell(row, result.custom_id ?? result.index); cell(row, result.output); cell(row, result.finish_reason);
+    cell(row, result.error);
+  }
+}
 """
 
 
@@ -137,7 +166,9 @@ def page(title: str, content: str, script: str, **data: str) -> HTMLResponse:
 @router.get("", response_class=HTMLResponse)
 def job_list() -> HTMLResponse:
     table = """<table><thead><tr><th>job</th><th>kind</th><th>state</th><th>preset</th><th>progress</th>
-<th>done</th><th>created</th></tr></thead><tbody id="jobs"></tbody></table>"""
+<th>done</th><th>created</th></tr></thead><tbody id="jobs"></tbody></table>
+<h2>Presets</h2><table><thead><tr><th>name</th><th>architecture</th><th>base</th><th>made by job</th>
+<th>final loss</th></tr></thead><tbody id="presets"></tbody></table>"""
     return page("lmq jobs", table, LIST_SCRIPT)
 
 
@@ -150,5 +181,7 @@ def job_page(job_id: str) -> HTMLResponse:
     content = f"""<p><a href="/dashboard">all jobs</a></p>
 <table>{fields}<tr><th>progress</th><td id="progress"></td></tr></table>
 <h2>Loss per step</h2><svg id="loss" width="600" height="240"></svg>
+<h2>Results (first 5)</h2><table><thead><tr><th>input</th><th>output</th><th>finish</th><th>error</th></tr></thead>
+<tbody id="results"></tbody></table>
 <h2>Events</h2><table><thead><tr><th>at</th><th>type</th><th>data</th></tr></thead><tbody id="events"></tbody></table>"""
     return page(f"lmq job {job_id[:12]}", content, JOB_SCRIPT, job=job_id)
