@@ -103,7 +103,8 @@ def test_progress_advances_live_the_loss_plot_has_each_step_and_tenants_see_thei
         assert status == "succeeded"
         assert len({p for p in seen if 0 < p < 1}) >= 2, seen
         wait_until(lambda: progress_of(browser, generate_id) == 1, 10, "a full bar")
-        wait_until(lambda: data_of(browser, f"tr[data-job='{generate_id}'] .status", "state") == ["succeeded"], 10, "success")
+        status_cell = f"tr[data-job='{generate_id}'] .status"
+        wait_until(lambda: data_of(browser, status_cell, "state") == ["succeeded"], 10, "the success shown")
         browser.save_screenshot(str(ARTIFACTS / "dashboard-jobs.png"))
         assert set(data_of(browser, "tr.job", "job")) == {fit_id, generate_id}
 

@@ -108,6 +108,8 @@ def test_a_job_moves_the_api_and_worker_metrics_by_what_it_did(
     assert delta(worker_before, worker_after, "lmq_lease_renewals_total") > 0
     assert delta(worker_before, worker_after, "lmq_lease_recoveries_total") == 0
     assert value(worker_after, "lmq_rows_in_flight") == 0
+    # Without a broker the server ran the job itself: its /metrics has the worker's too.
+    assert delta(api_before, api_after, "lmq_generated_tokens_total") == sum(r["completion_tokens"] for r in lines)
 
     # The log: the API saw the job queued, the worker ran it to success and committed its rows.
     api_lines = [line for line in log_lines(caplog, "lmq.api") if line.get("job") == job_id]

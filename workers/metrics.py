@@ -66,7 +66,9 @@ def model_ready(job_id: str, preset: str, hit: bool, load_seconds: float, evicte
     if not hit:
         MODEL_LOAD_SECONDS.observe(load_seconds)
     POOL_EVICTIONS.inc(len(evicted))
-    logger.info(logfmt("model", job=job_id, preset=preset, pool_hit=hit, load_seconds=load_seconds, evicted=len(evicted)))
+    logger.info(
+        logfmt("model", job=job_id, preset=preset, pool_hit=hit, load_seconds=load_seconds, evicted=len(evicted))
+    )
 
 
 @contextmanager

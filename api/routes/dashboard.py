@@ -63,9 +63,12 @@ every(1, async () => {
   body.replaceChildren();
   for (const job of page.jobs) {
     const row = body.insertRow(); row.dataset.job = job.id; row.className = "job";
-    const link = document.createElement("a"); link.href = "/dashboard/jobs/" + job.id; link.textContent = job.id.slice(0, 12);
+    const link = document.createElement("a");
+    link.href = "/dashboard/jobs/" + job.id; link.textContent = job.id.slice(0, 12);
     row.insertCell().appendChild(link);
-    cell(row, job.kind); const status = cell(row, job.status); status.className = "status"; status.dataset.state = job.status; cell(row, job.preset);
+    cell(row, job.kind);
+    const status = cell(row, job.status); status.className = "status"; status.dataset.state = job.status;
+    cell(row, job.preset);
     row.insertCell().appendChild(bar(job.progress));
     cell(row, job.counts.completed + job.counts.failed + " / " + job.counts.total);
     cell(row, job.created_at);
@@ -183,5 +186,6 @@ def job_page(job_id: str) -> HTMLResponse:
 <h2>Loss per step</h2><svg id="loss" width="600" height="240"></svg>
 <h2>Results (first 5)</h2><table><thead><tr><th>input</th><th>output</th><th>finish</th><th>error</th></tr></thead>
 <tbody id="results"></tbody></table>
-<h2>Events</h2><table><thead><tr><th>at</th><th>type</th><th>data</th></tr></thead><tbody id="events"></tbody></table>"""
+<h2>Events</h2><table><thead><tr><th>at</th><th>type</th><th>data</th></tr></thead>
+<tbody id="events"></tbody></table>"""
     return page(f"lmq job {job_id[:12]}", content, JOB_SCRIPT, job=job_id)

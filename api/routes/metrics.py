@@ -6,7 +6,8 @@ numbers); requests are counted and timed by route template and status as they
 are answered. Each app has a registry of its own. Like /healthz the endpoint
 takes no token: it shows counts, never a tenant's jobs or names. A worker's
 metrics (tokens, model pool, leases) are served by the worker itself
-(workers/metrics.py).
+(workers/metrics.py); without a broker the server runs its jobs itself, and
+its /metrics has them too.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, FastAPI, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select
 
@@ -86,4 +87,7 @@ def add_metrics(app: FastAPI, settings: Settings) -> None:
 @router.get("/metrics", response_class=Response, include_in_schema=False)
 def metrics(request: Request) -> Response:
     """Prometheus's text format."""
-    return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)
+    text = generate_latest(request.app.state.metrics_registry)
+    if request.app.state.settings.embedded:
+        text += generate_latest(REGISTRY)  # the in-process runner's: workers/metrics.py
+    return Response(text, media_type=CONTENT_TYPE_LATEST)
