@@ -155,3 +155,30 @@ def scrape_or_none(url: str) -> dict | None:
         return scrape(url)
     except httpx.HTTPError:
         return None
+
+
+def test_a_job_taken_over_from_a_dead_runner_counts_as_a_lease_recovery(lmq_home, tiny_llama_preset, caplog):
+    from core.store import leases
+    from workers.runner import JobRunner, pool_from_settings
+
+    caplog.set_level(logging.INFO)
+    settings = load_settings()
+    with session_scope(sessions(settings)) as session:
+        job_id = queries.create_generate_job(
+            session, preset=str(tiny_llama_preset), inputs=[{"prompt": PROMPTS[0]}], params={"max_length": 40}
+        ).id
+        leases.claim(session, job_id, "lmq-1@gone", lease_s=0)  # a runner that died at once
+    before = samples(metrics_text())
+    assert JobRunner(settings, pool_from_settings(settings)).run(job_id) == "succeeded"
+    after = samples(metrics_text())
+    assert delta(before, after, "lmq_lease_recoveries_total") == 1
+    assert delta(before, after, "lmq_job_duration_seconds_count", kind="generate", state="succeeded") == 1
+    ours = [line for line in log_lines(caplog, "lmq.worker") if line.get("job") == job_id]
+    (started,) = [line for line in ours if line.get("state") == "running"]
+    assert started["attempt"] == "2"
+
+
+def metrics_text() -> str:
+    from prometheus_client import REGISTRY, generate_latest
+
+    return generate_latest(REGISTRY).decode()
