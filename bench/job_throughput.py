@@ -29,6 +29,7 @@ Measured (2026-12-01, the default job: 64 prompts of 10..182 tokens, limits 8..1
 so the figures say little about the engines; no GPU was available):
   lmq continuous            4.8 tok/s  602.6 s  first result 43.6 s  peak +21.0 MB
   lmq fixed micro-batches   7.2 tok/s  397.0 s  first result 71.0 s  peak +31.4 MB
+  transformers batches of 8 7.1 tok/s  401.4 s  first result 203.2 s peak +86.7 MB
   identical tokens on all 64 rows (2869 tokens). On 16 prompts of 10..64 tokens,
   limits 8..32: continuous 4.9, fixed 4.1, transformers 2.5 tok/s, identical tokens.
 The issue's 2x targets are not shown by these runs; measure again on an idle machine.
