@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 
 @dataclass(frozen=True)
 class Prompt:
@@ -42,8 +40,10 @@ class RowBudget:
 def cache_positions(backbone, configured: int, share: float = 0.8) -> int:
     """The budget's KV-cache positions: ``configured``, or on a GPU as many as ``share`` of
     its free memory holds (keys and values of every layer, per position) when that is more."""
-    if not torch.cuda.is_available() or backbone.device.type != "cuda":
+    if backbone.device.type != "cuda":
         return configured
+    import torch  # here, not at the top: planning a local job's batches must not load torch
+
     free, _ = torch.cuda.mem_get_info(backbone.device)
     dtype = backbone.token_embedding.embeddings.value.dtype
     per_position = 2 * len(backbone.transformer_layers) * backbone.num_key_value_heads * backbone.head_dim
