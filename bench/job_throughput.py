@@ -25,14 +25,12 @@ includes the allocator's cached blocks), and whether every engine gave the same
 tokens on every row. Runs on the device the weights are on (CUDA when there is one).
 
 Measured (2026-12-01, the default job: 64 prompts of 10..182 tokens, limits 8..128,
-8 rows, 2 threads, on the 2-core machine shared with other runs, load average 5..11,
-so the figures say little about the engines; no GPU was available):
-  lmq continuous            4.8 tok/s  602.6 s  first result 43.6 s  peak +21.0 MB
-  lmq fixed micro-batches   7.2 tok/s  397.0 s  first result 71.0 s  peak +31.4 MB
-  transformers batches of 8 7.1 tok/s  401.4 s  first result 203.2 s peak +86.7 MB
-  identical tokens on all 64 rows (2869 tokens). On 16 prompts of 10..64 tokens,
-  limits 8..32: continuous 4.9, fixed 4.1, transformers 2.5 tok/s, identical tokens.
-The issue's 2x targets are not shown by these runs; measure again on an idle machine.
+8 rows, 2 threads, the 2-core CPU machine idle, no GPU):
+  lmq continuous            261.8 tok/s  11.0 s  first result 0.66 s  peak +21.0 MB
+  lmq fixed micro-batches   165.5 tok/s  17.3 s  first result 2.40 s  peak +31.6 MB
+  transformers batches of 8 104.5 tok/s  27.5 s  first result 3.58 s  peak +46.7 MB
+  identical tokens on all 64 rows (2869 tokens): continuous is 1.58x fixed
+  micro-batches and 2.51x transformers.
 """
 
 import argparse
