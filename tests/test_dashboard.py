@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,11 @@ def test_progress_advances_live_the_loss_plot_has_each_step_and_tenants_see_thei
         status_cell = f"tr[data-job='{generate_id}'] .status"
         wait_until(lambda: data_of(browser, status_cell, "state") == ["succeeded"], 10, "the success shown")
         browser.save_screenshot(str(ARTIFACTS / "dashboard-jobs.png"))
+        # Its rate: the prompts it did per second between the times the API reports.
+        job = client.get(f"/v1/jobs/{generate_id}").json()
+        seconds = (datetime.fromisoformat(job["finished_at"]) - datetime.fromisoformat(job["started_at"])).total_seconds()
+        shown = data_of(browser, f"tr[data-job='{generate_id}'] td[data-rate]", "rate")
+        assert float(shown[0]) == pytest.approx(len(prompts) / seconds, rel=1e-2)
         assert set(data_of(browser, "tr.job", "job")) == {fit_id, generate_id}
 
         # The fit job's page: one point per step it logged, in step order.

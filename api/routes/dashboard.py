@@ -1,8 +1,8 @@
 """GET /dashboard: the jobs to look at, in a browser.
 
 Two server-rendered pages with a little JavaScript and nothing fetched from
-outside. The list: jobs with their state and progress bars, refreshed every
-second, and the presets with their lineage (base preset, producing job, final
+outside. The list: jobs with their state, progress bars and rates (items per
+second since the job started), refreshed every second, and the presets with their lineage (base preset, producing job, final
 loss). A job's page: timings, its events, a preview of its results and errors
 and, for a fit job, the loss per step as an inline SVG plot. The pages hold no
 data: their script reads the same JSON endpoints as every client (/v1/jobs...,
@@ -50,6 +50,13 @@ function bar(fraction) {
   const inner = document.createElement("div"); inner.style.width = (100 * fraction).toFixed(1) + "%";
   outer.appendChild(inner); outer.dataset.progress = fraction; return outer;
 }
+// Items (prompts, or a fit's steps) per second since the job started, until it ended.
+function rate(job) {
+  if (!job.started_at) return null;
+  const end = job.finished_at ? Date.parse(job.finished_at) : Date.now();
+  const seconds = (end - Date.parse(job.started_at)) / 1000;
+  return seconds > 0 ? (job.counts.completed + job.counts.failed) / seconds : null;
+}
 function every(seconds, work) {
   const run = () => work().catch((error) => { document.getElementById("error").textContent = error.message; });
   window.refresh = run; run(); setInterval(run, seconds * 1000);
@@ -71,6 +78,8 @@ every(1, async () => {
     cell(row, job.preset);
     row.insertCell().appendChild(bar(job.progress));
     cell(row, job.counts.completed + job.counts.failed + " / " + job.counts.total);
+    const perSecond = rate(job);
+    cell(row, perSecond === null ? "" : perSecond.toFixed(2) + "/s").dataset.rate = perSecond ?? "";
     cell(row, job.created_at);
   }
   const presets = document.getElementById("presets");
@@ -169,7 +178,7 @@ def page(title: str, content: str, script: str, **data: str) -> HTMLResponse:
 @router.get("", response_class=HTMLResponse)
 def job_list() -> HTMLResponse:
     table = """<table><thead><tr><th>job</th><th>kind</th><th>state</th><th>preset</th><th>progress</th>
-<th>done</th><th>created</th></tr></thead><tbody id="jobs"></tbody></table>
+<th>done</th><th>rate</th><th>created</th></tr></thead><tbody id="jobs"></tbody></table>
 <h2>Presets</h2><table><thead><tr><th>name</th><th>architecture</th><th>base</th><th>made by job</th>
 <th>final loss</th></tr></thead><tbody id="presets"></tbody></table>"""
     return page("lmq jobs", table, LIST_SCRIPT)
