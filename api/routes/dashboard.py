@@ -2,8 +2,8 @@
 
 Two server-rendered pages with a little JavaScript and nothing fetched from
 outside. The list: jobs with their state, progress bars and rates (items per
-second since the job started), refreshed every second, and the presets with their lineage (base preset, producing job, final
-loss). A job's page: timings, its events, a preview of its results and errors
+second since the job started), refreshed every second, and the presets with
+their lineage (base preset, producing job, final loss). A job's page: timings, its events, a preview of its results and errors
 and, for a fit job, the loss per step as an inline SVG plot. The pages hold no
 data: their script reads the same JSON endpoints as every client (/v1/jobs...,
 /v1/presets) with the bearer token the user types in, kept in the tab's
