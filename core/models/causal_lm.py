@@ -143,8 +143,28 @@ class CausalLM(Task):
         if max_length is None:
             max_length = self.preprocessor.sequence_length
         limits = _limits(prompts, max_length, max_new_tokens)
-        tokenizer = self.preprocessor.tokenizer
-        stop_strings = StopStrings(tokenizer, stop) if stop else None
+        outputs = self._generate_texts(
+            DecoderOnlyModel(self.backbone, self.preprocessor.tokenizer.pad_token_id),
+            prompts,
+            limits,
+            stop_token_ids,
+            stop,
+            strip_prompt,
+            seed,
+            stream,
+            on_result,
+            return_details,
+            batching,
+        )
+        return outputs[0] if single else outputs
+
+    def _generate_texts(
+        self, model, prompts, limits, stop_token_ids, stop, strip_prompt, seed, stream, on_result,
+        return_details, batching,
+    ):
+        """Decodes token-id prompts through ``model`` and turns each completion into text
+        (or a ``Generation``) as its row finishes; the causal and seq2seq tasks share it."""
+        stop_strings = StopStrings(self.preprocessor.tokenizer, stop) if stop else None
 
         def output(row, completion):
             prompt, ids = prompts[row], completion.token_ids
@@ -162,7 +182,7 @@ class CausalLM(Task):
                 on_result(row, outputs[row])
 
         decode(
-            DecoderOnlyModel(self.backbone, tokenizer.pad_token_id),
+            model,
             prompts,
             limits,
             self.sampler,
@@ -173,8 +193,7 @@ class CausalLM(Task):
             on_finish=finished,
             **batching,
         )
-        outputs = [outputs[row] for row in range(len(prompts))]
-        return outputs[0] if single else outputs
+        return [outputs[row] for row in range(len(prompts))]
 
     def _generate_from_ids(self, inputs, stop_token_ids, max_new_tokens, seed, stream, batching):
         token_ids = np.asarray(inputs["token_ids"])

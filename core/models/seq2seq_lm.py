@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from core import samplers
-from core.generation import Generation, StopStrings, decode
-from core.models.causal_lm import CausalLM, _cut_after_prompt, _limits
+from core.generation import decode
+from core.models.causal_lm import CausalLM, _limits
 from core.models.seq2seq_lm_preprocessor import split_pairs
 from core.models.task import Task
 
@@ -80,6 +80,7 @@ class Seq2SeqLM(Task):
     # The same stop tokens and per-row seeds as a causal LM.
     _stop_ids = CausalLM._stop_ids
     _seeds = CausalLM._seeds
+    _generate_texts = CausalLM._generate_texts
 
     # -- training -----------------------------------------------------------------------
 
@@ -139,37 +140,19 @@ class Seq2SeqLM(Task):
         single = isinstance(inputs, str) or (isinstance(inputs, dict) and isinstance(inputs.get("encoder_text"), str))
         encoder_inputs, prompts = self.preprocessor.generate_preprocess(inputs)
         max_length = max_length or self.preprocessor.decoder_sequence_length
-        tokenizer = self.preprocessor.tokenizer
-        stop_strings = StopStrings(tokenizer, stop) if stop else None
-
-        def output(row, completion):
-            prompt, ids = prompts[row], completion.token_ids
-            text = self.preprocessor.generate_postprocess([ids if strip_prompt else prompt + ids])[0]
-            if stop_strings is not None:
-                text = _cut_after_prompt(text, stop_strings, [] if strip_prompt else prompt)
-            generation = Generation(text, ids, len(prompt), len(ids), completion.finish_reason)
-            return generation if return_details else text
-
-        outputs = {}
-
-        def finished(row, completion):
-            outputs[row] = output(row, completion)
-            if on_result is not None:
-                on_result(row, outputs[row])
-
-        decode(
-            EncoderDecoderModel(self.backbone, encoder_inputs, tokenizer.pad_token_id),
+        outputs = self._generate_texts(
+            EncoderDecoderModel(self.backbone, encoder_inputs, self.preprocessor.tokenizer.pad_token_id),
             prompts,
             _limits(prompts, max_length, max_new_tokens),
-            self.sampler,
-            stop_token_ids=self._stop_ids(stop_token_ids),
-            seeds=self._seeds(seed, len(prompts)),
-            stop_strings=stop_strings,
-            stream=stream,
-            on_finish=finished,
-            **batching,
+            stop_token_ids,
+            stop,
+            strip_prompt,
+            seed,
+            stream,
+            on_result,
+            return_details,
+            batching,
         )
-        outputs = [outputs[row] for row in range(len(prompts))]
         return outputs[0] if single else outputs
 
     def _generate_from_ids(self, inputs, stop_token_ids, max_new_tokens, seed, stream, batching):
