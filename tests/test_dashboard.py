@@ -85,7 +85,7 @@ def test_progress_advances_live_the_loss_plot_has_each_step_and_tenants_see_thei
             "hyperparameters": {"epochs": 2, "batch_size": 2, "sequence_length": 32},
         })
         assert fit.status_code == 202, fit.text
-        prompts = [f"{prompt} {i}" for i in range(6) for prompt in PROMPTS]
+        prompts = [f"{prompt} {i}" for i in range(24) for prompt in PROMPTS]  # long enough to watch
         generate = client.post(
             "/v1/jobs", json=generate_body(tiny_llama_preset, prompts, max_length=48, micro_batch_size=1)
         )
