@@ -135,9 +135,9 @@ class Backbone(KerasHubSerializable, keras.Model):
         return load_backbone(preset, cls=cls, load_weights=load_weights, dtype=dtype, resolver=resolver)
 
     def quantize(self, mode, **kwargs):
-        """Refused with a clear error: lmq's layers are not Keras' Dense/EinsumDense/Embedding,
+        """Every mode is refused by name: lmq's layers are not Keras' Dense/EinsumDense/Embedding,
         so Keras' own ``quantize`` would only warn and leave every weight in float."""
-        raise NotImplementedError(
+        raise ValueError(
             f"{type(self).__name__}.quantize({mode!r}): lmq does not quantize models yet; "
             "load or convert the preset with dtype='bfloat16' or 'float16' to halve its size."
         )
