@@ -5,7 +5,8 @@ Each block is a Keras layer (so it owns Keras variables, saves, trains with
 directly, skipping Keras' per-call machinery on the hot path.
 """
 
-from core.layers.attention import AttentionContext, CachedAttention, KVCache, RollingKVCache
+from core.layers.attention import AttentionContext, CachedAttention
+from core.layers.cache import KVCache, RollingKVCache
 from core.layers.decoder import DecoderBlock, ParallelDecoderBlock
 from core.layers.embedding import PositionEmbedding, ReversibleEmbedding
 from core.layers.encoder_decoder import CrossAttentionDecoderBlock, EncoderBlock, EncoderMemory, Seq2SeqCache

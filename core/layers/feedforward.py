@@ -3,6 +3,8 @@
 import keras
 import torch
 
+from core.layers.projection import project
+
 ACTIVATIONS = {
     "silu": torch.nn.functional.silu,
     "gelu": lambda x: torch.nn.functional.gelu(x, approximate="none"),
@@ -36,8 +38,8 @@ class GatedFeedForward(keras.layers.Layer):
         self.built = True
 
     def call(self, x):
-        gate = self.activation(x @ self.gate_kernel.value)
-        return (gate * (x @ self.intermediate_kernel.value)) @ self.output_kernel.value
+        gate = self.activation(project(x, self.gate_kernel.value))
+        return project(gate * project(x, self.intermediate_kernel.value), self.output_kernel.value)
 
 
 class FeedForward(keras.layers.Layer):
@@ -62,8 +64,10 @@ class FeedForward(keras.layers.Layer):
         self.built = True
 
     def call(self, x):
-        hidden = x @ self.intermediate_kernel.value
-        if self.intermediate_bias is not None:
-            hidden = hidden + self.intermediate_bias.value
-        out = self.activation(hidden) @ self.output_kernel.value
-        return out if self.output_bias is None else out + self.output_bias.value
+        hidden = project(x, self.intermediate_kernel.value, value_of(self.intermediate_bias))
+        return project(self.activation(hidden), self.output_kernel.value, value_of(self.output_bias))
+
+
+def value_of(bias):
+    """A bias variable's tensor, or None for a layer without biases."""
+    return None if bias is None else bias.value
