@@ -24,6 +24,7 @@ wires a whole deployment. Nothing here imports keras or torch.
     LMQ_MAX_NEW_TOKENS       4096: the largest max_new_tokens
     LMQ_MAX_EPOCHS           100: the most epochs a fit job may ask for
     LMQ_MAX_BATCH_SIZE       1024: the largest fit batch size
+    LMQ_MAX_FILE_BYTES       209715200 (200 MiB, OpenAI's limit): the largest file POST /v1/files takes
     LMQ_PRESET_QUEUES        preset=queue,...: jobs on these presets go to queue lmq.<kind>.<queue>,
                              served by workers started with `lmq worker --queues <kind>.<queue>`
     LMQ_WORKER_METRICS_PORT  unset: off; a port: each `lmq worker` serves its Prometheus metrics
@@ -54,6 +55,7 @@ class Limits:
     max_new_tokens: int = 4096
     epochs: int = 100
     batch_size: int = 1024
+    file_bytes: int = 200 * 2**20
 
 
 @dataclass(frozen=True)
@@ -185,4 +187,5 @@ def load_limits(environ) -> Limits:
         max_new_tokens=_int(environ, "LMQ_MAX_NEW_TOKENS", defaults.max_new_tokens),
         epochs=_int(environ, "LMQ_MAX_EPOCHS", defaults.epochs),
         batch_size=_int(environ, "LMQ_MAX_BATCH_SIZE", defaults.batch_size),
+        file_bytes=_int(environ, "LMQ_MAX_FILE_BYTES", defaults.file_bytes),
     )
