@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     Float,
     ForeignKey,
@@ -159,3 +160,57 @@ class PresetShare(Base):
     tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
     shared_by: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# ---------------------------------------------------------------- the OpenAI Batch API (api/routes/openai_*.py)
+
+
+class OpenAIFile(Base):
+    """A file of the Batch API: an upload (its bytes under LMQ_HOME/files), or a batch's output or
+    error file, which is rendered from its job's items when read and so is never stored twice."""
+
+    __tablename__ = "openai_files"
+    __table_args__ = (Index("ix_openai_files_tenant_created", "tenant", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128))
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(256))
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    # None for an upload; a batch's "output" or "error" lines otherwise.
+    batch_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lines: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class OpenAIBatch(Base):
+    """A batch of the Batch API. Once its input file is validated it is one generate job (job_id),
+    whose state its status is read from; before that, or when validation failed, it stands alone."""
+
+    __tablename__ = "openai_batches"
+    __table_args__ = (Index("ix_openai_batches_tenant_created", "tenant", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128))
+    endpoint: Mapped[str] = mapped_column(String(64))
+    input_file_id: Mapped[str] = mapped_column(String(64))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    # "metadata" is the declarative base's own attribute.
+    user_metadata: Mapped[dict | None] = mapped_column("metadata", JSON, nullable=True)
+    model: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True)
+    # Why validation failed: OpenAI's [{"code", "message", "line", "param"}].
+    errors: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    # When the validation now running started: a server that died validating leaves it to be taken up.
+    validation_started_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    failed_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    cancelling_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    cancelled_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    expired_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # Set once, when the job has ended and its output and error files were made.
+    finalized_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    output_file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error_file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    job: Mapped[Job | None] = relationship()
