@@ -10,6 +10,7 @@ import os
 import pytest
 
 import core  # noqa: F401  sets KERAS_BACKEND before anything imports keras
+from database_support import fresh_database
 
 SERVICE_ENV = ("LMQ_HOME", "LMQ_DATABASE_URL", "LMQ_BROKER_URL", "LMQ_API_TOKENS", "LMQ_PRESET_ROOTS")
 
@@ -34,18 +35,13 @@ def _service_urls():
 
 @pytest.fixture(scope="session")
 def postgres_url():
-    """The test PostgreSQL, emptied and migrated from scratch once per session."""
-    from sqlalchemy import text
+    """A database of this session's own on the test PostgreSQL, migrated from scratch."""
+    from core.store.db import upgrade
 
-    from core.store.db import get_engine, upgrade
-
-    database, _ = _service_urls()
-    with get_engine(database).begin() as connection:
-        connection.execute(
-            text("DROP TABLE IF EXISTS preset_shares, presets, job_events, job_items, jobs, alembic_version CASCADE")
-        )
-    upgrade(database)
-    return database
+    server, _ = _service_urls()
+    with fresh_database(server) as database:
+        upgrade(database)
+        yield database
 
 
 @pytest.fixture

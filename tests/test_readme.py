@@ -37,6 +37,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from database_support import fresh_database
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
@@ -264,31 +265,16 @@ def json_lines(text: str) -> list[dict]:
 def own_services():
     """A fresh PostgreSQL database and an emptied Redis database on the test servers, for this test only."""
     from redis import Redis
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
 
     database, broker = os.environ.get("LMQ_TEST_DATABASE_URL"), os.environ.get("LMQ_TEST_REDIS_URL")
     if not (database and broker):
         pytest.skip("LMQ_TEST_DATABASE_URL and LMQ_TEST_REDIS_URL are not set (CI sets both)")
-    server = create_engine(database, isolation_level="AUTOCOMMIT")
-
-    def drop():
-        with server.connect() as connection:
-            connection.execute(text("DROP DATABASE IF EXISTS lmq_readme WITH (FORCE)"))
-
-    drop()
-    with server.connect() as connection:
-        connection.execute(text("CREATE DATABASE lmq_readme"))
     redis_db = (Redis.from_url(broker).connection_pool.connection_kwargs.get("db", 0) + 8) % 16
     own_broker = re.sub(r"(/\d+)?$", f"/{redis_db}", broker, count=1)
     Redis.from_url(own_broker).flushdb()
-    yield {
-        "database": make_url(database).set(database="lmq_readme").render_as_string(hide_password=False),
-        "broker": own_broker,
-    }
+    with fresh_database(database, prefix="lmq_readme") as own_database:
+        yield {"database": own_database, "broker": own_broker}
     Redis.from_url(own_broker).flushdb()
-    drop()
-    server.dispose()
 
 
 # ---------------------------------------------------------------- the tests
