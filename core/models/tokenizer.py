@@ -30,6 +30,8 @@ class Tokenizer(KerasHubSerializable):
     pad_token = None  # None: id 0 pads (KerasHub's choice for SentencePiece models)
     end_of_turn_token = None  # a chat model's second end (Llama 3's <|eot_id|>): it stops generation too
     control_tokens = ()  # other special tokens (chat headers), matched whole and dropped from outputs
+    chat_template = None  # the preset's jinja2 chat template (core.chat renders it), set when a preset loads
+    chat_template_source = None  # where that template came from, or why there is none (for messages)
 
     def __init__(self, name=None, **kwargs):
         for key in ("trainable", "dtype", "config_file"):

@@ -6,6 +6,7 @@
     preprocessor.json    the preprocessor           tokenizer.json   the tokenizer
     metadata.json        versions, parameter count  model.weights.h5 the backbone's weights
     assets/tokenizer/    vocabulary.spm, or vocabulary.json + merges.txt
+    chat_template.jinja  the tokenizer's chat template, if it has one (lmq's; KerasHub ignores it)
 
 Classes named in these files are resolved through the plugin registry.
 """
@@ -21,6 +22,7 @@ import keras
 
 from core.models.serialization import class_name_of
 from core.plugins import get_registry
+from core.presets.transformers_import import CHAT_TEMPLATE_FILE, attach_chat_template
 from core.presets.weights import WEIGHTS_FILE, read_weights, write_weights
 
 KERAS_HUB_VERSION = "0.32.0"  # the format version lmq writes
@@ -66,6 +68,7 @@ def load_tokenizer(files):
         raise files.error("tokenizer.json", f"{named} name files; {only}")
     tokenizer = _build(files, "tokenizer.json", cls.from_config, config=config)
     tokenizer.load_assets(files.sub(TOKENIZER_ASSET_DIR))
+    attach_chat_template(tokenizer, files)
     return tokenizer
 
 
@@ -110,6 +113,8 @@ def save_task(task, preset_dir):
             assets = staging / TOKENIZER_ASSET_DIR
             assets.mkdir(parents=True)
             task.preprocessor.tokenizer.save_assets(assets)
+            if task.preprocessor.tokenizer.chat_template is not None:
+                (staging / CHAT_TEMPLATE_FILE).write_text(task.preprocessor.tokenizer.chat_template, encoding="utf-8")
         write_weights(task.backbone, staging / WEIGHTS_FILE)
         base_task = next(c.__name__ for c in type(task).__mro__ if c.__module__.startswith("core."))
         _write(

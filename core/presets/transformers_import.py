@@ -4,7 +4,8 @@ The architecture registered for the ``model_type`` supplies a converter module w
 ``backbone_config(hf_config) -> dict`` (KerasHub backbone arguments) and
 ``convert_weights(backbone, checkpoint)`` (and ``backbone_class(hf_config) -> class name`` when
 the architecture has more than one backbone class); its tokenizer class reads the checkpoint's
-tokenizer files (``from_transformers_checkpoint(directory) -> Tokenizer | None``).
+tokenizer files (``from_transformers_checkpoint(directory) -> Tokenizer | None``), and
+``attach_chat_template`` gives it the checkpoint's chat template (KerasHub presets too).
 Only safetensors are read; pickle files (``*.bin``) are refused.
 """
 
@@ -13,12 +14,14 @@ import importlib
 import keras
 from safetensors import SafetensorError, safe_open
 
+from core.chat_templates import builtin_template_name, read_builtin_template
 from core.names import DTYPES
 from core.plugins import get_registry
 from core.presets.files import PresetFileError, PresetFileMissing
 from core.presets.weights import dtype_fits
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 def is_transformers_checkpoint(files):
@@ -148,7 +151,46 @@ def load_preprocessor(files, **overrides):
     tokenizer = tokenizer_cls.from_transformers_checkpoint(files)
     if tokenizer is None:
         return None
+    attach_chat_template(tokenizer, files)
     return architecture.load("preprocessor")(tokenizer=tokenizer, **overrides)
+
+
+def attach_chat_template(tokenizer, files):
+    """Sets ``tokenizer.chat_template`` and ``chat_template_source`` from the preset: its
+    ``chat_template.jinja`` (transformers' file, and the one lmq saves into KerasHub presets), else
+    ``tokenizer_config.json``'s ``chat_template`` (a string, or named templates: "default" is used),
+    else lmq's built-in template when the handle is a built-in instruct preset. A template that
+    cannot be read leaves none, with the reason in ``chat_template_source``: a preset without a
+    usable template still generates from plain prompts."""
+    template, source = _chat_template(files)
+    if template is None:
+        builtin = builtin_template_name(files.name)
+        if builtin is not None:
+            template, source = read_builtin_template(builtin), f"lmq's built-in template {builtin}"
+    tokenizer.chat_template = template
+    tokenizer.chat_template_source = f"preset {files.name!r}: {source}"
+
+
+def _chat_template(files):
+    """(template or None, the file it came from or why there is none) from the preset's own files."""
+    try:
+        if files.is_file(CHAT_TEMPLATE_FILE):
+            return files.read_text(CHAT_TEMPLATE_FILE), CHAT_TEMPLATE_FILE
+        config = files.read_json("tokenizer_config.json") if files.is_file("tokenizer_config.json") else {}
+    except PresetFileError as error:
+        return None, f"its chat template cannot be read ({error})"
+    field = "tokenizer_config.json 'chat_template'"
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{"name": ..., "template": ...}], as transformers writes several
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        if "default" not in named:
+            return None, f"{field} names {sorted(map(str, named))}, none of them 'default'"
+        template, field = named["default"], f"{field} 'default'"
+    if template is None:
+        return None, f"no {CHAT_TEMPLATE_FILE}, no {field}, not a built-in instruct preset"
+    if not isinstance(template, str):
+        return None, f"{field} is a {type(template).__name__}, not a string"
+    return template, field
 
 
 def rope_settings(hf_config):
