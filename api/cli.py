@@ -83,11 +83,12 @@ def open_store(settings: Settings):
 
 def create_job(settings: Settings, kind: str, args) -> str:
     """Check everything about the job, then write it; returns the job id."""
-    job = JobFromFlags(kind, args).checked(settings.limits)
+    flags = JobFromFlags(kind, args)
+    job = flags.checked(settings.limits)
     # Check against the store without creating it: bad input leaves no trace, not even a database.
     existing = open_store(settings) if database_exists(settings) else None
     with session_scope(existing) if existing else nullcontext() as session:
-        locate(session, job.preset)
+        flags.check_fits(job, locate(session, job.preset))
     with session_scope(existing or open_store(settings)) as session:
         try:
             return store_job(session, job, job.preset, tenant=LOCAL_TENANT).id

@@ -17,11 +17,12 @@ from typing import get_args
 from pydantic import BaseModel, ValidationError
 
 from api import schemas
+from api.jobs import InputsDontFitPreset, check_inputs_fit
 from core.config import Limits
 
 # What `lmq` reads from each line of an input file; other keys are the user's own and left alone.
 INPUT_FIELDS = {
-    "inputs": ("custom_id", "prompt", "encoder_text"),
+    "inputs": ("custom_id", "prompt", "encoder_text", "messages", "params"),
     "training_data": ("text", "encoder_text", "decoder_text"),
     "validation_data": ("text", "encoder_text", "decoder_text"),
 }
@@ -130,6 +131,13 @@ class JobFromFlags:
             return schemas.parse_job(self.body, limits)
         except ValidationError as error:
             raise BadInput(self.message(schemas.problems(error.errors())[0])) from None
+
+    def check_fits(self, job: BaseModel, location: str) -> None:
+        """BadInput naming the first input line the preset's task does not read (`api.jobs.check_inputs_fit`)."""
+        try:
+            check_inputs_fit(job, location)
+        except InputsDontFitPreset as error:
+            raise BadInput(self.message({"loc": list(error.location), "type": "value_error", "msg": str(error)})) from None
 
     def message(self, problem: dict) -> str:
         """One line: `--max-length must be at least 1, got 0`, `in.jsonl line 3: 'prompt' must be a string`."""

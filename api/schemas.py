@@ -46,9 +46,7 @@ SamplerName = Literal[SAMPLER_NAMES]
 Dtype = Literal[DTYPES]
 MAX_SEED = 2**31 - 1
 MAX_TOKEN_ID = 2**31 - 1
-SEQ2SEQ_NOT_YET = (
-    "sequence-to-sequence {fields} is not supported yet (no architecture is a Seq2SeqLM); give {instead}"
-)
+GENERATE_TEXT_FIELDS = ("prompt", "encoder_text", "messages")  # a generate input gives exactly one
 # The branch tags pydantic puts into an error's location; field names leave them out.
 SAMPLER_BY_NAME, SAMPLER_WITH_ARGUMENTS = "sampler-name", "sampler-object"
 UNION_TAGS = ("generate", "fit", SAMPLER_BY_NAME, SAMPLER_WITH_ARGUMENTS)
@@ -144,32 +142,52 @@ def job_request(limits: Limits) -> Any:
     CustomId = text(256, min_length=0, label=True)
     PresetHandle = text(512, label=True)
 
+    NewTokens = Annotated[int, Field(ge=1, le=limits.max_new_tokens)]
+    Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+    TokenIds = list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]]
+    Stop = list[text(256)]
+
+    class Message(Strict):
+        role: text(64)
+        content: text(limits.prompt_chars, min_length=0)
+
+    class ItemParams(Strict):
+        """One input's own settings, in place of the job's (`stop_token_ids: []`: none)."""
+
+        max_new_tokens: NewTokens | None = None
+        sampler: Sampler | None = None
+        seed: Seed | None = None
+        stop_token_ids: TokenIds | None = Field(None, max_length=64)
+        stop: Stop | None = Field(None, max_length=16)
+
     class GenerateInput(Strict):
-        """A prompt (`encoder_text` is for sequence-to-sequence models, which lmq does not run yet)."""
+        """One input: a `prompt` (causal LMs), an `encoder_text` (sequence-to-sequence
+        models such as Bart) or chat `messages` (a preset with a chat template)."""
 
         custom_id: CustomId | None = None
         prompt: Prompt | None = None
         encoder_text: Prompt | None = None
+        messages: list[Message] | None = Field(None, min_length=1, max_length=1024)
+        params: ItemParams | None = None
 
         @model_validator(mode="after")
-        def a_prompt(self):
-            if self.encoder_text is not None:
+        def one_text(self):
+            given = [name for name in GENERATE_TEXT_FIELDS if getattr(self, name) is not None]
+            if not given:
+                raise PydanticCustomError("missing_text", "missing field 'prompt' (or 'encoder_text', 'messages')")
+            if len(given) > 1:
                 raise PydanticCustomError(
-                    "seq2seq", SEQ2SEQ_NOT_YET.format(fields="generation (encoder_text)", instead="a prompt")
+                    "several_texts", "give one of {given}, not several", {"given": ", ".join(map(repr, given))}
                 )
-            if self.prompt is None:
-                raise PydanticCustomError("missing_text", "missing field 'prompt'")
             return self
 
     class GenerateParams(Strict):
         max_length: int | None = Field(None, ge=1, le=limits.max_length)
-        max_new_tokens: int | None = Field(None, ge=1, le=limits.max_new_tokens)
+        max_new_tokens: NewTokens | None = None
         sampler: Sampler = "greedy"
-        seed: int | None = Field(None, ge=0, le=MAX_SEED)
-        stop_token_ids: Literal["auto"] | list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]] | None = Field(
-            "auto", max_length=64
-        )
-        stop: list[text(256)] | None = Field(None, max_length=16)
+        seed: Seed | None = None
+        stop_token_ids: Literal["auto"] | TokenIds | None = Field("auto", max_length=64)
+        stop: Stop | None = Field(None, max_length=16)
         strip_prompt: bool = False
         dtype: Dtype | None = None
         micro_batch_size: int | None = Field(None, ge=1, le=limits.batch_size)
@@ -181,7 +199,7 @@ def job_request(limits: Limits) -> Any:
         params: GenerateParams = Field(default_factory=GenerateParams)
 
     class TrainingExample(Strict):
-        """A text (`encoder_text`/`decoder_text` pairs are for sequence-to-sequence models, not run yet)."""
+        """A `text` (causal LMs) or an `encoder_text` and its `decoder_text` (sequence-to-sequence models)."""
 
         text: Prompt | None = None
         encoder_text: Prompt | None = None
@@ -189,13 +207,15 @@ def job_request(limits: Limits) -> Any:
 
         @model_validator(mode="after")
         def a_text(self):
-            if self.encoder_text is not None or self.decoder_text is not None:
-                raise PydanticCustomError(
-                    "seq2seq",
-                    SEQ2SEQ_NOT_YET.format(fields="training (encoder_text, decoder_text)", instead="a text"),
-                )
-            if self.text is None:
-                raise PydanticCustomError("missing_text", "missing field 'text'")
+            pair = (self.encoder_text, self.decoder_text)
+            if self.text is not None and any(part is not None for part in pair):
+                raise PydanticCustomError("several_texts", "give 'text' or 'encoder_text' and 'decoder_text', not both")
+            if self.text is None and None in pair:
+                if pair == (None, None):
+                    missing = "text"
+                else:
+                    missing = "decoder_text" if self.decoder_text is None else "encoder_text"
+                raise PydanticCustomError("missing_text", "missing field '{missing}'", {"missing": missing})
             return self
 
     class Hyperparameters(Strict):

@@ -159,19 +159,19 @@ def test_a_bad_body_is_422_naming_the_field(team_a, body, field):
 
 
 @pytest.mark.parametrize(
-    "body, field, what",
+    "body, field",
     [
-        ({**generate_body(BUILTIN, ["x"]), "inputs": [{"encoder_text": "y"}]}, "inputs[0]", "generation"),
-        (fit_body(training_data=[{"encoder_text": "q", "decoder_text": "a"}]), "training_data[0]", "training"),
-        (fit_body(validation_data=[{"encoder_text": "q", "decoder_text": "a"}]), "validation_data[0]", "training"),
+        ({**generate_body(BUILTIN, ["x"]), "inputs": [{"encoder_text": "y"}]}, "inputs[0]"),
+        (fit_body(training_data=[{"encoder_text": "q", "decoder_text": "a"}]), "training_data[0]"),
+        (fit_body(validation_data=[{"encoder_text": "q", "decoder_text": "a"}]), "validation_data[0]"),
     ],
 )
-def test_sequence_to_sequence_jobs_are_refused_until_an_architecture_runs_them(team_a, body, field, what):
-    """Nothing runs them yet: refused here, not accepted and failed in the worker."""
+def test_sequence_to_sequence_inputs_for_a_causal_preset_are_refused(team_a, body, field):
+    """The preset's task is known from its name, before any model loads: refused here, not failed in the worker."""
     response = team_a.post("/v1/jobs", json=body)
     assert response.status_code == 422, response.text
     message = response.json()["message"]
-    assert f"{field}: sequence-to-sequence {what}" in message and "is not supported yet" in message, message
+    assert f"{field}.encoder_text: preset {BUILTIN!r} is a causal LM" in message, message
 
 
 @pytest.mark.parametrize("body", ["not json", "[]", '{"kind": 1}', '{"kind": "generate", "preset": NaN}'])

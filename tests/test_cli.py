@@ -62,7 +62,7 @@ def nothing_written(home):
         (['{"prompt": "ok"}'], ["--max-new-tokens", "5000"], "--max-new-tokens must be at most 4096, got 5000"),
         (['{"prompt": "ok"}'], ["--dtype", "float17"], "--dtype 'float17' is not one of float32, float16 or bfloat16"),
         (['{"prompt": "ok"}', '{"prompt": ""}'], [], "in.jsonl line 2: 'prompt' must not be empty"),
-        (['{"prompt": "ok"}', "", '{"encoder_text": "x"}'], [], "in.jsonl line 3: sequence-to-sequence generation"),
+        (['{"prompt": "ok"}', "", '{"encoder_text": "x"}'], [], "in.jsonl line 3: 'encoder_text': the job's first"),
     ],
 )
 def test_bad_generate_input_is_one_line_exit_2_and_writes_nothing(
@@ -220,11 +220,11 @@ def test_fit_needs_text_lines(capsys, lmq_home, tmp_path, preset_dir):
     assert code == 2 and "missing field 'text'" in err
 
 
-def test_fit_refuses_sequence_to_sequence_examples(capsys, lmq_home, tmp_path, preset_dir):
+def test_fit_refuses_a_mix_of_causal_and_sequence_to_sequence_examples(capsys, lmq_home, tmp_path, preset_dir):
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": "fine"}, {"encoder_text": "q", "decoder_text": "a"}])
     code, _, err = run_cli(capsys, "fit", "--preset", preset_dir, train, "--output-preset", "x")
     assert code == 2 and err.count("\n") == 1
-    assert "train.jsonl line 2: sequence-to-sequence training (encoder_text, decoder_text) is not supported yet" in err
+    assert "train.jsonl line 2: 'encoder_text': the job's first input is for a causal LM ('text')" in err
     assert nothing_written(lmq_home)
 
 

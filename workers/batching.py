@@ -22,6 +22,8 @@ class Prompt:
     text: str
     length: int  # in tokens
     custom_id: str | None = None
+    max_new_tokens: int | None = None  # the row's own, else the job's
+    seed: int | None = None
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 import socket
 import time
@@ -26,12 +27,13 @@ from core.store.presets import store_resolver
 from workers import metrics
 from workers.attempt import Attempt, ProgressCallback
 from workers.batching import Prompt, RowBudget, cache_positions, is_out_of_memory
+from workers.inputs import plan
 from workers.pool import ModelPool
 
 logger = logging.getLogger(__name__)
 
 PLANNING_WINDOW = 4096  # inputs tokenized and sorted together into micro-batches
-GENERATE_ARGUMENTS = ("max_length", "max_new_tokens", "stop_token_ids", "stop", "strip_prompt", "seed")
+JOB_ARGUMENTS = ("max_length", "strip_prompt")  # every row's; the others may be an item's own (workers/inputs.py)
 
 
 class JobRunner:
@@ -117,10 +119,9 @@ class JobRunner:
             pool_misses=self.pool.misses,
         )
         lm = pinned.model
-        lm.compile(sampler=params.get("sampler") or "greedy")
-        arguments = {k: params[k] for k in GENERATE_ARGUMENTS if params.get(k) is not None}
-
-        tokenize = lm.preprocessor.tokenizer.tokenize
+        arguments = {k: params[k] for k in JOB_ARGUMENTS if params.get(k) is not None}
+        task_kind = getattr(lm, "task_kind", "causal_lm")
+        tokenizer = lm.preprocessor.tokenizer
         budget = RowBudget(
             rows=params.get("micro_batch_size") or self.settings.micro_batch_size,
             cache_tokens=cache_positions(lm.backbone, self.settings.micro_batch_tokens),
@@ -130,9 +131,15 @@ class JobRunner:
         after = -1
         while window := attempt.write(self._pending(job_id, after)):
             after = window[-1][0]
-            prompts = [Prompt(index, text, len(tokenize(text)), custom_id) for index, text, custom_id in window]
+            groups, refused = plan(window, params, task_kind, tokenizer)
             try:
-                self._stream(attempt, lm, prompts, arguments, budget, progress)
+                refusals = ResultGroup(attempt, progress, budget)
+                for index, custom_id, message in refused:
+                    refusals.add(queries.ItemResult(index, error=row_error(index, custom_id, message)))
+                refusals.commit()
+                for settings, prompts in groups.items():
+                    lm.compile(sampler=settings.compiled_sampler())
+                    self._stream(attempt, lm, prompts, {**arguments, **settings.arguments()}, budget, progress)
             except StopRequested:
                 return
         attempt.finish(JobState.succeeded)
@@ -141,9 +148,9 @@ class JobRunner:
         """The next window of unfinished inputs: sorting by length happens within a
         window, so a job of millions of prompts starts at once and stays small in memory."""
 
-        def pending(session) -> list[tuple[int, str, str | None]]:
+        def pending(session) -> list[tuple[int, dict, str | None]]:
             items = queries.pending_items(session, job_id, after=after, limit=self.planning_window)
-            return [(item.index, item.input["prompt"], item.custom_id) for item in items]
+            return [(item.index, dict(item.input), item.custom_id) for item in items]
 
         return pending
 
@@ -156,14 +163,14 @@ class JobRunner:
         gets the message as its error; the others run.
         """
         group = ResultGroup(attempt, progress, budget)
-        seed = arguments.get("seed")
         while prompts:
             try:
                 with metrics.in_flight(min(len(prompts), budget.rows)):
                     lm.generate(
                         [p.text for p in prompts],
                         return_details=True,
-                        **{**arguments, **({} if seed is None else {"seed": [seed + p.index for p in prompts]})},
+                        **arguments,
+                        **per_row(prompts),
                         on_result=lambda row, generation: group.add(result_of(prompts[row], generation)),
                         between_steps=progress.check_now_and_then,
                         max_rows=budget.rows,
@@ -181,7 +188,7 @@ class JobRunner:
                     budget.shrink()
                 elif len(prompts) == 1:
                     message = "out of memory on a batch of one" if is_out_of_memory(error) else str(error)
-                    group.add(queries.ItemResult(prompts[0].index, error=row_error(prompts[0], message)))
+                    group.add(queries.ItemResult(prompts[0].index, error=row_error(prompts[0].index, prompts[0].custom_id, message)))
                     group.commit()
                     return
                 else:
@@ -248,6 +255,21 @@ class ResultGroup:
         metrics.results_committed(self.attempt.job_id, results, self.progress.done, self.progress.total)
 
 
+def per_row(prompts: list[Prompt]) -> dict:
+    """The rows' seeds and max_new_tokens as `generate` takes them: one value when all rows share
+    it, else a list; in a group with seeded rows an unseeded one draws a seed of its own."""
+    arguments = {}
+    seeds = [p.seed for p in prompts]
+    if any(seed is not None for seed in seeds):
+        arguments["seed"] = [random.randrange(2**31) if seed is None else seed for seed in seeds]
+    new_tokens = [p.max_new_tokens for p in prompts]
+    if len(set(new_tokens)) > 1:
+        arguments["max_new_tokens"] = new_tokens
+    elif new_tokens[0] is not None:
+        arguments["max_new_tokens"] = new_tokens[0]
+    return arguments
+
+
 def result_of(prompt: Prompt, generation) -> queries.ItemResult:
     return queries.ItemResult(
         prompt.index,
@@ -258,9 +280,9 @@ def result_of(prompt: Prompt, generation) -> queries.ItemResult:
     )
 
 
-def row_error(prompt: Prompt, message: str) -> str:
+def row_error(index: int, custom_id: str | None, message: str) -> str:
     """The error of one input, naming it: the message came from a batch of one, whose "Prompt 0" is this input."""
-    name = f"input {prompt.index}" + ("" if prompt.custom_id is None else f" (custom_id {prompt.custom_id!r})")
+    name = f"input {index}" + ("" if custom_id is None else f" (custom_id {custom_id!r})")
     return f"{name}: {re.sub(r'^Prompt 0 ', 'the prompt ', message)}"
 
 

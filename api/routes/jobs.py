@@ -21,7 +21,7 @@ from api import schemas
 from api.auth import AUTH_ERRORS
 from api.dependencies import DispatchDep, SessionDep, SettingsDep, TenantDep
 from api.dispatch import BrokerUnavailable
-from api.jobs import OutputPresetTaken, request_digest, store_job
+from api.jobs import InputsDontFitPreset, OutputPresetTaken, request_digest, store_job
 from api.suggest import did_you_mean, preset_names
 from core.config import Limits, Settings
 from core.logfmt import logfmt
@@ -78,6 +78,8 @@ def submit(job: BaseModel, response: Response, idempotency_key: str | None, tena
                 stored = store_job(session, job, preset, tenant=tenant, idempotency_key=idempotency_key)
             except OutputPresetTaken as error:
                 raise HTTPException(409, detail=f"output_preset: {error}") from None
+            except InputsDontFitPreset as error:
+                raise field_error(("body", *error.location), str(error)) from None
             summary = schemas.job_summary(stored)
     except IntegrityError:
         # The same key arrived twice at once: the request that wrote first made the job.

@@ -1,0 +1,102 @@
+"""Per-item inputs of a generate job (workers/inputs.py): each item's own max_new_tokens,
+sampler, seed and stops, in one job on a tiny real model, give what `CausalLM.generate`
+gives that item alone; an item that cannot run is its own error and the others run."""
+
+import pytest
+
+from api.schemas import job_summary, result_line
+from core.config import load_settings
+from core.store import queries, session_scope, sessions
+from workers.runner import JobRunner, pool_from_settings
+
+PROMPTS = [
+    "Return the absolute value",
+    "The",
+    "Create a new list from the items",
+    "Open file and return a stream",
+    "Raise",
+    "Return a copy of the string",
+]
+FIELDS = ("output", "completion_tokens", "finish_reason")
+
+
+def run_job(preset, inputs, **params):
+    settings = load_settings()
+    factory = sessions(settings)
+    with session_scope(factory) as session:
+        job_id = queries.create_generate_job(session, preset=str(preset), inputs=inputs, params=params).id
+    assert JobRunner(settings, pool_from_settings(settings)).run(job_id) == "succeeded"
+    with session_scope(factory) as session:
+        return [result_line(item) for item in queries.job_items(session, job_id)], job_summary(
+            queries.get_job(session, job_id)
+        )
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_llama_preset):
+    """What `generate` gives one prompt, by itself, with a sampler and arguments."""
+    from core.models import CausalLM
+
+    lm = CausalLM.from_preset(str(tiny_llama_preset))
+
+    def generate(prompt, sampler="greedy", **arguments):
+        lm.compile(sampler=sampler)
+        generation = lm.generate(prompt, return_details=True, max_length=40, **arguments)
+        return {"output": generation.text, "completion_tokens": generation.completion_tokens,
+                "finish_reason": generation.finish_reason}
+
+    return generate
+
+
+def test_items_with_their_own_params_share_a_job(lmq_home, tiny_llama_preset, alone):
+    top_k = {"name": "top_k", "k": 5, "temperature": 1.5}
+    inputs = [
+        {"custom_id": "short", "prompt": PROMPTS[0], "params": {"max_new_tokens": 3}},
+        {"custom_id": "top_k", "prompt": PROMPTS[1], "params": {"sampler": top_k, "seed": 11, "max_new_tokens": 8}},
+        {"custom_id": "random", "prompt": PROMPTS[2], "params": {"sampler": "random", "seed": 5}},
+        {"custom_id": "job's", "prompt": PROMPTS[3]},
+        {"custom_id": "stop", "prompt": PROMPTS[4], "params": {"stop": ["e"], "stop_token_ids": []}},
+        {"custom_id": "sampler seed", "prompt": PROMPTS[5], "params": {"sampler": {"name": "top_p", "p": 0.9, "seed": 3}}},
+    ]
+    lines, summary = run_job(tiny_llama_preset, inputs, max_length=40, micro_batch_size=4)
+    expected = [
+        alone(PROMPTS[0], max_new_tokens=3),
+        alone(PROMPTS[1], top_k, seed=11, max_new_tokens=8),
+        alone(PROMPTS[2], "random", seed=5),
+        alone(PROMPTS[3]),
+        alone(PROMPTS[4], stop=["e"], stop_token_ids=[]),
+        alone(PROMPTS[5], {"name": "top_p", "p": 0.9, "seed": 3}),
+    ]
+    assert [{field: line[field] for field in FIELDS} for line in lines] == expected
+    assert summary["counts"] == {"total": 6, "completed": 6, "failed": 0}
+    # The settings took effect: the job's greedy default would have given other outputs.
+    assert expected[0]["completion_tokens"] == 3 and expected[0] != alone(PROMPTS[0])
+    assert expected[1] != alone(PROMPTS[1], max_new_tokens=8)
+    assert expected[4] != alone(PROMPTS[4], stop_token_ids=[])
+
+
+def test_the_jobs_seed_goes_by_index_beside_items_seeded_their_own_way(lmq_home, tiny_llama_preset, alone):
+    inputs = [{"prompt": PROMPTS[0]}, {"prompt": PROMPTS[1], "params": {"seed": 100}}, {"prompt": PROMPTS[2]}]
+    lines, _ = run_job(tiny_llama_preset, inputs, max_length=40, sampler="random", seed=7, micro_batch_size=2)
+    expected = [alone(PROMPTS[0], "random", seed=7), alone(PROMPTS[1], "random", seed=100),
+                alone(PROMPTS[2], "random", seed=9)]
+    assert [{field: line[field] for field in FIELDS} for line in lines] == expected
+
+
+def test_an_item_that_cannot_run_is_its_own_error(lmq_home, tiny_llama_preset, alone):
+    inputs = [
+        {"custom_id": "fine", "prompt": PROMPTS[0]},
+        {"custom_id": "seq2seq", "encoder_text": "Summarise this."},
+        {"custom_id": "unknown", "prompt": PROMPTS[1], "params": {"temperature": 0.5}},
+        {"custom_id": "bad stop", "prompt": PROMPTS[2], "params": {"stop": "e"}},
+        {"custom_id": "also fine", "prompt": PROMPTS[3], "params": {"max_new_tokens": 2}},
+    ]
+    lines, summary = run_job(tiny_llama_preset, inputs, max_length=40)
+    fine, seq2seq, unknown, bad_stop, also_fine = lines
+    assert {field: fine[field] for field in FIELDS} == alone(PROMPTS[0])
+    assert {field: also_fine[field] for field in FIELDS} == alone(PROMPTS[3], max_new_tokens=2)
+    assert seq2seq["output"] is None
+    assert seq2seq["error"] == "input 1 (custom_id 'seq2seq'): the model is a causal LM: give 'prompt', not 'encoder_text'"
+    assert unknown["error"].startswith("input 2 (custom_id 'unknown'): 'params' takes ") and "temperature" in unknown["error"]
+    assert bad_stop["error"] == "input 3 (custom_id 'bad stop'): 'stop' must be a list of strings, got 'e'"
+    assert summary["counts"] == {"total": 5, "completed": 2, "failed": 3}

@@ -1,0 +1,133 @@
+"""A generate job's item input as the model reads it.
+
+An item's ``input`` is ``{"prompt": str}`` (a causal LM), ``{"encoder_text": str}``
+(a sequence-to-sequence model) or ``{"messages": [{"role", "content"}, ...]}`` (a
+causal LM with a chat template), optionally with ``"params"``: the item's own
+``max_new_tokens``, ``sampler``, ``stop``, ``stop_token_ids`` and ``seed``, in place
+of the job's (see docs/seq2seq-jobs.md).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from workers.batching import Prompt
+
+SEQ2SEQ = "seq2seq_lm"
+ITEM_PARAMS = ("max_new_tokens", "sampler", "stop", "stop_token_ids", "seed")
+
+
+def model_input(item_input: dict, task_kind: str, tokenizer) -> tuple[str, list[int]]:
+    """(the text `generate` takes, extra stop token ids) for one item, or a ValueError naming
+    what is wrong with it: an input of another task than the model's, or bad chat messages."""
+    expected = "encoder_text" if task_kind == SEQ2SEQ else "prompt"
+    task = "a sequence-to-sequence model" if task_kind == SEQ2SEQ else "a causal LM"
+    given = [name for name in ("prompt", "encoder_text", "messages") if name in item_input]
+    if len(given) != 1:
+        raise ValueError(f"the input must give one of 'prompt', 'encoder_text' or 'messages', got {sorted(item_input)}")
+    field = given[0]
+    if field == "messages" and task_kind != SEQ2SEQ:
+        from core.chat import end_of_turn_token_ids, render_chat
+
+        return render_chat(tokenizer, item_input["messages"]), list(end_of_turn_token_ids(tokenizer))
+    if field != expected:
+        raise ValueError(f"the model is {task}: give {expected!r}, not {field!r}")
+    if not isinstance(item_input[field], str):
+        raise ValueError(f"{field!r} must be a string, got {type(item_input[field]).__name__}")
+    return item_input[field], []
+
+
+def item_params(item_input: dict) -> dict:
+    """The item's own settings (no nulls), or a ValueError naming an unknown one."""
+    params = item_input.get("params") or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"'params' must be an object, got {type(params).__name__}")
+    unknown = sorted(set(params) - set(ITEM_PARAMS))
+    if unknown:
+        raise ValueError(f"'params' takes {', '.join(ITEM_PARAMS)}; unknown: {', '.join(unknown)}")
+    return {key: value for key, value in params.items() if value is not None}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the rows of one run of the engine share: a job's items are grouped by these."""
+
+    sampler: str  # as JSON: a name or an object, hashable
+    stop: tuple[str, ...] | None
+    stop_token_ids: str | tuple[int, ...]  # "auto", or the ids
+
+    def arguments(self) -> dict:
+        """`generate`'s arguments for these settings (the sampler goes to `compile`)."""
+        stop = {} if self.stop is None else {"stop": list(self.stop)}
+        ids = self.stop_token_ids
+        return {**stop, "stop_token_ids": ids if isinstance(ids, str) else list(ids)}
+
+    def compiled_sampler(self):
+        return json.loads(self.sampler)
+
+
+def plan(items, job_params: dict, task_kind: str, tokenizer) -> tuple[dict[Settings, list[Prompt]], list]:
+    """`items` ((index, input, custom_id), ...) as groups of rows by their settings, and
+    (index, custom_id, message) for each item that cannot run (the others do).
+
+    A row's seed is its own (`params.seed`, else its sampler's), else the job's plus its
+    index, so that it never depends on which rows it ran beside.
+    """
+    groups: dict[Settings, list[Prompt]] = {}
+    refused = []
+    job_seed = _seed_of(job_params)
+    for index, item_input, custom_id in items:
+        try:
+            text, end_of_turn = model_input(item_input, task_kind, tokenizer)
+            own = item_params(item_input)
+            settings = Settings(
+                sampler=_sampler_key(own.get("sampler", job_params.get("sampler") or "greedy")),
+                stop=_strings(own.get("stop", job_params.get("stop"))),
+                stop_token_ids=_stop_ids(own.get("stop_token_ids", job_params.get("stop_token_ids", "auto")),
+                                         end_of_turn, tokenizer),
+            )
+        except ValueError as error:
+            refused.append((index, custom_id, str(error)))
+            continue
+        seed = _seed_of(own)
+        if seed is None and job_seed is not None:
+            seed = job_seed + index
+        prompt = Prompt(index, text, len(tokenizer.tokenize(text)), custom_id,
+                        max_new_tokens=own.get("max_new_tokens", job_params.get("max_new_tokens")), seed=seed)
+        groups.setdefault(settings, []).append(prompt)
+    return groups, refused
+
+
+def _sampler_key(sampler) -> str:
+    """The sampler as JSON, without its seed: rows get their seeds one by one (see `plan`)."""
+    if isinstance(sampler, dict):
+        sampler = {key: value for key, value in sampler.items() if key != "seed"}
+    return json.dumps(sampler, sort_keys=True)
+
+
+def _seed_of(params: dict) -> int | None:
+    """`params`' seed, or its sampler's (an object may carry one)."""
+    sampler = params.get("sampler")
+    return params.get("seed", sampler.get("seed") if isinstance(sampler, dict) else None)
+
+
+def _strings(stop) -> tuple[str, ...] | None:
+    if stop is None:
+        return None
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise ValueError(f"'stop' must be a list of strings, got {stop!r}")
+    return tuple(stop)
+
+
+def _stop_ids(stop_token_ids, end_of_turn: list[int], tokenizer) -> str | tuple[int, ...]:
+    """The row's stop ids: "auto" (the tokenizer's end tokens) or ids, plus a chat's end-of-turn ids."""
+    if stop_token_ids is None:
+        stop_token_ids = ()
+    if stop_token_ids == "auto":
+        if not end_of_turn:
+            return "auto"
+        stop_token_ids = tokenizer.stop_token_ids
+    if isinstance(stop_token_ids, str) or not all(isinstance(i, int) for i in stop_token_ids):
+        raise ValueError(f"'stop_token_ids' must be \"auto\" or a list of ids, got {stop_token_ids!r}")
+    return tuple(dict.fromkeys([*stop_token_ids, *end_of_turn]))
