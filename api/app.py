@@ -18,7 +18,7 @@ from sqlalchemy.exc import OperationalError
 
 from api import schemas
 from api.dispatch import dispatch_for
-from api.routes import dashboard, health, jobs, presets
+from api.routes import dashboard, health, jobs, openai_batches, openai_files, presets
 from api.routes.metrics import add_metrics
 from core.config import Settings, load_settings
 from core.store import SchemaOutOfDate
@@ -48,6 +48,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(presets.router)
     app.include_router(health.router)
     app.include_router(dashboard.router)
+    app.include_router(openai_files.router)
+    app.include_router(openai_batches.router)
     add_metrics(app, settings)
     add_error_handlers(app)
     return app

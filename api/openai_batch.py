@@ -1,0 +1,351 @@
+"""A batch of the OpenAI Batch API as one lmq generate job: validation, status, output lines.
+
+Validation reads the input file a line at a time (api.openai_lines) and writes
+the job's items as it goes, in one transaction with the job itself: a line
+that cannot run (malformed, another model, an unknown model) becomes an item
+that is finished with its error, so it lands in the error file in its place
+and the other lines run. Only a file with no usable line at all fails the
+batch. The batch's status, counts and files are then read from its job;
+output and error files are rendered from the job's items when downloaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from datetime import timedelta
+from pathlib import Path
+from typing import Iterator
+
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy.orm import Session
+
+from api import schemas
+from api.openai_common import unix
+from api.openai_lines import CHAT, LineError, Request, parse_line, read_lines
+from core.config import Settings
+from core.names import TERMINAL_STATES, JobState
+from core.store import queries, session_scope, sessions
+from core.store.batches import (
+    ERROR,
+    OUTPUT,
+    create_batch_job,
+    derived_id,
+    fail_validation,
+    finalize,
+    request_expiry,
+    take_up_validation,
+)
+from core.store.models import Job, OpenAIBatch, utcnow
+
+logger = logging.getLogger("lmq.api")
+
+WINDOW = re.compile(r"([1-9][0-9]{0,2})h")
+# A validation this old that has not ended was cut short (its server stopped): it is taken up again.
+VALIDATION_STALE_S = 600
+JOB_PARAMS = {"strip_prompt": True}  # a completion is the text after the prompt
+NOT_AN_OBJECT = ("invalid_json", "line_too_long")  # the codes of a line that is no JSON object
+MAX_MODEL_LOOKUPS = 256  # distinct model names checked per file: a file cannot make a validation unbounded
+
+
+def files_directory(settings: Settings) -> Path:
+    return settings.home / "files"
+
+
+def window_hours(window: str) -> int | None:
+    """"24h" -> 24 (OpenAI's only window; lmq takes 1h to 720h)."""
+    match = WINDOW.fullmatch(window)
+    return int(match.group(1)) if match and int(match.group(1)) <= 720 else None
+
+
+# ---------------------------------------------------------------- validation
+
+
+class NotABatchFile(ValueError):
+    """The input file as a whole cannot be a batch: OpenAI's validation error."""
+
+    def __init__(self, code: str, message: str, line: int | None = None):
+        super().__init__(message)
+        self.error = {"code": code, "message": message, "param": "input_file_id", "line": line}
+
+
+class Models:
+    """Which model names this tenant may use, each looked up once (a preset as a /v1/jobs job may name it)."""
+
+    def __init__(self, session: Session, settings: Settings, tenant: str):
+        self.session, self.settings, self.tenant = session, settings, tenant
+        self.found: dict[str, str | None] = {}
+
+    def locate(self, name: str) -> str | None:
+        """The preset the job records for model `name`; None when the tenant has no such model."""
+        from api.routes.jobs import checked_preset
+
+        if name not in self.found:
+            if len(self.found) >= MAX_MODEL_LOOKUPS:
+                return None
+            try:
+                self.found[name] = checked_preset(self.session, self.settings, name, self.tenant)
+            except RequestValidationError:
+                self.found[name] = None
+        return self.found[name]
+
+
+def lines_of(path: Path, endpoint: str, settings: Settings) -> Iterator[tuple[int, Request | LineError]]:
+    for number, raw in read_lines(path, settings.limits):
+        if isinstance(raw, LineError):
+            yield number, raw
+            continue
+        try:
+            yield number, parse_line(raw, number, endpoint, settings.limits)
+        except LineError as error:
+            yield number, error
+
+
+def batch_model(path: Path, endpoint: str, settings: Settings, models: Models) -> tuple[str, str]:
+    """(model, preset) of the batch: the first line's that names a model the tenant may use.
+    NotABatchFile when no line does, saying what the first line's trouble was."""
+    first_problem, lines, objects = None, 0, False
+    for number, request in lines_of(path, endpoint, settings):
+        lines += 1
+        objects = objects or not (isinstance(request, LineError) and request.code in NOT_AN_OBJECT)
+        if isinstance(request, Request) and (preset := models.locate(request.model)) is not None:
+            return request.model, preset
+        first_problem = first_problem or (number, request)
+    if lines == 0:
+        raise NotABatchFile("empty_file", "the input file has no lines")
+    number, problem = first_problem
+    if not objects:
+        raise NotABatchFile("invalid_json_line", f"the input file is not JSONL: {problem.message}", number)
+    if isinstance(problem, LineError):
+        raise NotABatchFile(problem.code, f"no line of the input file is a request this batch can run; {problem.message}", number)
+    raise NotABatchFile(
+        "model_not_found",
+        f"no line of the input file names a model you can use; line {number} names {problem.model!r} (see GET /v1/models)",
+        number,
+    )
+
+
+def job_items(path: Path, batch: OpenAIBatch, model: str, settings: Settings, models: Models) -> Iterator[dict]:
+    """One item per line, in order; a line that cannot run is an item with its error (and its error's code)."""
+    seen: set[str] = set()
+    count = 0
+    for number, request in lines_of(path, batch.endpoint, settings):
+        count += 1
+        if count > settings.limits.inputs_per_job:
+            raise NotABatchFile(
+                "too_many_requests", f"the input file has more than {settings.limits.inputs_per_job} requests (LMQ_MAX_INPUTS)"
+            )
+        if isinstance(request, LineError):
+            yield refused(request.custom_id, request.code, request.message)
+        elif request.custom_id in seen:
+            yield refused(None, "duplicate_custom_id", f"line {number}: custom_id {request.custom_id!r} is not unique in the file")
+        elif request.model != model:
+            seen.add(request.custom_id)
+            if models.locate(request.model) is None:
+                message = f"line {number}: model {request.model!r} does not exist or you cannot use it"
+                yield refused(request.custom_id, "model_not_found", message)
+            else:
+                message = f"line {number}: model {request.model!r} is not this batch's model {model!r} (a batch runs one model)"
+                yield refused(request.custom_id, "model_mismatch", message)
+        else:
+            seen.add(request.custom_id)
+            yield {"custom_id": request.custom_id, "input": request.input}
+
+
+def refused(custom_id: str | None, code: str, message: str) -> dict:
+    return {"custom_id": custom_id, "input": {"error_code": code}, "error": message}
+
+
+def start_validation(settings: Settings, dispatch, batch_id: str) -> None:
+    """Validate in a thread of its own: POST /v1/batches answers at once, `validating`. A server
+    that stops meanwhile leaves the batch to be taken up again (see `refresh`)."""
+    threading.Thread(target=validate, args=(settings, dispatch, batch_id), name=f"lmq-validate-{batch_id}", daemon=True).start()
+
+
+def validate(settings: Settings, dispatch, batch_id: str) -> None:
+    """Make the batch's job from its input file and hand it to a runner, or fail the batch saying why."""
+    factory = sessions(settings)
+    try:
+        with session_scope(factory) as session:
+            batch = session.get(OpenAIBatch, batch_id)
+            path = files_directory(settings) / batch.input_file_id
+            if not path.exists():
+                raise NotABatchFile("file_not_found", f"input file {batch.input_file_id!r} was deleted before validation")
+            models = Models(session, settings, batch.tenant)
+            model, preset = batch_model(path, batch.endpoint, settings, models)
+            job = create_batch_job(
+                session,
+                batch_id,
+                preset=preset,
+                model=model,
+                params=JOB_PARAMS,
+                tenant=batch.tenant,
+                items=job_items(path, batch, model, settings, models),
+            )
+            if job is None:
+                session.rollback()
+                return
+            job_id = job.id
+    except NotABatchFile as problem:
+        with session_scope(factory) as session:
+            fail_validation(session, batch_id, [problem.error])
+        logger.info("batch %s failed validation: %s", batch_id, problem)
+        return
+    except Exception as error:
+        logger.exception("batch %s: validation failed", batch_id)
+        with session_scope(factory) as session:
+            fail_validation(session, batch_id, [{"code": "server_error", "message": f"validation failed: {error}"}])
+        return
+    logger.info("batch %s validated: job %s", batch_id, job_id)
+    dispatch.submit(job_id, "generate")
+
+
+# ---------------------------------------------------------------- status and the batch object
+
+
+def batch_status(batch: OpenAIBatch, job: Job | None) -> str:
+    if job is None:
+        if batch.failed_at is not None:
+            return "failed"
+        return "cancelled" if batch.cancelled_at is not None else "validating"
+    if batch.expired_at is not None:
+        return "expired"
+    if job.state == JobState.succeeded.value:
+        return "completed"
+    if job.state == JobState.failed.value:
+        return "failed"
+    if job.state == JobState.cancelled.value:
+        return "cancelled"
+    if job.state == JobState.cancelling.value:
+        return "cancelling"
+    if job.total and job.completed + job.failed == job.total:
+        return "finalizing"  # every line is done; the runner is about to close the job
+    return "in_progress"
+
+
+def batch_object(batch: OpenAIBatch) -> dict:
+    """The batch as OpenAI's API shows it (`openai.types.Batch`)."""
+    job = batch.job
+    status = batch_status(batch, job)
+    ended = job is not None and job.state in TERMINAL_STATES
+    errors = batch.errors
+    if job is not None and job.state == JobState.failed.value:
+        errors = [{"code": "batch_failed", "message": job.error, "param": None, "line": None}]
+    hours = window_hours(batch.completion_window) or 24
+    return {
+        "id": batch.id,
+        "object": "batch",
+        "endpoint": batch.endpoint,
+        "model": batch.model,
+        "errors": None if not errors else {"object": "list", "data": errors},
+        "input_file_id": batch.input_file_id,
+        "completion_window": batch.completion_window,
+        "status": status,
+        "output_file_id": batch.output_file_id,
+        "error_file_id": batch.error_file_id,
+        "created_at": unix(batch.created_at),
+        "in_progress_at": unix(job.created_at) if job else None,
+        "expires_at": unix(batch.created_at + timedelta(hours=hours)),
+        "finalizing_at": unix(job.finished_at) if ended else None,
+        "completed_at": unix(job.finished_at) if status == "completed" else None,
+        "failed_at": unix(batch.failed_at or (job.finished_at if status == "failed" else None)),
+        "expired_at": unix(batch.expired_at),
+        "cancelling_at": unix(batch.cancelling_at),
+        "cancelled_at": unix(batch.cancelled_at or (job.finished_at if status == "cancelled" else None)),
+        "request_counts": request_counts(job),
+        "metadata": batch.user_metadata,
+    }
+
+
+def request_counts(job: Job | None) -> dict:
+    """Once the job has ended, every line not completed is in the error file, and so counts as failed."""
+    if job is None:
+        return {"total": 0, "completed": 0, "failed": 0}
+    failed = job.total - job.completed if job.state in TERMINAL_STATES else job.failed
+    return {"total": job.total, "completed": job.completed, "failed": failed}
+
+
+def refresh(session: Session, batch: OpenAIBatch, settings: Settings, dispatch) -> None:
+    """Bring a batch up to date as it is read: expire it past its window (its job is cancelled
+    and what finished stays in the output file); make its files once its job has ended; and take up
+    a validation that a stopped server left unfinished."""
+    job, now = batch.job, utcnow()
+    if job is None:
+        stale = now - timedelta(seconds=VALIDATION_STALE_S)
+        if batch_status(batch, None) == "validating" and batch.validation_started_at < stale:
+            with session_scope(sessions(settings)) as own:  # committed before the validation reads it
+                taken = take_up_validation(own, batch, stale)
+            if taken:
+                start_validation(settings, dispatch, batch.id)
+        return
+    hours = window_hours(batch.completion_window) or 24
+    if job.state not in TERMINAL_STATES and batch.expired_at is None and now > batch.created_at + timedelta(hours=hours):
+        request_expiry(session, batch)
+        queries.request_cancel(session, job.id)
+    if job.state in TERMINAL_STATES and batch.finalized_at is None:
+        sizes = {OUTPUT: 0, ERROR: 0}
+        for lines, line in file_lines(session, batch):
+            sizes[lines] += len(line.encode())
+        finalize(session, batch, {lines: size for lines, size in sizes.items() if size})
+
+
+# ---------------------------------------------------------------- output and error lines
+
+
+def file_lines(session: Session, batch: OpenAIBatch, only: str | None = None) -> Iterator[tuple[str, str]]:
+    """(OUTPUT or ERROR, the JSONL line) for each line of the batch's input, in input order.
+    A line not completed when the job ended goes to the error file, saying why."""
+    job = batch.job
+    for item in queries.job_items(session, job.id):
+        lines = OUTPUT if item.error is None and item.output is not None else ERROR
+        if only is not None and lines != only:
+            continue
+        record = output_line(batch, item) if lines == OUTPUT else error_line(batch, job, item)
+        yield lines, schemas.jsonl(record)
+
+
+def output_line(batch: OpenAIBatch, item) -> dict:
+    """OpenAI's output line: the response a /v1/completions or /v1/chat/completions request would have had."""
+    created = unix(item.finished_at)
+    if batch.endpoint == CHAT:
+        prefix, obj = "chatcmpl-", "chat.completion"
+        choice = {"index": 0, "message": {"role": "assistant", "content": item.output, "refusal": None}}
+    else:
+        prefix, obj = "cmpl-", "text_completion"
+        choice = {"index": 0, "text": item.output}
+    body = {
+        "id": derived_id(prefix, batch.id, item.index),
+        "object": obj,
+        "created": created,
+        "model": batch.model,
+        "choices": [{**choice, "logprobs": None, "finish_reason": item.finish_reason}],
+        "usage": {
+            "prompt_tokens": item.prompt_tokens,
+            "completion_tokens": item.completion_tokens,
+            "total_tokens": (item.prompt_tokens or 0) + (item.completion_tokens or 0),
+        },
+    }
+    return {
+        "id": derived_id("batch_req_", batch.id, item.index),
+        "custom_id": item.custom_id,
+        "response": {"status_code": 200, "request_id": derived_id("req_", batch.id, item.index), "body": body},
+        "error": None,
+    }
+
+
+def error_line(batch: OpenAIBatch, job: Job, item) -> dict:
+    if item.error is None:  # the job ended before this line ran
+        if batch.expired_at is not None:
+            code, message = "batch_expired", "this request could not be run before the batch's completion window expired"
+        else:
+            code, message = "batch_cancelled", "the batch was cancelled before this request ran"
+    else:
+        code, message = (item.input or {}).get("error_code", "generation_failed"), item.error
+    return {
+        "id": derived_id("batch_req_", batch.id, item.index),
+        "custom_id": item.custom_id,
+        "response": None,
+        "error": {"code": code, "message": message},
+    }
+

@@ -1,0 +1,167 @@
+"""One line of a Batch API input file, as an lmq generate input.
+
+A line is `{"custom_id", "method": "POST", "url", "body"}`; its body is what
+the same request to /v1/completions or /v1/chat/completions would carry.
+`parse_line` turns it into the input of a job item (`{"prompt"}` or
+`{"messages"}`, with the line's own `params`), or raises LineError saying
+what is wrong with it: a bad line is that line's error, not the batch's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Iterator, Literal, Union
+
+from pydantic import Field, ValidationError
+
+from api.schemas import MAX_SEED, Strict, field_name, problems, text
+from core.config import Limits
+
+COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+ENDPOINTS = (COMPLETIONS, CHAT)
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat runs to the end of the turn
+
+
+class LineError(ValueError):
+    """What is wrong with one line: an OpenAI-style code and a message naming the line."""
+
+    def __init__(self, code: str, message: str, custom_id: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.code, self.message, self.custom_id, self.param = code, message, custom_id, param
+
+
+@dataclass(frozen=True)
+class Request:
+    custom_id: str
+    model: str
+    input: dict
+
+
+def max_line_bytes(limits: Limits) -> int:
+    """A line may hold a conversation of several prompts' worth of text, as UTF-8 and JSON-escaped."""
+    return max(2**20, 8 * limits.prompt_chars)
+
+
+def read_lines(path: Path, limits: Limits) -> Iterator[tuple[int, bytes | LineError]]:
+    """(line number, its bytes) for each line that is not blank, read one at a time; an over-long line
+    is skipped to its end and comes as a LineError."""
+    longest = max_line_bytes(limits)
+    with path.open("rb") as source:
+        number = 0
+        while line := source.readline(longest + 1):
+            number += 1
+            if len(line) > longest and not line.endswith(b"\n"):
+                while (rest := source.readline(2**16)) and not rest.endswith(b"\n"):
+                    pass
+                yield number, LineError("line_too_long", f"line {number} is longer than {longest} bytes")
+            elif line.strip():
+                yield number, line
+
+
+@lru_cache
+def body_models(limits: Limits) -> dict[str, type[Strict]]:
+    """The body each endpoint takes: the OpenAI request fields lmq honours, with this deployment's limits."""
+    Stop = Union[text(256), Annotated[list[text(256)], Field(min_length=1, max_length=4)]]
+    NewTokens = Annotated[int, Field(ge=1, le=limits.max_new_tokens)]
+
+    class Body(Strict):
+        model: text(512, label=True)
+        max_tokens: NewTokens | None = None
+        temperature: float | None = Field(None, ge=0, le=2)
+        top_p: float | None = Field(None, gt=0, le=1)
+        stop: Stop | None = None
+        seed: int | None = Field(None, ge=0, le=MAX_SEED)
+        # Accepted at the values that ask for nothing lmq lacks.
+        n: Literal[1] | None = None
+        stream: Literal[False] | None = None
+        presence_penalty: Literal[0] | None = None
+        frequency_penalty: Literal[0] | None = None
+        user: text(256, min_length=0) | None = None
+
+    class CompletionBody(Body):
+        prompt: Union[text(limits.prompt_chars), Annotated[list[text(limits.prompt_chars)], Field(min_length=1, max_length=1)]]
+
+    class TextPart(Strict):
+        type: Literal["text"]
+        text: text(limits.prompt_chars, min_length=0)
+
+    class Message(Strict):
+        role: Literal["system", "developer", "user", "assistant"]
+        content: Union[text(limits.prompt_chars, min_length=0), list[TextPart]]
+        name: text(64) | None = None
+
+    class ChatBody(Body):
+        messages: list[Message] = Field(min_length=1, max_length=1024)
+        max_completion_tokens: NewTokens | None = None
+
+    return {COMPLETIONS: CompletionBody, CHAT: ChatBody}
+
+
+def parse_line(raw: bytes, number: int, endpoint: str, limits: Limits) -> Request:
+    """The request on line `number` of a batch for `endpoint`; LineError when it cannot run."""
+    try:
+        line = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise LineError("invalid_json", f"line {number} is not JSON: {error}") from None
+    if not isinstance(line, dict):
+        raise LineError("invalid_json", f"line {number} is a JSON {type(line).__name__}, not an object")
+    custom_id = line.get("custom_id")
+    if not isinstance(custom_id, str) or not 1 <= len(custom_id) <= 256 or "\x00" in custom_id:
+        raise LineError("invalid_request", f"line {number}: custom_id must be a string of 1 to 256 characters", param="custom_id")
+    unknown = sorted(set(line) - {"custom_id", "method", "url", "body"})
+    if unknown:
+        raise LineError("invalid_request", f"line {number}: unknown field {unknown[0]!r}", custom_id, unknown[0])
+    if line.get("method", "POST") != "POST":
+        raise LineError("invalid_request", f"line {number}: method must be 'POST'", custom_id, "method")
+    if line.get("url") != endpoint:
+        raise LineError(
+            "invalid_url", f"line {number}: url {line.get('url')!r} is not this batch's endpoint {endpoint!r}", custom_id, "url"
+        )
+    if not isinstance(line.get("body"), dict):
+        raise LineError("invalid_request", f"line {number}: body must be a JSON object", custom_id, "body")
+    try:
+        body = body_models(limits)[endpoint].model_validate(line["body"])
+    except ValidationError as error:
+        found = problems(error.errors())[0]
+        param = "body." + field_name(found["loc"])
+        raise LineError("invalid_request", f"line {number}: {param}: {found['msg']}", custom_id, param) from None
+    return Request(custom_id, body.model, item_input(body, endpoint))
+
+
+def item_input(body, endpoint: str) -> dict:
+    """The job item's input: the text to continue (a prompt, or messages the runner renders with the
+    preset's chat template) and this line's own generation settings."""
+    params = {"sampler": sampler(body.temperature, body.top_p)}
+    if endpoint == COMPLETIONS:
+        prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+        source = {"prompt": prompt}
+        params["max_new_tokens"] = body.max_tokens or COMPLETION_MAX_TOKENS
+    else:
+        source = {"messages": [message_of(m) for m in body.messages]}
+        if (max_tokens := body.max_completion_tokens or body.max_tokens) is not None:
+            params["max_new_tokens"] = max_tokens
+    if body.stop is not None:
+        params["stop"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
+    if body.seed is not None:
+        params["seed"] = body.seed
+    return {**source, "params": params}
+
+
+def sampler(temperature: float | None, top_p: float | None):
+    """OpenAI's sampling settings as an lmq sampler: temperature 0 is greedy; the defaults
+    (temperature 1, top_p 1) sample from the whole distribution."""
+    if temperature == 0:
+        return "greedy"
+    temperature = 1.0 if temperature is None else temperature
+    if top_p is not None and top_p < 1:
+        return {"name": "top_p", "p": top_p, "temperature": temperature}
+    return {"name": "random", "temperature": temperature}
+
+
+def message_of(message) -> dict:
+    """`developer` is OpenAI's newer name for `system`; text parts are joined."""
+    content = message.content if isinstance(message.content, str) else "".join(part.text for part in message.content)
+    return {"role": "system" if message.role == "developer" else message.role, "content": content}

@@ -1,0 +1,133 @@
+"""/v1/files of the OpenAI Batch API: upload a batch's input file, list, show, download and delete files.
+
+An upload's bytes live in LMQ_HOME/files under the file's id; a batch's output
+and error files are rendered from its job's items when downloaded. Files are
+a tenant's own: another tenant's file is a 404, as one that never existed.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse, StreamingResponse
+from sqlalchemy.orm import Session
+
+from api.dependencies import SessionDep, SettingsDep, TenantDep
+from api.openai_batch import file_lines, files_directory
+from api.openai_common import OPENAI_ERRORS, OpenAIError, OpenAIRoute, not_found, page, unix
+from api.openai_upload import receive_upload
+from core.config import Settings
+from core.store import session_scope, sessions
+from core.store.batches import add_file, delete_file, get_batch, get_file, list_files, new_id
+from core.store.models import OpenAIFile
+
+JSONL = "application/jsonl"
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "purpose"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "JSONL, one request per line"},
+                        "purpose": {"type": "string", "enum": ["batch"]},
+                    },
+                }
+            }
+        },
+    }
+}
+
+router = APIRouter(prefix="/v1/files", tags=["openai"], route_class=OpenAIRoute, responses=OPENAI_ERRORS)
+
+
+def file_object(record: OpenAIFile) -> dict:
+    """A file as OpenAI's API shows it (`openai.types.FileObject`)."""
+    return {
+        "id": record.id,
+        "object": "file",
+        "bytes": record.bytes,
+        "created_at": unix(record.created_at),
+        "filename": record.filename,
+        "purpose": record.purpose,
+        "status": "processed",
+        "status_details": None,
+        "expires_at": None,
+    }
+
+
+@router.post("", openapi_extra=UPLOAD_BODY, responses={413: {"description": "larger than LMQ_MAX_FILE_BYTES"}})
+async def upload_file(request: Request, tenant: str = TenantDep, settings: Settings = SettingsDep):
+    """Upload a JSONL file of requests (multipart: `file`, `purpose="batch"`), streamed to disk."""
+    directory = files_directory(settings)
+    upload = await receive_upload(request, directory, settings.limits.file_bytes)
+    try:
+        purpose = upload.fields.get("purpose")
+        if purpose != "batch":
+            raise OpenAIError(400, f"purpose must be 'batch', got {purpose!r}", param="purpose", code="invalid_request")
+        file_id = new_id("file-")
+        with session_scope(sessions(settings)) as session:
+            record = add_file(
+                session, file_id=file_id, tenant=tenant, purpose=purpose, filename=upload.filename, size=upload.size
+            )
+            upload.path.rename(directory / file_id)
+            return file_object(record)
+    finally:
+        upload.path.unlink(missing_ok=True)  # gone already once renamed into place
+
+
+@router.get("")
+def list_uploaded(
+    purpose: str | None = None,
+    limit: int = Query(10000, ge=1, le=10000),
+    after: str | None = Query(None, description="the last id of the previous page"),
+    order: Literal["asc", "desc"] = "desc",
+    tenant: str = TenantDep,
+    session: Session = SessionDep,
+):
+    """Your files, newest first unless `order=asc`."""
+    records = list_files(session, tenant, purpose=purpose, limit=limit + 1, after=after, newest_first=order == "desc")
+    return page([file_object(record) for record in records], limit)
+
+
+@router.get("/{file_id}")
+def show_file(file_id: str, tenant: str = TenantDep, session: Session = SessionDep):
+    return file_object(require_file(session, file_id, tenant))
+
+
+@router.get("/{file_id}/content", response_class=StreamingResponse, responses={200: {"content": {JSONL: {}}}})
+def file_content(file_id: str, tenant: str = TenantDep, session: Session = SessionDep, settings: Settings = SettingsDep):
+    """The file's bytes: an upload as it was sent, a batch's output or error file as JSONL in input order."""
+    record = require_file(session, file_id, tenant)
+    if record.batch_id is None:
+        return FileResponse(files_directory(settings) / record.id, media_type=JSONL, filename=record.filename)
+    return StreamingResponse(batch_file(settings, record), media_type=JSONL)
+
+
+@router.delete("/{file_id}")
+def remove_file(file_id: str, tenant: str = TenantDep, settings: Settings = SettingsDep):
+    """Delete a file (a batch made from an upload keeps its requests: they are in its job)."""
+    with session_scope(sessions(settings)) as session:  # gone before the answer says so
+        record = require_file(session, file_id, tenant)
+        delete_file(session, record)
+    if record.batch_id is None:
+        (files_directory(settings) / record.id).unlink(missing_ok=True)
+    return {"id": file_id, "object": "file", "deleted": True}
+
+
+def require_file(session: Session, file_id: str, tenant: str) -> OpenAIFile:
+    record = get_file(session, file_id, tenant)
+    if record is None:
+        raise not_found("file", file_id, "file_id")
+    return record
+
+
+def batch_file(settings: Settings, record: OpenAIFile):
+    """Streamed from a session of its own, which lives as long as the response."""
+    with session_scope(sessions(settings)) as session:
+        batch = get_batch(session, record.batch_id, record.tenant)
+        for _, line in file_lines(session, batch, only=record.lines):
+            yield line.encode()

@@ -1,0 +1,239 @@
+"""Queries of the OpenAI Batch API: its files and batches, and the one generate job a batch becomes.
+
+A batch's job is an ordinary generate job (queues, workers, leases and
+recovery as any other); the batch row only adds what OpenAI's API shows. Its
+job is written here from an iterator of items, a few thousand rows at a time,
+so that a file of a hundred thousand lines is never all in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import datetime
+from typing import Iterable
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
+
+from core.names import JobKind, JobState
+from core.store.models import Job, JobEvent, JobItem, OpenAIBatch, OpenAIFile, utcnow
+
+_INSERT_CHUNK = 2000
+OUTPUT, ERROR = "output", "error"
+
+
+def new_id(prefix: str) -> str:
+    """"file-..." or "batch_...": OpenAI's prefixes and 24 random hex digits."""
+    return prefix + secrets.token_hex(12)
+
+
+def derived_id(prefix: str, *parts) -> str:
+    """An id that is the same every time it is made from the same parts (a batch's output file, a line's request id)."""
+    return prefix + hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:24]
+
+
+# ---------------------------------------------------------------- files
+
+
+def add_file(session: Session, *, file_id: str, tenant: str, purpose: str, filename: str, size: int) -> OpenAIFile:
+    record = OpenAIFile(id=file_id, tenant=tenant, purpose=purpose, filename=filename, bytes=size)
+    session.add(record)
+    session.flush()
+    return record
+
+
+def get_file(session: Session, file_id: str, tenant: str) -> OpenAIFile | None:
+    """Another tenant's file is no file: found by one query on both."""
+    return session.scalar(select(OpenAIFile).where(OpenAIFile.id == file_id, OpenAIFile.tenant == tenant))
+
+
+def list_files(
+    session: Session, tenant: str, *, purpose: str | None, limit: int, after: str | None, newest_first: bool
+) -> list[OpenAIFile]:
+    query = select(OpenAIFile).where(OpenAIFile.tenant == tenant)
+    if purpose is not None:
+        query = query.where(OpenAIFile.purpose == purpose)
+    cursor = get_file(session, after, tenant) if after else None
+    return list(session.scalars(_page(query, OpenAIFile, cursor, limit, newest_first)))
+
+
+def delete_file(session: Session, record: OpenAIFile) -> None:
+    session.delete(record)
+    session.flush()
+
+
+def _page(query, table, cursor, limit: int, newest_first: bool):
+    """Ordered by (created_at, id), from just past `cursor` (the last row of the previous page)."""
+    if newest_first:
+        query = query.order_by(table.created_at.desc(), table.id.desc())
+        if cursor is not None:
+            query = query.where(
+                (table.created_at < cursor.created_at) | ((table.created_at == cursor.created_at) & (table.id < cursor.id))
+            )
+    else:
+        query = query.order_by(table.created_at, table.id)
+        if cursor is not None:
+            query = query.where(
+                (table.created_at > cursor.created_at) | ((table.created_at == cursor.created_at) & (table.id > cursor.id))
+            )
+    return query.limit(limit)
+
+
+# ---------------------------------------------------------------- batches
+
+
+def add_batch(
+    session: Session, *, tenant: str, endpoint: str, input_file_id: str, completion_window: str, metadata: dict | None
+) -> OpenAIBatch:
+    batch = OpenAIBatch(
+        id=new_id("batch_"),
+        tenant=tenant,
+        endpoint=endpoint,
+        input_file_id=input_file_id,
+        completion_window=completion_window,
+        user_metadata=metadata,
+        validation_started_at=utcnow(),
+    )
+    session.add(batch)
+    session.flush()
+    return batch
+
+
+def get_batch(session: Session, batch_id: str, tenant: str, *, for_update: bool = False) -> OpenAIBatch | None:
+    query = select(OpenAIBatch).where(OpenAIBatch.id == batch_id, OpenAIBatch.tenant == tenant)
+    return session.scalar(query.with_for_update() if for_update else query)
+
+
+def list_batches(session: Session, tenant: str, *, limit: int, after: str | None) -> list[OpenAIBatch]:
+    """Newest first, as OpenAI lists them."""
+    cursor = get_batch(session, after, tenant) if after else None
+    query = select(OpenAIBatch).where(OpenAIBatch.tenant == tenant)
+    return list(session.scalars(_page(query, OpenAIBatch, cursor, limit, newest_first=True)))
+
+
+def take_up_validation(session: Session, batch: OpenAIBatch, started_before: datetime) -> bool:
+    """Claim a validation that began before `started_before` and never ended (its server died):
+    one conditional UPDATE, so that of two servers reading the batch only one validates it again."""
+    claimed = session.execute(
+        update(OpenAIBatch)
+        .where(
+            OpenAIBatch.id == batch.id,
+            OpenAIBatch.job_id.is_(None),
+            OpenAIBatch.failed_at.is_(None),
+            OpenAIBatch.cancelled_at.is_(None),
+            OpenAIBatch.validation_started_at == batch.validation_started_at,
+            OpenAIBatch.validation_started_at < started_before,
+        )
+        .values(validation_started_at=utcnow())
+    )
+    return claimed.rowcount == 1
+
+
+def fail_validation(session: Session, batch_id: str, errors: list[dict]) -> bool:
+    """The batch failed validation (unless it was cancelled or validated meanwhile)."""
+    outcome = session.execute(
+        update(OpenAIBatch)
+        .where(OpenAIBatch.id == batch_id, OpenAIBatch.job_id.is_(None), OpenAIBatch.cancelled_at.is_(None))
+        .values(errors=errors, failed_at=utcnow())
+    )
+    return outcome.rowcount == 1
+
+
+def create_batch_job(
+    session: Session, batch_id: str, *, preset: str, model: str, params: dict, tenant: str, items: Iterable[dict]
+) -> Job | None:
+    """The batch's generate job, with one item per line of its input file, in line order.
+
+    Each item is {"custom_id", "input"} and, for a line that cannot run, "error": such an item is
+    finished from the start, so the runner never sees it and its line goes to the error file.
+    None (and nothing to commit) when the batch is no longer waiting for its job: cancelled,
+    failed, or validated by another server. The batch row is locked first, so two servers
+    validating one batch wait for each other instead of making two jobs.
+    """
+    job = Job(kind=JobKind.generate.value, preset=preset, params=params, tenant=tenant, total=0)
+    session.add(job)
+    session.flush()
+    linked = session.execute(
+        update(OpenAIBatch)
+        .where(
+            OpenAIBatch.id == batch_id,
+            OpenAIBatch.job_id.is_(None),
+            OpenAIBatch.failed_at.is_(None),
+            OpenAIBatch.cancelled_at.is_(None),
+        )
+        .values(job_id=job.id, model=model)
+    )
+    if linked.rowcount != 1:
+        return None
+    total = failed = 0
+    now = utcnow()
+    rows = []
+    for item in items:
+        error = item.get("error")
+        rows.append(
+            {
+                "job_id": job.id,
+                "index": total,
+                "custom_id": item.get("custom_id"),
+                "input": item["input"],
+                "error": error,
+                "finished_at": None if error is None else now,
+            }
+        )
+        total += 1
+        failed += error is not None
+        if len(rows) == _INSERT_CHUNK:
+            session.execute(insert(JobItem), rows)
+            rows = []
+    if rows:
+        session.execute(insert(JobItem), rows)
+    job.total, job.failed, job.progress = total, failed, failed / total if total else 0.0
+    session.add(JobEvent(job_id=job.id, type="state", data={"state": JobState.queued.value, "batch": batch_id}))
+    session.flush()
+    return job
+
+
+def cancel_validation(session: Session, batch: OpenAIBatch) -> None:
+    """A batch still validating is cancelled at once (its validation then makes no job)."""
+    batch.cancelling_at = batch.cancelled_at = utcnow()
+
+
+def request_expiry(session: Session, batch: OpenAIBatch) -> None:
+    """Past its completion window: recorded once; its job is then cancelled as a cancel would."""
+    session.flush()
+    session.execute(
+        update(OpenAIBatch).where(OpenAIBatch.id == batch.id, OpenAIBatch.expired_at.is_(None)).values(expired_at=utcnow())
+    )
+    session.refresh(batch)
+
+
+def finalize(session: Session, batch: OpenAIBatch, sizes: dict[str, int]) -> bool:
+    """Record the output and error files of a batch whose job has ended (`sizes`: bytes of each
+    file with lines, by OUTPUT or ERROR). Done once: False when another request did it first."""
+    session.flush()
+    ids = {lines: derived_id("file-", batch.id, lines) for lines in sizes}
+    marked = session.execute(
+        update(OpenAIBatch)
+        .where(OpenAIBatch.id == batch.id, OpenAIBatch.finalized_at.is_(None))
+        .values(finalized_at=utcnow(), output_file_id=ids.get(OUTPUT), error_file_id=ids.get(ERROR))
+    )
+    if marked.rowcount != 1:
+        session.refresh(batch)
+        return False
+    for lines, file_id in ids.items():
+        session.add(
+            OpenAIFile(
+                id=file_id,
+                tenant=batch.tenant,
+                purpose="batch_output",
+                filename=f"{batch.id}_{lines}.jsonl",
+                bytes=sizes[lines],
+                batch_id=batch.id,
+                lines=lines,
+            )
+        )
+    session.flush()
+    session.refresh(batch)
+    return True
+
