@@ -36,6 +36,7 @@ def render_chat(tokenizer, messages, add_generation_prompt=True):
     """The prompt text for ``messages`` ([{"role": str, "content": str}, ...]), as transformers'
     ``apply_chat_template(messages, tokenize=False, add_generation_prompt=...)`` writes it."""
     template = _template_of(tokenizer)
+    compiled = _compile(template, _owner(tokenizer))
     messages = _checked_messages(messages, template, tokenizer)
     variables = {
         "messages": messages,
@@ -44,7 +45,6 @@ def render_chat(tokenizer, messages, add_generation_prompt=True):
         "add_generation_prompt": bool(add_generation_prompt),
         **_special_tokens(tokenizer),
     }
-    compiled = _compile(template, _owner(tokenizer))
     try:
         return compiled.render(**variables)
     except jinja2.TemplateError as error:  # raise_exception, or a sandbox refusal
@@ -105,20 +105,21 @@ def _checked_messages(messages, template, tokenizer):
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
         if not isinstance(message, dict):
-            raise ChatTemplateError(f"{where} must be an object with 'role' and 'content', got {type(message).__name__}.")
+            kind = type(message).__name__
+            raise ChatTemplateError(f"{where} must be an object with 'role' and 'content', got {kind}.")
         message = {key: value for key, value in message.items() if value is not None}
         for field in ("role", "content"):
             if field not in message:
                 raise ChatTemplateError(f"{where} has no {field!r}.")
         for key, value in message.items():
-            if not isinstance(key, str) or not isinstance(value, str):
+            if not isinstance(value, str):
                 raise ChatTemplateError(f"{where}: {key!r} must be a string, got {type(value).__name__}.")
         if roles and message["role"] not in roles:
             raise ChatTemplateError(
                 f"{where}: role {message['role']!r} is not one the chat template of {_owner(tokenizer)} "
                 f"knows ({', '.join(sorted(roles))})."
             )
-        checked.append({str.__str__(key): str.__str__(value) for key, value in message.items()})
+        checked.append({str(key): str.__str__(value) for key, value in message.items()})
     return checked
 
 
@@ -135,7 +136,9 @@ def _roles_of(template):
     for compare in tree.find_all(jinja2.nodes.Compare):
         operands = [compare.expr, *(operand.expr for operand in compare.ops)]
         if any(_is_role(node) for node in operands):
-            roles |= {node.value for node in operands if isinstance(node, jinja2.nodes.Const) and isinstance(node.value, str)}
+            for node in operands:  # 'user', or ['user', 'assistant'] after ``in``
+                items = node.items if isinstance(node, (jinja2.nodes.List, jinja2.nodes.Tuple)) else [node]
+                roles |= {i.value for i in items if isinstance(i, jinja2.nodes.Const) and isinstance(i.value, str)}
     return frozenset(roles) if {"user", "assistant"} <= roles else frozenset()
 
 
@@ -159,7 +162,8 @@ def _compile(template, owner):
     try:
         return _compile_cached(template)
     except jinja2.TemplateSyntaxError as error:
-        raise ChatTemplateError(f"The chat template of {owner} is not valid jinja2 (line {error.lineno}: {error.message}).") from None
+        problem = f"line {error.lineno}: {error.message}"
+        raise ChatTemplateError(f"The chat template of {owner} is not valid jinja2 ({problem}).") from None
 
 
 class _GenerationTag(jinja2.ext.Extension):
