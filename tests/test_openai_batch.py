@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import timedelta
 
 import openai
 import pytest
@@ -60,6 +61,7 @@ def server(request, tmp_path_factory, tiny_llama_preset):
         worker = Worker(env, root / "worker.log")
     api = ApiServer({**env, "LMQ_API_TOKENS": TOKENS}, root / "server.log")
     api.logs = [root / "server.log", root / "worker.log"]
+    api.env, api.home = env, root / "home"
     yield api
     api.stop()
     if worker is not None:
@@ -151,3 +153,189 @@ def test_a_batch_of_completions_equals_causal_lm_generate_and_bad_lines_are_its_
     assert "line 2" in errors[0]["error"]["message"] and "line 4" in errors[1]["error"]["message"]
     # The output file as a file: the size it says is what it holds.
     assert api.files.retrieve(batch.output_file_id).bytes == len(api.files.content(batch.output_file_id).content)
+
+
+def test_a_chat_batch_renders_the_messages_with_the_preset_template(server, tiny_llama_preset, tmp_path):
+    from core.chat import end_of_turn_token_ids, render_chat
+    from core.models import CausalLM
+
+    api = client(server)
+    conversations = [
+        [{"role": "user", "content": "Return the absolute value"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Raise"}]}],
+    ]
+    lines = [
+        line(f"chat-{i}", {"model": CHAT_MODEL, "messages": messages, "max_tokens": 10, "temperature": 0}, "/v1/chat/completions")
+        for i, messages in enumerate(conversations)
+    ]
+    batch = run_batch(api, upload(api, lines).id, "/v1/chat/completions", logs=server.logs)
+    assert batch.status == "completed" and batch.error_file_id is None, batch
+    output = jsonl(api, batch.output_file_id)
+
+    preset = chat_preset(tiny_llama_preset, tmp_path)
+    lm = CausalLM.from_preset(str(preset))
+    lm.compile(sampler="greedy")
+    tokenizer = lm.preprocessor.tokenizer
+    plain = [{"role": "user", "content": "Return the absolute value"}], [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Raise"},
+    ]
+    prompts = [render_chat(tokenizer, messages) for messages in plain]
+    # A chat stops at the end of the turn as well as at the end token.
+    stop_ids = list(dict.fromkeys([*tokenizer.stop_token_ids, *end_of_turn_token_ids(tokenizer)]))
+    expected = lm.generate(prompts, max_new_tokens=10, strip_prompt=True, stop_token_ids=stop_ids, return_details=True)
+    for entry, generation in zip(output, expected):
+        body = entry["response"]["body"]
+        assert body["object"] == "chat.completion"
+        assert body["choices"][0]["message"] == {"role": "assistant", "content": generation.text, "refusal": None}
+        assert body["choices"][0]["finish_reason"] == generation.finish_reason
+        assert body["usage"]["prompt_tokens"] == generation.prompt_tokens
+
+
+def long_batch(api, lines=400, logs=()):
+    """A batch that runs for a while, once some of its lines are done."""
+    requests = [
+        line(f"r{i}", {"model": MODEL, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 40, "temperature": 0})
+        for i in range(lines)
+    ]
+    batch = api.batches.create(input_file_id=upload(api, requests).id, endpoint="/v1/completions", completion_window="1h")
+    deadline = time.monotonic() + 300
+    while (batch := api.batches.retrieve(batch.id)).request_counts.completed == 0:
+        assert batch.status in ("validating", "in_progress") and time.monotonic() < deadline, batch
+        time.sleep(0.1)
+    assert batch.status == "in_progress", batch
+    return batch
+
+
+def check_partial_output(api, batch, code):
+    """What finished stays in the output file, in input order; every other line is in the error file."""
+    counts = batch.request_counts
+    output, errors = jsonl(api, batch.output_file_id), jsonl(api, batch.error_file_id)
+    assert 0 < counts.completed == len(output) < counts.total == counts.completed + counts.failed
+    assert len(errors) == counts.failed
+    indices = [int(entry["custom_id"][1:]) for entry in output]
+    assert indices == sorted(indices)
+    assert sorted(indices + [int(entry["custom_id"][1:]) for entry in errors]) == list(range(counts.total))
+    assert {entry["error"]["code"] for entry in errors} == {code}
+    assert all(entry["response"]["body"]["choices"][0]["text"] is not None for entry in output)
+
+
+def test_a_cancelled_batch_keeps_its_finished_lines_in_its_output_file(server):
+    api = client(server)
+    batch = long_batch(api, logs=server.logs)
+    cancelling = api.batches.cancel(batch.id)
+    assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at is not None
+    batch = wait(api, batch.id, 120, server.logs)
+    assert batch.status == "cancelled" and batch.cancelled_at is not None, batch
+    check_partial_output(api, batch, "batch_cancelled")
+    with pytest.raises(openai.ConflictError) as refused:
+        api.batches.cancel(batch.id)
+    assert refused.value.code == "invalid_state"
+
+
+def test_a_batch_past_its_completion_window_expires_with_what_it_finished(server):
+    from sqlalchemy import update
+
+    from core.config import load_settings
+    from core.store import session_scope, sessions
+    from core.store.models import OpenAIBatch, utcnow
+
+    api = client(server)
+    batch = long_batch(api, logs=server.logs)
+    settings = load_settings({**os.environ, **server.env})
+    with session_scope(sessions(settings)) as session:  # as if the hour had passed
+        session.execute(update(OpenAIBatch).where(OpenAIBatch.id == batch.id).values(created_at=utcnow() - timedelta(hours=2)))
+    assert api.batches.retrieve(batch.id).status == "expired"
+    batch = wait(api, batch.id, 120, server.logs, until=("expired",))
+    deadline = time.monotonic() + 120
+    while (batch := api.batches.retrieve(batch.id)).output_file_id is None:  # until its job has stopped
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.2)
+    assert batch.expired_at is not None
+    check_partial_output(api, batch, "batch_expired")
+
+
+def test_tenants_see_only_their_own_files_batches_and_models(server):
+    team_a, team_b = client(server, "tok-a"), client(server, "tok-b")
+    uploaded = upload(team_a, [line("one", {"model": MODEL, "prompt": "The", "max_tokens": 3, "temperature": 0})])
+    batch = run_batch(team_a, uploaded.id, logs=server.logs)
+    assert batch.status == "completed", batch
+
+    for file_id in (uploaded.id, batch.output_file_id):
+        for read in (team_b.files.retrieve, team_b.files.content, team_b.files.delete):
+            with pytest.raises(openai.NotFoundError):
+                read(file_id)
+    for act in (team_b.batches.retrieve, team_b.batches.cancel):
+        with pytest.raises(openai.NotFoundError):
+            act(batch.id)
+    with pytest.raises(openai.NotFoundError):
+        team_b.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h")
+    assert uploaded.id not in [f.id for f in team_b.files.list()]
+    assert batch.id not in [b.id for b in team_b.batches.list()]
+    assert batch.id in [b.id for b in team_a.batches.list()]
+    assert {uploaded.id, batch.output_file_id} <= {f.id for f in team_a.files.list()}
+
+    # Team A's presets are not team B's models: a batch of B's naming one fails, saying so.
+    assert {MODEL, CHAT_MODEL} <= {m.id for m in team_a.models.list()}
+    assert not {MODEL, CHAT_MODEL} & {m.id for m in team_b.models.list()}
+    with pytest.raises(openai.NotFoundError):
+        team_b.models.retrieve(MODEL)
+    own = upload(team_b, [line("one", {"model": MODEL, "prompt": "The"})])
+    failed = run_batch(team_b, own.id, logs=server.logs)
+    assert failed.status == "failed" and failed.errors.data[0].code == "model_not_found", failed
+    assert "'tiny'" in failed.errors.data[0].message
+
+    # A deleted upload is gone; the batch made from it keeps its output.
+    assert team_a.files.delete(uploaded.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        team_a.files.content(uploaded.id)
+    assert [entry["custom_id"] for entry in jsonl(team_a, batch.output_file_id)] == ["one"]
+
+
+def test_a_file_that_is_not_jsonl_fails_validation_with_a_message(server):
+    api = client(server)
+    uploaded = api.files.create(file=("prompts.csv", b"custom_id,prompt\nq0,The\n"), purpose="batch")
+    batch = run_batch(api, uploaded.id, logs=server.logs)
+    assert batch.status == "failed" and batch.failed_at is not None, batch
+    (error,) = batch.errors.data
+    assert error.code == "invalid_json_line" and error.line == 1 and "not JSONL" in error.message
+    assert batch.output_file_id is None and batch.error_file_id is None
+
+
+def test_bad_requests_are_openai_shaped_4xx(server):
+    api = client(server)
+    uploaded = upload(api, [line("one", {"model": MODEL, "prompt": "The"})])
+
+    def refusal(kind, call, *args, **kwargs):
+        with pytest.raises(kind) as refused:
+            call(*args, **kwargs)
+        body = refused.value.response.json()["error"]
+        assert set(body) == {"message", "type", "param", "code"} and body["message"], body
+        return body
+
+    body = refusal(openai.BadRequestError, api.batches.create, input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
+    assert body["param"] == "endpoint" and body["type"] == "invalid_request_error"
+    body = refusal(openai.BadRequestError, api.batches.create, input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="a while")
+    assert body["param"] == "completion_window"
+    body = refusal(openai.NotFoundError, api.batches.create, input_file_id="file-nope", endpoint="/v1/completions", completion_window="24h")
+    assert body["param"] == "input_file_id"
+    assert refusal(openai.BadRequestError, api.files.create, file=("x.jsonl", b"{}\n"), purpose="fine-tune")["param"] == "purpose"
+    body = refusal(openai.APIStatusError, api.files.create, file=("big.jsonl", b"x" * (MAX_FILE_BYTES + 1)), purpose="batch")
+    assert body["code"] == "file_too_large"
+    assert refusal(openai.NotFoundError, api.batches.retrieve, "batch_nope")["code"] == "not_found"
+    assert refusal(openai.BadRequestError, api.batches.list, limit=0)["param"] == "limit"
+    assert refusal(openai.AuthenticationError, client(server, "tok-wrong").files.list)["code"] == "invalid_api_key"
+    # Nothing of the refused upload is left behind.
+    assert not [path for path in (server.home / "files").iterdir() if path.name.startswith(".upload")]
+
+
+def test_batches_are_listed_newest_first_a_page_at_a_time(server):
+    api = client(server)
+    uploaded = upload(api, [line("one", {"model": MODEL, "prompt": "The", "max_tokens": 2, "temperature": 0})])
+    made = [api.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h", metadata={"n": str(i)}) for i in range(3)]
+    first = api.batches.list(limit=2)
+    assert [b.id for b in first.data] == [made[2].id, made[1].id] and first.has_more
+    second = api.batches.list(limit=2, after=first.data[-1].id)
+    assert second.data[0].id == made[0].id and second.data[0].metadata == {"n": "0"}
+    for batch in made:
+        wait(api, batch.id, 120, server.logs)
