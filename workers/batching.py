@@ -48,7 +48,10 @@ def cache_positions(backbone, configured: int, share: float = 0.8) -> int:
 
     free, _ = torch.cuda.mem_get_info(backbone.device)
     dtype = backbone.token_embedding.embeddings.value.dtype
-    per_position = 2 * len(backbone.transformer_layers) * backbone.num_key_value_heads * backbone.head_dim
+    # A decoder-only backbone's layers, or an encoder-decoder's decoder layers (its self-attention cache).
+    layers = getattr(backbone, "transformer_layers", None) or backbone.decoder_transformer_layers
+    heads = getattr(backbone, "num_key_value_heads", None) or backbone.num_heads
+    per_position = 2 * len(layers) * heads * backbone.head_dim
     return max(configured, int(free * share) // (per_position * dtype.itemsize))
 
 

@@ -1,4 +1,5 @@
-"""Fit jobs: fine-tune through `CausalLM.fit`, then register the result as a preset.
+"""Fit jobs: fine-tune through `CausalLM.fit` (rows of `text`) or `Seq2SeqLM.fit` (rows of
+`encoder_text` and `decoder_text`), then register the result as a preset.
 
 Training changes weights, so a fit job loads its own copy of the base model
 instead of borrowing the pinned one. A fit job's counts are in training steps
@@ -36,6 +37,9 @@ from workers.attempt import Attempt
 from workers.pool import load_task
 
 MADE_BY = ".lmq-job-id"  # in a preset directory: the fit job that made it
+SEQ2SEQ = "seq2seq_lm"
+# The preprocessor settings the `sequence_length` hyperparameter sets, by task.
+SEQUENCE_LENGTHS = {"causal_lm": ("sequence_length",), SEQ2SEQ: ("encoder_sequence_length", "decoder_sequence_length")}
 
 
 class StepEvents(keras.callbacks.Callback):
@@ -124,11 +128,12 @@ def run_fit(attempt: Attempt, location: str) -> None:
     lm = load_task(location, params.get("dtype"))
     attempt.event("model", preset=preset, pool_hit=False, load_seconds=round(time.perf_counter() - started, 3))
 
-    texts = [row["text"] for row in data["training_data"]]
-    validation = [row["text"] for row in data.get("validation_data") or []]
-    schedule = queries.fit_steps(len(texts), params)
+    examples = training_examples(lm, data["training_data"])
+    validation = training_examples(lm, data.get("validation_data") or [])
+    schedule = queries.fit_steps(len(data["training_data"]), params)
     if params.get("sequence_length"):
-        lm.preprocessor.sequence_length = params["sequence_length"]
+        for name in SEQUENCE_LENGTHS[lm.task_kind]:
+            setattr(lm.preprocessor, name, params["sequence_length"])
     if params.get("lora_rank"):
         lm.backbone.enable_lora(params["lora_rank"])  # the saved preset has the adapters merged in
     lm.compile(optimizer=keras.optimizers.AdamW(learning_rate=params.get("learning_rate") or 2e-5))
@@ -145,18 +150,15 @@ def run_fit(attempt: Attempt, location: str) -> None:
 
     attempt.write(start_steps)
 
-    tokenize = lm.preprocessor.tokenizer.tokenize
-    sequence_length = lm.preprocessor.sequence_length
-    tokens = sum(min(len(tokenize(text)) + 1, sequence_length) for text in texts)
     steps = StepEvents(
         attempt,
         checkpoint,
         first_step=first_step,
         total_steps=schedule.total,
-        tokens_per_step=tokens / schedule.per_epoch,
+        tokens_per_step=training_tokens(lm, examples) / schedule.per_epoch,
     )
     lm.fit(
-        x=texts,
+        x=examples,
         batch_size=schedule.batch_size,
         epochs=schedule.epochs,
         initial_epoch=epochs_done,
@@ -166,10 +168,34 @@ def run_fit(attempt: Attempt, location: str) -> None:
     )
     if steps.stopped:  # cancelled
         return
-    details = {"training_examples": len(texts), "steps": steps.step, "final_loss": steps.loss}
+    details = {"training_examples": len(data["training_data"]), "steps": steps.step, "final_loss": steps.loss}
     _save(lm, attempt, final)
     _register(attempt, final, preset, output, details, steps.loss)
     shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def training_examples(lm, rows: list[dict]):
+    """Rows as the task's `fit` takes them: a list of texts, or {"encoder_text": [...], "decoder_text": [...]};
+    a ValueError naming the rows' kind when the preset's task reads another."""
+    if not rows:
+        return None
+    paired = "encoder_text" in rows[0]
+    if paired != (lm.task_kind == SEQ2SEQ):
+        wanted = "'encoder_text' and 'decoder_text'" if lm.task_kind == SEQ2SEQ else "'text'"
+        given = "'encoder_text' and 'decoder_text'" if paired else "'text'"
+        raise ValueError(f"the preset is a {type(lm).__name__}: its training rows give {wanted}, not {given}")
+    if paired:
+        return {side: [row[side] for row in rows] for side in ("encoder_text", "decoder_text")}
+    return [row["text"] for row in rows]
+
+
+def training_tokens(lm, examples) -> int:
+    """Tokens of one epoch, as packed (a start or end token added, cut at the sequence length)."""
+    tokenize, preprocessor = lm.preprocessor.tokenizer.tokenize, lm.preprocessor
+    if isinstance(examples, dict):
+        lengths = {"encoder_text": preprocessor.encoder_sequence_length, "decoder_text": preprocessor.decoder_sequence_length}
+        return sum(min(len(tokenize(text)) + 2, lengths[side]) for side in lengths for text in examples[side])
+    return sum(min(len(tokenize(text)) + 1, preprocessor.sequence_length) for text in examples)
 
 
 def made_by(directory: Path) -> str | None:
