@@ -12,7 +12,7 @@ import keras
 import torch
 
 from core.layers.cache import KVCache
-from core.layers.projection import project
+from core.layers.projection import Projections, project
 from core.layers.rotary import apply_rotary
 
 
@@ -30,7 +30,7 @@ class AttentionContext:
     key_length: int | None = None  # cache slots a decode step attends to
 
 
-class CachedAttention(keras.layers.Layer):
+class CachedAttention(Projections):
     """Attention with ``num_query_heads`` queries sharing ``num_key_value_heads`` keys/values.
 
     Kernels keep KerasHub's shapes: query [hidden, heads, head_dim], output
@@ -79,19 +79,19 @@ class CachedAttention(keras.layers.Layer):
         output_shape = (num_query_heads * d, hidden_dim) if flat_output_kernel else (num_query_heads, d, hidden_dim)
         self.output_kernel = kernel("output_kernel", output_shape)
         self.output_bias = bias("output_bias", (hidden_dim,))
+        self.kernels = {"query_kernel": 1, "key_kernel": 1, "value_kernel": 1, "output_kernel": len(output_shape) - 1}
         self.lora = {}  # name -> (down [hidden, rank], up [rank, heads * head_dim]), see enable_lora
         self.lora_scale = 1.0
         self.built = True
 
     def _heads(self, x, name):
         """[batch, seq, hidden] -> [batch, heads, seq, head_dim] through ``{name}_kernel``."""
-        w = getattr(self, f"{name}_kernel").value
         bias = getattr(self, f"{name}_bias")
-        y = project(x, w.reshape(w.shape[0], -1), None if bias is None else bias.value.reshape(-1))
+        y = project(x, self.kernel(f"{name}_kernel"), None if bias is None else bias.value.reshape(-1))
         if name in self.lora:
             down, up = self.lora[name]
             y = y + (x @ down.value) @ up.value * self.lora_scale
-        return y.unflatten(-1, w.shape[1:]).transpose(1, 2)
+        return y.unflatten(-1, getattr(self, f"{name}_kernel").shape[1:]).transpose(1, 2)
 
     def enable_lora(self, rank, alpha=None):
         """Trainable low-rank updates of the query and value projections, as KerasHub's
@@ -139,5 +139,4 @@ class CachedAttention(keras.layers.Layer):
             enable_gqa=self.num_query_heads != self.num_key_value_heads,
         )  # [batch, heads, seq, head_dim]
         out = out.transpose(1, 2).reshape(batch, seq, -1)
-        w = self.output_kernel.value
-        return project(out, w.reshape(-1, w.shape[-1]), None if self.output_bias is None else self.output_bias.value)
+        return project(out, self.kernel("output_kernel"), None if self.output_bias is None else self.output_bias.value)

@@ -3,12 +3,17 @@
 import keras
 import torch
 
+from core.layers.projection import Projections, project
+from core.quantization import Int8Kernel, check_mode, quantize_matrix, scale_of
 
-class ReversibleEmbedding(keras.layers.Layer):
+
+class ReversibleEmbedding(Projections):
     """``call`` maps token ids to vectors; ``reverse`` maps hidden states to logits.
 
     With ``tie_weights`` the head is the transposed embedding matrix; otherwise it
-    has its own ``reverse_embeddings`` [hidden, vocab], as in KerasHub.
+    has its own ``reverse_embeddings`` [hidden, vocab], as in KerasHub. ``quantize("int8")``
+    is KerasHub's: int8 ``embeddings`` with one scale per token, int8 ``reverse_embeddings``
+    with one per vocabulary column, and ``reverse`` quantizes the hidden states per token.
     """
 
     def __init__(self, vocabulary_size, hidden_dim, tie_weights=True, initializer=None, **kwargs):
@@ -25,15 +30,43 @@ class ReversibleEmbedding(keras.layers.Layer):
                 initializer=initializer,
                 name="reverse_embeddings",
             )
+        self.kernels = {"embeddings": 1} if tie_weights else {"embeddings": 1, "reverse_embeddings": 1}
         self.built = True
 
+    @property
+    def output_dtype(self):
+        """The float dtype of what ``call`` returns (an int8 table's scales are in it)."""
+        scale = scale_of(self.embeddings)
+        return (self.embeddings if scale is None else scale).value.dtype
+
     def call(self, token_ids):
-        return torch.nn.functional.embedding(token_ids, self.embeddings.value)
+        rows = torch.nn.functional.embedding(token_ids, self.embeddings.value)
+        scale = scale_of(self.embeddings)
+        if scale is None:
+            return rows
+        return rows.to(scale.value.dtype) / scale.value[token_ids][..., None]
 
     def reverse(self, hidden):
-        if self.tie_weights:
+        if not self.tie_weights:
+            return project(hidden, self.kernel("reverse_embeddings"))
+        scale = scale_of(self.embeddings)
+        if scale is None:
             return hidden @ self.embeddings.value.T
-        return hidden @ self.reverse_embeddings.value
+        return project(hidden, Int8Kernel(self.embeddings.value.T, scale.value))
+
+    def quantize(self, mode, type_check=True, config=None):
+        """Keras' int8 ``ReversibleEmbedding``: the table per token row (axis -1), the
+        untied head per vocabulary column (axis 0)."""
+        check_mode(mode)
+        values, scale = quantize_matrix(self.embeddings.value, axis=-1)
+        self._replace_with_int8("embeddings", self.embeddings.shape, values, scale)
+        if not self.tie_weights:
+            values, scale = quantize_matrix(self.reverse_embeddings.value, axis=0)
+            self._replace_with_int8("reverse_embeddings", self.reverse_embeddings.shape, values, scale)
+
+    def scale_shape(self, name, shape):
+        """Keras' ``embeddings_scale`` [vocab] (per row), ``reverse_embeddings_scale`` [vocab] (per column)."""
+        return (shape[0],) if name == "embeddings" else (shape[1],)
 
 
 class PositionEmbedding(keras.layers.Layer):

@@ -3,7 +3,7 @@
 import keras
 import torch
 
-from core.layers.projection import project
+from core.layers.projection import Projections, project
 
 ACTIVATIONS = {
     "silu": torch.nn.functional.silu,
@@ -19,7 +19,7 @@ def activation(name):
     return ACTIVATIONS[name]
 
 
-class GatedFeedForward(keras.layers.Layer):
+class GatedFeedForward(Projections):
     """SwiGLU-style: ``output(act(gate(x)) * intermediate(x))`` (Llama, Mistral, Phi-3)."""
 
     def __init__(self, hidden_dim, intermediate_dim, activation_name="silu", **kwargs):
@@ -37,12 +37,14 @@ class GatedFeedForward(keras.layers.Layer):
         )
         self.built = True
 
+    kernels = {"gate_kernel": 1, "intermediate_kernel": 1, "output_kernel": 1}
+
     def call(self, x):
-        gate = self.activation(project(x, self.gate_kernel.value))
-        return project(gate * project(x, self.intermediate_kernel.value), self.output_kernel.value)
+        gate = self.activation(project(x, self.kernel("gate_kernel")))
+        return project(gate * project(x, self.kernel("intermediate_kernel")), self.kernel("output_kernel"))
 
 
-class FeedForward(keras.layers.Layer):
+class FeedForward(Projections):
     """``output(act(intermediate(x)))``, with biases unless ``use_bias=False`` (Falcon's dense_h_to_4h / dense_4h_to_h)."""
 
     def __init__(self, hidden_dim, intermediate_dim, activation_name="gelu", use_bias=True, **kwargs):
@@ -63,9 +65,11 @@ class FeedForward(keras.layers.Layer):
         self.output_bias = bias("output_bias", hidden_dim)
         self.built = True
 
+    kernels = {"intermediate_kernel": 1, "output_kernel": 1}
+
     def call(self, x):
-        hidden = project(x, self.intermediate_kernel.value, value_of(self.intermediate_bias))
-        return project(self.activation(hidden), self.output_kernel.value, value_of(self.output_bias))
+        hidden = project(x, self.kernel("intermediate_kernel"), value_of(self.intermediate_bias))
+        return project(self.activation(hidden), self.kernel("output_kernel"), value_of(self.output_bias))
 
 
 def value_of(bias):

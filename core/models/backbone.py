@@ -17,25 +17,23 @@ import keras
 import torch
 
 from core.layers import AttentionContext, CachedAttention, KVCache, ReversibleEmbedding, RollingKVCache
+from core.layers.projection import Projections
 from core.models.serialization import KerasHubSerializable
+from core.quantization import check_mode, keras_variable_order, parse_dtype, policy_map
 
 # What Backbone.__init__ takes for every backbone; the rest of a constructor is its config.
 BASE_ARGUMENTS = ("dtype", "name", "trainable")
 
 
-def dtype_name(dtype):
-    """A dtype argument as KerasHub configs store it (a policy dict) -> its name."""
-    if isinstance(dtype, dict):
-        return dtype.get("config", {}).get("name")
-    if isinstance(dtype, keras.DTypePolicy):
-        return dtype.name
-    return dtype
-
-
 def keras_weight_paths(layers):
     """Where Keras' ``model.weights.h5`` keeps each layer's variables: ``layers`` maps a layer's
-    path (``"llama_transformer_decoder_1/_query_dense"``) to its variables, in creation order."""
-    return {f"layers/{path}/vars/{i}": v for path, variables in layers.items() for i, v in enumerate(variables)}
+    path (``"llama_transformer_decoder_1/_query_dense"``) to its variables, in creation order;
+    an int8 kernel brings its scale, where Keras writes it (``keras_variable_order``)."""
+    return {
+        f"layers/{path}/vars/{i}": v
+        for path, variables in layers.items()
+        for i, v in enumerate(keras_variable_order(variables))
+    }
 
 
 def numbered(name, index):
@@ -79,7 +77,13 @@ class Backbone(KerasHubSerializable, keras.Model):
             cls.__init__ = _checked_when_built(cls.__init__)
 
     def __init__(self, dtype=None, name=None, trainable=True, **kwargs):
-        super().__init__(dtype=dtype_name(dtype), name=name or self.default_name(), trainable=trainable, **kwargs)
+        """``dtype`` may be a quantized preset's ``DTypePolicyMap``: the backbone is then built
+        with empty int8 kernels (``quantized_build``) for the preset's weights to fill."""
+        float_dtype, self._quantization_to_build = parse_dtype(dtype)
+        self.keras_hub_layer_paths = None  # a quantized preset's DTypePolicyMap paths, to save it the same way
+        if isinstance(dtype, dict) and self._quantization_to_build:
+            self.keras_hub_layer_paths = list(dtype["config"]["policy_map"])
+        super().__init__(dtype=float_dtype, name=name or self.default_name(), trainable=trainable, **kwargs)
 
     # -- the contract -----------------------------------------------------------------
 
@@ -117,11 +121,10 @@ class Backbone(KerasHubSerializable, keras.Model):
     # -- config -----------------------------------------------------------------------
 
     def base_config(self):
-        return {
-            "name": self.name,
-            "trainable": self.trainable,
-            "dtype": keras.dtype_policies.serialize(self.dtype_policy),
-        }
+        dtype = keras.dtype_policies.serialize(self.dtype_policy)
+        if self.quantization_mode is not None:
+            dtype = policy_map(self.quantized_layer_paths(), self.dtype_policy.name)
+        return {"name": self.name, "trainable": self.trainable, "dtype": dtype}
 
     def get_config(self):
         config = {**self.base_config(), **{key: getattr(self, key) for key in self.keras_hub_config}}
@@ -134,13 +137,45 @@ class Backbone(KerasHubSerializable, keras.Model):
 
         return load_backbone(preset, cls=cls, load_weights=load_weights, dtype=dtype, resolver=resolver)
 
-    def quantize(self, mode, **kwargs):
-        """Every mode is refused by name: lmq's layers are not Keras' Dense/EinsumDense/Embedding,
-        so Keras' own ``quantize`` would only warn and leave every weight in float."""
-        raise ValueError(
-            f"{type(self).__name__}.quantize({mode!r}): lmq does not quantize models yet; "
-            "load or convert the preset with dtype='bfloat16' or 'float16' to halve its size."
-        )
+    # -- quantization (core.quantization) --------------------------------------------
+
+    @property
+    def quantization_mode(self):
+        """``"int8"`` once ``quantize("int8")`` ran (or an int8 preset loaded), else None."""
+        return "int8" if any(layer.quantized for layer in self._projection_layers()) else None
+
+    def _projection_layers(self):
+        return [layer for layer in self._flatten_layers() if isinstance(layer, Projections)]
+
+    def quantize(self, mode, config=None, filters=None):
+        """Keras' ``quantize``: every projection and the token embedding (with its head)
+        become int8 kernels with per-output-channel scales (see ``core.quantization``);
+        norms, biases and position tables stay in float. Only ``"int8"`` is supported."""
+        check_mode(mode, f"{type(self).__name__}.quantize")
+        if self.quantization_mode is not None:
+            raise ValueError(f"{type(self).__name__} is already quantized ({self.quantization_mode}).")
+        if any(layer.lora for layer in self._flatten_layers() if isinstance(layer, CachedAttention)):
+            raise ValueError("Save a LoRA-tuned model (which merges its updates) and load it before quantizing.")
+        for layer in self._projection_layers():
+            layer.quantize(mode)
+
+    def quantized_build(self, mode):
+        """Empty int8 kernels and scales in place of the float ones, for quantized weights to fill."""
+        for layer in self._projection_layers():
+            layer.quantized_build(mode)
+
+    def quantized_layer_paths(self):
+        """The KerasHub layer paths a quantized preset's ``DTypePolicyMap`` names: those it was
+        loaded with, else the architecture's ``keras_hub_quantized_layers()``."""
+        if self.keras_hub_layer_paths is not None:
+            return self.keras_hub_layer_paths
+        named = getattr(self, "keras_hub_quantized_layers", None)
+        if named is None:
+            raise ValueError(
+                f"{type(self).__name__} names no KerasHub layer paths (keras_hub_quantized_layers), "
+                "so its int8 config cannot be written in KerasHub's format."
+            )
+        return named()
 
     def enable_lora(self, rank, alpha=None):
         """Freezes every weight and adds trainable low-rank updates to the attention's query
@@ -148,6 +183,8 @@ class Backbone(KerasHubSerializable, keras.Model):
         writes the updates merged into the kernels, so the preset is a plain model."""
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}.")
+        if self.quantization_mode is not None:
+            raise ValueError(f"LoRA on a {self.quantization_mode} model is unsupported: its kernels are not trainable.")
         attention_layers = [layer for layer in self._flatten_layers() if isinstance(layer, CachedAttention)]
         if not attention_layers:
             raise ValueError(f"{type(self).__name__} has no layer that supports LoRA.")
@@ -220,7 +257,7 @@ class DecoderOnlyBackbone(Backbone, abstract=True):
         """``context`` with this architecture's position information, for queries at
         ``positions`` [batch, queries]: the rotary tables, when there is a ``rotary``."""
         if self.rotary is not None:
-            context.cos, context.sin = self.rotary.cos_sin(positions, self.token_embedding.embeddings.value.dtype)
+            context.cos, context.sin = self.rotary.cos_sin(positions, self.token_embedding.output_dtype)
         return context
 
     def hidden_states(self, token_ids, context, training=False):
@@ -241,12 +278,12 @@ class DecoderOnlyBackbone(Backbone, abstract=True):
         if self.sliding_window and self.sliding_window < max_length:
             return RollingKVCache(
                 *shape,
-                embeddings.dtype,
+                self.token_embedding.output_dtype,
                 embeddings.device,
                 window=self.sliding_window,
                 prompt_width=prompt_width or max_length,
             )
-        return KVCache(*shape, embeddings.dtype, embeddings.device)
+        return KVCache(*shape, self.token_embedding.output_dtype, embeddings.device)
 
     def prefill(self, token_ids, cache, rows=None):
         """Right-padded prompts [batch, seq] -> hidden states; fills cache slots [0, seq).
@@ -285,5 +322,7 @@ def _checked_when_built(constructor):
         constructor(self, *args, **kwargs)
         if type(self).__init__ is __init__:  # no subclass constructor is still running
             self.check_instance()
+            if self._quantization_to_build:
+                self.quantized_build(self._quantization_to_build)
 
     return __init__

@@ -83,6 +83,19 @@ class LlamaStyleBackbone(DecoderOnlyBackbone, abstract=True):
         layers[layout["final_norm"]] = (self.layer_norm.scale,)
         return keras_weight_paths(layers)
 
+    def keras_hub_quantized_layers(self):
+        """KerasHub's paths of the layers an int8 preset quantizes (its ``DTypePolicyMap`` keys):
+        ``transformer_layer_0/self_attention/query`` ... (Phi-3: ``.../attention/query``)."""
+        layout = self.keras_hub_layout
+        attention = layout["attention"].strip("_").removesuffix("_layer")
+        feedforward = [layout[part].strip("_") for part in ("feedforward_output", "gate", "intermediate")]
+        paths = ["token_embedding"]
+        for index in range(len(self.transformer_layers)):
+            block = f"transformer_layer_{index}"
+            paths += [f"{block}/{name}" for name in feedforward]
+            paths += [f"{block}/{attention}/{name}" for name in ("attention_output", "value", "key", "query")]
+        return paths
+
     @classmethod
     def check_class(cls):
         super().check_class()
