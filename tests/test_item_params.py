@@ -2,6 +2,8 @@
 sampler, seed and stops, in one job on a tiny real model, give what `CausalLM.generate`
 gives that item alone; an item that cannot run is its own error and the others run."""
 
+import shutil
+
 import pytest
 
 from api.schemas import job_summary, result_line
@@ -100,3 +102,37 @@ def test_an_item_that_cannot_run_is_its_own_error(lmq_home, tiny_llama_preset, a
     assert unknown["error"].startswith("input 2 (custom_id 'unknown'): 'params' takes ") and "temperature" in unknown["error"]
     assert bad_stop["error"] == "input 3 (custom_id 'bad stop'): 'stop' must be a list of strings, got 'e'"
     assert summary["counts"] == {"total": 5, "completed": 2, "failed": 3}
+
+
+TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+
+
+def test_chat_messages_run_through_the_presets_template(lmq_home, tmp_path, tiny_llama_preset):
+    from core.chat import chat_prompt, end_of_turn_token_ids
+    from core.models import CausalLM
+
+    chat_preset = tmp_path / "chat-preset"
+    shutil.copytree(tiny_llama_preset, chat_preset)
+    (chat_preset / "chat_template.jinja").write_text(TEMPLATE)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Open a file"}]
+    inputs = [
+        {"custom_id": "chat", "messages": messages, "params": {"max_new_tokens": 6}},
+        {"custom_id": "plain", "prompt": PROMPTS[0]},
+        {"custom_id": "bad", "messages": [{"role": "user"}]},
+    ]
+    lines, summary = run_job(chat_preset, inputs, max_length=40)
+    lm = CausalLM.from_preset(str(chat_preset))
+    lm.compile(sampler="greedy")
+    tokenizer = lm.preprocessor.tokenizer
+    prompt = chat_prompt(tokenizer, messages)
+    assert prompt == "<system>Be brief.\n<user>Open a file\n<assistant>"
+    chat = lm.generate(prompt, max_length=40, max_new_tokens=6, stop_token_ids=end_of_turn_token_ids(tokenizer),
+                       return_details=True)
+    assert (lines[0]["output"], lines[0]["completion_tokens"]) == (chat.text, chat.completion_tokens)
+    assert lines[1]["output"] == lm.generate(PROMPTS[0], max_length=40)
+    assert lines[2]["output"] is None and lines[2]["error"] == "input 2 (custom_id 'bad'): messages[0] has no 'content'."
+    assert summary["counts"] == {"total": 3, "completed": 2, "failed": 1}
+
+    # A preset without a chat template: the chat input fails alone, naming why.
+    lines, _ = run_job(tiny_llama_preset, inputs[:2], max_length=40)
+    assert "has no chat template" in lines[0]["error"] and lines[1]["error"] is None

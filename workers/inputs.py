@@ -28,9 +28,9 @@ def model_input(item_input: dict, task_kind: str, tokenizer) -> tuple[str, list[
         raise ValueError(f"the input must give one of 'prompt', 'encoder_text' or 'messages', got {sorted(item_input)}")
     field = given[0]
     if field == "messages" and task_kind != SEQ2SEQ:
-        from core.chat import end_of_turn_token_ids, render_chat
+        from core.chat import chat_prompt, end_of_turn_token_ids
 
-        return render_chat(tokenizer, item_input["messages"]), list(end_of_turn_token_ids(tokenizer))
+        return chat_prompt(tokenizer, item_input["messages"]), list(end_of_turn_token_ids(tokenizer))
     if field != expected:
         raise ValueError(f"the model is {task}: give {expected!r}, not {field!r}")
     if not isinstance(item_input[field], str):
