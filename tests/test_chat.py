@@ -225,6 +225,7 @@ def test_phi3_instruct_format():
             "<|assistant|>\nWell, I'm quite partial to a good squeeze of fresh lemon juice.<|end|>\n<|endoftext|>"
         )
         assert render_chat(tokenizer, CONDIMENT[:1]) == PHI3_QUESTION
+        assert chat_prompt(tokenizer, CONDIMENT[:1]) == PHI3_QUESTION  # no start token to take off
         assert end_of_turn_token_ids(tokenizer) == [tokenizer.token_to_id(t) for t in ("<|endoftext|>", "<|end|>")]
 
 
