@@ -109,7 +109,7 @@ def parse_line(raw: bytes, number: int, endpoint: str, limits: Limits) -> Reques
     if not isinstance(line, dict):
         raise LineError("invalid_json", f"line {number} is a JSON {type(line).__name__}, not an object")
     custom_id = line.get("custom_id")
-    if not isinstance(custom_id, str) or not 1 <= len(custom_id) <= 256 or "\x00" in custom_id:
+    if not isinstance(custom_id, str) or not 1 <= len(custom_id) <= 256 or not is_label(custom_id):
         raise LineError("invalid_request", f"line {number}: custom_id must be a string of 1 to 256 characters", param="custom_id")
     unknown = sorted(set(line) - {"custom_id", "method", "url", "body"})
     if unknown:
@@ -129,6 +129,15 @@ def parse_line(raw: bytes, number: int, endpoint: str, limits: Limits) -> Reques
         param = "body." + field_name(found["loc"])
         raise LineError("invalid_request", f"line {number}: {param}: {found['msg']}", custom_id, param) from None
     return Request(custom_id, body.model, item_input(body, endpoint))
+
+
+def is_label(value: str) -> bool:
+    """Storable in a plain SQL column: no NUL, no lone surrogates."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in value
 
 
 def item_input(body, endpoint: str) -> dict:

@@ -75,7 +75,7 @@ class _Parts:
                 raise OpenAIError(400, "send one file per upload", param="file", code="invalid_request")
             path = self.directory / f".upload-{secrets.token_hex(8)}"
             self._file = path.open("wb")
-            self.upload = Upload(path, Path(filename.decode("utf-8", "replace")).name[:256] or "upload", 0)
+            self.upload = Upload(path, printable_name(filename), 0)
 
     def part_data(self, data, start, end):
         if self._file is not None:
@@ -105,6 +105,12 @@ class _Parts:
             self._file.close()
         if self.upload is not None:
             self.upload.path.unlink(missing_ok=True)
+
+
+def printable_name(filename: bytes) -> str:
+    """The client's file name as a label: its last part, without control characters (SQL refuses NUL)."""
+    name = Path(filename.decode("utf-8", "replace")).name
+    return "".join(c for c in name if c.isprintable())[:256] or "upload"
 
 
 async def receive_upload(request: Request, directory: Path, max_bytes: int) -> Upload:

@@ -20,9 +20,10 @@ from api.openai_common import OPENAI_ERRORS, OpenAIError, OpenAIRoute, not_found
 from api.openai_lines import ENDPOINTS
 from api.schemas import Strict, text
 from core.config import Settings
+from core.names import is_preset_name
 from core.plugins import get_registry
 from core.store import queries, session_scope, sessions
-from core.store.batches import add_batch, cancel_validation, get_batch, get_file, list_batches
+from core.store.batches import UnknownCursor, add_batch, cancel_validation, get_batch, get_file, list_batches
 from core.store.models import OpenAIBatch, utcnow
 
 router = APIRouter(tags=["openai"], route_class=OpenAIRoute, responses=OPENAI_ERRORS)
@@ -72,7 +73,10 @@ def list_your_batches(
 ):
     """Your batches, newest first."""
     with session_scope(sessions(settings)) as session:
-        batches = list_batches(session, tenant, limit=limit + 1, after=after)
+        try:
+            batches = list_batches(session, tenant, limit=limit + 1, after=after)
+        except UnknownCursor as error:
+            raise OpenAIError(400, str(error), param="after", code="invalid_request") from None
         for batch in batches[:limit]:
             refresh(session, batch, settings, dispatch)
         return page([batch_object(batch) for batch in batches], limit)
@@ -117,7 +121,7 @@ def show_model(model: str, tenant: str = TenantDep, session: Session = SessionDe
     for found in builtin_models():
         if found["id"] == model:
             return found
-    stored = queries.get_preset(session, model, tenant)
+    stored = queries.get_preset(session, model, tenant) if is_preset_name(model) else None
     if stored is None:
         raise not_found("model", model, "model")
     return store_model(stored)

@@ -19,7 +19,7 @@ from api.openai_common import OPENAI_ERRORS, OpenAIError, OpenAIRoute, not_found
 from api.openai_upload import receive_upload
 from core.config import Settings
 from core.store import session_scope, sessions
-from core.store.batches import add_file, delete_file, get_batch, get_file, list_files, new_id
+from core.store.batches import UnknownCursor, add_file, delete_file, get_batch, get_file, list_files, new_id
 from core.store.models import OpenAIFile
 
 JSONL = "application/jsonl"
@@ -81,7 +81,7 @@ async def upload_file(request: Request, tenant: str = TenantDep, settings: Setti
 
 @router.get("")
 def list_uploaded(
-    purpose: str | None = None,
+    purpose: Literal["batch", "batch_output"] | None = None,
     limit: int = Query(10000, ge=1, le=10000),
     after: str | None = Query(None, description="the last id of the previous page"),
     order: Literal["asc", "desc"] = "desc",
@@ -89,7 +89,10 @@ def list_uploaded(
     session: Session = SessionDep,
 ):
     """Your files, newest first unless `order=asc`."""
-    records = list_files(session, tenant, purpose=purpose, limit=limit + 1, after=after, newest_first=order == "desc")
+    try:
+        records = list_files(session, tenant, purpose=purpose, limit=limit + 1, after=after, newest_first=order == "desc")
+    except UnknownCursor as error:
+        raise OpenAIError(400, str(error), param="after", code="invalid_request") from None
     return page([file_object(record) for record in records], limit)
 
 

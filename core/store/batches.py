@@ -9,6 +9,7 @@ so that a file of a hundred thousand lines is never all in memory.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from datetime import datetime
 from typing import Iterable
@@ -20,6 +21,7 @@ from core.names import JobKind, JobState
 from core.store.models import Job, JobEvent, JobItem, OpenAIBatch, OpenAIFile, utcnow
 
 _INSERT_CHUNK = 2000
+_ID = re.compile(r"(file-|batch_)[0-9a-f]{24}")
 OUTPUT, ERROR = "output", "error"
 
 
@@ -44,7 +46,10 @@ def add_file(session: Session, *, file_id: str, tenant: str, purpose: str, filen
 
 
 def get_file(session: Session, file_id: str, tenant: str) -> OpenAIFile | None:
-    """Another tenant's file is no file: found by one query on both."""
+    """Another tenant's file is no file: found by one query on both. A malformed id is no file
+    either (and never reaches SQL)."""
+    if not _ID.fullmatch(file_id):
+        return None
     return session.scalar(select(OpenAIFile).where(OpenAIFile.id == file_id, OpenAIFile.tenant == tenant))
 
 
@@ -54,13 +59,23 @@ def list_files(
     query = select(OpenAIFile).where(OpenAIFile.tenant == tenant)
     if purpose is not None:
         query = query.where(OpenAIFile.purpose == purpose)
-    cursor = get_file(session, after, tenant) if after else None
+    cursor = None if after is None else _cursor(get_file(session, after, tenant), after)
     return list(session.scalars(_page(query, OpenAIFile, cursor, limit, newest_first)))
 
 
 def delete_file(session: Session, record: OpenAIFile) -> None:
     session.delete(record)
     session.flush()
+
+
+class UnknownCursor(ValueError):
+    """A page's `after` that is not one of the tenant's files or batches."""
+
+
+def _cursor(found, after: str):
+    if found is None:
+        raise UnknownCursor(f"after: {after!r} is not one of yours")
+    return found
 
 
 def _page(query, table, cursor, limit: int, newest_first: bool):
@@ -101,13 +116,15 @@ def add_batch(
 
 
 def get_batch(session: Session, batch_id: str, tenant: str, *, for_update: bool = False) -> OpenAIBatch | None:
+    if not _ID.fullmatch(batch_id):
+        return None
     query = select(OpenAIBatch).where(OpenAIBatch.id == batch_id, OpenAIBatch.tenant == tenant)
     return session.scalar(query.with_for_update() if for_update else query)
 
 
 def list_batches(session: Session, tenant: str, *, limit: int, after: str | None) -> list[OpenAIBatch]:
     """Newest first, as OpenAI lists them."""
-    cursor = get_batch(session, after, tenant) if after else None
+    cursor = None if after is None else _cursor(get_batch(session, after, tenant), after)
     query = select(OpenAIBatch).where(OpenAIBatch.tenant == tenant)
     return list(session.scalars(_page(query, OpenAIBatch, cursor, limit, newest_first=True)))
 
