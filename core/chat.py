@@ -161,9 +161,8 @@ def _compile_cached(template):
 def _compile(template, owner):
     try:
         return _compile_cached(template)
-    except jinja2.TemplateSyntaxError as error:
-        problem = f"line {error.lineno}: {error.message}"
-        raise ChatTemplateError(f"The chat template of {owner} is not valid jinja2 ({problem}).") from None
+    except jinja2.TemplateSyntaxError as error:  # its message can quote the template, which is the preset's
+        raise ChatTemplateError(f"The chat template of {owner} is not valid jinja2 (line {error.lineno}).") from None
 
 
 class _GenerationTag(jinja2.ext.Extension):

@@ -322,7 +322,7 @@ def test_the_templates_own_exception_is_a_chat_template_error():
 @pytest.mark.parametrize(
     "template, problem",
     [
-        ("{% for m in messages %}{{ m['content'] }}", "not valid jinja2"),
+        ("{% for m in messages %}\n{{ m['content'] }}", r"not valid jinja2 \(line 2\)"),
         ("{{ messages[3]['content'] }}", "refused the messages"),  # undefined
         ("{{ ''.__class__.__mro__ }}", "refused the messages"),  # the sandbox
         ("{% set ns = namespace(_private=1) %}", "underscore-prefixed"),
