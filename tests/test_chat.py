@@ -229,6 +229,14 @@ def test_phi3_instruct_format():
         assert end_of_turn_token_ids(tokenizer) == [tokenizer.token_to_id(t) for t in ("<|endoftext|>", "<|end|>")]
 
 
+def test_only_turn_ends_the_template_writes_and_the_vocabulary_holds_stop_a_chat(tmp_path):
+    preset = shutil.copytree(FIXTURES / "phi3", tmp_path / "phi3")
+    (preset / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}<|im_end|>{% endfor %}")
+    tokenizer = load_tokenizer(PresetFiles(preset))
+    assert tokenizer.token_to_id("<|end|>") is not None and tokenizer.token_to_id("<|im_end|>") is None
+    assert end_of_turn_token_ids(tokenizer) == [tokenizer.token_to_id("<|endoftext|>")]
+
+
 def test_a_kaggle_handle_of_an_instruct_preset_gets_its_builtin_template():
     tokenizer = builtin_tokenizer("llama3", "kaggle://keras/llama3/keras/llama3_instruct_8b_en/2")
     assert tokenizer.chat_template == read_builtin_template("llama3_instruct")
