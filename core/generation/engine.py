@@ -5,8 +5,9 @@ batch appends them (stop tokens, token limits, stop strings and streaming are
 handled there, once), requests whose rows have all finished leave the batch,
 and the model runs the new tokens one step:
 
-    while waiting or batch.size:
-        batch.add(...)                              # requests join while rows are free: prefill
+    while waiting or batch.busy:
+        batch.add(...)                              # requests join while slots are free
+        batch.prefill()                             # their prompts (a chunk per step) into the cache
         tokens = sampler.choose(batch, batch.take_logits())
         batch.append(tokens)
         batch.drop_finished()
@@ -30,20 +31,23 @@ How the two next kinds of generation plug in, without a second loop:
   sees; ``step`` runs one decoder token per row against both; the cache's
   ``select_rows`` and ``add_rows`` move both parts, so beams and dropped rows just work.
 - A continuously refilled batch keeps one ``Batch`` for the whole job and runs
-  this same loop; between steps, after ``drop_finished`` has taken finished
-  requests out (their results are in ``batch.completions`` from then on), it calls
-  ``batch.add`` with waiting prompts and their request ids: they are prefilled into
-  new cache rows and decode from the next step on, each at its own position.
-  ``decode(..., max_rows=n, max_cache_tokens=t)`` does this within a budget of
-  rows and cache positions, admitting the shortest waiting prompts first, and
-  hands each result to ``on_finish`` as its request finishes.
+  this same loop. Its cache has a slot per row in flight (``core.layers.cache``):
+  between steps, after ``drop_finished`` has taken finished requests out (their
+  results are in ``batch.completions`` from then on, the last rows moved into the
+  freed slots), ``batch.add`` reserves slots for waiting prompts and ``batch.prefill``
+  runs their prompts in, a chunk of at most ``prefill_chunk`` tokens per step, so a
+  long prompt does not stall the others; a request whose prompt is in decodes from
+  the next step on, at its own position. ``decode(..., max_rows=n,
+  max_cache_tokens=t)`` does this within a budget of rows and cache positions,
+  admitting the shortest waiting prompts first (several at once when several slots
+  are free), and hands each result to ``on_finish`` as its request finishes.
 """
 
 from collections import deque
 
 import torch
 
-from core.generation.batch import Batch
+from core.generation.batch import PREFILL_CHUNK, Batch
 
 
 @torch.inference_mode()
@@ -60,6 +64,7 @@ def decode(
     max_rows=None,
     max_cache_tokens=None,
     between_steps=None,
+    prefill_chunk=PREFILL_CHUNK,
 ):
     """Generates up to ``limits[i]`` tokens after ``prompts[i]`` (lists of ids); a ``DecodeResult``.
 
@@ -70,24 +75,37 @@ def decode(
     checks for cancellation there; what it raises ends the decoding).
 
     The budget: at most ``max_rows`` requests in flight, and at most ``max_cache_tokens``
-    KV-cache positions (rows x positions per row). The others wait, shortest prompt first
-    (neighbours of similar length pad little), and join as finished ones leave.
+    KV-cache positions (requests in flight x the positions the longest of them needs).
+    The others wait, shortest prompt first (neighbours of similar length pad little),
+    and join as finished ones leave. ``prefill_chunk``: the most prompt tokens prefilled
+    between two decode steps.
     """
-    # The cache is sized for every request, so that waiting ones fit when they join;
-    # the token budget then bounds how many rows it holds.
+    if (max_rows is not None and max_rows < 1) or (max_cache_tokens is not None and max_cache_tokens < 1):
+        raise ValueError(f"The row budget must be positive: max_rows={max_rows}, max_cache_tokens={max_cache_tokens}.")
     room = (
         max((len(p) + limit for p, limit in zip(prompts, limits)), default=0),
         max((len(p) for p in prompts), default=0),
     )
-    max_rows = rows_in_budget(room[0], max_rows or max(len(prompts), 1), max_cache_tokens)
+    max_rows = min(max_rows or len(prompts), max(len(prompts), 1))
     waiting = deque(sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i)))
-    batch = Batch(model, sampler, stop_token_ids, seeds, stop_strings, stream, on_finish, room=room)
-    while waiting or batch.size:
+    batch = Batch(
+        model, sampler, stop_token_ids, seeds, stop_strings, stream, on_finish,
+        room=room, max_rows=max_rows, max_cache_tokens=max_cache_tokens, prefill_chunk=prefill_chunk,
+    )
+    while waiting or batch.busy:
         if between_steps is not None:
             between_steps()
-        if waiting and batch.in_flight < max_rows:  # rows join between steps
-            joining = [waiting.popleft() for _ in range(min(len(waiting), max_rows - batch.in_flight))]
+        joining, longest = [], batch.longest
+        while waiting:  # rows join between steps, as many as the budget holds
+            need = len(prompts[waiting[0]]) + limits[waiting[0]]
+            if not batch.fits(len(joining) + 1, max(longest, need)):
+                break
+            joining.append(waiting.popleft())
+            longest = max(longest, need)
+        if joining:
             batch.add([prompts[i] for i in joining], [limits[i] for i in joining], joining)
+        if batch.joining:
+            batch.prefill()
         if batch.size:
             tokens = sampler.choose(batch, batch.take_logits())
             batch.append(tokens)
@@ -95,12 +113,3 @@ def decode(
             if batch.size and batch.logits is None:
                 batch.step()
     return batch.result()
-
-
-def rows_in_budget(positions, max_rows, max_cache_tokens=None):
-    """How many requests of ``positions`` cache positions each fit the budget (at least one)."""
-    if max_rows < 1 or (max_cache_tokens is not None and max_cache_tokens < 1):
-        raise ValueError(f"The row budget must be positive: max_rows={max_rows}, max_cache_tokens={max_cache_tokens}.")
-    if max_cache_tokens is None or positions == 0:
-        return max_rows
-    return max(1, min(max_rows, max_cache_tokens // positions))

@@ -1,9 +1,12 @@
 """The model side of the decode engine: the few calls it makes on a network.
 
-The engine never touches a backbone itself. It asks a model for a cache, has
-it prefill prompts into cache rows, runs one token per row, and turns hidden
-states into logits; the cache moves rows with ``select_rows`` and grows with
-``add_rows``. Any network that provides these calls decodes through the same loop.
+The engine never touches a backbone itself. It asks a model for a cache (of row
+slots, see ``core.layers.cache``), has it prefill prompts into slots, runs one token
+per row, and turns hidden states into logits; the cache moves rows between slots
+with ``move_rows`` and ``select_rows``, and a larger one takes a smaller one's rows
+with ``take``. Any network that provides these calls decodes through the same loop;
+one that also prefills from a ``start`` position (``chunked_prefill``) gets long
+prompts prefilled in chunks between decode steps.
 """
 
 import torch
@@ -26,18 +29,21 @@ def length_groups(prompts, max_padding=0.25):
 class DecoderOnlyModel:
     """A ``DecoderOnlyBackbone`` (Llama, Mistral, Phi-3, Falcon) as the engine drives it."""
 
+    chunked_prefill = True  # ``prefill`` may continue prompts from a position
+
     def __init__(self, backbone, pad_token_id=0):
         self.backbone = backbone
         self.pad_token_id = pad_token_id
         self.device = backbone.device
 
     def new_cache(self, rows, max_length, prompt_width):
-        """A KV cache of ``rows`` rows of ``max_length`` positions (rolling under a short window)."""
+        """A KV cache of ``rows`` slots of ``max_length`` positions (rolling under a short window)."""
         return self.backbone.new_cache(rows, max_length, prompt_width=prompt_width)
 
-    def prefill(self, cache, prompts, rows, requests):
-        """Writes ``prompts`` (lists of ids) into cache ``rows``; returns their hidden states
-        [prompts, width, hidden] (past the end of a prompt they mean nothing).
+    def prefill(self, cache, prompts, rows, requests, start=0):
+        """Writes ``prompts`` (lists of ids) into cache slots ``rows`` from position ``start``;
+        returns their hidden states [prompts, width, hidden] (past the end of a prompt they
+        mean nothing).
 
         Prompts are right-padded and run in groups of similar length, so a ragged batch
         computes little padding. ``requests`` (the prompts' request ids) is for models
@@ -49,7 +55,7 @@ class DecoderOnlyModel:
             group_width = max(len(prompts[i]) for i in group)
             padded = [list(prompts[i]) + [self.pad_token_id] * (group_width - len(prompts[i])) for i in group]
             token_ids = torch.tensor(padded, dtype=torch.long, device=self.device)
-            group_hidden = self.backbone.prefill(token_ids, cache, rows[group])
+            group_hidden = self.backbone.prefill(token_ids, cache, rows[group], start)
             if hidden is None:
                 hidden = group_hidden.new_zeros(len(prompts), width, group_hidden.shape[-1])
             hidden[group, :group_width] = group_hidden

@@ -1,10 +1,19 @@
-"""The KV cache: one preallocated tensor per model for keys and one for values, written in place."""
+"""The KV cache: a fixed number of row slots, each ``max_length`` positions, written in place.
+
+A continuously refilled batch keeps one cache for a whole job: a request's row owns
+a slot while it is decoded, the rows in flight occupy slots ``[0, rows)`` (a decode
+step over them reads a slice, not a copy), and when a row finishes the decode engine
+moves the last row into its slot (``move_rows``, one row's copy) instead of copying
+the whole cache. Joining prompts are prefilled straight into free slots, in chunks
+when long (a prefill may start at any position). ``take`` fills a larger cache
+from a smaller one, for a batch whose requests outgrow it.
+"""
 
 import torch
 
 
 class KVCache:
-    """Keys and values of every layer: [layers, batch, kv_heads, max_length, head_dim]."""
+    """Keys and values of every layer: [layers, slots, kv_heads, max_length, head_dim]."""
 
     def __init__(self, num_layers, batch_size, num_heads, max_length, head_dim, dtype, device):
         shape = (num_layers, batch_size, num_heads, max_length, head_dim)
@@ -12,42 +21,64 @@ class KVCache:
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self._rows = torch.arange(batch_size, device=device)
 
+    def row_tensors(self):
+        """{name: (row dimension, position dimension or None)} of every tensor kept per slot:
+        ``move_rows``, ``select_rows`` and ``take`` move them all together."""
+        return {"keys": (1, 3), "values": (1, 3)}
+
     @property
     def max_length(self):
         return self.keys.shape[3]
 
+    @property
+    def slots(self):
+        return self.keys.shape[1]
+
     def update(self, layer, keys, values, context):
-        """Writes this step's keys/values [batch, heads, seq, dim]; returns what to attend to."""
+        """Writes this pass's keys/values [rows, heads, seq, dim]; returns what to attend to.
+
+        A prefill (``context.write_positions`` None) writes positions ``[start, key_length)``
+        of ``context.cache_rows`` (every slot when None), where ``key_length`` is the
+        prefix a chunk continues (None: the chunk is the prompt's start). A decode step
+        writes one token per row, rows ``[0, rows)``, each at its own position.
+        """
         layer_keys, layer_values = self.keys[layer], self.values[layer]
-        if context.write_positions is None:  # prefill: positions [0, seq) of ``cache_rows``
+        if context.write_positions is None:
             length = keys.shape[2]
+            end = context.key_length or length
             rows = slice(None) if context.cache_rows is None else context.cache_rows
-            layer_keys[rows, :, :length] = keys
-            layer_values[rows, :, :length] = values
-            return keys, values
-        # one new token per row, each row at its own position
-        layer_keys[self._rows, :, context.write_positions] = keys[:, :, 0]
-        layer_values[self._rows, :, context.write_positions] = values[:, :, 0]
-        return (
-            layer_keys[:, :, : context.key_length],
-            layer_values[:, :, : context.key_length],
-        )
+            layer_keys[rows, :, end - length : end] = keys
+            layer_values[rows, :, end - length : end] = values
+            if end == length:
+                return keys, values
+            return layer_keys[rows, :, :end], layer_values[rows, :, :end]
+        rows = len(keys)
+        layer_keys[self._rows[:rows], :, context.write_positions] = keys[:, :, 0]
+        layer_values[self._rows[:rows], :, context.write_positions] = values[:, :, 0]
+        return layer_keys[:rows, :, : context.key_length], layer_values[:rows, :, : context.key_length]
+
+    def move_rows(self, source, target):
+        """Copies slots ``source`` into slots ``target`` (index tensors; every source is read
+        before any target is written, so rows may trade places)."""
+        for name, (dim, _) in self.row_tensors().items():
+            tensor = getattr(self, name)
+            tensor.index_copy_(dim, target, tensor.index_select(dim, source))
 
     def select_rows(self, rows):
-        """Keeps (or repeats) batch rows: drops finished rows, reorders beams."""
-        self.keys = self.keys[:, rows]
-        self.values = self.values[:, rows]
-        self._rows = torch.arange(len(rows), device=self.keys.device)
+        """Slots ``[0, len(rows))`` take the contents of slots ``rows``: beams reordered (a copy)."""
+        self.move_rows(rows, torch.arange(len(rows), device=rows.device))
 
-    def add_rows(self, count):
-        """Appends ``count`` rows for prompts that join a running batch (prefill fills them).
-
-        They start as copies of row 0: causal masking hides every slot until the new row writes it.
-        """
-        self.select_rows(torch.cat([self._rows, self._rows.new_zeros(count)]))
+    def take(self, other, rows):
+        """Copies the first ``rows`` slots of ``other`` (a cache of this kind, no longer) into this one."""
+        for name, (row_dim, position_dim) in self.row_tensors().items():
+            source = getattr(other, name).narrow(row_dim, 0, rows)
+            target = getattr(self, name).narrow(row_dim, 0, rows)
+            if position_dim is not None:
+                target = target.narrow(position_dim, 0, source.shape[position_dim])
+            target.copy_(source)
 
     def step(self, positions, key_length):
-        """Where a decode step at ``positions`` [batch] writes and what it reads.
+        """Where a decode step of rows ``[0, len(positions))`` at ``positions`` writes and what it reads.
 
         Returns the slots to write [batch], how many slots to read, and the
         position each of those slots holds ([1, key_length]: slot i holds position i).
@@ -72,16 +103,31 @@ class RollingKVCache(KVCache):
         # Slots not written yet hold "their own" position, which causal masking hides.
         self.slot_positions = torch.arange(slots, device=device).repeat(batch_size, 1)
 
-    def select_rows(self, rows):
-        super().select_rows(rows)
-        self.slot_positions = self.slot_positions[rows]
+    def row_tensors(self):
+        return {**super().row_tensors(), "slot_positions": (0, 1)}
 
-    def add_rows(self, count):
-        super().add_rows(count)
-        self.slot_positions[-count:] = torch.arange(self.max_length, device=self.slot_positions.device)
+    def update(self, layer, keys, values, context):
+        if context.write_positions is None and layer == 0:  # a prefill writes slot i at position i
+            end, length = context.key_length or keys.shape[2], keys.shape[2]
+            rows = slice(None) if context.cache_rows is None else context.cache_rows
+            self.slot_positions[rows, end - length : end] = torch.arange(end - length, end, device=keys.device)
+        return super().update(layer, keys, values, context)
+
+    def take(self, other, rows):
+        if not isinstance(other, RollingKVCache):  # there slot i held position i, as here
+            return super().take(other, rows)
+        held = other.slot_positions[:rows]  # [rows, other's slots]
+        target = held % self.max_length
+        # Slots no key lands in are hidden (a position no query reaches) until written.
+        self.slot_positions[:rows] = torch.iinfo(held.dtype).max // 2
+        self.slot_positions[:rows].scatter_(1, target, held)
+        for row in range(rows):
+            self.keys[:, row, :, target[row]] = other.keys[:, row]
+            self.values[:, row, :, target[row]] = other.values[:, row]
 
     def step(self, positions, key_length):
         slots = positions % self.max_length
-        self.slot_positions[self._rows, slots] = positions
+        rows = self._rows[: len(positions)]
+        self.slot_positions[rows, slots] = positions
         read = min(key_length, self.max_length)
-        return slots, read, self.slot_positions[:, :read]
+        return slots, read, self.slot_positions[: len(positions), :read]

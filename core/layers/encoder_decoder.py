@@ -116,16 +116,24 @@ class Seq2SeqCache:
     def max_length(self):
         return self.self_attention.max_length
 
+    @property
+    def slots(self):
+        return self.self_attention.slots
+
     def update(self, layer, keys, values, context):
         return self.self_attention.update(layer, keys, values, context)
 
     def step(self, positions, key_length):
         return self.self_attention.step(positions, key_length)
 
+    def move_rows(self, source, target):
+        self.self_attention.move_rows(source, target)
+        self.memory.move_rows(source, target)
+
     def select_rows(self, rows):
         self.self_attention.select_rows(rows)
         self.memory.select_rows(rows)
 
-    def add_rows(self, count):
-        self.self_attention.add_rows(count)
-        self.memory.add_rows(count)
+    def take(self, other, rows):
+        self.self_attention.take(other.self_attention, rows)
+        self.memory.take(other.memory, rows)

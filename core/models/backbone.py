@@ -285,14 +285,20 @@ class DecoderOnlyBackbone(Backbone, abstract=True):
             )
         return KVCache(*shape, self.token_embedding.output_dtype, embeddings.device)
 
-    def prefill(self, token_ids, cache, rows=None):
-        """Right-padded prompts [batch, seq] -> hidden states; fills cache slots [0, seq).
+    def prefill(self, token_ids, cache, rows=None, start=0):
+        """Right-padded prompts [batch, seq] -> hidden states; fills cache slots [start, start + seq).
 
-        ``rows`` (a tensor of cache rows) lets prompts be prefilled group by group.
+        ``rows`` (a tensor of cache rows) lets prompts be prefilled group by group;
+        ``start`` > 0 continues prompts already prefilled up to there (chunked prefill:
+        the chunk attends to the cached prefix).
         """
         batch, length = token_ids.shape
-        positions = torch.arange(length, device=token_ids.device).expand(batch, length)
-        if self.sliding_window and length > self.sliding_window:
+        positions = torch.arange(start, start + length, device=token_ids.device).expand(batch, length)
+        if start:
+            keys = torch.arange(start + length, device=token_ids.device)[None]
+            mask = self.attention_mask(positions, keys)
+            context = AttentionContext(mask=mask, cache=cache, cache_rows=rows, key_length=start + length)
+        elif self.sliding_window and length > self.sliding_window:
             context = AttentionContext(mask=self.attention_mask(positions, positions), cache=cache, cache_rows=rows)
         else:  # padding sits after every real token, so causal masking is enough
             context = AttentionContext(is_causal=True, cache=cache, cache_rows=rows)

@@ -24,9 +24,12 @@ class LongRopeKVCache(KVCache):
         self.prompt_width = prompt_width
         self.long_context = long_context
 
-    def select_rows(self, rows):
-        super().select_rows(rows)
-        self.token_ids = self.token_ids[rows]
+    def row_tensors(self):
+        return {**super().row_tensors(), "token_ids": (0, 1)}
+
+    def take(self, other, rows):
+        super().take(other, rows)
+        self.long_context |= other.long_context
 
 
 class Phi3Backbone(LlamaStyleBackbone):
@@ -134,11 +137,12 @@ class Phi3Backbone(LlamaStyleBackbone):
             long_context=width > self.pretraining_sequence_length,
         )
 
-    def prefill(self, token_ids, cache, rows=None):
+    def prefill(self, token_ids, cache, rows=None, start=0):
         if isinstance(cache, LongRopeKVCache):
-            cache.token_ids[slice(None) if rows is None else rows, : token_ids.shape[1]] = token_ids
-            cache.long_context |= token_ids.shape[1] > self.pretraining_sequence_length
-        return super().prefill(token_ids, cache, rows)
+            end = start + token_ids.shape[1]
+            cache.token_ids[slice(None) if rows is None else rows, start:end] = token_ids
+            cache.long_context |= end > self.pretraining_sequence_length
+        return super().prefill(token_ids, cache, rows, start)
 
     def decode(self, token_ids, positions, cache, key_length):
         if not isinstance(cache, LongRopeKVCache):

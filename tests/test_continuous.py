@@ -1,0 +1,165 @@
+"""Continuous batching in the decode engine: row slots, chunked prefill, a cache that grows.
+
+Tiny random decoders (Llama, Mistral with a short sliding window, Falcon with ALiBi):
+requests leave and join a running batch, long prompts are prefilled a chunk at a time
+between the others' decode steps, and every request's tokens are those it gets alone.
+"""
+
+import pytest
+import torch
+
+from core.generation import DecoderOnlyModel, decode
+from core.samplers import BeamSampler, ContrastiveSampler, GreedySampler, TopKSampler
+from plugins.falcon.falcon_backbone import FalconBackbone
+from plugins.llama.llama_backbone import LlamaBackbone
+from plugins.mistral.mistral_backbone import MistralBackbone
+
+VOCAB = 64
+SIZES = dict(
+    vocabulary_size=VOCAB, num_layers=2, num_query_heads=4, hidden_dim=32, intermediate_dim=64, num_key_value_heads=2
+)
+
+
+def random_weights(backbone):
+    """Random weights large enough that the next-token distributions are far from flat."""
+    generator = torch.Generator().manual_seed(0)
+    for weight in backbone.weights:
+        if len(weight.shape) >= 2:
+            weight.assign(torch.randn(tuple(weight.shape), generator=generator) * 0.5)
+    return backbone
+
+
+BACKBONES = {
+    "llama": lambda: LlamaBackbone(**SIZES),
+    "mistral_window_4": lambda: MistralBackbone(**SIZES, sliding_window=4),
+    "falcon_alibi": lambda: FalconBackbone(
+        vocabulary_size=VOCAB, num_layers=2, num_attention_heads=4, hidden_dim=32, intermediate_dim=64
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=list(BACKBONES))
+def model(request):
+    return DecoderOnlyModel(random_weights(BACKBONES[request.param]()))
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return DecoderOnlyModel(random_weights(LlamaBackbone(**SIZES)))
+
+
+def job(count, seed=0, longest=30):
+    """Prompts of 1..longest tokens and per-row limits of 0..12."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, longest + 1, (count,), generator=generator).tolist()
+    prompts = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in lengths]
+    limits = torch.randint(0, 13, (count,), generator=generator).tolist()
+    return prompts, limits
+
+
+def stop_token(model, prompts):
+    """A token greedy search emits in some rows but not all: rows stop on it at different points."""
+    probe = decode(model, prompts[:6], [8] * len(prompts[:6]), GreedySampler())
+    counts = torch.bincount(torch.tensor([t for row in probe.completions for t in row]), minlength=VOCAB)
+    return int(counts.argmax())
+
+
+def test_rows_leaving_and_joining_with_chunked_prefill_give_each_request_its_tokens_alone(model):
+    """Three requests in flight, prompts prefilled five tokens per step: every request's
+    greedy tokens and finish reason are those of that prompt decoded alone."""
+    prompts, limits = job(14)
+    stop = stop_token(model, prompts)
+    joined = decode(model, prompts, limits, GreedySampler(), stop_token_ids=[stop], max_rows=3, prefill_chunk=5)
+    for i, (prompt, limit) in enumerate(zip(prompts, limits)):
+        alone = decode(model, [prompt], [limit], GreedySampler(), stop_token_ids=[stop])
+        assert (joined.completions[i], joined.finish_reasons[i]) == (alone.completions[0], alone.finish_reasons[0])
+    assert {"stop", "length"} <= set(joined.finish_reasons)
+
+
+def test_a_long_prompt_is_prefilled_between_the_decode_steps_of_the_others(llama):
+    """A 40-token prompt joining with a 3-token one, 8 prompt tokens per step: the short
+    request decodes while the long one is prefilled, and both get their tokens alone."""
+    prompts, limits = [[5, 9, 2], list(range(1, 41))], [12, 4]
+    events = []
+    joined = decode(
+        llama, prompts, limits, GreedySampler(), prefill_chunk=8, stream=lambda request, token: events.append(request)
+    )
+    assert events.index(1) >= 4  # the short row's tokens came while the long prompt went in
+    for i, (prompt, limit) in enumerate(zip(prompts, limits)):
+        assert joined.completions[i] == decode(llama, [prompt], [limit], GreedySampler()).completions[0]
+
+
+def test_finished_rows_free_their_slots_and_nothing_copies_the_cache(llama, monkeypatch):
+    """Twelve requests through three slots: one cache for the whole job, and rows move
+    between slots only to fill the slot of a finished one (a row, not the cache)."""
+    prompts, limits = job(12, seed=1, longest=6)
+    limits = [12 - len(p) for p in prompts]  # every request needs 12 positions: no reason to grow
+    caches, moved = [], []
+    new_cache = llama.new_cache
+
+    def spied_new_cache(rows, max_length, prompt_width):
+        cache = new_cache(rows, max_length, prompt_width)
+        move_rows = cache.move_rows
+        cache.move_rows = lambda source, target: (moved.append(len(source)), move_rows(source, target))
+        caches.append(rows)
+        return cache
+
+    monkeypatch.setattr(llama, "new_cache", spied_new_cache)
+    joined = decode(llama, prompts, limits, GreedySampler(), max_rows=3)
+    assert caches == [3]
+    assert sum(moved) < len(prompts)  # at most one row moved per finished request
+    for i, prompt in enumerate(prompts):
+        assert joined.completions[i] == decode(llama, [prompt], [limits[i]], GreedySampler()).completions[0]
+
+
+def test_the_cache_grows_for_a_long_tail_within_the_token_budget(model, monkeypatch):
+    """Short requests first, then longer ones: the cache starts as long as the first
+    requests need and grows when a longer one joins; slots x positions stay within the
+    budget, and every request gets its tokens alone."""
+    short, _ = job(8, seed=2, longest=4)
+    prompts = short + [list(range(1, 25)), list(range(3, 40))]
+    limits = [6] * len(short) + [10, 12]
+    sizes = []
+    new_cache = model.new_cache
+
+    def spied_new_cache(rows, max_length, prompt_width):
+        sizes.append((rows, max_length))
+        return new_cache(rows, max_length, prompt_width)
+
+    monkeypatch.setattr(model, "new_cache", spied_new_cache)
+    budget = 64
+    joined = decode(model, prompts, limits, GreedySampler(), max_rows=4, max_cache_tokens=budget, prefill_chunk=7)
+    room = max(len(p) + n for p, n in zip(prompts, limits))
+    assert sizes[0][1] < room and sizes[-1][1] == room and len(sizes) >= 2
+    assert all(rows * length <= budget or rows == 1 for rows, length in sizes)
+    for i, (prompt, limit) in enumerate(zip(prompts, limits)):
+        assert joined.completions[i] == decode(model, [prompt], [limit], GreedySampler()).completions[0]
+
+
+def test_a_seeded_request_samples_the_same_whatever_its_neighbours_and_chunks(llama):
+    prompts, _ = job(8, seed=3)
+    limits = [8] * len(prompts)
+    sampler = TopKSampler(k=8)
+    seeds = [40 + i for i in range(len(prompts))]
+    alone = [decode(llama, [p], [8], sampler, seeds=[s]).completions[0] for p, s in zip(prompts, seeds)]
+    joined = decode(llama, prompts, limits, sampler, seeds=seeds, max_rows=3, prefill_chunk=4)
+    assert joined.completions == alone
+    assert decode(llama, prompts, limits, sampler, seeds=[s + 1 for s in seeds]).completions != alone
+
+
+@pytest.mark.parametrize(
+    "sampler", [BeamSampler(num_beams=3, return_all_beams=True), ContrastiveSampler(k=3)], ids=["beam", "contrastive"]
+)
+def test_searches_with_chunked_prefill_in_a_running_batch_equal_one_batch(llama, sampler):
+    """Beam and contrastive requests take a slot group each: their rows move together."""
+    prompts, limits = job(7, seed=4)
+    together = decode(llama, prompts, limits, sampler)
+    joined = decode(llama, prompts, limits, sampler, max_rows=2, prefill_chunk=6)
+    assert (joined.completions, joined.finish_reasons) == (together.completions, together.finish_reasons)
+
+
+def test_a_budget_that_is_not_positive_is_refused(llama):
+    with pytest.raises(ValueError, match="max_rows=0"):
+        decode(llama, [[1, 2]], [3], GreedySampler(), max_rows=0)
+    with pytest.raises(ValueError, match="max_cache_tokens=0"):
+        decode(llama, [[1, 2]], [3], GreedySampler(), max_cache_tokens=0)
