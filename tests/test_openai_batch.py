@@ -156,7 +156,7 @@ def test_a_batch_of_completions_equals_causal_lm_generate_and_bad_lines_are_its_
 
 
 def test_a_chat_batch_renders_the_messages_with_the_preset_template(server, tiny_llama_preset, tmp_path):
-    from core.chat import end_of_turn_token_ids, render_chat
+    from core.chat import chat_prompt, end_of_turn_token_ids
     from core.models import CausalLM
 
     api = client(server)
@@ -180,7 +180,7 @@ def test_a_chat_batch_renders_the_messages_with_the_preset_template(server, tiny
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Raise"},
     ]
-    prompts = [render_chat(tokenizer, messages) for messages in plain]
+    prompts = [chat_prompt(tokenizer, messages) for messages in plain]
     # A chat stops at the end of the turn as well as at the end token.
     stop_ids = list(dict.fromkeys([*tokenizer.stop_token_ids, *end_of_turn_token_ids(tokenizer)]))
     expected = lm.generate(prompts, max_new_tokens=10, strip_prompt=True, stop_token_ids=stop_ids, return_details=True)
@@ -339,3 +339,83 @@ def test_batches_are_listed_newest_first_a_page_at_a_time(server):
     assert second.data[0].id == made[0].id and second.data[0].metadata == {"n": "0"}
     for batch in made:
         wait(api, batch.id, 120, server.logs)
+
+
+def test_a_validation_a_stopped_server_left_is_taken_up_again(server):
+    """A server that stopped while validating leaves its batch `validating`: read later, it runs."""
+    from core.config import load_settings
+    from core.store import session_scope, sessions
+    from core.store.batches import add_batch
+    from core.store.models import utcnow
+
+    api = client(server)
+    uploaded = upload(api, [line("one", {"model": MODEL, "prompt": "The", "max_tokens": 3, "temperature": 0})])
+    with session_scope(sessions(load_settings({**os.environ, **server.env}))) as session:
+        left = add_batch(session, tenant="team-a", endpoint="/v1/completions", input_file_id=uploaded.id,
+                         completion_window="24h", metadata=None)
+        left.validation_started_at = utcnow() - timedelta(hours=1)
+    batch = wait(api, left.id, 120, server.logs)
+    assert batch.status == "completed" and batch.request_counts.completed == 1, batch
+
+
+# ---------------------------------------------------------------- one line, as the validation reads it
+
+
+def parse(entry, endpoint="/v1/completions"):
+    from api.openai_lines import parse_line
+    from core.config import Limits
+
+    return parse_line(json.dumps(entry).encode(), 7, endpoint, Limits())
+
+
+def test_a_line_s_openai_settings_become_its_own_generate_params():
+    greedy = parse(line("a", {"model": "m", "prompt": "Hi", "temperature": 0, "top_p": 0.5, "stop": "."}))
+    assert greedy.input == {"prompt": "Hi", "params": {"sampler": "greedy", "max_new_tokens": 16, "stop": ["."]}}
+    sampled = parse(line("b", {"model": "m", "prompt": ["Hi"], "temperature": 0.5, "top_p": 0.9, "seed": 3, "max_tokens": 4}))
+    assert sampled.input["params"] == {"sampler": {"name": "top_p", "p": 0.9, "temperature": 0.5}, "max_new_tokens": 4, "seed": 3}
+    default = parse(line("c", {"model": "m", "prompt": "Hi", "n": 1, "user": "x"}))
+    assert default.input["params"]["sampler"] == {"name": "random", "temperature": 1.0}
+    chat = parse(
+        line("d", {"model": "m", "max_completion_tokens": 9, "messages": [
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]},
+        ]}, "/v1/chat/completions"),
+        "/v1/chat/completions",
+    )
+    assert (chat.custom_id, chat.model) == ("d", "m")
+    assert chat.input["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    assert "stop" not in chat.input["params"] and chat.input["params"]["max_new_tokens"] == 9
+
+
+@pytest.mark.parametrize(
+    "entry, code, param",
+    [
+        (line("a", {"model": "m", "prompt": "Hi"}, "/v1/chat/completions"), "invalid_url", "url"),
+        (line("a", {"model": "m", "prompt": "Hi", "n": 2}), "invalid_request", "body.n"),
+        (line("a", {"model": "m", "prompt": "Hi", "logprobs": 3}), "invalid_request", "body.logprobs"),
+        (line("a", {"model": "m", "prompt": "Hi", "temperature": 2.5}), "invalid_request", "body.temperature"),
+        (line("a", {"model": "m", "prompt": "Hi", "max_tokens": 10**6}), "invalid_request", "body.max_tokens"),
+        (line("a", {"model": "m"}), "invalid_request", "body.prompt"),
+        ({"method": "POST", "url": "/v1/completions", "body": {}}, "invalid_request", "custom_id"),
+        ({**line("a", {"model": "m", "prompt": "Hi"}), "extra": 1}, "invalid_request", "extra"),
+        (["not", "an", "object"], "invalid_json", None),
+    ],
+)
+def test_a_line_that_cannot_run_says_why_and_where(entry, code, param):
+    from api.openai_lines import LineError
+
+    with pytest.raises(LineError) as refused:
+        parse(entry)
+    assert (refused.value.code, refused.value.param) == (code, param)
+    assert refused.value.message.startswith("line 7")
+
+
+def test_an_over_long_line_is_its_own_error_and_the_next_line_is_read(tmp_path):
+    from api.openai_lines import LineError, max_line_bytes, read_lines
+    from core.config import Limits
+
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"x" * (max_line_bytes(Limits()) + 10) + b"\n\n{}\n")
+    (first, too_long), (number, raw) = read_lines(path, Limits())
+    assert first == 1 and isinstance(too_long, LineError) and too_long.code == "line_too_long"
+    assert (number, raw) == (3, b"{}\n")
