@@ -29,12 +29,16 @@ wires a whole deployment. Nothing here imports keras or torch.
                              served by workers started with `lmq worker --queues <kind>.<queue>`
     LMQ_WORKER_METRICS_PORT  unset: off; a port: each `lmq worker` serves its Prometheus metrics
                              at http://<host>:<port>/metrics (workers/metrics.py)
+    LMQ_DEVICE               auto: where workers run models - cuda when torch sees a GPU, else cpu;
+                             or cpu, cuda, cuda:N. On a GPU a preset loads in bfloat16 unless the
+                             job asks for a dtype
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +79,7 @@ class Settings:
     heartbeat_s: float = 5.0
     sweep_s: float = 10.0
     worker_metrics_port: int | None = None
+    device: str = "auto"
 
     @property
     def preset_store(self) -> Path:
@@ -162,8 +167,27 @@ def load_settings(environ=None) -> Settings:
         limits=load_limits(environ),
         preset_queues=_pairs(environ.get("LMQ_PRESET_QUEUES", ""), "=", "LMQ_PRESET_QUEUES", "preset=queue"),
         worker_metrics_port=_int(environ, "LMQ_WORKER_METRICS_PORT", None),
+        device=_device(environ.get("LMQ_DEVICE") or "auto"),
         **load_lease_timing(environ),
     )
+
+
+def _device(raw: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", raw):
+        raise SettingsError(f"LMQ_DEVICE must be auto, cpu, cuda or cuda:N, got {raw!r}")
+    return raw
+
+
+def resolve_device(device: str = "auto") -> str:
+    """A device setting as torch names it: auto is cuda when torch sees a GPU, else cpu
+    (torch is imported here, when a model is about to load)."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SettingsError(f"LMQ_DEVICE={device!r}, but torch sees no GPU on this machine")
+    return device
 
 
 def load_lease_timing(environ) -> dict[str, float]:

@@ -8,11 +8,13 @@ between the others' decode steps, and every request's tokens are those it gets a
 import pytest
 import torch
 
+from core.config import DEMO_PRESETS, SettingsError, load_settings, resolve_device
 from core.generation import DecoderOnlyModel, decode
 from core.samplers import BeamSampler, ContrastiveSampler, GreedySampler, TopKSampler
 from plugins.falcon.falcon_backbone import FalconBackbone
 from plugins.llama.llama_backbone import LlamaBackbone
 from plugins.mistral.mistral_backbone import MistralBackbone
+from workers.pool import ModelPool
 
 VOCAB = 64
 SIZES = dict(
@@ -163,3 +165,33 @@ def test_a_budget_that_is_not_positive_is_refused(llama):
         decode(llama, [[1, 2]], [3], GreedySampler(), max_rows=0)
     with pytest.raises(ValueError, match="max_cache_tokens=0"):
         decode(llama, [[1, 2]], [3], GreedySampler(), max_cache_tokens=0)
+
+
+# -- the device a job runs on ---------------------------------------------------------
+
+
+def test_the_device_setting_is_auto_by_default_and_a_bad_one_is_named():
+    assert load_settings({}).device == "auto"
+    assert load_settings({"LMQ_DEVICE": "cuda:1"}).device == "cuda:1"
+    with pytest.raises(SettingsError, match="LMQ_DEVICE must be auto, cpu, cuda or cuda:N, got 'gpu'"):
+        load_settings({"LMQ_DEVICE": "gpu"})
+
+
+def test_auto_is_the_gpu_when_torch_sees_one_and_a_missing_gpu_is_named():
+    gpu = torch.cuda.is_available()
+    assert resolve_device("auto") == ("cuda" if gpu else "cpu")
+    assert resolve_device("cpu") == "cpu"
+    if gpu:
+        assert resolve_device("cuda:0") == "cuda:0"
+    else:
+        with pytest.raises(SettingsError, match="LMQ_DEVICE='cuda:0', but torch sees no GPU"):
+            resolve_device("cuda:0")
+
+
+def test_the_pool_loads_the_demo_preset_on_the_device_it_is_given():
+    """On the CPU the preset keeps its dtype; the worker's pool passes LMQ_DEVICE on."""
+    pool = ModelPool(2**30, device="cpu")
+    lm = pool.get(str(DEMO_PRESETS / "stdlib-tiny-llama")).model
+    assert lm.backbone.device.type == "cpu"
+    assert lm.backbone.token_embedding.embeddings.value.dtype == torch.float32
+    assert isinstance(lm.generate("def", max_new_tokens=3), str)

@@ -3,11 +3,13 @@
 Loading a preset costs seconds to minutes; generating for a small job can cost
 less. The pool keeps tasks keyed by (preset location, dtype) and evicts the
 least recently used ones when the weights of all pinned tasks would exceed the
-memory budget (`LMQ_MODEL_MEMORY_GB`).
+memory budget (`LMQ_MODEL_MEMORY_GB`). Tasks load on the device the settings name
+(`LMQ_DEVICE`: a GPU when there is one, in bfloat16 unless the job names a dtype).
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import re
@@ -20,11 +22,11 @@ from typing import Callable
 PoolKey = tuple[str, str | None]
 
 
-def load_task(location: str, dtype: str | None):
-    """Build the task the preset names (keras/torch are imported here, not before)."""
+def load_task(location: str, dtype: str | None, device: str = "auto"):
+    """Build the task the preset names on ``device`` (keras/torch are imported here, not before)."""
     from core.models import Task
 
-    return Task.from_preset(location, dtype=dtype)
+    return Task.from_preset(location, dtype=dtype, device=device)
 
 
 def weight_bytes(model) -> int:
@@ -50,11 +52,14 @@ class ModelPool:
     def __init__(
         self,
         budget_bytes: int,
-        load: Callable[[str, str | None], object] = load_task,
+        load: Callable[[str, str | None], object] | None = None,
         measure: Callable[[object], int] = weight_bytes,
+        device: str = "auto",
     ):
+        """``load(location, dtype)`` builds a task; by default ``load_task`` on ``device``
+        (``LMQ_DEVICE``'s values)."""
         self.budget_bytes = budget_bytes
-        self._load = load
+        self._load = load or functools.partial(load_task, device=device)
         self._measure = measure
         self._pinned: OrderedDict[PoolKey, tuple[object, int]] = OrderedDict()
         self._lock = threading.Lock()

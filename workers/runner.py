@@ -292,7 +292,7 @@ def worker_name() -> str:
 
 
 def pool_from_settings(settings: Settings) -> ModelPool:
-    return ModelPool(int(settings.model_memory_gb * 2**30))
+    return ModelPool(int(settings.model_memory_gb * 2**30), device=settings.device)
 
 
 _process_runner: JobRunner | None = None

@@ -2,6 +2,7 @@
 
 import keras
 
+from core.config import resolve_device
 from core.models.serialization import KerasHubSerializable, deserialize
 
 
@@ -46,18 +47,27 @@ class Task(KerasHubSerializable, keras.Model):
         return cls(backbone=backbone, preprocessor=preprocessor, **config)
 
     @classmethod
-    def from_preset(cls, preset, load_weights=True, resolver=None, **kwargs):
+    def from_preset(cls, preset, load_weights=True, resolver=None, device=None, **kwargs):
         """Builds the task a preset describes (see ``core.presets.load_task``); ``resolver``
         (a ``PresetResolver``) knows names beyond the built-in ones, e.g. the store's.
 
+        ``device`` ("auto", "cpu", "cuda" or "cuda:N", as ``LMQ_DEVICE``) places the weights
+        (by default where Keras puts them: the GPU when there is one); on a GPU they load
+        in bfloat16 unless ``dtype`` says otherwise, on a CPU in the preset's dtype.
         Called on a base class (``CausalLM``) it returns the subclass the preset names.
         """
         from core.presets import load_task
 
-        return load_task(preset, cls=cls, load_weights=load_weights, resolver=resolver, **kwargs)
+        if device is None:
+            return load_task(preset, cls=cls, load_weights=load_weights, resolver=resolver, **kwargs)
+        device = resolve_device(device)
+        if device.startswith("cuda") and kwargs.get("dtype") is None:
+            kwargs["dtype"] = "bfloat16"
+        with keras.device(device):
+            return load_task(preset, cls=cls, load_weights=load_weights, resolver=resolver, **kwargs)
 
     def quantize(self, mode, **kwargs):
-        """The backbone's ``quantize`` (which refuses: see ``Backbone.quantize``)."""
+        """The backbone's ``quantize`` (``"int8"``, as KerasHub's: see ``core.quantization``)."""
         self.backbone.quantize(mode, **kwargs)
 
     def save_to_preset(self, preset_dir):
