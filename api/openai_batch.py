@@ -54,7 +54,7 @@ def files_directory(settings: Settings) -> Path:
 
 
 def window_hours(window: str) -> int | None:
-    """"24h" -> 24 (OpenAI's only window; lmq takes 1h to 720h)."""
+    """ "24h" -> 24 (OpenAI's only window; lmq takes 1h to 720h)."""
     match = WINDOW.fullmatch(window)
     return int(match.group(1)) if match and int(match.group(1)) <= 720 else None
 
@@ -118,10 +118,13 @@ def batch_model(path: Path, endpoint: str, settings: Settings, models: Models) -
     if not objects:
         raise NotABatchFile("invalid_json_line", f"the input file is not JSONL: {problem.message}", number)
     if isinstance(problem, LineError):
-        raise NotABatchFile(problem.code, f"no line of the input file is a request this batch can run; {problem.message}", number)
+        raise NotABatchFile(
+            problem.code, f"no line of the input file is a request this batch can run; {problem.message}", number
+        )
     raise NotABatchFile(
         "model_not_found",
-        f"no line of the input file names a model you can use; line {number} names {problem.model!r} (see GET /v1/models)",
+        f"no line of the input file names a model you can use; line {number} names {problem.model!r} "
+        "(GET /v1/models lists yours)",
         number,
     )
 
@@ -134,19 +137,24 @@ def job_items(path: Path, batch: OpenAIBatch, model: str, settings: Settings, mo
         count += 1
         if count > settings.limits.inputs_per_job:
             raise NotABatchFile(
-                "too_many_requests", f"the input file has more than {settings.limits.inputs_per_job} requests (LMQ_MAX_INPUTS)"
+                "too_many_requests",
+                f"the input file has more than {settings.limits.inputs_per_job} requests (LMQ_MAX_INPUTS)",
             )
         if isinstance(request, LineError):
             yield refused(request.custom_id, request.code, request.message)
         elif request.custom_id in seen:
-            yield refused(None, "duplicate_custom_id", f"line {number}: custom_id {request.custom_id!r} is not unique in the file")
+            message = f"line {number}: custom_id {request.custom_id!r} is not unique in the file"
+            yield refused(request.custom_id, "duplicate_custom_id", message)
         elif request.model != model:
             seen.add(request.custom_id)
             if models.locate(request.model) is None:
                 message = f"line {number}: model {request.model!r} does not exist or you cannot use it"
                 yield refused(request.custom_id, "model_not_found", message)
             else:
-                message = f"line {number}: model {request.model!r} is not this batch's model {model!r} (a batch runs one model)"
+                message = (
+                    f"line {number}: model {request.model!r} is not this batch's model {model!r} "
+                    "(a batch runs one model)"
+                )
                 yield refused(request.custom_id, "model_mismatch", message)
         else:
             seen.add(request.custom_id)
@@ -160,7 +168,9 @@ def refused(custom_id: str | None, code: str, message: str) -> dict:
 def start_validation(settings: Settings, dispatch, batch_id: str) -> None:
     """Validate in a thread of its own: POST /v1/batches answers at once, `validating`. A server
     that stops meanwhile leaves the batch to be taken up again (see `refresh`)."""
-    threading.Thread(target=validate, args=(settings, dispatch, batch_id), name=f"lmq-validate-{batch_id}", daemon=True).start()
+    threading.Thread(
+        target=validate, args=(settings, dispatch, batch_id), name=f"lmq-validate-{batch_id}", daemon=True
+    ).start()
 
 
 def validate(settings: Settings, dispatch, batch_id: str) -> None:
@@ -171,7 +181,9 @@ def validate(settings: Settings, dispatch, batch_id: str) -> None:
             batch = session.get(OpenAIBatch, batch_id)
             path = files_directory(settings) / batch.input_file_id
             if not path.exists():
-                raise NotABatchFile("file_not_found", f"input file {batch.input_file_id!r} was deleted before validation")
+                raise NotABatchFile(
+                    "file_not_found", f"input file {batch.input_file_id!r} was deleted before validation"
+                )
             models = Models(session, settings, batch.tenant)
             model, preset = batch_model(path, batch.endpoint, settings, models)
             job = create_batch_job(
@@ -280,7 +292,11 @@ def refresh(session: Session, batch: OpenAIBatch, settings: Settings, dispatch) 
                 start_validation(settings, dispatch, batch.id)
         return
     hours = window_hours(batch.completion_window) or 24
-    if job.state not in TERMINAL_STATES and batch.expired_at is None and now > batch.created_at + timedelta(hours=hours):
+    if (
+        job.state not in TERMINAL_STATES
+        and batch.expired_at is None
+        and now > batch.created_at + timedelta(hours=hours)
+    ):
         request_expiry(session, batch)
         queries.request_cancel(session, job.id)
     if job.state in TERMINAL_STATES and batch.finalized_at is None:
@@ -337,7 +353,10 @@ def output_line(batch: OpenAIBatch, item) -> dict:
 def error_line(batch: OpenAIBatch, job: Job, item) -> dict:
     if item.error is None:  # the job ended before this line ran
         if batch.expired_at is not None:
-            code, message = "batch_expired", "this request could not be run before the batch's completion window expired"
+            code, message = (
+                "batch_expired",
+                "this request could not be run before the batch's completion window expired",
+            )
         else:
             code, message = "batch_cancelled", "the batch was cancelled before this request ran"
     else:
@@ -348,4 +367,3 @@ def error_line(batch: OpenAIBatch, job: Job, item) -> dict:
         "response": None,
         "error": {"code": code, "message": message},
     }
-

@@ -82,7 +82,9 @@ def body_models(limits: Limits) -> dict[str, type[Strict]]:
         user: text(256, min_length=0) | None = None
 
     class CompletionBody(Body):
-        prompt: Union[text(limits.prompt_chars), Annotated[list[text(limits.prompt_chars)], Field(min_length=1, max_length=1)]]
+        prompt: Union[
+            text(limits.prompt_chars), Annotated[list[text(limits.prompt_chars)], Field(min_length=1, max_length=1)]
+        ]
 
     class TextPart(Strict):
         type: Literal["text"]
@@ -110,7 +112,9 @@ def parse_line(raw: bytes, number: int, endpoint: str, limits: Limits) -> Reques
         raise LineError("invalid_json", f"line {number} is a JSON {type(line).__name__}, not an object")
     custom_id = line.get("custom_id")
     if not isinstance(custom_id, str) or not 1 <= len(custom_id) <= 256 or not is_label(custom_id):
-        raise LineError("invalid_request", f"line {number}: custom_id must be a string of 1 to 256 characters", param="custom_id")
+        raise LineError(
+            "invalid_request", f"line {number}: custom_id must be a string of 1 to 256 characters", param="custom_id"
+        )
     unknown = sorted(set(line) - {"custom_id", "method", "url", "body"})
     if unknown:
         raise LineError("invalid_request", f"line {number}: unknown field {unknown[0]!r}", custom_id, unknown[0])
@@ -118,7 +122,10 @@ def parse_line(raw: bytes, number: int, endpoint: str, limits: Limits) -> Reques
         raise LineError("invalid_request", f"line {number}: method must be 'POST'", custom_id, "method")
     if line.get("url") != endpoint:
         raise LineError(
-            "invalid_url", f"line {number}: url {line.get('url')!r} is not this batch's endpoint {endpoint!r}", custom_id, "url"
+            "invalid_url",
+            f"line {number}: url {line.get('url')!r} is not this batch's endpoint {endpoint!r}",
+            custom_id,
+            "url",
         )
     if not isinstance(line.get("body"), dict):
         raise LineError("invalid_request", f"line {number}: body must be a JSON object", custom_id, "body")

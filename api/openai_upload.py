@@ -91,7 +91,9 @@ class _Parts:
         else:
             self._value += data[start:end]
             if len(self._value) > FIELD_BYTES:
-                raise OpenAIError(400, f"form field {self._name!r} is too long", param=self._name, code="invalid_request")
+                raise OpenAIError(
+                    400, f"form field {self._name!r} is too long", param=self._name, code="invalid_request"
+                )
 
     def part_end(self):
         if self._file is not None:
@@ -120,7 +122,9 @@ async def receive_upload(request: Request, directory: Path, max_bytes: int) -> U
         raise OpenAIError(400, "send the file as multipart/form-data", code="invalid_request")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes + 64 * 1024:
-        raise OpenAIError(413, f"the file is larger than this server's limit of {max_bytes} bytes", code="file_too_large")
+        raise OpenAIError(
+            413, f"the file is larger than this server's limit of {max_bytes} bytes", code="file_too_large"
+        )
     directory.mkdir(parents=True, exist_ok=True)
     parts = _Parts(directory, max_bytes)
     parser = MultipartParser(options[b"boundary"], parts.callbacks())

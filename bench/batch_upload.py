@@ -43,7 +43,9 @@ def write_input(path: Path, lines: int, prompt_chars: int) -> None:
         for i in range(lines):
             prompt = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(prompt_chars // 6))[:prompt_chars]
             body = {"model": MODEL, "prompt": f"{i}: {prompt}", "max_tokens": 16, "temperature": 0}
-            out.write(json.dumps({"custom_id": f"q{i}", "method": "POST", "url": "/v1/completions", "body": body}) + "\n")
+            out.write(
+                json.dumps({"custom_id": f"q{i}", "method": "POST", "url": "/v1/completions", "body": body}) + "\n"
+            )
 
 
 def memory_kb(pid: int, field: str) -> int:
@@ -60,7 +62,12 @@ def parsed_in_memory_kb(path: Path) -> int:
         "lines = [json.loads(line) for line in open(sys.argv[1])]\n"
         "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])\n"
     )
-    baseline = subprocess.run([sys.executable, "-c", "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])"], capture_output=True, text=True, check=True)
+    baseline = subprocess.run(
+        [sys.executable, "-c", "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     loaded = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, check=True)
     return int(loaded.stdout) - int(baseline.stdout)
 
@@ -69,8 +76,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lines", type=int, default=50_000)
     parser.add_argument("--prompt-chars", type=int, default=600)
-    parser.add_argument("--broker", default=os.environ.get("LMQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
-                        help="a Redis the job is queued on (no worker takes it)")
+    parser.add_argument(
+        "--broker",
+        default=os.environ.get("LMQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        help="a Redis the job is queued on (no worker takes it)",
+    )
     args = parser.parse_args()
 
     import openai
@@ -81,9 +91,22 @@ def main() -> None:
         write_input(source, args.lines, args.prompt_chars)
         env = {"LMQ_HOME": str(root / "home"), "LMQ_BROKER_URL": args.broker, "LMQ_API_TOKENS": "tok:bench"}
         subprocess.run(
-            [sys.executable, "-m", "api.cli", "presets", "import", str(REPO / "demo" / "stdlib-tiny-llama"),
-             "--name", MODEL, "--tenant", "bench"],
-            cwd=REPO, env={**os.environ, **env}, check=True, capture_output=True,
+            [
+                sys.executable,
+                "-m",
+                "api.cli",
+                "presets",
+                "import",
+                str(REPO / "demo" / "stdlib-tiny-llama"),
+                "--name",
+                MODEL,
+                "--tenant",
+                "bench",
+            ],
+            cwd=REPO,
+            env={**os.environ, **env},
+            check=True,
+            capture_output=True,
         )
         server = ApiServer(env, root / "server.log")
         try:
@@ -108,11 +131,15 @@ def main() -> None:
         size_mb = source.stat().st_size / 2**20
 
     print(f"input: {args.lines} lines, {size_mb:.1f} MiB")
-    print(f"lmq serve peak RSS: {idle_kb / 1024:.1f} MiB after start, {after_upload_kb / 1024:.1f} MiB after the "
-          f"upload ({uploaded_s:.1f} s), {peak_kb / 1024:.1f} MiB after validation ({validated_s:.1f} s, "
-          f"{counts.total} requests in the job)")
-    print(f"growth over the idle server: {(peak_kb - idle_kb) / 1024:.1f} MiB; the file parsed into a list "
-          f"costs {held_kb / 1024:.1f} MiB ({held_kb / max(peak_kb - idle_kb, 1):.1f}x the server's growth)")
+    print(
+        f"lmq serve peak RSS: {idle_kb / 1024:.1f} MiB after start, {after_upload_kb / 1024:.1f} MiB after the "
+        f"upload ({uploaded_s:.1f} s), {peak_kb / 1024:.1f} MiB after validation ({validated_s:.1f} s, "
+        f"{counts.total} requests in the job)"
+    )
+    print(
+        f"growth over the idle server: {(peak_kb - idle_kb) / 1024:.1f} MiB; the file parsed into a list "
+        f"costs {held_kb / 1024:.1f} MiB ({held_kb / max(peak_kb - idle_kb, 1):.1f}x the server's growth)"
+    )
 
 
 if __name__ == "__main__":

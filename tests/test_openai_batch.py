@@ -29,7 +29,10 @@ MAX_FILE_BYTES = 4 * 2**20
 def import_preset(env, directory, name, tenant):
     subprocess.run(
         [sys.executable, "-m", "api.cli", "presets", "import", str(directory), "--name", name, "--tenant", tenant],
-        cwd=REPO, env={**os.environ, **env}, check=True, capture_output=True,
+        cwd=REPO,
+        env={**os.environ, **env},
+        check=True,
+        capture_output=True,
     )
 
 
@@ -116,7 +119,10 @@ def test_a_batch_of_completions_equals_causal_lm_generate_and_bad_lines_are_its_
     lines = [
         line("greedy", {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0}),
         line("unknown-model", {"model": "no-such-model", "prompt": PROMPTS[1], "temperature": 0}),
-        line("sampled", {"model": MODEL, "prompt": PROMPTS[2], "max_tokens": 10, "temperature": 0.7, "top_p": 0.9, "seed": 5}),
+        line(
+            "sampled",
+            {"model": MODEL, "prompt": PROMPTS[2], "max_tokens": 10, "temperature": 0.7, "top_p": 0.9, "seed": 5},
+        ),
         '{"custom_id": "malformed", "method": "POST", "url": "/v1/completions", "body": {"model": ',
         line("stopped", {"model": MODEL, "prompt": PROMPTS[3], "max_tokens": 20, "temperature": 0, "stop": [" "]}),
     ]
@@ -133,7 +139,9 @@ def test_a_batch_of_completions_equals_causal_lm_generate_and_bad_lines_are_its_
     assert [entry["custom_id"] for entry in output] == ["greedy", "sampled", "stopped"]
     expected = [
         reference(tiny_llama_preset, PROMPTS[0], max_new_tokens=12),
-        reference(tiny_llama_preset, PROMPTS[2], {"name": "top_p", "p": 0.9, "temperature": 0.7}, max_new_tokens=10, seed=5),
+        reference(
+            tiny_llama_preset, PROMPTS[2], {"name": "top_p", "p": 0.9, "temperature": 0.7}, max_new_tokens=10, seed=5
+        ),
         reference(tiny_llama_preset, PROMPTS[3], max_new_tokens=20, stop=[" "]),
     ]
     for entry, generation in zip(output, expected):
@@ -165,7 +173,11 @@ def test_a_chat_batch_renders_the_messages_with_the_preset_template(server, tiny
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Raise"}]}],
     ]
     lines = [
-        line(f"chat-{i}", {"model": CHAT_MODEL, "messages": messages, "max_tokens": 10, "temperature": 0}, "/v1/chat/completions")
+        line(
+            f"chat-{i}",
+            {"model": CHAT_MODEL, "messages": messages, "max_tokens": 10, "temperature": 0},
+            "/v1/chat/completions",
+        )
         for i, messages in enumerate(conversations)
     ]
     batch = run_batch(api, upload(api, lines).id, "/v1/chat/completions", logs=server.logs)
@@ -198,7 +210,9 @@ def long_batch(api, lines=400, logs=()):
         line(f"r{i}", {"model": MODEL, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 40, "temperature": 0})
         for i in range(lines)
     ]
-    batch = api.batches.create(input_file_id=upload(api, requests).id, endpoint="/v1/completions", completion_window="1h")
+    batch = api.batches.create(
+        input_file_id=upload(api, requests).id, endpoint="/v1/completions", completion_window="1h"
+    )
     deadline = time.monotonic() + 300
     while (batch := api.batches.retrieve(batch.id)).request_counts.completed == 0:
         assert batch.status in ("validating", "in_progress") and time.monotonic() < deadline, batch
@@ -244,7 +258,9 @@ def test_a_batch_past_its_completion_window_expires_with_what_it_finished(server
     batch = long_batch(api, logs=server.logs)
     settings = load_settings({**os.environ, **server.env})
     with session_scope(sessions(settings)) as session:  # as if the hour had passed
-        session.execute(update(OpenAIBatch).where(OpenAIBatch.id == batch.id).values(created_at=utcnow() - timedelta(hours=2)))
+        session.execute(
+            update(OpenAIBatch).where(OpenAIBatch.id == batch.id).values(created_at=utcnow() - timedelta(hours=2))
+        )
     assert api.batches.retrieve(batch.id).status == "expired"
     batch = wait(api, batch.id, 120, server.logs, until=("expired",))
     deadline = time.monotonic() + 120
@@ -313,14 +329,37 @@ def test_bad_requests_are_openai_shaped_4xx(server):
         assert set(body) == {"message", "type", "param", "code"} and body["message"], body
         return body
 
-    body = refusal(openai.BadRequestError, api.batches.create, input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
+    body = refusal(
+        openai.BadRequestError,
+        api.batches.create,
+        input_file_id=uploaded.id,
+        endpoint="/v1/embeddings",
+        completion_window="24h",
+    )
     assert body["param"] == "endpoint" and body["type"] == "invalid_request_error"
-    body = refusal(openai.BadRequestError, api.batches.create, input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="a while")
+    body = refusal(
+        openai.BadRequestError,
+        api.batches.create,
+        input_file_id=uploaded.id,
+        endpoint="/v1/completions",
+        completion_window="a while",
+    )
     assert body["param"] == "completion_window"
-    body = refusal(openai.NotFoundError, api.batches.create, input_file_id="file-nope", endpoint="/v1/completions", completion_window="24h")
+    body = refusal(
+        openai.NotFoundError,
+        api.batches.create,
+        input_file_id="file-nope",
+        endpoint="/v1/completions",
+        completion_window="24h",
+    )
     assert body["param"] == "input_file_id"
-    assert refusal(openai.BadRequestError, api.files.create, file=("x.jsonl", b"{}\n"), purpose="fine-tune")["param"] == "purpose"
-    body = refusal(openai.APIStatusError, api.files.create, file=("big.jsonl", b"x" * (MAX_FILE_BYTES + 1)), purpose="batch")
+    assert (
+        refusal(openai.BadRequestError, api.files.create, file=("x.jsonl", b"{}\n"), purpose="fine-tune")["param"]
+        == "purpose"
+    )
+    body = refusal(
+        openai.APIStatusError, api.files.create, file=("big.jsonl", b"x" * (MAX_FILE_BYTES + 1)), purpose="batch"
+    )
     assert body["code"] == "file_too_large"
     assert refusal(openai.NotFoundError, api.batches.retrieve, "batch_nope")["code"] == "not_found"
     assert refusal(openai.BadRequestError, api.batches.list, limit=0)["param"] == "limit"
@@ -332,7 +371,12 @@ def test_bad_requests_are_openai_shaped_4xx(server):
 def test_batches_are_listed_newest_first_a_page_at_a_time(server):
     api = client(server)
     uploaded = upload(api, [line("one", {"model": MODEL, "prompt": "The", "max_tokens": 2, "temperature": 0})])
-    made = [api.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h", metadata={"n": str(i)}) for i in range(3)]
+    made = [
+        api.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h", metadata={"n": str(i)}
+        )
+        for i in range(3)
+    ]
     first = api.batches.list(limit=2)
     assert [b.id for b in first.data] == [made[2].id, made[1].id] and first.has_more
     second = api.batches.list(limit=2, after=first.data[-1].id)
@@ -351,8 +395,14 @@ def test_a_validation_a_stopped_server_left_is_taken_up_again(server):
     api = client(server)
     uploaded = upload(api, [line("one", {"model": MODEL, "prompt": "The", "max_tokens": 3, "temperature": 0})])
     with session_scope(sessions(load_settings({**os.environ, **server.env}))) as session:
-        left = add_batch(session, tenant="team-a", endpoint="/v1/completions", input_file_id=uploaded.id,
-                         completion_window="24h", metadata=None)
+        left = add_batch(
+            session,
+            tenant="team-a",
+            endpoint="/v1/completions",
+            input_file_id=uploaded.id,
+            completion_window="24h",
+            metadata=None,
+        )
         left.validation_started_at = utcnow() - timedelta(hours=1)
     batch = wait(api, left.id, 120, server.logs)
     assert batch.status == "completed" and batch.request_counts.completed == 1, batch
@@ -371,15 +421,29 @@ def parse(entry, endpoint="/v1/completions"):
 def test_a_line_s_openai_settings_become_its_own_generate_params():
     greedy = parse(line("a", {"model": "m", "prompt": "Hi", "temperature": 0, "top_p": 0.5, "stop": "."}))
     assert greedy.input == {"prompt": "Hi", "params": {"sampler": "greedy", "max_new_tokens": 16, "stop": ["."]}}
-    sampled = parse(line("b", {"model": "m", "prompt": ["Hi"], "temperature": 0.5, "top_p": 0.9, "seed": 3, "max_tokens": 4}))
-    assert sampled.input["params"] == {"sampler": {"name": "top_p", "p": 0.9, "temperature": 0.5}, "max_new_tokens": 4, "seed": 3}
+    sampled = parse(
+        line("b", {"model": "m", "prompt": ["Hi"], "temperature": 0.5, "top_p": 0.9, "seed": 3, "max_tokens": 4})
+    )
+    assert sampled.input["params"] == {
+        "sampler": {"name": "top_p", "p": 0.9, "temperature": 0.5},
+        "max_new_tokens": 4,
+        "seed": 3,
+    }
     default = parse(line("c", {"model": "m", "prompt": "Hi", "n": 1, "user": "x"}))
     assert default.input["params"]["sampler"] == {"name": "random", "temperature": 1.0}
     chat = parse(
-        line("d", {"model": "m", "max_completion_tokens": 9, "messages": [
-            {"role": "developer", "content": "Be brief."},
-            {"role": "user", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]},
-        ]}, "/v1/chat/completions"),
+        line(
+            "d",
+            {
+                "model": "m",
+                "max_completion_tokens": 9,
+                "messages": [
+                    {"role": "developer", "content": "Be brief."},
+                    {"role": "user", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]},
+                ],
+            },
+            "/v1/chat/completions",
+        ),
         "/v1/chat/completions",
     )
     assert (chat.custom_id, chat.model) == ("d", "m")

@@ -104,7 +104,9 @@ def cancel_batch(batch_id: str, tenant: str = TenantDep, settings: Settings = Se
             batch.cancelling_at = batch.cancelling_at or utcnow()
         elif status != "cancelling":
             raise OpenAIError(
-                409, f"batch {batch_id!r} is {status}: only a batch still running can be cancelled", code="invalid_state"
+                409,
+                f"batch {batch_id!r} is {status}: only a batch still running can be cancelled",
+                code="invalid_state",
             )
         refresh(session, batch, settings, dispatch)
         return batch_object(batch)
@@ -113,7 +115,10 @@ def cancel_batch(batch_id: str, tenant: str = TenantDep, settings: Settings = Se
 @router.get("/v1/models")
 def list_models(tenant: str = TenantDep, session: Session = SessionDep):
     """The presets you can name as a request's `model`: the built-in ones and the store's that you may use."""
-    return {"object": "list", "data": [*builtin_models(), *(store_model(p) for p in queries.list_presets(session, tenant))]}
+    return {
+        "object": "list",
+        "data": [*builtin_models(), *(store_model(p) for p in queries.list_presets(session, tenant))],
+    }
 
 
 @router.get("/v1/models/{model}")
@@ -144,4 +149,3 @@ def require_batch(session: Session, batch_id: str, tenant: str, *, for_update: b
     if batch is None:
         raise not_found("batch", batch_id, "batch_id")
     return batch
-

@@ -90,7 +90,9 @@ def list_uploaded(
 ):
     """Your files, newest first unless `order=asc`."""
     try:
-        records = list_files(session, tenant, purpose=purpose, limit=limit + 1, after=after, newest_first=order == "desc")
+        records = list_files(
+            session, tenant, purpose=purpose, limit=limit + 1, after=after, newest_first=order == "desc"
+        )
     except UnknownCursor as error:
         raise OpenAIError(400, str(error), param="after", code="invalid_request") from None
     return page([file_object(record) for record in records], limit)
@@ -102,7 +104,9 @@ def show_file(file_id: str, tenant: str = TenantDep, session: Session = SessionD
 
 
 @router.get("/{file_id}/content", response_class=StreamingResponse, responses={200: {"content": {JSONL: {}}}})
-def file_content(file_id: str, tenant: str = TenantDep, session: Session = SessionDep, settings: Settings = SettingsDep):
+def file_content(
+    file_id: str, tenant: str = TenantDep, session: Session = SessionDep, settings: Settings = SettingsDep
+):
     """The file's bytes: an upload as it was sent, a batch's output or error file as JSONL in input order."""
     record = require_file(session, file_id, tenant)
     if record.batch_id is None:

@@ -26,7 +26,7 @@ OUTPUT, ERROR = "output", "error"
 
 
 def new_id(prefix: str) -> str:
-    """"file-..." or "batch_...": OpenAI's prefixes and 24 random hex digits."""
+    """ "file-..." or "batch_...": OpenAI's prefixes and 24 random hex digits."""
     return prefix + secrets.token_hex(12)
 
 
@@ -84,13 +84,15 @@ def _page(query, table, cursor, limit: int, newest_first: bool):
         query = query.order_by(table.created_at.desc(), table.id.desc())
         if cursor is not None:
             query = query.where(
-                (table.created_at < cursor.created_at) | ((table.created_at == cursor.created_at) & (table.id < cursor.id))
+                (table.created_at < cursor.created_at)
+                | ((table.created_at == cursor.created_at) & (table.id < cursor.id))
             )
     else:
         query = query.order_by(table.created_at, table.id)
         if cursor is not None:
             query = query.where(
-                (table.created_at > cursor.created_at) | ((table.created_at == cursor.created_at) & (table.id > cursor.id))
+                (table.created_at > cursor.created_at)
+                | ((table.created_at == cursor.created_at) & (table.id > cursor.id))
             )
     return query.limit(limit)
 
@@ -220,7 +222,9 @@ def request_expiry(session: Session, batch: OpenAIBatch) -> None:
     """Past its completion window: recorded once; its job is then cancelled as a cancel would."""
     session.flush()
     session.execute(
-        update(OpenAIBatch).where(OpenAIBatch.id == batch.id, OpenAIBatch.expired_at.is_(None)).values(expired_at=utcnow())
+        update(OpenAIBatch)
+        .where(OpenAIBatch.id == batch.id, OpenAIBatch.expired_at.is_(None))
+        .values(expired_at=utcnow())
     )
     session.refresh(batch)
 
@@ -253,4 +257,3 @@ def finalize(session: Session, batch: OpenAIBatch, sizes: dict[str, int]) -> boo
     session.flush()
     session.refresh(batch)
     return True
-
