@@ -136,3 +136,26 @@ def test_chat_messages_run_through_the_presets_template(lmq_home, tmp_path, tiny
     # A preset without a chat template: the chat input fails alone, naming why.
     lines, _ = run_job(tiny_llama_preset, inputs[:2], max_length=40)
     assert "has no chat template" in lines[0]["error"] and lines[1]["error"] is None
+
+
+@pytest.mark.parametrize(
+    "params, field",
+    [
+        ({"sampler": {"name": "top_p", "p": 1.5}}, "inputs[1].params.sampler.p"),
+        ({"max_new_tokens": 0}, "inputs[1].params.max_new_tokens"),
+        ({"seed": -1}, "inputs[1].params.seed"),
+        ({"stop": "not a list"}, "inputs[1].params.stop"),
+        ({"temperature": 0.5}, "inputs[1].params.temperature"),  # job-only or unknown keys are refused
+        ({"max_length": 5}, "inputs[1].params.max_length"),
+    ],
+)
+def test_an_inputs_params_are_checked_as_the_jobs_are(params, field):
+    from pydantic import ValidationError
+
+    from api.schemas import field_name, parse_job, problems
+    from core.config import Limits
+
+    body = {"kind": "generate", "preset": "x", "inputs": [{"prompt": "a"}, {"prompt": "b", "params": params}]}
+    with pytest.raises(ValidationError) as error:
+        parse_job(body, Limits())
+    assert [field_name(problem["loc"]) for problem in problems(error.value.errors())] == [field]
