@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session
 
 from api import schemas
+from api.dispatch import BrokerUnavailable
 from api.openai_common import unix
 from api.openai_lines import CHAT, LineError, Request, parse_line, read_lines
 from core.config import Settings
@@ -54,7 +55,7 @@ def files_directory(settings: Settings) -> Path:
 
 
 def window_hours(window: str) -> int | None:
-    """ "24h" -> 24 (OpenAI's only window; lmq takes 1h to 720h)."""
+    """The hours of a completion window, "24h" -> 24: OpenAI's only window; lmq takes 1h to 720h."""
     match = WINDOW.fullmatch(window)
     return int(match.group(1)) if match and int(match.group(1)) <= 720 else None
 
@@ -104,29 +105,33 @@ def lines_of(path: Path, endpoint: str, settings: Settings) -> Iterator[tuple[in
 
 def batch_model(path: Path, endpoint: str, settings: Settings, models: Models) -> tuple[str, str]:
     """(model, preset) of the batch: the first line's that names a model the tenant may use.
-    NotABatchFile when no line does, saying what the first line's trouble was."""
-    first_problem, lines, objects = None, 0, False
+    NotABatchFile when no line does, saying why: no line is JSON, or the models they name, or what
+    was wrong with the first line."""
+    first_problem = unknown_model = None
+    lines, objects = 0, False
     for number, request in lines_of(path, endpoint, settings):
         lines += 1
         objects = objects or not (isinstance(request, LineError) and request.code in NOT_AN_OBJECT)
-        if isinstance(request, Request) and (preset := models.locate(request.model)) is not None:
-            return request.model, preset
+        if isinstance(request, Request):
+            if (preset := models.locate(request.model)) is not None:
+                return request.model, preset
+            unknown_model = unknown_model or (number, request.model)
         first_problem = first_problem or (number, request)
     if lines == 0:
         raise NotABatchFile("empty_file", "the input file has no lines")
     number, problem = first_problem
     if not objects:
         raise NotABatchFile("invalid_json_line", f"the input file is not JSONL: {problem.message}", number)
-    if isinstance(problem, LineError):
+    if unknown_model is not None:
+        number, model = unknown_model
         raise NotABatchFile(
-            problem.code, f"no line of the input file is a request this batch can run; {problem.message}", number
+            "model_not_found",
+            f"no line of the input file names a model you can use; line {number} names {model!r} "
+            "(GET /v1/models lists yours)",
+            number,
         )
-    raise NotABatchFile(
-        "model_not_found",
-        f"no line of the input file names a model you can use; line {number} names {problem.model!r} "
-        "(GET /v1/models lists yours)",
-        number,
-    )
+    message = f"no line of the input file is a request this batch can run; {problem.message}"
+    raise NotABatchFile(problem.code, message, number)
 
 
 def job_items(path: Path, batch: OpenAIBatch, model: str, settings: Settings, models: Models) -> Iterator[dict]:
@@ -210,7 +215,10 @@ def validate(settings: Settings, dispatch, batch_id: str) -> None:
             fail_validation(session, batch_id, [{"code": "server_error", "message": f"validation failed: {error}"}])
         return
     logger.info("batch %s validated: job %s", batch_id, job_id)
-    dispatch.submit(job_id, "generate")
+    try:
+        dispatch.submit(job_id, "generate")
+    except BrokerUnavailable as error:  # the job is marked failed, and so is the batch
+        logger.warning("batch %s: %s", batch_id, error)
 
 
 # ---------------------------------------------------------------- status and the batch object
