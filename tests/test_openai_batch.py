@@ -385,27 +385,53 @@ def test_batches_are_listed_newest_first_a_page_at_a_time(server):
         wait(api, batch.id, 120, server.logs)
 
 
-def test_a_validation_a_stopped_server_left_is_taken_up_again(server):
-    """A server that stopped while validating leaves its batch `validating`: read later, it runs."""
+def left_validating(server, file_id, hours_ago):
+    """A batch row as a server writes it before it validates (the server then stopped, or not yet)."""
     from core.config import load_settings
     from core.store import session_scope, sessions
     from core.store.batches import add_batch
     from core.store.models import utcnow
 
-    api = client(server)
-    uploaded = upload(api, [line("one", {"model": MODEL, "prompt": "The", "max_tokens": 3, "temperature": 0})])
     with session_scope(sessions(load_settings({**os.environ, **server.env}))) as session:
-        left = add_batch(
+        batch = add_batch(
             session,
             tenant="team-a",
             endpoint="/v1/completions",
-            input_file_id=uploaded.id,
+            input_file_id=file_id,
             completion_window="24h",
             metadata=None,
         )
-        left.validation_started_at = utcnow() - timedelta(hours=1)
-    batch = wait(api, left.id, 120, server.logs)
+        batch.validation_started_at = utcnow() - timedelta(hours=hours_ago)
+    return batch.id
+
+
+def test_a_validation_a_stopped_server_left_is_taken_up_again(server):
+    api = client(server)
+    uploaded = upload(api, [line("one", {"model": MODEL, "prompt": "The", "max_tokens": 3, "temperature": 0})])
+    batch = wait(api, left_validating(server, uploaded.id, hours_ago=1), 120, server.logs)
     assert batch.status == "completed" and batch.request_counts.completed == 1, batch
+
+
+def test_a_batch_cancelled_while_validating_makes_no_job(server):
+    api = client(server)
+    uploaded = upload(api, [line("one", {"model": MODEL, "prompt": "The", "max_tokens": 3, "temperature": 0})])
+    batch_id = left_validating(server, uploaded.id, hours_ago=0)
+    assert api.batches.retrieve(batch_id).status == "validating"
+    cancelled = api.batches.cancel(batch_id)
+    assert cancelled.status == "cancelled" and cancelled.cancelled_at is not None
+    # The validation, had it been running, finds the batch cancelled and makes no job.
+    from api.openai_batch import validate
+    from core.config import load_settings
+
+    validate(load_settings({**os.environ, **server.env}), None, batch_id)
+    after = api.batches.retrieve(batch_id)
+    assert after.status == "cancelled" and after.request_counts.total == 0 and after.output_file_id is None
+
+
+def test_an_empty_file_fails_validation(server):
+    api = client(server)
+    batch = run_batch(api, api.files.create(file=("empty.jsonl", b""), purpose="batch").id, logs=server.logs)
+    assert batch.status == "failed" and batch.errors.data[0].code == "empty_file", batch
 
 
 # ---------------------------------------------------------------- one line, as the validation reads it
