@@ -412,7 +412,11 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
 def add_generate_flags(parser: argparse.ArgumentParser) -> None:
     params = request_defaults("generate")
     parser.add_argument("--preset", required=True, help="store name, built-in name, hf://, kaggle:// or a directory")
-    parser.add_argument("input", help='JSONL with {"custom_id", "prompt"} per line; "-" reads stdin')
+    parser.add_argument(
+        "input",
+        help='JSONL with {"custom_id", "prompt"} per line ("encoder_text" for a seq2seq preset, '
+        'or chat "messages"; optional "params"); "-" reads stdin',
+    )
     parser.add_argument(
         "--max-length", type=int, help="prompt plus completion, in tokens (default: the preset's sequence length)"
     )
@@ -437,9 +441,12 @@ def add_generate_flags(parser: argparse.ArgumentParser) -> None:
 def add_fit_flags(parser: argparse.ArgumentParser) -> None:
     hyperparameters = request_defaults("fit")
     parser.add_argument("--preset", required=True, help="the base preset")
-    parser.add_argument("input", help='JSONL with {"text"} per line; "-" reads stdin')
+    parser.add_argument(
+        "input",
+        help='JSONL with {"text"} per line ({"encoder_text", "decoder_text"} for a seq2seq preset); "-" reads stdin',
+    )
     parser.add_argument("--output-preset", required=True, help="name to register the result under")
-    parser.add_argument("--validation", help="JSONL of validation texts (default: none)")
+    parser.add_argument("--validation", help="JSONL of validation rows, as the input's (default: none)")
     parser.add_argument("--epochs", type=int, help=f"passes over the training data (default: {hyperparameters.epochs})")
     parser.add_argument("--batch-size", type=int, help=f"examples per step (default: {hyperparameters.batch_size})")
     parser.add_argument("--learning-rate", type=float, help=f"AdamW's (default: {hyperparameters.learning_rate})")

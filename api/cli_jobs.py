@@ -137,7 +137,8 @@ class JobFromFlags:
         try:
             check_inputs_fit(job, location)
         except InputsDontFitPreset as error:
-            raise BadInput(self.message({"loc": list(error.location), "type": "value_error", "msg": str(error)})) from None
+            problem = {"loc": list(error.location), "type": "value_error", "msg": str(error)}
+            raise BadInput(self.message(problem)) from None
 
     def message(self, problem: dict) -> str:
         """One line: `--max-length must be at least 1, got 0`, `in.jsonl line 3: 'prompt' must be a string`."""

@@ -52,13 +52,14 @@ def alone(tiny_llama_preset):
 
 def test_items_with_their_own_params_share_a_job(lmq_home, tiny_llama_preset, alone):
     top_k = {"name": "top_k", "k": 5, "temperature": 1.5}
+    top_p = {"name": "top_p", "p": 0.9, "seed": 3}  # seeded by its own seed
     inputs = [
         {"custom_id": "short", "prompt": PROMPTS[0], "params": {"max_new_tokens": 3}},
         {"custom_id": "top_k", "prompt": PROMPTS[1], "params": {"sampler": top_k, "seed": 11, "max_new_tokens": 8}},
         {"custom_id": "random", "prompt": PROMPTS[2], "params": {"sampler": "random", "seed": 5}},
         {"custom_id": "job's", "prompt": PROMPTS[3]},
         {"custom_id": "stop", "prompt": PROMPTS[4], "params": {"stop": ["e"], "stop_token_ids": []}},
-        {"custom_id": "sampler seed", "prompt": PROMPTS[5], "params": {"sampler": {"name": "top_p", "p": 0.9, "seed": 3}}},
+        {"custom_id": "sampler seed", "prompt": PROMPTS[5], "params": {"sampler": top_p}},
     ]
     lines, summary = run_job(tiny_llama_preset, inputs, max_length=40, micro_batch_size=4)
     expected = [
@@ -67,7 +68,7 @@ def test_items_with_their_own_params_share_a_job(lmq_home, tiny_llama_preset, al
         alone(PROMPTS[2], "random", seed=5),
         alone(PROMPTS[3]),
         alone(PROMPTS[4], stop=["e"], stop_token_ids=[]),
-        alone(PROMPTS[5], {"name": "top_p", "p": 0.9, "seed": 3}),
+        alone(PROMPTS[5], top_p),
     ]
     assert [{field: line[field] for field in FIELDS} for line in lines] == expected
     assert summary["counts"] == {"total": 6, "completed": 6, "failed": 0}
@@ -98,13 +99,19 @@ def test_an_item_that_cannot_run_is_its_own_error(lmq_home, tiny_llama_preset, a
     assert {field: fine[field] for field in FIELDS} == alone(PROMPTS[0])
     assert {field: also_fine[field] for field in FIELDS} == alone(PROMPTS[3], max_new_tokens=2)
     assert seq2seq["output"] is None
-    assert seq2seq["error"] == "input 1 (custom_id 'seq2seq'): the model is a causal LM: give 'prompt', not 'encoder_text'"
-    assert unknown["error"].startswith("input 2 (custom_id 'unknown'): 'params' takes ") and "temperature" in unknown["error"]
+    assert seq2seq["error"] == (
+        "input 1 (custom_id 'seq2seq'): the model is a causal LM: give 'prompt', not 'encoder_text'"
+    )
+    assert unknown["error"].startswith("input 2 (custom_id 'unknown'): 'params' takes ")
+    assert "temperature" in unknown["error"]
     assert bad_stop["error"] == "input 3 (custom_id 'bad stop'): 'stop' must be a list of strings, got 'e'"
     assert summary["counts"] == {"total": 5, "completed": 2, "failed": 3}
 
 
-TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+TEMPLATE = (
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
 
 
 def test_chat_messages_run_through_the_presets_template(lmq_home, tmp_path, tiny_llama_preset):
@@ -130,7 +137,8 @@ def test_chat_messages_run_through_the_presets_template(lmq_home, tmp_path, tiny
                        return_details=True)
     assert (lines[0]["output"], lines[0]["completion_tokens"]) == (chat.text, chat.completion_tokens)
     assert lines[1]["output"] == lm.generate(PROMPTS[0], max_length=40)
-    assert lines[2]["output"] is None and lines[2]["error"] == "input 2 (custom_id 'bad'): messages[0] has no 'content'."
+    assert lines[2]["output"] is None
+    assert lines[2]["error"] == "input 2 (custom_id 'bad'): messages[0] has no 'content'."
     assert summary["counts"] == {"total": 3, "completed": 2, "failed": 1}
 
     # A preset without a chat template: the chat input fails alone, naming why.

@@ -88,6 +88,18 @@ def test_lmq_generate_runs_encoder_texts_as_seq2seq_lm_generate_does(lmq_home, t
     assert len({e["output"] for e in expected}) == len(TEXTS)  # the random weights answer each text its own way
 
 
+def test_an_encoder_text_longer_than_the_encoder_sequence_is_truncated(lmq_home, tmp_path, bart_preset):
+    """As KerasHub truncates it (end token kept): the text past 32 tokens changes nothing."""
+    long = " ".join(TEXTS * 3)
+    rows = [{"encoder_text": long}, {"encoder_text": long + " And a tail that is cut off."}]
+    output = tmp_path / "out.jsonl"
+    argv = ["generate", "--preset", str(bart_preset), write_jsonl(tmp_path / "in.jsonl", rows), "-o", str(output)]
+    assert main([*argv, "--max-length", "12"]) == 0
+    lines = read_lines(output)
+    assert picked(lines) == reference(bart_preset, [long, long], max_length=12)
+    assert lines[0]["output"] == lines[1]["output"] and lines[0]["error"] is None
+
+
 def test_each_input_with_its_own_sampler_gets_what_it_would_alone(lmq_home, tmp_path, bart_preset):
     beam, top_k = {"name": "beam", "num_beams": 3}, {"name": "top_k", "k": 5}
     rows = [
@@ -111,7 +123,8 @@ def test_each_input_with_its_own_sampler_gets_what_it_would_alone(lmq_home, tmp_
     "command, rows, message",
     [
         ("generate", [{"prompt": "a causal LM's input"}],
-         "in.jsonl line 1: 'prompt': preset {preset!r} is a sequence-to-sequence model: give 'encoder_text', not 'prompt'"),
+         "in.jsonl line 1: 'prompt': preset {preset!r} is a sequence-to-sequence model: give 'encoder_text', "
+         "not 'prompt'"),
         ("generate", [{"encoder_text": "fine"}, {"messages": [{"role": "user", "content": "hi"}]}],
          "in.jsonl line 2: 'messages': preset {preset!r} is a sequence-to-sequence model"),
         ("fit", [{"encoder_text": "q", "decoder_text": "a"}, {"text": "a causal LM's row"}],
@@ -157,11 +170,12 @@ def test_bart_fit_lowers_the_loss_and_the_next_job_uses_its_preset_by_name(lmq_h
 
 
 def test_the_http_api_runs_seq2seq_jobs_and_refuses_the_other_tasks_inputs(lmq_home, tmp_path, bart_preset):
-    server = ApiServer({"LMQ_HOME": str(lmq_home), "LMQ_PRESET_ROOTS": str(bart_preset.parent)}, tmp_path / "server.log")
+    env = {"LMQ_HOME": str(lmq_home), "LMQ_PRESET_ROOTS": str(bart_preset.parent)}
+    server = ApiServer(env, tmp_path / "server.log")
     preset = str(bart_preset)
+    body = {"kind": "generate", "preset": preset, "inputs": encoder_inputs(TEXTS[:3]), "params": {"max_length": 12}}
     try:
         with server.client() as client:
-            body = {"kind": "generate", "preset": preset, "inputs": encoder_inputs(TEXTS[:3]), "params": {"max_length": 12}}
             accepted = client.post("/v1/jobs", json=body)
             assert accepted.status_code == 202, accepted.text
             summary = wait_for_job(client, accepted.json()["id"], 120, [server.log])

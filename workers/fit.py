@@ -193,7 +193,10 @@ def training_tokens(lm, examples) -> int:
     """Tokens of one epoch, as packed (a start or end token added, cut at the sequence length)."""
     tokenize, preprocessor = lm.preprocessor.tokenizer.tokenize, lm.preprocessor
     if isinstance(examples, dict):
-        lengths = {"encoder_text": preprocessor.encoder_sequence_length, "decoder_text": preprocessor.decoder_sequence_length}
+        lengths = {
+            "encoder_text": preprocessor.encoder_sequence_length,
+            "decoder_text": preprocessor.decoder_sequence_length,
+        }
         return sum(min(len(tokenize(text)) + 2, lengths[side]) for side in lengths for text in examples[side])
     return sum(min(len(tokenize(text)) + 1, preprocessor.sequence_length) for text in examples)
 

@@ -188,7 +188,8 @@ class JobRunner:
                     budget.shrink()
                 elif len(prompts) == 1:
                     message = "out of memory on a batch of one" if is_out_of_memory(error) else str(error)
-                    group.add(queries.ItemResult(prompts[0].index, error=row_error(prompts[0].index, prompts[0].custom_id, message)))
+                    error = row_error(prompts[0].index, prompts[0].custom_id, message)
+                    group.add(queries.ItemResult(prompts[0].index, error=error))
                     group.commit()
                     return
                 else:
