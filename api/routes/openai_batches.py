@@ -96,18 +96,15 @@ def cancel_batch(batch_id: str, tenant: str = TenantDep, settings: Settings = Se
     """Stop a batch: `cancelling` until its runner stops; the lines that finished stay in its output file."""
     with session_scope(sessions(settings)) as session:
         batch = require_batch(session, batch_id, tenant, for_update=True)
-        status = batch_status(batch, batch.job)
-        if status == "validating":
-            cancel_validation(session, batch)
-        elif status in ("in_progress", "finalizing"):
-            queries.request_cancel(session, batch.job_id)
-            batch.cancelling_at = batch.cancelling_at or utcnow()
-        elif status != "cancelling":
-            raise OpenAIError(
-                409,
-                f"batch {batch_id!r} is {status}: only a batch still running can be cancelled",
-                code="invalid_state",
-            )
+        # A batch validating is cancelled at once, unless its job was made meanwhile.
+        if batch_status(batch, batch.job) != "validating" or not cancel_validation(session, batch):
+            status = batch_status(batch, batch.job)
+            if status in ("in_progress", "finalizing"):
+                queries.request_cancel(session, batch.job_id)
+                batch.cancelling_at = batch.cancelling_at or utcnow()
+            elif status != "cancelling":
+                message = f"batch {batch_id!r} is {status}: only a batch still running can be cancelled"
+                raise OpenAIError(409, message, code="invalid_state")
         refresh(session, batch, settings, dispatch)
         return batch_object(batch)
 

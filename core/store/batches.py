@@ -213,9 +213,22 @@ def create_batch_job(
     return job
 
 
-def cancel_validation(session: Session, batch: OpenAIBatch) -> None:
-    """A batch still validating is cancelled at once (its validation then makes no job)."""
-    batch.cancelling_at = batch.cancelled_at = utcnow()
+def cancel_validation(session: Session, batch: OpenAIBatch) -> bool:
+    """Cancel a batch at once while it is still validating (its validation then makes no job);
+    False when its job was made meanwhile, or it failed."""
+    now = utcnow()
+    outcome = session.execute(
+        update(OpenAIBatch)
+        .where(
+            OpenAIBatch.id == batch.id,
+            OpenAIBatch.job_id.is_(None),
+            OpenAIBatch.failed_at.is_(None),
+            OpenAIBatch.cancelled_at.is_(None),
+        )
+        .values(cancelling_at=now, cancelled_at=now)
+    )
+    session.refresh(batch)
+    return outcome.rowcount == 1
 
 
 def request_expiry(session: Session, batch: OpenAIBatch) -> None:
