@@ -36,7 +36,9 @@ CONFIG = dict(
 )
 
 
-def build_models():
+def build_models(device=None, dtype=None):
+    """The transformers Llama and lmq's import of it, on ``device`` (LMQ_DEVICE's values;
+    by default the CPU) in ``dtype`` (by default float32, bfloat16 on a GPU)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from core.models import CausalLM
@@ -46,8 +48,9 @@ def build_models():
     hf.generation_config.pad_token_id = 0
     with tempfile.TemporaryDirectory() as directory:
         hf.save_pretrained(directory)
-        lm = CausalLM.from_preset(directory)
+        lm = CausalLM.from_preset(directory, device=device or "cpu", dtype=dtype)
     lm.compile(sampler="greedy")
+    hf.to(lm.backbone.device, lm.backbone.token_embedding.embeddings.value.dtype)
     return hf, lm
 
 

@@ -1,36 +1,31 @@
 """A generate job's throughput: continuous batching vs fixed micro-batches vs transformers.
 
     pip install -e ".[bench]"    # transformers, the reference it runs against
-    python bench/job_throughput.py                      # 64 prompts of 8..256 tokens (the default)
-    python bench/job_throughput.py --prompts 256 --max-prompt 512   # issue 15's job: slow on 2 cores
+    python bench/job_throughput.py                      # issue 15's job: 256 prompts of 8..512 tokens
+    python bench/job_throughput.py --prompts 64 --max-prompt 256   # minutes on a shared 2-core machine
+    python bench/job_throughput.py --rows 32            # more rows in flight (one figure per engine)
 
-The job (issue 15's shape; its default is smaller so that it runs in minutes on a
-shared 2-core machine): prompts with long-tailed lengths (most short, a few up to
+The job (issue 15's shape): prompts with long-tailed lengths (most short, a few up to
 --max-prompt tokens), completions that stop at different points - on a stop token
 (the token greedy search emits most, found on a short probe) or at a per-row token
 limit drawn long-tailed from 8..--max-new-tokens (standing in for stop strings and
 end tokens of a real model, which random weights do not have) - on the ~50M-parameter
-Llama of bench/generate.py, fp32 greedy, same weights and prompts for every engine:
+Llama of bench/generate.py, greedy, same weights and prompts for every engine:
 
 - lmq continuous: the decode engine as the runner drives it (``generate`` with
-  ``max_rows`` rows in flight and the default cache budget; rows refill as they finish);
-- lmq fixed: today's micro-batches (workers.batching.plan_micro_batches, batches of
-  ``max_rows``), each decoding until its last row ends (per-row limits honoured);
+  ``max_rows`` rows in flight and the default cache budget; finished rows free their
+  cache slots, waiting prompts are prefilled into them, long ones a chunk per step);
+- lmq fixed: the micro-batches the runner cut before continuous batching
+  (workers.batching.plan_micro_batches, batches of ``max_rows``), each decoding until
+  its last row ends (per-row limits honoured);
 - transformers: ``generate`` in length-sorted batches of ``max_rows``, left-padded,
   each running to its longest row's limit, rows then cut at their limit and stop token.
 
 Prints tokens/s (completion tokens of the job / wall time), the time to the first
-finished result, the peak resident memory above the start of each run (sampled;
-includes the allocator's cached blocks), and whether every engine gave the same
-tokens on every row. Runs on the device the weights are on (CUDA when there is one).
-
-Measured (2026-12-01, the default job: 64 prompts of 10..182 tokens, limits 8..128,
-8 rows, 2 threads, the 2-core CPU machine idle, no GPU):
-  lmq continuous            261.8 tok/s  11.0 s  first result 0.66 s  peak +21.0 MB
-  lmq fixed micro-batches   165.5 tok/s  17.3 s  first result 2.40 s  peak +31.6 MB
-  transformers batches of 8 104.5 tok/s  27.5 s  first result 3.58 s  peak +46.7 MB
-  identical tokens on all 64 rows (2869 tokens): continuous is 1.58x fixed
-  micro-batches and 2.51x transformers.
+finished result, the peak memory above the start of each run (resident memory sampled
+on a CPU, including the allocator's cached blocks; allocated memory on a GPU), and
+whether every engine gave the same tokens on every row. Runs on --device (LMQ_DEVICE's
+values; auto: CUDA when there is one), in bfloat16 there by default (--dtype).
 """
 
 import argparse
@@ -48,7 +43,8 @@ from generate import build_models  # noqa: E402  (the bench's shared model)
 
 from core.config import load_settings  # noqa: E402
 from core.generation import DecoderOnlyModel, decode  # noqa: E402
-from workers.batching import Prompt, plan_micro_batches  # noqa: E402
+from core.generation.batch import PREFILL_CHUNK  # noqa: E402
+from workers.batching import Prompt, cache_positions, plan_micro_batches  # noqa: E402
 
 
 def job(count, max_prompt, max_new_tokens, seed=0):
@@ -93,7 +89,7 @@ def _resident():
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_continuous(model, sampler, prompts, limits, stops, rows, cache_tokens):
+def run_continuous(model, sampler, prompts, limits, stops, rows, cache_tokens, prefill_chunk):
     """The decode engine as ``generate`` and the runner call it: rows refill as they finish."""
     first = []
     start = time.perf_counter()
@@ -104,7 +100,7 @@ def run_continuous(model, sampler, prompts, limits, stops, rows, cache_tokens):
 
     result = decode(
         model, prompts, limits, sampler, stop_token_ids=stops, on_finish=finished,
-        max_rows=rows, max_cache_tokens=cache_tokens,
+        max_rows=rows, max_cache_tokens=cache_tokens, prefill_chunk=prefill_chunk,
     )
     return result.completions, time.perf_counter() - start, first[0]
 
@@ -165,25 +161,31 @@ def stop_token(model, sampler, prompts):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--max-prompt", type=int, default=256)
+    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--max-prompt", type=int, default=512)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--rows", type=int, default=8, help="rows in flight / micro-batch size (default 8)")
+    parser.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, help="prompt tokens per decode step")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16 (default: float32, bfloat16 on a GPU)")
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    hf, lm = build_models()
-    hf.to(lm.backbone.device)
+    hf, lm = build_models(args.device, args.dtype)
     model, sampler = DecoderOnlyModel(lm.backbone), lm.sampler
     prompts, limits = job(args.prompts, args.max_prompt, args.max_new_tokens)
     stops = (stop_token(model, sampler, prompts),)
-    cache_tokens = load_settings().micro_batch_tokens
+    cache_tokens = cache_positions(lm.backbone, load_settings().micro_batch_tokens)
+    dtype = lm.backbone.token_embedding.embeddings.value.dtype
     print(f"job: {len(prompts)} prompts of {min(map(len, prompts))}..{max(map(len, prompts))} tokens "
           f"(median {int(np.median([len(p) for p in prompts]))}), limits {min(limits)}..{max(limits)}, "
-          f"stop token {stops[0]}, {args.rows} rows, device {lm.backbone.device}, {args.threads} threads")
+          f"stop token {stops[0]}, {args.rows} rows, {cache_tokens} cache tokens, device {lm.backbone.device}, "
+          f"{dtype}, {args.threads} threads")
     engines = {
-        "lmq continuous": lambda: run_continuous(model, sampler, prompts, limits, stops, args.rows, cache_tokens),
+        "lmq continuous": lambda: run_continuous(
+            model, sampler, prompts, limits, stops, args.rows, cache_tokens, args.prefill_chunk
+        ),
         "lmq fixed micro-batches": lambda: run_fixed(model, sampler, prompts, limits, stops, args.rows, cache_tokens),
     }
     if not args.skip_transformers:
