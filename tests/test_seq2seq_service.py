@@ -219,3 +219,28 @@ def test_seq2seq_jobs_on_a_celery_worker(capsys, tmp_path, workers, bart_preset)
     with session_scope(sessions(load_settings())) as session:
         path = queries.get_preset(session, "worker-bart").path
     assert picked(results(tuned_id)) == reference(path, TEXTS, max_length=12)
+
+
+PAIR_FIELDS = "'encoder_text' and 'decoder_text'"
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["pairs for a causal preset", "texts for a seq2seq preset"])
+def test_a_fit_job_whose_rows_its_preset_cannot_read_fails_saying_so(lmq_home, bart_preset, tiny_llama_preset, causal):
+    """Where submission could not tell (a preset only a worker sees, such as hf://), the runner does."""
+    from workers.runner import JobRunner, pool_from_settings
+
+    preset, rows = (tiny_llama_preset, PAIRS) if causal else (bart_preset, [{"text": "some text"}])
+    settings = load_settings()
+    with session_scope(sessions(settings)) as session:
+        job_id = queries.create_fit_job(
+            session, preset=str(preset), training_data=rows, validation_data=None, hyperparameters={},
+            output_preset="never-made",
+        ).id
+    assert JobRunner(settings, pool_from_settings(settings)).run(job_id) == "failed"
+    with session_scope(sessions(settings)) as session:
+        error = queries.get_job(session, job_id).error
+        assert queries.get_preset(session, "never-made") is None
+    if causal:
+        assert error == f"ValueError: the preset is a LlamaCausalLM: its training rows give 'text', not {PAIR_FIELDS}"
+    else:
+        assert error == f"ValueError: the preset is a BartSeq2SeqLM: its training rows give {PAIR_FIELDS}, not 'text'"
