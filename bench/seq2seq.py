@@ -77,13 +77,16 @@ def run_lmq(lm, batch, beams):
     return out["decoder_token_ids"][:, len(START):].tolist()
 
 
-def timed(run, repeats):
-    seconds, result = [], None
+def timed(runs, repeats):
+    """Median seconds of each of ``runs`` (callables), run in turn ``repeats`` times: on a shared
+    machine a load change then slows both sides, not one; and the last results."""
+    seconds, results = [[] for _ in runs], [None] * len(runs)
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = run()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds), result
+        for i, run in enumerate(runs):
+            start = time.perf_counter()
+            results[i] = run()
+            seconds[i].append(time.perf_counter() - start)
+    return [statistics.median(s) for s in seconds], results
 
 
 def main():
@@ -100,9 +103,10 @@ def main():
     identical = True
     for name, sampler, beams in (("greedy", "greedy", 1), (f"beam({BEAMS})", BeamSampler(num_beams=BEAMS), BEAMS)):
         lm.compile(sampler=sampler)
-        run_lmq(lm, batch, beams)  # warm-up
-        lmq_seconds, ours = timed(lambda: run_lmq(lm, batch, beams), args.repeats)
-        hf_seconds, theirs = timed(lambda: run_hf(hf, batch, beams, args.device), args.repeats)
+        run_lmq(lm, batch, beams), run_hf(hf, batch, beams, args.device)  # warm-up
+        (lmq_seconds, hf_seconds), (ours, theirs) = timed(
+            [lambda: run_lmq(lm, batch, beams), lambda: run_hf(hf, batch, beams, args.device)], args.repeats
+        )
         tokens = BATCH * NEW_TOKENS
         same = ours == theirs
         identical &= same

@@ -3,6 +3,8 @@ same logits, tokenization and generations; conversion, fine-tuning and saving.""
 
 import json
 import shutil
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -104,6 +106,22 @@ def test_fit_on_text_pairs_lowers_the_loss(tmp_path):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("name, download", [
+    ("bart_base_en", "keras/bart/keras/bart_base_en"),
+    ("bart_large_en", "keras/bart/keras/bart_large_en"),
+    ("bart_large_en_cnn", "keras/bart/keras/bart_large_en_cnn"),  # KerasHub's name
+    ("bart_large_cnn_en", "keras/bart/keras/bart_large_en_cnn"),  # the same preset
+])
+def test_builtin_preset_names_download_keras_hub_handles(name, download, monkeypatch):
+    """Each name fetches its KerasHub handle through kagglehub (here one that serves the fixture)."""
+    fetched = []
+    kagglehub = types.SimpleNamespace(model_download=lambda path: fetched.append(path) or str(BART))
+    monkeypatch.setitem(sys.modules, "kagglehub", kagglehub)
+    assert name in Seq2SeqLM.presets and name in BartSeq2SeqLM.presets
+    assert isinstance(Seq2SeqLM.from_preset(name), BartSeq2SeqLM)
+    assert fetched == [download]
+
+
 # -- transformers --------------------------------------------------------------------------
 
 
@@ -198,6 +216,26 @@ def test_rows_joining_a_running_batch_get_the_same_tokens(pair, sampler):
     inputs = id_batch(ENCODER, DECODER)
     lm.compile(sampler=sampler)
     assert lmq_generate(lm, inputs, 8, max_rows=1) == lmq_generate(lm, inputs, 8)
+
+
+@pytest.mark.parametrize("sampler", ["greedy", BeamSampler(num_beams=2), "contrastive"])
+def test_requests_finishing_and_joining_keep_their_encoder_memory(pair, sampler):
+    """Decoder prompts of different lengths in a 12-token batch have different token limits
+    (9, 8, 6, 5 tokens). With three requests in flight, the third finishes first, the fourth
+    joins in its slots, then moves into the second's when that one finishes: each request
+    (its beams or candidates sharing one encoder memory) gets what it gets alone."""
+    _, lm = pair
+    lm.compile(sampler=sampler)
+    encoder = ENCODER + [[0, 31, 32, 33, 34, 35, 36, 2]]
+    decoder = [[2, 0, 11], [2, 0, 21, 22], [2, 0, 9, 8, 7, 6], [2, 0, 5, 5, 5, 5, 5]]
+    inputs = id_batch(encoder, [row + [1] * (12 - len(row)) for row in decoder])
+    inputs["decoder_padding_mask"] = inputs["decoder_token_ids"] != 1
+
+    def generate(batch, **options):
+        return lm.generate(batch, stop_token_ids=None, seed=5, **options)["decoder_token_ids"].tolist()
+
+    alone = [generate({key: value[i : i + 1] for key, value in inputs.items()})[0] for i in range(len(decoder))]
+    assert generate(inputs, max_rows=3) == alone
 
 
 def test_checkpoint_with_its_tokenizer_generates_the_text_transformers_does(tmp_path):

@@ -16,22 +16,30 @@ def _dropout(x, rate, training):
 
 
 class EncoderMemory:
-    """The encoder's keys and values for each decoder layer: [layers, batch, heads, length, head_dim],
-    and which encoder positions are real: ``mask`` [batch, 1, 1, length] (True = attend).
+    """The encoder's keys and values for each decoder layer: [layers, groups, heads, length, head_dim],
+    and which encoder positions are real: ``mask`` [groups, 1, 1, length], additive (0 or -inf).
 
-    Part of a generation's cache, so it moves with the rows: ``select_rows`` (beams, finished
-    rows) and ``add_rows`` (requests joining a running batch; ``write`` then fills them).
+    One group per request: the ``rows_per_group`` neighbouring decoder rows of a request
+    (its beams, or contrastive search's candidates) share its memory and query it together,
+    so reordering beams moves no memory and each step reads it once per request, not per row.
+    Part of a generation's cache, it moves with the rows, slot by slot as the decoder's
+    ``KVCache`` does (``move_rows``, ``select_rows``, ``take``): a row moving within its
+    group moves nothing here. ``write`` fills the groups of requests that join a running
+    batch, and a decode step reads ``first(rows)``.
     """
 
-    def __init__(self, keys, values, mask):
+    def __init__(self, keys, values, mask, rows_per_group=1):
         self.keys, self.values, self.mask = keys, values, mask
+        self.rows_per_group = rows_per_group
 
     @classmethod
-    def empty(cls, num_layers, batch_size, num_heads, length, head_dim, dtype, device):
-        shape = (num_layers, batch_size, num_heads, length, head_dim)
+    def empty(cls, num_layers, rows, num_heads, length, head_dim, dtype, device, rows_per_group=1):
+        """Room for the requests of ``rows`` decoder rows, ``rows_per_group`` each."""
+        groups = -(-rows // rows_per_group)
+        shape = (num_layers, groups, num_heads, length, head_dim)
         keys = torch.zeros(shape, dtype=dtype, device=device)
-        mask = torch.zeros((batch_size, 1, 1, length), dtype=torch.bool, device=device)
-        return cls(keys, torch.zeros_like(keys), mask)
+        mask = torch.full((groups, 1, 1, length), float("-inf"), dtype=dtype, device=device)
+        return cls(keys, torch.zeros_like(keys), mask, rows_per_group)
 
     @classmethod
     def of(cls, blocks, encoder_output, padding_mask):
@@ -39,24 +47,60 @@ class EncoderMemory:
         projected = [block.cross_attention_keys_values(encoder_output) for block in blocks]
         keys = torch.stack([k for k, _ in projected])
         values = torch.stack([v for _, v in projected])
-        return cls(keys, values, padding_mask[:, None, None, :].bool())
+        return cls(keys, values, additive_mask(padding_mask[:, None, None, :], keys.dtype))
 
-    def write(self, rows, other):
-        """Copies ``other`` (a memory of len(rows) rows, no longer than this one) into ``rows``."""
-        length = other.keys.shape[3]
-        self.keys[:, rows] = 0
-        self.values[:, rows] = 0
-        self.mask[rows] = False
-        self.keys[:, rows, :, :length] = other.keys
-        self.values[:, rows, :, :length] = other.values
-        self.mask[rows, :, :, :length] = other.mask
+    def _groups(self, slots, what):
+        if (slots % self.rows_per_group).any():
+            raise ValueError(f"{what}: slots {slots.tolist()} do not start groups of {self.rows_per_group} rows.")
+        return slots // self.rows_per_group
+
+    def write(self, slots, other):
+        """Copies ``other`` (one group per slot, no longer than this memory) into the groups
+        that start at ``slots``."""
+        groups, length = self._groups(slots, "write"), other.keys.shape[3]
+        self.keys[:, groups] = 0
+        self.values[:, groups] = 0
+        self.mask[groups] = float("-inf")
+        self.keys[:, groups, :, :length] = other.keys
+        self.values[:, groups, :, :length] = other.values
+        self.mask[groups, :, :, :length] = other.mask
+
+    def first(self, rows):
+        """The memory of decoder rows ``[0, rows)`` (views): what a decode step of that many rows attends to."""
+        return EncoderMemory(*(t.narrow(d, 0, rows // self.rows_per_group) for t, d in self._tensors()))
+
+    def move_rows(self, source, target):
+        """Rows ``source`` move to slots ``target``: their requests' memories go with them
+        when they change group (a request moving to other slots), not when beams reorder."""
+        source, target = source // self.rows_per_group, target // self.rows_per_group
+        if self.rows_per_group > 1:
+            moved = source != target
+            if not moved.any():
+                return
+            source, target = torch.stack([source[moved], target[moved]]).unique(dim=1)
+        if len(target.unique()) != len(target):
+            raise ValueError("Rows of different requests cannot move into one request's slots.")
+        for tensor, dim in self._tensors():
+            tensor.index_copy_(dim, target, tensor.index_select(dim, source))
 
     def select_rows(self, rows):
-        self.keys, self.values, self.mask = self.keys[:, rows], self.values[:, rows], self.mask[rows]
+        self.move_rows(rows, torch.arange(len(rows), device=rows.device))
 
-    def add_rows(self, count):
-        rows = torch.cat([torch.arange(self.mask.shape[0], device=self.mask.device), self.mask.new_zeros(count, dtype=torch.long)])
-        self.select_rows(rows)
+    def take(self, other, rows):
+        """Copies the memory of ``other``'s first ``rows`` rows (as long as this one) into this one."""
+        groups = -(-rows // self.rows_per_group)
+        for (tensor, dim), (source, _) in zip(self._tensors(), other._tensors()):
+            tensor.narrow(dim, 0, groups).copy_(source.narrow(dim, 0, groups))
+
+    def _tensors(self):
+        """Each tensor with its group dimension."""
+        return (self.keys, 1), (self.values, 1), (self.mask, 0)
+
+
+def additive_mask(mask, dtype):
+    """A boolean mask (True = attend) as the additive one attention adds to its scores (0 or -inf):
+    built once per pass instead of in every layer's attention call."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 class EncoderBlock(keras.layers.Layer):
@@ -92,14 +136,22 @@ class CrossAttentionDecoderBlock(EncoderBlock):
         """Encoder output [batch, length, hidden] -> keys, values [batch, heads, length, head_dim]."""
         return self.cross_attention._heads(encoder_output, "key"), self.cross_attention._heads(encoder_output, "value")
 
+    def _cross_attend(self, x, memory, layer, training):
+        """``x`` [rows, seq, hidden] over the memory; the rows of a group (a request's beams)
+        query their one memory together, as one sequence of their tokens."""
+        rows, seq, hidden = x.shape
+        groups = memory.keys.shape[1]
+        query = self.cross_attention._heads(x.reshape(groups, rows // groups * seq, hidden), "query")
+        crossed = self.cross_attention.attend(
+            query, memory.keys[layer], memory.values[layer], memory.mask, training=training
+        )
+        return crossed.reshape(rows, seq, hidden)
+
     def call(self, x, context, memory, layer, training=False):
         """``memory`` (an ``EncoderMemory``) holds this block's keys/values at index ``layer``."""
         attended = self.attention.call(x, context, training=training)
         x = self.attention_norm.call(x + _dropout(attended, self.dropout, training))
-        query = self.cross_attention._heads(x, "query")
-        crossed = self.cross_attention.attend(
-            query, memory.keys[layer], memory.values[layer], memory.mask, training=training
-        )
+        crossed = self._cross_attend(x, memory, layer, training)
         x = self.cross_attention_norm.call(x + _dropout(crossed, self.dropout, training))
         fed = self.feedforward.call(x)
         return self.feedforward_norm.call(x + _dropout(fed, self.dropout, training))

@@ -20,15 +20,17 @@ class EncoderDecoderModel:
     once, into the cache's ``EncoderMemory``, which every decoder step attends to.
     """
 
-    def __init__(self, backbone, encoder_inputs, pad_token_id):
+    def __init__(self, backbone, encoder_inputs, pad_token_id, sampler):
         self.backbone = backbone
         self.encoder_inputs = encoder_inputs  # request id -> encoder token ids
         self.pad_token_id = pad_token_id
         self.device = backbone.device
+        # The rows the engine gives each request (beams): they share its encoder memory.
+        self.rows_per_request = sampler.rows_per_prompt(backbone.token_embedding.embeddings.shape[0])
 
     def new_cache(self, rows, max_length, prompt_width):
         encoder_length = max(len(ids) for ids in self.encoder_inputs)
-        return self.backbone.new_cache(rows, max_length, encoder_length)
+        return self.backbone.new_cache(rows, max_length, encoder_length, self.rows_per_request)
 
     def _padded(self, rows):
         width = max(len(r) for r in rows)
@@ -141,7 +143,7 @@ class Seq2SeqLM(Task):
         encoder_inputs, prompts = self.preprocessor.generate_preprocess(inputs)
         max_length = max_length or self.preprocessor.decoder_sequence_length
         outputs = self._generate_texts(
-            EncoderDecoderModel(self.backbone, encoder_inputs, self.preprocessor.tokenizer.pad_token_id),
+            EncoderDecoderModel(self.backbone, encoder_inputs, self.preprocessor.tokenizer.pad_token_id, self.sampler),
             prompts,
             _limits(prompts, max_length, max_new_tokens),
             stop_token_ids,
@@ -160,7 +162,7 @@ class Seq2SeqLM(Task):
         prompts = _unpadded(inputs, "decoder")
         decoder_ids = np.asarray(inputs["decoder_token_ids"])
         result = decode(
-            EncoderDecoderModel(self.backbone, encoder_inputs, self._pad_id()),
+            EncoderDecoderModel(self.backbone, encoder_inputs, self._pad_id(), self.sampler),
             prompts,
             _limits(prompts, decoder_ids.shape[1], max_new_tokens),
             self.sampler,

@@ -15,6 +15,7 @@ from core.layers import (
     ReversibleEmbedding,
     Seq2SeqCache,
 )
+from core.layers.encoder_decoder import additive_mask
 from core.models.backbone import Backbone, keras_weight_paths, numbered
 
 LAYER_NORM_EPSILON = 1e-5
@@ -107,7 +108,8 @@ class BartBackbone(Backbone):
         causal = positions[:, None, :, None] >= positions[:, None, None, :]  # [batch, 1, query, key]
         mask = causal & decoder_mask[:, None, None, :]
         mask = mask | ~mask.any(dim=-1, keepdim=True)  # a query with no key attends to all, not NaN
-        decoder_output = self._decoder(decoder_ids, positions, AttentionContext(mask=mask), memory, training)
+        context = AttentionContext(mask=additive_mask(mask, encoder_output.dtype))
+        decoder_output = self._decoder(decoder_ids, positions, context, memory, training)
         return {"encoder_sequence_output": encoder_output, "decoder_sequence_output": decoder_output}
 
     def encode(self, token_ids, padding_mask, training=False):
@@ -116,7 +118,7 @@ class BartBackbone(Backbone):
         positions = torch.arange(length, device=token_ids.device).expand(batch, length)
         x = self.token_embedding.call(token_ids) + self.encoder_position_embedding.call(positions)
         x = self._embedding_dropout(self.encoder_embeddings_layer_norm.call(x), training)
-        context = AttentionContext(mask=padding_mask[:, None, None, :].bool())
+        context = AttentionContext(mask=additive_mask(padding_mask[:, None, None, :].bool(), x.dtype))
         for block in self.encoder_transformer_layers:
             x = block.call(x, context, training=training)
         return x
@@ -134,34 +136,43 @@ class BartBackbone(Backbone):
 
     # -- generation -------------------------------------------------------------------
 
-    def new_cache(self, batch_size, max_length, encoder_length):
-        """A ``Seq2SeqCache``: decoder keys/values of ``max_length`` positions and the encoder's
-        keys/values of up to ``encoder_length`` positions, for ``batch_size`` rows."""
+    def new_cache(self, batch_size, max_length, encoder_length, rows_per_request=1):
+        """A ``Seq2SeqCache``: decoder keys/values of ``max_length`` positions for ``batch_size``
+        rows, and the encoder's keys/values of up to ``encoder_length`` positions for their
+        requests (``rows_per_request`` rows each: beams share their request's)."""
         embeddings = self.token_embedding.embeddings.value
+        dtype = self.token_embedding.output_dtype
         shape = (self.num_layers, batch_size, self.num_heads)
         return Seq2SeqCache(
-            KVCache(*shape, max_length, self.head_dim, embeddings.dtype, embeddings.device),
-            EncoderMemory.empty(*shape, encoder_length, self.head_dim, embeddings.dtype, embeddings.device),
+            KVCache(*shape, max_length, self.head_dim, dtype, embeddings.device),
+            EncoderMemory.empty(*shape, encoder_length, self.head_dim, dtype, embeddings.device, rows_per_request),
         )
 
     def prefill(self, encoder_ids, encoder_mask, decoder_ids, cache, rows):
-        """Encodes the rows' inputs into ``cache.memory`` and runs their right-padded decoder
-        prompts [batch, seq] into the decoder cache; returns the decoder output."""
+        """Encodes the inputs of the requests whose first rows are ``rows`` into ``cache.memory``
+        and runs their right-padded decoder prompts [batch, seq] into the decoder cache;
+        returns the decoder output."""
         encoder_output = self.encode(encoder_ids, encoder_mask)
-        cache.memory.write(rows, EncoderMemory.of(self.decoder_transformer_layers, encoder_output, encoder_mask))
+        memory = EncoderMemory.of(self.decoder_transformer_layers, encoder_output, encoder_mask)
+        cache.memory.write(rows, memory)
         batch, length = decoder_ids.shape
         positions = torch.arange(length, device=decoder_ids.device).expand(batch, length)
-        memory = EncoderMemory(cache.memory.keys[:, rows], cache.memory.values[:, rows], cache.memory.mask[rows])
         context = AttentionContext(is_causal=True, cache=cache, cache_rows=rows)
         return self._decoder(decoder_ids, positions, context, memory)
 
     def decode(self, token_ids, positions, cache, key_length):
-        """One decoder token per row [batch, 1] at ``positions`` [batch] -> [batch, 1, hidden]."""
+        """One decoder token per row [batch, 1] at ``positions`` [batch] -> [batch, 1, hidden].
+
+        Rows at one position (Bart's prompts are its two start tokens, so usually all of
+        them) attend to every cached key and need no mask."""
         slots, key_length, key_positions = cache.step(positions, key_length)
         query_positions = positions[:, None]
-        mask = query_positions[:, None, :, None] >= key_positions[:, None, None, :]
+        mask = None
+        if int(positions.min()) + 1 != key_length:
+            mask = query_positions[:, None, :, None] >= key_positions[:, None, None, :]
+            mask = additive_mask(mask, cache.memory.keys.dtype)
         context = AttentionContext(mask=mask, cache=cache, write_positions=slots, key_length=key_length)
-        return self._decoder(token_ids, query_positions, context, cache.memory)
+        return self._decoder(token_ids, query_positions, context, cache.memory.first(len(positions)))
 
     # -- KerasHub's layout ------------------------------------------------------------
 

@@ -19,3 +19,6 @@ backbone_presets = {
         "406.29M",
     ),
 }
+# KerasHub names the summariser bart_large_en_cnn; lmq also answers to bart_large_cnn_en
+# (the order of bart_base_en and bart_large_en): the same preset under both names.
+backbone_presets["bart_large_cnn_en"] = backbone_presets["bart_large_en_cnn"]
