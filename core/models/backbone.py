@@ -36,6 +36,12 @@ def keras_weight_paths(layers):
     }
 
 
+def unwrap_quantize(model):
+    """Undo Keras' per-instance wrapper of ``quantize``, which checks modes against Keras' own
+    list: lmq checks them itself (``check_mode``), naming the ones it supports."""
+    vars(model).pop("quantize", None)
+
+
 def numbered(name, index):
     """Keras' name for the ``index``-th layer called ``name``: name, name_1, name_2, ..."""
     return f"{name}_{index}" if index else name
@@ -84,6 +90,7 @@ class Backbone(KerasHubSerializable, keras.Model):
         if isinstance(dtype, dict) and self._quantization_to_build:
             self.keras_hub_layer_paths = list(dtype["config"]["policy_map"])
         super().__init__(dtype=float_dtype, name=name or self.default_name(), trainable=trainable, **kwargs)
+        unwrap_quantize(self)
 
     # -- the contract -----------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 import keras
 
 from core.config import resolve_device
+from core.models.backbone import unwrap_quantize
 from core.models.serialization import KerasHubSerializable, deserialize
 
 
@@ -24,6 +25,7 @@ class Task(KerasHubSerializable, keras.Model):
         kwargs.pop("trainable", None)
         kwargs.pop("dtype", None)
         super().__init__(name=name or self.default_name(), **kwargs)
+        unwrap_quantize(self)
         self.backbone = backbone
         self.preprocessor = preprocessor
         self.built = True

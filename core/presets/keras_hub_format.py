@@ -24,6 +24,7 @@ from core.models.serialization import class_name_of
 from core.plugins import get_registry
 from core.presets.transformers_import import CHAT_TEMPLATE_FILE, attach_chat_template
 from core.presets.weights import WEIGHTS_FILE, read_weights, write_weights
+from core.quantization import parse_dtype, policy_map
 
 KERAS_HUB_VERSION = "0.32.0"  # the format version lmq writes
 TOKENIZER_ASSET_DIR = "assets/tokenizer"
@@ -52,11 +53,28 @@ def _build(files, relative, build, /, **arguments):
 
 
 def load_backbone(files, load_weights=True, dtype=None):
+    """``dtype`` (a float dtype) overrides the preset's; an int8 preset stays int8, its scales
+    and activations in that dtype."""
     cls, config = _read_config(files, "config.json")
-    backbone = _build(files, "config.json", cls.from_config, config={**config, **({"dtype": dtype} if dtype else {})})
+    if dtype:
+        if parse_dtype(dtype)[1]:
+            raise ValueError(f"dtype {dtype!r} is quantized; pass a float dtype, then call quantize('int8').")
+        stored = config.get("dtype")
+        if parse_dtype_of(files, stored)[1]:
+            dtype = policy_map(list(stored["config"]["policy_map"]), dtype)
+        config["dtype"] = dtype
+    backbone = _build(files, "config.json", cls.from_config, config=config)
     if load_weights:
         read_weights(backbone, files, WEIGHTS_FILE)
     return backbone
+
+
+def parse_dtype_of(files, dtype):
+    """``parse_dtype`` of a config's dtype; a bad one is an error naming the file."""
+    try:
+        return parse_dtype(dtype)
+    except ValueError as error:
+        raise files.error("config.json", str(error)) from None
 
 
 def load_tokenizer(files):
