@@ -5,6 +5,8 @@ requests leave and join a running batch, long prompts are prefilled a chunk at a
 between the others' decode steps, and every request's tokens are those it gets alone.
 """
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from core.samplers import BeamSampler, ContrastiveSampler, GreedySampler, TopKSa
 from plugins.falcon.falcon_backbone import FalconBackbone
 from plugins.llama.llama_backbone import LlamaBackbone
 from plugins.mistral.mistral_backbone import MistralBackbone
+from workers.batching import GPU_ROW_POSITIONS, MAX_GPU_ROWS, RowBudget, row_budget
 from workers.pool import ModelPool
 
 VOCAB = 64
@@ -195,3 +198,23 @@ def test_the_pool_loads_the_demo_preset_on_the_device_it_is_given():
     assert lm.backbone.device.type == "cpu"
     assert lm.backbone.token_embedding.embeddings.value.dtype == torch.float32
     assert isinstance(lm.generate("def", max_new_tokens=3), str)
+
+
+def test_a_gpu_job_without_a_row_count_gets_the_rows_its_free_memory_holds(monkeypatch):
+    """The token budget follows free GPU memory (80%), the rows follow the tokens; on a
+    CPU, and for a job that names its micro_batch_size, the configured figures stand."""
+    layers, heads, head_dim = 2, 2, 4  # a position: keys and values of 2 x 2 x 4 float32s = 128 bytes
+
+    def backbone(device):
+        embeddings = SimpleNamespace(value=torch.zeros(1))
+        return SimpleNamespace(
+            device=torch.device(device), token_embedding=SimpleNamespace(embeddings=embeddings),
+            transformer_layers=[None] * layers, num_key_value_heads=heads, head_dim=head_dim,
+        )
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (100 * 2**20, 200 * 2**20))
+    gpu = row_budget(backbone("cuda"), None, 16, 16384)
+    assert gpu.cache_tokens == int(100 * 2**20 * 0.8) // 128
+    assert gpu.rows == min(MAX_GPU_ROWS, gpu.cache_tokens // GPU_ROW_POSITIONS) > 16
+    assert row_budget(backbone("cuda"), 4, 16, 16384).rows == 4
+    assert row_budget(backbone("cpu"), None, 16, 16384) == RowBudget(16, 16384)

@@ -55,6 +55,21 @@ def cache_positions(backbone, configured: int, share: float = 0.8) -> int:
     return max(configured, int(free * share) // (per_position * dtype.itemsize))
 
 
+GPU_ROW_POSITIONS = 1024  # a GPU's default row budget: rows of this many positions fill its token budget
+MAX_GPU_ROWS = 256
+
+
+def row_budget(backbone, rows: int | None, configured_rows: int, configured_tokens: int) -> RowBudget:
+    """A job's budget: its own row count (``rows``, its ``micro_batch_size``) or the configured
+    one, and the positions ``cache_positions`` gives. On a GPU a job that names no row count
+    gets as many rows as the token budget holds at ``GPU_ROW_POSITIONS`` each (at least the
+    configured, at most ``MAX_GPU_ROWS``): the token budget then bounds the rows in flight."""
+    tokens = cache_positions(backbone, configured_tokens)
+    if rows is None and backbone.device.type == "cuda":
+        rows = max(configured_rows, min(MAX_GPU_ROWS, tokens // GPU_ROW_POSITIONS))
+    return RowBudget(rows=rows or configured_rows, cache_tokens=tokens)
+
+
 def plan_micro_batches(
     prompts: list[Prompt], *, max_items: int, max_tokens: int, new_tokens: int = 0
 ) -> list[list[Prompt]]:

@@ -26,7 +26,7 @@ from core.store.leases import Lease, LeaseLost, claim
 from core.store.presets import store_resolver
 from workers import metrics
 from workers.attempt import Attempt, ProgressCallback
-from workers.batching import Prompt, RowBudget, cache_positions, is_out_of_memory
+from workers.batching import Prompt, RowBudget, is_out_of_memory, row_budget
 from workers.inputs import plan
 from workers.pool import ModelPool
 
@@ -122,9 +122,8 @@ class JobRunner:
         arguments = {k: params[k] for k in JOB_ARGUMENTS if params.get(k) is not None}
         task_kind = getattr(lm, "task_kind", "causal_lm")
         tokenizer = lm.preprocessor.tokenizer
-        budget = RowBudget(
-            rows=params.get("micro_batch_size") or self.settings.micro_batch_size,
-            cache_tokens=cache_positions(lm.backbone, self.settings.micro_batch_tokens),
+        budget = row_budget(
+            lm.backbone, params.get("micro_batch_size"), self.settings.micro_batch_size, self.settings.micro_batch_tokens
         )
         progress = Progress(attempt, done, total)
         progress.report()
