@@ -29,15 +29,16 @@ How the two next kinds of generation plug in, without a second loop:
   (kept by the model, looked up by the request ids it receives), writes those keys
   and values, and prefills the decoder start tokens, which are the prompt the engine
   sees; ``step`` runs one decoder token per row against both; the cache's
-  ``select_rows`` and ``add_rows`` move both parts, so beams and dropped rows just work.
+  ``move_rows``, ``select_rows`` and ``take`` move both parts, so beams, finished
+  rows and joining ones just work.
 - A continuously refilled batch keeps one ``Batch`` for the whole job and runs
   this same loop. Its cache has a slot per row in flight (``core.layers.cache``):
   between steps, after ``drop_finished`` has taken finished requests out (their
   results are in ``batch.completions`` from then on, the last rows moved into the
   freed slots), ``batch.add`` reserves slots for waiting prompts and ``batch.prefill``
   runs their prompts in, a chunk of at most ``prefill_chunk`` tokens per step, so a
-  long prompt does not stall the others; a request whose prompt is in decodes from
-  the next step on, at its own position. ``decode(..., max_rows=n,
+  long prompt does not stall the others; a request whose prompt is in joins the
+  decoding rows with its next logits, at its own position. ``decode(..., max_rows=n,
   max_cache_tokens=t)`` does this within a budget of rows and cache positions,
   admitting the shortest waiting prompts first (several at once when several slots
   are free), and hands each result to ``on_finish`` as its request finishes.
