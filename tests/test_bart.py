@@ -122,6 +122,49 @@ def test_builtin_preset_names_download_keras_hub_handles(name, download, monkeyp
     assert fetched == [download]
 
 
+def test_compile_has_keras_hub_defaults(keras_hub_bart):
+    import keras
+
+    from core.samplers import TopKSampler
+
+    keras_hub_bart.compile()
+    assert isinstance(keras_hub_bart.optimizer, keras.optimizers.Adam)
+    assert float(keras_hub_bart.optimizer.learning_rate) == pytest.approx(2e-5)
+    assert isinstance(keras_hub_bart.loss, keras.losses.SparseCategoricalCrossentropy)
+    assert keras_hub_bart.loss.get_config()["from_logits"]
+    assert isinstance(keras_hub_bart.sampler, TopKSampler)
+
+
+def test_fit_on_pre_tokenized_inputs_without_preprocessor(tmp_path):
+    """KerasHub's "fit without preprocessing": the id/mask dict, labels and sample weights as given."""
+    shutil.copytree(BART, tmp_path / "bart")
+    lm = Seq2SeqLM.from_preset(str(tmp_path / "bart"), preprocessor=None)
+    assert lm.preprocessor is None
+    x = {
+        "encoder_token_ids": np.array([[0, 133, 219, 2, 1]] * 2),
+        "encoder_padding_mask": np.array([[1, 1, 1, 1, 0]] * 2),
+        "decoder_token_ids": np.array([[2, 0, 133, 176, 2]] * 2),
+        "decoder_padding_mask": np.array([[1, 1, 1, 1, 1]] * 2),
+    }
+    y, weights = np.array([[0, 133, 176, 2, 1]] * 2), np.array([[1, 1, 1, 1, 0]] * 2)
+    lm.compile(optimizer=__import__("keras").optimizers.Adam(1e-2))
+    losses = lm.fit(x=x, y=y, sample_weight=weights, batch_size=2, epochs=4, verbose=0).history["loss"]
+    assert losses[-1] < losses[0]
+    for text_call in (lambda: lm.fit({"encoder_text": ["a"], "decoder_text": ["b"]}), lambda: lm.generate("a")):
+        with pytest.raises(ValueError, match="no preprocessor"):
+            text_call()
+
+
+def test_decoder_text_starts_the_output_and_strip_prompt_drops_it(keras_hub_bart):
+    keras_hub_bart.compile(sampler="random")
+    prompt = {"encoder_text": fixture_expected("bart")["inputs"][0], "decoder_text": "Return the"}
+    options = dict(max_length=14, stop_token_ids=None, seed=4)
+    full = keras_hub_bart.generate(prompt, **options)
+    completion = keras_hub_bart.generate(prompt, **options, strip_prompt=True)
+    assert full.startswith("Return the") and len(full) > len("Return the")
+    assert full == "Return the" + completion
+
+
 # -- transformers --------------------------------------------------------------------------
 
 
@@ -238,28 +281,44 @@ def test_requests_finishing_and_joining_keep_their_encoder_memory(pair, sampler)
     assert generate(inputs, max_rows=3) == alone
 
 
-def test_checkpoint_with_its_tokenizer_generates_the_text_transformers_does(tmp_path):
+@pytest.fixture(scope="module")
+def with_tokenizer(tmp_path_factory):
+    """A transformers checkpoint with the fixture's tokenizer files: (transformers' model and
+    tokenizer, lmq's Seq2SeqLM of them)."""
     from transformers import BartTokenizer as HFBartTokenizer
 
     assets = BART / "assets" / "tokenizer"
     tokenizer = HFBartTokenizer(vocab=str(assets / "vocabulary.json"), merges=str(assets / "merges.txt"))
     hf = random_hf_bart(seed=1, vocab_size=len(tokenizer))
-    hf.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    lm = Seq2SeqLM.from_preset(str(tmp_path))
+    directory = tmp_path_factory.mktemp("hf_bart_with_tokenizer")
+    hf.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return hf, tokenizer, Seq2SeqLM.from_preset(str(directory))
+
+
+def hf_texts(hf, tokenizer, texts, new, **settings):
+    batch = tokenizer(texts, return_tensors="np", padding=True)
+    inputs = {"encoder_token_ids": batch["input_ids"], "encoder_padding_mask": batch["attention_mask"].astype(bool)}
+    return tokenizer.batch_decode(hf_generate(hf, inputs, new, **settings), skip_special_tokens=True)
+
+
+def test_checkpoint_with_its_tokenizer_generates_the_text_transformers_does(with_tokenizer):
+    hf, tokenizer, lm = with_tokenizer
     lm.compile(sampler="greedy")
     texts = fixture_expected("bart")["inputs"]
     encoder, _ = lm.preprocessor.generate_preprocess(texts)
     assert encoder == tokenizer(texts)["input_ids"]
-    batch = tokenizer(texts, return_tensors="np", padding=True)
-    inputs = {"encoder_token_ids": batch["input_ids"], "encoder_padding_mask": batch["attention_mask"].astype(bool)}
-    expected = tokenizer.batch_decode(hf_generate(hf, inputs, 8), skip_special_tokens=True)
-    assert lm.generate(texts, max_length=len(START) + 8, stop_token_ids=None) == expected
+    assert lm.generate(texts, max_length=len(START) + 8, stop_token_ids=None) == hf_texts(hf, tokenizer, texts, 8)
 
 
-@pytest.mark.parametrize("setting", [dict(scale_embedding=True), dict(decoder_layers=3), dict(activation_function="relu")])
+@pytest.mark.parametrize("setting", [
+    dict(scale_embedding=True), dict(decoder_layers=3), dict(activation_function="relu"),
+    dict(decoder_start_token_id=0), dict(forced_bos_token_id=5),
+])
 def test_unsupported_checkpoint_settings_are_named(setting, tmp_path):
-    random_hf_bart(**setting).save_pretrained(tmp_path)
+    random_hf_bart().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **setting}))
     key = next(iter(setting))
     with pytest.raises(Exception, match=key):
         Seq2SeqLM.from_preset(str(tmp_path))
@@ -289,6 +348,22 @@ def test_max_new_tokens_and_stop_strings(keras_hub_bart):
     stop = full.text[len(full.text) // 2 :][:3]
     cut = keras_hub_bart.generate(prompt, **options, stop=[stop])
     assert stop not in cut and full.text.startswith(cut) and len(cut) < len(full.text)
+
+
+def test_beam_search_text_streams_and_stops_on_the_chosen_beam(with_tokenizer):
+    """Beam search commits only at the end: its text is transformers' beam search's, the stream
+    receives the chosen beam's tokens, and a stop string cuts that beam."""
+    hf, tokenizer, lm = with_tokenizer
+    lm.compile(sampler=BeamSampler(num_beams=3))
+    prompt = fixture_expected("bart")["inputs"][1]
+    options = dict(max_length=len(START) + 10, stop_token_ids=None)
+    streamed = []
+    full = lm.generate(prompt, **options, return_details=True, stream=lambda row, token: streamed.append(token))
+    assert [full.text] == hf_texts(hf, tokenizer, [prompt], 10, num_beams=3, length_penalty=0.0)
+    assert streamed == full.token_ids and len(full.token_ids) == 10 and len(full.text) > 4
+    stop = full.text[len(full.text) // 2 :][:2]
+    cut = lm.generate(prompt, **options, stop=[stop], return_details=True)
+    assert stop not in cut.text and full.text.startswith(cut.text) and cut.finish_reason == "stop"
 
 
 def test_streaming_receives_each_generated_token(keras_hub_bart):

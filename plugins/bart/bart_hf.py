@@ -3,6 +3,9 @@
 KerasHub's Bart has one size for both sides, GELU, post-norm blocks, no embedding scale,
 and its head is the shared embedding; a checkpoint that differs is refused by name.
 Positions: transformers' learned table keeps two extra rows in front (offset 2), dropped here.
+Decoding starts from KerasHub's decoder start tokens ``</s> <s>``: transformers' Bart starts
+from ``decoder_start_token_id`` (``</s>``) and forces ``forced_bos_token_id`` (``<s>``) next,
+the same two tokens; a checkpoint that starts otherwise is refused by name.
 """
 
 import json
@@ -27,6 +30,16 @@ def backbone_config(hf_config):
             raise ValueError(
                 f"config.json: {key}={json.dumps(hf_config.get(key, default))} is unsupported; "
                 f"BartBackbone needs {key}={json.dumps(required)}."
+            )
+    start_tokens = {  # setting: the token it must be (transformers' default when omitted)
+        "decoder_start_token_id": ("eos_token_id", hf_config.get("eos_token_id", 2)),
+        "forced_bos_token_id": ("bos_token_id", hf_config.get("bos_token_id", 0)),
+    }
+    for key, (token, token_id) in start_tokens.items():
+        if hf_config.get(key) not in (None, token_id):
+            raise ValueError(
+                f"config.json: {key}={json.dumps(hf_config[key])} is unsupported; BartSeq2SeqLM's decoder "
+                f"starts from </s> <s>, so {key} must be {token} ({token_id})."
             )
     for encoder_key, decoder_key in SAME_ON_BOTH_SIDES:
         if hf_config[encoder_key] != hf_config[decoder_key]:

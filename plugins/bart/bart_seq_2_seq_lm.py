@@ -1,4 +1,4 @@
-"""BartSeq2SeqLM (default sampler: greedy, as in KerasHub)."""
+"""BartSeq2SeqLM (default sampler: top_k, as in KerasHub)."""
 
 from core.models.seq2seq_lm import Seq2SeqLM
 from plugins.bart.bart_backbone import BartBackbone
