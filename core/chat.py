@@ -21,7 +21,7 @@ import jinja2.ext
 import jinja2.nodes
 import jinja2.sandbox
 
-from core.chat_templates import PRESETS_OF_TEMPLATE
+from core.chat_templates import PRESETS_OF_TEMPLATE, is_legacy_tokenization
 
 # Tokens that end a turn in common templates: one written by a template that the vocabulary
 # has also stops generation (the tokenizer's end token always does).
@@ -55,12 +55,13 @@ def render_chat(tokenizer, messages, add_generation_prompt=True):
         ) from None
 
 
-def chat_prompt(tokenizer, messages):
-    """What to give ``CausalLM.generate`` for ``messages``: the rendered chat without its leading
-    start token, which the preprocessor adds as an id (``add_start_token``)."""
+def chat_token_ids(tokenizer, messages):
+    """The prompt ``CausalLM.generate`` takes for ``messages``: the ids transformers'
+    ``apply_chat_template(messages, tokenize=True, add_generation_prompt=True)`` gives. The special
+    tokens the template writes (``<s>``, ``</s>``, ``<|eot_id|>``) are their ids, and there is no
+    start token but the one the template writes (Phi-3's writes none)."""
     text = render_chat(tokenizer, messages)
-    start = tokenizer.start_token
-    return text[len(start) :] if start and text.startswith(start) else text
+    return tokenizer.tokenize_with_special_tokens(text, legacy=is_legacy_tokenization(tokenizer.chat_template))
 
 
 def end_of_turn_token_ids(tokenizer):

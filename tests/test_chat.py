@@ -8,7 +8,7 @@ import shutil
 import pytest
 import transformers
 
-from core.chat import ChatTemplateError, chat_prompt, end_of_turn_token_ids, render_chat
+from core.chat import ChatTemplateError, chat_token_ids, end_of_turn_token_ids, render_chat
 from core.chat_templates import PRESETS_OF_TEMPLATE, read_builtin_template
 from core.models import CausalLM
 from core.presets.files import PresetFiles
@@ -120,16 +120,17 @@ def test_named_templates_in_tokenizer_config_use_the_default_one(checkpoint, tmp
     assert "tokenizer_config.json 'chat_template' 'default'" in tokenizer.chat_template_source
 
 
-def test_chat_prompt_generates_from_the_ids_transformers_tokenizes(checkpoint, tmp_path):
-    """``chat_prompt`` is what ``generate`` takes: with the start token the preprocessor adds,
-    the prompt's ids are those of ``apply_chat_template(tokenize=True)``, one start token."""
+def test_chat_token_ids_are_the_ids_transformers_tokenizes(checkpoint, tmp_path):
+    """``chat_token_ids`` (what ``generate`` takes for a chat) are ``apply_chat_template(tokenize=True)``'s,
+    with the one start token the template writes; the preprocessor keeps them as they are."""
     directory = with_template(checkpoint, tmp_path / "ckpt", read_builtin_template("llama3_instruct"))
     reference = transformers.AutoTokenizer.from_pretrained(directory)
     lm = CausalLM.from_preset(str(directory))
     for messages in CONVERSATIONS.values():
         expected = reference.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
-        assert lm.preprocessor.generate_preprocess(chat_prompt(lm.preprocessor.tokenizer, messages))[0] == expected
-        assert expected.count(reference.bos_token_id) == 1
+        ids = chat_token_ids(lm.preprocessor.tokenizer, messages)
+        assert ids == expected and expected.count(reference.bos_token_id) == 1
+        assert lm.preprocessor.generate_preprocess([ids]) == [expected]
 
 
 def test_a_converted_checkpoint_keeps_its_template_in_the_keras_hub_preset(checkpoint, tmp_path):
@@ -178,7 +179,8 @@ def test_llama2_chat_format():
         )
         assert render_chat(tokenizer, CONDIMENT[:1]) == "<s>[INST] What is your favourite condiment? [/INST]"
         assert end_of_turn_token_ids(tokenizer) == [tokenizer.token_to_id("</s>")]
-        assert chat_prompt(tokenizer, CONDIMENT[:1]) == "[INST] What is your favourite condiment? [/INST]"
+        ids = chat_token_ids(tokenizer, CONDIMENT[:1])
+        assert ids[0] == tokenizer.start_token_id and tokenizer.detokenize(ids[1:]) == "[INST] What is your favourite condiment? [/INST]"
 
 
 def test_llama3_instruct_format():
@@ -225,7 +227,7 @@ def test_phi3_instruct_format():
             "<|assistant|>\nWell, I'm quite partial to a good squeeze of fresh lemon juice.<|end|>\n<|endoftext|>"
         )
         assert render_chat(tokenizer, CONDIMENT[:1]) == PHI3_QUESTION
-        assert chat_prompt(tokenizer, CONDIMENT[:1]) == PHI3_QUESTION  # no start token to take off
+        assert tokenizer.start_token_id not in chat_token_ids(tokenizer, CONDIMENT[:1])  # the template writes none
         assert end_of_turn_token_ids(tokenizer) == [tokenizer.token_to_id(t) for t in ("<|endoftext|>", "<|end|>")]
 
 

@@ -115,7 +115,7 @@ TEMPLATE = (
 
 
 def test_chat_messages_run_through_the_presets_template(lmq_home, tmp_path, tiny_llama_preset):
-    from core.chat import chat_prompt, end_of_turn_token_ids
+    from core.chat import chat_token_ids, end_of_turn_token_ids, render_chat
     from core.models import CausalLM
 
     chat_preset = tmp_path / "chat-preset"
@@ -131,10 +131,9 @@ def test_chat_messages_run_through_the_presets_template(lmq_home, tmp_path, tiny
     lm = CausalLM.from_preset(str(chat_preset))
     lm.compile(sampler="greedy")
     tokenizer = lm.preprocessor.tokenizer
-    prompt = chat_prompt(tokenizer, messages)
-    assert prompt == "<system>Be brief.\n<user>Open a file\n<assistant>"
-    chat = lm.generate(prompt, max_length=40, max_new_tokens=6, stop_token_ids=end_of_turn_token_ids(tokenizer),
-                       return_details=True)
+    assert render_chat(tokenizer, messages) == "<system>Be brief.\n<user>Open a file\n<assistant>"
+    chat = lm.generate([chat_token_ids(tokenizer, messages)], max_length=40, max_new_tokens=6, stop_token_ids=end_of_turn_token_ids(tokenizer),
+                       return_details=True)[0]
     assert (lines[0]["output"], lines[0]["completion_tokens"]) == (chat.text, chat.completion_tokens)
     assert lines[1]["output"] == lm.generate(PROMPTS[0], max_length=40)
     assert lines[2]["output"] is None

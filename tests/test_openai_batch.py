@@ -164,7 +164,7 @@ def test_a_batch_of_completions_equals_causal_lm_generate_and_bad_lines_are_its_
 
 
 def test_a_chat_batch_renders_the_messages_with_the_preset_template(server, tiny_llama_preset, tmp_path):
-    from core.chat import chat_prompt, end_of_turn_token_ids
+    from core.chat import chat_token_ids, end_of_turn_token_ids
     from core.models import CausalLM
 
     api = client(server)
@@ -192,7 +192,7 @@ def test_a_chat_batch_renders_the_messages_with_the_preset_template(server, tiny
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Raise"},
     ]
-    prompts = [chat_prompt(tokenizer, messages) for messages in plain]
+    prompts = [chat_token_ids(tokenizer, messages) for messages in plain]
     # A chat stops at the end of the turn as well as at the end token.
     stop_ids = list(dict.fromkeys([*tokenizer.stop_token_ids, *end_of_turn_token_ids(tokenizer)]))
     expected = lm.generate(prompts, max_new_tokens=10, strip_prompt=True, stop_token_ids=stop_ids, return_details=True)

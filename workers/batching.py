@@ -19,7 +19,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Prompt:
     index: int
-    text: str
+    text: str | list[int]  # a prompt, or a chat's token ids (core.chat.chat_token_ids)
     length: int  # in tokens
     custom_id: str | None = None
     max_new_tokens: int | None = None  # the row's own, else the job's

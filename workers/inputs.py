@@ -18,9 +18,10 @@ SEQ2SEQ = "seq2seq_lm"
 ITEM_PARAMS = ("max_new_tokens", "sampler", "stop", "stop_token_ids", "seed")
 
 
-def model_input(item_input: dict, task_kind: str, tokenizer) -> tuple[str, list[int]]:
-    """(the text `generate` takes, extra stop token ids) for one item, or a ValueError naming
-    what is wrong with it: an input of another task than the model's, or bad chat messages."""
+def model_input(item_input: dict, task_kind: str, tokenizer) -> tuple[str | list[int], list[int]]:
+    """(the prompt `generate` takes: text, or a chat's token ids; extra stop token ids) for one
+    item, or a ValueError naming what is wrong with it: an input of another task than the
+    model's, or bad chat messages."""
     expected = "encoder_text" if task_kind == SEQ2SEQ else "prompt"
     task = "a sequence-to-sequence model" if task_kind == SEQ2SEQ else "a causal LM"
     given = [name for name in ("prompt", "encoder_text", "messages") if name in item_input]
@@ -28,9 +29,9 @@ def model_input(item_input: dict, task_kind: str, tokenizer) -> tuple[str, list[
         raise ValueError(f"the input must give one of 'prompt', 'encoder_text' or 'messages', got {sorted(item_input)}")
     field = given[0]
     if field == "messages" and task_kind != SEQ2SEQ:
-        from core.chat import chat_prompt, end_of_turn_token_ids
+        from core.chat import chat_token_ids, end_of_turn_token_ids
 
-        return chat_prompt(tokenizer, item_input["messages"]), list(end_of_turn_token_ids(tokenizer))
+        return chat_token_ids(tokenizer, item_input["messages"]), list(end_of_turn_token_ids(tokenizer))
     if field != expected:
         raise ValueError(f"the model is {task}: give {expected!r}, not {field!r}")
     if not isinstance(item_input[field], str):
@@ -93,7 +94,8 @@ def plan(items, job_params: dict, task_kind: str, tokenizer) -> tuple[dict[Setti
         seed = _seed_of(own)
         if seed is None and job_seed is not None:
             seed = job_seed + index
-        prompt = Prompt(index, text, len(tokenizer.tokenize(text)), custom_id,
+        length = len(text) if isinstance(text, list) else len(tokenizer.tokenize(text))
+        prompt = Prompt(index, text, length, custom_id,
                         max_new_tokens=own.get("max_new_tokens", job_params.get("max_new_tokens")), seed=seed)
         groups.setdefault(settings, []).append(prompt)
     return groups, refused

@@ -5,6 +5,7 @@ Each ``<name>.jinja`` is the ``chat_template`` of the model's Hugging Face ``tok
 (newlines inside its string literals written as ``\\n``), rendered by ``core.chat`` as transformers does.
 """
 
+import functools
 import importlib.resources
 
 # template name -> the built-in presets that use it
@@ -15,6 +16,10 @@ PRESETS_OF_TEMPLATE = {
     "mistral_v0.2_instruct": ("mistral_0.2_instruct_7b_en",),  # Mistral-7B-Instruct-v0.2, as released
     "phi3_instruct": ("phi3_mini_4k_instruct_en", "phi3_mini_128k_instruct_en"),  # Phi-3-mini-*-instruct
 }
+# The templates of models whose transformers tokenizer_config.json sets ``legacy: true``: their
+# tokenizer gives the text after each special token SentencePiece's leading "▁" (see
+# SentencePieceTokenizer.tokenize_with_special_tokens); the others', transformers' default, do not.
+LEGACY_TOKENIZATION = ("mistral_v0.1_instruct", "mistral_v0.2_instruct")
 TEMPLATE_OF_PRESET = {preset: name for name, presets in PRESETS_OF_TEMPLATE.items() for preset in presets}
 
 
@@ -29,5 +34,12 @@ def builtin_template_name(handle):
     return TEMPLATE_OF_PRESET.get(handle)
 
 
+@functools.cache
 def read_builtin_template(name):
     return importlib.resources.files(__name__).joinpath(f"{name}.jinja").read_text(encoding="utf-8")
+
+
+def is_legacy_tokenization(template):
+    """Whether a chat rendered with ``template`` is tokenized as transformers' ``legacy: true``
+    tokenizers do: the template is one of ``LEGACY_TOKENIZATION``'s (a copy of a preset keeps it)."""
+    return any(template == read_builtin_template(name) for name in LEGACY_TOKENIZATION)

@@ -111,6 +111,9 @@ class CausalLM(Task):
     ):
         """Generates text for a prompt or a list of prompts (KerasHub semantics, plus more).
 
+        A prompt is a string (the start token is added before its ids) or a list of token ids,
+        used as they are (a chat's, from ``core.chat.chat_token_ids``).
+
         - ``max_length``: prompt plus completion, in tokens (default: the
           preprocessor's ``sequence_length``); ``max_new_tokens`` caps the completion
           (one number for every row, or a list with one per row).

@@ -1,5 +1,8 @@
 """Preprocessors: raw strings in, packed token ids out (and back), as in KerasHub."""
 
+import itertools
+import numbers
+
 import numpy as np
 
 from core.models.serialization import KerasHubSerializable, deserialize, layer_config
@@ -103,11 +106,14 @@ class CausalLMPreprocessor(Preprocessor):
         return features, token_ids[:, 1:], padding_mask[:, 1:]
 
     def generate_preprocess(self, x, sequence_length=None):
-        """Prompts -> lists of ids with the start token and no end token (not padded)."""
-        texts = [x] if isinstance(x, str) else list(x)
-        _check_strings(texts)
+        """Prompts -> lists of ids (not padded): a string tokenized after the start token, with no
+        end token; a list of ids (a chat's, ``core.chat.chat_token_ids``) as it is."""
+        prompts = [x] if isinstance(x, str) else list(x)
+        texts = {i: prompt for i, prompt in enumerate(prompts) if not _is_token_ids(prompt)}
+        _check_strings(texts.values(), indices=texts)
+        tokenized = dict(zip(texts, self.tokenizer.tokenize(list(texts.values())))) if texts else {}
         start = [self.tokenizer.start_token_id] if self.add_start_token else []
-        return [start + row for row in self.tokenizer.tokenize(texts)]
+        return [start + tokenized[i] if i in tokenized else [int(t) for t in prompt] for i, prompt in enumerate(prompts)]
 
     def generate_postprocess(self, token_id_rows):
         """Lists of ids -> strings, with special tokens dropped."""
@@ -117,7 +123,11 @@ class CausalLMPreprocessor(Preprocessor):
         ]
 
 
-def _check_strings(texts):
-    for i, text in enumerate(texts):
+def _check_strings(texts, indices=None):
+    for i, text in zip(indices or itertools.count(), texts):
         if not isinstance(text, str):
             raise TypeError(f"Input {i} must be a string, got {type(text).__name__}: {text!r:.80}")
+
+
+def _is_token_ids(prompt):
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(isinstance(t, numbers.Integral) for t in prompt)

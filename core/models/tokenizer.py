@@ -7,6 +7,7 @@ keep KerasHub's constructor arguments, config and asset file names.
 
 import json
 import pathlib
+import re
 
 import sentencepiece
 import tokenizers
@@ -15,6 +16,9 @@ from core.models.serialization import KerasHubSerializable, layer_config
 from core.presets.files import preset_files
 
 SENTENCEPIECE_ASSET = "vocabulary.spm"
+# sentencepiece_model.proto's piece types that transformers' converter makes added tokens
+UNKNOWN_PIECE, CONTROL_PIECE, USER_DEFINED_PIECE = 2, 3, 4
+SPECIAL_PIECE_TYPES = (UNKNOWN_PIECE, CONTROL_PIECE, USER_DEFINED_PIECE)
 VOCABULARY_ASSET, MERGES_ASSET = "vocabulary.json", "merges.txt"
 
 
@@ -91,6 +95,12 @@ class Tokenizer(KerasHubSerializable):
             return self._encode([inputs])[0]
         return self._encode(list(inputs))
 
+    def tokenize_with_special_tokens(self, text, legacy=False):
+        """The ids of ``text`` in which special tokens are written out (a rendered chat), as
+        transformers' tokenizer of this vocabulary reads it, adding no start token. Byte-level BPE
+        already reads them whole in ``tokenize``; SentencePiece overrides this."""
+        return self.tokenize(text)
+
     def detokenize(self, ids):
         """A list of ids -> string; a list of lists -> list of strings."""
         ids = _to_list(ids)
@@ -133,6 +143,8 @@ class SentencePieceTokenizer(Tokenizer):
         self._proto = proto
         self._processor = processor
         self._check_special_tokens()
+        self._without_dummy_prefix = None
+        self._special_pieces = None
 
     @property
     def processor(self):
@@ -159,6 +171,43 @@ class SentencePieceTokenizer(Tokenizer):
 
     def _decode(self, ids):
         return self.processor.Decode(ids)
+
+    def tokenize_with_special_tokens(self, text, legacy=False):
+        """``text`` split at the pieces transformers' converter makes added tokens (control,
+        unknown and user-defined pieces: ``<s>``, ``</s>``, Phi-3's ``<|user|>``), each its id,
+        and each stretch between them encoded alone. A stretch gets SentencePiece's leading ``▁``
+        as transformers' Metaspace gives it: at the text's start only, or after every special
+        piece with ``legacy`` (the checkpoint's ``legacy: true``), and never before a space.
+
+        ``tokenize`` reads ``<s>`` written in text as characters, as KerasHub's tokenizer does."""
+        special = self._special_piece_ids()
+        pattern = "(" + "|".join(re.escape(piece) for piece in sorted(special, key=len, reverse=True)) + ")"
+        ids, offset = [], 0
+        for stretch in re.split(pattern, text):
+            if stretch in special:
+                ids.append(special[stretch])
+            elif stretch:
+                prefixed = (legacy or offset == 0) and not stretch.startswith(" ")
+                processor = self.processor if prefixed else self._processor_without_dummy_prefix()
+                ids.extend(processor.Encode(stretch))
+            offset += len(stretch)
+        return ids
+
+    def _special_piece_ids(self):
+        if self._special_pieces is None:
+            ids = _piece_ids_of_types(self._proto, SPECIAL_PIECE_TYPES)
+            self._special_pieces = {self.id_to_token(i): i for i in ids}
+        return self._special_pieces
+
+    def _processor_without_dummy_prefix(self):
+        """The model with ``normalizer_spec.add_dummy_prefix = false``: a second ``normalizer_spec``
+        (field 3) holding only ``add_dummy_prefix`` (its field 3, false) is merged into the first,
+        as protobuf merges a repeated message field."""
+        if self._without_dummy_prefix is None:
+            processor = sentencepiece.SentencePieceProcessor()
+            processor.LoadFromSerializedProto(self._proto + b"\x1a\x02\x18\x00")
+            self._without_dummy_prefix = processor
+        return self._without_dummy_prefix
 
     def get_config(self):
         return {
@@ -360,6 +409,46 @@ def _read_asset(path, what):
     if not path.is_file():
         raise FileNotFoundError(f"BPE {what} file not found: {path}")
     return path.read_text(encoding="utf-8")
+
+
+def _piece_ids_of_types(proto, types):
+    """The ids of a serialized SentencePiece ``ModelProto``'s pieces (its field 1, in order) whose
+    ``type`` (the piece's field 3) is one of ``types``; the Python API tells control and unknown
+    pieces but not user-defined ones, and the protobuf package is no dependency."""
+    ids = []
+    for index, piece in enumerate(value for field, value in _fields(proto) if field == 1):
+        piece_type = next((value for field, value in _fields(piece) if field == 3), 1)  # NORMAL by default
+        if piece_type in types:
+            ids.append(index)
+    return ids
+
+
+def _fields(message):
+    """(field number, value) of a protobuf message: varints as ints, length-delimited fields as bytes."""
+    position = 0
+    while position < len(message):
+        key, position = _varint(message, position)
+        field, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            value, position = _varint(message, position)
+        elif wire_type == 2:
+            length, position = _varint(message, position)
+            value, position = message[position : position + length], position + length
+        elif wire_type in (1, 5):  # fixed 64 / 32 bits (a piece's score)
+            value, position = None, position + (8 if wire_type == 1 else 4)
+        else:
+            raise ValueError("Not a valid SentencePiece model.")
+        yield field, value
+
+
+def _varint(data, position):
+    value = shift = 0
+    while True:
+        byte = data[position]
+        value |= (byte & 0x7F) << shift
+        position, shift = position + 1, shift + 7
+        if not byte & 0x80:
+            return value, position
 
 
 def _to_list(ids):
