@@ -35,6 +35,7 @@ from api.jobs import OutputPresetTaken, check_output_name, store_job
 from api.progress import Progress, follow_job, unit_of
 from api.serving import ServeLimits, serve
 from api.suggest import did_you_mean, preset_names
+from core.chat_templates import CHAT_TEMPLATE_FILE, builtin_template_name, read_builtin_template
 from core.config import Settings, SettingsError, load_settings
 from core.logfmt import log_to_stderr
 from core.names import DTYPES, SAMPLER_NAMES, JobKind, JobState, check_preset_name
@@ -259,7 +260,8 @@ def cmd_presets(args) -> int:
             if preset is None:
                 names = [stored.name for stored in queries.list_presets(session)]
                 raise BadInput(f"no preset {args.name!r} in the store{did_you_mean(args.name, names)}")
-            print(json.dumps(schemas.preset_summary(preset), indent=2))
+            summary = {**schemas.preset_summary(preset), "chat_template": chat_template_source(preset.path)}
+            print(json.dumps(summary, indent=2))
         elif args.action == "import":
             import_preset(settings, session, args.handle, args.name, args.tenant)
         elif args.action == "share":
@@ -284,6 +286,10 @@ def import_preset(settings: Settings, session, handle: str, name: str, tenant: s
             source.copy_to(target)  # only the preset's own files: no link out of it is followed
         except PresetFileError as error:  # refused before anything is copied
             raise BadInput(str(error)) from None
+        builtin = builtin_template_name(handle)
+        if builtin is not None and not (target / CHAT_TEMPLATE_FILE).exists():
+            # the copy's name is no built-in preset's: it keeps the template its handle gives
+            (target / CHAT_TEMPLATE_FILE).write_text(read_builtin_template(builtin), encoding="utf-8")
     preset = queries.register_preset(
         session,
         name=name,
@@ -293,6 +299,16 @@ def import_preset(settings: Settings, session, handle: str, name: str, tenant: s
         tenant=tenant,
     )
     print(json.dumps(schemas.preset_summary(preset)))
+
+
+def chat_template_source(path: str) -> str:
+    """Which chat template a stored preset's tokenizer uses, or why it has none."""
+    from core.presets import load_tokenizer
+
+    try:
+        return load_tokenizer(path, cls=object).chat_template_source
+    except (ValueError, OSError) as error:  # a preset whose tokenizer does not load
+        return f"unknown: its tokenizer does not load ({error})"
 
 
 def share_preset(session, name: str, tenant: str) -> None:

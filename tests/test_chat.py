@@ -4,6 +4,8 @@ seed pages' instruct presets), the ids a chat stops at, and every way a chat is 
 
 import json
 import shutil
+import sys
+import types
 
 import pytest
 import transformers
@@ -252,6 +254,57 @@ def test_a_preset_made_from_an_instruct_preset_carries_the_builtin_template(tmp_
     tuned = CausalLM.from_preset(str(tmp_path / "tuned")).preprocessor.tokenizer
     assert tuned.chat_template == read_builtin_template("phi3_instruct")
     assert render_chat(tuned, CONDIMENT[:1]) == PHI3_QUESTION
+
+
+@pytest.fixture
+def kaggle_downloads(tmp_path, monkeypatch):
+    """A kagglehub that "downloads" a handle's variant from the preset ``{variant: fixture name or directory}`` gives."""
+    variants = {}
+
+    def model_download(path):
+        variant = path.split("/")[3]
+        return str(shutil.copytree(FIXTURES / variants[variant], tmp_path / "kaggle" / variant, dirs_exist_ok=True))
+
+    monkeypatch.setitem(sys.modules, "kagglehub", types.SimpleNamespace(model_download=model_download))
+    return variants
+
+
+def test_a_stored_copy_of_an_instruct_preset_keeps_its_builtin_template(capsys, lmq_home, kaggle_downloads):
+    from tests.test_cli import run_cli
+
+    kaggle_downloads.update(llama3_instruct_8b_en="llama3", llama3_8b_en="llama3", phi3_mini_4k_instruct_en="phi3")
+    imports = {
+        "chat": "kaggle://keras/llama3/keras/llama3_instruct_8b_en/2",
+        "base": "kaggle://keras/llama3/keras/llama3_8b_en/2",
+        "by-name": "phi3_mini_4k_instruct_en",
+    }
+    for name, handle in imports.items():
+        code, _, err = run_cli(capsys, "presets", "import", handle, "--name", name)
+        assert code == 0, err
+    store = lmq_home / "presets"
+    assert (store / "chat" / "chat_template.jinja").read_text() == read_builtin_template("llama3_instruct")
+    assert (store / "by-name" / "chat_template.jinja").read_text() == read_builtin_template("phi3_instruct")
+    assert not (store / "base" / "chat_template.jinja").exists()
+    shown = {}
+    for name in imports:
+        code, out, _ = run_cli(capsys, "presets", "show", name)
+        shown[name] = json.loads(out)["chat_template"]
+    assert shown["chat"] == f"preset {str(store / 'chat')!r}: chat_template.jinja"
+    assert "no chat_template.jinja" in shown["base"]
+    tokenizer = Llama3Tokenizer.from_preset(str(store / "chat"))
+    assert render_chat(tokenizer, CONDIMENT[:1]) == render_chat(builtin_tokenizer("llama3", "llama3_instruct_8b_en"), CONDIMENT[:1])
+
+
+def test_a_stored_copy_keeps_the_template_its_download_has(capsys, lmq_home, kaggle_downloads, tmp_path):
+    from tests.test_cli import run_cli
+
+    own = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    with_template = shutil.copytree(FIXTURES / "llama3", tmp_path / "with-template")
+    (with_template / "chat_template.jinja").write_text(own)
+    kaggle_downloads.update(llama3_instruct_8b_en=with_template)
+    code, _, err = run_cli(capsys, "presets", "import", "llama3_instruct_8b_en", "--name", "mine")
+    assert code == 0, err
+    assert (lmq_home / "presets" / "mine" / "chat_template.jinja").read_text() == own
 
 
 def test_the_tokenizers_own_template_wins_over_the_builtin_one(tmp_path):

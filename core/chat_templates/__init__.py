@@ -8,6 +8,8 @@ Each ``<name>.jinja`` is the ``chat_template`` of the model's Hugging Face ``tok
 import functools
 import importlib.resources
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # a preset's own template (transformers' file name)
+
 # template name -> the built-in presets that use it
 PRESETS_OF_TEMPLATE = {
     "llama2_chat": ("llama2_instruct_7b_en", "llama2_instruct_7b_en_int8"),  # meta-llama/Llama-2-7b-chat-hf

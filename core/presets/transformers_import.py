@@ -14,14 +14,13 @@ import importlib
 import keras
 from safetensors import SafetensorError, safe_open
 
-from core.chat_templates import builtin_template_name, read_builtin_template
+from core.chat_templates import CHAT_TEMPLATE_FILE, builtin_template_name, read_builtin_template
 from core.names import DTYPES
 from core.plugins import get_registry
 from core.presets.files import PresetFileError, PresetFileMissing
 from core.presets.weights import dtype_fits
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 def is_transformers_checkpoint(files):
