@@ -61,7 +61,10 @@ def chat_token_ids(tokenizer, messages):
     tokens the template writes (``<s>``, ``</s>``, ``<|eot_id|>``) are their ids, and there is no
     start token but the one the template writes (Phi-3's writes none)."""
     text = render_chat(tokenizer, messages)
-    return tokenizer.tokenize_with_special_tokens(text, legacy=is_legacy_tokenization(tokenizer.chat_template))
+    legacy = tokenizer.legacy_tokenization
+    if legacy is None:
+        legacy = is_legacy_tokenization(tokenizer.chat_template)
+    return tokenizer.tokenize_with_special_tokens(text, legacy=legacy)
 
 
 def end_of_turn_token_ids(tokenizer):

@@ -8,6 +8,7 @@ The reference is transformers' LlamaTokenizer over the same SentencePiece model,
 transformers converts a ``tokenizer.model`` (its vocabulary and merges; control and
 user-defined pieces as added tokens), with the ``legacy`` flag of the model's checkpoint."""
 
+import json
 import shutil
 
 import pytest
@@ -20,7 +21,7 @@ from core.models import CausalLM
 from plugins.llama import LlamaTokenizer
 from plugins.mistral import MistralTokenizer
 from plugins.phi3 import Phi3Tokenizer
-from tests.model_support import docstring_corpus, tiny_llama
+from tests.model_support import docstring_corpus, random_hf_llama, tiny_llama
 from tests.test_item_params import run_job
 
 MAX_LENGTH = 200
@@ -99,6 +100,25 @@ def test_chat_token_ids_are_transformers_apply_chat_template_ids(spm_model, temp
         if len(messages) > 1 and template_name != "phi3_instruct":  # earlier turns end with </s> as an id
             assert expected.count(tokenizer.end_token_id) == sum(m["role"] == "assistant" for m in messages)
         assert expected.count(tokenizer.start_token_id) == text.count("<s>")
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_a_checkpoints_legacy_flag_spaces_its_chats_as_transformers_does(spm_model, tmp_path, legacy):
+    """A transformers checkpoint says in tokenizer_config.json how its tokenizer spaces the text
+    after a special token; its own template (not a built-in one) is read with that flag."""
+    template = read_builtin_template("mistral_v0.2_instruct").replace("[INST]", "[INST] ")
+    reference = reference_tokenizer(spm_model, template, legacy, "</s>")
+    vocabulary_size = LlamaTokenizer(proto=spm_model).vocabulary_size()
+    random_hf_llama(vocab_size=vocabulary_size).save_pretrained(tmp_path)
+    reference.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())  # transformers 5 saves no `legacy`;
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": legacy}))  # the hub's files do
+    shutil.copy(spm_model, tmp_path / "tokenizer.model")
+    loaded = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    tokenizer = CausalLM.from_preset(str(tmp_path), load_weights=False).preprocessor.tokenizer
+    assert tokenizer.legacy_tokenization is legacy
+    for messages in CONVERSATIONS.values():
+        assert chat_token_ids(tokenizer, messages) == reference_ids(loaded, messages) == reference_ids(reference, messages)
 
 
 def test_phi3_chat_gets_no_start_token_its_template_does_not_write(spm_model):

@@ -36,6 +36,7 @@ class Tokenizer(KerasHubSerializable):
     control_tokens = ()  # other special tokens (chat headers), matched whole and dropped from outputs
     chat_template = None  # the preset's jinja2 chat template (core.chat renders it), set when a preset loads
     chat_template_source = None  # where that template came from, or why there is none (for messages)
+    legacy_tokenization = None  # a checkpoint's tokenizer_config.json 'legacy', if it says (core.chat)
 
     def __init__(self, name=None, **kwargs):
         for key in ("trainable", "dtype", "config_file"):

@@ -168,6 +168,18 @@ def attach_chat_template(tokenizer, files):
             template, source = read_builtin_template(builtin), f"lmq's built-in template {builtin}"
     tokenizer.chat_template = template
     tokenizer.chat_template_source = f"preset {files.name!r}: {source}"
+    tokenizer.legacy_tokenization = _legacy_flag(files)
+
+
+def _legacy_flag(files):
+    """``tokenizer_config.json``'s ``legacy`` (how transformers spaces SentencePiece text after a
+    special token), or None where the preset does not say."""
+    try:
+        config = files.read_json("tokenizer_config.json") if files.is_file("tokenizer_config.json") else {}
+    except PresetFileError:
+        return None
+    legacy = config.get("legacy") if isinstance(config, dict) else None
+    return legacy if isinstance(legacy, bool) else None
 
 
 def _chat_template(files):
