@@ -23,10 +23,12 @@ from sqlalchemy.orm import Session
 
 from api import schemas
 from api.dispatch import BrokerUnavailable
+from api.jobs import SEQ2SEQ, preset_task_kind
 from api.openai_common import unix
 from api.openai_lines import CHAT, LineError, Request, parse_line, read_lines
 from core.config import Settings
 from core.names import TERMINAL_STATES, JobState
+from core.presets import PresetNotFound
 from core.store import queries, session_scope, sessions
 from core.store.batches import (
     ERROR,
@@ -39,6 +41,7 @@ from core.store.batches import (
     take_up_validation,
 )
 from core.store.models import Job, OpenAIBatch, utcnow
+from core.store.presets import store_resolver
 
 logger = logging.getLogger("lmq.api")
 
@@ -92,6 +95,14 @@ class Models:
         return self.found[name]
 
 
+def task_of(session: Session, preset: str, tenant: str) -> str | None:
+    """The preset's task ("causal_lm", "seq2seq_lm") from its config.json, as /v1/jobs tells it; None if not local."""
+    try:
+        return preset_task_kind(store_resolver(session, tenant=tenant).locate(preset))
+    except PresetNotFound:
+        return None
+
+
 def lines_of(path: Path, endpoint: str, settings: Settings) -> Iterator[tuple[int, Request | LineError]]:
     for number, raw in read_lines(path, settings.limits):
         if isinstance(raw, LineError):
@@ -134,8 +145,11 @@ def batch_model(path: Path, endpoint: str, settings: Settings, models: Models) -
     raise NotABatchFile(problem.code, message, number)
 
 
-def job_items(path: Path, batch: OpenAIBatch, model: str, settings: Settings, models: Models) -> Iterator[dict]:
-    """One item per line, in order; a line that cannot run is an item with its error (and its error's code)."""
+def job_items(
+    path: Path, batch: OpenAIBatch, model: str, settings: Settings, models: Models, seq2seq: bool
+) -> Iterator[dict]:
+    """One item per line, in order; a line that cannot run is an item with its error (and its error's code).
+    A sequence-to-sequence model (Bart) reads a completion's prompt as its encoder text and has no chat."""
     seen: set[str] = set()
     count = 0
     for number, request in lines_of(path, batch.endpoint, settings):
@@ -161,9 +175,16 @@ def job_items(path: Path, batch: OpenAIBatch, model: str, settings: Settings, mo
                     "(a batch runs one model)"
                 )
                 yield refused(request.custom_id, "model_mismatch", message)
+        elif seq2seq and "messages" in request.input:
+            seen.add(request.custom_id)
+            message = f"line {number}: model {model!r} is a sequence-to-sequence model: send /v1/completions prompts"
+            yield refused(request.custom_id, "model_not_supported", message)
         else:
             seen.add(request.custom_id)
-            yield {"custom_id": request.custom_id, "input": request.input}
+            source = request.input
+            if seq2seq:
+                source = {"encoder_text": source["prompt"], "params": source["params"]}
+            yield {"custom_id": request.custom_id, "input": source}
 
 
 def refused(custom_id: str | None, code: str, message: str) -> dict:
@@ -191,6 +212,7 @@ def validate(settings: Settings, dispatch, batch_id: str) -> None:
                 )
             models = Models(session, settings, batch.tenant)
             model, preset = batch_model(path, batch.endpoint, settings, models)
+            seq2seq = task_of(session, preset, batch.tenant) == SEQ2SEQ
             job = create_batch_job(
                 session,
                 batch_id,
@@ -198,7 +220,7 @@ def validate(settings: Settings, dispatch, batch_id: str) -> None:
                 model=model,
                 params=JOB_PARAMS,
                 tenant=batch.tenant,
-                items=job_items(path, batch, model, settings, models),
+                items=job_items(path, batch, model, settings, models, seq2seq),
             )
             if job is None:
                 session.rollback()

@@ -49,7 +49,11 @@ def not_found(kind: str, identifier: str, param: str | None = None) -> OpenAIErr
 def validation_error(error: RequestValidationError) -> OpenAIError:
     """FastAPI's 422 as OpenAI's 400, naming the bad field (`metadata.k`, `limit`, ...) in `param`."""
     found = schemas.problems(error.errors())
-    names = [schemas.field_name(problem["loc"][1:]) or str(problem["loc"][0]) for problem in found]
+    # ("body", "metadata", "k") -> "metadata.k"; a body that is not JSON at all, ("body", 0), is "body".
+    names = [
+        schemas.field_name(loc[1:]) if len(loc) > 1 and isinstance(loc[1], str) else str(loc[0])
+        for loc in (problem["loc"] for problem in found)
+    ]
     message = "; ".join(f"{name}: {problem['msg']}" for name, problem in zip(names, found[:10]))
     return OpenAIError(400, message or "invalid request", param=names[0] if names else None, code="invalid_request")
 

@@ -22,6 +22,8 @@ from core.chat_templates import read_builtin_template
 
 MODEL = "tiny"  # the tiny Llama, imported into the store as team-a's
 CHAT_MODEL = "tiny-chat"  # the same weights with Llama 2's chat template
+BART_MODEL = "tiny-bart"  # the Bart that KerasHub saved (tests/fixtures)
+BART = REPO / "tests" / "fixtures" / "keras_hub_presets" / "bart"
 TERMINAL = ("completed", "failed", "cancelled", "expired")
 MAX_FILE_BYTES = 4 * 2**20
 
@@ -58,7 +60,11 @@ def server(request, tmp_path_factory, tiny_llama_preset):
         database = request.getfixturevalue("postgres_url")
         redis.Redis.from_url(broker).flushdb()
         env.update(LMQ_DATABASE_URL=database, LMQ_BROKER_URL=broker)
-    for name, directory in ((MODEL, tiny_llama_preset), (CHAT_MODEL, chat_preset(tiny_llama_preset, root))):
+    for name, directory in (
+        (MODEL, tiny_llama_preset),
+        (CHAT_MODEL, chat_preset(tiny_llama_preset, root)),
+        (BART_MODEL, BART),
+    ):
         import_preset(env, directory, name, "team-a")
     if request.param == "service":
         worker = Worker(env, root / "worker.log")
@@ -202,6 +208,29 @@ def test_a_chat_batch_renders_the_messages_with_the_preset_template(server, tiny
         assert body["choices"][0]["message"] == {"role": "assistant", "content": generation.text, "refusal": None}
         assert body["choices"][0]["finish_reason"] == generation.finish_reason
         assert body["usage"]["prompt_tokens"] == generation.prompt_tokens
+
+
+def test_a_sequence_to_sequence_model_reads_a_completion_s_prompt_as_its_encoder_text(server):
+    from core.models import Seq2SeqLM
+
+    api = client(server)
+    texts = json.loads((BART.parent / "expected.json").read_text())["bart"]["inputs"][:2]
+    lines = [
+        line(f"s{i}", {"model": BART_MODEL, "prompt": t, "max_tokens": 8, "temperature": 0})
+        for i, t in enumerate(texts)
+    ]
+    chat = line("chat", {"model": BART_MODEL, "messages": [{"role": "user", "content": "Hi"}]}, "/v1/chat/completions")
+    batch = run_batch(api, upload(api, lines).id, logs=server.logs)
+    assert batch.status == "completed" and batch.request_counts.completed == 2, batch
+    lm = Seq2SeqLM.from_preset(str(BART))
+    lm.compile(sampler="greedy")
+    expected = lm.generate(texts, max_new_tokens=8, strip_prompt=True, return_details=True)
+    output = jsonl(api, batch.output_file_id)
+    assert [entry["response"]["body"]["choices"][0]["text"] for entry in output] == [g.text for g in expected]
+    # It has no chat: a chat batch's lines are errors that say so.
+    refused = run_batch(api, upload(api, [chat]).id, "/v1/chat/completions", logs=server.logs)
+    (error,) = jsonl(api, refused.error_file_id)
+    assert error["error"]["code"] == "model_not_supported" and "sequence-to-sequence" in error["error"]["message"]
 
 
 def long_batch(api, lines=400, logs=()):
