@@ -21,7 +21,7 @@ import jinja2.ext
 import jinja2.nodes
 import jinja2.sandbox
 
-from core.chat_templates import PRESETS_OF_TEMPLATE, is_legacy_tokenization
+from core.chat_templates import PRESETS_OF_TEMPLATE, builtin_tokenization
 
 # Tokens that end a turn in common templates: one written by a template that the vocabulary
 # has also stops generation (the tokenizer's end token always does).
@@ -61,10 +61,8 @@ def chat_token_ids(tokenizer, messages):
     tokens the template writes (``<s>``, ``</s>``, ``<|eot_id|>``) are their ids, and there is no
     start token but the one the template writes (Phi-3's writes none)."""
     text = render_chat(tokenizer, messages)
-    legacy = tokenizer.legacy_tokenization
-    if legacy is None:
-        legacy = is_legacy_tokenization(tokenizer.chat_template)
-    return tokenizer.tokenize_with_special_tokens(text, legacy=legacy)
+    settings = {**builtin_tokenization(tokenizer.chat_template), **tokenizer.checkpoint_tokenization}
+    return tokenizer.tokenize_with_special_tokens(text, **settings)
 
 
 def end_of_turn_token_ids(tokenizer):

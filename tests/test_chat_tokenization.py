@@ -36,12 +36,13 @@ TURNS = [
 ]
 CONVERSATIONS = {"one turn": TURNS[:1], "three turns": TURNS[:3], "five turns": TURNS}
 
-# built-in template -> (lmq tokenizer class, the checkpoint's `legacy`, its end token, takes a system prompt)
+# built-in template -> (lmq tokenizer class, the checkpoint's `legacy`, its end token, its rstrip
+# tokens, takes a system prompt): Phi-3-mini-4k-instruct's tokenizer_config.json marks its chat tokens rstrip
 MODELS = {
-    "llama2_chat": (LlamaTokenizer, False, "</s>", True),  # Llama-2-7b-chat-hf: transformers' default
-    "mistral_v0.1_instruct": (MistralTokenizer, True, "</s>", False),
-    "mistral_v0.2_instruct": (MistralTokenizer, True, "</s>", False),
-    "phi3_instruct": (Phi3Tokenizer, False, "<|endoftext|>", True),
+    "llama2_chat": (LlamaTokenizer, False, "</s>", (), True),  # Llama-2-7b-chat-hf: transformers' default
+    "mistral_v0.1_instruct": (MistralTokenizer, True, "</s>", (), False),
+    "mistral_v0.2_instruct": (MistralTokenizer, True, "</s>", (), False),
+    "phi3_instruct": (Phi3Tokenizer, False, "<|endoftext|>", ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), True),
 }
 
 
@@ -62,15 +63,17 @@ def spm_model(tmp_path_factory):
     return directory / "spm.model"
 
 
-def reference_tokenizer(spm_model, template, legacy, end_token):
-    """transformers' tokenizer of ``spm_model`` with ``template``, as a checkpoint with
-    ``tokenizer_config.json``'s ``legacy`` set to ``legacy`` loads it."""
+def reference_tokenizer(spm_model, template, legacy, end_token, rstrip=()):
+    """transformers' tokenizer of ``spm_model`` with ``template``, as a checkpoint whose
+    ``tokenizer_config.json`` sets ``legacy`` and marks the added tokens ``rstrip`` loads it."""
     lmq = LlamaTokenizer(proto=spm_model)
     vocabulary = {lmq.id_to_token(i): i for i in range(lmq.vocabulary_size())}
     reference = transformers.LlamaTokenizer(
         vocab=vocabulary, merges=generate_merges(vocabulary), legacy=legacy, eos_token=end_token
     )
-    reference.add_tokens([transformers.AddedToken(t, normalized=False, special=False) for t in PHI3_TOKENS])
+    reference.add_tokens(
+        [transformers.AddedToken(t, normalized=False, special=False, rstrip=t in rstrip) for t in PHI3_TOKENS]
+    )
     reference.chat_template = template
     return reference
 
@@ -87,9 +90,9 @@ def reference_ids(reference, messages):
 
 @pytest.mark.parametrize("template_name", list(MODELS))
 def test_chat_token_ids_are_transformers_apply_chat_template_ids(spm_model, template_name):
-    tokenizer_cls, legacy, end_token, takes_system = MODELS[template_name]
+    tokenizer_cls, legacy, end_token, rstrip, takes_system = MODELS[template_name]
     template = read_builtin_template(template_name)
-    reference = reference_tokenizer(spm_model, template, legacy, end_token)
+    reference = reference_tokenizer(spm_model, template, legacy, end_token, rstrip)
     tokenizer = lmq_tokenizer(tokenizer_cls, spm_model, template)
     conversations = [*CONVERSATIONS.values(), *([[SYSTEM, *TURNS]] if takes_system else [])]
     for messages in conversations:
@@ -102,22 +105,34 @@ def test_chat_token_ids_are_transformers_apply_chat_template_ids(spm_model, temp
         assert expected.count(tokenizer.start_token_id) == text.count("<s>")
 
 
-@pytest.mark.parametrize("legacy", [True, False])
-def test_a_checkpoints_legacy_flag_spaces_its_chats_as_transformers_does(spm_model, tmp_path, legacy):
-    """A transformers checkpoint says in tokenizer_config.json how its tokenizer spaces the text
-    after a special token; its own template (not a built-in one) is read with that flag."""
-    template = read_builtin_template("mistral_v0.2_instruct").replace("[INST]", "[INST] ")
-    reference = reference_tokenizer(spm_model, template, legacy, "</s>")
+CHECKPOINTS = {  # a template of its own (no built-in one), the tokenizer_config.json flags that read it
+    "legacy": ("mistral_v0.2_instruct", True, ()),
+    "rstrip": ("phi3_instruct", False, ("<|user|>", "<|end|>")),
+    "default": ("llama2_chat", False, ()),
+}
+
+
+@pytest.mark.parametrize("checkpoint", list(CHECKPOINTS))
+def test_a_checkpoints_tokenizer_config_says_how_its_chats_are_read(spm_model, tmp_path, checkpoint):
+    """A transformers checkpoint says in tokenizer_config.json how its tokenizer reads special
+    tokens in text (``legacy``, each added token's ``rstrip``); its own template is read so."""
+    builtin, legacy, rstrip = CHECKPOINTS[checkpoint]
+    template = read_builtin_template(builtin).replace("' + message['content']", "' + message['content'] | trim")
+    reference = reference_tokenizer(spm_model, template, legacy, "</s>", rstrip)
     vocabulary_size = LlamaTokenizer(proto=spm_model).vocabulary_size()
     random_hf_llama(vocab_size=vocabulary_size).save_pretrained(tmp_path)
     reference.save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "tokenizer_config.json").read_text())  # transformers 5 saves no `legacy`;
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": legacy}))  # the hub's files do
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())  # transformers 5 writes neither;
+    added = {str(reference.convert_tokens_to_ids(t)): {"content": t, "rstrip": t in rstrip} for t in PHI3_TOKENS}
+    config.update(legacy=legacy, added_tokens_decoder=added)  # the hub's checkpoints have both
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     shutil.copy(spm_model, tmp_path / "tokenizer.model")
     loaded = transformers.AutoTokenizer.from_pretrained(tmp_path)
     tokenizer = CausalLM.from_preset(str(tmp_path), load_weights=False).preprocessor.tokenizer
-    assert tokenizer.legacy_tokenization is legacy
-    for messages in CONVERSATIONS.values():
+    assert tokenizer.chat_template == template != read_builtin_template(builtin)
+    assert tokenizer.checkpoint_tokenization == {"legacy": legacy, "rstrip": rstrip}
+    conversations = [*CONVERSATIONS.values(), *([[SYSTEM, *TURNS]] if builtin != "mistral_v0.2_instruct" else [])]
+    for messages in conversations:
         assert chat_token_ids(tokenizer, messages) == reference_ids(loaded, messages) == reference_ids(reference, messages)
 
 
@@ -174,7 +189,7 @@ def test_a_chat_item_runs_on_the_ids_transformers_gives(lmq_home, spm_model, cha
     """Through `lmq`'s job machinery (the embedded default), a multi-turn chat item's completion is
     greedy ``generate`` on ``apply_chat_template``'s ids, stopping at the template's turn end."""
     preset = chat_presets[template_name]
-    _, legacy, end_token, _ = MODELS[template_name]
+    _, legacy, end_token, rstrip, _ = MODELS[template_name]
     messages = TURNS[:3]
     inputs = [
         {"custom_id": "chat", "messages": messages, "params": {"max_new_tokens": 8}},
@@ -185,7 +200,8 @@ def test_a_chat_item_runs_on_the_ids_transformers_gives(lmq_home, spm_model, cha
     lm = CausalLM.from_preset(str(preset))
     lm.compile(sampler="greedy")
     tokenizer = lm.preprocessor.tokenizer
-    expected_ids = reference_ids(reference_tokenizer(spm_model, tokenizer.chat_template, legacy, end_token), messages)
+    reference = reference_tokenizer(spm_model, tokenizer.chat_template, legacy, end_token, rstrip)
+    expected_ids = reference_ids(reference, messages)
     chat = lm.generate(
         [expected_ids], max_length=MAX_LENGTH, max_new_tokens=8, stop_token_ids=end_of_turn_token_ids(tokenizer),
         return_details=True,

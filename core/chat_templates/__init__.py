@@ -18,10 +18,17 @@ PRESETS_OF_TEMPLATE = {
     "mistral_v0.2_instruct": ("mistral_0.2_instruct_7b_en",),  # Mistral-7B-Instruct-v0.2, as released
     "phi3_instruct": ("phi3_mini_4k_instruct_en", "phi3_mini_128k_instruct_en"),  # Phi-3-mini-*-instruct
 }
-# The templates of models whose transformers tokenizer_config.json sets ``legacy: true``: their
-# tokenizer gives the text after each special token SentencePiece's leading "▁" (see
-# SentencePieceTokenizer.tokenize_with_special_tokens); the others', transformers' default, do not.
-LEGACY_TOKENIZATION = ("mistral_v0.1_instruct", "mistral_v0.2_instruct")
+# How transformers' tokenizer of each template's model reads the special tokens a rendered chat
+# writes, where it is not transformers' default (the arguments of
+# Tokenizer.tokenize_with_special_tokens): Mistral's tokenizer_config.json sets `legacy: true` (the
+# text after each special token gets SentencePiece's leading "▁"); Phi-3's marks its chat tokens
+# `rstrip` (the whitespace after them is dropped), all of its added tokens but <unk>, <s>, <|endoftext|>.
+PHI3_RSTRIP = ("</s>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>", *(f"<|placeholder{i}|>" for i in range(1, 7)))
+TOKENIZATION_OF_TEMPLATE = {
+    "mistral_v0.1_instruct": {"legacy": True},
+    "mistral_v0.2_instruct": {"legacy": True},
+    "phi3_instruct": {"rstrip": PHI3_RSTRIP},
+}
 TEMPLATE_OF_PRESET = {preset: name for name, presets in PRESETS_OF_TEMPLATE.items() for preset in presets}
 
 
@@ -41,7 +48,10 @@ def read_builtin_template(name):
     return importlib.resources.files(__name__).joinpath(f"{name}.jinja").read_text(encoding="utf-8")
 
 
-def is_legacy_tokenization(template):
-    """Whether a chat rendered with ``template`` is tokenized as transformers' ``legacy: true``
-    tokenizers do: the template is one of ``LEGACY_TOKENIZATION``'s (a copy of a preset keeps it)."""
-    return any(template == read_builtin_template(name) for name in LEGACY_TOKENIZATION)
+def builtin_tokenization(template):
+    """``TOKENIZATION_OF_TEMPLATE``'s settings for ``template`` when it is that built-in template
+    (a copy of a preset keeps its template, so it keeps them); else none."""
+    for name, settings in TOKENIZATION_OF_TEMPLATE.items():
+        if template == read_builtin_template(name):
+            return settings
+    return {}

@@ -36,7 +36,7 @@ class Tokenizer(KerasHubSerializable):
     control_tokens = ()  # other special tokens (chat headers), matched whole and dropped from outputs
     chat_template = None  # the preset's jinja2 chat template (core.chat renders it), set when a preset loads
     chat_template_source = None  # where that template came from, or why there is none (for messages)
-    legacy_tokenization = None  # a checkpoint's tokenizer_config.json 'legacy', if it says (core.chat)
+    checkpoint_tokenization = {}  # what a checkpoint's tokenizer_config.json says of tokenize_with_special_tokens' settings
 
     def __init__(self, name=None, **kwargs):
         for key in ("trainable", "dtype", "config_file"):
@@ -96,7 +96,7 @@ class Tokenizer(KerasHubSerializable):
             return self._encode([inputs])[0]
         return self._encode(list(inputs))
 
-    def tokenize_with_special_tokens(self, text, legacy=False):
+    def tokenize_with_special_tokens(self, text, legacy=False, rstrip=()):
         """The ids of ``text`` in which special tokens are written out (a rendered chat), as
         transformers' tokenizer of this vocabulary reads it, adding no start token. Byte-level BPE
         already reads them whole in ``tokenize``; SentencePiece overrides this."""
@@ -173,25 +173,30 @@ class SentencePieceTokenizer(Tokenizer):
     def _decode(self, ids):
         return self.processor.Decode(ids)
 
-    def tokenize_with_special_tokens(self, text, legacy=False):
+    def tokenize_with_special_tokens(self, text, legacy=False, rstrip=()):
         """``text`` split at the pieces transformers' converter makes added tokens (control,
         unknown and user-defined pieces: ``<s>``, ``</s>``, Phi-3's ``<|user|>``), each its id,
         and each stretch between them encoded alone. A stretch gets SentencePiece's leading ``▁``
         as transformers' Metaspace gives it: at the text's start only, or after every special
-        piece with ``legacy`` (the checkpoint's ``legacy: true``), and never before a space.
+        piece with ``legacy`` (the checkpoint's ``legacy: true``), and never before a space. The
+        whitespace after a token in ``rstrip`` is dropped, as transformers' ``AddedToken(rstrip=True)``.
 
         ``tokenize`` reads ``<s>`` written in text as characters, as KerasHub's tokenizer does."""
         special = self._special_piece_ids()
         pattern = "(" + "|".join(re.escape(piece) for piece in sorted(special, key=len, reverse=True)) + ")"
-        ids, offset = [], 0
-        for stretch in re.split(pattern, text):
+        ids, offset, previous = [], 0, None
+        for stretch in re.split(pattern, text):  # text, special token, text, ...
             if stretch in special:
                 ids.append(special[stretch])
-            elif stretch:
-                prefixed = (legacy or offset == 0) and not stretch.startswith(" ")
-                processor = self.processor if prefixed else self._processor_without_dummy_prefix()
-                ids.extend(processor.Encode(stretch))
-            offset += len(stretch)
+            else:
+                if previous in rstrip:
+                    stripped = stretch.lstrip()
+                    offset, stretch = offset + len(stretch) - len(stripped), stripped
+                if stretch:
+                    prefixed = (legacy or offset == 0) and not stretch.startswith(" ")
+                    processor = self.processor if prefixed else self._processor_without_dummy_prefix()
+                    ids.extend(processor.Encode(stretch))
+            offset, previous = offset + len(stretch), stretch
         return ids
 
     def _special_piece_ids(self):

@@ -168,18 +168,24 @@ def attach_chat_template(tokenizer, files):
             template, source = read_builtin_template(builtin), f"lmq's built-in template {builtin}"
     tokenizer.chat_template = template
     tokenizer.chat_template_source = f"preset {files.name!r}: {source}"
-    tokenizer.legacy_tokenization = _legacy_flag(files)
+    tokenizer.checkpoint_tokenization = _tokenization(files)
 
 
-def _legacy_flag(files):
-    """``tokenizer_config.json``'s ``legacy`` (how transformers spaces SentencePiece text after a
-    special token), or None where the preset does not say."""
+def _tokenization(files):
+    """What ``tokenizer_config.json`` says of how transformers reads special tokens in text: its
+    ``legacy`` (SentencePiece's "▁" after each one), and the tokens its ``added_tokens_decoder``
+    marks ``rstrip``; nothing where the preset has no such file."""
     try:
         config = files.read_json("tokenizer_config.json") if files.is_file("tokenizer_config.json") else {}
     except PresetFileError:
-        return None
-    legacy = config.get("legacy") if isinstance(config, dict) else None
-    return legacy if isinstance(legacy, bool) else None
+        return {}
+    config = config if isinstance(config, dict) else {}
+    settings = {"legacy": config["legacy"]} if isinstance(config.get("legacy"), bool) else {}
+    added = config.get("added_tokens_decoder")
+    if isinstance(added, dict):
+        tokens = [token for token in added.values() if isinstance(token, dict)]
+        settings["rstrip"] = tuple(str(t.get("content")) for t in tokens if t.get("rstrip") is True)
+    return settings
 
 
 def _chat_template(files):
