@@ -80,7 +80,7 @@ async def upload_file(request: Request, tenant: str = TenantDep, settings: Setti
 
 
 @router.get("")
-def list_uploaded(
+def list_your_files(
     purpose: Literal["batch", "batch_output"] | None = None,
     limit: int = Query(10000, ge=1, le=10000),
     after: str | None = Query(None, description="the last id of the previous page"),
