@@ -99,7 +99,7 @@ class FalconBackbone(DecoderOnlyBackbone):
         device = str(positions.device)
         if device not in self._alibi_slopes:
             self._alibi_slopes[device] = alibi_slopes(self.num_attention_heads).to(positions.device)
-        dtype = self.token_embedding.embeddings.value.dtype
+        dtype = self.token_embedding.output_dtype
         context.mask = alibi_mask(self._alibi_slopes[device], key_positions, context.mask, self.head_dim, dtype)
         return context
 

@@ -119,7 +119,7 @@ class Phi3Backbone(LlamaStyleBackbone):
             long_context = context.cache.long_context
         else:  # a forward pass over positions [0, length)
             long_context = positions.shape[-1] > self.pretraining_sequence_length
-        dtype = self.token_embedding.embeddings.value.dtype
+        dtype = self.token_embedding.output_dtype
         context.cos, context.sin = self.rotary.cos_sin(positions, dtype, long_context)
         return context
 
@@ -131,7 +131,7 @@ class Phi3Backbone(LlamaStyleBackbone):
         width = prompt_width or 0
         return LongRopeKVCache(
             *shape,
-            embeddings.dtype,
+            self.token_embedding.output_dtype,
             embeddings.device,
             prompt_width=width,
             long_context=width > self.pretraining_sequence_length,
