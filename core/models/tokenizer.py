@@ -145,7 +145,7 @@ class SentencePieceTokenizer(Tokenizer):
         self._processor = processor
         self._check_special_tokens()
         self._without_dummy_prefix = None
-        self._special_pieces = None
+        self._special_pieces_and_pattern = None
 
     @property
     def processor(self):
@@ -182,10 +182,9 @@ class SentencePieceTokenizer(Tokenizer):
         whitespace after a token in ``rstrip`` is dropped, as transformers' ``AddedToken(rstrip=True)``.
 
         ``tokenize`` reads ``<s>`` written in text as characters, as KerasHub's tokenizer does."""
-        special = self._special_piece_ids()
-        pattern = "(" + "|".join(re.escape(piece) for piece in sorted(special, key=len, reverse=True)) + ")"
+        special, pattern = self._special_pieces()
         ids, offset, previous = [], 0, None
-        for stretch in re.split(pattern, text):  # text, special token, text, ...
+        for stretch in pattern.split(text):  # text, special piece, text, ...
             if stretch in special:
                 ids.append(special[stretch])
             else:
@@ -199,16 +198,18 @@ class SentencePieceTokenizer(Tokenizer):
             offset, previous = offset + len(stretch), stretch
         return ids
 
-    def _special_piece_ids(self):
-        if self._special_pieces is None:
-            ids = _piece_ids_of_types(self._proto, SPECIAL_PIECE_TYPES)
-            self._special_pieces = {self.id_to_token(i): i for i in ids}
-        return self._special_pieces
+    def _special_pieces(self):
+        """({special piece: id}, the pattern that splits text at them, longest first)."""
+        if self._special_pieces_and_pattern is None:
+            pieces = {self.id_to_token(i): i for i in _piece_ids_of_types(self._proto, SPECIAL_PIECE_TYPES)}
+            alternatives = "|".join(re.escape(piece) for piece in sorted(pieces, key=len, reverse=True))
+            self._special_pieces_and_pattern = pieces, re.compile(f"({alternatives})")
+        return self._special_pieces_and_pattern
 
     def _processor_without_dummy_prefix(self):
         """The model with ``normalizer_spec.add_dummy_prefix = false``: a second ``normalizer_spec``
         (field 3) holding only ``add_dummy_prefix`` (its field 3, false) is merged into the first,
-        as protobuf merges a repeated message field."""
+        as protobuf merges a message field that appears twice."""
         if self._without_dummy_prefix is None:
             processor = sentencepiece.SentencePieceProcessor()
             processor.LoadFromSerializedProto(self._proto + b"\x1a\x02\x18\x00")
