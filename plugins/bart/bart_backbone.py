@@ -216,3 +216,18 @@ class BartBackbone(Backbone):
             layers.update({f"{prefix}/_cross_attention_layer/{k}": v for k, v in attention(block.cross_attention).items()})
             layers[f"{prefix}/_cross_attention_layer_norm"] = norm(block.cross_attention_norm)
         return keras_weight_paths(layers)
+
+    def keras_hub_quantized_layers(self):
+        """KerasHub's BartBackbone paths of the layers an int8 preset quantizes (its ``DTypePolicyMap`` keys)."""
+        projections = ("query", "key", "value", "attention_output")
+        feedforward = ("feedforward_intermediate_dense", "feedforward_output_dense")
+        paths = ["token_embedding"]
+        for index in range(len(self.encoder_transformer_layers)):
+            block = f"transformer_encoder_layer_{index}"
+            paths += [f"{block}/self_attention_layer/{name}" for name in projections]
+            paths += [f"{block}/{name}" for name in feedforward]
+        for index in range(len(self.decoder_transformer_layers)):
+            block = f"transformer_decoder_layer_{index}"
+            paths += [f"{block}/{attention}/{name}" for attention in ("self_attention", "cross_attention") for name in projections]
+            paths += [f"{block}/{name}" for name in feedforward]
+        return paths

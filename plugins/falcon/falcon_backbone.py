@@ -106,6 +106,19 @@ class FalconBackbone(DecoderOnlyBackbone):
     def keras_hub_weights(self):
         return falcon_weights(self)
 
+    def keras_hub_quantized_layers(self):
+        return falcon_quantized_layers(self)
+
+
+def falcon_quantized_layers(backbone):
+    """KerasHub's FalconBackbone paths of the layers an int8 preset quantizes (its ``DTypePolicyMap`` keys)."""
+    paths = ["token_embedding"]
+    for index in range(len(backbone.transformer_layers)):
+        block = f"transformer_layer_{index}"
+        paths += [f"{block}/attention/{name}_dense" for name in ("query", "key", "value", "output")]
+        paths += [f"{block}/dense_h_to_4h", f"{block}/dense_4h_to_h"]
+    return paths
+
 
 def falcon_weights(backbone, second_norm="post_attention_layernorm"):
     """KerasHub's FalconBackbone layout of ``model.weights.h5``: every kernel with its bias

@@ -4,7 +4,7 @@ from core.layers import CachedAttention, DecoderBlock, ParallelDecoderBlock, Rev
 from core.layers.feedforward import FeedForward
 from core.layers.norms import LayerNorm
 from core.models.backbone import DecoderOnlyBackbone
-from plugins.falcon.falcon_backbone import falcon_weights
+from plugins.falcon.falcon_backbone import falcon_quantized_layers, falcon_weights
 
 
 class FalconRotaryBackbone(DecoderOnlyBackbone):
@@ -114,3 +114,6 @@ class FalconRotaryBackbone(DecoderOnlyBackbone):
         """KerasHub's FalconBackbone layout; a block's second norm is ``post_attention_layernorm``
         one after the other, ``mlp_layernorm`` in parallel."""
         return falcon_weights(self, "mlp_layernorm" if self.parallel_attention else "post_attention_layernorm")
+
+    def keras_hub_quantized_layers(self):
+        return falcon_quantized_layers(self)
