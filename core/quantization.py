@@ -10,7 +10,8 @@ scale per token row; the reversed (head) matrix one per vocabulary column.
 
 lmq stores exactly Keras' values and scales, so a preset quantized by KerasHub loads here
 and one quantized here loads in KerasHub. On the CPU the integer product is
-``torch._int_mm``: it reads a quarter of float32's bytes, which is what makes decoding faster.
+``torch._int_mm``: it reads a quarter of float32's bytes, which is what makes decoding faster;
+nothing is dequantized per step.
 """
 
 from dataclasses import dataclass
@@ -50,6 +51,16 @@ def quantize_rows(x):
     return (x * scale).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale
 
 
+def int8_matmul(rows, values):
+    """int8 [m, k] @ int8 [k, n] -> the exact integer products: ``torch._int_mm`` (int32) on the
+    CPU, where it takes any shape, and on CUDA for the shapes its kernels take (m > 16, k and n
+    multiples of 8, as Keras checks); else a float32 matmul of the same integers."""
+    m, k = rows.shape
+    if rows.device.type == "cpu" or (m > 16 and k % 8 == 0 and values.shape[1] % 8 == 0):
+        return torch._int_mm(rows, values)
+    return rows.float() @ values.float()
+
+
 @dataclass(frozen=True)
 class Int8Kernel:
     """A [in, out] kernel held as int8 ``values`` and per-output ``scale`` [out]: kernel ~= values / scale."""
@@ -64,7 +75,7 @@ class Int8Kernel:
     def project(self, x, bias=None):
         """``x @ kernel (+ bias)`` as Keras' int8 Dense computes it."""
         rows, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
-        y = torch._int_mm(rows, self.values).to(x.dtype) / (x_scale * self.scale)
+        y = int8_matmul(rows, self.values).to(x.dtype) / (x_scale * self.scale)
         if bias is not None:
             y += bias
         return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -287,6 +287,16 @@ def test_quantized_dtypes_and_double_quantization_are_refused():
         lm.backbone.enable_lora(2)
 
 
+def test_int8_weights_under_a_float_config_are_refused_by_name(tmp_path):
+    preset = tmp_path / "mislabelled"
+    shutil.copytree(FIXTURES / "llama_int8", preset)
+    config = json.loads((preset / "config.json").read_text())
+    config["config"]["dtype"] = "float32"
+    (preset / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="holds int8 weights .*but config.json's dtype is not int8"):
+        CausalLM.from_preset(str(preset))
+
+
 def test_an_int8_preset_loads_in_bfloat16_and_stays_int8():
     lm = CausalLM.from_preset(str(FIXTURES / "llama_int8"), dtype="bfloat16")
     assert {str(v.dtype) for v in lm.backbone.weights} == {"int8", "bfloat16"}

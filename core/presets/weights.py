@@ -81,10 +81,14 @@ def read_weights(backbone, files, relative=WEIGHTS_FILE):
         missing = sorted(expected.keys() - found.keys())
         unexpected = sorted(found.keys() - expected.keys())
         if missing or unexpected:
+            int8 = [name for name, data in found.items() if _stored_dtype(data) == "int8"]
+            hint = ""
+            if int8 and backbone.quantization_mode is None:
+                hint = f" It holds int8 weights ({int8[0]!r}...), but config.json's dtype is not int8."
             refuse(
                 f"does not match {type(backbone).__name__}'s config: "
                 f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}."
+                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}.{hint}"
             )
         for name, variable in expected.items():
             data = found[name]
