@@ -54,7 +54,7 @@ class ReversibleEmbedding(Projections):
             return hidden @ self.embeddings.value.T
         return project(hidden, Int8Kernel(self.embeddings.value.T, scale.value))
 
-    def quantize(self, mode, type_check=True, config=None):
+    def quantize(self, mode, config=None):  # Keras' quantize wrapper passes config
         """Keras' int8 ``ReversibleEmbedding``: the table per token row (axis -1), the
         untied head per vocabulary column (axis 0)."""
         check_mode(mode)

@@ -38,18 +38,15 @@ class Projections(keras.layers.Layer):
         """``name``'s kernel as a [in, out] matrix (a view, no copy), or its ``Int8Kernel``."""
         variable = getattr(self, name)
         value = variable.value
-        matrix = value.reshape(math.prod(value.shape[: self.kernel_input_axes(name)]), -1)
+        matrix = value.reshape(math.prod(value.shape[: self.kernels[name]]), -1)
         scale = scale_of(variable)
         return matrix if scale is None else Int8Kernel(matrix, scale.value.reshape(-1))
-
-    def kernel_input_axes(self, name):
-        return self.kernels[name]
 
     @property
     def quantized(self):
         return any(scale_of(getattr(self, name)) is not None for name in self.kernels)
 
-    def quantize(self, mode, type_check=True, config=None):
+    def quantize(self, mode, config=None):  # Keras' quantize wrapper passes config
         """Keras' int8 of every kernel: abs-max over the input axes, one scale per output."""
         check_mode(mode)
         for name in self.kernels:
@@ -66,7 +63,7 @@ class Projections(keras.layers.Layer):
             self._replace_with_int8(name, variable.shape)
 
     def scale_shape(self, name, shape):
-        output_shape = tuple(shape[self.kernel_input_axes(name):])
+        output_shape = tuple(shape[self.kernels[name]:])
         return output_shape if len(shape) == 2 else (1, 1, *output_shape)
 
     def _replace_with_int8(self, name, shape, values="zeros", scale="ones"):
