@@ -6,7 +6,8 @@ ids, while a plain prompt is tokenized as KerasHub tokenizes it.
 
 The reference is transformers' LlamaTokenizer over the same SentencePiece model, built as
 transformers converts a ``tokenizer.model`` (its vocabulary and merges; control and
-user-defined pieces as added tokens), with the ``legacy`` flag of the model's checkpoint."""
+user-defined pieces as added tokens), with the ``legacy`` flag and the ``rstrip`` tokens of the
+model's checkpoint."""
 
 import json
 import shutil
