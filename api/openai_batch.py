@@ -12,6 +12,7 @@ output and error files are rendered from the job's items when downloaded.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 from datetime import timedelta
@@ -48,7 +49,6 @@ logger = logging.getLogger("lmq.api")
 WINDOW = re.compile(r"([1-9][0-9]{0,2})h")
 # A validation this old that has not ended was cut short (its server stopped): it is taken up again.
 VALIDATION_STALE_S = 600
-JOB_PARAMS = {"strip_prompt": True}  # a completion is the text after the prompt
 NOT_AN_OBJECT = ("invalid_json", "line_too_long")  # the codes of a line that is no JSON object
 MAX_MODEL_LOOKUPS = 256  # distinct model names checked per file: a file cannot make a validation unbounded
 
@@ -213,12 +213,15 @@ def validate(settings: Settings, dispatch, batch_id: str) -> None:
             models = Models(session, settings, batch.tenant)
             model, preset = batch_model(path, batch.endpoint, settings, models)
             seq2seq = task_of(session, preset, batch.tenant) == SEQ2SEQ
+            # A completion is what follows the prompt, cut from the whole text at render time (see
+            # completion_text); a chat reply, or a Bart's output, is the generated text alone.
+            keeps_prompt = batch.endpoint != CHAT and not seq2seq
             job = create_batch_job(
                 session,
                 batch_id,
                 preset=preset,
                 model=model,
-                params=JOB_PARAMS,
+                params={"strip_prompt": not keeps_prompt},
                 tenant=batch.tenant,
                 items=job_items(path, batch, model, settings, models, seq2seq),
             )
@@ -359,7 +362,7 @@ def output_line(batch: OpenAIBatch, item) -> dict:
         choice = {"index": 0, "message": {"role": "assistant", "content": item.output, "refusal": None}}
     else:
         prefix, obj = "cmpl-", "text_completion"
-        choice = {"index": 0, "text": item.output}
+        choice = {"index": 0, "text": completion_text(item)}
     body = {
         "id": derived_id(prefix, batch.id, item.index),
         "object": obj,
@@ -378,6 +381,17 @@ def output_line(batch: OpenAIBatch, item) -> dict:
         "response": {"status_code": 200, "request_id": derived_id("req_", batch.id, item.index), "body": body},
         "error": None,
     }
+
+
+def completion_text(item) -> str:
+    """The text after the prompt, as OpenAI's and transformers' incremental detokenizers give it:
+    the whole decoded text less the prompt, so that prompt + text is the whole text ("Return the" +
+    " current ..."; decoding the completion's tokens alone would drop that leading space). Where the
+    tokenizer normalised the prompt's text, what the two texts share at the start is cut."""
+    prompt = item.input.get("prompt")
+    if prompt is None:  # a chat reply, a Bart's output: the job generated the text alone
+        return item.output
+    return item.output[len(os.path.commonprefix([prompt, item.output])) :]
 
 
 def error_line(batch: OpenAIBatch, job: Job, item) -> dict:

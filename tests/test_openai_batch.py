@@ -111,12 +111,13 @@ def jsonl(api, file_id):
 
 
 def reference(preset, prompt, sampler="greedy", **arguments):
-    """What `CausalLM.generate` gives for one prompt with these settings (the completion only)."""
+    """What `CausalLM.generate` gives for one prompt with these settings (the whole text, prompt first)."""
     from core.models import CausalLM
 
     lm = CausalLM.from_preset(str(preset))
     lm.compile(sampler=sampler)
-    (generation,) = lm.generate([prompt], strip_prompt=True, return_details=True, **arguments)
+    (generation,) = lm.generate([prompt], return_details=True, **arguments)
+    assert generation.text.startswith(prompt)
     return generation
 
 
@@ -150,11 +151,12 @@ def test_a_batch_of_completions_equals_causal_lm_generate_and_bad_lines_are_its_
         ),
         reference(tiny_llama_preset, PROMPTS[3], max_new_tokens=20, stop=[" "]),
     ]
-    for entry, generation in zip(output, expected):
+    for entry, prompt, generation in zip(output, [PROMPTS[0], PROMPTS[2], PROMPTS[3]], expected):
         assert entry["error"] is None and entry["response"]["status_code"] == 200
         body = entry["response"]["body"]
         assert body["object"] == "text_completion" and body["model"] == MODEL
-        assert body["choices"][0]["text"] == generation.text
+        # OpenAI's completion text: what follows the prompt, its leading space included
+        assert prompt + body["choices"][0]["text"] == generation.text
         assert body["choices"][0]["finish_reason"] == generation.finish_reason
         assert body["usage"]["prompt_tokens"] == generation.prompt_tokens
         assert body["usage"]["completion_tokens"] == generation.completion_tokens

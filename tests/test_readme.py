@@ -16,7 +16,7 @@ differ from README's text, the test says so here:
 - Against the embedded default, the Redis/PostgreSQL block and the worker's are skipped, as README
   says. With LMQ_TEST_REDIS_URL and LMQ_TEST_DATABASE_URL (CI sets both) the walkthrough runs a second
   time with README's broker and database URLs replaced by a PostgreSQL database of its own
-  (`lmq_readme`, made afresh, so README's `lmq db upgrade` migrates it from nothing) and a Redis
+  (`lmq_readme_...`, made afresh, so README's `lmq db upgrade` migrates it from nothing) and a Redis
   database of its own (LMQ_TEST_REDIS_URL's number + 8, mod 16, so no other test's worker takes its jobs).
 
 Sections outside WALKTHROUGH are not run: the benchmarks take minutes of CPU, and installing a plugin
@@ -159,7 +159,7 @@ class Walkthrough:
     def run_block(self, language: str, code: str) -> None:
         if language == "python":
             self.wait_for_background()
-            self.outputs.append((code, self.run(["python", "-"], code)))
+            self.outputs.append((code, self.run(["python", "-"], self.substitute(code))))
             return
         assert language == "bash", f"README block in {language!r}: run it here or leave it out of WALKTHROUGH"
         lines = commands(code)
@@ -327,6 +327,12 @@ def check_walkthrough(walkthrough: Walkthrough, broker_detail: str) -> None:
     assert submitted["status"] == "succeeded" and submitted["preset"] == "my-model", submitted
     assert submitted["counts"] == {"total": len(prompts), "completed": len(prompts), "failed": 0}, submitted
     assert json_lines(walkthrough.output_of("lmq jobs list --server")) == []
+
+    # The Batch API through the openai client: my-model's greedy completions, as the submitted job's.
+    answers = json_lines(walkthrough.output_of("import json, time"))
+    assert [a["custom_id"] for a in answers] == [p["custom_id"] for p in prompts]
+    for prompt, answer, result in zip(prompts, answers, served):
+        assert answer["text"] and prompt["prompt"] + answer["text"] == result["output"], (answer, result)
 
 
 def test_readme_walkthrough_on_the_embedded_default(tmp_path):
