@@ -170,22 +170,25 @@ def test_generate_takes_token_ids_as_the_prompt(spm_model):
         keras_lm.generate(["Return", ["not", "ids"]], max_new_tokens=2)
 
 
+E2E_TEMPLATES = ["llama2_chat", "mistral_v0.1_instruct", "phi3_instruct"]
+
+
 @pytest.fixture(scope="module")
 def chat_presets(spm_model, tmp_path_factory):
-    """Tiny Llama presets on the SentencePiece model, with the Mistral v0.1 and Phi-3 templates."""
+    """Tiny Llama presets on the SentencePiece model, each with one of ``E2E_TEMPLATES``."""
     import keras
 
     root = tmp_path_factory.mktemp("chat-presets")
     keras.utils.set_random_seed(11)
     tiny_llama(spm_model, sequence_length=MAX_LENGTH).save_to_preset(str(root / "base"))
     presets = {}
-    for name in ("mistral_v0.1_instruct", "phi3_instruct"):
+    for name in E2E_TEMPLATES:
         presets[name] = shutil.copytree(root / "base", root / name)
         (presets[name] / "chat_template.jinja").write_text(read_builtin_template(name))
     return presets
 
 
-@pytest.mark.parametrize("template_name", ["mistral_v0.1_instruct", "phi3_instruct"])
+@pytest.mark.parametrize("template_name", E2E_TEMPLATES)
 def test_a_chat_item_runs_on_the_ids_transformers_gives(lmq_home, spm_model, chat_presets, template_name):
     """Through `lmq`'s job machinery (the embedded default), a multi-turn chat item's completion is
     greedy ``generate`` on ``apply_chat_template``'s ids, stopping at the template's turn end."""
