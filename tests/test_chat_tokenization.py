@@ -135,6 +135,10 @@ def test_a_checkpoints_tokenizer_config_says_how_its_chats_are_read(spm_model, t
     conversations = [*CONVERSATIONS.values(), *([[SYSTEM, *TURNS]] if builtin != "mistral_v0.2_instruct" else [])]
     for messages in conversations:
         assert chat_token_ids(tokenizer, messages) == reference_ids(loaded, messages) == reference_ids(reference, messages)
+    CausalLM.from_preset(str(tmp_path)).save_to_preset(tmp_path / "saved")  # a KerasHub preset keeps the flags
+    saved = CausalLM.from_preset(str(tmp_path / "saved"), load_weights=False).preprocessor.tokenizer
+    assert saved.checkpoint_tokenization == tokenizer.checkpoint_tokenization
+    assert [chat_token_ids(saved, m) for m in conversations] == [chat_token_ids(tokenizer, m) for m in conversations]
 
 
 def test_phi3_chat_gets_no_start_token_its_template_does_not_write(spm_model):

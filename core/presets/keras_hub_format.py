@@ -7,6 +7,7 @@
     metadata.json        versions, parameter count  model.weights.h5 the backbone's weights
     assets/tokenizer/    vocabulary.spm, or vocabulary.json + merges.txt
     chat_template.jinja  the tokenizer's chat template, if it has one (lmq's; KerasHub ignores it)
+    tokenizer_config.json  a transformers checkpoint's `legacy` and rstrip tokens, if it said (lmq's)
 
 Classes named in these files are resolved through the plugin registry.
 """
@@ -22,7 +23,12 @@ import keras
 
 from core.models.serialization import class_name_of
 from core.plugins import get_registry
-from core.presets.transformers_import import CHAT_TEMPLATE_FILE, attach_chat_template
+from core.presets.transformers_import import (
+    CHAT_TEMPLATE_FILE,
+    TOKENIZER_CONFIG_FILE,
+    attach_chat_template,
+    tokenization_config,
+)
 from core.presets.weights import WEIGHTS_FILE, read_weights, write_weights
 from core.quantization import parse_dtype, policy_map
 
@@ -133,6 +139,9 @@ def save_task(task, preset_dir):
             task.preprocessor.tokenizer.save_assets(assets)
             if task.preprocessor.tokenizer.chat_template is not None:
                 (staging / CHAT_TEMPLATE_FILE).write_text(task.preprocessor.tokenizer.chat_template, encoding="utf-8")
+            tokenization = tokenization_config(task.preprocessor.tokenizer)
+            if tokenization:
+                _write(staging / TOKENIZER_CONFIG_FILE, tokenization)
         write_weights(task.backbone, staging / WEIGHTS_FILE)
         base_task = next(c.__name__ for c in type(task).__mro__ if c.__module__.startswith("core."))
         _write(

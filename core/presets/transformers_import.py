@@ -21,6 +21,7 @@ from core.presets.files import PresetFileError, PresetFileMissing
 from core.presets.weights import dtype_fits
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 
 def is_transformers_checkpoint(files):
@@ -176,7 +177,7 @@ def _tokenization(files):
     ``legacy`` (SentencePiece's "▁" after each one), and the tokens its ``added_tokens_decoder``
     marks ``rstrip``; nothing where the preset has no such file."""
     try:
-        config = files.read_json("tokenizer_config.json") if files.is_file("tokenizer_config.json") else {}
+        config = files.read_json(TOKENIZER_CONFIG_FILE) if files.is_file(TOKENIZER_CONFIG_FILE) else {}
     except PresetFileError:
         return {}
     config = config if isinstance(config, dict) else {}
@@ -188,12 +189,25 @@ def _tokenization(files):
     return settings
 
 
+def tokenization_config(tokenizer):
+    """The ``tokenizer_config.json`` that keeps a checkpoint's ``checkpoint_tokenization`` in a
+    preset lmq saves (``_tokenization`` reads it back); empty when the checkpoint said nothing."""
+    settings = tokenizer.checkpoint_tokenization
+    config = {"legacy": settings["legacy"]} if "legacy" in settings else {}
+    if "rstrip" in settings:
+        rstrip = {token: tokenizer.token_to_id(token) for token in settings["rstrip"]}
+        config["added_tokens_decoder"] = {
+            str(token_id): {"content": token, "rstrip": True} for token, token_id in rstrip.items() if token_id is not None
+        }
+    return config
+
+
 def _chat_template(files):
     """(template or None, the file it came from or why there is none) from the preset's own files."""
     try:
         if files.is_file(CHAT_TEMPLATE_FILE):
             return files.read_text(CHAT_TEMPLATE_FILE), CHAT_TEMPLATE_FILE
-        config = files.read_json("tokenizer_config.json") if files.is_file("tokenizer_config.json") else {}
+        config = files.read_json(TOKENIZER_CONFIG_FILE) if files.is_file(TOKENIZER_CONFIG_FILE) else {}
     except PresetFileError as error:
         return None, f"its chat template cannot be read ({error})"
     field = "tokenizer_config.json 'chat_template'"
