@@ -30,10 +30,6 @@ class KVCache:
     def max_length(self):
         return self.keys.shape[3]
 
-    @property
-    def slots(self):
-        return self.keys.shape[1]
-
     def update(self, layer, keys, values, context):
         """Writes this pass's keys/values [rows, heads, seq, dim]; returns what to attend to.
 

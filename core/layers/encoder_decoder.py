@@ -168,10 +168,6 @@ class Seq2SeqCache:
     def max_length(self):
         return self.self_attention.max_length
 
-    @property
-    def slots(self):
-        return self.self_attention.slots
-
     def update(self, layer, keys, values, context):
         return self.self_attention.update(layer, keys, values, context)
 
