@@ -24,6 +24,7 @@ class Prompt:
     custom_id: str | None = None
     max_new_tokens: int | None = None  # the row's own, else the job's
     seed: int | None = None
+    sampler: str | None = None  # the row's own, as JSON without its seed (workers/inputs.py)
 
 
 @dataclass

@@ -9,9 +9,11 @@ of the job's (see docs/seq2seq-jobs.md).
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
+from core import samplers
 from workers.batching import Prompt
 
 SEQ2SEQ = "seq2seq_lm"
@@ -52,25 +54,37 @@ def item_params(item_input: dict) -> dict:
 
 @dataclass(frozen=True)
 class Settings:
-    """What the rows of one run of the engine share: a job's items are grouped by these."""
+    """What the rows of one run of the engine share: a job's items are grouped by these.
 
-    sampler: str  # as JSON: a name or an object, hashable
+    Token samplers (greedy, top-k, top-p, random, with their temperatures) are not among
+    them: each row picks its tokens with its own (``Prompt.sampler``) in the same pass. A
+    search (beam, contrastive) weighs several rows per request together: its rows run apart.
+    """
+
+    search: str | None  # the search's sampler as JSON; None: token-sampled rows
     stop: tuple[str, ...] | None
     stop_token_ids: str | tuple[int, ...]  # "auto", or the ids
 
     def arguments(self) -> dict:
-        """`generate`'s arguments for these settings (the sampler goes to `compile`)."""
+        """`generate`'s arguments for these settings (the samplers go to `compile`, see `compiled_sampler`)."""
         stop = {} if self.stop is None else {"stop": list(self.stop)}
         ids = self.stop_token_ids
         return {**stop, "stop_token_ids": ids if isinstance(ids, str) else list(ids)}
 
-    def compiled_sampler(self):
-        return json.loads(self.sampler)
+
+def compiled_sampler(prompts: list[Prompt]):
+    """What `compile(sampler=...)` takes for these rows: their sampler when they share one,
+    else the list of each row's (a PerRequestSampler)."""
+    parsed = {key: json.loads(key) for key in {prompt.sampler for prompt in prompts}}
+    if len(parsed) == 1:
+        return next(iter(parsed.values()))
+    return [parsed[prompt.sampler] for prompt in prompts]
 
 
 def plan(items, job_params: dict, task_kind: str, tokenizer) -> tuple[dict[Settings, list[Prompt]], list]:
     """`items` ((index, input, custom_id), ...) as groups of rows by their settings, and
-    (index, custom_id, message) for each item that cannot run (the others do).
+    (index, custom_id, message) for each item that cannot run (the others do): rows of
+    different token samplers share a group (each keeps its own), so they share a pass.
 
     A row's seed is its own (`params.seed`, else its sampler's), else the job's plus its
     index, so that it never depends on which rows it ran beside.
@@ -82,8 +96,9 @@ def plan(items, job_params: dict, task_kind: str, tokenizer) -> tuple[dict[Setti
         try:
             text, end_of_turn = model_input(item_input, task_kind, tokenizer)
             own = item_params(item_input)
+            sampler = _sampler_key(own.get("sampler", job_params.get("sampler") or "greedy"))
             settings = Settings(
-                sampler=_sampler_key(own.get("sampler", job_params.get("sampler") or "greedy")),
+                search=None if _is_token_sampler(sampler) else sampler,
                 stop=_strings(own.get("stop", job_params.get("stop"))),
                 stop_token_ids=_stop_ids(own.get("stop_token_ids", job_params.get("stop_token_ids", "auto")),
                                          end_of_turn, tokenizer),
@@ -96,7 +111,8 @@ def plan(items, job_params: dict, task_kind: str, tokenizer) -> tuple[dict[Setti
             seed = job_seed + index
         length = len(text) if isinstance(text, list) else len(tokenizer.tokenize(text))
         prompt = Prompt(index, text, length, custom_id,
-                        max_new_tokens=own.get("max_new_tokens", job_params.get("max_new_tokens")), seed=seed)
+                        max_new_tokens=own.get("max_new_tokens", job_params.get("max_new_tokens")), seed=seed,
+                        sampler=sampler)
         groups.setdefault(settings, []).append(prompt)
     return groups, refused
 
@@ -106,6 +122,15 @@ def _sampler_key(sampler) -> str:
     if isinstance(sampler, dict):
         sampler = {key: value for key, value in sampler.items() if key != "seed"}
     return json.dumps(sampler, sort_keys=True)
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_token_sampler(key: str) -> bool:
+    """Whether the sampler (as JSON) picks each row's token alone, or a ValueError naming what is wrong with it."""
+    sampler = json.loads(key)
+    if not isinstance(sampler, (str, dict)):
+        raise ValueError(f"'sampler' must be a name or an object, got {sampler!r}")
+    return samplers.get(sampler).independent_rows
 
 
 def _seed_of(params: dict) -> int | None:

@@ -27,7 +27,7 @@ from core.store.presets import store_resolver
 from workers import metrics
 from workers.attempt import Attempt, ProgressCallback
 from workers.batching import Prompt, RowBudget, is_out_of_memory, row_budget
-from workers.inputs import plan
+from workers.inputs import compiled_sampler, plan
 from workers.pool import ModelPool
 
 logger = logging.getLogger(__name__)
@@ -137,7 +137,6 @@ class JobRunner:
                     refusals.add(queries.ItemResult(index, error=row_error(index, custom_id, message)))
                 refusals.commit()
                 for settings, prompts in groups.items():
-                    lm.compile(sampler=settings.compiled_sampler())
                     self._stream(attempt, lm, prompts, {**arguments, **settings.arguments()}, budget, progress)
             except StopRequested:
                 return
@@ -156,7 +155,8 @@ class JobRunner:
     def _stream(self, attempt, lm, prompts: list[Prompt], arguments: dict, budget: RowBudget, progress) -> None:
         """Generates ``prompts`` through the decode engine, committing results as rows finish.
 
-        Rows leave and join the batch continuously within ``budget``. Out of memory
+        Rows leave and join the batch continuously within ``budget``, each choosing its tokens
+        with its own sampler (``compiled_sampler``). Out of memory
         halves the budget and runs again what has no result yet; a ValueError (a prompt
         longer than max_length, say) is split down to the prompt that raised it, which
         gets the message as its error; the others run.
@@ -165,6 +165,7 @@ class JobRunner:
         while prompts:
             try:
                 with metrics.in_flight(min(len(prompts), budget.rows)):
+                    lm.compile(sampler=compiled_sampler(prompts))
                     lm.generate(
                         [p.text for p in prompts],
                         return_details=True,

@@ -3,6 +3,7 @@
 from core.samplers.base import GreedySampler, Sampler
 from core.samplers.beam import BeamSampler
 from core.samplers.contrastive import ContrastiveSampler
+from core.samplers.per_request import PerRequestSampler
 from core.samplers.sampling import RandomSampler, TopKSampler, TopPSampler
 from core.samplers.serialization import get, serialize
 
@@ -10,6 +11,7 @@ __all__ = [
     "BeamSampler",
     "ContrastiveSampler",
     "GreedySampler",
+    "PerRequestSampler",
     "RandomSampler",
     "Sampler",
     "TopKSampler",

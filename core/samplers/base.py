@@ -21,6 +21,13 @@ class Sampler:
 
     name = None  # the short name ``compile(sampler=...)`` accepts
     commits_each_step = True  # a row's tokens are final as they come (beam search: only at the end)
+    # A token sampler: a row's token depends on its own logits and generator alone, so rows
+    # with different token samplers can choose in one batch (``PerRequestSampler``); a
+    # search (beam, contrastive) weighs a request's rows together.
+    independent_rows = True
+    # The settings that may differ between rows choosing together: ``PerRequestSampler``
+    # sets each as a column [rows, 1] of the rows' own values, which the methods broadcast.
+    row_parameters = ("temperature",)
 
     def __init__(self, temperature=1.0, seed=None):
         if not temperature > 0:

@@ -22,6 +22,7 @@ class BeamSampler(Sampler):
 
     name = "beam"
     commits_each_step = False
+    independent_rows = False
 
     def __init__(self, num_beams=5, return_all_beams=False, **kwargs):
         super().__init__(**kwargs)

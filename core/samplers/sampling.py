@@ -49,6 +49,7 @@ class TopPSampler(Sampler):
     """
 
     name = "top_p"
+    row_parameters = ("temperature", "p")
 
     def __init__(self, p=0.1, k=None, seed=None, **kwargs):
         super().__init__(seed=seed, **kwargs)

@@ -1,8 +1,10 @@
-"""Samplers by name: ``compile(sampler=...)``'s names, dicts and KerasHub's serialized form."""
+"""Samplers by name: ``compile(sampler=...)``'s names, dicts, KerasHub's serialized form, and
+lists of these (one token sampler per prompt)."""
 
 from core.samplers.base import GreedySampler, Sampler
 from core.samplers.beam import BeamSampler
 from core.samplers.contrastive import ContrastiveSampler
+from core.samplers.per_request import PerRequestSampler
 from core.samplers.sampling import RandomSampler, TopKSampler, TopPSampler
 
 SAMPLERS = {
@@ -12,9 +14,12 @@ SAMPLERS = {
 
 
 def get(identifier):
-    """A sampler from a name, a ``{"name": ..., **args}`` dict, a KerasHub-serialized dict, or itself."""
+    """A sampler from a name, a ``{"name": ..., **args}`` dict, a KerasHub-serialized dict, or
+    itself; a list of these is a ``PerRequestSampler``, the i-th for prompt i."""
     if isinstance(identifier, Sampler):
         return identifier
+    if isinstance(identifier, (list, tuple)):
+        return PerRequestSampler([get(each) for each in identifier])
     by_class_name = {cls.__name__: cls for cls in SAMPLERS.values()}
     if isinstance(identifier, str):
         if identifier not in SAMPLERS:
@@ -34,7 +39,7 @@ def get(identifier):
         except TypeError as error:
             raise ValueError(f"Bad arguments for sampler {cls.name!r}: {error}") from None
     raise ValueError(
-        f"sampler must be a name, a dict or a Sampler, got {type(identifier).__name__}: {identifier!r}."
+        f"sampler must be a name, a dict, a Sampler or a list of them, got {type(identifier).__name__}: {identifier!r}."
     )
 
 
