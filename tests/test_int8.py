@@ -306,13 +306,13 @@ def test_an_int8_preset_loads_in_bfloat16_and_stays_int8():
 
 
 def test_a_generate_job_names_an_int8_preset(lmq_home, tmp_path):
+    """Imported into the store like any preset, named by a job, it gives KerasHub's greedy outputs."""
     expected = EXPECTED["llama_int8"]
-    preset = tmp_path / "llama_int8"
-    shutil.copytree(FIXTURES / "llama_int8", preset)
+    assert main(["presets", "import", str(FIXTURES / "llama_int8"), "--name", "my-int8"]) == 0
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in expected["prompts"]))
     output = tmp_path / "out.jsonl"
-    code = main(["generate", "--preset", str(preset), str(source), "-o", str(output),
+    code = main(["generate", "--preset", "my-int8", str(source), "-o", str(output),
                  "--max-length", str(expected["max_length"])])
     assert code == 0
     results = sorted((json.loads(line) for line in output.read_text().splitlines()), key=lambda r: r["index"])
