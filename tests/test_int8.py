@@ -285,6 +285,9 @@ def test_quantized_dtypes_and_double_quantization_are_refused():
         lm.quantize("int8")
     with pytest.raises(ValueError, match="LoRA on a int8 model"):
         lm.backbone.enable_lora(2)
+    lm.compile(optimizer="adam")
+    with pytest.raises(ValueError, match="LlamaCausalLM is int8: fine-tune the float model"):
+        lm.fit(["Some text to learn"], epochs=1)
 
 
 def test_int8_weights_under_a_float_config_are_refused_by_name(tmp_path):

@@ -72,6 +72,15 @@ class Task(KerasHubSerializable, keras.Model):
         """The backbone's ``quantize`` (``"int8"``, as KerasHub's: see ``core.quantization``)."""
         self.backbone.quantize(mode, **kwargs)
 
+    def fit(self, *args, **kwargs):
+        """Keras' ``fit``, refused on an int8 model: its kernels are frozen integers."""
+        if self.backbone.quantization_mode is not None:
+            raise ValueError(
+                f"{type(self).__name__} is {self.backbone.quantization_mode}: fine-tune the float model, "
+                "then quantize it."
+            )
+        return super().fit(*args, **kwargs)
+
     def save_to_preset(self, preset_dir):
         from core.presets import save_task
 
