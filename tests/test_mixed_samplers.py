@@ -90,7 +90,8 @@ def test_unseeded_narrow_rows_are_greedy_beside_sampled_ones(model):
 
 
 def test_compile_takes_a_sampler_per_prompt_with_their_seeds(lm):
-    own = [TopKSampler(k=4, seed=3), TopPSampler(p=0.9, temperature=1.7, seed=4), GreedySampler(), RandomSampler(seed=6)]
+    own = [TopKSampler(k=4, seed=3), TopPSampler(p=0.9, temperature=1.7, seed=4), GreedySampler(),
+           RandomSampler(seed=6)]
     prompts = ID_PROMPTS
     expected = [generate(lm, s, prompts=[p], new_tokens=8)[0] for p, s in zip(prompts, own)]
     assert generate(lm, own, prompts=prompts, new_tokens=8) == expected  # the samplers' own seeds
@@ -150,3 +151,22 @@ def test_a_job_of_different_samplers_runs_them_in_one_pass(lmq_home, tiny_llama_
     expected.append(by_itself(PROMPTS[0], "random", seed=9, stop=["e"]))
     assert [{field: line[field] for field in FIELDS} for line in lines] == expected
     assert len({e["output"] for e in expected[1:5]}) == 4  # the items' samplers took effect
+
+
+def test_a_seq2seq_model_takes_a_sampler_per_prompt():
+    """KerasHub's Bart preset: each encoder text decodes with its own sampler and seed as it does alone."""
+    from core.models import Seq2SeqLM
+    from tests.model_support import FIXTURES, fixture_expected
+
+    bart = Seq2SeqLM.from_preset(str(FIXTURES / "bart"))
+    first, second = fixture_expected("bart")["inputs"]
+    texts = [first, second, first]
+    own = [{"name": "random", "temperature": 0.7}, "greedy", {"name": "top_p", "p": 0.95, "temperature": 1.4}]
+    options = dict(max_length=12, stop_token_ids=None, return_details=True)
+    expected = []
+    for text, sampler, seed in zip(texts, own, (3, 4, 5)):
+        bart.compile(sampler=sampler)
+        expected.append(bart.generate(text, seed=seed, **options).token_ids)
+    bart.compile(sampler=own)
+    assert [g.token_ids for g in bart.generate(texts, seed=[3, 4, 5], **options)] == expected
+    assert expected[0] != expected[2]

@@ -25,7 +25,8 @@ class PerRequestSampler(Sampler):
     def __init__(self, samplers):
         samplers = list(samplers)
         for request, sampler in enumerate(samplers):
-            if not isinstance(sampler, Sampler) or not sampler.independent_rows or isinstance(sampler, PerRequestSampler):
+            token_sampler = isinstance(sampler, Sampler) and sampler.independent_rows
+            if not token_sampler or isinstance(sampler, PerRequestSampler):
                 raise ValueError(
                     "A per-request sampler takes token samplers (greedy, top_k, top_p, random); "
                     f"request {request}'s is {getattr(sampler, 'name', None) or type(sampler).__name__!r}."
@@ -53,7 +54,9 @@ class PerRequestSampler(Sampler):
     def admit(self, batch, rows, hidden):
         requests = rows["request"]
         if int(requests.max()) >= len(self.samplers):
-            raise ValueError(f"The per-request sampler has {len(self.samplers)} samplers; prompt {int(requests.max())} has none.")
+            raise ValueError(
+                f"The per-request sampler has {len(self.samplers)} samplers; prompt {int(requests.max())} has none."
+            )
         device = requests.device
         self.kind_of_request = self.kind_of_request.to(device)
         self.columns = {name: column.to(device) for name, column in self.columns.items()}
