@@ -42,9 +42,7 @@ def weight_bytes(variables):
 def projection_variables(lm):
     """The variables of the layers ``quantize`` changes (kernels, their scales, embeddings)."""
     layers = [layer for layer in lm.backbone._flatten_layers() if isinstance(layer, Projections)]
-    return [getattr(layer, name) for layer in layers for name in layer.kernels] + [
-        getattr(layer, f"{name}_scale") for layer in layers for name in layer.kernels if hasattr(layer, f"{name}_scale")
-    ]
+    return [variable for layer in layers for variable in layer.variables]
 
 
 def main():

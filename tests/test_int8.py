@@ -140,7 +140,7 @@ def dequantized_copy(name):
     float_lm = type(int8_lm)(backbone=backbone, preprocessor=int8_lm.preprocessor)
     layers = [[x for x in lm.backbone._flatten_layers() if isinstance(x, Projections)] for lm in (float_lm, int8_lm)]
     for ours, theirs in zip(*layers):
-        for kernel in ours.kernels:
+        for kernel in ours.kernel_names():
             stored = getattr(theirs, kernel)
             if kernel == "embeddings":  # the table: one scale per row
                 value = numpy(stored.value).astype("float32") / numpy(stored.int8_scale.value)[:, None]
@@ -259,6 +259,22 @@ def test_int8_weights_take_about_a_quarter_of_float32_and_the_pool_counts_that()
     real = sum(numpy(v.value).nbytes for v in lm.weights)
     assert weight_bytes(lm) == real < float_total / 2.5
     assert all(v.dtype in ("int8", "float32") for v in lm.weights)
+
+
+def test_an_int8_preset_never_builds_its_kernels_in_float(monkeypatch):
+    """Loading needs the int8 bytes only: no float kernel is allocated and then replaced."""
+    created = []
+    add_weight = keras.layers.Layer.add_weight
+
+    def recording(layer, *args, **kwargs):
+        variable = add_weight(layer, *args, **kwargs)
+        created.append((variable.name, variable.dtype))
+        return variable
+
+    monkeypatch.setattr(keras.layers.Layer, "add_weight", recording)
+    CausalLM.from_preset(str(FIXTURES / "llama_int8"))
+    kernels = [(name, dtype) for name, dtype in created if name.endswith(("_kernel", "embeddings"))]
+    assert len(kernels) == 2 * 7 + 2 and {dtype for _, dtype in kernels} == {"int8"}
 
 
 def test_int8_kernels_project_from_their_own_storage():

@@ -38,6 +38,8 @@ class CachedAttention(Projections):
     ``flat_output_kernel``, where KerasHub uses a plain Dense, as in Falcon).
     """
 
+    kernels = {"query_kernel": 2, "key_kernel": 2, "value_kernel": 2, "output_kernel": 1}  # output axes
+
     def __init__(
         self,
         hidden_dim,
@@ -79,7 +81,6 @@ class CachedAttention(Projections):
         output_shape = (num_query_heads * d, hidden_dim) if flat_output_kernel else (num_query_heads, d, hidden_dim)
         self.output_kernel = kernel("output_kernel", output_shape)
         self.output_bias = bias("output_bias", (hidden_dim,))
-        self.kernels = {"query_kernel": 1, "key_kernel": 1, "value_kernel": 1, "output_kernel": len(output_shape) - 1}
         self.lora = {}  # name -> (down [hidden, rank], up [rank, heads * head_dim]), see enable_lora
         self.lora_scale = 1.0
         self.built = True

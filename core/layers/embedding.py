@@ -16,6 +16,8 @@ class ReversibleEmbedding(Projections):
     with one per vocabulary column, and ``reverse`` quantizes the hidden states per token.
     """
 
+    kernels = {"embeddings": 1, "reverse_embeddings": 1}
+
     def __init__(self, vocabulary_size, hidden_dim, tie_weights=True, initializer=None, **kwargs):
         super().__init__(**kwargs)
         initializer = initializer or keras.initializers.RandomNormal(stddev=0.02)
@@ -30,7 +32,6 @@ class ReversibleEmbedding(Projections):
                 initializer=initializer,
                 name="reverse_embeddings",
             )
-        self.kernels = {"embeddings": 1} if tie_weights else {"embeddings": 1, "reverse_embeddings": 1}
         self.built = True
 
     @property
@@ -58,11 +59,11 @@ class ReversibleEmbedding(Projections):
         """Keras' int8 ``ReversibleEmbedding``: the table per token row (axis -1), the
         untied head per vocabulary column (axis 0)."""
         check_mode(mode)
-        values, scale = quantize_matrix(self.embeddings.value, axis=-1)
-        self._replace_with_int8("embeddings", self.embeddings.shape, values, scale)
-        if not self.tie_weights:
-            values, scale = quantize_matrix(self.reverse_embeddings.value, axis=0)
-            self._replace_with_int8("reverse_embeddings", self.reverse_embeddings.shape, values, scale)
+        for name, axis in (("embeddings", -1), ("reverse_embeddings", 0))[: len(self.kernel_names())]:
+            variable = getattr(self, name)
+            values, scale = quantize_matrix(variable.value, axis=axis)
+            delattr(self, name)
+            setattr(self, name, self._int8_kernel(name, variable.shape, variable.dtype, values, scale))
 
     def scale_shape(self, name, shape):
         """Keras' ``embeddings_scale`` [vocab] (per row), ``reverse_embeddings_scale`` [vocab] (per column)."""

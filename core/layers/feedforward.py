@@ -22,6 +22,8 @@ def activation(name):
 class GatedFeedForward(Projections):
     """SwiGLU-style: ``output(act(gate(x)) * intermediate(x))`` (Llama, Mistral, Phi-3)."""
 
+    kernels = {"gate_kernel": 1, "intermediate_kernel": 1, "output_kernel": 1}
+
     def __init__(self, hidden_dim, intermediate_dim, activation_name="silu", **kwargs):
         super().__init__(**kwargs)
         init = keras.initializers.RandomNormal(stddev=0.02)
@@ -37,8 +39,6 @@ class GatedFeedForward(Projections):
         )
         self.built = True
 
-    kernels = {"gate_kernel": 1, "intermediate_kernel": 1, "output_kernel": 1}
-
     def call(self, x):
         gate = self.activation(project(x, self.kernel("gate_kernel")))
         return project(gate * project(x, self.kernel("intermediate_kernel")), self.kernel("output_kernel"))
@@ -46,6 +46,8 @@ class GatedFeedForward(Projections):
 
 class FeedForward(Projections):
     """``output(act(intermediate(x)))``, with biases unless ``use_bias=False`` (Falcon's dense_h_to_4h / dense_4h_to_h)."""
+
+    kernels = {"intermediate_kernel": 1, "output_kernel": 1}
 
     def __init__(self, hidden_dim, intermediate_dim, activation_name="gelu", use_bias=True, **kwargs):
         super().__init__(**kwargs)
@@ -64,8 +66,6 @@ class FeedForward(Projections):
         )
         self.output_bias = bias("output_bias", hidden_dim)
         self.built = True
-
-    kernels = {"intermediate_kernel": 1, "output_kernel": 1}
 
     def call(self, x):
         hidden = project(x, self.kernel("intermediate_kernel"), value_of(self.intermediate_bias))

@@ -17,7 +17,7 @@ import keras
 import torch
 
 from core.layers import AttentionContext, CachedAttention, KVCache, ReversibleEmbedding, RollingKVCache
-from core.layers.projection import Projections
+from core.layers.projection import BUILDING_INT8, Projections
 from core.models.serialization import KerasHubSerializable
 from core.quantization import check_mode, keras_variable_order, parse_dtype, policy_map
 
@@ -83,14 +83,15 @@ class Backbone(KerasHubSerializable, keras.Model):
             cls.__init__ = _checked_when_built(cls.__init__)
 
     def __init__(self, dtype=None, name=None, trainable=True, **kwargs):
-        """``dtype`` may be a quantized preset's ``DTypePolicyMap``: the backbone is then built
-        with empty int8 kernels (``quantized_build``) for the preset's weights to fill."""
-        float_dtype, self._quantization_to_build = parse_dtype(dtype)
-        self.keras_hub_layer_paths = None  # a quantized preset's DTypePolicyMap paths, to save it the same way
-        if isinstance(dtype, dict) and self._quantization_to_build:
-            self.keras_hub_layer_paths = list(dtype["config"]["policy_map"])
+        """``dtype`` may be a quantized preset's ``DTypePolicyMap``: the backbone's kernels are
+        then built as empty int8 values and scales (never in float) for its weights to fill."""
+        float_dtype, mode = parse_dtype(dtype)
         super().__init__(dtype=float_dtype, name=name or self.default_name(), trainable=trainable, **kwargs)
         unwrap_quantize(self)
+        self.keras_hub_layer_paths = None  # a quantized preset's DTypePolicyMap paths, to save it the same way
+        if isinstance(dtype, dict) and mode:
+            self.keras_hub_layer_paths = list(dtype["config"]["policy_map"])
+        self._building_int8 = BUILDING_INT8.set(True) if mode else None  # until the constructor returns
 
     # -- the contract -----------------------------------------------------------------
 
@@ -165,11 +166,6 @@ class Backbone(KerasHubSerializable, keras.Model):
             raise ValueError("Save a LoRA-tuned model (which merges its updates) and load it before quantizing.")
         for layer in self._projection_layers():
             layer.quantize(mode)
-
-    def quantized_build(self, mode):
-        """Empty int8 kernels and scales in place of the float ones, for quantized weights to fill."""
-        for layer in self._projection_layers():
-            layer.quantized_build(mode)
 
     def quantized_layer_paths(self):
         """The KerasHub layer paths a quantized preset's ``DTypePolicyMap`` names: those it was
@@ -328,14 +324,18 @@ class DecoderOnlyBackbone(Backbone, abstract=True):
 
 
 def _checked_when_built(constructor):
-    """``constructor``, followed by ``check_instance`` once the outermost constructor returns."""
+    """``constructor``, followed by ``check_instance`` once the outermost constructor returns
+    (which also ends an int8 build, see ``Backbone.__init__``)."""
 
     @functools.wraps(constructor)
     def __init__(self, *args, **kwargs):
-        constructor(self, *args, **kwargs)
+        try:
+            constructor(self, *args, **kwargs)
+        finally:
+            if type(self).__init__ is __init__ and getattr(self, "_building_int8", None) is not None:
+                BUILDING_INT8.reset(self._building_int8)
+                self._building_int8 = None
         if type(self).__init__ is __init__:  # no subclass constructor is still running
             self.check_instance()
-            if self._quantization_to_build:
-                self.quantized_build(self._quantization_to_build)
 
     return __init__
