@@ -89,8 +89,9 @@ def main():
           f"(ratio {int8_bytes / float_bytes:.3f}); whole model {weight_bytes(float_lm.weights) / 2**20:.1f} -> "
           f"{weight_bytes(int8_lm.weights) / 2**20:.1f} MiB")
     difference = np.abs(logits["int8"] - logits["float32"])
+    same_argmax = np.mean(logits["int8"].argmax(-1) == logits["float32"].argmax(-1))
     print(f"    logits: max |int8 - float32| {difference.max():.4f} (float32 logits' max |value| "
-          f"{np.abs(logits['float32']).max():.2f}); same argmax for {np.mean(logits['int8'].argmax(-1) == logits['float32'].argmax(-1)):.1%} of positions")
+          f"{np.abs(logits['float32']).max():.2f}); same argmax for {same_argmax:.1%} of positions")
 
 
 if __name__ == "__main__":

@@ -141,7 +141,9 @@ def parse_dtype(dtype):
         policies = [_policy(entry) for entry in entries]
         modes = {p.quantization_mode for p in policies} - {None}
         if len(modes) > 1:
-            raise ValueError(f"A dtype policy map mixes quantization modes {sorted(modes)}; lmq quantizes a whole model.")
+            raise ValueError(
+                f"A dtype policy map mixes quantization modes {sorted(modes)}; lmq quantizes a whole model."
+            )
         mode = check_mode(modes.pop(), "dtype") if modes else None
         default = config.get("default_policy")
         sources = {p.variable_dtype for p in policies}

@@ -63,12 +63,15 @@ class Projections(keras.layers.Layer):
             variable = getattr(self, name)
             values, scale = quantize_matrix(self.kernel(name), axis=0)
             delattr(self, name)
-            setattr(self, name, self._int8_kernel(name, variable.shape, variable.dtype, values.reshape(variable.shape), scale))
+            kernel = self._int8_kernel(name, variable.shape, variable.dtype, values.reshape(variable.shape), scale)
+            setattr(self, name, kernel)
 
     def add_weight(self, shape=None, initializer=None, dtype=None, trainable=True, name=None, **kwargs):
         if BUILDING_INT8.get() and name in self.kernels:
             return self._int8_kernel(name, shape, dtype or self.variable_dtype)
-        return super().add_weight(shape=shape, initializer=initializer, dtype=dtype, trainable=trainable, name=name, **kwargs)
+        return super().add_weight(
+            shape=shape, initializer=initializer, dtype=dtype, trainable=trainable, name=name, **kwargs
+        )
 
     def scale_shape(self, name, shape):
         output_shape = tuple(shape[-self.kernels[name]:])
@@ -81,7 +84,9 @@ class Projections(keras.layers.Layer):
             scale = scale.reshape(scale_shape)
         add = super().add_weight
         kernel = add(shape=shape, initializer=_initial(values), dtype="int8", trainable=False, name=name)
-        kernel.int8_scale = add(shape=scale_shape, initializer=_initial(scale), dtype=dtype, trainable=False, name=f"{name}_scale")
+        kernel.int8_scale = add(
+            shape=scale_shape, initializer=_initial(scale), dtype=dtype, trainable=False, name=f"{name}_scale"
+        )
         setattr(self, f"{name}_scale", kernel.int8_scale)
         return kernel
 

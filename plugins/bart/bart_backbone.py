@@ -228,6 +228,7 @@ class BartBackbone(Backbone):
             paths += [f"{block}/{name}" for name in feedforward]
         for index in range(len(self.decoder_transformer_layers)):
             block = f"transformer_decoder_layer_{index}"
-            paths += [f"{block}/{attention}/{name}" for attention in ("self_attention", "cross_attention") for name in projections]
+            for attention in ("self_attention", "cross_attention"):
+                paths += [f"{block}/{attention}/{name}" for name in projections]
             paths += [f"{block}/{name}" for name in feedforward]
         return paths
