@@ -7,7 +7,10 @@ weights, in one process, greedy and beam search.
 A Bart of 6 layers each side (d_model 512, 8 heads, feed-forward 2048, vocab 16000),
 loaded into lmq through its checkpoint import; fp32; batch 8 of 64-token encoder inputs,
 48 new tokens from the decoder start tokens, nothing stopping early. Prints tokens/s for
-each sampler and the ratio, and checks both produced the same tokens.
+each sampler and the ratio, and checks both produced the same tokens. lmq and transformers
+run in turn; the CPU seconds each used are printed too: on a machine shared with other
+work, wall time swings with the others' load, and CPU time with one thread (--threads 1)
+does not count waits for a descheduled thread, so it is the steadier figure there.
 """
 
 import argparse
@@ -78,15 +81,16 @@ def run_lmq(lm, batch, beams):
 
 
 def timed(runs, repeats):
-    """Median seconds of each of ``runs`` (callables), run in turn ``repeats`` times: on a shared
-    machine a load change then slows both sides, not one; and the last results."""
-    seconds, results = [[] for _ in runs], [None] * len(runs)
+    """Median wall and CPU seconds of each of ``runs`` (callables), run in turn ``repeats`` times
+    (on a shared machine a change of load then slows both sides, not one); and their last results."""
+    wall, cpu, results = [[] for _ in runs], [[] for _ in runs], [None] * len(runs)
     for _ in range(repeats):
         for i, run in enumerate(runs):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             results[i] = run()
-            seconds[i].append(time.perf_counter() - start)
-    return [statistics.median(s) for s in seconds], results
+            wall[i].append(time.perf_counter() - start)
+            cpu[i].append(time.process_time() - start_cpu)
+    return [statistics.median(s) for s in wall], [statistics.median(s) for s in cpu], results
 
 
 def main():
@@ -104,7 +108,7 @@ def main():
     for name, sampler, beams in (("greedy", "greedy", 1), (f"beam({BEAMS})", BeamSampler(num_beams=BEAMS), BEAMS)):
         lm.compile(sampler=sampler)
         run_lmq(lm, batch, beams), run_hf(hf, batch, beams, args.device)  # warm-up
-        (lmq_seconds, hf_seconds), (ours, theirs) = timed(
+        (lmq_seconds, hf_seconds), (lmq_cpu, hf_cpu), (ours, theirs) = timed(
             [lambda: run_lmq(lm, batch, beams), lambda: run_hf(hf, batch, beams, args.device)], args.repeats
         )
         tokens = BATCH * NEW_TOKENS
@@ -112,7 +116,8 @@ def main():
         identical &= same
         print(
             f"{name:8s} lmq {tokens / lmq_seconds:8.1f} tok/s  transformers {tokens / hf_seconds:8.1f} tok/s  "
-            f"ratio {hf_seconds / lmq_seconds:.2f}x  identical tokens: {same}"
+            f"ratio {hf_seconds / lmq_seconds:.2f}x  (CPU seconds {lmq_cpu:.2f} / {hf_cpu:.2f}: "
+            f"{hf_cpu / lmq_cpu:.2f}x)  identical tokens: {same}"
         )
     return 0 if identical else 1
 
