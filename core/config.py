@@ -178,18 +178,6 @@ def _device(raw: str) -> str:
     return raw
 
 
-def resolve_device(device: str = "auto") -> str:
-    """A device setting as torch names it: auto is cuda when torch sees a GPU, else cpu
-    (torch is imported here, when a model is about to load)."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SettingsError(f"LMQ_DEVICE={device!r}, but torch sees no GPU on this machine")
-    return device
-
-
 def load_lease_timing(environ) -> dict[str, float]:
     """Lease, heartbeat and sweep periods; a heartbeat must come well inside its lease."""
     lease_s = _float(environ, "LMQ_LEASE_S", 30.0)

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from core.config import DEMO_PRESETS, SettingsError, load_settings, resolve_device
+from core.config import DEMO_PRESETS, SettingsError, load_settings
+from core.models.task import resolve_device
 from core.generation import DecoderOnlyModel, decode
 from core.samplers import BeamSampler, ContrastiveSampler, GreedySampler, TopKSampler
 from plugins.falcon.falcon_backbone import FalconBackbone
@@ -187,7 +188,7 @@ def test_auto_is_the_gpu_when_torch_sees_one_and_a_missing_gpu_is_named():
     if gpu:
         assert resolve_device("cuda:0") == "cuda:0"
     else:
-        with pytest.raises(SettingsError, match="LMQ_DEVICE='cuda:0', but torch sees no GPU"):
+        with pytest.raises(ValueError, match="device='cuda:0', but torch sees no GPU"):
             resolve_device("cuda:0")
 
 

@@ -2,7 +2,6 @@
 
 import keras
 
-from core.config import resolve_device
 from core.models.backbone import unwrap_quantize
 from core.models.serialization import KerasHubSerializable, deserialize
 
@@ -103,3 +102,15 @@ class Task(KerasHubSerializable, keras.Model):
             if matches:
                 found.update(architecture.presets)
         return found
+
+
+def resolve_device(device="auto"):
+    """A device setting ("auto", "cpu", "cuda", "cuda:N") as torch names it: auto is cuda when
+    torch sees a GPU, else cpu; a GPU asked for on a machine without one is a ValueError."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but torch sees no GPU on this machine")
+    return device
