@@ -14,7 +14,9 @@ layers' weights (and of the whole model) in each, and the largest logit differen
 Measured on the shared 2-core CPU (AVX-512 VNNI), 1 Dec 2026, other agents' jobs running:
   --threads 2, load ~2.6: float32 300 tok/s, int8 649 tok/s: 2.17x (2.14x per CPU second);
   --threads 1, load ~9:   float32 48 tok/s, int8 93 tok/s: 1.95x (1.92x per CPU second);
-  one --threads 2 run at load ~10 gave 0.70x (42 vs 30 tok/s: two threads that wait on a busy core).
+  two --threads 2 runs at load 3.5-10 gave 0.70x and 0.65x (float32 ~45, int8 ~30 tok/s): each
+  int8 projection is ~10 small ops (quantizing the activations) where float32 has one matmul, and
+  every op's threads wait for the busy second core; on a shared machine use --threads 1.
   Weights of the quantized layers: 209.5 MiB -> 52.8 MiB (0.252). Logits: max |int8 - float32|
   3.03 of a 12.6 range on these random weights (initializer_range 0.1), same argmax at 68.8%
   of positions; against KerasHub's own int8 (tests/test_int8.py) they agree within 1e-7.
