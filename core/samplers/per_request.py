@@ -33,7 +33,8 @@ class PerRequestSampler(Sampler):
                 )
         self.samplers = samplers
         kinds = {}  # kind -> its number
-        self.kind_of_request = torch.tensor([kinds.setdefault(_kind(s), len(kinds)) for s in samplers])
+        numbers = [kinds.setdefault(_kind(sampler), len(kinds)) for sampler in samplers]
+        self.kind_of_request = torch.tensor(numbers, dtype=torch.long)
         self.prototypes = [None] * len(kinds)  # a sampler of each kind, its row parameters replaced each step
         for kind, sampler in zip(self.kind_of_request.tolist(), samplers):
             self.prototypes[kind] = self.prototypes[kind] or sampler
