@@ -13,7 +13,6 @@ import functools
 import json
 from dataclasses import dataclass
 
-from core import samplers
 from workers.batching import Prompt
 
 SEQ2SEQ = "seq2seq_lm"
@@ -127,6 +126,8 @@ def _sampler_key(sampler) -> str:
 @functools.lru_cache(maxsize=1024)
 def _is_token_sampler(key: str) -> bool:
     """Whether the sampler (as JSON) picks each row's token alone, or a ValueError naming what is wrong with it."""
+    from core import samplers  # torch: imported once a job runs, not when `lmq generate` checks its flags
+
     sampler = json.loads(key)
     if not isinstance(sampler, (str, dict)):
         raise ValueError(f"'sampler' must be a name or an object, got {sampler!r}")
