@@ -131,16 +131,24 @@ def list_batches(session: Session, tenant: str, *, limit: int, after: str | None
     return list(session.scalars(_page(query, OpenAIBatch, cursor, limit, newest_first=True)))
 
 
+def still_validating(batch_id: str) -> tuple:
+    """The conditions of an UPDATE that only a batch still validating (no job yet, neither failed
+    nor cancelled) takes: whoever changes it first wins, the others change nothing."""
+    return (
+        OpenAIBatch.id == batch_id,
+        OpenAIBatch.job_id.is_(None),
+        OpenAIBatch.failed_at.is_(None),
+        OpenAIBatch.cancelled_at.is_(None),
+    )
+
+
 def take_up_validation(session: Session, batch: OpenAIBatch, started_before: datetime) -> bool:
     """Claim a validation that began before `started_before` and never ended (its server died):
     one conditional UPDATE, so that of two servers reading the batch only one validates it again."""
     claimed = session.execute(
         update(OpenAIBatch)
         .where(
-            OpenAIBatch.id == batch.id,
-            OpenAIBatch.job_id.is_(None),
-            OpenAIBatch.failed_at.is_(None),
-            OpenAIBatch.cancelled_at.is_(None),
+            *still_validating(batch.id),
             OpenAIBatch.validation_started_at == batch.validation_started_at,
             OpenAIBatch.validation_started_at < started_before,
         )
@@ -150,10 +158,10 @@ def take_up_validation(session: Session, batch: OpenAIBatch, started_before: dat
 
 
 def fail_validation(session: Session, batch_id: str, errors: list[dict]) -> bool:
-    """The batch failed validation (unless it was cancelled or validated meanwhile)."""
+    """The batch failed validation (unless it was cancelled, failed or validated meanwhile)."""
     outcome = session.execute(
         update(OpenAIBatch)
-        .where(OpenAIBatch.id == batch_id, OpenAIBatch.job_id.is_(None), OpenAIBatch.cancelled_at.is_(None))
+        .where(*still_validating(batch_id))
         .values(errors=errors, failed_at=utcnow())
     )
     return outcome.rowcount == 1
@@ -176,10 +184,7 @@ def create_batch_job(
     linked = session.execute(
         update(OpenAIBatch)
         .where(
-            OpenAIBatch.id == batch_id,
-            OpenAIBatch.job_id.is_(None),
-            OpenAIBatch.failed_at.is_(None),
-            OpenAIBatch.cancelled_at.is_(None),
+            *still_validating(batch_id),
         )
         .values(job_id=job.id, model=model)
     )
@@ -220,10 +225,7 @@ def cancel_validation(session: Session, batch: OpenAIBatch) -> bool:
     outcome = session.execute(
         update(OpenAIBatch)
         .where(
-            OpenAIBatch.id == batch.id,
-            OpenAIBatch.job_id.is_(None),
-            OpenAIBatch.failed_at.is_(None),
-            OpenAIBatch.cancelled_at.is_(None),
+            *still_validating(batch.id),
         )
         .values(cancelling_at=now, cancelled_at=now)
     )
