@@ -375,3 +375,12 @@ def test_streaming_receives_each_generated_token(keras_hub_bart):
         stream=lambda row, token: streamed.setdefault(row, []).append(token),
     )
     assert [streamed[row] for row in range(len(prompts))] == [r.token_ids for r in results]
+
+
+def test_a_max_length_past_the_learned_positions_is_named_before_decoding(keras_hub_bart):
+    learned = keras_hub_bart.backbone.max_sequence_length
+    with pytest.raises(ValueError, match=f"Position {learned} is beyond this model's {learned} learned positions"):
+        keras_hub_bart.generate("The quick brown fox", max_length=learned + 1)
+    encoder_ids = [[0, 5, 2] + [1] * learned]  # one position past the encoder's learned ones
+    with pytest.raises(ValueError, match=f"Position {learned + 2} is beyond"):
+        keras_hub_bart.backbone.encode(torch.tensor(encoder_ids), torch.ones(1, learned + 3, dtype=torch.bool))

@@ -82,10 +82,14 @@ class PositionEmbedding(keras.layers.Layer):
         )
         self.built = True
 
-    def call(self, positions):
-        """Positions [batch, seq] (ints) -> [batch, seq, hidden]."""
-        if positions.numel() and int(positions.max()) >= self.sequence_length:
+    def check(self, length):
+        """Positions [0, ``length``) must be learned ones: checked on lengths, which are Python ints,
+        so that no decode step reads a tensor back from the device to check its positions."""
+        if length > self.sequence_length:
             raise ValueError(
-                f"Position {int(positions.max())} is beyond this model's {self.sequence_length} learned positions."
+                f"Position {length - 1} is beyond this model's {self.sequence_length} learned positions."
             )
+
+    def call(self, positions):
+        """Positions [batch, seq] (ints, checked by the caller: see ``check``) -> [batch, seq, hidden]."""
         return torch.nn.functional.embedding(positions, self.embeddings.value)

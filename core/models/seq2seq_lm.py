@@ -145,7 +145,7 @@ class Seq2SeqLM(Task):
         outputs = self._generate_texts(
             EncoderDecoderModel(self.backbone, encoder_inputs, self.preprocessor.tokenizer.pad_token_id, self.sampler),
             prompts,
-            _limits(prompts, max_length, max_new_tokens),
+            self._limits(prompts, max_length, max_new_tokens),
             stop_token_ids,
             stop,
             strip_prompt,
@@ -157,6 +157,12 @@ class Seq2SeqLM(Task):
         )
         return outputs[0] if single else outputs
 
+    def _limits(self, prompts, max_length, max_new_tokens):
+        """Each prompt's token limit within ``max_length`` decoder tokens, which the decoder's
+        learned positions must cover (checked here once, not at every decode step)."""
+        self.backbone.decoder_position_embedding.check(max_length)
+        return _limits(prompts, max_length, max_new_tokens)
+
     def _generate_from_ids(self, inputs, stop_token_ids, max_new_tokens, seed, stream, batching):
         encoder_inputs = _unpadded(inputs, "encoder")
         prompts = _unpadded(inputs, "decoder")
@@ -164,7 +170,7 @@ class Seq2SeqLM(Task):
         result = decode(
             EncoderDecoderModel(self.backbone, encoder_inputs, self._pad_id(), self.sampler),
             prompts,
-            _limits(prompts, decoder_ids.shape[1], max_new_tokens),
+            self._limits(prompts, decoder_ids.shape[1], max_new_tokens),
             self.sampler,
             stop_token_ids=self._stop_ids(stop_token_ids),
             seeds=self._seeds(seed, len(prompts)),

@@ -104,6 +104,7 @@ class BartBackbone(Backbone):
         encoder_output = self.encode(encoder_ids, encoder_mask, training=training)
         memory = EncoderMemory.of(self.decoder_transformer_layers, encoder_output, encoder_mask)
         batch, length = decoder_ids.shape
+        self.decoder_position_embedding.check(length)
         positions = torch.arange(length, device=self.device).expand(batch, length)
         causal = positions[:, None, :, None] >= positions[:, None, None, :]  # [batch, 1, query, key]
         mask = causal & decoder_mask[:, None, None, :]
@@ -115,6 +116,7 @@ class BartBackbone(Backbone):
     def encode(self, token_ids, padding_mask, training=False):
         """Encoder token ids and padding mask [batch, length] -> encoder output [batch, length, hidden]."""
         batch, length = token_ids.shape
+        self.encoder_position_embedding.check(length)
         positions = torch.arange(length, device=token_ids.device).expand(batch, length)
         x = self.token_embedding.call(token_ids) + self.encoder_position_embedding.call(positions)
         x = self._embedding_dropout(self.encoder_embeddings_layer_norm.call(x), training)
@@ -156,6 +158,7 @@ class BartBackbone(Backbone):
         memory = EncoderMemory.of(self.decoder_transformer_layers, encoder_output, encoder_mask)
         cache.memory.write(rows, memory)
         batch, length = decoder_ids.shape
+        self.decoder_position_embedding.check(length)
         positions = torch.arange(length, device=decoder_ids.device).expand(batch, length)
         context = AttentionContext(is_causal=True, cache=cache, cache_rows=rows)
         return self._decoder(decoder_ids, positions, context, memory)
