@@ -158,10 +158,11 @@ class Seq2SeqLM(Task):
         return outputs[0] if single else outputs
 
     def _limits(self, prompts, max_length, max_new_tokens):
-        """Each prompt's token limit within ``max_length`` decoder tokens, which the decoder's
-        learned positions must cover (checked here once, not at every decode step)."""
-        self.backbone.decoder_position_embedding.check(max_length)
-        return _limits(prompts, max_length, max_new_tokens)
+        """Each prompt's token limit within ``max_length`` decoder tokens; the positions they
+        reach must be learned ones (checked here once, not at every decode step)."""
+        limits = _limits(prompts, max_length, max_new_tokens)
+        self.backbone.decoder_position_embedding.check(max((len(p) + n for p, n in zip(prompts, limits)), default=0))
+        return limits
 
     def _generate_from_ids(self, inputs, stop_token_ids, max_new_tokens, seed, stream, batching):
         encoder_inputs = _unpadded(inputs, "encoder")
