@@ -13,10 +13,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 # Dependencies first, so that a change to lmq's code does not reinstall torch.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 print('\n'.join(p['dependencies'] + p['optional-dependencies']['postgres']))" > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt
+COPY lmq lmq
 COPY core core
 COPY plugins plugins
 COPY workers workers

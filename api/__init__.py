@@ -1,1 +1,1 @@
-"""lmq's front doors: the `lmq` command line, the HTTP API (`api.app`) and its Python client (`api.client`)."""
+"""lmq's front doors: the `lmq` command line, the HTTP API (`lmq.api.app`) and its Python client (`lmq.api.client`)."""

@@ -16,12 +16,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 
-from api import schemas
-from api.dispatch import dispatch_for
-from api.routes import dashboard, health, jobs, openai_batches, openai_files, presets
-from api.routes.metrics import add_metrics
-from core.config import Settings, load_settings
-from core.store import SchemaOutOfDate
+from lmq.api import schemas
+from lmq.api.dispatch import dispatch_for
+from lmq.api.routes import dashboard, health, jobs, openai_batches, openai_files, presets
+from lmq.api.routes.metrics import add_metrics
+from lmq.core.config import Settings, load_settings
+from lmq.core.store import SchemaOutOfDate
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import sys
 from contextlib import nullcontext
 from typing import NoReturn
 
-from api import cli_remote, schemas
-from api.cli_jobs import (
+from lmq.api import cli_remote, schemas
+from lmq.api.cli_jobs import (
     BadInput,
     JobFromFlags,
     check_output,
@@ -30,20 +30,20 @@ from api.cli_jobs import (
     say_empty,
     write_jsonl,
 )
-from api.auth import LOCAL_TENANT
-from api.jobs import OutputPresetTaken, check_output_name, store_job
-from api.progress import Progress, follow_job, unit_of
-from api.serving import ServeLimits, serve
-from api.suggest import did_you_mean, preset_names
-from core.chat_templates import CHAT_TEMPLATE_FILE, builtin_template_name, read_builtin_template
-from core.config import Settings, SettingsError, load_settings
-from core.logfmt import log_to_stderr
-from core.names import DTYPES, SAMPLER_NAMES, JobKind, JobState, check_preset_name
-from core.presets import PresetNotFound
-from core.presets.files import PresetFileError
-from core.store import SchemaOutOfDate, queries, session_scope, sessions
-from core.store.db import database_exists
-from core.store.presets import preset_architecture, store_resolver
+from lmq.api.auth import LOCAL_TENANT
+from lmq.api.jobs import OutputPresetTaken, check_output_name, store_job
+from lmq.api.progress import Progress, follow_job, unit_of
+from lmq.api.serving import ServeLimits, serve
+from lmq.api.suggest import did_you_mean, preset_names
+from lmq.core.chat_templates import CHAT_TEMPLATE_FILE, builtin_template_name, read_builtin_template
+from lmq.core.config import Settings, SettingsError, load_settings
+from lmq.core.logfmt import log_to_stderr
+from lmq.core.names import DTYPES, SAMPLER_NAMES, JobKind, JobState, check_preset_name
+from lmq.core.presets import PresetNotFound
+from lmq.core.presets.files import PresetFileError
+from lmq.core.store import SchemaOutOfDate, queries, session_scope, sessions
+from lmq.core.store.db import database_exists
+from lmq.core.store.presets import preset_architecture, store_resolver
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -120,7 +120,7 @@ def check_name(name: str) -> None:
 
 def cmd_run_here(args) -> int:
     """`lmq generate` / `lmq fit`: one job, in this process, with a progress bar."""
-    from workers.runner import JobRunner, pool_from_settings
+    from lmq.workers.runner import JobRunner, pool_from_settings
 
     check_output(getattr(args, "output", None))
     settings = load_settings()
@@ -154,7 +154,7 @@ def cmd_submit(args) -> int:
         return cli_remote.submit(args)
     from kombu.exceptions import OperationalError
 
-    from workers.celery_app import enqueue_job, make_celery
+    from lmq.workers.celery_app import enqueue_job, make_celery
 
     settings = load_settings()
     if settings.broker_url is None:
@@ -303,7 +303,7 @@ def import_preset(settings: Settings, session, handle: str, name: str, tenant: s
 
 def chat_template_source(path: str) -> str:
     """Which chat template a stored preset's tokenizer uses, or why it has none."""
-    from core.presets import load_tokenizer
+    from lmq.core.presets import load_tokenizer
 
     try:
         return load_tokenizer(path, cls=object).chat_template_source
@@ -323,7 +323,7 @@ def share_preset(session, name: str, tenant: str) -> None:
 
 
 def cmd_architectures(args) -> int:
-    from core.plugins import get_registry
+    from lmq.core.plugins import get_registry
 
     registry = get_registry()
     if registry.unknown_plugins:
@@ -352,7 +352,7 @@ def cmd_architectures(args) -> int:
 
 def cmd_serve(args) -> int:
     """The HTTP API under uvicorn; with no broker configured it runs the jobs itself too."""
-    from api.app import create_app
+    from lmq.api.app import create_app
 
     settings = load_settings()
     if not settings.api_tokens and args.host not in LOOPBACK:
@@ -369,7 +369,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_db(args) -> int:
-    from core.store import upgrade
+    from lmq.core.store import upgrade
 
     settings = load_settings()
     upgrade(settings.database_url)
@@ -379,8 +379,8 @@ def cmd_db(args) -> int:
 
 def cmd_worker(args) -> int:
     """A Celery worker (solo pool: one job at a time, models pinned in this process)."""
-    from workers.celery_app import make_celery, worker_queue
-    from workers.runner import process_runner, worker_name
+    from lmq.workers.celery_app import make_celery, worker_queue
+    from lmq.workers.runner import process_runner, worker_name
 
     settings = load_settings()
     if settings.broker_url is None:
@@ -397,7 +397,7 @@ def cmd_worker(args) -> int:
         print(f"lmq: preloaded {handle} in {lease.load_seconds:.1f}s", file=sys.stderr)
     log_to_stderr(args.loglevel)
     app = make_celery(settings)
-    import workers.tasks  # noqa: F401  registers the task on the app
+    import lmq.workers.tasks  # noqa: F401  registers the task on the app
 
     app.worker_main(
         [

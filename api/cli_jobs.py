@@ -1,7 +1,7 @@
 """What `lmq`'s local commands and its `--server` commands share.
 
 A job request is built from the flags and the input files and checked through
-the one job request model (`api.schemas.parse_job`, the model POST /v1/jobs
+the one job request model (`lmq.api.schemas.parse_job`, the model POST /v1/jobs
 uses, with the LMQ_MAX_* limits), so a bad job is refused here, in one line
 naming the flag or the file line, before anything is written or any model
 loads. Results are written as JSONL, and a finished job is reported in one line.
@@ -16,9 +16,9 @@ from typing import get_args
 
 from pydantic import BaseModel, ValidationError
 
-from api import schemas
-from api.jobs import InputsDontFitPreset, check_inputs_fit
-from core.config import Limits
+from lmq.api import schemas
+from lmq.api.jobs import InputsDontFitPreset, check_inputs_fit
+from lmq.core.config import Limits
 
 # What `lmq` reads from each line of an input file; other keys are the user's own and left alone.
 INPUT_FIELDS = {
@@ -133,7 +133,7 @@ class JobFromFlags:
             raise BadInput(self.message(schemas.problems(error.errors())[0])) from None
 
     def check_fits(self, job: BaseModel, location: str) -> None:
-        """BadInput naming the first input line the preset's task does not read (`api.jobs.check_inputs_fit`)."""
+        """BadInput naming the first input line the preset's task does not read (`lmq.api.jobs.check_inputs_fit`)."""
         try:
             check_inputs_fit(job, location)
         except InputsDontFitPreset as error:

@@ -13,10 +13,10 @@ import sys
 
 import httpx
 
-from api.cli_jobs import BadInput, JobFromFlags, no_jobs, report_finished, say_empty, write_jsonl
-from api.client import ApiError, Client
-from api.progress import follow_job
-from core.config import Limits
+from lmq.api.cli_jobs import BadInput, JobFromFlags, no_jobs, report_finished, say_empty, write_jsonl
+from lmq.api.client import ApiError, Client
+from lmq.api.progress import follow_job
+from lmq.core.config import Limits
 
 
 # Limits no server is below: this side checks everything but the limits.

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import httpx
 
-from core.names import TERMINAL_STATES
+from lmq.core.names import TERMINAL_STATES
 
 
 class ApiError(Exception):

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from api.auth import current_tenant
-from core.config import Settings
-from core.store import session_scope, sessions
+from lmq.api.auth import current_tenant
+from lmq.core.config import Settings
+from lmq.core.store import session_scope, sessions
 
 
 def app_settings(request: Request) -> Settings:

@@ -17,9 +17,9 @@ import time
 from datetime import timedelta
 from functools import cached_property
 
-from core.config import Settings
-from core.store import leases, session_scope, sessions
-from core.store.models import utcnow
+from lmq.core.config import Settings
+from lmq.core.store import leases, session_scope, sessions
+from lmq.core.store.models import utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +35,12 @@ class CeleryDispatch:
     @cached_property
     def app(self):
         """Made at first use: importing Celery would add a third of a second to every start."""
-        from workers.celery_app import make_celery
+        from lmq.workers.celery_app import make_celery
 
         return make_celery(settings=self.settings)
 
     def submit(self, job_id: str, kind: str) -> None:
-        from workers.celery_app import enqueue_job
+        from lmq.workers.celery_app import enqueue_job
 
         try:
             enqueue_job(self.app, self.settings, job_id, kind)
@@ -139,7 +139,7 @@ class InProcessWorker:
                 self._in_hand.discard(job_id)
             try:
                 if runner is None:
-                    from workers.runner import process_runner
+                    from lmq.workers.runner import process_runner
 
                     runner = process_runner(self.settings)
                 runner.run(job_id)

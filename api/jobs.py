@@ -10,13 +10,13 @@ from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.schemas import GENERATE_TEXT_FIELDS, job_params
-from core.names import JobKind, JobState
-from core.plugins import get_registry
-from core.presets import PresetNotFound
-from core.presets.resolver import REMOTE_SCHEMES
-from core.store import Job, queries
-from core.store.presets import preset_architecture, store_resolver
+from lmq.api.schemas import GENERATE_TEXT_FIELDS, job_params
+from lmq.core.names import JobKind, JobState
+from lmq.core.plugins import get_registry
+from lmq.core.presets import PresetNotFound
+from lmq.core.presets.resolver import REMOTE_SCHEMES
+from lmq.core.store import Job, queries
+from lmq.core.store.presets import preset_architecture, store_resolver
 
 SEQ2SEQ = "seq2seq_lm"
 # What each task reads from an input and a training row, as a message names it.
@@ -45,7 +45,7 @@ class InputsDontFitPreset(ValueError):
 def store_job(
     session: Session, job: BaseModel, preset: str, *, tenant: str, idempotency_key: str | None = None
 ) -> Job:
-    """Write `job` (from `api.schemas.parse_job`) for `preset`, the handle as the runners will load it."""
+    """Write `job` (from `lmq.api.schemas.parse_job`) for `preset`, the handle as the runners will load it."""
     try:
         location = store_resolver(session, tenant=tenant).locate(preset)
     except PresetNotFound:

@@ -22,16 +22,16 @@ from typing import Iterator
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session
 
-from api import schemas
-from api.dispatch import BrokerUnavailable
-from api.jobs import SEQ2SEQ, preset_task_kind
-from api.openai_common import unix
-from api.openai_lines import CHAT, LineError, Request, parse_line, read_lines
-from core.config import Settings
-from core.names import TERMINAL_STATES, JobState
-from core.presets import PresetNotFound
-from core.store import queries, session_scope, sessions
-from core.store.batches import (
+from lmq.api import schemas
+from lmq.api.dispatch import BrokerUnavailable
+from lmq.api.jobs import SEQ2SEQ, preset_task_kind
+from lmq.api.openai_common import unix
+from lmq.api.openai_lines import CHAT, LineError, Request, parse_line, read_lines
+from lmq.core.config import Settings
+from lmq.core.names import TERMINAL_STATES, JobState
+from lmq.core.presets import PresetNotFound
+from lmq.core.store import queries, session_scope, sessions
+from lmq.core.store.batches import (
     ERROR,
     OUTPUT,
     create_batch_job,
@@ -41,8 +41,8 @@ from core.store.batches import (
     request_expiry,
     take_up_validation,
 )
-from core.store.models import Job, OpenAIBatch, utcnow
-from core.store.presets import store_resolver
+from lmq.core.store.models import Job, OpenAIBatch, utcnow
+from lmq.core.store.presets import store_resolver
 
 logger = logging.getLogger("lmq.api")
 
@@ -83,7 +83,7 @@ class Models:
 
     def locate(self, name: str) -> str | None:
         """The preset the job records for model `name`; None when the tenant has no such model."""
-        from api.routes.jobs import checked_preset
+        from lmq.api.routes.jobs import checked_preset
 
         if name not in self.found:
             if len(self.found) >= MAX_MODEL_LOOKUPS:

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
-from api import schemas
+from lmq.api import schemas
 
 ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error"}
 OPENAI_ERRORS = {

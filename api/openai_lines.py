@@ -17,8 +17,8 @@ from typing import Annotated, Iterator, Literal, Union
 
 from pydantic import Field, ValidationError
 
-from api.schemas import MAX_SEED, Strict, field_name, problems, text
-from core.config import Limits
+from lmq.api.schemas import MAX_SEED, Strict, field_name, problems, text
+from lmq.core.config import Limits
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 ENDPOINTS = (COMPLETIONS, CHAT)

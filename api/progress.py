@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from tqdm import tqdm
 
-from core.names import TERMINAL_STATES
+from lmq.core.names import TERMINAL_STATES
 
 PLAIN_LINE_SECONDS = 5.0
 

@@ -30,9 +30,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from core.config import Limits
-from core.store import Job, JobEvent, JobItem, Preset
-from core.names import (
+from lmq.core.config import Limits
+from lmq.core.store import Job, JobEvent, JobItem, Preset
+from lmq.core.names import (
     DTYPES,
     PRESET_NAME_PATTERN,
     SAMPLER_ARGUMENTS,

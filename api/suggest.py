@@ -6,8 +6,8 @@ import difflib
 
 from sqlalchemy.orm import Session
 
-from core.plugins import get_registry
-from core.store import queries
+from lmq.core.plugins import get_registry
+from lmq.core.store import queries
 
 
 def preset_names(session: Session | None, tenant: str | None = None) -> list[str]:

@@ -94,7 +94,7 @@ def main() -> None:
             [
                 sys.executable,
                 "-m",
-                "api.cli",
+                "lmq.api.cli",
                 "presets",
                 "import",
                 str(REPO / "demo" / "stdlib-tiny-llama"),

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-import core  # noqa: F401  (KERAS_BACKEND)
+import lmq.core  # noqa: F401  (KERAS_BACKEND)
 
 CONFIG = dict(
     vocab_size=32000,
@@ -41,7 +41,7 @@ def build_models(device=None, dtype=None):
     by default the CPU) in ``dtype`` (by default float32, bfloat16 on a GPU)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from core.models import CausalLM
+    from lmq.core.models import CausalLM
 
     torch.manual_seed(0)
     hf = LlamaForCausalLM(LlamaConfig(**CONFIG)).eval()

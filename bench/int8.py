@@ -30,10 +30,10 @@ import time
 import numpy as np
 import torch
 
-import core  # noqa: F401  (KERAS_BACKEND, before keras)
+import lmq.core  # noqa: F401  (KERAS_BACKEND, before keras)
 import keras
-from core.layers.projection import Projections
-from core.models import CausalLM
+from lmq.core.layers.projection import Projections
+from lmq.core.models import CausalLM
 from generate import build_models, run_lmq  # bench/generate.py, beside this file
 
 

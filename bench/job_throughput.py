@@ -16,7 +16,7 @@ Llama of bench/generate.py, greedy, same weights and prompts for every engine:
   ``max_rows`` rows in flight and the default cache budget; finished rows free their
   cache slots, waiting prompts are prefilled into them, long ones a chunk per step);
 - lmq fixed: the micro-batches the runner cut before continuous batching
-  (workers.batching.plan_micro_batches, batches of ``max_rows``), each decoding until
+  (lmq.workers.batching.plan_micro_batches, batches of ``max_rows``), each decoding until
   its last row ends (per-row limits honoured);
 - transformers: ``generate`` in length-sorted batches of ``max_rows``, left-padded,
   each running to its longest row's limit, rows then cut at their limit and stop token.
@@ -64,10 +64,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from generate import build_models  # noqa: E402  (the bench's shared model)
 
-from core.config import load_settings  # noqa: E402
-from core.generation import DecoderOnlyModel, decode  # noqa: E402
-from core.generation.batch import PREFILL_CHUNK  # noqa: E402
-from workers.batching import Prompt, cache_positions, plan_micro_batches  # noqa: E402
+from lmq.core.config import load_settings  # noqa: E402
+from lmq.core.generation import DecoderOnlyModel, decode  # noqa: E402
+from lmq.core.generation.batch import PREFILL_CHUNK  # noqa: E402
+from lmq.workers.batching import Prompt, cache_positions, plan_micro_batches  # noqa: E402
 
 
 def job(count, max_prompt, max_new_tokens, seed=0):

@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-import core  # noqa: F401  (KERAS_BACKEND)
+import lmq.core  # noqa: F401  (KERAS_BACKEND)
 
 CONFIG = dict(
     vocab_size=16000, d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
@@ -37,7 +37,7 @@ START = [2, 0]
 def build_models(device):
     from transformers import BartConfig, BartForConditionalGeneration
 
-    from core.models import Seq2SeqLM
+    from lmq.core.models import Seq2SeqLM
 
     torch.manual_seed(0)
     hf = BartForConditionalGeneration(BartConfig(**CONFIG)).eval()
@@ -100,7 +100,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from core.samplers import BeamSampler
+    from lmq.core.samplers import BeamSampler
 
     hf, lm = build_models(args.device)
     batch = inputs(args.device)

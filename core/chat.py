@@ -9,7 +9,7 @@ not escape HTML, a ``dict`` and a ``namespace`` that refuse underscore names; th
 tokenizer's special tokens as ``bos_token``, ``eos_token`` and ``pad_token``.
 
 Where a tokenizer's template comes from (``tokenizer.chat_template``, set when a preset is
-loaded): see ``core.presets.transformers_import.attach_chat_template`` and docs/chat-templates.md.
+loaded): see ``lmq.core.presets.transformers_import.attach_chat_template`` and docs/chat-templates.md.
 """
 
 import datetime
@@ -21,7 +21,7 @@ import jinja2.ext
 import jinja2.nodes
 import jinja2.sandbox
 
-from core.chat_templates import PRESETS_OF_TEMPLATE, builtin_tokenization
+from lmq.core.chat_templates import PRESETS_OF_TEMPLATE, builtin_tokenization
 
 # Tokens that end a turn in common templates: one written by a template that the vocabulary
 # has also stops generation (the tokenizer's end token always does).

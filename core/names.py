@@ -1,7 +1,7 @@
 """The names every part of lmq agrees on: samplers, dtypes, job kinds and states, preset names.
 
 Standard library only, so that the API, the CLI, the HTTP client and the store
-can all import them without loading keras or torch (importing `core.samplers`
+can all import them without loading keras or torch (importing `lmq.core.samplers`
 would). `tests/test_api_names.py` checks them against the sampler registry.
 """
 

@@ -4,7 +4,7 @@ Every architecture, built-in or third-party, is a package exposing an entry poin
 in the ``lmq.plugins`` group whose module implements one hook. Laid out as KerasHub
 lays out an architecture (see ``Architecture.in_package``), its ``__init__.py`` is::
 
-    from core.plugins import Architecture, plugin_hooks
+    from lmq.core.plugins import Architecture, plugin_hooks
 
     ARCHITECTURE = Architecture.in_package(__name__, "Llama", hf_model_types=("llama",))
     register_architectures, __getattr__ = plugin_hooks(__name__, ARCHITECTURE)
@@ -76,7 +76,7 @@ class Architecture:
     @classmethod
     def in_package(cls, package, prefix, **fields):
         """The record of an architecture laid out as KerasHub lays one out, in ``package``
-        (``plugins.llama``, whose last part ``llama`` names the architecture)::
+        (``lmq.plugins.llama``, whose last part ``llama`` names the architecture)::
 
             llama_backbone.py                  LlamaBackbone
             llama_tokenizer.py                 LlamaTokenizer
@@ -113,7 +113,7 @@ class Architecture:
 
 def plugin_hooks(module_name, *architectures):
     """What a plugin's ``__init__`` exports: its ``register_architectures`` hook, and a module
-    ``__getattr__`` so that ``from plugins.llama import LlamaCausalLM`` imports on first use
+    ``__getattr__`` so that ``from lmq.plugins.llama import LlamaCausalLM`` imports on first use
     (registering a plugin never imports keras)."""
 
     @hookimpl

@@ -66,12 +66,12 @@ def main() -> None:
     parser.add_argument("--text-chars", type=int, default=500_000)
     args = parser.parse_args()
 
-    import core  # noqa: F401  (before keras: it picks the torch backend)
+    import lmq.core  # noqa: F401  (before keras: it picks the torch backend)
 
     import keras
     import sentencepiece
 
-    from plugins.llama import LlamaBackbone, LlamaCausalLM, LlamaCausalLMPreprocessor, LlamaTokenizer
+    from lmq.plugins.llama import LlamaBackbone, LlamaCausalLM, LlamaCausalLMPreprocessor, LlamaTokenizer
 
     paragraphs = docstring_paragraphs(args.text_chars)
     random.Random(0).shuffle(paragraphs)
@@ -112,7 +112,7 @@ def main() -> None:
     env.pop("LMQ_DATABASE_URL", None)
     env.pop("LMQ_BROKER_URL", None)
     subprocess.run(
-        [sys.executable, "-m", "api.cli", "fit", "--preset", str(base), str(train),
+        [sys.executable, "-m", "lmq.api.cli", "fit", "--preset", str(base), str(train),
          "--output-preset", "stdlib-tiny-llama", "--epochs", str(args.epochs), "--batch-size", "64",
          "--sequence-length", "64", "--learning-rate", "0.003"],
         env=env, check=True, cwd=HERE.parent,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from core.names import TERMINAL_STATES
+from lmq.core.names import TERMINAL_STATES
 
 REPO = Path(__file__).resolve().parent.parent
 TOKENS = "tok-a:team-a,tok-b:team-b"
@@ -33,7 +33,7 @@ class ApiServer:
         self.log = log
         started = time.monotonic()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "serve", "--port", str(self.port), "--log-level", "warning", *extra],
+            [sys.executable, "-m", "lmq.api.cli", "serve", "--port", str(self.port), "--log-level", "warning", *extra],
             cwd=REPO,
             # Offline hubs: nothing a test submits may make the server reach past loopback.
             env={**os.environ, "HF_HUB_OFFLINE": "1", **env},

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-import core  # noqa: F401  sets KERAS_BACKEND before anything imports keras
+import lmq.core  # noqa: F401  sets KERAS_BACKEND before anything imports keras
 from database_support import fresh_database
 
 SERVICE_ENV = ("LMQ_HOME", "LMQ_DATABASE_URL", "LMQ_BROKER_URL", "LMQ_API_TOKENS", "LMQ_PRESET_ROOTS")
@@ -36,7 +36,7 @@ def _service_urls():
 @pytest.fixture(scope="session")
 def postgres_url():
     """A database of this session's own on the test PostgreSQL, migrated from scratch."""
-    from core.store.db import upgrade
+    from lmq.core.store.db import upgrade
 
     server, _ = _service_urls()
     with fresh_database(server) as database:

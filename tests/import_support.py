@@ -19,7 +19,7 @@ def imports_of(path) -> set[str]:
 
 def module_graph(paths) -> dict[str, set[str]]:
     """module -> the modules among `paths` that it imports."""
-    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p for p in paths}
+    modules = {"lmq." + ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p for p in paths}
     return {module: imports_of(path) & modules.keys() - {module} for module, path in modules.items()}
 
 

@@ -6,7 +6,7 @@ import pathlib
 
 import numpy as np
 
-import core  # noqa: F401  (KERAS_BACKEND before keras)
+import lmq.core  # noqa: F401  (KERAS_BACKEND before keras)
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "keras_hub_presets"
 
@@ -56,7 +56,7 @@ def train_sentencepiece(directory, vocab_size=400):
 
 def tiny_llama(spm_model, sequence_length):
     """A random 2-layer Llama task (GQA, hidden 32) around a SentencePiece vocabulary."""
-    from plugins.llama import LlamaBackbone, LlamaCausalLM, LlamaCausalLMPreprocessor, LlamaTokenizer
+    from lmq.plugins.llama import LlamaBackbone, LlamaCausalLM, LlamaCausalLMPreprocessor, LlamaTokenizer
 
     tokenizer = LlamaTokenizer(proto=spm_model)
     backbone = LlamaBackbone(
@@ -105,7 +105,7 @@ def random_transformers_lm(model_cls, config, seed):
 
 def transformers_pair(hf, directory):
     """(transformers model, lmq task loaded from its save_pretrained directory, greedy)."""
-    from core.models import CausalLM
+    from lmq.core.models import CausalLM
 
     hf.save_pretrained(directory)
     lm = CausalLM.from_preset(str(directory))

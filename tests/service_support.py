@@ -17,7 +17,7 @@ PROMPTS = [
 
 
 def reference(preset, prompts, **arguments):
-    from core.models import CausalLM
+    from lmq.core.models import CausalLM
 
     lm = CausalLM.from_preset(str(preset))
     lm.compile(sampler="greedy")
@@ -45,8 +45,8 @@ def lease_runs_out(factory, job_id):
     """What LMQ_LEASE_S of silence from a job's worker does (the worker died or was paused)."""
     from sqlalchemy import update
 
-    from core.store import Job, session_scope
-    from core.store.models import utcnow
+    from lmq.core.store import Job, session_scope
+    from lmq.core.store.models import utcnow
 
     with session_scope(factory) as session:
         session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1)))

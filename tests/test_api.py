@@ -12,9 +12,9 @@ import pytest
 from api_support import TEAM_A, TEAM_B, TOKENS, ApiServer, free_port, generate_body
 from conftest import _service_urls
 
-from api.cli import main
-from core.config import load_settings
-from core.store import queries, session_scope, sessions
+from lmq.api.cli import main
+from lmq.core.config import load_settings
+from lmq.core.store import queries, session_scope, sessions
 
 BUILTIN = "llama2_7b_en"  # a built-in name: accepted without loading anything
 

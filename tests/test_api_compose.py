@@ -14,7 +14,7 @@ import yaml
 from api_support import REPO
 from jsonschema import Draft202012Validator
 
-from core.config import load_settings
+from lmq.core.config import load_settings
 
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]

@@ -13,9 +13,9 @@ import pytest
 from api_support import REPO, ApiServer, generate_body, wait_for_job
 from service_support import PROMPTS, reference, write_prompts
 
-from api.cli import main
-from core.config import load_settings
-from core.store import leases, queries, session_scope, sessions
+from lmq.api.cli import main
+from lmq.core.config import load_settings
+from lmq.core.store import leases, queries, session_scope, sessions
 
 
 def left_by_an_earlier_server(tiny_llama_preset):
@@ -85,8 +85,8 @@ def test_the_api_process_never_imports_keras_or_torch(lmq_home):
     script = """
 import json, sys, time
 started = time.perf_counter()
-import api.cli
-from api.app import create_app
+import lmq.api.cli
+from lmq.api.app import create_app
 from fastapi.testclient import TestClient
 with TestClient(create_app()) as client:
     assert client.get("/healthz").status_code == 200

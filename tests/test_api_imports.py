@@ -10,14 +10,14 @@ from import_support import assert_no_cycle, module_graph
 
 def test_api_modules_import_each_other_without_a_cycle():
     graph = module_graph(sorted((REPO / "api").rglob("*.py")))
-    assert {"api.cli", "api.cli_remote", "api.cli_jobs", "api.app", "api.routes.jobs"} <= set(graph)
-    assert "api.cli_jobs" in graph["api.cli_remote"]  # the graph sees imports
+    assert {"lmq.api.cli", "lmq.api.cli_remote", "lmq.api.cli_jobs", "lmq.api.app", "lmq.api.routes.jobs"} <= set(graph)
+    assert "lmq.api.cli_jobs" in graph["lmq.api.cli_remote"]  # the graph sees imports
     assert_no_cycle(graph)
 
 
 def test_running_a_job_here_does_not_import_celery():
     code = (
-        "import sys; import api.cli, workers.runner; "
+        "import sys; import lmq.api.cli, lmq.workers.runner; "
         "assert 'celery' not in sys.modules and 'kombu' not in sys.modules, 'celery imported'"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

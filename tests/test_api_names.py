@@ -1,4 +1,4 @@
-"""core.names is the one list of sampler names, dtypes and job states: it matches what
+"""lmq.core.names is the one list of sampler names, dtypes and job states: it matches what
 core.samplers and keras actually accept, and it loads nothing heavy."""
 
 import inspect
@@ -7,17 +7,17 @@ import sys
 
 import pytest
 
-from api.schemas import SamplerConfig
-from core.names import DTYPES, SAMPLER_ARGUMENTS, SAMPLER_NAMES, TERMINAL_STATES, JobState
+from lmq.api.schemas import SamplerConfig
+from lmq.core.names import DTYPES, SAMPLER_ARGUMENTS, SAMPLER_NAMES, TERMINAL_STATES, JobState
 
 # A value inside the API's bounds for each argument a sampler may take.
 ARGUMENT_VALUES = {"k": 3, "p": 0.5, "num_beams": 2, "alpha": 0.3}
 
 
 def registered_samplers():
-    import core.samplers
+    import lmq.core.samplers
 
-    found, pending = {}, [core.samplers.Sampler]
+    found, pending = {}, [lmq.core.samplers.Sampler]
     while pending:
         cls = pending.pop()
         pending.extend(cls.__subclasses__())
@@ -32,10 +32,10 @@ def test_the_sampler_names_are_the_registrys():
 
 @pytest.mark.parametrize("name", SAMPLER_NAMES)
 def test_each_sampler_takes_the_arguments_the_api_lets_through(name):
-    import core.samplers
+    import lmq.core.samplers
 
     arguments = {argument: ARGUMENT_VALUES[argument] for argument in SAMPLER_ARGUMENTS[name]}
-    sampler = core.samplers.get({"name": name, "temperature": 0.7, "seed": 1, **arguments})
+    sampler = lmq.core.samplers.get({"name": name, "temperature": 0.7, "seed": 1, **arguments})
     assert type(sampler) is registered_samplers()[name]
     parameters = {
         parameter
@@ -67,8 +67,8 @@ def test_terminal_states():
 
 def test_the_names_module_imports_only_the_standard_library():
     code = (
-        "import sys; before = set(sys.modules); import core.names; "
+        "import sys; before = set(sys.modules); import lmq.core.names; "
         "new = {m.partition('.')[0] for m in set(sys.modules) - before}; "
-        "assert new <= {'core', 'enum', 're'}, sorted(new)"
+        "assert new <= {'lmq', 'enum', 're'}, sorted(new)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

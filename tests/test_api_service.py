@@ -11,8 +11,8 @@ from conftest import _service_urls
 from service_support import PROMPTS, read_results, reference, write_prompts
 from worker_support import Worker, wait_for
 
-from api.cli import main
-from api.client import Client
+from lmq.api.cli import main
+from lmq.api.client import Client
 
 
 @pytest.fixture(scope="module")

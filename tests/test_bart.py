@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from core.models import CausalLM, Seq2SeqLM
-from core.samplers import BeamSampler
-from plugins.bart import BartSeq2SeqLM
+from lmq.core.models import CausalLM, Seq2SeqLM
+from lmq.core.samplers import BeamSampler
+from lmq.plugins.bart import BartSeq2SeqLM
 from tests.model_support import FIXTURES, assert_keras_hub_structure, fixture_expected, right_padded
 
 BART = FIXTURES / "bart"
@@ -125,7 +125,7 @@ def test_builtin_preset_names_download_keras_hub_handles(name, download, monkeyp
 def test_compile_has_keras_hub_defaults(keras_hub_bart):
     import keras
 
-    from core.samplers import TopKSampler
+    from lmq.core.samplers import TopKSampler
 
     keras_hub_bart.compile()
     assert isinstance(keras_hub_bart.optimizer, keras.optimizers.Adam)

@@ -10,12 +10,12 @@ import types
 import pytest
 import transformers
 
-from core.chat import ChatTemplateError, chat_token_ids, end_of_turn_token_ids, render_chat
-from core.chat_templates import PRESETS_OF_TEMPLATE, read_builtin_template
-from core.models import CausalLM
-from core.presets.files import PresetFiles
-from core.presets.keras_hub_format import load_tokenizer
-from plugins.llama import Llama3Tokenizer
+from lmq.core.chat import ChatTemplateError, chat_token_ids, end_of_turn_token_ids, render_chat
+from lmq.core.chat_templates import PRESETS_OF_TEMPLATE, read_builtin_template
+from lmq.core.models import CausalLM
+from lmq.core.presets.files import PresetFiles
+from lmq.core.presets.keras_hub_format import load_tokenizer
+from lmq.plugins.llama import Llama3Tokenizer
 from tests.model_support import FIXTURES, random_hf_llama
 from tests.test_llama3_presets import write_llama3_tokenizer_json
 

@@ -1,4 +1,4 @@
-"""A chat's token ids (``core.chat.chat_token_ids``) are those of transformers'
+"""A chat's token ids (``lmq.core.chat.chat_token_ids``) are those of transformers'
 ``apply_chat_template(messages, tokenize=True, add_generation_prompt=True)`` for every built-in
 template, multi-turn included: the ``</s>`` and ``<s>`` between turns are their ids, Phi-3 gets
 no start token its template does not write. A generate job's ``messages`` item runs on those
@@ -16,12 +16,12 @@ import pytest
 import transformers
 from transformers.convert_slow_tokenizer import generate_merges
 
-from core.chat import chat_token_ids, end_of_turn_token_ids, render_chat
-from core.chat_templates import read_builtin_template
-from core.models import CausalLM
-from plugins.llama import LlamaTokenizer
-from plugins.mistral import MistralTokenizer
-from plugins.phi3 import Phi3Tokenizer
+from lmq.core.chat import chat_token_ids, end_of_turn_token_ids, render_chat
+from lmq.core.chat_templates import read_builtin_template
+from lmq.core.models import CausalLM
+from lmq.plugins.llama import LlamaTokenizer
+from lmq.plugins.mistral import MistralTokenizer
+from lmq.plugins.phi3 import Phi3Tokenizer
 from tests.model_support import docstring_corpus, random_hf_llama, tiny_llama
 from tests.test_item_params import run_job
 

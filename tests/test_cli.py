@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from api.cli import main
-from core.config import load_settings
-from core.store import queries, session_scope, sessions
+from lmq.api.cli import main
+from lmq.core.config import load_settings
+from lmq.core.store import queries, session_scope, sessions
 
 
 def run_cli(capsys, *argv):
@@ -83,7 +83,7 @@ def test_a_bad_sampler_is_refused_before_keras_is_imported(lmq_home, tmp_path, p
     sampler = json.dumps({"name": "top_k", "p": 0.5})
     code = (
         "import sys\n"
-        "from api.cli import main\n"
+        "from lmq.api.cli import main\n"
         "try:\n"
         f"    main(['generate', '--preset', {preset_dir!r}, {source!r}, '--sampler', {sampler!r}])\n"
         "except SystemExit as exit:\n"
@@ -144,9 +144,9 @@ def test_empty_listings_say_so(capsys, lmq_home):
 
 
 def test_no_architectures_says_so(capsys, lmq_home, monkeypatch):
-    import core.plugins
+    import lmq.core.plugins
 
-    monkeypatch.setattr(core.plugins, "get_registry", EmptyRegistry)
+    monkeypatch.setattr(lmq.core.plugins, "get_registry", EmptyRegistry)
     code, out, err = run_cli(capsys, "architectures")
     assert code == 0 and out == "" and "lmq: no architectures are registered" in err
 
@@ -166,7 +166,7 @@ def test_every_option_shows_its_default():
     """`--help` names each option's default (or says it is required), on every command."""
     import argparse
 
-    from api.cli import build_parser
+    from lmq.api.cli import build_parser
 
     pending, checked = [build_parser()], 0
     while pending:
@@ -299,13 +299,13 @@ def test_architectures_lists_the_registry(capsys, lmq_home):
 
 def test_db_upgrade_and_the_console_script(lmq_home, tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "api.cli", "db", "upgrade"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "lmq.api.cli", "db", "upgrade"], capture_output=True, text=True, check=True
     )
     assert "up to date" in done.stderr
     assert (lmq_home / "lmq.db").exists()
     # The same one-line error through a real process.
     failed = subprocess.run(
-        [sys.executable, "-m", "api.cli", "generate", "--preset", "nowhere", "-"],
+        [sys.executable, "-m", "lmq.api.cli", "generate", "--preset", "nowhere", "-"],
         input='{"prompt": "hi"}\n',
         capture_output=True,
         text=True,
@@ -316,14 +316,14 @@ def test_db_upgrade_and_the_console_script(lmq_home, tmp_path):
 
 def test_cli_never_imports_keras_for_store_commands(lmq_home):
     code = (
-        "import sys; from api.cli import main; main(['jobs', 'list']); "
+        "import sys; from lmq.api.cli import main; main(['jobs', 'list']); "
         "assert 'keras' not in sys.modules and 'torch' not in sys.modules, 'heavy import'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_a_job_the_broker_cannot_take_is_failed_not_left_queued(capsys, lmq_home, monkeypatch, prompts, preset_dir):
-    import workers.celery_app as celery_app
+    import lmq.workers.celery_app as celery_app
 
     make_celery = celery_app.make_celery
 

@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from api.cli import main
+from lmq.api.cli import main
 
 DEMO = Path(__file__).resolve().parent.parent / "demo"
 

@@ -16,8 +16,8 @@ import time
 from api_support import REPO
 from service_support import PROMPTS, write_prompts
 
-from core.config import load_settings
-from core.store import queries, session_scope, sessions
+from lmq.core.config import load_settings
+from lmq.core.store import queries, session_scope, sessions
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -27,7 +27,7 @@ def start_on_a_terminal(argv, stdout):
     reader, terminal = pty.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
     process = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", *argv], cwd=REPO, stdin=subprocess.DEVNULL, stdout=stdout, stderr=terminal
+        [sys.executable, "-m", "lmq.api.cli", *argv], cwd=REPO, stdin=subprocess.DEVNULL, stdout=stdout, stderr=terminal
     )
     os.close(terminal)
     return process, reader
@@ -111,7 +111,7 @@ def test_fit_on_a_terminal_shows_steps_and_the_loss(lmq_home, tiny_llama_preset,
 def test_without_a_terminal_progress_is_plain_lines(lmq_home, tiny_llama_preset, tmp_path):
     source, output = write_prompts(tmp_path / "in.jsonl", PROMPTS), tmp_path / "out.jsonl"
     done = subprocess.run(
-        [sys.executable, "-m", "api.cli", "generate", "--preset", str(tiny_llama_preset), source, "-o", str(output),
+        [sys.executable, "-m", "lmq.api.cli", "generate", "--preset", str(tiny_llama_preset), source, "-o", str(output),
          "--max-length", "40"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
@@ -125,7 +125,7 @@ def test_without_a_terminal_progress_is_plain_lines(lmq_home, tiny_llama_preset,
 
 
 def test_jobs_watch_on_a_terminal_follows_a_job_another_process_runs(lmq_home, tiny_llama_preset, tmp_path):
-    from workers.runner import JobRunner, pool_from_settings
+    from lmq.workers.runner import JobRunner, pool_from_settings
 
     settings = load_settings()
     many = [f"{prompt} {i}" for i in range(4) for prompt in PROMPTS]

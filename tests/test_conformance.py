@@ -1,6 +1,6 @@
 """Every built-in plugin passes the plugin kit (core.testing), on a tiny random model of its own."""
 
-from core.testing import CausalLMConformance
+from lmq.core.testing import CausalLMConformance
 from tests.model_support import FIXTURES
 
 ASSETS = "assets/tokenizer"
@@ -8,7 +8,7 @@ ASSETS = "assets/tokenizer"
 
 class TestLlamaConformance(CausalLMConformance):
     def make_task(self):
-        from plugins.llama import LlamaBackbone, LlamaCausalLM, LlamaCausalLMPreprocessor, LlamaTokenizer
+        from lmq.plugins.llama import LlamaBackbone, LlamaCausalLM, LlamaCausalLMPreprocessor, LlamaTokenizer
 
         tokenizer = LlamaTokenizer(proto=FIXTURES / "llama" / ASSETS / "vocabulary.spm")
         backbone = LlamaBackbone(tokenizer.vocabulary_size(), 2, 4, 32, 64, 2)
@@ -17,7 +17,7 @@ class TestLlamaConformance(CausalLMConformance):
 
 class TestLlama3Conformance(CausalLMConformance):
     def make_task(self):
-        from plugins.llama import Llama3Backbone, Llama3CausalLM, Llama3CausalLMPreprocessor, Llama3Tokenizer
+        from lmq.plugins.llama import Llama3Backbone, Llama3CausalLM, Llama3CausalLMPreprocessor, Llama3Tokenizer
 
         assets = FIXTURES / "llama3" / ASSETS
         tokenizer = Llama3Tokenizer(assets / "vocabulary.json", assets / "merges.txt")
@@ -27,7 +27,7 @@ class TestLlama3Conformance(CausalLMConformance):
 
 class TestMistralConformance(CausalLMConformance):
     def make_task(self):
-        from plugins.mistral import MistralBackbone, MistralCausalLM, MistralCausalLMPreprocessor, MistralTokenizer
+        from lmq.plugins.mistral import MistralBackbone, MistralCausalLM, MistralCausalLMPreprocessor, MistralTokenizer
 
         tokenizer = MistralTokenizer(proto=FIXTURES / "mistral" / ASSETS / "vocabulary.spm")
         backbone = MistralBackbone(tokenizer.vocabulary_size(), 2, 4, 32, 64, 2, sliding_window=4)
@@ -36,7 +36,7 @@ class TestMistralConformance(CausalLMConformance):
 
 class TestPhi3Conformance(CausalLMConformance):
     def make_task(self):
-        from plugins.phi3 import Phi3Backbone, Phi3CausalLM, Phi3CausalLMPreprocessor, Phi3Tokenizer
+        from lmq.plugins.phi3 import Phi3Backbone, Phi3CausalLM, Phi3CausalLMPreprocessor, Phi3Tokenizer
 
         tokenizer = Phi3Tokenizer(proto=FIXTURES / "phi3" / ASSETS / "vocabulary.spm")
         backbone = Phi3Backbone(tokenizer.vocabulary_size(), 2, 32, 64, 4, 2)
@@ -45,7 +45,7 @@ class TestPhi3Conformance(CausalLMConformance):
 
 class TestFalconConformance(CausalLMConformance):
     def make_task(self):
-        from plugins.falcon import FalconBackbone, FalconCausalLM, FalconCausalLMPreprocessor, FalconTokenizer
+        from lmq.plugins.falcon import FalconBackbone, FalconCausalLM, FalconCausalLMPreprocessor, FalconTokenizer
 
         assets = FIXTURES / "falcon" / ASSETS
         tokenizer = FalconTokenizer(assets / "vocabulary.json", assets / "merges.txt")
@@ -57,7 +57,7 @@ class TestFalconRotaryConformance(CausalLMConformance):
     """The Falcon-40B layout: grouped key/value heads, attention in parallel with the MLP."""
 
     def make_task(self):
-        from plugins.falcon import FalconCausalLM, FalconCausalLMPreprocessor, FalconRotaryBackbone, FalconTokenizer
+        from lmq.plugins.falcon import FalconCausalLM, FalconCausalLMPreprocessor, FalconRotaryBackbone, FalconTokenizer
 
         assets = FIXTURES / "falcon" / ASSETS
         tokenizer = FalconTokenizer(assets / "vocabulary.json", assets / "merges.txt")

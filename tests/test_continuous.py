@@ -10,15 +10,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from core.config import DEMO_PRESETS, SettingsError, load_settings
-from core.models.task import resolve_device
-from core.generation import DecoderOnlyModel, decode
-from core.samplers import BeamSampler, ContrastiveSampler, GreedySampler, TopKSampler
-from plugins.falcon.falcon_backbone import FalconBackbone
-from plugins.llama.llama_backbone import LlamaBackbone
-from plugins.mistral.mistral_backbone import MistralBackbone
-from workers.batching import GPU_ROW_POSITIONS, MAX_GPU_ROWS, RowBudget, row_budget
-from workers.pool import ModelPool
+from lmq.core.config import DEMO_PRESETS, SettingsError, load_settings
+from lmq.core.models.task import resolve_device
+from lmq.core.generation import DecoderOnlyModel, decode
+from lmq.core.samplers import BeamSampler, ContrastiveSampler, GreedySampler, TopKSampler
+from lmq.plugins.falcon.falcon_backbone import FalconBackbone
+from lmq.plugins.llama.llama_backbone import LlamaBackbone
+from lmq.plugins.mistral.mistral_backbone import MistralBackbone
+from lmq.workers.batching import GPU_ROW_POSITIONS, MAX_GPU_ROWS, RowBudget, row_budget
+from lmq.workers.pool import ModelPool
 
 VOCAB = 64
 SIZES = dict(

@@ -13,10 +13,10 @@ from api_support import ApiServer, generate_body
 from service_support import reference
 from worker_support import MANY_PROMPTS, events, finished, holder, item_rows, wait_for
 
-from api.dispatch import InProcessWorker
-from core.config import load_settings
-from core.store import leases, queries, session_scope, sessions
-from core.store.models import utcnow
+from lmq.api.dispatch import InProcessWorker
+from lmq.core.config import load_settings
+from lmq.core.store import leases, queries, session_scope, sessions
+from lmq.core.store.models import utcnow
 
 TIMING = {"LMQ_LEASE_S": "4", "LMQ_HEARTBEAT_S": "1", "LMQ_SWEEP_S": "1"}
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from core.models import CausalLM
-from plugins.falcon import FalconBackbone, FalconCausalLM, FalconRotaryBackbone
+from lmq.core.models import CausalLM
+from lmq.plugins.falcon import FalconBackbone, FalconCausalLM, FalconRotaryBackbone
 from tests.model_support import FIXTURES, hf_greedy, lmq_greedy, max_logit_difference
 
 RW_LAYOUT = dict(alibi=True, new_decoder_architecture=False, multi_query=False, parallel_attn=False, bias=True)
@@ -129,7 +129,7 @@ def test_tokenizer_json_converts_to_the_same_tokens(pair, tmp_path):
     tokenizers library) becomes a FalconTokenizer that tokenizes as transformers does."""
     from transformers import PreTrainedTokenizerFast
 
-    from plugins.falcon import FalconTokenizer
+    from lmq.plugins.falcon import FalconTokenizer
 
     hf, _, _ = pair
     hf.save_pretrained(tmp_path)

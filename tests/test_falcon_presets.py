@@ -6,9 +6,9 @@ import h5py
 import numpy as np
 import pytest
 
-from core.models import BytePairTokenizer, CausalLM
-from core.plugins import get_registry
-from plugins.falcon import FalconCausalLM, FalconTokenizer
+from lmq.core.models import BytePairTokenizer, CausalLM
+from lmq.core.plugins import get_registry
+from lmq.plugins.falcon import FalconCausalLM, FalconTokenizer
 from tests.model_support import FIXTURES, fixture_expected
 
 FALCON = FIXTURES / "falcon"

@@ -35,9 +35,9 @@ from worker_support import (  # noqa: F401  broker and workers are fixtures
     workers,
 )
 
-from core.config import load_settings
-from core.store import queries, session_scope, sessions
-from core.store.models import utcnow
+from lmq.core.config import load_settings
+from lmq.core.store import queries, session_scope, sessions
+from lmq.core.store.models import utcnow
 
 DRILL_TIMING = {"LMQ_LEASE_S": "3", "LMQ_HEARTBEAT_S": "0.5", "LMQ_SWEEP_S": "1"}
 GENERATE = ("--max-length", "48", "--micro-batch-size", "2")

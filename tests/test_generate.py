@@ -5,8 +5,8 @@ import shutil
 import numpy as np
 import pytest
 
-from core.models import CausalLM, Generation
-from plugins.llama import LlamaTokenizer
+from lmq.core.models import CausalLM, Generation
+from lmq.plugins.llama import LlamaTokenizer
 from tests.model_support import random_hf_llama, right_padded, train_sentencepiece
 
 PROMPTS = ["Return the number", "Open", "A simple way to write the path of a file", "The"]
@@ -198,7 +198,7 @@ def test_a_per_row_max_new_tokens_list_must_fit_the_prompts(lm):
 
 
 def test_length_groups_bound_the_padding():
-    from core.generation import length_groups
+    from lmq.core.generation import length_groups
 
     prompts = [[0] * n for n in (8, 128, 25, 42, 59, 76, 93, 110, 9, 8)]
     groups = length_groups(prompts)

@@ -19,9 +19,9 @@ from api_support import TEAM_A, TEAM_B, TOKENS, ApiServer, generate_body
 from conftest import _service_urls
 from sqlalchemy import select
 
-from core.config import load_settings
-from core.store import JobState, queries, session_scope, sessions
-from core.store.models import PresetShare
+from lmq.core.config import load_settings
+from lmq.core.store import JobState, queries, session_scope, sessions
+from lmq.core.store.models import PresetShare
 
 BUILTIN = "llama2_7b_en"
 
@@ -149,7 +149,7 @@ def test_another_tenants_preset_is_not_listed_shown_or_used(server, team_a, team
 
 def test_a_worker_resolves_a_jobs_store_name_as_its_tenant(server):
     """A job that reached SQL naming another tenant's preset (not through the API) fails unloaded."""
-    from workers.runner import JobRunner
+    from lmq.workers.runner import JobRunner
 
     with session_scope(sessions(server.settings)) as session:
         job = queries.create_generate_job(
@@ -188,7 +188,7 @@ def test_sharing_is_explicit_recorded_and_only_the_owners(server, team_a, team_b
 
 
 def test_lmq_presets_share_over_http_acts_as_the_tokens_tenant(server, capsys):
-    from api.cli import main
+    from lmq.api.cli import main
 
     with session_scope(sessions(server.settings)) as session:
         queries.register_preset(

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from api.cli import main
-from core.layers import CachedAttention, GatedFeedForward, ReversibleEmbedding
-from core.models import CausalLM, Task
-from workers.pool import weight_bytes
+from lmq.api.cli import main
+from lmq.core.layers import CachedAttention, GatedFeedForward, ReversibleEmbedding
+from lmq.core.models import CausalLM, Task
+from lmq.workers.pool import weight_bytes
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "keras_hub_presets"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
@@ -94,7 +94,7 @@ def test_projections_quantize_as_keras_dense_and_einsum_dense():
 
     feedforward.quantize("int8")
     attention.quantize("int8")
-    from core.layers.projection import project
+    from lmq.core.layers.projection import project
 
     expected = keras_int8(dense, x)
     np.testing.assert_array_equal(numpy(feedforward.gate_kernel.value), numpy(dense._kernel.value))
@@ -133,7 +133,7 @@ def test_reversible_embedding_quantizes_as_keras(tie_weights):
 
 def dequantized_copy(name):
     """The fixture's model in float32, each kernel its int8 values / scale (what KerasHub quantized)."""
-    from core.layers.projection import Projections
+    from lmq.core.layers.projection import Projections
 
     int8_lm = CausalLM.from_preset(str(FIXTURES / name))
     backbone = type(int8_lm.backbone).from_config({**int8_lm.backbone.get_config(), "dtype": "float32"})
@@ -243,7 +243,7 @@ def test_a_model_quantized_by_lmq_saves_a_preset_keras_hub_loads(name, tmp_path)
 
 
 def quantized_layer_bytes(lm):
-    from core.layers.projection import Projections
+    from lmq.core.layers.projection import Projections
 
     layers = [layer for layer in lm.backbone._flatten_layers() if isinstance(layer, Projections)]
     variables = [v for layer in layers for v in layer.variables]

@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 
-from api.schemas import job_summary, result_line
-from core.config import load_settings
-from core.store import queries, session_scope, sessions
-from workers.runner import JobRunner, pool_from_settings
+from lmq.api.schemas import job_summary, result_line
+from lmq.core.config import load_settings
+from lmq.core.store import queries, session_scope, sessions
+from lmq.workers.runner import JobRunner, pool_from_settings
 
 PROMPTS = [
     "Return the absolute value",
@@ -37,7 +37,7 @@ def run_job(preset, inputs, **params):
 @pytest.fixture(scope="module")
 def alone(tiny_llama_preset):
     """What `generate` gives one prompt, by itself, with a sampler and arguments."""
-    from core.models import CausalLM
+    from lmq.core.models import CausalLM
 
     lm = CausalLM.from_preset(str(tiny_llama_preset))
 
@@ -115,8 +115,8 @@ TEMPLATE = (
 
 
 def test_chat_messages_run_through_the_presets_template(lmq_home, tmp_path, tiny_llama_preset):
-    from core.chat import chat_token_ids, end_of_turn_token_ids, render_chat
-    from core.models import CausalLM
+    from lmq.core.chat import chat_token_ids, end_of_turn_token_ids, render_chat
+    from lmq.core.models import CausalLM
 
     chat_preset = tmp_path / "chat-preset"
     shutil.copytree(tiny_llama_preset, chat_preset)
@@ -159,8 +159,8 @@ def test_chat_messages_run_through_the_presets_template(lmq_home, tmp_path, tiny
 def test_an_inputs_params_are_checked_as_the_jobs_are(params, field):
     from pydantic import ValidationError
 
-    from api.schemas import field_name, parse_job, problems
-    from core.config import Limits
+    from lmq.api.schemas import field_name, parse_job, problems
+    from lmq.core.config import Limits
 
     body = {"kind": "generate", "preset": "x", "inputs": [{"prompt": "a"}, {"prompt": "b", "params": params}]}
     with pytest.raises(ValidationError) as error:

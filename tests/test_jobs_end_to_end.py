@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from service_support import PROMPTS, lease_runs_out, read_results, reference, write_prompts
 
-from api.cli import main
-from api.schemas import job_summary
-from core.config import load_settings
-from core.store import queries, session_scope, sessions
-from workers.runner import JobRunner, pool_from_settings
+from lmq.api.cli import main
+from lmq.api.schemas import job_summary
+from lmq.core.config import load_settings
+from lmq.core.store import queries, session_scope, sessions
+from lmq.workers.runner import JobRunner, pool_from_settings
 
 
 def test_lmq_generate_equals_causal_lm_generate(lmq_home, tmp_path, tiny_llama_preset):
@@ -117,8 +117,8 @@ def test_fit_registers_a_preset_that_generate_uses_by_name(lmq_home, tmp_path, t
     assert [r["output"] for r in results] == [e["output"] for e in expected]
     assert expected != reference(tiny_llama_preset, PROMPTS[:2], max_length=24)
     # Handed the store's resolver, the library finds store names too: from_preset("tuned") is the fine-tuned model.
-    from core.models import CausalLM
-    from core.store.presets import store_resolver
+    from lmq.core.models import CausalLM
+    from lmq.core.store.presets import store_resolver
 
     with session_scope(sessions(settings)) as session:
         tuned = CausalLM.from_preset("tuned", resolver=store_resolver(session))
@@ -136,7 +136,7 @@ def test_lora_fit_registers_a_merged_preset(lmq_home, tmp_path, tiny_llama_prese
     assert code == 0, capsys.readouterr().err
     with session_scope(sessions(load_settings())) as session:
         path = queries.get_preset(session, "adapted").path
-    from core.models import CausalLM
+    from lmq.core.models import CausalLM
 
     tuned, base = CausalLM.from_preset(path), CausalLM.from_preset(str(tiny_llama_preset))
     ids = np.array([[1, 30, 31, 32]])
@@ -198,7 +198,7 @@ def test_a_redelivered_fit_job_resumes_from_its_last_checkpoint(lmq_home, tiny_l
 def test_a_fit_job_that_died_after_moving_its_preset_into_the_store_registers_it_once(
     lmq_home, tiny_llama_preset, monkeypatch
 ):
-    from workers import fit
+    from lmq.workers import fit
 
     settings = load_settings()
     factory = sessions(settings)

@@ -11,11 +11,11 @@ import pytest
 import torch
 from service_support import lease_runs_out
 
-from api.schemas import job_summary, result_line
-from core.config import load_settings
-from core.store import leases, queries, session_scope, sessions
-from workers.pool import ModelPool
-from workers.runner import JobRunner
+from lmq.api.schemas import job_summary, result_line
+from lmq.core.config import load_settings
+from lmq.core.store import leases, queries, session_scope, sessions
+from lmq.workers.pool import ModelPool
+from lmq.workers.runner import JobRunner
 
 
 class StandInLM:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from core.models import CausalLM
+from lmq.core.models import CausalLM
 from tests.model_support import FIXTURES, fixture_expected
 
 CAUSAL_FIXTURES = ["llama", "llama3", "mistral", "phi3", "falcon"]

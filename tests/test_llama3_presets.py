@@ -8,10 +8,10 @@ import pytest
 import tokenizers
 import torch
 
-from core.models import CausalLM
-from core.plugins import get_registry
-from core.store.presets import preset_architecture
-from plugins.llama import Llama3CausalLM, Llama3Tokenizer, LlamaCausalLM
+from lmq.core.models import CausalLM
+from lmq.core.plugins import get_registry
+from lmq.core.store.presets import preset_architecture
+from lmq.plugins.llama import Llama3CausalLM, Llama3Tokenizer, LlamaCausalLM
 from tests.model_support import (
     FIXTURES,
     assert_keras_hub_structure,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from plugins.llama import LlamaCausalLM
+from lmq.plugins.llama import LlamaCausalLM
 from tests.model_support import (
     hf_greedy,
     lmq_greedy,

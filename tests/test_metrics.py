@@ -14,11 +14,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from service_support import PROMPTS, write_prompts
 from worker_support import broker, finished, results, submit, wait_for, workers  # noqa: F401  fixtures
 
-from api.app import create_app
-from core.config import load_settings
-from core.logfmt import logfmt
-from core.store import queries, session_scope, sessions
-from workers import metrics
+from lmq.api.app import create_app
+from lmq.core.config import load_settings
+from lmq.core.logfmt import logfmt
+from lmq.core.store import queries, session_scope, sessions
+from lmq.workers import metrics
 
 
 def samples(text: str) -> dict:
@@ -158,8 +158,8 @@ def scrape_or_none(url: str) -> dict | None:
 
 
 def test_a_job_taken_over_from_a_dead_runner_counts_as_a_lease_recovery(lmq_home, tiny_llama_preset, caplog):
-    from core.store import leases
-    from workers.runner import JobRunner, pool_from_settings
+    from lmq.core.store import leases
+    from lmq.workers.runner import JobRunner, pool_from_settings
 
     caplog.set_level(logging.INFO)
     settings = load_settings()

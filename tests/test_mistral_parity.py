@@ -7,8 +7,8 @@ far past the window (where lmq's rolling KV cache overwrites old keys).
 import pytest
 import torch
 
-from core.layers import KVCache, RollingKVCache
-from plugins.mistral import MistralCausalLM
+from lmq.core.layers import KVCache, RollingKVCache
+from lmq.plugins.mistral import MistralCausalLM
 from tests.model_support import (
     hf_greedy,
     padded_for_generation,
@@ -109,7 +109,7 @@ def test_rolling_cache_gives_what_a_full_cache_gives(pair, sampler, monkeypatch)
     lm.compile(sampler=sampler)
     ids, mask = padded_for_generation(PROMPTS, 30)
     rolling = lm.generate({"token_ids": ids, "padding_mask": mask}, stop_token_ids=None)
-    monkeypatch.setattr("core.models.backbone.RollingKVCache", lambda *shape, **window: KVCache(*shape))
+    monkeypatch.setattr("lmq.core.models.backbone.RollingKVCache", lambda *shape, **window: KVCache(*shape))
     full = lm.generate({"token_ids": ids, "padding_mask": mask}, stop_token_ids=None)
     lm.compile(sampler="greedy")
     assert rolling["token_ids"].tolist() == full["token_ids"].tolist()

@@ -4,9 +4,9 @@ a job whose items differ in their samplers runs them in one pass of the decode e
 
 import pytest
 
-import core.models.causal_lm
-from core.generation import DecoderOnlyModel, decode
-from core.samplers import (
+import lmq.core.models.causal_lm
+from lmq.core.generation import DecoderOnlyModel, decode
+from lmq.core.samplers import (
     BeamSampler,
     GreedySampler,
     PerRequestSampler,
@@ -14,8 +14,8 @@ from core.samplers import (
     TopKSampler,
     TopPSampler,
 )
-from plugins.llama.llama_backbone import LlamaBackbone
-from plugins.llama.llama_causal_lm import LlamaCausalLM
+from lmq.plugins.llama.llama_backbone import LlamaBackbone
+from lmq.plugins.llama.llama_causal_lm import LlamaCausalLM
 from tests.test_item_params import FIELDS, PROMPTS, run_job
 from tests.test_samplers import PROMPTS as ID_PROMPTS
 from tests.test_samplers import SIZES, STOP, generate, random_weights
@@ -119,7 +119,7 @@ def test_a_job_of_different_samplers_runs_them_in_one_pass(lmq_home, tiny_llama_
         calls.append((len(prompts), type(sampler).__name__))
         return decode(model, prompts, limits, sampler, **kwargs)
 
-    monkeypatch.setattr(core.models.causal_lm, "decode", spy)
+    monkeypatch.setattr(lmq.core.models.causal_lm, "decode", spy)
     token_samplers = [
         "greedy",
         {"name": "random", "temperature": 0.6},
@@ -135,7 +135,7 @@ def test_a_job_of_different_samplers_runs_them_in_one_pass(lmq_home, tiny_llama_
     assert summary["counts"] == {"total": 7, "completed": 7, "failed": 0}
     assert sorted(calls) == [(1, "BeamSampler"), (1, "RandomSampler"), (5, "PerRequestSampler")]
 
-    from core.models import CausalLM
+    from lmq.core.models import CausalLM
 
     lm = CausalLM.from_preset(str(tiny_llama_preset))
     calls.clear()
@@ -155,7 +155,7 @@ def test_a_job_of_different_samplers_runs_them_in_one_pass(lmq_home, tiny_llama_
 
 def test_a_seq2seq_model_takes_a_sampler_per_prompt():
     """KerasHub's Bart preset: each encoder text decodes with its own sampler and seed as it does alone."""
-    from core.models import Seq2SeqLM
+    from lmq.core.models import Seq2SeqLM
     from tests.model_support import FIXTURES, fixture_expected
 
     bart = Seq2SeqLM.from_preset(str(FIXTURES / "bart"))

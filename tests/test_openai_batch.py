@@ -18,7 +18,7 @@ from conftest import _service_urls
 from service_support import PROMPTS
 from worker_support import Worker
 
-from core.chat_templates import read_builtin_template
+from lmq.core.chat_templates import read_builtin_template
 
 MODEL = "tiny"  # the tiny Llama, imported into the store as team-a's
 CHAT_MODEL = "tiny-chat"  # the same weights with Llama 2's chat template
@@ -30,7 +30,7 @@ MAX_FILE_BYTES = 4 * 2**20
 
 def import_preset(env, directory, name, tenant):
     subprocess.run(
-        [sys.executable, "-m", "api.cli", "presets", "import", str(directory), "--name", name, "--tenant", tenant],
+        [sys.executable, "-m", "lmq.api.cli", "presets", "import", str(directory), "--name", name, "--tenant", tenant],
         cwd=REPO,
         env={**os.environ, **env},
         check=True,
@@ -112,7 +112,7 @@ def jsonl(api, file_id):
 
 def reference(preset, prompt, sampler="greedy", **arguments):
     """What `CausalLM.generate` gives for one prompt with these settings (the whole text, prompt first)."""
-    from core.models import CausalLM
+    from lmq.core.models import CausalLM
 
     lm = CausalLM.from_preset(str(preset))
     lm.compile(sampler=sampler)
@@ -172,8 +172,8 @@ def test_a_batch_of_completions_equals_causal_lm_generate_and_bad_lines_are_its_
 
 
 def test_a_chat_batch_renders_the_messages_with_the_preset_template(server, tiny_llama_preset, tmp_path):
-    from core.chat import chat_token_ids, end_of_turn_token_ids
-    from core.models import CausalLM
+    from lmq.core.chat import chat_token_ids, end_of_turn_token_ids
+    from lmq.core.models import CausalLM
 
     api = client(server)
     conversations = [
@@ -213,7 +213,7 @@ def test_a_chat_batch_renders_the_messages_with_the_preset_template(server, tiny
 
 
 def test_a_sequence_to_sequence_model_reads_a_completion_s_prompt_as_its_encoder_text(server):
-    from core.models import Seq2SeqLM
+    from lmq.core.models import Seq2SeqLM
 
     api = client(server)
     texts = json.loads((BART.parent / "expected.json").read_text())["bart"]["inputs"][:2]
@@ -281,9 +281,9 @@ def test_a_cancelled_batch_keeps_its_finished_lines_in_its_output_file(server):
 def test_a_batch_past_its_completion_window_expires_with_what_it_finished(server):
     from sqlalchemy import update
 
-    from core.config import load_settings
-    from core.store import session_scope, sessions
-    from core.store.models import OpenAIBatch, utcnow
+    from lmq.core.config import load_settings
+    from lmq.core.store import session_scope, sessions
+    from lmq.core.store.models import OpenAIBatch, utcnow
 
     api = client(server)
     batch = long_batch(api, logs=server.logs)
@@ -418,10 +418,10 @@ def test_batches_are_listed_newest_first_a_page_at_a_time(server):
 
 def left_validating(server, file_id, hours_ago):
     """A batch row as a server writes it before it validates (the server then stopped, or not yet)."""
-    from core.config import load_settings
-    from core.store import session_scope, sessions
-    from core.store.batches import add_batch
-    from core.store.models import utcnow
+    from lmq.core.config import load_settings
+    from lmq.core.store import session_scope, sessions
+    from lmq.core.store.batches import add_batch
+    from lmq.core.store.models import utcnow
 
     with session_scope(sessions(load_settings({**os.environ, **server.env}))) as session:
         batch = add_batch(
@@ -451,8 +451,8 @@ def test_a_batch_cancelled_while_validating_makes_no_job(server):
     cancelled = api.batches.cancel(batch_id)
     assert cancelled.status == "cancelled" and cancelled.cancelled_at is not None
     # The validation, had it been running, finds the batch cancelled and makes no job.
-    from api.openai_batch import validate
-    from core.config import load_settings
+    from lmq.api.openai_batch import validate
+    from lmq.core.config import load_settings
 
     validate(load_settings({**os.environ, **server.env}), None, batch_id)
     after = api.batches.retrieve(batch_id)
@@ -469,8 +469,8 @@ def test_an_empty_file_fails_validation(server):
 
 
 def parse(entry, endpoint="/v1/completions"):
-    from api.openai_lines import parse_line
-    from core.config import Limits
+    from lmq.api.openai_lines import parse_line
+    from lmq.core.config import Limits
 
     return parse_line(json.dumps(entry).encode(), 7, endpoint, Limits())
 
@@ -523,7 +523,7 @@ def test_a_line_s_openai_settings_become_its_own_generate_params():
     ],
 )
 def test_a_line_that_cannot_run_says_why_and_where(entry, code, param):
-    from api.openai_lines import LineError
+    from lmq.api.openai_lines import LineError
 
     with pytest.raises(LineError) as refused:
         parse(entry)
@@ -532,8 +532,8 @@ def test_a_line_that_cannot_run_says_why_and_where(entry, code, param):
 
 
 def test_an_over_long_line_is_its_own_error_and_the_next_line_is_read(tmp_path):
-    from api.openai_lines import LineError, max_line_bytes, read_lines
-    from core.config import Limits
+    from lmq.api.openai_lines import LineError, max_line_bytes, read_lines
+    from lmq.core.config import Limits
 
     path = tmp_path / "in.jsonl"
     path.write_bytes(b"x" * (max_line_bytes(Limits()) + 10) + b"\n\n{}\n")

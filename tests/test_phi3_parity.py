@@ -8,7 +8,7 @@ its cache at that step; so does lmq), and a 20-token prompt is long from the sta
 import pytest
 import torch
 
-from plugins.phi3 import Phi3CausalLM
+from lmq.plugins.phi3 import Phi3CausalLM
 from tests.model_support import hf_greedy, lmq_greedy, random_transformers_lm, right_padded, transformers_pair
 
 SIZES = dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)

@@ -6,9 +6,9 @@ import shutil
 import pytest
 import torch
 
-from core.models import CausalLM
-from core.plugins import get_registry
-from plugins.phi3 import Phi3Backbone, Phi3CausalLM, Phi3CausalLMPreprocessor, Phi3Tokenizer
+from lmq.core.models import CausalLM
+from lmq.core.plugins import get_registry
+from lmq.plugins.phi3 import Phi3Backbone, Phi3CausalLM, Phi3CausalLMPreprocessor, Phi3Tokenizer
 from tests.model_support import FIXTURES, assert_keras_hub_structure, right_padded
 from tests.test_phi3_parity import LONGROPE, random_hf_phi3
 

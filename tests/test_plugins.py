@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from core.testing import CausalLMConformance
+from lmq.core.testing import CausalLMConformance
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "lmq-minigpt"
@@ -55,7 +55,7 @@ def run_python(code, site, tmp_path, **env):
 
 LIST = """
     import json, sys
-    from core.plugins import get_registry
+    from lmq.core.plugins import get_registry
     registry = get_registry()
     print(json.dumps({
         "architectures": {a.name: a.plugin for a in registry.architectures()},
@@ -93,7 +93,7 @@ def test_an_allow_list_name_no_plugin_has_is_named_in_one_line(site, tmp_path):
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)]), "LMQ_PLUGINS": "lama"}
     environment["LMQ_HOME"] = str(tmp_path / "home")
     done = subprocess.run(
-        [sys.executable, "-m", "api.cli", "architectures"], env=environment, capture_output=True, text=True, cwd=tmp_path
+        [sys.executable, "-m", "lmq.api.cli", "architectures"], env=environment, capture_output=True, text=True, cwd=tmp_path
     )
     assert done.returncode != 0 and done.stdout == ""
     assert done.stderr.strip().count("\n") == 0 and "LMQ_PLUGINS names no installed plugin: lama" in done.stderr
@@ -117,10 +117,10 @@ def test_third_party_architecture_serves_a_job(site, tmp_path):
     outcome = run_python(
         """
         import json
-        import core
+        import lmq.core
         import keras
-        from api.cli import main
-        from core.models import CausalLM
+        from lmq.api.cli import main
+        from lmq.core.models import CausalLM
         from lmq_minigpt import MiniGPTBackbone, MiniGPTCausalLM, MiniGPTCausalLMPreprocessor, MiniGPTTokenizer
 
         keras.utils.set_random_seed(1)
@@ -157,7 +157,7 @@ def test_third_party_architecture_serves_a_job(site, tmp_path):
 
 
 def test_a_backbone_class_missing_a_piece_is_refused_when_created():
-    from core.models import BackboneContractError, DecoderOnlyBackbone
+    from lmq.core.models import BackboneContractError, DecoderOnlyBackbone
 
     with pytest.raises(BackboneContractError, match=r"NoWeights does not meet the Backbone contract: .*keras_hub_weights\("):
 
@@ -177,15 +177,15 @@ def test_a_backbone_class_missing_a_piece_is_refused_when_created():
                 super().__init__(**kwargs)
 
     with pytest.raises(BackboneContractError, match=r"keras_hub_layout names no \['final_norm'\]"):
-        from plugins.llama.llama_backbone import LlamaBackbone
+        from lmq.plugins.llama.llama_backbone import LlamaBackbone
 
         class HalfLayout(LlamaBackbone):
             keras_hub_layout = {k: v for k, v in LlamaBackbone.keras_hub_layout.items() if k != "final_norm"}
 
 
 def test_a_backbone_instance_missing_a_piece_is_named_once_built():
-    from core.layers import ReversibleEmbedding
-    from core.models import BackboneContractError, DecoderOnlyBackbone
+    from lmq.core.layers import ReversibleEmbedding
+    from lmq.core.models import BackboneContractError, DecoderOnlyBackbone
 
     class NoStack(DecoderOnlyBackbone):
         keras_hub_config = ("vocabulary_size",)

@@ -23,9 +23,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from core.models import CausalLM
-from core.presets.files import PresetFileError, PresetFiles
-from plugins.llama import LlamaTokenizer
+from lmq.core.models import CausalLM
+from lmq.core.presets.files import PresetFileError, PresetFiles
+from lmq.plugins.llama import LlamaTokenizer
 from tests.model_support import FIXTURES, random_hf_llama, train_sentencepiece
 
 MARKER = "CANARY-4f1e"  # in every canary's content; never in an error
@@ -412,7 +412,7 @@ def test_preset_files_refuse_every_name_that_leads_out(tmp_path):
 
 def test_lmq_presets_import_copies_no_file_from_outside(lmq_home, tmp_path, canaries, capsys):
     """The import copies the preset into the store; a followed link would copy the canary in."""
-    from api.cli import main
+    from lmq.api.cli import main
 
     preset, outside = keras_hub_preset(tmp_path)
     canary = move_out(preset, outside, "assets/tokenizer/vocabulary.spm")

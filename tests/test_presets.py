@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from core.models import CausalLM
-from core.presets import PresetNotFound, PresetResolver
-from plugins.llama import LlamaBackbone, LlamaCausalLM, LlamaCausalLMPreprocessor, LlamaTokenizer
+from lmq.core.models import CausalLM
+from lmq.core.presets import PresetNotFound, PresetResolver
+from lmq.plugins.llama import LlamaBackbone, LlamaCausalLM, LlamaCausalLMPreprocessor, LlamaTokenizer
 from tests.import_support import assert_no_cycle, imports_of, module_graph
 from tests.model_support import FIXTURES, random_hf_llama, right_padded, tiny_llama, train_sentencepiece
 
@@ -216,13 +216,13 @@ def test_the_model_library_and_plugins_import_without_a_cycle():
 
 def test_the_model_library_reads_neither_the_store_nor_the_environment():
     for path in sorted(p for package in LIBRARY for p in (ROOT / package).rglob("*.py")):
-        assert not [m for m in imports_of(path) if m.startswith(("core.store", "core.config"))], path
+        assert not [m for m in imports_of(path) if m.startswith(("lmq.core.store", "lmq.core.config"))], path
         names = {node.attr for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Attribute)}
         assert not names & {"environ", "getenv"}, path
     code = (
-        "import sys; from core.models import CausalLM; "
+        "import sys; from lmq.core.models import CausalLM; "
         f"CausalLM.from_preset({str(FIXTURES / 'llama')!r}); "
-        "print(sorted(m for m in sys.modules if m.startswith(('core.store', 'core.config'))))"
+        "print(sorted(m for m in sys.modules if m.startswith(('lmq.core.store', 'lmq.core.config'))))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
@@ -299,7 +299,7 @@ def test_no_tensorflow():
 
 
 def test_tokenizer_and_preprocessor_from_preset(tmp_path, spm_model):
-    from core.models import CausalLMPreprocessor
+    from lmq.core.models import CausalLMPreprocessor
 
     preprocessor = LlamaCausalLMPreprocessor.from_preset(str(FIXTURES / "llama"), sequence_length=12)
     assert preprocessor.sequence_length == 12

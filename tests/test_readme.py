@@ -349,7 +349,7 @@ def test_readme_walkthrough_on_redis_and_postgresql(tmp_path, own_services):
 
 def test_a_missing_database_driver_is_one_line(tmp_path):
     """README's PostgreSQL URL without psycopg installed: one line naming the package and the extra."""
-    blocked = "import sys; sys.modules['psycopg'] = None; from api.cli import main; raise SystemExit(main())"
+    blocked = "import sys; sys.modules['psycopg'] = None; from lmq.api.cli import main; raise SystemExit(main())"
     env = {**os.environ, "HOME": str(tmp_path), "LMQ_DATABASE_URL": README_DATABASE}
     run = subprocess.run([sys.executable, "-c", blocked, "db", "upgrade"], env=env, capture_output=True, text=True)
     assert run.returncode == 2 and run.stdout == ""

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from core import samplers
-from core.generation import DecoderOnlyModel, decode
-from core.samplers import (
+from lmq.core import samplers
+from lmq.core.generation import DecoderOnlyModel, decode
+from lmq.core.samplers import (
     BeamSampler,
     ContrastiveSampler,
     GreedySampler,
@@ -20,9 +20,9 @@ from core.samplers import (
     TopKSampler,
     TopPSampler,
 )
-from plugins.llama.llama_backbone import LlamaBackbone
-from plugins.llama.llama_causal_lm import LlamaCausalLM
-from plugins.mistral.mistral_backbone import MistralBackbone
+from lmq.plugins.llama.llama_backbone import LlamaBackbone
+from lmq.plugins.llama.llama_causal_lm import LlamaCausalLM
+from lmq.plugins.mistral.mistral_backbone import MistralBackbone
 from tests.import_support import ROOT, assert_no_cycle, imports_of, module_graph
 from tests.model_support import right_padded
 
@@ -415,8 +415,8 @@ def test_compile_rejects_anything_else_by_name(lm, bad, named):
 
 
 def test_models_samplers_and_the_decode_engine_import_without_a_cycle():
-    """core.models uses the engine and the samplers; the samplers use the engine; the engine neither."""
+    """lmq.core.models uses the engine and the samplers; the samplers use the engine; the engine neither."""
     paths = [p for package in ("core/models", "core/samplers", "core/generation") for p in (ROOT / package).rglob("*.py")]
     assert_no_cycle(module_graph(paths))
     for path in (ROOT / "core" / "generation").rglob("*.py"):
-        assert not [m for m in imports_of(path) if m.startswith(("core.models", "core.samplers", "core.store"))], path
+        assert not [m for m in imports_of(path) if m.startswith(("lmq.core.models", "lmq.core.samplers", "lmq.core.store"))], path

@@ -10,9 +10,9 @@ import pytest
 from api_support import ApiServer, wait_for_job
 from worker_support import broker, events, finished, results, submit, wait_for, workers  # noqa: F401  fixtures
 
-from api.cli import main
-from core.config import load_settings
-from core.store import queries, session_scope, sessions
+from lmq.api.cli import main
+from lmq.core.config import load_settings
+from lmq.core.store import queries, session_scope, sessions
 from tests.model_support import FIXTURES
 
 TEXTS = [
@@ -32,7 +32,7 @@ FIELDS = ("output", "prompt_tokens", "completion_tokens", "finish_reason")
 @pytest.fixture(scope="module")
 def bart_preset(tmp_path_factory):
     """KerasHub's tiny Bart with fresh random weights (its own answer only end tokens), sequences of 32."""
-    from core.models import Seq2SeqLM
+    from lmq.core.models import Seq2SeqLM
 
     lm = Seq2SeqLM.from_preset(str(FIXTURES / "bart"))
     rng = np.random.default_rng(0)
@@ -47,7 +47,7 @@ def bart_preset(tmp_path_factory):
 
 def reference(preset, texts, sampler="greedy", **arguments):
     """What `Seq2SeqLM.generate` gives `texts` together: the results a job must give."""
-    from core.models import Seq2SeqLM
+    from lmq.core.models import Seq2SeqLM
 
     lm = Seq2SeqLM.from_preset(str(preset))
     lm.compile(sampler=sampler)
@@ -227,7 +227,7 @@ PAIR_FIELDS = "'encoder_text' and 'decoder_text'"
 @pytest.mark.parametrize("causal", [True, False], ids=["pairs for a causal preset", "texts for a seq2seq preset"])
 def test_a_fit_job_whose_rows_its_preset_cannot_read_fails_saying_so(lmq_home, bart_preset, tiny_llama_preset, causal):
     """Where submission could not tell (a preset only a worker sees, such as hf://), the runner does."""
-    from workers.runner import JobRunner, pool_from_settings
+    from lmq.workers.runner import JobRunner, pool_from_settings
 
     preset, rows = (tiny_llama_preset, PAIRS) if causal else (bart_preset, [{"text": "some text"}])
     settings = load_settings()

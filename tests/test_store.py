@@ -8,12 +8,12 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import select, text, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from api.schemas import preset_summary, result_line
-from core.config import load_settings
-from core.store import Job, JobState, leases, queries, session_scope, sessions
-from core.store import db
-from core.store.db import get_engine
-from core.store.models import Base, utcnow
+from lmq.api.schemas import preset_summary, result_line
+from lmq.core.config import load_settings
+from lmq.core.store import Job, JobState, leases, queries, session_scope, sessions
+from lmq.core.store import db
+from lmq.core.store.db import get_engine
+from lmq.core.store.models import Base, utcnow
 
 LEASE_S = 30
 
@@ -201,7 +201,7 @@ def test_deleting_a_job_deletes_its_items_and_events(store):
 
 
 def test_settings_reject_bad_values(lmq_home, monkeypatch):
-    from core.config import SettingsError
+    from lmq.core.config import SettingsError
 
     monkeypatch.setenv("LMQ_MODEL_MEMORY_GB", "lots")
     with pytest.raises(SettingsError, match="LMQ_MODEL_MEMORY_GB"):
@@ -215,7 +215,7 @@ def test_settings_reject_bad_values(lmq_home, monkeypatch):
 
 
 def test_lease_timing_is_configurable_and_a_heartbeat_must_fit_its_lease(lmq_home, monkeypatch):
-    from core.config import SettingsError
+    from lmq.core.config import SettingsError
 
     defaults = load_settings()
     assert (defaults.lease_s, defaults.heartbeat_s, defaults.sweep_s) == (30.0, 5.0, 10.0)

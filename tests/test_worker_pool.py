@@ -4,8 +4,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from workers.batching import Prompt, is_out_of_memory, plan_micro_batches
-from workers.pool import ModelPool, weight_bytes
+from lmq.workers.batching import Prompt, is_out_of_memory, plan_micro_batches
+from lmq.workers.pool import ModelPool, weight_bytes
 
 
 class Loads:
@@ -100,8 +100,8 @@ def test_out_of_memory_is_recognised(error, expected):
 
 
 def test_jobs_are_routed_by_kind_and_by_preset():
-    from core.config import SettingsError, load_settings
-    from workers.celery_app import queue_for, worker_queue
+    from lmq.core.config import SettingsError, load_settings
+    from lmq.workers.celery_app import queue_for, worker_queue
 
     settings = load_settings({"LMQ_HOME": "/tmp/unused", "LMQ_PRESET_QUEUES": "big-model=a100, tuned=small"})
     assert queue_for("generate", "other", settings) == "lmq.generate"

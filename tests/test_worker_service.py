@@ -21,9 +21,9 @@ from worker_support import (  # noqa: F401  broker and workers are fixtures
     workers,
 )
 
-from api.cli import main
-from core.config import load_settings
-from core.store import queries, session_scope, sessions
+from lmq.api.cli import main
+from lmq.core.config import load_settings
+from lmq.core.store import queries, session_scope, sessions
 
 REPO = Path(__file__).resolve().parent.parent
 

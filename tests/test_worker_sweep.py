@@ -4,10 +4,10 @@ again, and that it does not double a queue whose jobs are merely waiting."""
 from datetime import timedelta
 
 import pytest
-from core.config import load_settings
-from core.store import leases, queries, session_scope, sessions
-from core.store.models import utcnow
-from workers import sweep
+from lmq.core.config import load_settings
+from lmq.core.store import leases, queries, session_scope, sessions
+from lmq.core.store.models import utcnow
+from lmq.workers import sweep
 
 
 class StandInBroker:

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from service_support import PROMPTS
 
-from api.cli import main
-from api.schemas import job_summary, result_line
-from core.config import load_settings
-from core.store import queries, session_scope, sessions
+from lmq.api.cli import main
+from lmq.api.schemas import job_summary, result_line
+from lmq.core.config import load_settings
+from lmq.core.store import queries, session_scope, sessions
 
 REPO = Path(__file__).resolve().parent.parent
 MANY_PROMPTS = [f"{prompt} number {i}" for i in range(8) for prompt in PROMPTS[:5]]
@@ -28,7 +28,7 @@ class Worker:
     def __init__(self, env, log: Path, *extra):
         self.log = log
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "worker", "--loglevel", "INFO", *extra],
+            [sys.executable, "-m", "lmq.api.cli", "worker", "--loglevel", "INFO", *extra],
             cwd=REPO,
             env={**os.environ, **env},
             stdout=log.open("ab"),

@@ -1,6 +1,6 @@
 """Job execution: the Celery app, the job runner shared with the embedded mode,
 the model pool and the micro-batch scheduler.
 
-Only `workers.runner`, `workers.pool` and the task body import keras/torch, and
+Only `lmq.workers.runner`, `lmq.workers.pool` and the task body import keras/torch, and
 only when a job actually runs.
 """

@@ -17,12 +17,12 @@ from typing import Callable, TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.config import Settings
-from core.names import JobState
-from core.store import queries
-from core.store.db import transact
-from core.store.leases import Lease, LeaseLost, renew
-from workers import metrics
+from lmq.core.config import Settings
+from lmq.core.names import JobState
+from lmq.core.store import queries
+from lmq.core.store.db import transact
+from lmq.core.store.leases import Lease, LeaseLost, renew
+from lmq.workers import metrics
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

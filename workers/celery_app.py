@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from celery import Celery
 
-from core.config import Settings
-from core.store import JobState, leases, queries, session_scope, sessions
+from lmq.core.config import Settings
+from lmq.core.store import JobState, leases, queries, session_scope, sessions
 
 RUN_JOB_TASK = "lmq.run_job"
 
@@ -30,7 +30,7 @@ def worker_queue(name: str) -> str:
 def make_celery(settings: Settings) -> Celery:
     if settings.broker_url is None:
         raise ValueError("LMQ_BROKER_URL is not set: there is no broker to send jobs through")
-    app = Celery("lmq", broker=settings.broker_url, include=["workers.tasks"])
+    app = Celery("lmq", broker=settings.broker_url, include=["lmq.workers.tasks"])
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],

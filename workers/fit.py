@@ -27,14 +27,14 @@ from pathlib import Path
 
 import keras
 
-from core.names import JobState
-from core.store import queries
-from core.store.db import DatabaseUnavailable
-from core.store.leases import LeaseLost
-from core.store.presets import preset_architecture
-from workers import metrics
-from workers.attempt import Attempt
-from workers.pool import load_task
+from lmq.core.names import JobState
+from lmq.core.store import queries
+from lmq.core.store.db import DatabaseUnavailable
+from lmq.core.store.leases import LeaseLost
+from lmq.core.store.presets import preset_architecture
+from lmq.workers import metrics
+from lmq.workers.attempt import Attempt
+from lmq.workers.pool import load_task
 
 MADE_BY = ".lmq-job-id"  # in a preset directory: the fit job that made it
 SEQ2SEQ = "seq2seq_lm"

@@ -13,7 +13,7 @@ import functools
 import json
 from dataclasses import dataclass
 
-from workers.batching import Prompt
+from lmq.workers.batching import Prompt
 
 SEQ2SEQ = "seq2seq_lm"
 ITEM_PARAMS = ("max_new_tokens", "sampler", "stop", "stop_token_ids", "seed")
@@ -30,7 +30,7 @@ def model_input(item_input: dict, task_kind: str, tokenizer) -> tuple[str | list
         raise ValueError(f"the input must give one of 'prompt', 'encoder_text' or 'messages', got {sorted(item_input)}")
     field = given[0]
     if field == "messages" and task_kind != SEQ2SEQ:
-        from core.chat import chat_token_ids, end_of_turn_token_ids
+        from lmq.core.chat import chat_token_ids, end_of_turn_token_ids
 
         return chat_token_ids(tokenizer, item_input["messages"]), list(end_of_turn_token_ids(tokenizer))
     if field != expected:
@@ -126,7 +126,7 @@ def _sampler_key(sampler) -> str:
 @functools.lru_cache(maxsize=1024)
 def _is_token_sampler(key: str) -> bool:
     """Whether the sampler (as JSON) picks each row's token alone, or a ValueError naming what is wrong with it."""
-    from core import samplers  # torch: imported once a job runs, not when `lmq generate` checks its flags
+    from lmq.core import samplers  # torch: imported once a job runs, not when `lmq generate` checks its flags
 
     sampler = json.loads(key)
     if not isinstance(sampler, (str, dict)):

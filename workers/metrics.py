@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from core.logfmt import logfmt
+from lmq.core.logfmt import logfmt
 
 logger = logging.getLogger("lmq.worker")
 

@@ -24,7 +24,7 @@ PoolKey = tuple[str, str | None]
 
 def load_task(location: str, dtype: str | None, device: str = "auto"):
     """Build the task the preset names on ``device`` (keras/torch are imported here, not before)."""
-    from core.models import Task
+    from lmq.core.models import Task
 
     return Task.from_preset(location, dtype=dtype, device=device)
 

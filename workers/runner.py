@@ -19,16 +19,16 @@ import re
 import socket
 import time
 
-from core.config import Settings
-from core.store import JobKind, JobState, queries, session_scope, sessions
-from core.store.db import DatabaseUnavailable, transact
-from core.store.leases import Lease, LeaseLost, claim
-from core.store.presets import store_resolver
-from workers import metrics
-from workers.attempt import Attempt, ProgressCallback
-from workers.batching import Prompt, RowBudget, is_out_of_memory, row_budget
-from workers.inputs import compiled_sampler, plan
-from workers.pool import ModelPool
+from lmq.core.config import Settings
+from lmq.core.store import JobKind, JobState, queries, session_scope, sessions
+from lmq.core.store.db import DatabaseUnavailable, transact
+from lmq.core.store.leases import Lease, LeaseLost, claim
+from lmq.core.store.presets import store_resolver
+from lmq.workers import metrics
+from lmq.workers.attempt import Attempt, ProgressCallback
+from lmq.workers.batching import Prompt, RowBudget, is_out_of_memory, row_budget
+from lmq.workers.inputs import compiled_sampler, plan
+from lmq.workers.pool import ModelPool
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class JobRunner:
             if kind == JobKind.generate.value:
                 self._run_generate(attempt, preset, location)
             else:
-                from workers.fit import run_fit
+                from lmq.workers.fit import run_fit
 
                 run_fit(attempt, location)
         except LeaseLost as lost:

@@ -31,11 +31,11 @@ from datetime import timedelta
 
 from celery import Celery
 
-from core.config import Settings
-from core.names import JobState
-from core.store import leases, session_scope, sessions
-from core.store.models import utcnow
-from workers.celery_app import RUN_JOB_TASK, queue_for
+from lmq.core.config import Settings
+from lmq.core.names import JobState
+from lmq.core.store import leases, session_scope, sessions
+from lmq.core.store.models import utcnow
+from lmq.workers.celery_app import RUN_JOB_TASK, queue_for
 
 logger = logging.getLogger(__name__)
 

@@ -5,11 +5,11 @@ runs beside it in every worker: the sweep (workers/sweep.py) and the metrics ser
 from celery import shared_task
 from celery.signals import worker_ready, worker_shutdown
 
-from core.config import load_settings
-from workers import metrics
-from workers.celery_app import RUN_JOB_TASK
-from workers.runner import process_runner
-from workers.sweep import Sweeper
+from lmq.core.config import load_settings
+from lmq.workers import metrics
+from lmq.workers.celery_app import RUN_JOB_TASK
+from lmq.workers.runner import process_runner
+from lmq.workers.sweep import Sweeper
 
 _sweeper: Sweeper | None = None
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from sqlalchemy import text
 
-from api import schemas
-from api.dependencies import DispatchDep, SettingsDep
-from core.config import Settings
-from core.store.db import get_engine
+from lmq.api import schemas
+from lmq.api.dependencies import DispatchDep, SettingsDep
+from lmq.core.config import Settings
+from lmq.core.store.db import get_engine
 
 NOT_READY = {503: {"description": "the database or the broker does not answer"}}
 

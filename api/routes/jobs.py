@@ -17,18 +17,18 @@ from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api import schemas
-from api.auth import AUTH_ERRORS
-from api.dependencies import DispatchDep, SessionDep, SettingsDep, TenantDep
-from api.dispatch import BrokerUnavailable
-from api.jobs import InputsDontFitPreset, OutputPresetTaken, request_digest, store_job
-from api.suggest import did_you_mean, preset_names
-from core.config import Limits, Settings
-from core.logfmt import logfmt
-from core.names import JobKind, JobState, is_preset_name
-from core.presets import PresetNotFound
-from core.store import queries, session_scope, sessions
-from core.store.presets import store_resolver
+from lmq.api import schemas
+from lmq.api.auth import AUTH_ERRORS
+from lmq.api.dependencies import DispatchDep, SessionDep, SettingsDep, TenantDep
+from lmq.api.dispatch import BrokerUnavailable
+from lmq.api.jobs import InputsDontFitPreset, OutputPresetTaken, request_digest, store_job
+from lmq.api.suggest import did_you_mean, preset_names
+from lmq.core.config import Limits, Settings
+from lmq.core.logfmt import logfmt
+from lmq.core.names import JobKind, JobState, is_preset_name
+from lmq.core.presets import PresetNotFound
+from lmq.core.store import queries, session_scope, sessions
+from lmq.core.store.presets import store_resolver
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 NDJSON = "application/x-ndjson"

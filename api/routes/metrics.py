@@ -19,10 +19,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select
 
-from core.config import Settings
-from core.names import JobKind, JobState
-from core.store import session_scope, sessions
-from core.store.models import Job
+from lmq.core.config import Settings
+from lmq.core.names import JobKind, JobState
+from lmq.core.store import session_scope, sessions
+from lmq.core.store.models import Job
 
 router = APIRouter(tags=["health"])
 
@@ -34,7 +34,7 @@ class JobsCollector:
         self.settings = settings
 
     def collect(self):
-        from workers.celery_app import queue_for  # Celery is imported at the first scrape, not at start
+        from lmq.workers.celery_app import queue_for  # Celery is imported at the first scrape, not at start
 
         with session_scope(sessions(self.settings)) as session:
             by_state = session.execute(select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state)).all()

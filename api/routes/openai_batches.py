@@ -14,17 +14,17 @@ from fastapi import APIRouter, Query
 from pydantic import Field
 from sqlalchemy.orm import Session
 
-from api.dependencies import DispatchDep, SessionDep, SettingsDep, TenantDep
-from api.openai_batch import batch_object, batch_status, refresh, start_validation, window_hours
-from api.openai_common import OPENAI_ERRORS, OpenAIError, OpenAIRoute, not_found, page, unix
-from api.openai_lines import ENDPOINTS
-from api.schemas import Strict, text
-from core.config import Settings
-from core.names import is_preset_name
-from core.plugins import get_registry
-from core.store import queries, session_scope, sessions
-from core.store.batches import UnknownCursor, add_batch, cancel_validation, get_batch, get_file, list_batches
-from core.store.models import OpenAIBatch, utcnow
+from lmq.api.dependencies import DispatchDep, SessionDep, SettingsDep, TenantDep
+from lmq.api.openai_batch import batch_object, batch_status, refresh, start_validation, window_hours
+from lmq.api.openai_common import OPENAI_ERRORS, OpenAIError, OpenAIRoute, not_found, page, unix
+from lmq.api.openai_lines import ENDPOINTS
+from lmq.api.schemas import Strict, text
+from lmq.core.config import Settings
+from lmq.core.names import is_preset_name
+from lmq.core.plugins import get_registry
+from lmq.core.store import queries, session_scope, sessions
+from lmq.core.store.batches import UnknownCursor, add_batch, cancel_validation, get_batch, get_file, list_batches
+from lmq.core.store.models import OpenAIBatch, utcnow
 
 router = APIRouter(tags=["openai"], route_class=OpenAIRoute, responses=OPENAI_ERRORS)
 

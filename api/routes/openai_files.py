@@ -13,14 +13,14 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
-from api.dependencies import SessionDep, SettingsDep, TenantDep
-from api.openai_batch import file_lines, files_directory
-from api.openai_common import OPENAI_ERRORS, OpenAIError, OpenAIRoute, not_found, page, unix
-from api.openai_upload import receive_upload
-from core.config import Settings
-from core.store import session_scope, sessions
-from core.store.batches import UnknownCursor, add_file, delete_file, get_batch, get_file, list_files, new_id
-from core.store.models import OpenAIFile
+from lmq.api.dependencies import SessionDep, SettingsDep, TenantDep
+from lmq.api.openai_batch import file_lines, files_directory
+from lmq.api.openai_common import OPENAI_ERRORS, OpenAIError, OpenAIRoute, not_found, page, unix
+from lmq.api.openai_upload import receive_upload
+from lmq.core.config import Settings
+from lmq.core.store import session_scope, sessions
+from lmq.core.store.batches import UnknownCursor, add_file, delete_file, get_batch, get_file, list_files, new_id
+from lmq.core.store.models import OpenAIFile
 
 JSONL = "application/jsonl"
 UPLOAD_BODY = {

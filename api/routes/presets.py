@@ -11,13 +11,13 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException
 from sqlalchemy.orm import Session
 
-from api import schemas
-from api.auth import AUTH_ERRORS
-from api.dependencies import SessionDep, TenantDep
-from api.suggest import did_you_mean, preset_names
-from core.names import is_preset_name
-from core.plugins import get_registry
-from core.store import queries
+from lmq.api import schemas
+from lmq.api.auth import AUTH_ERRORS
+from lmq.api.dependencies import SessionDep, TenantDep
+from lmq.api.suggest import did_you_mean, preset_names
+from lmq.core.names import is_preset_name
+from lmq.core.plugins import get_registry
+from lmq.core.store import queries
 
 NO_PRESET = {404: {"description": "no such preset, or another tenant's"}}
 

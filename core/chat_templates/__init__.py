@@ -2,7 +2,7 @@
 whose files carry no template of their own.
 
 Each ``<name>.jinja`` is the ``chat_template`` of the model's Hugging Face ``tokenizer_config.json``
-(newlines inside its string literals written as ``\\n``), rendered by ``core.chat`` as transformers does.
+(newlines inside its string literals written as ``\\n``), rendered by ``lmq.core.chat`` as transformers does.
 """
 
 import functools

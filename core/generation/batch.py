@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from core.generation.results import Completion, DecodeResult, FinishedRow
+from lmq.core.generation.results import Completion, DecodeResult, FinishedRow
 
 PREFILL_CHUNK = 256  # prompt tokens prefilled between two decode steps (chunked prefill)
 
@@ -44,7 +44,7 @@ class Batch:
     into the cache, in chunks of ``prefill_chunk`` tokens when the model allows, and
     requests whose prompt is in start decoding); requests whose rows have all finished
     leave with ``drop_finished``, the last rows moving into their slots (a copy of a few
-    rows, not of the cache). ``core.generation.engine.decode`` drives the steps.
+    rows, not of the cache). ``lmq.core.generation.engine.decode`` drives the steps.
     """
 
     def __init__(

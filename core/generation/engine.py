@@ -14,7 +14,7 @@ and the model runs the new tokens one step:
         if batch.size and batch.logits is None:     # a look-ahead sampler left them
             batch.step()                            # the next logits
 
-Samplers are strategies (``core.samplers``): a token sampler (greedy, top-k,
+Samplers are strategies (``lmq.core.samplers``): a token sampler (greedy, top-k,
 top-p, random) picks from the logits; beam search ranks (beam x vocabulary)
 candidate sequences and reorders the rows with ``batch.select``; contrastive
 search runs its candidates through ``batch.look_ahead`` and keeps the best.
@@ -32,7 +32,7 @@ How the two next kinds of generation plug in, without a second loop:
   ``move_rows``, ``select_rows`` and ``take`` move both parts, so beams, finished
   rows and joining ones just work.
 - A continuously refilled batch keeps one ``Batch`` for the whole job and runs
-  this same loop. Its cache has a slot per row in flight (``core.layers.cache``):
+  this same loop. Its cache has a slot per row in flight (``lmq.core.layers.cache``):
   between steps, after ``drop_finished`` has taken finished requests out (their
   results are in ``batch.completions`` from then on, the last rows moved into the
   freed slots), ``batch.add`` reserves slots for waiting prompts and ``batch.prefill``
@@ -48,7 +48,7 @@ from collections import deque
 
 import torch
 
-from core.generation.batch import PREFILL_CHUNK, Batch
+from lmq.core.generation.batch import PREFILL_CHUNK, Batch
 
 
 @torch.inference_mode()

@@ -1,7 +1,7 @@
 """The model side of the decode engine: the few calls it makes on a network.
 
 The engine never touches a backbone itself. It asks a model for a cache (of row
-slots, see ``core.layers.cache``), has it prefill prompts into slots, runs one token
+slots, see ``lmq.core.layers.cache``), has it prefill prompts into slots, runs one token
 per row, and turns hidden states into logits; the cache moves rows between slots
 with ``move_rows`` and ``select_rows``, and a larger one takes a smaller one's rows
 with ``take``. Any network that provides these calls decodes through the same loop;

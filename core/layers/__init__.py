@@ -5,14 +5,14 @@ Each block is a Keras layer (so it owns Keras variables, saves, trains with
 directly, skipping Keras' per-call machinery on the hot path.
 """
 
-from core.layers.attention import AttentionContext, CachedAttention
-from core.layers.cache import KVCache, RollingKVCache
-from core.layers.decoder import DecoderBlock, ParallelDecoderBlock
-from core.layers.embedding import PositionEmbedding, ReversibleEmbedding
-from core.layers.encoder_decoder import CrossAttentionDecoderBlock, EncoderBlock, EncoderMemory, Seq2SeqCache
-from core.layers.feedforward import FeedForward, GatedFeedForward
-from core.layers.norms import LayerNorm, RMSNorm
-from core.layers.rotary import RotaryEmbedding
+from lmq.core.layers.attention import AttentionContext, CachedAttention
+from lmq.core.layers.cache import KVCache, RollingKVCache
+from lmq.core.layers.decoder import DecoderBlock, ParallelDecoderBlock
+from lmq.core.layers.embedding import PositionEmbedding, ReversibleEmbedding
+from lmq.core.layers.encoder_decoder import CrossAttentionDecoderBlock, EncoderBlock, EncoderMemory, Seq2SeqCache
+from lmq.core.layers.feedforward import FeedForward, GatedFeedForward
+from lmq.core.layers.norms import LayerNorm, RMSNorm
+from lmq.core.layers.rotary import RotaryEmbedding
 
 __all__ = [
     "AttentionContext",

@@ -1,4 +1,4 @@
-"""Multi-head attention with grouped key/value heads, over a KV cache (``core.layers.cache``).
+"""Multi-head attention with grouped key/value heads, over a KV cache (``lmq.core.layers.cache``).
 
 One ``AttentionContext`` is built per forward pass (by the backbone) and shared
 by every layer: rotary tables, the mask, and where the cache is written;
@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import keras
 import torch
 
-from core.layers.cache import KVCache
-from core.layers.projection import Projections, project
-from core.layers.rotary import apply_rotary
+from lmq.core.layers.cache import KVCache
+from lmq.core.layers.projection import Projections, project
+from lmq.core.layers.rotary import apply_rotary
 
 
 @dataclass

@@ -3,8 +3,8 @@
 import keras
 import torch
 
-from core.layers.projection import Projections, project
-from core.quantization import Int8Kernel, check_mode, quantize_matrix, scale_of
+from lmq.core.layers.projection import Projections, project
+from lmq.core.quantization import Int8Kernel, check_mode, quantize_matrix, scale_of
 
 
 class ReversibleEmbedding(Projections):

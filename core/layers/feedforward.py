@@ -3,7 +3,7 @@
 import keras
 import torch
 
-from core.layers.projection import Projections, project
+from lmq.core.layers.projection import Projections, project
 
 ACTIVATIONS = {
     "silu": torch.nn.functional.silu,

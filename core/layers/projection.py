@@ -1,5 +1,5 @@
 """The one dense projection every block uses: ``x @ kernel + bias`` as a single fused call,
-and the int8 form of its kernels (``core.quantization``)."""
+and the int8 form of its kernels (``lmq.core.quantization``)."""
 
 import contextvars
 import math
@@ -7,7 +7,7 @@ import math
 import keras
 import torch
 
-from core.quantization import Int8Kernel, check_mode, quantize_matrix, scale_of
+from lmq.core.quantization import Int8Kernel, check_mode, quantize_matrix, scale_of
 
 
 def project(x, kernel, bias=None):

@@ -5,17 +5,17 @@ import keras
 if keras.backend.backend() != "torch":
     raise ImportError(
         f"lmq needs Keras' torch backend, but keras was loaded with {keras.backend.backend()!r}; "
-        "set KERAS_BACKEND=torch (or import core before keras)."
+        "set KERAS_BACKEND=torch (or import lmq.core before keras)."
     )
 
-from core.generation import Generation  # noqa: E402
-from core.models.backbone import Backbone, BackboneContractError, DecoderOnlyBackbone  # noqa: E402
-from core.models.causal_lm import CausalLM  # noqa: E402
-from core.models.preprocessor import CausalLMPreprocessor, Preprocessor  # noqa: E402
-from core.models.seq2seq_lm import Seq2SeqLM  # noqa: E402
-from core.models.seq2seq_lm_preprocessor import Seq2SeqLMPreprocessor  # noqa: E402
-from core.models.task import Task  # noqa: E402
-from core.models.tokenizer import BytePairTokenizer, SentencePieceTokenizer, Tokenizer  # noqa: E402
+from lmq.core.generation import Generation  # noqa: E402
+from lmq.core.models.backbone import Backbone, BackboneContractError, DecoderOnlyBackbone  # noqa: E402
+from lmq.core.models.causal_lm import CausalLM  # noqa: E402
+from lmq.core.models.preprocessor import CausalLMPreprocessor, Preprocessor  # noqa: E402
+from lmq.core.models.seq2seq_lm import Seq2SeqLM  # noqa: E402
+from lmq.core.models.seq2seq_lm_preprocessor import Seq2SeqLMPreprocessor  # noqa: E402
+from lmq.core.models.task import Task  # noqa: E402
+from lmq.core.models.tokenizer import BytePairTokenizer, SentencePieceTokenizer, Tokenizer  # noqa: E402
 
 __all__ = [
     "Backbone",

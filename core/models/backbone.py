@@ -16,10 +16,10 @@ import inspect
 import keras
 import torch
 
-from core.layers import AttentionContext, CachedAttention, KVCache, ReversibleEmbedding, RollingKVCache
-from core.layers.projection import BUILDING_INT8, Projections
-from core.models.serialization import KerasHubSerializable
-from core.quantization import check_mode, keras_variable_order, parse_dtype, policy_map
+from lmq.core.layers import AttentionContext, CachedAttention, KVCache, ReversibleEmbedding, RollingKVCache
+from lmq.core.layers.projection import BUILDING_INT8, Projections
+from lmq.core.models.serialization import KerasHubSerializable
+from lmq.core.quantization import check_mode, keras_variable_order, parse_dtype, policy_map
 
 # What Backbone.__init__ takes for every backbone; the rest of a constructor is its config.
 BASE_ARGUMENTS = ("dtype", "name", "trainable")
@@ -141,7 +141,7 @@ class Backbone(KerasHubSerializable, keras.Model):
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, dtype=None, resolver=None):
-        from core.presets import load_backbone
+        from lmq.core.presets import load_backbone
 
         return load_backbone(preset, cls=cls, load_weights=load_weights, dtype=dtype, resolver=resolver)
 
@@ -157,7 +157,7 @@ class Backbone(KerasHubSerializable, keras.Model):
 
     def quantize(self, mode, config=None, filters=None):
         """Keras' ``quantize``: every projection and the token embedding (with its head)
-        become int8 kernels with per-output-channel scales (see ``core.quantization``);
+        become int8 kernels with per-output-channel scales (see ``lmq.core.quantization``);
         norms, biases and position tables stay in float. Only ``"int8"`` is supported."""
         check_mode(mode, f"{type(self).__name__}.quantize")
         if self.quantization_mode is not None:

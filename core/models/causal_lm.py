@@ -4,9 +4,9 @@ import keras
 import numpy as np
 import torch
 
-from core import samplers
-from core.generation import DecoderOnlyModel, Generation, StopStrings, decode
-from core.models.task import Task
+from lmq.core import samplers
+from lmq.core.generation import DecoderOnlyModel, Generation, StopStrings, decode
+from lmq.core.models.task import Task
 
 
 class CausalLM(Task):
@@ -112,7 +112,7 @@ class CausalLM(Task):
         """Generates text for a prompt or a list of prompts (KerasHub semantics, plus more).
 
         A prompt is a string (the start token is added before its ids) or a list of token ids,
-        used as they are (a chat's, from ``core.chat.chat_token_ids``).
+        used as they are (a chat's, from ``lmq.core.chat.chat_token_ids``).
 
         - ``max_length``: prompt plus completion, in tokens (default: the
           preprocessor's ``sequence_length``); ``max_new_tokens`` caps the completion

@@ -5,7 +5,7 @@ import numbers
 
 import numpy as np
 
-from core.models.serialization import KerasHubSerializable, deserialize, layer_config
+from lmq.core.models.serialization import KerasHubSerializable, deserialize, layer_config
 
 
 class Preprocessor(KerasHubSerializable):
@@ -31,7 +31,7 @@ class Preprocessor(KerasHubSerializable):
     @classmethod
     def from_preset(cls, preset, resolver=None, **kwargs):
         """The preprocessor a preset holds; ``kwargs`` override its config (e.g. ``sequence_length``)."""
-        from core.presets import load_preprocessor
+        from lmq.core.presets import load_preprocessor
 
         return load_preprocessor(preset, cls=cls, resolver=resolver, **kwargs)
 
@@ -107,7 +107,7 @@ class CausalLMPreprocessor(Preprocessor):
 
     def generate_preprocess(self, x, sequence_length=None):
         """Prompts -> lists of ids (not padded): a string tokenized after the start token, with no
-        end token; a list of ids (a chat's, ``core.chat.chat_token_ids``) as it is."""
+        end token; a list of ids (a chat's, ``lmq.core.chat.chat_token_ids``) as it is."""
         prompts = [x] if isinstance(x, str) else list(x)
         texts = {i: prompt for i, prompt in enumerate(prompts) if not _is_token_ids(prompt)}
         _check_strings(texts.values(), indices=texts)

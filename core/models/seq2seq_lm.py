@@ -5,11 +5,11 @@ import keras
 import numpy as np
 import torch
 
-from core import samplers
-from core.generation import decode
-from core.models.causal_lm import CausalLM, _limits
-from core.models.seq2seq_lm_preprocessor import split_pairs
-from core.models.task import Task
+from lmq.core import samplers
+from lmq.core.generation import decode
+from lmq.core.models.causal_lm import CausalLM, _limits
+from lmq.core.models.seq2seq_lm_preprocessor import split_pairs
+from lmq.core.models.task import Task
 
 
 class EncoderDecoderModel:

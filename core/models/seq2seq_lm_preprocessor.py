@@ -8,7 +8,7 @@ KerasHub's ``StartEndPacker`` truncates them.
 
 import numpy as np
 
-from core.models.preprocessor import Preprocessor, _check_strings
+from lmq.core.models.preprocessor import Preprocessor, _check_strings
 
 DEFAULT_SEQUENCE_LENGTH = 1024
 

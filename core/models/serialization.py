@@ -27,10 +27,10 @@ class KerasHubSerializable:
 
     @classmethod
     def keras_hub_module(cls):
-        """``plugins.llama.llama3_backbone`` -> ``keras_hub.src.models.llama3.llama3_backbone``:
+        """``lmq.plugins.llama.llama3_backbone`` -> ``keras_hub.src.models.llama3.llama3_backbone``:
         KerasHub's package is the file name's first word."""
         parts = cls.__module__.split(".")
-        if parts[0] == "plugins":
+        if parts[:2] == ["lmq", "plugins"]:
             return ".".join(["keras_hub.src.models", parts[-1].split("_")[0], parts[-1]])
         return cls.__module__
 
@@ -57,7 +57,7 @@ def class_name_of(serialized, source):
 
 def deserialize(serialized, source, **overrides):
     """Builds the object a serialized config describes, its class found in the registry."""
-    from core.plugins import get_registry
+    from lmq.core.plugins import get_registry
 
     cls = get_registry().find_class(class_name_of(serialized, source), source=source)
     config = dict(serialized.get("config") or {})

@@ -2,8 +2,8 @@
 
 import keras
 
-from core.models.backbone import unwrap_quantize
-from core.models.serialization import KerasHubSerializable, deserialize
+from lmq.core.models.backbone import unwrap_quantize
+from lmq.core.models.serialization import KerasHubSerializable, deserialize
 
 
 class classproperty:
@@ -49,7 +49,7 @@ class Task(KerasHubSerializable, keras.Model):
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, resolver=None, device=None, **kwargs):
-        """Builds the task a preset describes (see ``core.presets.load_task``); ``resolver``
+        """Builds the task a preset describes (see ``lmq.core.presets.load_task``); ``resolver``
         (a ``PresetResolver``) knows names beyond the built-in ones, e.g. the store's.
 
         ``device`` ("auto", "cpu", "cuda" or "cuda:N", as ``LMQ_DEVICE``) places the weights
@@ -57,7 +57,7 @@ class Task(KerasHubSerializable, keras.Model):
         in bfloat16 unless ``dtype`` says otherwise, on a CPU in the preset's dtype.
         Called on a base class (``CausalLM``) it returns the subclass the preset names.
         """
-        from core.presets import load_task
+        from lmq.core.presets import load_task
 
         if device is None:
             return load_task(preset, cls=cls, load_weights=load_weights, resolver=resolver, **kwargs)
@@ -68,7 +68,7 @@ class Task(KerasHubSerializable, keras.Model):
             return load_task(preset, cls=cls, load_weights=load_weights, resolver=resolver, **kwargs)
 
     def quantize(self, mode, **kwargs):
-        """The backbone's ``quantize`` (``"int8"``, as KerasHub's: see ``core.quantization``)."""
+        """The backbone's ``quantize`` (``"int8"``, as KerasHub's: see ``lmq.core.quantization``)."""
         self.backbone.quantize(mode, **kwargs)
 
     def fit(self, *args, **kwargs):
@@ -81,14 +81,14 @@ class Task(KerasHubSerializable, keras.Model):
         return super().fit(*args, **kwargs)
 
     def save_to_preset(self, preset_dir):
-        from core.presets import save_task
+        from lmq.core.presets import save_task
 
         save_task(self, preset_dir)
 
     @classproperty
     def presets(cls):
         """Built-in preset names this class can load (KerasHub's ``cls.presets``)."""
-        from core.plugins import get_registry
+        from lmq.core.plugins import get_registry
 
         registry = get_registry()
         found = {}

@@ -12,8 +12,8 @@ import re
 import sentencepiece
 import tokenizers
 
-from core.models.serialization import KerasHubSerializable, layer_config
-from core.presets.files import preset_files
+from lmq.core.models.serialization import KerasHubSerializable, layer_config
+from lmq.core.presets.files import preset_files
 
 SENTENCEPIECE_ASSET = "vocabulary.spm"
 # sentencepiece_model.proto's piece types that transformers' converter makes added tokens
@@ -47,8 +47,8 @@ class Tokenizer(KerasHubSerializable):
 
     @classmethod
     def from_preset(cls, preset, resolver=None):
-        """The tokenizer a preset holds; ``resolver``: see ``core.presets``."""
-        from core.presets import load_tokenizer
+        """The tokenizer a preset holds; ``resolver``: see ``lmq.core.presets``."""
+        from lmq.core.presets import load_tokenizer
 
         return load_tokenizer(preset, cls=cls, resolver=resolver)
 

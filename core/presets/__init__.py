@@ -1,12 +1,12 @@
 """Presets: resolve a handle, then load a KerasHub preset or convert a transformers checkpoint.
 
 Every loader takes ``resolver``: the ``PresetResolver`` that turns the handle into a
-directory, whose files the loaders open only through ``core.presets.files`` (a preset
+directory, whose files the loaders open only through ``lmq.core.presets.files`` (a preset
 is a closed world). Without one, built-in names, local directories, ``hf://`` and ``kaggle://``
 resolve; a caller that knows more names (the SQL store) passes its own.
 """
 
-from core.presets.resolver import PresetNotFound, PresetResolver
+from lmq.core.presets.resolver import PresetNotFound, PresetResolver
 
 __all__ = [
     "PresetNotFound",
@@ -24,7 +24,7 @@ def _files(preset, resolver):
 
 
 def load_task(preset, cls, load_weights=True, dtype=None, resolver=None, **kwargs):
-    from core.presets import keras_hub_format, transformers_import
+    from lmq.core.presets import keras_hub_format, transformers_import
 
     files = _files(preset, resolver)
     if transformers_import.is_transformers_checkpoint(files):
@@ -33,7 +33,7 @@ def load_task(preset, cls, load_weights=True, dtype=None, resolver=None, **kwarg
 
 
 def load_backbone(preset, cls, load_weights=True, dtype=None, resolver=None):
-    from core.presets import keras_hub_format, transformers_import
+    from lmq.core.presets import keras_hub_format, transformers_import
 
     files = _files(preset, resolver)
     if transformers_import.is_transformers_checkpoint(files):
@@ -46,7 +46,7 @@ def load_backbone(preset, cls, load_weights=True, dtype=None, resolver=None):
 
 
 def load_preprocessor(preset, cls, resolver=None, **overrides):
-    from core.presets import keras_hub_format, transformers_import
+    from lmq.core.presets import keras_hub_format, transformers_import
 
     files = _files(preset, resolver)
     if transformers_import.is_transformers_checkpoint(files):
@@ -68,6 +68,6 @@ def load_tokenizer(preset, cls, resolver=None):
 
 
 def save_task(task, preset_dir):
-    from core.presets.keras_hub_format import save_task as save
+    from lmq.core.presets.keras_hub_format import save_task as save
 
     save(task, preset_dir)

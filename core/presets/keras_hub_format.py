@@ -21,16 +21,16 @@ import tempfile
 
 import keras
 
-from core.models.serialization import class_name_of
-from core.plugins import get_registry
-from core.presets.transformers_import import (
+from lmq.core.models.serialization import class_name_of
+from lmq.core.plugins import get_registry
+from lmq.core.presets.transformers_import import (
     CHAT_TEMPLATE_FILE,
     TOKENIZER_CONFIG_FILE,
     attach_chat_template,
     tokenization_config,
 )
-from core.presets.weights import WEIGHTS_FILE, read_weights, write_weights
-from core.quantization import parse_dtype, policy_map
+from lmq.core.presets.weights import WEIGHTS_FILE, read_weights, write_weights
+from lmq.core.quantization import parse_dtype, policy_map
 
 KERAS_HUB_VERSION = "0.32.0"  # the format version lmq writes
 TOKENIZER_ASSET_DIR = "assets/tokenizer"
@@ -143,7 +143,7 @@ def save_task(task, preset_dir):
             if tokenization:
                 _write(staging / TOKENIZER_CONFIG_FILE, tokenization)
         write_weights(task.backbone, staging / WEIGHTS_FILE)
-        base_task = next(c.__name__ for c in type(task).__mro__ if c.__module__.startswith("core."))
+        base_task = next(c.__name__ for c in type(task).__mro__ if c.__module__.startswith("lmq.core."))
         _write(
             staging / "metadata.json",
             {

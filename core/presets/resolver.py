@@ -7,7 +7,7 @@ A handle is, in this order:
    (kagglehub, when installed);
 2. a built-in preset name from a plugin's table (nothing shadows these names);
 3. a name the caller's ``lookup`` knows. The service, the workers and the CLI pass the
-   SQL store's (``core.store.presets.store_resolver``); plain library use has none;
+   SQL store's (``lmq.core.store.presets.store_resolver``); plain library use has none;
 4. a local directory, optionally only one under ``local_roots``.
 
 The model library never reads the store or the environment to find a preset: a caller
@@ -18,8 +18,8 @@ import os
 import pathlib
 import re
 
-from core.plugins import get_registry
-from core.presets.files import PresetFiles
+from lmq.core.plugins import get_registry
+from lmq.core.presets.files import PresetFiles
 
 REMOTE_SCHEMES = ("hf://", "kaggle://")
 # Files a preset can need; weights in pickle formats (*.bin, *.pth) are never fetched.

@@ -14,11 +14,11 @@ import importlib
 import keras
 from safetensors import SafetensorError, safe_open
 
-from core.chat_templates import CHAT_TEMPLATE_FILE, builtin_template_name, read_builtin_template
-from core.names import DTYPES
-from core.plugins import get_registry
-from core.presets.files import PresetFileError, PresetFileMissing
-from core.presets.weights import dtype_fits
+from lmq.core.chat_templates import CHAT_TEMPLATE_FILE, builtin_template_name, read_builtin_template
+from lmq.core.names import DTYPES
+from lmq.core.plugins import get_registry
+from lmq.core.presets.files import PresetFileError, PresetFileMissing
+from lmq.core.presets.weights import dtype_fits
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"

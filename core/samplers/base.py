@@ -2,7 +2,7 @@
 
 import torch
 
-from core.generation import Completion
+from lmq.core.generation import Completion
 
 
 class Sampler:
@@ -12,7 +12,7 @@ class Sampler:
     method name); ``temperature`` divides the logits first. ``generator`` is one
     ``torch.Generator``, one per row (a list: the decode engine's seeded rows), or None.
 
-    To the decode engine (``core.generation``) a sampler is its strategy: it
+    To the decode engine (``lmq.core.generation``) a sampler is its strategy: it
     says how many rows a request takes (``rows_per_prompt``), sets up what it
     keeps per row when requests join (``admit``), chooses each step's tokens
     (``choose``) and turns a finished request's rows into its result (``finish``).

@@ -2,8 +2,8 @@
 
 import torch
 
-from core.generation import Completion
-from core.samplers.base import Sampler
+from lmq.core.generation import Completion
+from lmq.core.samplers.base import Sampler
 
 
 class BeamSampler(Sampler):

@@ -5,7 +5,7 @@ import random
 
 import torch
 
-from core.samplers.base import Sampler
+from lmq.core.samplers.base import Sampler
 
 
 class PerRequestSampler(Sampler):

@@ -2,7 +2,7 @@
 
 import torch
 
-from core.samplers.base import Sampler
+from lmq.core.samplers.base import Sampler
 
 
 def _draw(probabilities, generator):

@@ -4,9 +4,9 @@ Light on purpose: the API process imports this and must never pull in keras
 or torch.
 """
 
-from core.names import JobKind, JobState
-from core.store.db import SchemaOutOfDate, session_scope, sessions, upgrade
-from core.store.models import Job, JobEvent, JobItem, Preset
+from lmq.core.names import JobKind, JobState
+from lmq.core.store.db import SchemaOutOfDate, session_scope, sessions, upgrade
+from lmq.core.store.models import Job, JobEvent, JobItem, Preset
 
 __all__ = [
     "Job",

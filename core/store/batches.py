@@ -17,8 +17,8 @@ from typing import Iterable
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
-from core.names import JobKind, JobState
-from core.store.models import Job, JobEvent, JobItem, OpenAIBatch, OpenAIFile, utcnow
+from lmq.core.names import JobKind, JobState
+from lmq.core.store.models import Job, JobEvent, JobItem, OpenAIBatch, OpenAIFile, utcnow
 
 _INSERT_CHUNK = 2000
 _ID = re.compile(r"(file-|batch_)[0-9a-f]{24}")

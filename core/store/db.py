@@ -22,7 +22,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.config import Settings, SettingsError
+from lmq.core.config import Settings, SettingsError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 

@@ -27,9 +27,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from core.names import TERMINAL_STATES, JobState
-from core.store import queries
-from core.store.models import Job, utcnow
+from lmq.core.names import TERMINAL_STATES, JobState
+from lmq.core.store import queries
+from lmq.core.store.models import Job, utcnow
 
 HELD_STATES = (JobState.running.value, JobState.cancelling.value)
 HOLDER_IDLE_LIMIT = "5s"

@@ -25,7 +25,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from core.names import JobState
+from lmq.core.names import JobState
 
 
 def utcnow() -> datetime:

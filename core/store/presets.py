@@ -1,6 +1,6 @@
 """The preset store: locating and describing presets without keras.
 
-A job names its preset by a handle, which `core.presets.PresetResolver`
+A job names its preset by a handle, which `lmq.core.presets.PresetResolver`
 resolves; here the resolver is handed the store's names, each mapped to its
 directory in the store.
 """
@@ -11,10 +11,10 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from core.names import is_preset_name
-from core.presets import PresetResolver
-from core.presets.files import PresetFileError, PresetFiles
-from core.store.queries import get_preset
+from lmq.core.names import is_preset_name
+from lmq.core.presets import PresetResolver
+from lmq.core.presets.files import PresetFileError, PresetFiles
+from lmq.core.store.queries import get_preset
 
 
 def store_resolver(
@@ -46,7 +46,7 @@ def _read_json(directory: Path, name: str) -> dict:
 
 def preset_architecture(directory: Path) -> str | None:
     """The registered architecture of a preset directory (KerasHub or transformers layout)."""
-    from core.plugins import get_registry
+    from lmq.core.plugins import get_registry
 
     registry = get_registry()
     config = _read_json(directory, "config.json")

@@ -14,8 +14,8 @@ from typing import Iterable, Iterator
 from sqlalchemy import delete, exists, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from core.names import TERMINAL_STATES, JobKind, JobState
-from core.store.models import EVERYONE, Job, JobEvent, JobItem, Preset, PresetShare, utcnow
+from lmq.core.names import TERMINAL_STATES, JobKind, JobState
+from lmq.core.store.models import EVERYONE, Job, JobEvent, JobItem, Preset, PresetShare, utcnow
 
 _INSERT_CHUNK = 5000
 

@@ -3,7 +3,7 @@
 A plugin's test suite subclasses ``CausalLMConformance`` and says how to build a tiny
 model of its architecture (a task with a preprocessor)::
 
-    from core.testing import CausalLMConformance
+    from lmq.core.testing import CausalLMConformance
 
     class TestLlamaConformance(CausalLMConformance):
         def make_task(self):
@@ -15,6 +15,6 @@ pytest then runs each ``test_*`` check below. The kit imports no pytest: its che
 are plain asserts, so a failure says what the plugin got wrong.
 """
 
-from core.testing.conformance import CausalLMConformance
+from lmq.core.testing.conformance import CausalLMConformance
 
 __all__ = ["CausalLMConformance"]

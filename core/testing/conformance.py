@@ -1,4 +1,4 @@
-"""``CausalLMConformance``: the checks a causal LM plugin passes (see ``core.testing``)."""
+"""``CausalLMConformance``: the checks a causal LM plugin passes (see ``lmq.core.testing``)."""
 
 import json
 import pathlib
@@ -10,11 +10,11 @@ import keras
 import numpy as np
 import torch
 
-from core.models import CausalLM
-from core.names import SAMPLER_NAMES
-from core.plugins import get_registry, import_path
-from core.presets import PresetNotFound, PresetResolver
-from core.presets.weights import WEIGHTS_FILE
+from lmq.core.models import CausalLM
+from lmq.core.names import SAMPLER_NAMES
+from lmq.core.plugins import get_registry, import_path
+from lmq.core.presets import PresetNotFound, PresetResolver
+from lmq.core.presets.weights import WEIGHTS_FILE
 
 PRESET_FILES = ("config.json", "task.json", "preprocessor.json", "tokenizer.json", "metadata.json", WEIGHTS_FILE)
 

@@ -4,14 +4,14 @@ The task files keep KerasHub's names (``bart_seq_2_seq_lm.py``), so saved preset
 KerasHub's modules.
 """
 
-from core.plugins import Architecture, plugin_hooks
+from lmq.core.plugins import Architecture, plugin_hooks
 
 ARCHITECTURE = Architecture.in_package(
     __name__,
     "Bart",
     task_kind="seq2seq_lm",
     hf_model_types=("bart",),
-    preprocessor="plugins.bart.bart_seq_2_seq_lm_preprocessor:BartSeq2SeqLMPreprocessor",
-    task="plugins.bart.bart_seq_2_seq_lm:BartSeq2SeqLM",
+    preprocessor="lmq.plugins.bart.bart_seq_2_seq_lm_preprocessor:BartSeq2SeqLMPreprocessor",
+    task="lmq.plugins.bart.bart_seq_2_seq_lm:BartSeq2SeqLM",
 )
 register_architectures, __getattr__ = plugin_hooks(__name__, ARCHITECTURE)

@@ -2,7 +2,7 @@
 
 import torch
 
-from core.layers import (
+from lmq.core.layers import (
     AttentionContext,
     CachedAttention,
     CrossAttentionDecoderBlock,
@@ -15,8 +15,8 @@ from core.layers import (
     ReversibleEmbedding,
     Seq2SeqCache,
 )
-from core.layers.encoder_decoder import additive_mask
-from core.models.backbone import Backbone, keras_weight_paths, numbered
+from lmq.core.layers.encoder_decoder import additive_mask
+from lmq.core.models.backbone import Backbone, keras_weight_paths, numbered
 
 LAYER_NORM_EPSILON = 1e-5
 

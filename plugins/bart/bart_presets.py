@@ -1,6 +1,6 @@
 """Bart presets from KerasHub's table, mapped to where their files live."""
 
-from core.plugins import PresetInfo
+from lmq.core.plugins import PresetInfo
 
 backbone_presets = {
     "bart_base_en": PresetInfo(

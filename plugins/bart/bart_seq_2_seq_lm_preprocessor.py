@@ -1,7 +1,7 @@
 """BartSeq2SeqLMPreprocessor."""
 
-from core.models.seq2seq_lm_preprocessor import Seq2SeqLMPreprocessor
-from plugins.bart.bart_tokenizer import BartTokenizer
+from lmq.core.models.seq2seq_lm_preprocessor import Seq2SeqLMPreprocessor
+from lmq.plugins.bart.bart_tokenizer import BartTokenizer
 
 
 class BartSeq2SeqLMPreprocessor(Seq2SeqLMPreprocessor):

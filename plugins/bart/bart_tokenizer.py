@@ -1,6 +1,6 @@
 """BartTokenizer: byte-level BPE (GPT-2's, as in Roberta) with ``<s>``, ``</s>`` and ``<pad>``, as in KerasHub."""
 
-from core.models.tokenizer import BytePairTokenizer
+from lmq.core.models.tokenizer import BytePairTokenizer
 
 
 class BartTokenizer(BytePairTokenizer):

@@ -7,12 +7,12 @@ under its own class name ``FalconRotaryBackbone``, registered here, so lmq loads
 preset and KerasHub does not.
 """
 
-from core.plugins import Architecture, plugin_hooks
+from lmq.core.plugins import Architecture, plugin_hooks
 
 ARCHITECTURE = Architecture.in_package(
     __name__,
     "Falcon",
     hf_model_types=("falcon",),
-    extra_classes=("plugins.falcon.falcon_rotary_backbone:FalconRotaryBackbone",),
+    extra_classes=("lmq.plugins.falcon.falcon_rotary_backbone:FalconRotaryBackbone",),
 )
 register_architectures, __getattr__ = plugin_hooks(__name__, ARCHITECTURE)

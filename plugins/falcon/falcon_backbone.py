@@ -2,11 +2,11 @@
 
 import torch
 
-from core.layers import CachedAttention, DecoderBlock, ReversibleEmbedding
-from core.layers.alibi import alibi_mask, alibi_slopes
-from core.layers.feedforward import FeedForward
-from core.layers.norms import LayerNorm
-from core.models.backbone import DecoderOnlyBackbone, keras_weight_paths, numbered
+from lmq.core.layers import CachedAttention, DecoderBlock, ReversibleEmbedding
+from lmq.core.layers.alibi import alibi_mask, alibi_slopes
+from lmq.core.layers.feedforward import FeedForward
+from lmq.core.layers.norms import LayerNorm
+from lmq.core.models.backbone import DecoderOnlyBackbone, keras_weight_paths, numbered
 
 
 class FalconBackbone(DecoderOnlyBackbone):

@@ -1,8 +1,8 @@
 """FalconCausalLM (default sampler: greedy, as in KerasHub), on a FalconBackbone or a FalconRotaryBackbone."""
 
-from core.models.causal_lm import CausalLM
-from plugins.falcon.falcon_backbone import FalconBackbone
-from plugins.falcon.falcon_causal_lm_preprocessor import FalconCausalLMPreprocessor
+from lmq.core.models.causal_lm import CausalLM
+from lmq.plugins.falcon.falcon_backbone import FalconBackbone
+from lmq.plugins.falcon.falcon_causal_lm_preprocessor import FalconCausalLMPreprocessor
 
 
 class FalconCausalLM(CausalLM):

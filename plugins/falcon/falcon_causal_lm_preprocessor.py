@@ -1,7 +1,7 @@
 """FalconCausalLMPreprocessor."""
 
-from core.models.preprocessor import CausalLMPreprocessor
-from plugins.falcon.falcon_tokenizer import FalconTokenizer
+from lmq.core.models.preprocessor import CausalLMPreprocessor
+from lmq.plugins.falcon.falcon_tokenizer import FalconTokenizer
 
 
 class FalconCausalLMPreprocessor(CausalLMPreprocessor):

@@ -8,7 +8,7 @@
 
 import json
 
-from core.presets.transformers_import import rope_settings
+from lmq.core.presets.transformers_import import rope_settings
 
 # setting: (what the ALiBi layout needs, transformers' default when config.json omits it)
 ALIBI_SETTINGS = {

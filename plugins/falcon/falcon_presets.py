@@ -1,6 +1,6 @@
 """Falcon presets from KerasHub's table, mapped to where their files live."""
 
-from core.plugins import PresetInfo
+from lmq.core.plugins import PresetInfo
 
 backbone_presets = {
     "falcon_refinedweb_1b_en": PresetInfo(

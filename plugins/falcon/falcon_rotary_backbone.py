@@ -1,10 +1,10 @@
 """FalconRotaryBackbone: the Falcon-7B and Falcon-40B/180B layouts, which KerasHub has no class for."""
 
-from core.layers import CachedAttention, DecoderBlock, ParallelDecoderBlock, ReversibleEmbedding, RotaryEmbedding
-from core.layers.feedforward import FeedForward
-from core.layers.norms import LayerNorm
-from core.models.backbone import DecoderOnlyBackbone
-from plugins.falcon.falcon_backbone import falcon_quantized_layers, falcon_weights
+from lmq.core.layers import CachedAttention, DecoderBlock, ParallelDecoderBlock, ReversibleEmbedding, RotaryEmbedding
+from lmq.core.layers.feedforward import FeedForward
+from lmq.core.layers.norms import LayerNorm
+from lmq.core.models.backbone import DecoderOnlyBackbone
+from lmq.plugins.falcon.falcon_backbone import falcon_quantized_layers, falcon_weights
 
 
 class FalconRotaryBackbone(DecoderOnlyBackbone):

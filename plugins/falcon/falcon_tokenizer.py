@@ -1,6 +1,6 @@
 """FalconTokenizer: byte-level BPE whose ``<|endoftext|>`` starts and ends text; id 0 pads, as in KerasHub."""
 
-from core.models.tokenizer import BytePairTokenizer
+from lmq.core.models.tokenizer import BytePairTokenizer
 
 
 class FalconTokenizer(BytePairTokenizer):

@@ -4,7 +4,7 @@ A transformers ``llama`` checkpoint with a SentencePiece ``tokenizer.model`` is 
 one that ships only ``tokenizer.json`` (byte-level BPE) is Llama 3.
 """
 
-from core.plugins import Architecture, plugin_hooks
+from lmq.core.plugins import Architecture, plugin_hooks
 
 ARCHITECTURE = Architecture.in_package(
     __name__, "Llama", hf_model_types=("llama",), hf_tokenizer_files=("tokenizer.model",)
@@ -14,7 +14,7 @@ LLAMA3 = Architecture.in_package(
     "Llama3",
     name="llama3",
     hf_model_types=("llama",),
-    hf_converter="plugins.llama.llama_hf",
+    hf_converter="lmq.plugins.llama.llama_hf",
     hf_tokenizer_files=("tokenizer.json",),
 )
 register_architectures, __getattr__ = plugin_hooks(__name__, ARCHITECTURE, LLAMA3)

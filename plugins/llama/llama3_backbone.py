@@ -1,6 +1,6 @@
 """Llama3Backbone: KerasHub's class name for the Llama 3 / 3.1 presets."""
 
-from plugins.llama.llama_backbone import LlamaBackbone
+from lmq.plugins.llama.llama_backbone import LlamaBackbone
 
 
 class Llama3Backbone(LlamaBackbone):

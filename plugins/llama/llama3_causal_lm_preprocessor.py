@@ -1,7 +1,7 @@
 """Llama3CausalLMPreprocessor."""
 
-from core.models.preprocessor import CausalLMPreprocessor
-from plugins.llama.llama3_tokenizer import Llama3Tokenizer
+from lmq.core.models.preprocessor import CausalLMPreprocessor
+from lmq.plugins.llama.llama3_tokenizer import Llama3Tokenizer
 
 
 class Llama3CausalLMPreprocessor(CausalLMPreprocessor):

@@ -1,6 +1,6 @@
 """Llama3Tokenizer: byte-level BPE with Llama 3's special tokens; id 0 pads, as in KerasHub."""
 
-from core.models.tokenizer import BytePairTokenizer
+from lmq.core.models.tokenizer import BytePairTokenizer
 
 RESERVED_PREFIX = "<|reserved_special_token_"
 

@@ -6,8 +6,8 @@ their weights in KerasHub's ``model.weights.h5``. ``llama_hf`` holds the family'
 transformers checkpoint layout.
 """
 
-from core.layers import CachedAttention, DecoderBlock, GatedFeedForward, ReversibleEmbedding, RMSNorm, RotaryEmbedding
-from core.models.backbone import DecoderOnlyBackbone, keras_weight_paths, numbered
+from lmq.core.layers import CachedAttention, DecoderBlock, GatedFeedForward, ReversibleEmbedding, RMSNorm, RotaryEmbedding
+from lmq.core.models.backbone import DecoderOnlyBackbone, keras_weight_paths, numbered
 
 # KerasHub's attribute names inside its Llama and Mistral decoder layers.
 LLAMA_LAYOUT = {

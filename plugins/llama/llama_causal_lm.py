@@ -1,8 +1,8 @@
 """LlamaCausalLM (default sampler: top_k, as in KerasHub)."""
 
-from core.models.causal_lm import CausalLM
-from plugins.llama.llama_backbone import LlamaBackbone
-from plugins.llama.llama_causal_lm_preprocessor import LlamaCausalLMPreprocessor
+from lmq.core.models.causal_lm import CausalLM
+from lmq.plugins.llama.llama_backbone import LlamaBackbone
+from lmq.plugins.llama.llama_causal_lm_preprocessor import LlamaCausalLMPreprocessor
 
 
 class LlamaCausalLM(CausalLM):

@@ -1,7 +1,7 @@
 """LlamaCausalLMPreprocessor."""
 
-from core.models.preprocessor import CausalLMPreprocessor
-from plugins.llama.llama_tokenizer import LlamaTokenizer
+from lmq.core.models.preprocessor import CausalLMPreprocessor
+from lmq.plugins.llama.llama_tokenizer import LlamaTokenizer
 
 
 class LlamaCausalLMPreprocessor(CausalLMPreprocessor):

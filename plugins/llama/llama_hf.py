@@ -4,7 +4,7 @@ which Mistral's converter shares (and Phi-3's, for the config).
 Unlike KerasHub 0.32's converter, ``rms_norm_eps`` is honoured (transformers is the reference).
 """
 
-from core.presets.transformers_import import rope_settings
+from lmq.core.presets.transformers_import import rope_settings
 
 
 def rope_arguments(hf_config):

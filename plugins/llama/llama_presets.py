@@ -1,6 +1,6 @@
 """Llama 2 and Vicuna presets from KerasHub's table, mapped to where their files live."""
 
-from core.plugins import PresetInfo
+from lmq.core.plugins import PresetInfo
 
 
 def kaggle_handle(model, variant):

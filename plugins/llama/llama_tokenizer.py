@@ -1,6 +1,6 @@
 """LlamaTokenizer: SentencePiece with ``<s>``/``</s>``; id 0 pads."""
 
-from core.models.tokenizer import SentencePieceTokenizer
+from lmq.core.models.tokenizer import SentencePieceTokenizer
 
 
 class LlamaTokenizer(SentencePieceTokenizer):

@@ -1,7 +1,7 @@
 """MistralBackbone: KerasHub's arguments and defaults on the Llama-family decoder."""
 
-from core.layers import RotaryEmbedding
-from plugins.llama.llama_backbone import LLAMA_LAYOUT, LlamaStyleBackbone
+from lmq.core.layers import RotaryEmbedding
+from lmq.plugins.llama.llama_backbone import LLAMA_LAYOUT, LlamaStyleBackbone
 
 
 class MistralBackbone(LlamaStyleBackbone):

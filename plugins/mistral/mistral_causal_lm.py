@@ -1,8 +1,8 @@
 """MistralCausalLM (default sampler: top_k, as in KerasHub)."""
 
-from core.models.causal_lm import CausalLM
-from plugins.mistral.mistral_backbone import MistralBackbone
-from plugins.mistral.mistral_causal_lm_preprocessor import MistralCausalLMPreprocessor
+from lmq.core.models.causal_lm import CausalLM
+from lmq.plugins.mistral.mistral_backbone import MistralBackbone
+from lmq.plugins.mistral.mistral_causal_lm_preprocessor import MistralCausalLMPreprocessor
 
 
 class MistralCausalLM(CausalLM):

@@ -1,7 +1,7 @@
 """MistralCausalLMPreprocessor."""
 
-from core.models.preprocessor import CausalLMPreprocessor
-from plugins.mistral.mistral_tokenizer import MistralTokenizer
+from lmq.core.models.preprocessor import CausalLMPreprocessor
+from lmq.plugins.mistral.mistral_tokenizer import MistralTokenizer
 
 
 class MistralCausalLMPreprocessor(CausalLMPreprocessor):

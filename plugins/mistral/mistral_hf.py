@@ -4,8 +4,8 @@ Unlike KerasHub 0.32's converter, which rounds every weight through float16, the
 checkpoint's values are kept as they are (transformers is the reference).
 """
 
-from core.presets.transformers_import import rope_settings
-from plugins.llama.llama_hf import convert_weights, decoder_config
+from lmq.core.presets.transformers_import import rope_settings
+from lmq.plugins.llama.llama_hf import convert_weights, decoder_config
 
 __all__ = ["backbone_config", "convert_weights"]
 

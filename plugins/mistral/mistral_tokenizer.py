@@ -1,6 +1,6 @@
 """MistralTokenizer: SentencePiece with ``<s>``/``</s>``; id 0 pads."""
 
-from core.models.tokenizer import SentencePieceTokenizer
+from lmq.core.models.tokenizer import SentencePieceTokenizer
 
 
 class MistralTokenizer(SentencePieceTokenizer):

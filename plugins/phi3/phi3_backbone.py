@@ -10,8 +10,8 @@ factors. KerasHub decides by the length of each call's input, so its cached deco
 
 import torch
 
-from core.layers import KVCache, RotaryEmbedding
-from plugins.llama.llama_backbone import LlamaStyleBackbone
+from lmq.core.layers import KVCache, RotaryEmbedding
+from lmq.plugins.llama.llama_backbone import LlamaStyleBackbone
 
 class LongRopeKVCache(KVCache):
     """A KV cache that also keeps the token ids it holds, so that a generation growing

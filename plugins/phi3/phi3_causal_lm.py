@@ -1,8 +1,8 @@
 """Phi3CausalLM (default sampler: top_k, as in KerasHub)."""
 
-from core.models.causal_lm import CausalLM
-from plugins.phi3.phi3_backbone import Phi3Backbone
-from plugins.phi3.phi3_causal_lm_preprocessor import Phi3CausalLMPreprocessor
+from lmq.core.models.causal_lm import CausalLM
+from lmq.plugins.phi3.phi3_backbone import Phi3Backbone
+from lmq.plugins.phi3.phi3_causal_lm_preprocessor import Phi3CausalLMPreprocessor
 
 
 class Phi3CausalLM(CausalLM):

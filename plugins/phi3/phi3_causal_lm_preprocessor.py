@@ -1,7 +1,7 @@
 """Phi3CausalLMPreprocessor."""
 
-from core.models.preprocessor import CausalLMPreprocessor
-from plugins.phi3.phi3_tokenizer import Phi3Tokenizer
+from lmq.core.models.preprocessor import CausalLMPreprocessor
+from lmq.plugins.phi3.phi3_tokenizer import Phi3Tokenizer
 
 
 class Phi3CausalLMPreprocessor(CausalLMPreprocessor):

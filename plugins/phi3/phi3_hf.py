@@ -5,8 +5,8 @@ feed-forward's gate/up projections (``gate_up_proj``); they are split into
 KerasHub's separate kernels here.
 """
 
-from core.presets.transformers_import import rope_settings
-from plugins.llama.llama_hf import decoder_config
+from lmq.core.presets.transformers_import import rope_settings
+from lmq.plugins.llama.llama_hf import decoder_config
 
 
 def backbone_config(hf_config):

@@ -1,6 +1,6 @@
 """Phi-3 presets from KerasHub's table, mapped to where their files live."""
 
-from core.plugins import PresetInfo
+from lmq.core.plugins import PresetInfo
 
 
 def _kaggle(variant):

@@ -4,7 +4,7 @@ Phi-3's chat tokens (``<|user|>``, ``<|assistant|>``, ``<|end|>``) are ordinary 
 as in KerasHub: they are kept in decoded text and do not stop generation.
 """
 
-from core.models.tokenizer import SentencePieceTokenizer
+from lmq.core.models.tokenizer import SentencePieceTokenizer
 
 
 class Phi3Tokenizer(SentencePieceTokenizer):

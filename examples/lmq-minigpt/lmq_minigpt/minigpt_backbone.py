@@ -1,8 +1,16 @@
 """MiniGPTBackbone: lmq's decoder stack, built from its shared layers."""
 
-from core.layers import CachedAttention, DecoderBlock, FeedForward, LayerNorm, ReversibleEmbedding, RotaryEmbedding
-from core.models import DecoderOnlyBackbone
-from core.models.backbone import keras_weight_paths, numbered
+from lmq.plugins import (
+    CachedAttention,
+    DecoderBlock,
+    DecoderOnlyBackbone,
+    FeedForward,
+    LayerNorm,
+    ReversibleEmbedding,
+    RotaryEmbedding,
+    keras_weight_paths,
+    numbered,
+)
 
 
 class MiniGPTBackbone(DecoderOnlyBackbone):

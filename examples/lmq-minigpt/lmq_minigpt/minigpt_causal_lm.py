@@ -1,6 +1,6 @@
 """MiniGPTCausalLM (default sampler: greedy)."""
 
-from core.models import CausalLM
+from lmq.plugins import CausalLM
 from lmq_minigpt.minigpt_backbone import MiniGPTBackbone
 from lmq_minigpt.minigpt_causal_lm_preprocessor import MiniGPTCausalLMPreprocessor
 

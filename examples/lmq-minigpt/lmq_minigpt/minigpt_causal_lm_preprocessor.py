@@ -1,6 +1,6 @@
 """MiniGPTCausalLMPreprocessor."""
 
-from core.models import CausalLMPreprocessor
+from lmq.plugins import CausalLMPreprocessor
 from lmq_minigpt.minigpt_tokenizer import MiniGPTTokenizer
 
 

@@ -1,6 +1,6 @@
 """MiniGPT's built-in preset names and where their files live."""
 
-from core.plugins import PresetInfo
+from lmq.plugins import PresetInfo
 
 backbone_presets = {
     "minigpt_tiny_en": PresetInfo(

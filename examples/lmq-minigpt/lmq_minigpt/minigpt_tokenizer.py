@@ -3,8 +3,7 @@
 import json
 import pathlib
 
-from core.models import Tokenizer
-from core.presets.files import preset_files
+from lmq.plugins import Tokenizer, preset_files
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2; byte b is id b + 3
 

@@ -1,6 +1,6 @@
 """MiniGPT passes lmq's plugin kit, and its byte tokenizer round-trips any text."""
 
-from core.testing import CausalLMConformance
+from lmq.testing import CausalLMConformance
 from lmq_minigpt import MiniGPTBackbone, MiniGPTCausalLM, MiniGPTCausalLMPreprocessor, MiniGPTTokenizer
 
 

@@ -1,0 +1,5 @@
+"""The plugin kit, for third-party architectures: ``from lmq.testing import CausalLMConformance``."""
+
+from lmq.core.testing import CausalLMConformance
+
+__all__ = ["CausalLMConformance"]
