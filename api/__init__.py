@@ -1,1 +1,2 @@
-"""lmq's front doors: the `lmq` command line, the HTTP API (`lmq.api.app`) and its Python client (`lmq.api.client`)."""
+"""lmq's front doors, a package each: ``server`` (the HTTP API: ``lmq.api.server.app``) and ``cli``
+(the ``lmq`` command, its Python client ``lmq.api.cli.client`` and its progress display)."""

@@ -12,7 +12,7 @@ from service_support import PROMPTS, read_results, reference, write_prompts
 from worker_support import Worker, wait_for
 
 from lmq.api.cli import main
-from lmq.api.client import Client
+from lmq.api.cli.client import Client
 
 
 @pytest.fixture(scope="module")

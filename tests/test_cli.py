@@ -166,7 +166,7 @@ def test_every_option_shows_its_default():
     """`--help` names each option's default (or says it is required), on every command."""
     import argparse
 
-    from lmq.api.cli import build_parser
+    from lmq.api.cli.commands import build_parser
 
     pending, checked = [build_parser()], 0
     while pending:

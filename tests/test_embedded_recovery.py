@@ -13,7 +13,7 @@ from api_support import ApiServer, generate_body
 from service_support import reference
 from worker_support import MANY_PROMPTS, events, finished, holder, item_rows, wait_for
 
-from lmq.api.dispatch import InProcessWorker
+from lmq.workers.in_process import InProcessWorker
 from lmq.core.config import load_settings
 from lmq.core.store import leases, queries, session_scope, sessions
 from lmq.core.store.models import utcnow

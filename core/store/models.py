@@ -162,7 +162,7 @@ class PresetShare(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-# ---------------------------------------------------------------- the OpenAI Batch API (api/routes/openai_*.py)
+# ---------------------------------------------------------------- the OpenAI Batch API (lmq.api.server.openai)
 
 
 class OpenAIFile(Base):

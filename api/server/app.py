@@ -1,8 +1,8 @@
 """The HTTP API: submit jobs, follow them, read their results, list presets.
 
-`create_app` wires the resource routers (api/routes: jobs, presets, health, metrics, dashboard)
+`create_app` wires the resource routers (routes/: jobs, presets, health, metrics, dashboard; openai/: files, batches)
 to one deployment's settings and dispatch; handlers get both, a database
-session and the caller's tenant as dependencies (api/dependencies.py). The
+session and the caller's tenant as dependencies (api/server/dependencies.py). The
 process stays light: it imports the store, the settings and the plugin
 registry's records, never keras or torch, so it starts in about a second and
 never builds a model.
@@ -17,9 +17,11 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 
 from lmq.api import schemas
-from lmq.api.dispatch import dispatch_for
-from lmq.api.routes import dashboard, health, jobs, openai_batches, openai_files, presets
-from lmq.api.routes.metrics import add_metrics
+from lmq.api.server.dispatch import dispatch_for
+from lmq.api.server.openai.batches import routes as openai_batches
+from lmq.api.server.openai.files import routes as openai_files
+from lmq.api.server.routes import dashboard, health, jobs, presets
+from lmq.api.server.routes.metrics import add_metrics
 from lmq.core.config import Settings, load_settings
 from lmq.core.store import SchemaOutOfDate
 

@@ -1,11 +1,9 @@
-"""How a job the API has written to SQL reaches a runner.
+"""The in-process worker: `lmq serve` without a broker runs its jobs itself.
 
-With a broker (LMQ_BROKER_URL) the job id goes to the Celery workers. Without
-one, the server runs its jobs itself, one at a time, in a thread of its own,
-through the same job runner the workers use; that thread imports keras and
-torch only when its first job arrives, so the API still starts light, and
-it takes up the jobs an earlier server left unfinished, as the workers' sweep
-does (workers/sweep.py).
+One job at a time, in a thread of its own, through the same job runner the
+Celery workers use. The thread imports keras and torch only when its first job
+arrives, so the API still starts light, and it takes up the jobs an earlier
+server left unfinished, as the workers' sweep does (lmq.workers.sweep).
 """
 
 from __future__ import annotations
@@ -15,52 +13,12 @@ import queue
 import threading
 import time
 from datetime import timedelta
-from functools import cached_property
 
 from lmq.core.config import Settings
 from lmq.core.store import leases, session_scope, sessions
 from lmq.core.store.models import utcnow
 
 logger = logging.getLogger(__name__)
-
-
-class BrokerUnavailable(RuntimeError):
-    """The job is in SQL (marked failed) but could not be handed to the workers."""
-
-
-class CeleryDispatch:
-    def __init__(self, settings: Settings):
-        self.settings = settings
-
-    @cached_property
-    def app(self):
-        """Made at first use: importing Celery would add a third of a second to every start."""
-        from lmq.workers.celery_app import make_celery
-
-        return make_celery(settings=self.settings)
-
-    def submit(self, job_id: str, kind: str) -> None:
-        from lmq.workers.celery_app import enqueue_job
-
-        try:
-            enqueue_job(self.app, self.settings, job_id, kind)
-        except Exception as error:
-            raise BrokerUnavailable(f"job {job_id} could not be sent to the broker: {error}") from error
-
-    def check(self) -> tuple[bool, str]:
-        """Whether the broker answers now (what /readyz reports)."""
-        try:
-            with self.app.connection_for_write() as connection:
-                connection.ensure_connection(max_retries=1, interval_start=0, timeout=2)
-        except Exception as error:
-            return False, f"broker unreachable: {type(error).__name__}: {error}"
-        return True, "broker reachable"
-
-    def start(self) -> None:
-        """Nothing to start: the workers are other processes."""
-
-    def stop(self) -> None:
-        """Nothing to stop: the workers are other processes."""
 
 
 class InProcessWorker:
@@ -145,7 +103,3 @@ class InProcessWorker:
                 runner.run(job_id)
             except Exception:
                 logger.exception("in-process worker: job %s could not run", job_id)
-
-
-def dispatch_for(settings: Settings) -> CeleryDispatch | InProcessWorker:
-    return InProcessWorker(settings) if settings.embedded else CeleryDispatch(settings)

@@ -1,6 +1,6 @@
 """A batch of the OpenAI Batch API as one lmq generate job: validation, status, output lines.
 
-Validation reads the input file a line at a time (api.openai_lines) and writes
+Validation reads the input file a line at a time (lines.py) and writes
 the job's items as it goes, in one transaction with the job itself: a line
 that cannot run (malformed, another model, an unknown model) becomes an item
 that is finished with its error, so it lands in the error file in its place
@@ -23,10 +23,10 @@ from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session
 
 from lmq.api import schemas
-from lmq.api.dispatch import BrokerUnavailable
+from lmq.api.server.dispatch import BrokerUnavailable
 from lmq.api.jobs import SEQ2SEQ, preset_task_kind
-from lmq.api.openai_common import unix
-from lmq.api.openai_lines import CHAT, LineError, Request, parse_line, read_lines
+from lmq.api.server.openai.common import unix
+from lmq.api.server.openai.batches.lines import CHAT, LineError, Request, parse_line, read_lines
 from lmq.core.config import Settings
 from lmq.core.names import TERMINAL_STATES, JobState
 from lmq.core.presets import PresetNotFound
@@ -83,7 +83,7 @@ class Models:
 
     def locate(self, name: str) -> str | None:
         """The preset the job records for model `name`; None when the tenant has no such model."""
-        from lmq.api.routes.jobs import checked_preset
+        from lmq.api.server.routes.jobs import checked_preset
 
         if name not in self.found:
             if len(self.found) >= MAX_MODEL_LOOKUPS:

@@ -1,7 +1,7 @@
 """/v1/batches and /v1/models of the OpenAI Batch API.
 
 A batch is one lmq generate job: created `validating`, it becomes its job once
-its input file is read (api.openai_batch.validate, run after the answer is
+its input file is read (service.validate, run after the answer is
 sent), and from then on its status, counts and files are the job's. Batches
 are a tenant's own: another tenant's batch is a 404, as one that never existed.
 """
@@ -14,10 +14,10 @@ from fastapi import APIRouter, Query
 from pydantic import Field
 from sqlalchemy.orm import Session
 
-from lmq.api.dependencies import DispatchDep, SessionDep, SettingsDep, TenantDep
-from lmq.api.openai_batch import batch_object, batch_status, refresh, start_validation, window_hours
-from lmq.api.openai_common import OPENAI_ERRORS, OpenAIError, OpenAIRoute, not_found, page, unix
-from lmq.api.openai_lines import ENDPOINTS
+from lmq.api.server.dependencies import DispatchDep, SessionDep, SettingsDep, TenantDep
+from lmq.api.server.openai.batches.service import batch_object, batch_status, refresh, start_validation, window_hours
+from lmq.api.server.openai.common import OPENAI_ERRORS, OpenAIError, OpenAIRoute, not_found, page, unix
+from lmq.api.server.openai.batches.lines import ENDPOINTS
 from lmq.api.schemas import Strict, text
 from lmq.core.config import Settings
 from lmq.core.names import is_preset_name

@@ -13,9 +13,9 @@ import sys
 
 import httpx
 
-from lmq.api.cli_jobs import BadInput, JobFromFlags, no_jobs, report_finished, say_empty, write_jsonl
-from lmq.api.client import ApiError, Client
-from lmq.api.progress import follow_job
+from lmq.api.cli.jobs import BadInput, JobFromFlags, no_jobs, report_finished, say_empty, write_jsonl
+from lmq.api.cli.client import ApiError, Client
+from lmq.api.cli.progress import follow_job
 from lmq.core.config import Limits
 
 

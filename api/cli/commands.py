@@ -4,7 +4,7 @@
 the Celery workers; `submit` hands a job to the workers through the broker;
 `serve` runs the HTTP API; `jobs`, `presets`, `architectures` and `db` read
 and change the store. With `--server` (or LMQ_SERVER), `submit` and `jobs` go
-through a server's HTTP API instead (api/cli_remote.py).
+through a server's HTTP API instead (api/cli/remote.py).
 
 Bad input is one line on stderr naming the problem, exit code 2, and nothing
 written: every input is read and checked before a job exists.
@@ -19,8 +19,9 @@ import sys
 from contextlib import nullcontext
 from typing import NoReturn
 
-from lmq.api import cli_remote, schemas
-from lmq.api.cli_jobs import (
+import lmq.api.cli.remote as remote
+from lmq.api import schemas
+from lmq.api.cli.jobs import (
     BadInput,
     JobFromFlags,
     check_output,
@@ -30,10 +31,10 @@ from lmq.api.cli_jobs import (
     say_empty,
     write_jsonl,
 )
-from lmq.api.auth import LOCAL_TENANT
+from lmq.api.server.auth import LOCAL_TENANT
 from lmq.api.jobs import OutputPresetTaken, check_output_name, store_job
-from lmq.api.progress import Progress, follow_job, unit_of
-from lmq.api.serving import ServeLimits, serve
+from lmq.api.cli.progress import Progress, follow_job, unit_of
+from lmq.api.server.serving import ServeLimits, serve
 from lmq.api.suggest import did_you_mean, preset_names
 from lmq.core.chat_templates import CHAT_TEMPLATE_FILE, builtin_template_name, read_builtin_template
 from lmq.core.config import Settings, SettingsError, load_settings
@@ -151,7 +152,7 @@ def cmd_submit(args) -> int:
         raise BadInput("-o/--output needs --wait: a job's results are there once it has finished")
     check_output(output)
     if args.server:
-        return cli_remote.submit(args)
+        return remote.submit(args)
     from kombu.exceptions import OperationalError
 
     from lmq.workers.celery_app import enqueue_job, make_celery
@@ -212,7 +213,7 @@ def write_results(session, job_id: str, output: str | None) -> None:
 
 def cmd_jobs(args) -> int:
     if args.server:
-        return cli_remote.jobs(args)
+        return remote.jobs(args)
     settings = load_settings()
     if args.action == "watch":
         return watch(settings, args.id)
@@ -242,7 +243,7 @@ def cmd_jobs(args) -> int:
 
 def cmd_presets(args) -> int:
     if args.action == "share" and args.server:
-        return cli_remote.share(args)
+        return remote.share(args)
     settings = load_settings()
     factory = open_store(settings)
     with session_scope(factory) as session:
@@ -352,7 +353,7 @@ def cmd_architectures(args) -> int:
 
 def cmd_serve(args) -> int:
     """The HTTP API under uvicorn; with no broker configured it runs the jobs itself too."""
-    from lmq.api.app import create_app
+    from lmq.api.server.app import create_app
 
     settings = load_settings()
     if not settings.api_tokens and args.host not in LOOPBACK:
@@ -584,6 +585,3 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""/v1/files: uploads parsed as they stream (``upload``), and the routes (``routes``)."""
