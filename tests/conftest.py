@@ -1,11 +1,18 @@
-"""Shared fixtures: an embedded lmq home, the real service backends, a tiny model.
+"""Shared fixtures (an embedded lmq home, the real service backends, a tiny model) and the rooms.
+
+Tests live in a folder per room, and each test is marked with its room:
+`library` and `plugins` need no server; `service`, `server`, `cli` and `e2e`
+tests also carry the `service` mark, so `pytest -m "not service"` runs the
+library and plugin tests alone.
 
 Service tests use a real Redis and PostgreSQL from LMQ_TEST_REDIS_URL and
-LMQ_TEST_DATABASE_URL. CI sets both, and then those tests never skip; on a
-machine without them they skip and say why.
+LMQ_TEST_DATABASE_URL. On a machine without them they skip and say why; in CI
+(CI=true) a missing server fails the test instead, so that a run cannot pass
+by skipping half the service tests.
 """
 
 import os
+import pathlib
 
 import pytest
 
@@ -13,6 +20,23 @@ import lmq.core  # noqa: F401  sets KERAS_BACKEND before anything imports keras
 from database_support import fresh_database
 
 SERVICE_ENV = ("LMQ_HOME", "LMQ_DATABASE_URL", "LMQ_BROKER_URL", "LMQ_API_TOKENS", "LMQ_PRESET_ROOTS")
+ROOMS = {"library": False, "plugins": False, "service": True, "server": True, "cli": True, "e2e": True}  # needs servers
+TESTS = pathlib.Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        room = pathlib.Path(item.fspath).resolve().relative_to(TESTS).parts[0]
+        item.add_marker(room)
+        if ROOMS[room]:
+            item.add_marker("service")
+
+
+def server_missing(reason: str):
+    """Skip, saying why; in CI (CI=true) fail instead: CI has every server, so a missing one is a broken run."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason}, and CI=true: a service test must not skip in CI")
+    pytest.skip(reason)
 
 
 @pytest.fixture
@@ -29,7 +53,7 @@ def _service_urls():
     database = os.environ.get("LMQ_TEST_DATABASE_URL")
     redis = os.environ.get("LMQ_TEST_REDIS_URL")
     if not (database and redis):
-        pytest.skip("LMQ_TEST_DATABASE_URL and LMQ_TEST_REDIS_URL are not set (CI sets both)")
+        server_missing("LMQ_TEST_DATABASE_URL and LMQ_TEST_REDIS_URL are not set (CI sets both)")
     return database, redis
 
 

@@ -17,6 +17,7 @@ from lmq.api.cli import main
 from lmq.api.schemas import job_summary, result_line
 from lmq.core.config import load_settings
 from lmq.core.store import queries, session_scope, sessions
+from conftest import server_missing
 
 REPO = Path(__file__).resolve().parent.parent
 MANY_PROMPTS = [f"{prompt} number {i}" for i in range(8) for prompt in PROMPTS[:5]]
@@ -68,7 +69,7 @@ def broker(request, service_env, monkeypatch):
     """Redis; or, for tests parametrized with "amqp", RabbitMQ at LMQ_TEST_AMQP_URL (CI sets it)."""
     if getattr(request, "param", "redis") == "redis":
         return service_env["LMQ_BROKER_URL"]
-    url = os.environ.get("LMQ_TEST_AMQP_URL") or pytest.skip("LMQ_TEST_AMQP_URL is not set (CI sets it)")
+    url = os.environ.get("LMQ_TEST_AMQP_URL") or server_missing("LMQ_TEST_AMQP_URL is not set (CI sets it)")
     from kombu import Connection
 
     with Connection(url) as connection:  # messages left by an earlier run name jobs of another database

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from lmq.core.models import CausalLM
-from tests.model_support import FIXTURES, fixture_expected
+from model_support import FIXTURES, fixture_expected
 
 CAUSAL_FIXTURES = ["llama", "llama3", "mistral", "phi3", "falcon"]
 # KerasHub 0.32's Falcon drops the ALiBi bias in cached decoding (lmq keeps it, as transformers

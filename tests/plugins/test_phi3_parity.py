@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmq.plugins.phi3 import Phi3CausalLM
-from tests.model_support import hf_greedy, lmq_greedy, random_transformers_lm, right_padded, transformers_pair
+from model_support import hf_greedy, lmq_greedy, random_transformers_lm, right_padded, transformers_pair
 
 SIZES = dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 HALF_HEAD = 8  # head_dim 16: one longrope factor per rotary frequency

@@ -1,7 +1,6 @@
 """int8 as Keras 3 and KerasHub quantize: KerasHub's int8 presets, lmq's quantize("int8"), saving, sizes."""
 
 import json
-import pathlib
 import shutil
 
 import h5py
@@ -14,8 +13,8 @@ from lmq.api.cli import main
 from lmq.core.layers import CachedAttention, GatedFeedForward, ReversibleEmbedding
 from lmq.core.models import CausalLM, Task
 from lmq.workers.pool import weight_bytes
+from model_support import FIXTURES
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "keras_hub_presets"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
 INT8_PRESETS = ["llama_int8", "mistral_int8"]
 

@@ -15,7 +15,7 @@ import pytest
 
 from lmq.core.testing import CausalLMConformance
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "lmq-minigpt"
 BROKEN_PLUGIN = {
     "lmq_broken_plugin-0.1.dist-info/METADATA": "Metadata-Version: 2.1\nName: lmq-broken-plugin\nVersion: 0.1\n",

@@ -7,7 +7,7 @@ import pytest
 
 from lmq.core.models import CausalLM, Generation
 from lmq.plugins.llama import LlamaTokenizer
-from tests.model_support import random_hf_llama, right_padded, train_sentencepiece
+from model_support import random_hf_llama, right_padded, train_sentencepiece
 
 PROMPTS = ["Return the number", "Open", "A simple way to write the path of a file", "The"]
 

@@ -9,7 +9,7 @@ import pytest
 from lmq.core.models import BytePairTokenizer, CausalLM
 from lmq.core.plugins import get_registry
 from lmq.plugins.falcon import FalconCausalLM, FalconTokenizer
-from tests.model_support import FIXTURES, fixture_expected
+from model_support import FIXTURES, fixture_expected
 
 FALCON = FIXTURES / "falcon"
 ASSETS = FALCON / "assets" / "tokenizer"

@@ -13,7 +13,7 @@ from worker_support import broker, events, finished, results, submit, wait_for, 
 from lmq.api.cli import main
 from lmq.core.config import load_settings
 from lmq.core.store import queries, session_scope, sessions
-from tests.model_support import FIXTURES
+from model_support import FIXTURES
 
 TEXTS = [
     "Return the absolute value of a number.",

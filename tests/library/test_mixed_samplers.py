@@ -16,9 +16,9 @@ from lmq.core.samplers import (
 )
 from lmq.plugins.llama.llama_backbone import LlamaBackbone
 from lmq.plugins.llama.llama_causal_lm import LlamaCausalLM
-from tests.test_item_params import FIELDS, PROMPTS, run_job
-from tests.test_samplers import PROMPTS as ID_PROMPTS
-from tests.test_samplers import SIZES, STOP, generate, random_weights
+from tests.service.test_item_params import FIELDS, PROMPTS, run_job
+from tests.library.test_samplers import PROMPTS as ID_PROMPTS
+from tests.library.test_samplers import SIZES, STOP, generate, random_weights
 
 SAMPLERS = [
     GreedySampler(),
@@ -156,7 +156,7 @@ def test_a_job_of_different_samplers_runs_them_in_one_pass(lmq_home, tiny_llama_
 def test_a_seq2seq_model_takes_a_sampler_per_prompt():
     """KerasHub's Bart preset: each encoder text decodes with its own sampler and seed as it does alone."""
     from lmq.core.models import Seq2SeqLM
-    from tests.model_support import FIXTURES, fixture_expected
+    from model_support import FIXTURES, fixture_expected
 
     bart = Seq2SeqLM.from_preset(str(FIXTURES / "bart"))
     first, second = fixture_expected("bart")["inputs"]

@@ -15,8 +15,8 @@ import torch
 from lmq.core.models import CausalLM
 from lmq.core.presets import PresetNotFound, PresetResolver
 from lmq.plugins.llama import LlamaBackbone, LlamaCausalLM, LlamaCausalLMPreprocessor, LlamaTokenizer
-from tests.import_support import assert_no_cycle, imports_of, module_graph
-from tests.model_support import FIXTURES, random_hf_llama, right_padded, tiny_llama, train_sentencepiece
+from import_support import assert_no_cycle, imports_of, module_graph
+from model_support import FIXTURES, random_hf_llama, right_padded, tiny_llama, train_sentencepiece
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,7 @@ def test_unusable_paths_are_preset_not_found(tmp_path, monkeypatch, handle):
 
 
 LIBRARY = ("core/models", "core/presets", "core/layers", "core/samplers")
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_the_model_library_and_plugins_import_without_a_cycle():

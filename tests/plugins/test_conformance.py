@@ -1,7 +1,7 @@
 """Every built-in plugin passes the plugin kit (core.testing), on a tiny random model of its own."""
 
 from lmq.core.testing import CausalLMConformance
-from tests.model_support import FIXTURES
+from model_support import FIXTURES
 
 ASSETS = "assets/tokenizer"
 

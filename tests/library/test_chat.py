@@ -16,8 +16,8 @@ from lmq.core.models import CausalLM
 from lmq.core.presets.files import PresetFiles
 from lmq.core.presets.keras_hub_format import load_tokenizer
 from lmq.plugins.llama import Llama3Tokenizer
-from tests.model_support import FIXTURES, random_hf_llama
-from tests.test_llama3_presets import write_llama3_tokenizer_json
+from model_support import FIXTURES, random_hf_llama
+from tests.plugins.test_llama3_presets import write_llama3_tokenizer_json
 
 # A template that uses what transformers' environment adds (namespace, loop controls, the
 # {% generation %} tag, tojson without HTML escaping, dict, tools/documents) over indented
@@ -270,7 +270,7 @@ def kaggle_downloads(tmp_path, monkeypatch):
 
 
 def test_a_stored_copy_of_an_instruct_preset_keeps_its_builtin_template(capsys, lmq_home, kaggle_downloads):
-    from tests.test_cli import run_cli
+    from tests.cli.test_cli import run_cli
 
     kaggle_downloads.update(llama3_instruct_8b_en="llama3", llama3_8b_en="llama3", phi3_mini_4k_instruct_en="phi3")
     imports = {
@@ -296,7 +296,7 @@ def test_a_stored_copy_of_an_instruct_preset_keeps_its_builtin_template(capsys, 
 
 
 def test_a_stored_copy_keeps_the_template_its_download_has(capsys, lmq_home, kaggle_downloads, tmp_path):
-    from tests.test_cli import run_cli
+    from tests.cli.test_cli import run_cli
 
     own = "{% for m in messages %}{{ m.content }}{% endfor %}"
     with_template = shutil.copytree(FIXTURES / "llama3", tmp_path / "with-template")

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from lmq.core.models import CausalLM
 from lmq.core.presets.files import PresetFileError, PresetFiles
 from lmq.plugins.llama import LlamaTokenizer
-from tests.model_support import FIXTURES, random_hf_llama, train_sentencepiece
+from model_support import FIXTURES, random_hf_llama, train_sentencepiece
 
 MARKER = "CANARY-4f1e"  # in every canary's content; never in an error
 IN_ACCESS, IN_OPEN = 0x1, 0x20

@@ -38,6 +38,7 @@ from worker_support import (  # noqa: F401  broker and workers are fixtures
 from lmq.core.config import load_settings
 from lmq.core.store import queries, session_scope, sessions
 from lmq.core.store.models import utcnow
+from conftest import server_missing
 
 DRILL_TIMING = {"LMQ_LEASE_S": "3", "LMQ_HEARTBEAT_S": "0.5", "LMQ_SWEEP_S": "1"}
 GENERATE = ("--max-length", "48", "--micro-batch-size", "2")
@@ -165,7 +166,7 @@ class RedisServer:
 @pytest.fixture
 def own_redis(tmp_path, monkeypatch):
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
+        server_missing("redis-server is not installed")
     server = RedisServer(tmp_path)
     monkeypatch.setenv("LMQ_BROKER_URL", server.url)
     yield server

@@ -22,8 +22,8 @@ from lmq.core.models import CausalLM
 from lmq.plugins.llama import LlamaTokenizer
 from lmq.plugins.mistral import MistralTokenizer
 from lmq.plugins.phi3 import Phi3Tokenizer
-from tests.model_support import docstring_corpus, random_hf_llama, tiny_llama
-from tests.test_item_params import run_job
+from model_support import docstring_corpus, random_hf_llama, tiny_llama
+from tests.service.test_item_params import run_job
 
 MAX_LENGTH = 200
 PHI3_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]

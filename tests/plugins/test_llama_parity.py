@@ -3,7 +3,7 @@
 import pytest
 
 from lmq.plugins.llama import LlamaCausalLM
-from tests.model_support import (
+from model_support import (
     hf_greedy,
     lmq_greedy,
     max_logit_difference,

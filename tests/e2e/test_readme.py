@@ -38,8 +38,9 @@ from pathlib import Path
 import httpx
 import pytest
 from database_support import fresh_database
+from conftest import server_missing
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 WALKTHROUGH = ("lmq", "Fine-tuning", "The model library", "The service")
 LONG_RUNNING = re.compile(r"^(\w+=\S+ +)*lmq (serve|worker)\b")
@@ -268,7 +269,7 @@ def own_services():
 
     database, broker = os.environ.get("LMQ_TEST_DATABASE_URL"), os.environ.get("LMQ_TEST_REDIS_URL")
     if not (database and broker):
-        pytest.skip("LMQ_TEST_DATABASE_URL and LMQ_TEST_REDIS_URL are not set (CI sets both)")
+        server_missing("LMQ_TEST_DATABASE_URL and LMQ_TEST_REDIS_URL are not set (CI sets both)")
     redis_db = (Redis.from_url(broker).connection_pool.connection_kwargs.get("db", 0) + 8) % 16
     own_broker = re.sub(r"(/\d+)?$", f"/{redis_db}", broker, count=1)
     Redis.from_url(own_broker).flushdb()

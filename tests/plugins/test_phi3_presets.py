@@ -9,8 +9,8 @@ import torch
 from lmq.core.models import CausalLM
 from lmq.core.plugins import get_registry
 from lmq.plugins.phi3 import Phi3Backbone, Phi3CausalLM, Phi3CausalLMPreprocessor, Phi3Tokenizer
-from tests.model_support import FIXTURES, assert_keras_hub_structure, right_padded
-from tests.test_phi3_parity import LONGROPE, random_hf_phi3
+from model_support import FIXTURES, assert_keras_hub_structure, right_padded
+from tests.plugins.test_phi3_parity import LONGROPE, random_hf_phi3
 
 KERAS_HUB_PRESET = FIXTURES / "phi3"
 VOCABULARY = KERAS_HUB_PRESET / "assets" / "tokenizer" / "vocabulary.spm"

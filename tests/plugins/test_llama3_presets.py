@@ -12,7 +12,7 @@ from lmq.core.models import CausalLM
 from lmq.core.plugins import get_registry
 from lmq.core.store.presets import preset_architecture
 from lmq.plugins.llama import Llama3CausalLM, Llama3Tokenizer, LlamaCausalLM
-from tests.model_support import (
+from model_support import (
     FIXTURES,
     assert_keras_hub_structure,
     docstring_corpus,

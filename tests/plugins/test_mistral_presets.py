@@ -8,7 +8,7 @@ import torch
 from lmq.core.models import CausalLM
 from lmq.core.plugins import get_registry
 from lmq.plugins.mistral import MistralBackbone, MistralCausalLM, MistralCausalLMPreprocessor, MistralTokenizer
-from tests.model_support import FIXTURES, assert_keras_hub_structure, right_padded
+from model_support import FIXTURES, assert_keras_hub_structure, right_padded
 
 KERAS_HUB_PRESET = FIXTURES / "mistral"
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from lmq.api.cli import main
 
-DEMO = Path(__file__).resolve().parent.parent / "demo"
+DEMO = Path(__file__).resolve().parents[2] / "demo"
 
 
 def test_the_shipped_demo_preset_generates_english(lmq_home, tmp_path):

@@ -23,8 +23,8 @@ from lmq.core.samplers import (
 from lmq.plugins.llama.llama_backbone import LlamaBackbone
 from lmq.plugins.llama.llama_causal_lm import LlamaCausalLM
 from lmq.plugins.mistral.mistral_backbone import MistralBackbone
-from tests.import_support import ROOT, assert_no_cycle, imports_of, module_graph
-from tests.model_support import right_padded
+from import_support import ROOT, assert_no_cycle, imports_of, module_graph
+from model_support import right_padded
 
 VOCAB = 8
 STOP = 5  # a stop token that greedy search emits in some rows of PROMPTS and not others

@@ -9,7 +9,7 @@ import torch
 
 from lmq.core.models import CausalLM
 from lmq.plugins.falcon import FalconBackbone, FalconCausalLM, FalconRotaryBackbone
-from tests.model_support import FIXTURES, hf_greedy, lmq_greedy, max_logit_difference
+from model_support import FIXTURES, hf_greedy, lmq_greedy, max_logit_difference
 
 RW_LAYOUT = dict(alibi=True, new_decoder_architecture=False, multi_query=False, parallel_attn=False, bias=True)
 FALCON_7B_LAYOUT = dict(alibi=False, new_decoder_architecture=False, multi_query=True, parallel_attn=True, bias=False)

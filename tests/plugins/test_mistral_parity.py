@@ -9,7 +9,7 @@ import torch
 
 from lmq.core.layers import KVCache, RollingKVCache
 from lmq.plugins.mistral import MistralCausalLM
-from tests.model_support import (
+from model_support import (
     hf_greedy,
     padded_for_generation,
     random_transformers_lm,

@@ -13,7 +13,7 @@ import torch
 from lmq.core.models import CausalLM, Seq2SeqLM
 from lmq.core.samplers import BeamSampler
 from lmq.plugins.bart import BartSeq2SeqLM
-from tests.model_support import FIXTURES, assert_keras_hub_structure, fixture_expected, right_padded
+from model_support import FIXTURES, assert_keras_hub_structure, fixture_expected, right_padded
 
 BART = FIXTURES / "bart"
 ID_KEYS = ("encoder_token_ids", "encoder_padding_mask", "decoder_token_ids", "decoder_padding_mask")

@@ -25,7 +25,7 @@ from lmq.api.cli import main
 from lmq.core.config import load_settings
 from lmq.core.store import queries, session_scope, sessions
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("broker", ["redis", "amqp"], indirect=True)
