@@ -25,11 +25,15 @@ def module_graph(paths) -> dict[str, set[str]]:
 
 def assert_no_cycle(graph: dict[str, set[str]]) -> None:
     """Lazy imports count: a function-level import that closes a loop is still a cycle."""
+    done: set[str] = set()
 
     def visit(module, path):
         assert module not in path, "import cycle: " + " -> ".join([*path, module])
-        for imported in graph[module]:
+        if module in done:
+            return
+        for imported in sorted(graph[module]):
             visit(imported, [*path, module])
+        done.add(module)
 
-    for module in graph:
+    for module in sorted(graph):
         visit(module, [])
