@@ -1,4 +1,4 @@
-"""The names every part of lmq agrees on: samplers, dtypes, job kinds and states, preset names.
+"""The names every part of lmq agrees on: samplers, dtypes, task kinds, job kinds and states, preset names.
 
 Standard library only, so that the API, the CLI, the HTTP client and the store
 can all import them without loading keras or torch (importing `lmq.core.samplers`
@@ -25,6 +25,40 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 PRESET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _PRESET_NAME = re.compile(PRESET_NAME_PATTERN)
+
+
+class TaskKind(str, enum.Enum):
+    """What a preset's task is (a plugin's record and the task class say it), and so what its inputs give."""
+
+    causal_lm = "causal_lm"
+    seq2seq_lm = "seq2seq_lm"
+
+    @classmethod
+    def reading(cls, field: str) -> TaskKind:
+        """The task that reads a generate input's `field`: a seq2seq model reads no prompt and no chat."""
+        return cls.seq2seq_lm if field == "encoder_text" else cls.causal_lm
+
+    @property
+    def prompt_field(self) -> str:
+        """The text a generate input gives this task ("messages", a chat, is a causal LM's too)."""
+        return "encoder_text" if self is TaskKind.seq2seq_lm else "prompt"
+
+    @property
+    def training_fields(self) -> tuple[str, ...]:
+        return ("encoder_text", "decoder_text") if self is TaskKind.seq2seq_lm else ("text",)
+
+    @property
+    def description(self) -> str:
+        return "a sequence-to-sequence model" if self is TaskKind.seq2seq_lm else "a causal LM"
+
+    def fields_read(self, job_kind: str) -> str:
+        """What a generate input or a training row of this task gives, as a message names it."""
+        if job_kind == JobKind.fit.value:
+            return " and ".join(map(repr, self.training_fields))
+        return repr(self.prompt_field) + (" (or 'messages')" if self is TaskKind.causal_lm else "")
+
+
+GENERATE_TEXT_FIELDS = ("prompt", "encoder_text", "messages")  # a generate input gives exactly one
 
 
 class JobKind(str, enum.Enum):

@@ -24,9 +24,11 @@ from dataclasses import dataclass, field, replace
 
 import pluggy
 
+from lmq.core.names import TaskKind
+
 ENTRY_POINT_GROUP = "lmq.plugins"
 
-TASK_NAMES = {"causal_lm": ("causal_lm", "CausalLM"), "seq2seq_lm": ("seq2seq_lm", "Seq2SeqLM")}  # file, class
+TASK_NAMES = {TaskKind.causal_lm: ("causal_lm", "CausalLM"), TaskKind.seq2seq_lm: ("seq2seq_lm", "Seq2SeqLM")}  # file, class
 
 hookspec = pluggy.HookspecMarker("lmq")
 hookimpl = pluggy.HookimplMarker("lmq")
@@ -55,7 +57,7 @@ class Architecture:
     tokenizer: str
     preprocessor: str
     task: str  # the CausalLM or Seq2SeqLM subclass
-    task_kind: str = "causal_lm"  # or "seq2seq_lm"
+    task_kind: TaskKind = TaskKind.causal_lm
     hf_model_types: tuple = ()
     hf_converter: str | None = None  # module with backbone_config and convert_weights
     # Architectures sharing a model_type tell their checkpoints apart by tokenizer file (see for_hf_model_type).
@@ -63,6 +65,10 @@ class Architecture:
     presets: dict = field(default_factory=dict)  # name -> PresetInfo
     extra_classes: tuple = ()  # "module:Class" of other classes it answers to (a second backbone layout)
     plugin: str = ""  # the entry point that registered it
+
+    def __post_init__(self):
+        """A plugin may name its task kind as a string ("seq2seq_lm"); an unknown one fails here, naming it."""
+        object.__setattr__(self, "task_kind", TaskKind(self.task_kind))
 
     @property
     def class_paths(self):
@@ -89,7 +95,7 @@ class Architecture:
         """
         name = fields.get("name", package.rpartition(".")[2])
         module = f"{package}.{name}"
-        task_file, task_class = TASK_NAMES[fields.get("task_kind", "causal_lm")]
+        task_file, task_class = TASK_NAMES[fields.get("task_kind", TaskKind.causal_lm)]
         presets_module = f"{module}_presets"
         defaults = {
             "name": name,
