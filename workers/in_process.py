@@ -2,8 +2,9 @@
 
 One job at a time, in a thread of its own, through the same job runner the
 Celery workers use. The thread imports keras and torch only when its first job
-arrives, so the API still starts light, and it takes up the jobs an earlier
-server left unfinished, as the workers' sweep does (lmq.workers.sweep).
+arrives, so the API still starts light. Beside it runs the recovery sweep
+(lmq.workers.recovery), as beside every Celery worker: it takes up the jobs an
+earlier server left unfinished, and tends the Batch API's batches.
 """
 
 from __future__ import annotations
@@ -11,12 +12,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
-from datetime import timedelta
 
 from lmq.core.config import Settings
-from lmq.core.store import leases, session_scope, sessions
-from lmq.core.store.models import utcnow
+from lmq.workers.recovery import Sweeping, jobs_needing_a_worker, tend_batches
 
 logger = logging.getLogger(__name__)
 
@@ -24,12 +22,14 @@ logger = logging.getLogger(__name__)
 class InProcessWorker:
     """Runs the jobs this server accepts, in order, in one background thread.
 
-    Between jobs, at start and then every LMQ_SWEEP_S, it also takes up the
-    jobs SQL says need a worker (leases.waiting_for_a_worker, as the workers'
-    sweep does): those an earlier server left queued, and those whose runner
-    died, once its lease has expired. So a server killed mid-job and started
-    again resumes that job about LMQ_LEASE_S + LMQ_SWEEP_S later. A job that a
-    live `lmq generate` is running keeps its lease live, and is left to it.
+    A second thread sweeps, at start and then every LMQ_SWEEP_S, even while a
+    job runs for hours: it puts on the queue the jobs SQL says need a worker
+    (recovery.jobs_needing_a_worker, as the workers' sweep sends them): those
+    an earlier server left queued, and those whose runner died, once its lease
+    has expired. So a server killed mid-job and started again resumes that job
+    about LMQ_LEASE_S + LMQ_SWEEP_S later. A job that a live `lmq generate` is
+    running keeps its lease live, and is left to it. The same thread expires
+    and finalizes batches (recovery.tend_batches).
     """
 
     def __init__(self, settings: Settings):
@@ -38,6 +38,9 @@ class InProcessWorker:
         self._in_hand: set[str] = set()  # ids on self.jobs: a job waiting there is not lost
         self._in_hand_lock = threading.Lock()
         self.thread = threading.Thread(target=self._work, name="lmq-in-process-worker", daemon=True)
+        self.sweeping = Sweeping(
+            "lmq-in-process-sweep", settings.sweep_s, [self.take_up_waiting, lambda: tend_batches(settings)]
+        )
 
     def submit(self, job_id: str, kind: str) -> None:
         self._hand(job_id)
@@ -58,9 +61,11 @@ class InProcessWorker:
 
     def start(self) -> None:
         self.thread.start()
+        self.sweeping.start()
 
     def stop(self) -> None:
         """Give the job in hand a moment; one cut short is taken up again once its lease expires."""
+        self.sweeping.stop()
         self.jobs.put(None)
         self.thread.join(timeout=5)
 
@@ -70,27 +75,15 @@ class InProcessWorker:
         Queued ones must be older than LMQ_SWEEP_S, so that a job `lmq generate`
         has just written is left for it to claim.
         """
-        now, sweep_s = utcnow(), self.settings.sweep_s
-        with session_scope(sessions(self.settings)) as session:
-            waiting = leases.waiting_for_a_worker(session, now, sent_before=now - timedelta(seconds=sweep_s))
-        taken = [job.id for job in waiting if self._hand(job.id)]
+        taken = [job.id for job in jobs_needing_a_worker(self.settings) if self._hand(job.id)]
         if taken:
             logger.warning("in-process worker: took up %d job(s) needing a worker: %s", len(taken), ", ".join(taken))
         return taken
 
     def _work(self) -> None:
-        runner, next_sweep = None, 0.0
+        runner = None
         while True:
-            if time.monotonic() >= next_sweep:
-                try:
-                    self.take_up_waiting()
-                except Exception as error:  # the database away: the next round tries again
-                    logger.warning("in-process worker: sweep failed: %s", error)
-                next_sweep = time.monotonic() + self.settings.sweep_s
-            try:
-                job_id = self.jobs.get(timeout=max(0.0, next_sweep - time.monotonic()))
-            except queue.Empty:
-                continue
+            job_id = self.jobs.get()
             if job_id is None:
                 return
             with self._in_hand_lock:

@@ -20,7 +20,8 @@ import socket
 import time
 
 from lmq.core.config import Settings
-from lmq.core.store import JobKind, JobState, queries, session_scope, sessions
+from lmq.core.names import TERMINAL_STATES
+from lmq.core.store import JobKind, JobState, batch_files, queries, session_scope, sessions
 from lmq.core.store.db import DatabaseUnavailable, transact
 from lmq.core.store.leases import Lease, LeaseLost, claim
 from lmq.core.store.presets import store_resolver
@@ -71,7 +72,17 @@ class JobRunner:
         state = transact(self.sessions, lambda session: queries.job_state(session, job_id))
         if claimed is not None:
             metrics.job_ended(job_id, kind, state, time.perf_counter() - started)
+            if kind == JobKind.generate.value and state in TERMINAL_STATES:
+                self._finalize_batch(job_id)
         return state
+
+    def _finalize_batch(self, job_id: str) -> None:
+        """A Batch API batch's files are made as its job ends, so that they are there when the
+        client next reads the batch; should this fail, the recovery sweep makes them."""
+        try:
+            transact(self.sessions, lambda session: batch_files.finalize_job_batch(session, job_id))
+        except Exception:
+            logger.exception("job %s: its batch's files are left to the sweep", job_id)
 
     def _run_attempt(self, attempt: Attempt, kind: str, preset: str, tenant: str) -> None:
         """Failures of the job fail it; losing the lease or the database does not (another attempt follows)."""

@@ -1,7 +1,8 @@
-"""The sweep: SQL says which jobs need a worker; make sure the broker has a message for each.
+"""The workers' sweep: SQL says which jobs need a worker; make sure the broker has a message for each.
 
 Every `lmq worker` sweeps in a thread of its own, at start and then every
-LMQ_SWEEP_S. It sends again the id of
+LMQ_SWEEP_S (lmq.workers.recovery says which jobs, and tends the Batch API's
+batches: expiry, and the files of those whose job ended). It sends again the id of
 
 - a running job whose lease has expired: its worker died or was paused, and
   the message that worker held is stuck unacknowledged in Redis until the
@@ -16,6 +17,7 @@ LMQ_SWEEP_S. It sends again the id of
 Why the workers sweep, not `lmq serve`: a deployment may have no API server at
 all (`lmq submit` talks to the broker), while nothing runs without a worker;
 and a thread beside the job keeps sweeping while its worker is busy for hours.
+So with a broker it is the workers that expire and finalize batches, not the API.
 Many workers sweeping send each message once, because a send is first
 recorded with a compare-and-set on `enqueued_at` (leases.mark_sent). A message
 too many is harmless anyway: a job that is finished, or running under a live
@@ -25,29 +27,24 @@ lease, ignores it.
 from __future__ import annotations
 
 import logging
-import threading
 from collections import defaultdict
-from datetime import timedelta
 
 from celery import Celery
 
 from lmq.core.config import Settings
 from lmq.core.names import JobState
 from lmq.core.store import leases, session_scope, sessions
-from lmq.core.store.models import utcnow
 from lmq.workers.celery_app import RUN_JOB_TASK, queue_for
+from lmq.workers.recovery import Sweeping, jobs_needing_a_worker, tend_batches
 
 logger = logging.getLogger(__name__)
 
 
 def sweep(app: Celery, settings: Settings) -> list[str]:
     """Send again the jobs the broker has lost; returns their ids."""
-    now = utcnow()
     factory = sessions(settings)
-    with session_scope(factory) as session:
-        candidates = leases.waiting_for_a_worker(session, now, sent_before=now - timedelta(seconds=settings.sweep_s))
     by_queue = defaultdict(list)
-    for job in candidates:
+    for job in jobs_needing_a_worker(settings):
         by_queue[queue_for(job.kind, job.preset, settings)].append(job)
     sent = []
     for queue, jobs in by_queue.items():
@@ -80,27 +77,8 @@ def messages_on(app: Celery, queue: str) -> int:
             return 0
 
 
-class Sweeper:
-    """The sweep, repeated in a daemon thread; a failed round (broker or database away) waits for the next."""
+class Sweeper(Sweeping):
+    """The sweep and the batches' upkeep, repeated in a daemon thread beside the worker's jobs."""
 
     def __init__(self, app: Celery, settings: Settings):
-        self.app = app
-        self.settings = settings
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="lmq-sweep", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self._thread.join()
-
-    def _loop(self) -> None:
-        while True:
-            try:
-                sweep(self.app, self.settings)
-            except Exception as error:
-                logger.warning("sweep failed, trying again in %gs: %s", self.settings.sweep_s, error)
-            if self._stopped.wait(self.settings.sweep_s):
-                return
+        super().__init__("lmq-sweep", settings.sweep_s, [lambda: sweep(app, settings), lambda: tend_batches(settings)])

@@ -19,6 +19,7 @@ from sqlalchemy.exc import OperationalError
 from lmq.api import schemas
 from lmq.api.server.dispatch import dispatch_for
 from lmq.api.server.openai.batches import routes as openai_batches
+from lmq.api.server.openai.batches.service import validation_sweep
 from lmq.api.server.openai.files import routes as openai_files
 from lmq.api.server.routes import dashboard, health, jobs, presets
 from lmq.api.server.routes.metrics import add_metrics
@@ -33,8 +34,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        validations = validation_sweep(settings, app.state.dispatch)
         app.state.dispatch.start()
+        validations.start()
         yield
+        validations.stop()
         app.state.dispatch.stop()
 
     app = FastAPI(

@@ -131,14 +131,19 @@ def list_batches(session: Session, tenant: str, *, limit: int, after: str | None
     return list(session.scalars(_page(query, OpenAIBatch, cursor, limit, newest_first=True)))
 
 
+VALIDATING = (OpenAIBatch.job_id.is_(None), OpenAIBatch.failed_at.is_(None), OpenAIBatch.cancelled_at.is_(None))
+
+
 def still_validating(batch_id: str) -> tuple:
     """The conditions of an UPDATE that only a batch still validating (no job yet, neither failed
     nor cancelled) takes: whoever changes it first wins, the others change nothing."""
-    return (
-        OpenAIBatch.id == batch_id,
-        OpenAIBatch.job_id.is_(None),
-        OpenAIBatch.failed_at.is_(None),
-        OpenAIBatch.cancelled_at.is_(None),
+    return (OpenAIBatch.id == batch_id, *VALIDATING)
+
+
+def stale_validations(session: Session, started_before: datetime) -> list[OpenAIBatch]:
+    """Batches still validating whose validation began before `started_before`."""
+    return list(
+        session.scalars(select(OpenAIBatch).where(*VALIDATING, OpenAIBatch.validation_started_at < started_before))
     )
 
 
@@ -233,20 +238,20 @@ def cancel_validation(session: Session, batch: OpenAIBatch) -> bool:
     return outcome.rowcount == 1
 
 
-def request_expiry(session: Session, batch: OpenAIBatch) -> None:
-    """Past its completion window: recorded once; its job is then cancelled as a cancel would."""
+def request_expiry(session: Session, batch: OpenAIBatch, at: datetime) -> None:
+    """Past its completion window (which ended `at`): recorded once; its job is then cancelled as a cancel would."""
     session.flush()
     session.execute(
         update(OpenAIBatch)
         .where(OpenAIBatch.id == batch.id, OpenAIBatch.expired_at.is_(None))
-        .values(expired_at=utcnow())
+        .values(expired_at=at)
     )
     session.refresh(batch)
 
 
 def finalize(session: Session, batch: OpenAIBatch, sizes: dict[str, int]) -> bool:
     """Record the output and error files of a batch whose job has ended (`sizes`: bytes of each
-    file with lines, by OUTPUT or ERROR). Done once: False when another request did it first."""
+    file with lines, by OUTPUT or ERROR). Done once: False when another worker did it first."""
     session.flush()
     ids = {lines: derived_id("file-", batch.id, lines) for lines in sizes}
     marked = session.execute(

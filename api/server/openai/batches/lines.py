@@ -19,8 +19,8 @@ from pydantic import Field, ValidationError
 
 from lmq.api.schemas import MAX_SEED, Strict, field_name, problems, text
 from lmq.core.config import Limits
+from lmq.core.store.batch_files import CHAT, COMPLETIONS
 
-COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 ENDPOINTS = (COMPLETIONS, CHAT)
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat runs to the end of the turn
 

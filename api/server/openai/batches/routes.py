@@ -15,7 +15,7 @@ from pydantic import Field
 from sqlalchemy.orm import Session
 
 from lmq.api.server.dependencies import DispatchDep, SessionDep, SettingsDep, TenantDep
-from lmq.api.server.openai.batches.service import batch_object, batch_status, refresh, start_validation, window_hours
+from lmq.api.server.openai.batches.service import batch_object, batch_status, start_validation
 from lmq.api.server.openai.common import OPENAI_ERRORS, OpenAIError, OpenAIRoute, not_found, page, unix
 from lmq.api.server.openai.batches.lines import ENDPOINTS
 from lmq.api.schemas import Strict, text
@@ -23,6 +23,7 @@ from lmq.core.config import Settings
 from lmq.core.names import is_preset_name
 from lmq.core.plugins import get_registry
 from lmq.core.store import queries, session_scope, sessions
+from lmq.core.store.batch_files import finalize_if_ended, window_hours
 from lmq.core.store.batches import UnknownCursor, add_batch, cancel_validation, get_batch, get_file, list_batches
 from lmq.core.store.models import OpenAIBatch, utcnow
 
@@ -68,34 +69,28 @@ def list_your_batches(
     limit: int = Query(20, ge=1, le=100),
     after: str | None = Query(None, description="the last id of the previous page"),
     tenant: str = TenantDep,
-    settings: Settings = SettingsDep,
-    dispatch=DispatchDep,
+    session: Session = SessionDep,
 ):
     """Your batches, newest first."""
-    with session_scope(sessions(settings)) as session:
-        try:
-            batches = list_batches(session, tenant, limit=limit + 1, after=after)
-        except UnknownCursor as error:
-            raise OpenAIError(400, str(error), param="after", code="invalid_request") from None
-        for batch in batches[:limit]:
-            refresh(session, batch, settings, dispatch)
-        return page([batch_object(batch) for batch in batches], limit)
+    try:
+        batches = list_batches(session, tenant, limit=limit + 1, after=after)
+    except UnknownCursor as error:
+        raise OpenAIError(400, str(error), param="after", code="invalid_request") from None
+    return page([batch_object(batch) for batch in batches], limit)
 
 
 @router.get("/v1/batches/{batch_id}")
-def show_batch(batch_id: str, tenant: str = TenantDep, settings: Settings = SettingsDep, dispatch=DispatchDep):
-    # Its own transaction, committed before the answer: the files it names exist when the client asks for them.
-    with session_scope(sessions(settings)) as session:
-        batch = require_batch(session, batch_id, tenant)
-        refresh(session, batch, settings, dispatch)
-        return batch_object(batch)
+def show_batch(batch_id: str, tenant: str = TenantDep, session: Session = SessionDep):
+    """The batch as it stands: read only (its expiry and files are the recovery sweep's and the runner's)."""
+    return batch_object(require_batch(session, batch_id, tenant))
 
 
 @router.post("/v1/batches/{batch_id}/cancel")
-def cancel_batch(batch_id: str, tenant: str = TenantDep, settings: Settings = SettingsDep, dispatch=DispatchDep):
+def cancel_batch(batch_id: str, tenant: str = TenantDep, settings: Settings = SettingsDep):
     """Stop a batch: `cancelling` until its runner stops; the lines that finished stay in its output file."""
     with session_scope(sessions(settings)) as session:
         batch = require_batch(session, batch_id, tenant, for_update=True)
+        finalize_if_ended(session, batch)  # a batch whose job has just ended is no longer cancellable
         # A batch validating is cancelled at once, unless its job was made meanwhile.
         if batch_status(batch, batch.job) != "validating" or not cancel_validation(session, batch):
             status = batch_status(batch, batch.job)
@@ -105,7 +100,7 @@ def cancel_batch(batch_id: str, tenant: str = TenantDep, settings: Settings = Se
             elif status != "cancelling":
                 message = f"batch {batch_id!r} is {status}: only a batch still running can be cancelled"
                 raise OpenAIError(409, message, code="invalid_state")
-        refresh(session, batch, settings, dispatch)
+        finalize_if_ended(session, batch)  # a queued job is cancelled at once: its files are made now
         return batch_object(batch)
 
 

@@ -6,14 +6,14 @@ that cannot run (malformed, another model, an unknown model) becomes an item
 that is finished with its error, so it lands in the error file in its place
 and the other lines run. Only a file with no usable line at all fails the
 batch. The batch's status, counts and files are then read from its job;
-output and error files are rendered from the job's items when downloaded.
+its output and error files (lmq.core.store.batch_files) are recorded by a
+runner or the recovery sweep once the job has ended, and rendered from the
+job's items when downloaded. Reading a batch writes nothing.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import re
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -22,7 +22,6 @@ from typing import Iterator
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session
 
-from lmq.api import schemas
 from lmq.api.server.dispatch import BrokerUnavailable
 from lmq.api.jobs import SEQ2SEQ, preset_task_kind
 from lmq.api.server.openai.common import unix
@@ -30,23 +29,15 @@ from lmq.api.server.openai.batches.lines import CHAT, LineError, Request, parse_
 from lmq.core.config import Settings
 from lmq.core.names import TERMINAL_STATES, JobState
 from lmq.core.presets import PresetNotFound
-from lmq.core.store import queries, session_scope, sessions
-from lmq.core.store.batches import (
-    ERROR,
-    OUTPUT,
-    create_batch_job,
-    derived_id,
-    fail_validation,
-    finalize,
-    request_expiry,
-    take_up_validation,
-)
+from lmq.core.store import session_scope, sessions
+from lmq.core.store.batch_files import deadline, finalize_job_batch, past_window
+from lmq.core.store.batches import create_batch_job, fail_validation, stale_validations, take_up_validation
 from lmq.core.store.models import Job, OpenAIBatch, utcnow
+from lmq.workers.recovery import Sweeping
 from lmq.core.store.presets import store_resolver
 
 logger = logging.getLogger("lmq.api")
 
-WINDOW = re.compile(r"([1-9][0-9]{0,2})h")
 # A validation this old that has not ended was cut short (its server stopped): it is taken up again.
 VALIDATION_STALE_S = 600
 NOT_AN_OBJECT = ("invalid_json", "line_too_long")  # the codes of a line that is no JSON object
@@ -55,12 +46,6 @@ MAX_MODEL_LOOKUPS = 256  # distinct model names checked per file: a file cannot 
 
 def files_directory(settings: Settings) -> Path:
     return settings.home / "files"
-
-
-def window_hours(window: str) -> int | None:
-    """The hours of a completion window, "24h" -> 24: OpenAI's only window; lmq takes 1h to 720h."""
-    match = WINDOW.fullmatch(window)
-    return int(match.group(1)) if match and int(match.group(1)) <= 720 else None
 
 
 # ---------------------------------------------------------------- validation
@@ -193,7 +178,7 @@ def refused(custom_id: str | None, code: str, message: str) -> dict:
 
 def start_validation(settings: Settings, dispatch, batch_id: str) -> None:
     """Validate in a thread of its own: POST /v1/batches answers at once, `validating`. A server
-    that stops meanwhile leaves the batch to be taken up again (see `refresh`)."""
+    that stops meanwhile leaves the batch to be taken up again (see `take_up_validations`)."""
     threading.Thread(
         target=validate, args=(settings, dispatch, batch_id), name=f"lmq-validate-{batch_id}", daemon=True
     ).start()
@@ -244,24 +229,53 @@ def validate(settings: Settings, dispatch, batch_id: str) -> None:
         dispatch.submit(job_id, "generate")
     except BrokerUnavailable as error:  # the job is marked failed, and so is the batch
         logger.warning("batch %s: %s", batch_id, error)
+        with session_scope(factory) as session:
+            finalize_job_batch(session, job_id)
+
+
+def take_up_validations(settings: Settings, dispatch) -> list[str]:
+    """Validate again the batches whose validation began over VALIDATION_STALE_S ago and never
+    ended (the server validating them stopped); returns their ids. Every `lmq serve` runs this
+    in the background (app.py), so that another server, or this one started again, takes them up."""
+    stale = utcnow() - timedelta(seconds=VALIDATION_STALE_S)
+    taken = []
+    with session_scope(sessions(settings)) as session:  # committed before the validation reads it
+        for batch in stale_validations(session, stale):
+            if take_up_validation(session, batch, stale):
+                taken.append(batch.id)
+    for batch_id in taken:
+        start_validation(settings, dispatch, batch_id)
+    if taken:
+        logger.warning("took up %d batch validation(s) a stopped server left: %s", len(taken), ", ".join(taken))
+    return taken
+
+
+def validation_sweep(settings: Settings, dispatch) -> Sweeping:
+    """`take_up_validations` at start and every LMQ_SWEEP_S, beside the routes of every `lmq serve`,
+    broker or not: validation is the API's own work (its line parser, its preset rules), so it is
+    the API servers, not the workers, that take up what one of them left."""
+    return Sweeping("lmq-batch-validations", settings.sweep_s, [lambda: take_up_validations(settings, dispatch)])
 
 
 # ---------------------------------------------------------------- status and the batch object
 
 
 def batch_status(batch: OpenAIBatch, job: Job | None) -> str:
+    """Read from the batch and its job alone: past its window a batch is expired before the sweep
+    records it, and a job that has ended shows `finalizing` (or `cancelling`) until its files are made."""
     if job is None:
         if batch.failed_at is not None:
             return "failed"
         return "cancelled" if batch.cancelled_at is not None else "validating"
-    if batch.expired_at is not None:
+    if past_window(batch, job, utcnow()):
         return "expired"
+    finalized = batch.finalized_at is not None
     if job.state == JobState.succeeded.value:
-        return "completed"
+        return "completed" if finalized else "finalizing"
     if job.state == JobState.failed.value:
-        return "failed"
+        return "failed" if finalized else "finalizing"
     if job.state == JobState.cancelled.value:
-        return "cancelled"
+        return "cancelled" if finalized else "cancelling"
     if job.state == JobState.cancelling.value:
         return "cancelling"
     if job.total and job.completed + job.failed == job.total:
@@ -277,7 +291,6 @@ def batch_object(batch: OpenAIBatch) -> dict:
     errors = batch.errors
     if job is not None and job.state == JobState.failed.value:
         errors = [{"code": "batch_failed", "message": job.error, "param": None, "line": None}]
-    hours = window_hours(batch.completion_window) or 24
     return {
         "id": batch.id,
         "object": "batch",
@@ -291,11 +304,11 @@ def batch_object(batch: OpenAIBatch) -> dict:
         "error_file_id": batch.error_file_id,
         "created_at": unix(batch.created_at),
         "in_progress_at": unix(job.created_at) if job else None,
-        "expires_at": unix(batch.created_at + timedelta(hours=hours)),
+        "expires_at": unix(deadline(batch)),
         "finalizing_at": unix(job.finished_at) if ended else None,
         "completed_at": unix(job.finished_at) if status == "completed" else None,
         "failed_at": unix(batch.failed_at or (job.finished_at if status == "failed" else None)),
-        "expired_at": unix(batch.expired_at),
+        "expired_at": unix(batch.expired_at or (deadline(batch) if status == "expired" else None)),
         "cancelling_at": unix(batch.cancelling_at),
         "cancelled_at": unix(batch.cancelled_at or (job.finished_at if status == "cancelled" else None)),
         "request_counts": request_counts(job),
@@ -309,105 +322,3 @@ def request_counts(job: Job | None) -> dict:
         return {"total": 0, "completed": 0, "failed": 0}
     failed = job.total - job.completed if job.state in TERMINAL_STATES else job.failed
     return {"total": job.total, "completed": job.completed, "failed": failed}
-
-
-def refresh(session: Session, batch: OpenAIBatch, settings: Settings, dispatch) -> None:
-    """Bring a batch up to date as it is read: expire it past its window (its job is cancelled
-    and what finished stays in the output file); make its files once its job has ended; and take up
-    a validation that a stopped server left unfinished."""
-    job, now = batch.job, utcnow()
-    if job is None:
-        stale = now - timedelta(seconds=VALIDATION_STALE_S)
-        if batch_status(batch, None) == "validating" and batch.validation_started_at < stale:
-            with session_scope(sessions(settings)) as own:  # committed before the validation reads it
-                taken = take_up_validation(own, batch, stale)
-            if taken:
-                start_validation(settings, dispatch, batch.id)
-        return
-    hours = window_hours(batch.completion_window) or 24
-    if (
-        job.state not in TERMINAL_STATES
-        and batch.expired_at is None
-        and now > batch.created_at + timedelta(hours=hours)
-    ):
-        request_expiry(session, batch)
-        queries.request_cancel(session, job.id)
-    if job.state in TERMINAL_STATES and batch.finalized_at is None:
-        sizes = {OUTPUT: 0, ERROR: 0}
-        for lines, line in file_lines(session, batch):
-            sizes[lines] += len(line.encode())
-        finalize(session, batch, {lines: size for lines, size in sizes.items() if size})
-
-
-# ---------------------------------------------------------------- output and error lines
-
-
-def file_lines(session: Session, batch: OpenAIBatch, only: str | None = None) -> Iterator[tuple[str, str]]:
-    """(OUTPUT or ERROR, the JSONL line) for each line of the batch's input, in input order.
-    A line not completed when the job ended goes to the error file, saying why."""
-    job = batch.job
-    for item in queries.job_items(session, job.id):
-        lines = OUTPUT if item.error is None and item.output is not None else ERROR
-        if only is not None and lines != only:
-            continue
-        record = output_line(batch, item) if lines == OUTPUT else error_line(batch, job, item)
-        yield lines, schemas.jsonl(record)
-
-
-def output_line(batch: OpenAIBatch, item) -> dict:
-    """OpenAI's output line: the response a /v1/completions or /v1/chat/completions request would have had."""
-    created = unix(item.finished_at)
-    if batch.endpoint == CHAT:
-        prefix, obj = "chatcmpl-", "chat.completion"
-        choice = {"index": 0, "message": {"role": "assistant", "content": item.output, "refusal": None}}
-    else:
-        prefix, obj = "cmpl-", "text_completion"
-        choice = {"index": 0, "text": completion_text(item)}
-    body = {
-        "id": derived_id(prefix, batch.id, item.index),
-        "object": obj,
-        "created": created,
-        "model": batch.model,
-        "choices": [{**choice, "logprobs": None, "finish_reason": item.finish_reason}],
-        "usage": {
-            "prompt_tokens": item.prompt_tokens,
-            "completion_tokens": item.completion_tokens,
-            "total_tokens": (item.prompt_tokens or 0) + (item.completion_tokens or 0),
-        },
-    }
-    return {
-        "id": derived_id("batch_req_", batch.id, item.index),
-        "custom_id": item.custom_id,
-        "response": {"status_code": 200, "request_id": derived_id("req_", batch.id, item.index), "body": body},
-        "error": None,
-    }
-
-
-def completion_text(item) -> str:
-    """The text after the prompt, as OpenAI's and transformers' incremental detokenizers give it:
-    the whole decoded text less the prompt, so that prompt + text is the whole text ("Return the" +
-    " current ..."; decoding the completion's tokens alone would drop that leading space). Where the
-    tokenizer normalised the prompt's text, what the two texts share at the start is cut."""
-    prompt = item.input.get("prompt")
-    if prompt is None:  # a chat reply, a Bart's output: the job generated the text alone
-        return item.output
-    return item.output[len(os.path.commonprefix([prompt, item.output])) :]
-
-
-def error_line(batch: OpenAIBatch, job: Job, item) -> dict:
-    if item.error is None:  # the job ended before this line ran
-        if batch.expired_at is not None:
-            code, message = (
-                "batch_expired",
-                "this request could not be run before the batch's completion window expired",
-            )
-        else:
-            code, message = "batch_cancelled", "the batch was cancelled before this request ran"
-    else:
-        code, message = (item.input or {}).get("error_code", "generation_failed"), item.error
-    return {
-        "id": derived_id("batch_req_", batch.id, item.index),
-        "custom_id": item.custom_id,
-        "response": None,
-        "error": {"code": code, "message": message},
-    }

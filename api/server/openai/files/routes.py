@@ -14,11 +14,12 @@ from fastapi.responses import FileResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
 from lmq.api.server.dependencies import SessionDep, SettingsDep, TenantDep
-from lmq.api.server.openai.batches.service import file_lines, files_directory
+from lmq.api.server.openai.batches.service import files_directory
 from lmq.api.server.openai.common import OPENAI_ERRORS, OpenAIError, OpenAIRoute, not_found, page, unix
 from lmq.api.server.openai.files.upload import receive_upload
 from lmq.core.config import Settings
 from lmq.core.store import session_scope, sessions
+from lmq.core.store.batch_files import file_lines
 from lmq.core.store.batches import UnknownCursor, add_file, delete_file, get_batch, get_file, list_files, new_id
 from lmq.core.store.models import OpenAIFile
 
