@@ -11,6 +11,7 @@ if keras.backend.backend() != "torch":
 from lmq.core.generation import Generation  # noqa: E402
 from lmq.core.models.backbone import Backbone, BackboneContractError, DecoderOnlyBackbone  # noqa: E402
 from lmq.core.models.causal_lm import CausalLM  # noqa: E402
+from lmq.core.models.generative_task import GenerativeTask  # noqa: E402
 from lmq.core.models.preprocessor import CausalLMPreprocessor, Preprocessor  # noqa: E402
 from lmq.core.models.seq2seq_lm import Seq2SeqLM  # noqa: E402
 from lmq.core.models.seq2seq_lm_preprocessor import Seq2SeqLMPreprocessor  # noqa: E402
@@ -25,6 +26,7 @@ __all__ = [
     "CausalLMPreprocessor",
     "DecoderOnlyBackbone",
     "Generation",
+    "GenerativeTask",
     "Preprocessor",
     "SentencePieceTokenizer",
     "Seq2SeqLM",

@@ -1,37 +1,19 @@
 """``CausalLM``: next-token prediction, text generation, scoring and fine-tuning."""
 
-import keras
 import numpy as np
 import torch
 
-from lmq.core import samplers
-from lmq.core.generation import DecoderOnlyModel, Generation, StopStrings, decode
-from lmq.core.models.task import Task
+from lmq.core.generation import DecoderOnlyModel
+from lmq.core.models.generative_task import GenerativeTask, token_limits, with_completions
 
 
-class CausalLM(Task):
+class CausalLM(GenerativeTask):
     task_kind = "causal_lm"
-    default_sampler = "top_k"  # KerasHub's default for Llama, Mistral, Phi-3
-
-    def __init__(self, backbone, preprocessor=None, **kwargs):
-        super().__init__(backbone, preprocessor, **kwargs)
-        self.compile()
 
     def call(self, inputs, training=False):
         """``{"token_ids", "padding_mask"}`` -> logits [batch, length, vocab]."""
         hidden = self.backbone.call(inputs, training=training)
         return self.backbone.token_embedding.reverse(hidden)
-
-    def compile(self, optimizer="auto", loss="auto", *, weighted_metrics="auto", sampler=None, **kwargs):
-        """KerasHub's defaults: Adam(2e-5), sparse cross-entropy on logits, weighted accuracy."""
-        if optimizer == "auto":
-            optimizer = keras.optimizers.Adam(2e-5)
-        if loss == "auto":
-            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        if weighted_metrics == "auto":
-            weighted_metrics = [keras.metrics.SparseCategoricalAccuracy()]
-        super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, **kwargs)
-        self.sampler = samplers.get(sampler if sampler is not None else self.default_sampler)
 
     # -- training -----------------------------------------------------------------------
 
@@ -99,6 +81,7 @@ class CausalLM(Task):
         stop_token_ids="auto",
         strip_prompt=False,
         *,
+        sampler=None,
         max_new_tokens=None,
         stop=None,
         seed=None,
@@ -114,6 +97,8 @@ class CausalLM(Task):
         A prompt is a string (the start token is added before its ids) or a list of token ids,
         used as they are (a chat's, from ``lmq.core.chat.chat_token_ids``).
 
+        - ``sampler``: this call's sampler, in place of the compiled one (an lmq extension;
+          anything ``compile(sampler=...)`` takes, a list of one per prompt included).
         - ``max_length``: prompt plus completion, in tokens (default: the
           preprocessor's ``sequence_length``); ``max_new_tokens`` caps the completion
           (one number for every row, or a list with one per row).
@@ -134,9 +119,10 @@ class CausalLM(Task):
         Without a preprocessor, ``inputs`` is ``{"token_ids", "padding_mask"}``
         (right-padded) and the same dict comes back with the completions written in.
         """
-        batching = dict(max_rows=max_rows, max_cache_tokens=max_cache_tokens, between_steps=between_steps)
+        sampler = self._sampler(sampler)
+        options = dict(stream=stream, max_rows=max_rows, max_cache_tokens=max_cache_tokens, between_steps=between_steps)
         if isinstance(inputs, dict):
-            return self._generate_from_ids(inputs, stop_token_ids, max_new_tokens, seed, stream, batching)
+            return self._generate_from_ids(inputs, sampler, stop_token_ids, max_new_tokens, seed, **options)
         if self.preprocessor is None:
             raise ValueError(
                 "This task has no preprocessor: pass {'token_ids', 'padding_mask'}, not strings."
@@ -145,60 +131,22 @@ class CausalLM(Task):
         prompts = self.preprocessor.generate_preprocess([inputs] if single else inputs)
         if max_length is None:
             max_length = self.preprocessor.sequence_length
-        limits = _limits(prompts, max_length, max_new_tokens)
         outputs = self._generate_texts(
             DecoderOnlyModel(self.backbone, self.preprocessor.tokenizer.pad_token_id),
             prompts,
-            limits,
-            stop_token_ids,
-            stop,
-            strip_prompt,
-            seed,
-            stream,
-            on_result,
-            return_details,
-            batching,
+            token_limits(prompts, max_length, max_new_tokens),
+            sampler,
+            stop_token_ids=stop_token_ids,
+            stop=stop,
+            strip_prompt=strip_prompt,
+            seed=seed,
+            on_result=on_result,
+            return_details=return_details,
+            **options,
         )
         return outputs[0] if single else outputs
 
-    def _generate_texts(
-        self, model, prompts, limits, stop_token_ids, stop, strip_prompt, seed, stream, on_result,
-        return_details, batching,
-    ):
-        """Decodes token-id prompts through ``model`` and turns each completion into text
-        (or a ``Generation``) as its row finishes; the causal and seq2seq tasks share it."""
-        stop_strings = StopStrings(self.preprocessor.tokenizer, stop) if stop else None
-
-        def output(row, completion):
-            prompt, ids = prompts[row], completion.token_ids
-            text = self.preprocessor.generate_postprocess([ids if strip_prompt else prompt + ids])[0]
-            if stop_strings is not None:
-                text = _cut_after_prompt(text, stop_strings, [] if strip_prompt else prompt)
-            generation = Generation(text, ids, len(prompt), len(ids), completion.finish_reason)
-            return generation if return_details else text
-
-        outputs = {}
-
-        def finished(row, completion):
-            outputs[row] = output(row, completion)
-            if on_result is not None:
-                on_result(row, outputs[row])
-
-        decode(
-            model,
-            prompts,
-            limits,
-            self.sampler,
-            stop_token_ids=self._stop_ids(stop_token_ids),
-            seeds=self._seeds(seed, len(prompts)),
-            stop_strings=stop_strings,
-            stream=stream,
-            on_finish=finished,
-            **batching,
-        )
-        return [outputs[row] for row in range(len(prompts))]
-
-    def _generate_from_ids(self, inputs, stop_token_ids, max_new_tokens, seed, stream, batching):
+    def _generate_from_ids(self, inputs, sampler, stop_token_ids, max_new_tokens, seed, **options):
         token_ids = np.asarray(inputs["token_ids"])
         padding_mask = np.asarray(inputs.get("padding_mask", np.ones_like(token_ids))).astype(bool)
         if token_ids.ndim != 2 or token_ids.shape != padding_mask.shape:
@@ -212,73 +160,10 @@ class CausalLM(Task):
         if (lengths == 0).any():
             raise ValueError("Each row needs at least one prompt token.")
         prompts = [row[:n].tolist() for row, n in zip(token_ids, lengths)]
-        max_length = token_ids.shape[1]
-        result = decode(
-            DecoderOnlyModel(self.backbone),
-            prompts,
-            _limits(prompts, max_length, max_new_tokens),
-            self.sampler,
-            stop_token_ids=self._stop_ids(stop_token_ids),
-            seeds=self._seeds(seed, len(prompts)),
-            stream=stream,
-            **batching,
-        )
-        out_ids, out_mask = token_ids.copy(), padding_mask.copy()
-        for i, (prompt, completion) in enumerate(zip(prompts, result.completions)):
-            out_ids[i, len(prompt) : len(prompt) + len(completion)] = completion
-            out_mask[i, : len(prompt) + len(completion)] = True
+        limits = token_limits(prompts, token_ids.shape[1], max_new_tokens)
+        result = self._decode(DecoderOnlyModel(self.backbone), prompts, limits, sampler, stop_token_ids, seed, **options)
+        out_ids, out_mask = with_completions(token_ids, padding_mask, prompts, result.completions)
         return {"token_ids": out_ids, "padding_mask": out_mask}
-
-    def _stop_ids(self, stop_token_ids):
-        if stop_token_ids is None:
-            return ()
-        if isinstance(stop_token_ids, str):
-            if stop_token_ids != "auto":
-                raise ValueError(f"stop_token_ids must be 'auto', None or ids, got {stop_token_ids!r}.")
-            if self.preprocessor is None:
-                raise ValueError(
-                    'stop_token_ids="auto" needs a preprocessor (its end tokens); pass ids or None.'
-                )
-            return self.preprocessor.tokenizer.stop_token_ids
-        return tuple(int(t) for t in stop_token_ids)
-
-    def _seeds(self, seed, rows):
-        """Each row's seed: ``seed[i]``, or ``seed + i`` (the sampler's seed by default); None unseeded."""
-        seed = seed if seed is not None else getattr(self.sampler, "seed", None)
-        if seed is None:
-            return None
-        if isinstance(seed, (list, tuple)):
-            if len(seed) != rows:
-                raise ValueError(f"seed has {len(seed)} values for {rows} prompts; give one per prompt or one int.")
-            return [int(s) for s in seed]
-        return [int(seed) + i for i in range(rows)]
-
-
-def _limits(prompts, max_length, max_new_tokens):
-    if max_length is None or max_length < 1:
-        raise ValueError(f"max_length must be a positive integer, got {max_length!r}.")
-    per_row = max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompts)
-    if len(per_row) != len(prompts):
-        raise ValueError(f"max_new_tokens has {len(per_row)} values for {len(prompts)} prompts.")
-    limits = []
-    for i, (prompt, new_tokens) in enumerate(zip(prompts, per_row)):
-        if new_tokens is not None and new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {new_tokens!r}.")
-        if len(prompt) > max_length:
-            raise ValueError(
-                f"Prompt {i} is {len(prompt)} tokens, longer than max_length={max_length}."
-            )
-        room = max_length - len(prompt)
-        limits.append(room if new_tokens is None else min(room, new_tokens))
-    return limits
-
-
-def _cut_after_prompt(text, stop_strings, prompt_ids):
-    """Cuts ``text`` at the first stop string in its completion; the prompt may contain one."""
-    prefix = stop_strings.text(prompt_ids) if prompt_ids else ""
-    if prefix and text.startswith(prefix):
-        return prefix + stop_strings.cut(text[len(prefix) :])
-    return stop_strings.cut(text)
 
 
 def _is_text(x):

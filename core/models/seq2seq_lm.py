@@ -1,15 +1,11 @@
 """``Seq2SeqLM``: an encoder-decoder that generates text from an input text (summarisation,
 translation, rewriting), on the same decode engine as ``CausalLM``."""
 
-import keras
 import numpy as np
 import torch
 
-from lmq.core import samplers
-from lmq.core.generation import decode
-from lmq.core.models.causal_lm import CausalLM, _limits
+from lmq.core.models.generative_task import GenerativeTask, token_limits, with_completions
 from lmq.core.models.seq2seq_lm_preprocessor import split_pairs
-from lmq.core.models.task import Task
 
 
 class EncoderDecoderModel:
@@ -54,35 +50,14 @@ class EncoderDecoderModel:
         return self.backbone.token_embedding.reverse(hidden)
 
 
-class Seq2SeqLM(Task):
+class Seq2SeqLM(GenerativeTask):
     task_kind = "seq2seq_lm"
-    default_sampler = "top_k"  # KerasHub's default
-
-    def __init__(self, backbone, preprocessor=None, **kwargs):
-        super().__init__(backbone, preprocessor, **kwargs)
-        self.compile()
 
     def call(self, inputs, training=False):
         """``{"encoder_token_ids", "encoder_padding_mask", "decoder_token_ids", "decoder_padding_mask"}``
         -> decoder logits [batch, decoder length, vocab]."""
         hidden = self.backbone.call(inputs, training=training)["decoder_sequence_output"]
         return self.backbone.token_embedding.reverse(hidden)
-
-    def compile(self, optimizer="auto", loss="auto", *, weighted_metrics="auto", sampler=None, **kwargs):
-        """KerasHub's defaults: Adam(2e-5), sparse cross-entropy on logits, weighted accuracy."""
-        if optimizer == "auto":
-            optimizer = keras.optimizers.Adam(2e-5)
-        if loss == "auto":
-            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        if weighted_metrics == "auto":
-            weighted_metrics = [keras.metrics.SparseCategoricalAccuracy()]
-        super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, **kwargs)
-        self.sampler = samplers.get(sampler if sampler is not None else self.default_sampler)
-
-    # The same stop tokens and per-row seeds as a causal LM.
-    _stop_ids = CausalLM._stop_ids
-    _seeds = CausalLM._seeds
-    _generate_texts = CausalLM._generate_texts
 
     # -- training -----------------------------------------------------------------------
 
@@ -115,6 +90,7 @@ class Seq2SeqLM(Task):
         stop_token_ids="auto",
         strip_prompt=False,
         *,
+        sampler=None,
         max_new_tokens=None,
         stop=None,
         seed=None,
@@ -134,55 +110,52 @@ class Seq2SeqLM(Task):
         "decoder_token_ids", "decoder_padding_mask"}`` (right-padded); the same dict comes back
         with the completions written into the decoder ids.
         """
-        batching = dict(max_rows=max_rows, max_cache_tokens=max_cache_tokens, between_steps=between_steps)
+        sampler = self._sampler(sampler)
+        options = dict(stream=stream, max_rows=max_rows, max_cache_tokens=max_cache_tokens, between_steps=between_steps)
         if isinstance(inputs, dict) and "encoder_token_ids" in inputs:
-            return self._generate_from_ids(inputs, stop_token_ids, max_new_tokens, seed, stream, batching)
+            return self._generate_from_ids(inputs, sampler, stop_token_ids, max_new_tokens, seed, **options)
         if self.preprocessor is None:
             raise ValueError("This task has no preprocessor: pass the token-id dict, not strings.")
         single = isinstance(inputs, str) or (isinstance(inputs, dict) and isinstance(inputs.get("encoder_text"), str))
         encoder_inputs, prompts = self.preprocessor.generate_preprocess(inputs)
         max_length = max_length or self.preprocessor.decoder_sequence_length
         outputs = self._generate_texts(
-            EncoderDecoderModel(self.backbone, encoder_inputs, self.preprocessor.tokenizer.pad_token_id, self.sampler),
+            EncoderDecoderModel(self.backbone, encoder_inputs, self.preprocessor.tokenizer.pad_token_id, sampler),
             prompts,
             self._limits(prompts, max_length, max_new_tokens),
-            stop_token_ids,
-            stop,
-            strip_prompt,
-            seed,
-            stream,
-            on_result,
-            return_details,
-            batching,
+            sampler,
+            stop_token_ids=stop_token_ids,
+            stop=stop,
+            strip_prompt=strip_prompt,
+            seed=seed,
+            on_result=on_result,
+            return_details=return_details,
+            **options,
         )
         return outputs[0] if single else outputs
 
     def _limits(self, prompts, max_length, max_new_tokens):
         """Each prompt's token limit within ``max_length`` decoder tokens; the positions they
         reach must be learned ones (checked here once, not at every decode step)."""
-        limits = _limits(prompts, max_length, max_new_tokens)
+        limits = token_limits(prompts, max_length, max_new_tokens)
         self.backbone.decoder_position_embedding.check(max((len(p) + n for p, n in zip(prompts, limits)), default=0))
         return limits
 
-    def _generate_from_ids(self, inputs, stop_token_ids, max_new_tokens, seed, stream, batching):
+    def _generate_from_ids(self, inputs, sampler, stop_token_ids, max_new_tokens, seed, **options):
         encoder_inputs = _unpadded(inputs, "encoder")
         prompts = _unpadded(inputs, "decoder")
         decoder_ids = np.asarray(inputs["decoder_token_ids"])
-        result = decode(
-            EncoderDecoderModel(self.backbone, encoder_inputs, self._pad_id(), self.sampler),
+        result = self._decode(
+            EncoderDecoderModel(self.backbone, encoder_inputs, self._pad_id(), sampler),
             prompts,
             self._limits(prompts, decoder_ids.shape[1], max_new_tokens),
-            self.sampler,
-            stop_token_ids=self._stop_ids(stop_token_ids),
-            seeds=self._seeds(seed, len(prompts)),
-            stream=stream,
-            **batching,
+            sampler,
+            stop_token_ids,
+            seed,
+            **options,
         )
-        out_ids = decoder_ids.copy()
-        out_mask = np.asarray(inputs["decoder_padding_mask"]).astype(bool).copy()
-        for i, (prompt, completion) in enumerate(zip(prompts, result.completions)):
-            out_ids[i, len(prompt) : len(prompt) + len(completion)] = completion
-            out_mask[i, : len(prompt) + len(completion)] = True
+        decoder_mask = np.asarray(inputs["decoder_padding_mask"]).astype(bool)
+        out_ids, out_mask = with_completions(decoder_ids, decoder_mask, prompts, result.completions)
         return {**inputs, "decoder_token_ids": out_ids, "decoder_padding_mask": out_mask}
 
     def _pad_id(self):

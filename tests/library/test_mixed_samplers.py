@@ -4,7 +4,7 @@ a job whose items differ in their samplers runs them in one pass of the decode e
 
 import pytest
 
-import lmq.core.models.causal_lm
+import lmq.core.models.generative_task
 from lmq.core.generation import DecoderOnlyModel, decode
 from lmq.core.samplers import (
     BeamSampler,
@@ -119,7 +119,7 @@ def test_a_job_of_different_samplers_runs_them_in_one_pass(lmq_home, tiny_llama_
         calls.append((len(prompts), type(sampler).__name__))
         return decode(model, prompts, limits, sampler, **kwargs)
 
-    monkeypatch.setattr(lmq.core.models.causal_lm, "decode", spy)
+    monkeypatch.setattr(lmq.core.models.generative_task, "decode", spy)
     token_samplers = [
         "greedy",
         {"name": "random", "temperature": 0.6},

@@ -1,0 +1,140 @@
+"""``GenerativeTask``: what the tasks that generate text (``CausalLM``, ``Seq2SeqLM``) share.
+
+KerasHub's compile defaults, the sampler ``compile`` sets as ``generate``'s default, and
+the way from token-id prompts through the decode engine to text. A subclass turns its
+inputs into prompts and names the model the engine drives.
+"""
+
+import keras
+
+from lmq.core import samplers
+from lmq.core.generation import Generation, StopStrings, decode
+from lmq.core.models.task import Task
+
+
+class GenerativeTask(Task):
+    default_sampler = "top_k"  # KerasHub's default
+
+    def __init__(self, backbone, preprocessor=None, **kwargs):
+        super().__init__(backbone, preprocessor, **kwargs)
+        self.compile()
+
+    def compile(self, optimizer="auto", loss="auto", *, weighted_metrics="auto", sampler=None, **kwargs):
+        """KerasHub's defaults: Adam(2e-5), sparse cross-entropy on logits, weighted accuracy.
+        ``sampler`` becomes ``generate``'s default; ``generate(sampler=...)`` overrides it for one call."""
+        if optimizer == "auto":
+            optimizer = keras.optimizers.Adam(2e-5)
+        if loss == "auto":
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        if weighted_metrics == "auto":
+            weighted_metrics = [keras.metrics.SparseCategoricalAccuracy()]
+        super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, **kwargs)
+        self.sampler = samplers.get(sampler if sampler is not None else self.default_sampler)
+
+    def _sampler(self, sampler):
+        """One ``generate`` call's sampler: its own (anything ``compile`` takes, a list included),
+        else the compiled default. The call's own leaves the model unchanged, so one loaded model
+        serves requests with different samplers (the job runner's)."""
+        return self.sampler if sampler is None else samplers.get(sampler)
+
+    def _decode(self, model, prompts, limits, sampler, stop_token_ids, seed, **options):
+        """The decode engine with ``generate``'s ``stop_token_ids`` and ``seed`` resolved."""
+        return decode(
+            model,
+            prompts,
+            limits,
+            sampler,
+            stop_token_ids=self._stop_ids(stop_token_ids),
+            seeds=self._seeds(seed, len(prompts), sampler),
+            **options,
+        )
+
+    def _generate_texts(
+        self, model, prompts, limits, sampler, *, stop_token_ids, stop, strip_prompt, seed, on_result, return_details,
+        **options,
+    ):
+        """Decodes token-id prompts through ``model`` and turns each completion into text
+        (or a ``Generation``) as its row finishes."""
+        stop_strings = StopStrings(self.preprocessor.tokenizer, stop) if stop else None
+
+        def output(row, completion):
+            prompt, ids = prompts[row], completion.token_ids
+            text = self.preprocessor.generate_postprocess([ids if strip_prompt else prompt + ids])[0]
+            if stop_strings is not None:
+                text = _cut_after_prompt(text, stop_strings, [] if strip_prompt else prompt)
+            generation = Generation(text, ids, len(prompt), len(ids), completion.finish_reason)
+            return generation if return_details else text
+
+        outputs = {}
+
+        def finished(row, completion):
+            outputs[row] = output(row, completion)
+            if on_result is not None:
+                on_result(row, outputs[row])
+
+        self._decode(
+            model, prompts, limits, sampler, stop_token_ids, seed, stop_strings=stop_strings, on_finish=finished, **options
+        )
+        return [outputs[row] for row in range(len(prompts))]
+
+    def _stop_ids(self, stop_token_ids):
+        if stop_token_ids is None:
+            return ()
+        if isinstance(stop_token_ids, str):
+            if stop_token_ids != "auto":
+                raise ValueError(f"stop_token_ids must be 'auto', None or ids, got {stop_token_ids!r}.")
+            if self.preprocessor is None:
+                raise ValueError(
+                    'stop_token_ids="auto" needs a preprocessor (its end tokens); pass ids or None.'
+                )
+            return self.preprocessor.tokenizer.stop_token_ids
+        return tuple(int(t) for t in stop_token_ids)
+
+    @staticmethod
+    def _seeds(seed, rows, sampler):
+        """Each row's seed: ``seed[i]``, or ``seed + i`` (the sampler's seed by default); None unseeded."""
+        seed = seed if seed is not None else getattr(sampler, "seed", None)
+        if seed is None:
+            return None
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != rows:
+                raise ValueError(f"seed has {len(seed)} values for {rows} prompts; give one per prompt or one int.")
+            return [int(s) for s in seed]
+        return [int(seed) + i for i in range(rows)]
+
+
+def token_limits(prompts, max_length, max_new_tokens):
+    """Each prompt's completion limit: the room ``max_length`` leaves it, capped by its ``max_new_tokens``."""
+    if max_length is None or max_length < 1:
+        raise ValueError(f"max_length must be a positive integer, got {max_length!r}.")
+    per_row = max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompts)
+    if len(per_row) != len(prompts):
+        raise ValueError(f"max_new_tokens has {len(per_row)} values for {len(prompts)} prompts.")
+    limits = []
+    for i, (prompt, new_tokens) in enumerate(zip(prompts, per_row)):
+        if new_tokens is not None and new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {new_tokens!r}.")
+        if len(prompt) > max_length:
+            raise ValueError(
+                f"Prompt {i} is {len(prompt)} tokens, longer than max_length={max_length}."
+            )
+        room = max_length - len(prompt)
+        limits.append(room if new_tokens is None else min(room, new_tokens))
+    return limits
+
+
+def with_completions(token_ids, padding_mask, prompts, completions):
+    """Right-padded ``token_ids`` and ``padding_mask`` (copies) with each completion written after its prompt."""
+    out_ids, out_mask = token_ids.copy(), padding_mask.copy()
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        out_ids[i, len(prompt) : len(prompt) + len(completion)] = completion
+        out_mask[i, : len(prompt) + len(completion)] = True
+    return out_ids, out_mask
+
+
+def _cut_after_prompt(text, stop_strings, prompt_ids):
+    """Cuts ``text`` at the first stop string in its completion; the prompt may contain one."""
+    prefix = stop_strings.text(prompt_ids) if prompt_ids else ""
+    if prefix and text.startswith(prefix):
+        return prefix + stop_strings.cut(text[len(prefix) :])
+    return stop_strings.cut(text)
