@@ -52,8 +52,8 @@ def item_params(item_input: dict) -> dict:
 
 
 @dataclass(frozen=True)
-class Settings:
-    """What the rows of one run of the engine share: a job's items are grouped by these.
+class GroupOptions:
+    """The options the rows of one run of the engine share: a job's items are grouped by these.
 
     Token samplers (greedy, top-k, top-p, random, with their temperatures) are not among
     them: each row picks its tokens with its own (``Prompt.sampler``) in the same pass. A
@@ -65,14 +65,14 @@ class Settings:
     stop_token_ids: str | tuple[int, ...]  # "auto", or the ids
 
     def arguments(self) -> dict:
-        """`generate`'s arguments for these settings (the samplers go to `compile`, see `compiled_sampler`)."""
+        """`generate`'s arguments for these options (each row's sampler: see `group_sampler`)."""
         stop = {} if self.stop is None else {"stop": list(self.stop)}
         ids = self.stop_token_ids
         return {**stop, "stop_token_ids": ids if isinstance(ids, str) else list(ids)}
 
 
-def compiled_sampler(prompts: list[Prompt]):
-    """What `compile(sampler=...)` takes for these rows: their sampler when they share one,
+def group_sampler(prompts: list[Prompt]):
+    """What `generate(sampler=...)` takes for these rows: their sampler when they share one,
     else the list of each row's (a PerRequestSampler)."""
     parsed = {key: json.loads(key) for key in {prompt.sampler for prompt in prompts}}
     if len(parsed) == 1:
@@ -80,15 +80,15 @@ def compiled_sampler(prompts: list[Prompt]):
     return [parsed[prompt.sampler] for prompt in prompts]
 
 
-def plan(items, job_params: dict, task_kind: str, tokenizer) -> tuple[dict[Settings, list[Prompt]], list]:
-    """`items` ((index, input, custom_id), ...) as groups of rows by their settings, and
+def plan(items, job_params: dict, task_kind: str, tokenizer) -> tuple[dict[GroupOptions, list[Prompt]], list]:
+    """`items` ((index, input, custom_id), ...) as groups of rows by their options, and
     (index, custom_id, message) for each item that cannot run (the others do): rows of
     different token samplers share a group (each keeps its own), so they share a pass.
 
     A row's seed is its own (`params.seed`, else its sampler's), else the job's plus its
     index, so that it never depends on which rows it ran beside.
     """
-    groups: dict[Settings, list[Prompt]] = {}
+    groups: dict[GroupOptions, list[Prompt]] = {}
     refused = []
     job_seed = _seed_of(job_params)
     for index, item_input, custom_id in items:
@@ -96,7 +96,7 @@ def plan(items, job_params: dict, task_kind: str, tokenizer) -> tuple[dict[Setti
             text, end_of_turn = model_input(item_input, task_kind, tokenizer)
             own = item_params(item_input)
             sampler = _sampler_key(own.get("sampler", job_params.get("sampler") or "greedy"))
-            settings = Settings(
+            options = GroupOptions(
                 search=None if _is_token_sampler(sampler) else sampler,
                 stop=_strings(own.get("stop", job_params.get("stop"))),
                 stop_token_ids=_stop_ids(own.get("stop_token_ids", job_params.get("stop_token_ids", "auto")),
@@ -112,7 +112,7 @@ def plan(items, job_params: dict, task_kind: str, tokenizer) -> tuple[dict[Setti
         prompt = Prompt(index, text, length, custom_id,
                         max_new_tokens=own.get("max_new_tokens", job_params.get("max_new_tokens")), seed=seed,
                         sampler=sampler)
-        groups.setdefault(settings, []).append(prompt)
+        groups.setdefault(options, []).append(prompt)
     return groups, refused
 
 

@@ -28,12 +28,12 @@ from lmq.core.store.presets import store_resolver
 from lmq.workers import metrics
 from lmq.workers.attempt import Attempt, ProgressCallback
 from lmq.workers.batching import Prompt, RowBudget, is_out_of_memory, row_budget
-from lmq.workers.inputs import compiled_sampler, plan
+from lmq.workers.inputs import group_sampler, plan
 from lmq.workers.pool import ModelPool
 
 logger = logging.getLogger(__name__)
 
-PLANNING_WINDOW = 4096  # inputs tokenized and sorted together into micro-batches
+PLANNING_WINDOW = 4096  # inputs read, tokenized and grouped together (see _pending)
 JOB_ARGUMENTS = ("max_length", "strip_prompt")  # every row's; the others may be an item's own (workers/inputs.py)
 
 
@@ -136,7 +136,7 @@ class JobRunner:
         budget = row_budget(
             lm.backbone, params.get("micro_batch_size"), self.settings.micro_batch_size, self.settings.micro_batch_tokens
         )
-        progress = Progress(attempt, done, total)
+        progress = JobProgress(attempt, done, total)
         progress.report()
         after = -1
         while window := attempt.write(self._pending(job_id, after)):
@@ -147,8 +147,8 @@ class JobRunner:
                 for index, custom_id, message in refused:
                     refusals.add(queries.ItemResult(index, error=row_error(index, custom_id, message)))
                 refusals.commit()
-                for settings, prompts in groups.items():
-                    self._stream(attempt, lm, prompts, {**arguments, **settings.arguments()}, budget, progress)
+                for options, prompts in groups.items():
+                    self._stream(attempt, lm, prompts, {**arguments, **options.arguments()}, budget, progress)
             except StopRequested:
                 return
         attempt.finish(JobState.succeeded)
@@ -167,7 +167,8 @@ class JobRunner:
         """Generates ``prompts`` through the decode engine, committing results as rows finish.
 
         Rows leave and join the batch continuously within ``budget``, each choosing its tokens
-        with its own sampler (``compiled_sampler``). Out of memory
+        with its own sampler (``group_sampler``), given to this call only: the pooled model is
+        shared by every job and left as it was loaded. Out of memory
         halves the budget and runs again what has no result yet; a ValueError (a prompt
         longer than max_length, say) is split down to the prompt that raised it, which
         gets the message as its error; the others run.
@@ -176,9 +177,9 @@ class JobRunner:
         while prompts:
             try:
                 with metrics.in_flight(min(len(prompts), budget.rows)):
-                    lm.compile(sampler=compiled_sampler(prompts))
                     lm.generate(
                         [p.text for p in prompts],
+                        sampler=group_sampler(prompts),
                         return_details=True,
                         **arguments,
                         **per_row(prompts),
@@ -218,8 +219,8 @@ class StopRequested(Exception):
     """Cancellation was asked for: the job stops between decode steps."""
 
 
-class Progress:
-    """The job's progress, reported as rows finish; cancellation checked between steps."""
+class JobProgress:
+    """A generate job's progress, reported as rows finish; cancellation checked between steps."""
 
     def __init__(self, attempt: Attempt, done: int, total: int, check_every_s: float = 1.0):
         self.attempt, self.done, self.total = attempt, done, total
@@ -245,7 +246,7 @@ class ResultGroup:
     """Finished rows, committed to SQL a few at a time: a crash redoes at most the rows in
     flight and the last uncommitted few (as many as the budget's rows)."""
 
-    def __init__(self, attempt: Attempt, progress: Progress, budget: RowBudget):
+    def __init__(self, attempt: Attempt, progress: JobProgress, budget: RowBudget):
         self.attempt, self.progress, self.budget = attempt, progress, budget
         self.results: list[queries.ItemResult] = []
         self.finished: set[int] = set()  # the indices committed or about to be

@@ -108,6 +108,30 @@ def test_an_item_that_cannot_run_is_its_own_error(lmq_home, tiny_llama_preset, a
     assert summary["counts"] == {"total": 5, "completed": 2, "failed": 3}
 
 
+def test_a_job_leaves_the_pooled_model_as_it_was_loaded(lmq_home, tiny_llama_preset, monkeypatch):
+    """The runner gives each `generate` call its samplers (a per-request list, a search) and
+    never compiles the pooled model: its default sampler and its unbuilt optimizer stay."""
+    settings = load_settings()
+    runner = JobRunner(settings, pool_from_settings(settings))
+    lm = runner.pool.get(runner.locate(str(tiny_llama_preset))).model
+    sampler, optimizer = lm.sampler, lm.optimizer
+    compiled = []
+    monkeypatch.setattr(type(lm), "compile", lambda self, *args, **kwargs: compiled.append(kwargs))
+    inputs = [
+        {"prompt": PROMPTS[0], "params": {"sampler": {"name": "top_k", "k": 5}, "seed": 1}},
+        {"prompt": PROMPTS[1], "params": {"sampler": "random", "seed": 2}},
+        {"prompt": PROMPTS[2], "params": {"sampler": {"name": "beam", "num_beams": 2}}},
+    ]
+    factory = sessions(settings)
+    with session_scope(factory) as session:
+        job_id = queries.create_generate_job(session, preset=str(tiny_llama_preset), inputs=inputs,
+                                             params={"max_length": 40}).id
+    assert runner.run(job_id) == "succeeded"
+    assert (runner.pool.hits, runner.pool.misses) == (1, 1)  # the job ran on this model
+    assert compiled == []
+    assert lm.sampler is sampler and lm.optimizer is optimizer and not optimizer.built
+
+
 TEMPLATE = (
     "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
     "{% if add_generation_prompt %}<assistant>{% endif %}"

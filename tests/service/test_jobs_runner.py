@@ -21,7 +21,8 @@ from lmq.workers.runner import JobRunner
 class StandInLM:
     """Upper-cases prompts, as the decode engine schedules them: shortest first, at most
     `max_rows` in flight (recorded in `batches`), each result handed to `on_result` as it
-    finishes. Runs out of memory above `fits` rows; rejects "TOO LONG"."""
+    finishes. Runs out of memory above `fits` rows; rejects "TOO LONG". Has no `compile`: the
+    runner gives each call its sampler (recorded in `sampler`) and leaves the model as it is."""
 
     def __init__(self, fits=1000):
         self.fits = fits
@@ -29,11 +30,10 @@ class StandInLM:
         self.preprocessor = SimpleNamespace(tokenizer=SimpleNamespace(tokenize=lambda text: text.split()))
         self.backbone = SimpleNamespace(device=torch.device("cpu"))
 
-    def compile(self, sampler):
-        self.sampler = sampler
-
-    def generate(self, prompts, return_details, on_result, between_steps, max_rows, max_cache_tokens, **arguments):
-        self.arguments = arguments
+    def generate(
+        self, prompts, sampler, return_details, on_result, between_steps, max_rows, max_cache_tokens, **arguments
+    ):
+        self.sampler, self.arguments = sampler, arguments
         if min(max_rows, len(prompts)) > self.fits:
             raise RuntimeError("CUDA out of memory. Tried to allocate 1 GiB")
         if any("TOO LONG" in prompt for prompt in prompts):
