@@ -16,7 +16,7 @@ Llama of bench/generate.py, greedy, same weights and prompts for every engine:
   ``max_rows`` rows in flight and the default cache budget; finished rows free their
   cache slots, waiting prompts are prefilled into them, long ones a chunk per step);
 - lmq fixed: the micro-batches the runner cut before continuous batching
-  (lmq.workers.batching.plan_micro_batches, batches of ``max_rows``), each decoding until
+  (``plan_micro_batches`` below, batches of ``max_rows``), each decoding until
   its last row ends (per-row limits honoured);
 - transformers: ``generate`` in length-sorted batches of ``max_rows``, left-padded,
   each running to its longest row's limit, rows then cut at their limit and stop token.
@@ -67,7 +67,7 @@ from generate import build_models  # noqa: E402  (the bench's shared model)
 from lmq.core.config import load_settings  # noqa: E402
 from lmq.core.generation import DecoderOnlyModel, decode  # noqa: E402
 from lmq.core.generation.batch import PREFILL_CHUNK  # noqa: E402
-from lmq.workers.batching import Prompt, cache_positions, plan_micro_batches  # noqa: E402
+from lmq.workers.batching import Prompt, cache_positions  # noqa: E402
 
 
 def job(count, max_prompt, max_new_tokens, seed=0):
@@ -126,6 +126,26 @@ def run_continuous(model, sampler, prompts, limits, stops, rows, cache_tokens, p
         max_rows=rows, max_cache_tokens=cache_tokens, prefill_chunk=prefill_chunk,
     )
     return result.completions, time.perf_counter() - start, first[0]
+
+
+def plan_micro_batches(
+    prompts: list[Prompt], *, max_items: int, max_tokens: int, new_tokens: int = 0
+) -> list[list[Prompt]]:
+    """The fixed micro-batches the runner cut before continuous batching: sorted by length,
+    so that a batch, padded to its longest prompt, wastes little on padding; a batch is cut
+    at ``max_items`` rows or when rows x (longest prompt + ``new_tokens``) would pass
+    ``max_tokens``, which bounds its memory (a longer prompt still runs, alone)."""
+    batches: list[list[Prompt]] = []
+    current: list[Prompt] = []
+    for prompt in sorted(prompts, key=lambda p: (p.length, p.index)):
+        padded_cost = (len(current) + 1) * (prompt.length + new_tokens)
+        if current and (len(current) == max_items or padded_cost > max_tokens):
+            batches.append(current)
+            current = []
+        current.append(prompt)
+    if current:
+        batches.append(current)
+    return batches
 
 
 def run_fixed(model, sampler, prompts, limits, stops, rows, cache_tokens):

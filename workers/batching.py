@@ -1,14 +1,8 @@
-"""How a job's prompts are batched: the row budget of continuous batching, and the
-fixed micro-batches it replaced (still the baseline ``bench/job_throughput.py`` measures).
+"""How a job's prompts are batched: the row budget of continuous batching.
 
 The runner streams a job's prompts through the decode engine, which keeps up to
 ``RowBudget.rows`` requests and ``RowBudget.cache_tokens`` KV-cache positions in
 flight and refills rows as they finish.
-
-A fixed micro-batch pads every row to its longest prompt, so sorting by length
-before cutting batches wastes little compute on padding. A batch is cut when it
-has `max_items` rows or when rows x (longest prompt + new tokens) would pass
-`max_tokens`, which bounds its memory.
 """
 
 from __future__ import annotations
@@ -69,22 +63,6 @@ def row_budget(backbone, rows: int | None, configured_rows: int, configured_toke
     if rows is None and backbone.device.type == "cuda":
         rows = max(configured_rows, min(MAX_GPU_ROWS, tokens // GPU_ROW_POSITIONS))
     return RowBudget(rows=rows or configured_rows, cache_tokens=tokens)
-
-
-def plan_micro_batches(
-    prompts: list[Prompt], *, max_items: int, max_tokens: int, new_tokens: int = 0
-) -> list[list[Prompt]]:
-    batches: list[list[Prompt]] = []
-    current: list[Prompt] = []
-    for prompt in sorted(prompts, key=lambda p: (p.length, p.index)):
-        padded_cost = (len(current) + 1) * (prompt.length + new_tokens)
-        if current and (len(current) == max_items or padded_cost > max_tokens):
-            batches.append(current)
-            current = []
-        current.append(prompt)
-    if current:
-        batches.append(current)
-    return batches
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -1,10 +1,10 @@
-"""The model pool and the micro-batch scheduler, on stand-in models (no keras needed)."""
+"""The model pool on stand-in models (no keras needed), and out-of-memory errors recognised."""
 
 from types import SimpleNamespace
 
 import pytest
 
-from lmq.workers.batching import Prompt, is_out_of_memory, plan_micro_batches
+from lmq.workers.batching import is_out_of_memory
 from lmq.workers.pool import ModelPool, weight_bytes
 
 
@@ -64,26 +64,6 @@ def test_weight_bytes_reads_shapes_and_dtypes():
         ]
     )
     assert weight_bytes(model) == 4 * 8 * 4 + 10 * 2
-
-
-def prompts(lengths):
-    return [Prompt(index, f"p{index}", length) for index, length in enumerate(lengths)]
-
-
-def test_micro_batches_group_similar_lengths():
-    batches = plan_micro_batches(prompts([5, 1, 9, 2, 6, 1]), max_items=2, max_tokens=1000)
-    assert [[p.index for p in batch] for batch in batches] == [[1, 5], [3, 0], [4, 2]]
-
-
-def test_micro_batches_respect_the_token_budget():
-    batches = plan_micro_batches(prompts([10, 10, 10, 30]), max_items=8, max_tokens=40, new_tokens=10)
-    # rows x (longest prompt + new tokens) <= 40, and a too-long prompt still runs alone
-    assert [[p.index for p in batch] for batch in batches] == [[0, 1], [2], [3]]
-
-
-def test_every_prompt_is_planned_exactly_once():
-    planned = plan_micro_batches(prompts([3, 1, 4, 1, 5, 9, 2, 6]), max_items=3, max_tokens=20)
-    assert sorted(p.index for batch in planned for p in batch) == list(range(8))
 
 
 @pytest.mark.parametrize(
