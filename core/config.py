@@ -16,8 +16,11 @@ wires a whole deployment. Nothing here imports keras or torch.
                              is taken over by another worker (see core/store/leases.py)
     LMQ_HEARTBEAT_S          5: how often a worker renews the lease of the job it runs
     LMQ_SWEEP_S              10: how often each worker re-sends the jobs the broker lost (workers/sweep.py)
-    LMQ_MICRO_BATCH_SIZE     16: prompts per micro-batch (a job may set its own)
-    LMQ_MICRO_BATCH_TOKENS   16384: rows x padded length per micro-batch
+    LMQ_MICRO_BATCH_SIZE     16: the most requests a job decodes at once, finished rows refilled
+                             (continuous batching). A job may set its own (micro_batch_size); on a GPU,
+                             one that does not gets more when its cache holds them (workers/batching.py)
+    LMQ_MICRO_BATCH_TOKENS   16384: the KV-cache positions (rows x positions per row) a job decodes in;
+                             on a GPU, as many as 80% of its free memory holds when that is more
     LMQ_MAX_INPUTS           100000: inputs (or training examples) per job the API accepts
     LMQ_MAX_PROMPT_CHARS     32768: characters per prompt or training text
     LMQ_MAX_LENGTH           8192: the largest max_length or sequence_length a job may ask for

@@ -1,7 +1,7 @@
 """One log line per event an operator follows, as `key=value` pairs (logfmt).
 
 The API (logger `lmq.api`) and the workers (logger `lmq.worker`) log each job
-state change and each micro-batch this way, always with `job=<id>`, so
+state change and each group of results committed this way, always with `job=<id>`, so
 `grep job=<id>` over all processes' logs tells one job's story.
 """
 

@@ -3,9 +3,9 @@
 Every write the worker makes for the job goes through `Attempt.write`, which
 renews the lease in the same transaction (the fencing, see
 core/store/leases.py) and is retried with backoff while the database is away,
-so a finished micro-batch is kept through a database restart. A heartbeat
+so the results of finished rows are kept through a database restart. A heartbeat
 thread renews the lease every LMQ_HEARTBEAT_S in between, while a model loads
-or a long micro-batch runs; it stops with the process, so a dead or paused
+or long rows decode; it stops with the process, so a dead or paused
 worker's lease runs out and another worker takes the job.
 """
 
@@ -88,7 +88,7 @@ class Attempt:
         self.write(lambda session: queries.add_event(session, self.job_id, type, **data))
 
     def stop_requested(self, session: Session) -> bool:
-        """A cancel request is honoured here (checked between micro-batches and fit steps)."""
+        """A cancel request is honoured here (checked between decode steps and fit steps)."""
         if queries.job_state(session, self.job_id) == JobState.cancelling.value:
             queries.finish_job(session, self.job_id, JobState.cancelled)
             return True

@@ -1,5 +1,5 @@
-"""What a worker did, for Prometheus and for the log: tokens, micro-batches, the
-model pool, jobs and leases.
+"""What a worker did, for Prometheus and for the log: tokens, rows in flight and
+committed, the model pool, jobs and leases.
 
 The metrics live in this process's default registry. `lmq worker` serves them
 on LMQ_WORKER_METRICS_PORT from a thread of their own (prometheus_client's

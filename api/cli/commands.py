@@ -452,7 +452,9 @@ def add_generate_flags(parser: argparse.ArgumentParser) -> None:
         help="results hold the completion only (default: the prompt and its completion)",
     )
     parser.add_argument("--dtype", help=f"one of {', '.join(DTYPES)} (default: the preset's)")
-    parser.add_argument("--micro-batch-size", type=int, help="prompts per micro-batch (default: $LMQ_MICRO_BATCH_SIZE)")
+    parser.add_argument(
+        "--micro-batch-size", type=int, help="the most prompts decoded at once (default: $LMQ_MICRO_BATCH_SIZE)"
+    )
 
 
 def add_fit_flags(parser: argparse.ArgumentParser) -> None:
