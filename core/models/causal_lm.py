@@ -161,7 +161,8 @@ class CausalLM(GenerativeTask):
             raise ValueError("Each row needs at least one prompt token.")
         prompts = [row[:n].tolist() for row, n in zip(token_ids, lengths)]
         limits = token_limits(prompts, token_ids.shape[1], max_new_tokens)
-        result = self._decode(DecoderOnlyModel(self.backbone), prompts, limits, sampler, stop_token_ids, seed, **options)
+        model = DecoderOnlyModel(self.backbone)
+        result = self._decode(model, prompts, limits, sampler, stop_token_ids, seed, **options)
         out_ids, out_mask = with_completions(token_ids, padding_mask, prompts, result.completions)
         return {"token_ids": out_ids, "padding_mask": out_mask}
 

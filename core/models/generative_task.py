@@ -73,7 +73,8 @@ class GenerativeTask(Task):
                 on_result(row, outputs[row])
 
         self._decode(
-            model, prompts, limits, sampler, stop_token_ids, seed, stop_strings=stop_strings, on_finish=finished, **options
+            model, prompts, limits, sampler, stop_token_ids, seed,
+            stop_strings=stop_strings, on_finish=finished, **options,
         )
         return [outputs[row] for row in range(len(prompts))]
 
