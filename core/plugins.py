@@ -95,7 +95,7 @@ class Architecture:
         """
         name = fields.get("name", package.rpartition(".")[2])
         module = f"{package}.{name}"
-        task_file, task_class = TASK_NAMES[fields.get("task_kind", TaskKind.causal_lm)]
+        task_file, task_class = TASK_NAMES[TaskKind(fields.get("task_kind", TaskKind.causal_lm))]
         presets_module = f"{module}_presets"
         defaults = {
             "name": name,

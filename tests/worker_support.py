@@ -14,7 +14,8 @@ import pytest
 from service_support import PROMPTS
 
 from lmq.api.cli import main
-from lmq.api.schemas import job_summary, result_line
+from lmq.api.schemas import result_line
+from lmq.core.domain.jobs import job_summary
 from lmq.core.config import load_settings
 from lmq.core.store import queries, session_scope, sessions
 from conftest import server_missing

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import keras
 
-from lmq.core.names import JobState
+from lmq.core.domain.fit import FIT_DEFAULTS, fit_steps
+from lmq.core.names import JobState, TaskKind
 from lmq.core.store import queries
 from lmq.core.store.db import DatabaseUnavailable
 from lmq.core.store.leases import LeaseLost
@@ -37,9 +38,11 @@ from lmq.workers.attempt import Attempt
 from lmq.workers.pool import load_task
 
 MADE_BY = ".lmq-job-id"  # in a preset directory: the fit job that made it
-SEQ2SEQ = "seq2seq_lm"
 # The preprocessor settings the `sequence_length` hyperparameter sets, by task.
-SEQUENCE_LENGTHS = {"causal_lm": ("sequence_length",), SEQ2SEQ: ("encoder_sequence_length", "decoder_sequence_length")}
+SEQUENCE_LENGTHS = {
+    TaskKind.causal_lm: ("sequence_length",),
+    TaskKind.seq2seq_lm: ("encoder_sequence_length", "decoder_sequence_length"),
+}
 
 
 class StepEvents(keras.callbacks.Callback):
@@ -130,13 +133,13 @@ def run_fit(attempt: Attempt, location: str) -> None:
 
     examples = training_examples(lm, data["training_data"])
     validation = training_examples(lm, data.get("validation_data") or [])
-    schedule = queries.fit_steps(len(data["training_data"]), params)
+    schedule = fit_steps(len(data["training_data"]), params)
     if params.get("sequence_length"):
-        for name in SEQUENCE_LENGTHS[lm.task_kind]:
+        for name in SEQUENCE_LENGTHS[TaskKind(lm.task_kind)]:
             setattr(lm.preprocessor, name, params["sequence_length"])
     if params.get("lora_rank"):
         lm.backbone.enable_lora(params["lora_rank"])  # the saved preset has the adapters merged in
-    lm.compile(optimizer=keras.optimizers.AdamW(learning_rate=params.get("learning_rate") or 2e-5))
+    lm.compile(optimizer=keras.optimizers.AdamW(learning_rate=params.get("learning_rate") or FIT_DEFAULTS.learning_rate))
 
     checkpoint = settings.home / "checkpoints" / job_id
     epochs_done = restore_checkpoint(lm, checkpoint)
@@ -179,13 +182,12 @@ def training_examples(lm, rows: list[dict]):
     a ValueError naming the rows' kind when the preset's task reads another."""
     if not rows:
         return None
-    paired = "encoder_text" in rows[0]
-    if paired != (lm.task_kind == SEQ2SEQ):
-        wanted = "'encoder_text' and 'decoder_text'" if lm.task_kind == SEQ2SEQ else "'text'"
-        given = "'encoder_text' and 'decoder_text'" if paired else "'text'"
-        raise ValueError(f"the preset is a {type(lm).__name__}: its training rows give {wanted}, not {given}")
-    if paired:
-        return {side: [row[side] for row in rows] for side in ("encoder_text", "decoder_text")}
+    task, given = TaskKind(lm.task_kind), TaskKind.seq2seq_lm if "encoder_text" in rows[0] else TaskKind.causal_lm
+    if given is not task:
+        wanted, gave = task.fields_read("fit"), given.fields_read("fit")
+        raise ValueError(f"the preset is a {type(lm).__name__}: its training rows give {wanted}, not {gave}")
+    if task is TaskKind.seq2seq_lm:
+        return {side: [row[side] for row in rows] for side in task.training_fields}
     return [row["text"] for row in rows]
 
 

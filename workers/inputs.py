@@ -4,7 +4,8 @@ An item's ``input`` is ``{"prompt": str}`` (a causal LM), ``{"encoder_text": str
 (a sequence-to-sequence model) or ``{"messages": [{"role", "content"}, ...]}`` (a
 causal LM with a chat template), optionally with ``"params"``: the item's own
 ``max_new_tokens``, ``sampler``, ``stop``, ``stop_token_ids`` and ``seed``, in place
-of the job's (see docs/seq2seq-jobs.md).
+of the job's (see docs/seq2seq-jobs.md), checked by the model every front end checks
+them with (lmq.core.domain.generation).
 """
 
 from __future__ import annotations
@@ -13,42 +14,49 @@ import functools
 import json
 from dataclasses import dataclass
 
-from lmq.workers.batching import Prompt
+from pydantic import ValidationError
 
-SEQ2SEQ = "seq2seq_lm"
-ITEM_PARAMS = ("max_new_tokens", "sampler", "stop", "stop_token_ids", "seed")
+from lmq.core.domain.generation import NO_LIMITS, generate_models
+from lmq.core.domain.requests import field_name, problems
+from lmq.core.names import GENERATE_TEXT_FIELDS, TaskKind
+from lmq.workers.batching import Prompt
 
 
 def model_input(item_input: dict, task_kind: str, tokenizer) -> tuple[str | list[int], list[int]]:
     """(the prompt `generate` takes: text, or a chat's token ids; extra stop token ids) for one
     item, or a ValueError naming what is wrong with it: an input of another task than the
     model's, or bad chat messages."""
-    expected = "encoder_text" if task_kind == SEQ2SEQ else "prompt"
-    task = "a sequence-to-sequence model" if task_kind == SEQ2SEQ else "a causal LM"
-    given = [name for name in ("prompt", "encoder_text", "messages") if name in item_input]
+    task = TaskKind(task_kind)
+    given = [name for name in GENERATE_TEXT_FIELDS if name in item_input]
     if len(given) != 1:
         raise ValueError(f"the input must give one of 'prompt', 'encoder_text' or 'messages', got {sorted(item_input)}")
     field = given[0]
-    if field == "messages" and task_kind != SEQ2SEQ:
+    if field == "messages" and task is TaskKind.causal_lm:
         from lmq.core.chat import chat_token_ids, end_of_turn_token_ids
 
         return chat_token_ids(tokenizer, item_input["messages"]), list(end_of_turn_token_ids(tokenizer))
-    if field != expected:
-        raise ValueError(f"the model is {task}: give {expected!r}, not {field!r}")
+    if field != task.prompt_field:
+        raise ValueError(f"the model is {task.description}: give {task.prompt_field!r}, not {field!r}")
     if not isinstance(item_input[field], str):
         raise ValueError(f"{field!r} must be a string, got {type(item_input[field]).__name__}")
     return item_input[field], []
 
 
 def item_params(item_input: dict) -> dict:
-    """The item's own settings (no nulls), or a ValueError naming an unknown one."""
+    """The item's own settings (no nulls), or a ValueError naming what is wrong with them. The
+    server's limits were applied when the job was made; here the model checks all else."""
     params = item_input.get("params") or {}
     if not isinstance(params, dict):
         raise ValueError(f"'params' must be an object, got {type(params).__name__}")
-    unknown = sorted(set(params) - set(ITEM_PARAMS))
+    model = generate_models(NO_LIMITS).params
+    try:
+        return model.model_validate(params).model_dump(mode="json", exclude_none=True)
+    except ValidationError as error:
+        found = problems(error.errors())
+    unknown = sorted(str(problem["loc"][0]) for problem in found if problem["type"] == "extra_forbidden")
     if unknown:
-        raise ValueError(f"'params' takes {', '.join(ITEM_PARAMS)}; unknown: {', '.join(unknown)}")
-    return {key: value for key, value in params.items() if value is not None}
+        raise ValueError(f"'params' takes {', '.join(model.model_fields)}; unknown: {', '.join(unknown)}")
+    raise ValueError(f"{field_name(found[0]['loc'])!r} {found[0]['msg']}")
 
 
 @dataclass(frozen=True)

@@ -32,12 +32,12 @@ from lmq.api.cli.jobs import (
     write_jsonl,
 )
 from lmq.api.server.auth import LOCAL_TENANT
-from lmq.api.jobs import OutputPresetTaken, check_output_name, store_job
 from lmq.api.cli.progress import Progress, follow_job, unit_of
 from lmq.api.server.serving import ServeLimits, serve
 from lmq.api.suggest import did_you_mean, preset_names
 from lmq.core.chat_templates import CHAT_TEMPLATE_FILE, builtin_template_name, read_builtin_template
 from lmq.core.config import Settings, SettingsError, load_settings
+from lmq.core.domain.jobs import OutputPresetTaken, check_output_name, job_summary, store_job
 from lmq.core.logfmt import log_to_stderr
 from lmq.core.names import DTYPES, SAMPLER_NAMES, JobKind, JobState, check_preset_name
 from lmq.core.presets import PresetNotFound
@@ -140,7 +140,7 @@ def cmd_run_here(args) -> int:
             return 130
     with session_scope(runner.sessions) as session:
         job = queries.get_job(session, job_id)
-        summary = schemas.job_summary(job)
+        summary = job_summary(job)
         if args.command == "generate":
             write_results(session, job_id, args.output)
     return report_finished(summary)
@@ -176,7 +176,7 @@ def cmd_submit(args) -> int:
 
 def print_job(settings: Settings, job_id: str) -> int:
     with session_scope(open_store(settings)) as session:
-        print(json.dumps(schemas.job_summary(require_job(session, job_id))))
+        print(json.dumps(job_summary(require_job(session, job_id))))
     return 0
 
 
@@ -193,7 +193,7 @@ def watch(settings: Settings, job_id: str, output: str | None = None) -> int:
 
     def summary_of() -> dict:
         with session_scope(factory) as session:
-            return schemas.job_summary(require_job(session, job_id))
+            return job_summary(require_job(session, job_id))
 
     def events_after(seen: int) -> list[dict]:
         with session_scope(factory) as session:
@@ -221,11 +221,11 @@ def cmd_jobs(args) -> int:
         if args.action == "list":
             listed = queries.list_jobs(session, state=args.status, kind=args.kind, limit=args.limit)
             for job in listed:
-                print(json.dumps(schemas.job_summary(job)))
+                print(json.dumps(job_summary(job)))
             if not listed:
                 say_empty(no_jobs(args))
         elif args.action == "show":
-            print(json.dumps(schemas.job_summary(require_job(session, args.id)), indent=2))
+            print(json.dumps(job_summary(require_job(session, args.id)), indent=2))
         elif args.action == "results":
             require_job(session, args.id)
             write_results(session, args.id, args.output)
@@ -237,7 +237,7 @@ def cmd_jobs(args) -> int:
             job = queries.request_cancel(session, args.id)
             if job is None:
                 raise BadInput(f"no job {args.id!r}")
-            print(json.dumps(schemas.job_summary(job)))
+            print(json.dumps(job_summary(job)))
     return 0
 
 

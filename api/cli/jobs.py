@@ -1,7 +1,7 @@
 """What `lmq`'s local commands and its `--server` commands share.
 
 A job request is built from the flags and the input files and checked through
-the one job request model (`lmq.api.schemas.parse_job`, the model POST /v1/jobs
+the one job request model (`lmq.core.domain.requests.parse_job`, the model POST /v1/jobs
 uses, with the LMQ_MAX_* limits), so a bad job is refused here, in one line
 naming the flag or the file line, before anything is written or any model
 loads. Results are written as JSONL, and a finished job is reported in one line.
@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import get_args
 
 from pydantic import BaseModel, ValidationError
 
 from lmq.api import schemas
-from lmq.api.jobs import InputsDontFitPreset, check_inputs_fit
 from lmq.core.config import Limits
+from lmq.core.domain.fit import fit_models
+from lmq.core.domain.generation import generate_models
+from lmq.core.domain.jobs import InputsDontFitPreset, check_inputs_fit
+from lmq.core.domain.requests import field_name, parse_job, problems
 
 # What `lmq` reads from each line of an input file; other keys are the user's own and left alone.
 INPUT_FIELDS = {
@@ -128,12 +130,12 @@ class JobFromFlags:
     def checked(self, limits: Limits) -> BaseModel:
         """The job request, or BadInput naming the first problem as the user wrote it."""
         try:
-            return schemas.parse_job(self.body, limits)
+            return parse_job(self.body, limits)
         except ValidationError as error:
-            raise BadInput(self.message(schemas.problems(error.errors())[0])) from None
+            raise BadInput(self.message(problems(error.errors())[0])) from None
 
     def check_fits(self, job: BaseModel, location: str) -> None:
-        """BadInput naming the first input line the preset's task does not read (`lmq.api.jobs.check_inputs_fit`)."""
+        """BadInput naming the first input line the preset's task does not read (`check_inputs_fit`)."""
         try:
             check_inputs_fit(job, location)
         except InputsDontFitPreset as error:
@@ -148,9 +150,9 @@ class JobFromFlags:
             file, lines = self.files[head]
             name = f"{file} line {lines[rest[0]]}"
             if rest[1:]:
-                name += f": {schemas.field_name(rest[1:])!r}"
+                name += f": {field_name(rest[1:])!r}"
         elif head in ("params", "hyperparameters") and rest:
-            name = flag(rest[0]) + (f" {schemas.field_name(rest[1:])}" if rest[1:] else "")
+            name = flag(rest[0]) + (f" {field_name(rest[1:])}" if rest[1:] else "")
         elif head in self.files:
             name = self.files[head][0]
         else:
@@ -170,10 +172,9 @@ class JobFromFlags:
 
 def request_defaults(kind: str) -> BaseModel:
     """The request model's defaults for a generate job's params or a fit job's hyperparameters (for --help)."""
-    generate, fit = get_args(schemas.job_request(Limits()))
     if kind == "generate":
-        return generate.model_fields["params"].default_factory()
-    return fit.model_fields["hyperparameters"].default_factory()
+        return generate_models(Limits()).job_params()
+    return fit_models(Limits()).hyperparameters()
 
 
 def flag(field: str) -> str:

@@ -16,7 +16,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 
-from lmq.api import schemas
 from lmq.api.server.dispatch import dispatch_for
 from lmq.api.server.openai.batches import routes as openai_batches
 from lmq.api.server.openai.batches.service import validation_sweep
@@ -24,6 +23,7 @@ from lmq.api.server.openai.files import routes as openai_files
 from lmq.api.server.routes import dashboard, health, jobs, presets
 from lmq.api.server.routes.metrics import add_metrics
 from lmq.core.config import Settings, load_settings
+from lmq.core.domain.requests import field_name, problems
 from lmq.core.store import SchemaOutOfDate
 
 logger = logging.getLogger(__name__)
@@ -65,13 +65,13 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError):
         """422 naming each bad field; the offending input is not echoed back (it may be huge)."""
-        problems = [
+        found = [
             {"loc": problem["loc"], "msg": problem["msg"], "type": problem["type"]}
-            for problem in schemas.problems(error.errors())
+            for problem in problems(error.errors())
         ]
         # "inputs[0].prompt: ..." for a body's field, "cursor: ..." for a query parameter.
-        message = "; ".join(f"{schemas.field_name(p['loc'][1:]) or p['loc'][0]}: {p['msg']}" for p in problems[:10])
-        return JSONResponse(status_code=422, content={"detail": problems, "message": message})
+        message = "; ".join(f"{field_name(p['loc'][1:]) or p['loc'][0]}: {p['msg']}" for p in found[:10])
+        return JSONResponse(status_code=422, content={"detail": found, "message": message})
 
     @app.exception_handler(OperationalError)
     async def database_down(request: Request, error: OperationalError):

@@ -14,13 +14,13 @@ import secrets
 from datetime import datetime
 from typing import Iterable
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from lmq.core.names import JobKind, JobState
-from lmq.core.store.models import Job, JobEvent, JobItem, OpenAIBatch, OpenAIFile, utcnow
+from lmq.core.names import JobKind
+from lmq.core.store import queries
+from lmq.core.store.models import Job, OpenAIBatch, OpenAIFile, utcnow
 
-_INSERT_CHUNK = 2000
 _ID = re.compile(r"(file-|batch_)[0-9a-f]{24}")
 OUTPUT, ERROR = "output", "error"
 
@@ -60,7 +60,7 @@ def list_files(
     if purpose is not None:
         query = query.where(OpenAIFile.purpose == purpose)
     cursor = None if after is None else _cursor(get_file(session, after, tenant), after)
-    return list(session.scalars(_page(query, OpenAIFile, cursor, limit, newest_first)))
+    return list(session.scalars(queries.keyset_page(query, OpenAIFile, cursor, limit, newest_first=newest_first)))
 
 
 def delete_file(session: Session, record: OpenAIFile) -> None:
@@ -76,25 +76,6 @@ def _cursor(found, after: str):
     if found is None:
         raise UnknownCursor(f"after: {after!r} is not one of yours")
     return found
-
-
-def _page(query, table, cursor, limit: int, newest_first: bool):
-    """Ordered by (created_at, id), from just past `cursor` (the last row of the previous page)."""
-    if newest_first:
-        query = query.order_by(table.created_at.desc(), table.id.desc())
-        if cursor is not None:
-            query = query.where(
-                (table.created_at < cursor.created_at)
-                | ((table.created_at == cursor.created_at) & (table.id < cursor.id))
-            )
-    else:
-        query = query.order_by(table.created_at, table.id)
-        if cursor is not None:
-            query = query.where(
-                (table.created_at > cursor.created_at)
-                | ((table.created_at == cursor.created_at) & (table.id > cursor.id))
-            )
-    return query.limit(limit)
 
 
 # ---------------------------------------------------------------- batches
@@ -128,7 +109,7 @@ def list_batches(session: Session, tenant: str, *, limit: int, after: str | None
     """Newest first, as OpenAI lists them."""
     cursor = None if after is None else _cursor(get_batch(session, after, tenant), after)
     query = select(OpenAIBatch).where(OpenAIBatch.tenant == tenant)
-    return list(session.scalars(_page(query, OpenAIBatch, cursor, limit, newest_first=True)))
+    return list(session.scalars(queries.keyset_page(query, OpenAIBatch, cursor, limit)))
 
 
 VALIDATING = (OpenAIBatch.job_id.is_(None), OpenAIBatch.failed_at.is_(None), OpenAIBatch.cancelled_at.is_(None))
@@ -175,52 +156,20 @@ def fail_validation(session: Session, batch_id: str, errors: list[dict]) -> bool
 def create_batch_job(
     session: Session, batch_id: str, *, preset: str, model: str, params: dict, tenant: str, items: Iterable[dict]
 ) -> Job | None:
-    """The batch's generate job, with one item per line of its input file, in line order.
+    """The batch's generate job, with one item per line of its input file, in line order
+    (`items` as queries.create_job takes them: a line that cannot run goes to the error file).
 
-    Each item is {"custom_id", "input"} and, for a line that cannot run, "error": such an item is
-    finished from the start, so the runner never sees it and its line goes to the error file.
     None (and nothing to commit) when the batch is no longer waiting for its job: cancelled,
     failed, or validated by another server. The batch row is locked first, so two servers
     validating one batch wait for each other instead of making two jobs.
     """
-    job = Job(kind=JobKind.generate.value, preset=preset, params=params, tenant=tenant, total=0)
-    session.add(job)
-    session.flush()
-    linked = session.execute(
-        update(OpenAIBatch)
-        .where(
-            *still_validating(batch_id),
-        )
-        .values(job_id=job.id, model=model)
-    )
-    if linked.rowcount != 1:
+    if session.scalar(select(OpenAIBatch.id).where(*still_validating(batch_id)).with_for_update()) is None:
         return None
-    total = failed = 0
-    now = utcnow()
-    rows = []
-    for item in items:
-        error = item.get("error")
-        rows.append(
-            {
-                "job_id": job.id,
-                "index": total,
-                "custom_id": item.get("custom_id"),
-                "input": item["input"],
-                "error": error,
-                "finished_at": None if error is None else now,
-            }
-        )
-        total += 1
-        failed += error is not None
-        if len(rows) == _INSERT_CHUNK:
-            session.execute(insert(JobItem), rows)
-            rows = []
-    if rows:
-        session.execute(insert(JobItem), rows)
-    job.total, job.failed, job.progress = total, failed, failed / total if total else 0.0
-    session.add(JobEvent(job_id=job.id, type="state", data={"state": JobState.queued.value, "batch": batch_id}))
-    session.flush()
-    return job
+    job = queries.create_job(
+        session, kind=JobKind.generate, preset=preset, params=params, items=items, tenant=tenant, batch=batch_id
+    )
+    linked = session.execute(update(OpenAIBatch).where(*still_validating(batch_id)).values(job_id=job.id, model=model))
+    return job if linked.rowcount == 1 else None
 
 
 def cancel_validation(session: Session, batch: OpenAIBatch) -> bool:

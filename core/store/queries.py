@@ -7,7 +7,6 @@ result twice.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -17,7 +16,70 @@ from sqlalchemy.orm import Session
 from lmq.core.names import TERMINAL_STATES, JobKind, JobState
 from lmq.core.store.models import EVERYONE, Job, JobEvent, JobItem, Preset, PresetShare, utcnow
 
-_INSERT_CHUNK = 5000
+_INSERT_CHUNK = 2000  # item rows per INSERT: a file of a hundred thousand lines is never all in memory
+
+
+def create_job(
+    session: Session,
+    *,
+    kind: JobKind,
+    preset: str,
+    params: dict,
+    items: Iterable[dict] = (),
+    total: int = 0,
+    data: dict | None = None,
+    output_preset: str | None = None,
+    tenant: str = "local",
+    idempotency_key: str | None = None,
+    request_digest: str | None = None,
+    **queued: str,
+) -> Job:
+    """A queued job with one item per entry of `items`, in their order, written a few thousand at a time.
+
+    An item is {"custom_id", "input"} and, for one that cannot run, "error": such an item is
+    finished from the start, so the runner never sees it. A job without items (a fit) counts
+    `total` (its steps). `queued` goes into the job's first event.
+    """
+    job = Job(
+        kind=kind.value,
+        preset=preset,
+        params=params,
+        data=data,
+        output_preset=output_preset,
+        tenant=tenant,
+        idempotency_key=idempotency_key,
+        request_digest=request_digest,
+        total=total,
+    )
+    session.add(job)
+    session.flush()
+    count = failed = 0
+    now = utcnow()
+    rows = []
+    for item in items:
+        error = item.get("error")
+        rows.append(
+            {
+                "job_id": job.id,
+                "index": count,
+                "custom_id": item.get("custom_id"),
+                "input": item["input"],
+                "error": error,
+                "finished_at": None if error is None else now,
+            }
+        )
+        count += 1
+        failed += error is not None
+        if len(rows) == _INSERT_CHUNK:
+            session.execute(insert(JobItem), rows)
+            rows = []
+    if rows:
+        session.execute(insert(JobItem), rows)
+    if count:
+        job.total, job.failed, job.progress = count, failed, failed / count
+    _add_event(session, job.id, "state", state=JobState.queued.value, **queued)
+    session.flush()
+    return job
 
 
 def create_generate_job(
@@ -30,60 +92,24 @@ def create_generate_job(
     idempotency_key: str | None = None,
     request_digest: str | None = None,
 ) -> Job:
-    """A queued generate job with one item per input, in input order."""
-    job = Job(
-        kind=JobKind.generate.value,
-        preset=preset,
-        params=params,
-        tenant=tenant,
-        idempotency_key=idempotency_key,
-        request_digest=request_digest,
-        total=len(inputs),
-    )
-    session.add(job)
-    session.flush()
-    rows = [
+    """A queued generate job with one item per input ({"custom_id", "prompt", ...}), in input order."""
+    items = (
         {
-            "job_id": job.id,
-            "index": index,
             "custom_id": None if entry.get("custom_id") is None else str(entry["custom_id"]),
             "input": {key: value for key, value in entry.items() if key != "custom_id"},
         }
-        for index, entry in enumerate(inputs)
-    ]
-    for start in range(0, len(rows), _INSERT_CHUNK):
-        session.execute(insert(JobItem), rows[start : start + _INSERT_CHUNK])
-    _add_event(session, job.id, "state", state=JobState.queued.value)
-    return job
-
-
-def create_fit_job(
-    session: Session,
-    *,
-    preset: str,
-    training_data: list[dict],
-    validation_data: list[dict] | None,
-    hyperparameters: dict,
-    output_preset: str,
-    tenant: str = "local",
-    idempotency_key: str | None = None,
-    request_digest: str | None = None,
-) -> Job:
-    job = Job(
-        kind=JobKind.fit.value,
+        for entry in inputs
+    )
+    return create_job(
+        session,
+        kind=JobKind.generate,
         preset=preset,
-        params=hyperparameters,
-        data={"training_data": training_data, "validation_data": validation_data or []},
-        output_preset=output_preset,
+        params=params,
+        items=items,
         tenant=tenant,
         idempotency_key=idempotency_key,
         request_digest=request_digest,
-        total=fit_steps(len(training_data), hyperparameters).total,
     )
-    session.add(job)
-    session.flush()
-    _add_event(session, job.id, "state", state=JobState.queued.value)
-    return job
 
 
 def get_job(session: Session, job_id: str, tenant: str | None = None) -> Job | None:
@@ -108,21 +134,35 @@ def list_jobs(
     before: str | None = None,
 ) -> list[Job]:
     """Newest first; `before` is the id of the last job of the previous page."""
-    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    query = select(Job)
     if tenant is not None:
         query = query.where(Job.tenant == tenant)
     if state is not None:
         query = query.where(Job.state == state)
     if kind is not None:
         query = query.where(Job.kind == kind)
-    if before is not None:
-        cursor = session.get(Job, before)
+    cursor = None if before is None else session.get(Job, before)
+    return list(session.scalars(keyset_page(query, Job, cursor, limit)))
+
+
+def keyset_page(query, table, cursor, limit: int, *, newest_first: bool = True):
+    """`query` ordered by (created_at, id), from just past `cursor` (the last row of the previous
+    page, or None for the first): no OFFSET, so a page costs the same however deep it is."""
+    if newest_first:
+        query = query.order_by(table.created_at.desc(), table.id.desc())
         if cursor is not None:
             query = query.where(
-                (Job.created_at < cursor.created_at)
-                | ((Job.created_at == cursor.created_at) & (Job.id < cursor.id))
+                (table.created_at < cursor.created_at)
+                | ((table.created_at == cursor.created_at) & (table.id < cursor.id))
             )
-    return list(session.scalars(query))
+    else:
+        query = query.order_by(table.created_at, table.id)
+        if cursor is not None:
+            query = query.where(
+                (table.created_at > cursor.created_at)
+                | ((table.created_at == cursor.created_at) & (table.id > cursor.id))
+            )
+    return query.limit(limit)
 
 
 def pending_items(
@@ -188,26 +228,6 @@ def record_results(session: Session, job_id: str, results: Iterable[ItemResult])
             )
         )
     return completed + failed
-
-
-@dataclass(frozen=True)
-class FitSteps:
-    """How a fit job's training divides into steps: its counts are steps, from submission on."""
-
-    batch_size: int
-    epochs: int
-    per_epoch: int
-
-    @property
-    def total(self) -> int:
-        return self.per_epoch * self.epochs
-
-
-def fit_steps(examples: int, hyperparameters: dict) -> FitSteps:
-    """The steps of `examples` training examples, as `CausalLM.fit` takes them (a last short batch is a step)."""
-    batch_size = hyperparameters.get("batch_size") or 8
-    epochs = hyperparameters.get("epochs") or 1
-    return FitSteps(batch_size, epochs, per_epoch=math.ceil(examples / batch_size))
 
 
 def set_steps(session: Session, job_id: str, done: int, total: int) -> None:

@@ -9,8 +9,8 @@ import pytest
 from service_support import PROMPTS, lease_runs_out, read_results, reference, write_prompts
 
 from lmq.api.cli import main
-from lmq.api.schemas import job_summary
 from lmq.core.config import load_settings
+from lmq.core.domain.jobs import create_fit_job, job_summary
 from lmq.core.store import queries, session_scope, sessions
 from lmq.workers.runner import JobRunner, pool_from_settings
 
@@ -155,7 +155,7 @@ class WorkerDied(BaseException):
 
 def fit_job(factory, preset, output, epochs=2):
     with session_scope(factory) as session:
-        return queries.create_fit_job(
+        return create_fit_job(
             session,
             preset=str(preset),
             training_data=[{"text": p} for p in PROMPTS],

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from lmq.api.schemas import SamplerConfig
+from lmq.core.domain.generation import SamplerConfig
 from lmq.core.names import DTYPES, SAMPLER_ARGUMENTS, SAMPLER_NAMES, TERMINAL_STATES, JobState
 
 # A value inside the API's bounds for each argument a sampler may take.

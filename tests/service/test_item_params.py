@@ -6,7 +6,8 @@ import shutil
 
 import pytest
 
-from lmq.api.schemas import job_summary, result_line
+from lmq.api.schemas import result_line
+from lmq.core.domain.jobs import job_summary
 from lmq.core.config import load_settings
 from lmq.core.store import queries, session_scope, sessions
 from lmq.workers.runner import JobRunner, pool_from_settings
@@ -183,7 +184,7 @@ def test_chat_messages_run_through_the_presets_template(lmq_home, tmp_path, tiny
 def test_an_inputs_params_are_checked_as_the_jobs_are(params, field):
     from pydantic import ValidationError
 
-    from lmq.api.schemas import field_name, parse_job, problems
+    from lmq.core.domain.requests import field_name, parse_job, problems
     from lmq.core.config import Limits
 
     body = {"kind": "generate", "preset": "x", "inputs": [{"prompt": "a"}, {"prompt": "b", "params": params}]}

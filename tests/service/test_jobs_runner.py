@@ -11,7 +11,8 @@ import pytest
 import torch
 from service_support import lease_runs_out
 
-from lmq.api.schemas import job_summary, result_line
+from lmq.api.schemas import result_line
+from lmq.core.domain.jobs import job_summary
 from lmq.core.config import load_settings
 from lmq.core.store import leases, queries, session_scope, sessions
 from lmq.workers.pool import ModelPool

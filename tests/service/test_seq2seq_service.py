@@ -12,6 +12,7 @@ from worker_support import broker, events, finished, results, submit, wait_for, 
 
 from lmq.api.cli import main
 from lmq.core.config import load_settings
+from lmq.core.domain.jobs import create_fit_job
 from lmq.core.store import queries, session_scope, sessions
 from model_support import FIXTURES
 
@@ -232,7 +233,7 @@ def test_a_fit_job_whose_rows_its_preset_cannot_read_fails_saying_so(lmq_home, b
     preset, rows = (tiny_llama_preset, PAIRS) if causal else (bart_preset, [{"text": "some text"}])
     settings = load_settings()
     with session_scope(sessions(settings)) as session:
-        job_id = queries.create_fit_job(
+        job_id = create_fit_job(
             session, preset=str(preset), training_data=rows, validation_data=None, hyperparameters={},
             output_preset="never-made",
         ).id

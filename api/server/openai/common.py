@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
-from lmq.api import schemas
+from lmq.core.domain.requests import field_name, problems
 
 ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error"}
 OPENAI_ERRORS = {
@@ -48,10 +48,10 @@ def not_found(kind: str, identifier: str, param: str | None = None) -> OpenAIErr
 
 def validation_error(error: RequestValidationError) -> OpenAIError:
     """FastAPI's 422 as OpenAI's 400, naming the bad field (`metadata.k`, `limit`, ...) in `param`."""
-    found = schemas.problems(error.errors())
+    found = problems(error.errors())
     # ("body", "metadata", "k") -> "metadata.k"; a body that is not JSON at all, ("body", 0), is "body".
     names = [
-        schemas.field_name(loc[1:]) if len(loc) > 1 and isinstance(loc[1], str) else str(loc[0])
+        field_name(loc[1:]) if len(loc) > 1 and isinstance(loc[1], str) else str(loc[0])
         for loc in (problem["loc"] for problem in found)
     ]
     message = "; ".join(f"{name}: {problem['msg']}" for name, problem in zip(names, found[:10]))

@@ -8,7 +8,6 @@ existed: 404 either way.
 import logging
 import re
 from collections.abc import Iterator
-from pathlib import Path
 
 from fastapi import APIRouter, Body, Header, HTTPException, Query, Response
 from fastapi.exceptions import RequestValidationError
@@ -21,14 +20,21 @@ from lmq.api import schemas
 from lmq.api.server.auth import AUTH_ERRORS
 from lmq.api.server.dependencies import DispatchDep, SessionDep, SettingsDep, TenantDep
 from lmq.api.server.dispatch import BrokerUnavailable
-from lmq.api.jobs import InputsDontFitPreset, OutputPresetTaken, request_digest, store_job
 from lmq.api.suggest import did_you_mean, preset_names
 from lmq.core.config import Limits, Settings
+from lmq.core.domain.jobs import (
+    InputsDontFitPreset,
+    JobSummary,
+    OutputPresetTaken,
+    job_summary,
+    request_digest,
+    store_job,
+)
+from lmq.core.domain.presets import PresetNotAllowed, authorized_preset
+from lmq.core.domain.requests import job_request
 from lmq.core.logfmt import logfmt
-from lmq.core.names import JobKind, JobState, is_preset_name
-from lmq.core.presets import PresetNotFound
+from lmq.core.names import JobKind, JobState
 from lmq.core.store import queries, session_scope, sessions
-from lmq.core.store.presets import store_resolver
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 NDJSON = "application/x-ndjson"
@@ -47,9 +53,9 @@ def submit_router(limits: Limits) -> APIRouter:
     """POST /v1/jobs, whose body model carries this deployment's LMQ_MAX_* limits (so OpenAPI shows them)."""
     submitting = APIRouter(tags=["jobs"])
     # FastAPI reads this annotation at once (so this module has no `from __future__ import annotations`).
-    JobRequest = schemas.job_request(limits)
+    JobRequest = job_request(limits)
 
-    @submitting.post("/v1/jobs", status_code=202, response_model=schemas.JobOut, responses=SUBMIT_ERRORS)
+    @submitting.post("/v1/jobs", status_code=202, response_model=JobSummary, responses=SUBMIT_ERRORS)
     def submit_job(
         response: Response,
         job: JobRequest = Body(discriminator="kind"),
@@ -80,7 +86,7 @@ def submit(job: BaseModel, response: Response, idempotency_key: str | None, tena
                 raise HTTPException(409, detail=f"output_preset: {error}") from None
             except InputsDontFitPreset as error:
                 raise field_error(("body", *error.location), str(error)) from None
-            summary = schemas.job_summary(stored)
+            summary = job_summary(stored)
     except IntegrityError:
         # The same key arrived twice at once: the request that wrote first made the job.
         if idempotency_key is None:
@@ -122,15 +128,15 @@ def list_jobs(
     )
     page = jobs[:limit]
     return {
-        "jobs": [schemas.job_summary(job) for job in page],
+        "jobs": [job_summary(job) for job in page],
         "next_cursor": page[-1].id if len(jobs) > limit else None,
     }
 
 
-@router.get("/{job_id}", response_model=schemas.JobOut, responses=JOB_ERRORS)
+@router.get("/{job_id}", response_model=JobSummary, responses=JOB_ERRORS)
 def show_job(job_id: str, tenant: str = TenantDep, session: Session = SessionDep):
     """State, counts, progress, timings and error of one job."""
-    return schemas.job_summary(require_job(session, job_id, tenant))
+    return job_summary(require_job(session, job_id, tenant))
 
 
 @router.get(
@@ -162,11 +168,11 @@ def job_events(
     return {"events": [schemas.event_line(event) for event in queries.job_events(session, job_id, after)]}
 
 
-@router.post("/{job_id}/cancel", response_model=schemas.JobOut, responses=JOB_ERRORS)
+@router.post("/{job_id}/cancel", response_model=JobSummary, responses=JOB_ERRORS)
 def cancel_job(job_id: str, tenant: str = TenantDep, session: Session = SessionDep):
     """A queued job is cancelled at once; a running one stops at its next micro-batch or step."""
     require_job(session, job_id, tenant)
-    summary = schemas.job_summary(queries.request_cancel(session, job_id))
+    summary = job_summary(queries.request_cancel(session, job_id))
     logger.info(logfmt("job_state", job=job_id, state=summary["status"], cancel_requested=True, tenant=tenant))
     return summary
 
@@ -184,45 +190,16 @@ def replayed(response: Response, earlier, job: BaseModel, key: str) -> dict:
         )
     response.headers["Location"] = f"/v1/jobs/{earlier.id}"
     response.headers["Idempotent-Replayed"] = "true"
-    return schemas.job_summary(earlier)
+    return job_summary(earlier)
 
 
 def checked_preset(session: Session, settings: Settings, handle: str, tenant: str) -> str:
-    """The preset a job records: the handle as given, but a local directory as its absolute path
-    (workers do not share the API's working directory).
-
-    A 4xx for a handle the workers could not load, a path outside
-    LMQ_PRESET_ROOTS, or another tenant's preset (by name or by its directory
-    in the store): one message for every refusal, so that a client cannot
-    learn which directories, users or other tenants' presets exist.
-    """
+    """The preset a job records (`authorized_preset`), or a 422 on `preset` naming the closest names."""
     try:
-        location = store_resolver(session, tenant=tenant, local_roots=settings.preset_roots).locate(handle)
-        if is_preset_name(handle) and queries.get_preset(session, handle, tenant) is not None:
-            return handle
-        if not store_directory_usable(session, settings, location, tenant):
-            raise PresetNotFound(handle)
-        return location
-    except PresetNotFound:
+        return authorized_preset(session, settings, handle, tenant)
+    except PresetNotAllowed as refusal:
         suggestion = did_you_mean(handle, preset_names(session, tenant))
-        raise field_error(
-            ("body", "preset"),
-            f"preset {handle!r} is not in the preset store, not a built-in name, not an hf:// or "
-            f"kaggle:// handle, and not a directory under LMQ_PRESET_ROOTS{suggestion}",
-        ) from None
-
-
-def store_directory_usable(session: Session, settings: Settings, location: str, tenant: str) -> bool:
-    """Whether a local directory may be named by its path: anywhere outside the preset store;
-    inside it, neither a fit's unfinished output (a dot name) nor a preset this tenant may not use."""
-    store = settings.preset_store.resolve()
-    path = Path(location)
-    if not path.is_absolute() or not path.is_relative_to(store) or path == store:
-        return True
-    top = path.relative_to(store).parts[0]
-    if top.startswith("."):
-        return False
-    return queries.get_preset(session, top) is None or queries.get_preset(session, top, tenant) is not None
+        raise field_error(("body", "preset"), f"{refusal}{suggestion}") from None
 
 
 def field_error(location: tuple, message: str) -> RequestValidationError:

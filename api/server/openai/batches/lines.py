@@ -2,9 +2,10 @@
 
 A line is `{"custom_id", "method": "POST", "url", "body"}`; its body is what
 the same request to /v1/completions or /v1/chat/completions would carry.
-`parse_line` turns it into the input of a job item (`{"prompt"}` or
-`{"messages"}`, with the line's own `params`), or raises LineError saying
-what is wrong with it: a bad line is that line's error, not the batch's.
+`parse_line` turns it into a generate item (`{"prompt"}` or `{"messages"}`,
+with the line's own `params`), checked by the model every generate item is
+checked by (lmq.core.domain.generation), or raises LineError saying what is
+wrong with it: a bad line is that line's error, not the batch's.
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Iterator, Literal, Union
 
-from pydantic import Field, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 
-from lmq.api.schemas import MAX_SEED, Strict, field_name, problems, text
 from lmq.core.config import Limits
+from lmq.core.domain.fields import MAX_SEED, Strict, text
+from lmq.core.domain.generation import generate_models
+from lmq.core.domain.requests import field_name, problems
 from lmq.core.store.batch_files import CHAT, COMPLETIONS
 
 ENDPOINTS = (COMPLETIONS, CHAT)
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat runs to the end of the turn
+CUSTOM_ID = TypeAdapter(text(256, label=True))
 
 
 class LineError(ValueError):
@@ -111,10 +115,12 @@ def parse_line(raw: bytes, number: int, endpoint: str, limits: Limits) -> Reques
     if not isinstance(line, dict):
         raise LineError("invalid_json", f"line {number} is a JSON {type(line).__name__}, not an object")
     custom_id = line.get("custom_id")
-    if not isinstance(custom_id, str) or not 1 <= len(custom_id) <= 256 or not is_label(custom_id):
+    try:
+        CUSTOM_ID.validate_python(custom_id)
+    except ValidationError:
         raise LineError(
             "invalid_request", f"line {number}: custom_id must be a string of 1 to 256 characters", param="custom_id"
-        )
+        ) from None
     unknown = sorted(set(line) - {"custom_id", "method", "url", "body"})
     if unknown:
         raise LineError("invalid_request", f"line {number}: unknown field {unknown[0]!r}", custom_id, unknown[0])
@@ -131,25 +137,17 @@ def parse_line(raw: bytes, number: int, endpoint: str, limits: Limits) -> Reques
         raise LineError("invalid_request", f"line {number}: body must be a JSON object", custom_id, "body")
     try:
         body = body_models(limits)[endpoint].model_validate(line["body"])
+        item = generate_models(limits).item.model_validate({"custom_id": custom_id, **item_input(body, endpoint)})
     except ValidationError as error:
         found = problems(error.errors())[0]
         param = "body." + field_name(found["loc"])
         raise LineError("invalid_request", f"line {number}: {param}: {found['msg']}", custom_id, param) from None
-    return Request(custom_id, body.model, item_input(body, endpoint))
-
-
-def is_label(value: str) -> bool:
-    """Storable in a plain SQL column: no NUL, no lone surrogates."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return "\x00" not in value
+    return Request(custom_id, body.model, item.stored_input())
 
 
 def item_input(body, endpoint: str) -> dict:
-    """The job item's input: the text to continue (a prompt, or messages the runner renders with the
-    preset's chat template) and this line's own generation settings."""
+    """The generate item the line asks for: the text to continue (a prompt, or messages the runner
+    renders with the preset's chat template) and this line's own generation settings."""
     params = {"sampler": sampler(body.temperature, body.top_p)}
     if endpoint == COMPLETIONS:
         prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]

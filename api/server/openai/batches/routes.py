@@ -18,8 +18,8 @@ from lmq.api.server.dependencies import DispatchDep, SessionDep, SettingsDep, Te
 from lmq.api.server.openai.batches.service import batch_object, batch_status, start_validation
 from lmq.api.server.openai.common import OPENAI_ERRORS, OpenAIError, OpenAIRoute, not_found, page, unix
 from lmq.api.server.openai.batches.lines import ENDPOINTS
-from lmq.api.schemas import Strict, text
 from lmq.core.config import Settings
+from lmq.core.domain.fields import Strict, text
 from lmq.core.names import is_preset_name
 from lmq.core.plugins import get_registry
 from lmq.core.store import queries, session_scope, sessions

@@ -19,15 +19,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
 
-from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session
 
 from lmq.api.server.dispatch import BrokerUnavailable
-from lmq.api.jobs import SEQ2SEQ, preset_task_kind
 from lmq.api.server.openai.common import unix
 from lmq.api.server.openai.batches.lines import CHAT, LineError, Request, parse_line, read_lines
 from lmq.core.config import Settings
-from lmq.core.names import TERMINAL_STATES, JobState
+from lmq.core.domain.jobs import preset_task_kind
+from lmq.core.domain.presets import PresetNotAllowed, authorized_preset
+from lmq.core.names import TERMINAL_STATES, JobState, TaskKind
 from lmq.core.presets import PresetNotFound
 from lmq.core.store import session_scope, sessions
 from lmq.core.store.batch_files import deadline, finalize_job_batch, past_window
@@ -60,7 +60,7 @@ class NotABatchFile(ValueError):
 
 
 class Models:
-    """Which model names this tenant may use, each looked up once (a preset as a /v1/jobs job may name it)."""
+    """Which model names this tenant may use, each looked up once (`authorized_preset`, as for /v1/jobs)."""
 
     def __init__(self, session: Session, settings: Settings, tenant: str):
         self.session, self.settings, self.tenant = session, settings, tenant
@@ -68,20 +68,18 @@ class Models:
 
     def locate(self, name: str) -> str | None:
         """The preset the job records for model `name`; None when the tenant has no such model."""
-        from lmq.api.server.routes.jobs import checked_preset
-
         if name not in self.found:
             if len(self.found) >= MAX_MODEL_LOOKUPS:
                 return None
             try:
-                self.found[name] = checked_preset(self.session, self.settings, name, self.tenant)
-            except RequestValidationError:
+                self.found[name] = authorized_preset(self.session, self.settings, name, self.tenant)
+            except PresetNotAllowed:
                 self.found[name] = None
         return self.found[name]
 
 
-def task_of(session: Session, preset: str, tenant: str) -> str | None:
-    """The preset's task ("causal_lm", "seq2seq_lm") from its config.json, as /v1/jobs tells it; None if not local."""
+def task_of(session: Session, preset: str, tenant: str) -> TaskKind | None:
+    """The preset's task from its config.json, as /v1/jobs tells it; None if not local."""
     try:
         return preset_task_kind(store_resolver(session, tenant=tenant).locate(preset))
     except PresetNotFound:
@@ -131,7 +129,7 @@ def batch_model(path: Path, endpoint: str, settings: Settings, models: Models) -
 
 
 def job_items(
-    path: Path, batch: OpenAIBatch, model: str, settings: Settings, models: Models, seq2seq: bool
+    path: Path, batch: OpenAIBatch, model: str, settings: Settings, models: Models, task: TaskKind
 ) -> Iterator[dict]:
     """One item per line, in order; a line that cannot run is an item with its error (and its error's code).
     A sequence-to-sequence model (Bart) reads a completion's prompt as its encoder text and has no chat."""
@@ -160,15 +158,15 @@ def job_items(
                     "(a batch runs one model)"
                 )
                 yield refused(request.custom_id, "model_mismatch", message)
-        elif seq2seq and "messages" in request.input:
+        elif task is TaskKind.seq2seq_lm and "messages" in request.input:
             seen.add(request.custom_id)
             message = f"line {number}: model {model!r} is a sequence-to-sequence model: send /v1/completions prompts"
             yield refused(request.custom_id, "model_not_supported", message)
         else:
             seen.add(request.custom_id)
             source = request.input
-            if seq2seq:
-                source = {"encoder_text": source["prompt"], "params": source["params"]}
+            if task is TaskKind.seq2seq_lm:
+                source = {task.prompt_field: source["prompt"], "params": source["params"]}
             yield {"custom_id": request.custom_id, "input": source}
 
 
@@ -197,10 +195,10 @@ def validate(settings: Settings, dispatch, batch_id: str) -> None:
                 )
             models = Models(session, settings, batch.tenant)
             model, preset = batch_model(path, batch.endpoint, settings, models)
-            seq2seq = task_of(session, preset, batch.tenant) == SEQ2SEQ
+            task = task_of(session, preset, batch.tenant) or TaskKind.causal_lm
             # A completion is what follows the prompt, cut from the whole text at render time (see
             # completion_text); a chat reply, or a Bart's output, is the generated text alone.
-            keeps_prompt = batch.endpoint != CHAT and not seq2seq
+            keeps_prompt = batch.endpoint != CHAT and task is TaskKind.causal_lm
             job = create_batch_job(
                 session,
                 batch_id,
@@ -208,7 +206,7 @@ def validate(settings: Settings, dispatch, batch_id: str) -> None:
                 model=model,
                 params={"strip_prompt": not keeps_prompt},
                 tenant=batch.tenant,
-                items=job_items(path, batch, model, settings, models, seq2seq),
+                items=job_items(path, batch, model, settings, models, task),
             )
             if job is None:
                 session.rollback()
