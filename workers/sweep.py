@@ -32,7 +32,6 @@ from collections import defaultdict
 from celery import Celery
 
 from lmq.core.config import Settings
-from lmq.core.names import JobState
 from lmq.core.store import leases, session_scope, sessions
 from lmq.workers.celery_app import RUN_JOB_TASK, queue_for
 from lmq.workers.recovery import Sweeping, jobs_needing_a_worker, tend_batches
@@ -48,7 +47,7 @@ def sweep(app: Celery, settings: Settings) -> list[str]:
         by_queue[queue_for(job.kind, job.preset, settings)].append(job)
     sent = []
     for queue, jobs in by_queue.items():
-        expired = [job for job in jobs if not_sent_since_expiry(job)]
+        expired = [job for job in jobs if job.lost]
         waiting = [job for job in jobs if job not in expired]
         lost = expired + (waiting if waiting and messages_on(app, queue) < len(waiting) else [])
         for job in lost:
@@ -60,12 +59,6 @@ def sweep(app: Celery, settings: Settings) -> list[str]:
     if sent:
         logger.warning("sweep: sent %d job(s) again: %s", len(sent), ", ".join(sent))
     return sent
-
-
-def not_sent_since_expiry(job: leases.Waiting) -> bool:
-    if job.state == JobState.queued.value:
-        return False
-    return job.enqueued_at is None or job.lease_expires_at is None or job.enqueued_at < job.lease_expires_at
 
 
 def messages_on(app: Celery, queue: str) -> int:

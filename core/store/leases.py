@@ -55,11 +55,13 @@ def claim(session: Session, job_id: str, worker: str, lease_s: float) -> Job | N
     is gone is cancelled here.
     """
     release_locks_if_paused(session)
-    job = session.get(Job, job_id, with_for_update=True)
-    if job is None or job.state in TERMINAL_STATES:
-        return None
     now = utcnow()
-    if job.state in HELD_STATES and not has_expired(job, now):
+    query = select(Job, lease_expired(now)).where(Job.id == job_id).with_for_update()
+    found = session.execute(query.execution_options(populate_existing=True)).one_or_none()
+    if found is None or found[0].state in TERMINAL_STATES:
+        return None
+    job, expired = found
+    if job.state in HELD_STATES and not expired:
         return None
     if job.state == JobState.cancelling.value:
         queries.finish_job(session, job_id, JobState.cancelled)
@@ -83,8 +85,14 @@ def claim(session: Session, job_id: str, worker: str, lease_s: float) -> Job | N
     return job
 
 
-def has_expired(job: Job, now: datetime) -> bool:
-    return job.lease_expires_at is None or job.lease_expires_at <= now
+def lease_expired(now: datetime):
+    """The expired-lease rule, stated here only (as SQL): no lease, or one not renewed before `now`."""
+    return or_(Job.lease_expires_at.is_(None), Job.lease_expires_at <= now)
+
+
+def not_sent_since_expiry():
+    """No message for the job was sent since its lease ran out: any the broker had is with the lost holder."""
+    return or_(Job.enqueued_at.is_(None), Job.lease_expires_at.is_(None), Job.enqueued_at < Job.lease_expires_at)
 
 
 def renew(session: Session, lease: Lease, lease_s: float) -> None:
@@ -117,6 +125,7 @@ class Waiting:
     state: str
     enqueued_at: datetime | None
     lease_expires_at: datetime | None
+    lost: bool  # held under an expired lease, and not sent since: the broker has no message for it
 
 
 def waiting_for_a_worker(session: Session, now: datetime, sent_before: datetime) -> list[Waiting]:
@@ -125,19 +134,15 @@ def waiting_for_a_worker(session: Session, now: datetime, sent_before: datetime)
     Queued jobs last sent (or made) before `sent_before`, and running ones whose lease
     has expired and that were not sent again since (or not since `sent_before`).
     """
-    last_sent = Job.enqueued_at
-    queued = and_(Job.state == JobState.queued.value, func.coalesce(last_sent, Job.created_at) < sent_before)
-    expired = and_(
-        Job.state.in_(HELD_STATES),
-        or_(Job.lease_expires_at.is_(None), Job.lease_expires_at <= now),
-        or_(last_sent.is_(None), last_sent < Job.lease_expires_at, last_sent < sent_before),
-    )
+    queued = and_(Job.state == JobState.queued.value, func.coalesce(Job.enqueued_at, Job.created_at) < sent_before)
+    lost = and_(Job.state.in_(HELD_STATES), lease_expired(now), not_sent_since_expiry())
+    expired = and_(Job.state.in_(HELD_STATES), lease_expired(now), Job.enqueued_at < sent_before)
     rows = session.execute(
-        select(Job.id, Job.kind, Job.preset, Job.state, Job.enqueued_at, Job.lease_expires_at)
-        .where(or_(queued, expired))
+        select(Job.id, Job.kind, Job.preset, Job.state, Job.enqueued_at, Job.lease_expires_at, lost.label("lost"))
+        .where(or_(queued, lost, expired))
         .order_by(Job.created_at)
     )
-    return [Waiting(*row) for row in rows]
+    return [Waiting(*row[:-1], lost=bool(row.lost)) for row in rows]
 
 
 def mark_sent(session: Session, job_id: str, last_seen: datetime | None) -> bool:
