@@ -65,8 +65,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from generate import build_models  # noqa: E402  (the bench's shared model)
 
 from lmq.core.config import load_settings  # noqa: E402
-from lmq.core.generation import DecoderOnlyModel, decode  # noqa: E402
-from lmq.core.generation.batch import PREFILL_CHUNK  # noqa: E402
+from lmq.core.generation import PREFILL_CHUNK, DecoderOnlyModel, decode  # noqa: E402
 from lmq.workers.batching import Prompt, cache_positions  # noqa: E402
 
 

@@ -1,54 +1,110 @@
-"""The one decode loop: every sampler, every model, through the same steps.
+"""The decode engine: one loop for every sampler and model, split the way vLLM's engine is.
 
-Each step the sampler chooses one token per row from the rows' logits, the
-batch appends them (stop tokens, token limits, stop strings and streaming are
-handled there, once), requests whose rows have all finished leave the batch,
-and the model runs the new tokens one step:
+- a ``Request`` (``request.py``) is plain data: prompt ids, limit, seed, stops, priority;
+- the ``Scheduler`` (``scheduler.py``) owns the waiting queue and, each step, a token
+  budget shared by the decoding rows (a token each) and prompt chunks;
+- the ``KVCacheManager`` (``kv_cache_manager.py``) allocates, frees and moves the
+  requests' cache row slots;
+- a ``StepInput`` (``input_batch.py``) is one step's tokens, flattened, as typed tensors;
+- the ``ModelRunner`` (``runner.py``) runs it through the model: hidden states, logits;
+- the running ``Batch`` (``batch.py``) holds the decoding rows, which the sampler acts on.
 
-    while waiting or batch.busy:
-        batch.add(...)                              # requests join while slots are free
-        batch.prefill()                             # their prompts (a chunk per step) into the cache
+Each step:
+
+    while waiting or in flight:
+        batch.admit(scheduler.admit())              # requests join while the cache has room
+        plan = scheduler.schedule(batch.decode_rows)  # decoding rows + prompt chunks, in budget
+        hidden = runner.run(cache, step input)      # one forward pass
+        batch.logits = ...; batch.join(ready, ...)  # decoding rows' logits; prompts that are in join
         tokens = sampler.choose(batch, batch.take_logits())
-        batch.append(tokens)
-        batch.drop_finished()
-        if batch.size and batch.logits is None:     # a look-ahead sampler left them
-            batch.step()                            # the next logits
+        batch.append(tokens)                        # stop tokens, limits, stop strings, streaming
+        batch.drop_finished()                       # finished requests leave; their slots are reused
 
 Samplers are strategies (``lmq.core.samplers``): a token sampler (greedy, top-k,
 top-p, random) picks from the logits; beam search ranks (beam x vocabulary)
 candidate sequences and reorders the rows with ``batch.select``; contrastive
-search runs its candidates through ``batch.look_ahead`` and keeps the best.
-Beam and contrastive take several rows per request (``rows_per_prompt``); a
-request finishes when all its rows have, and ``sampler.finish`` makes its result.
+search runs its candidates through ``batch.look_ahead`` and keeps the best, leaving
+the rows' next logits (so the next step runs no decode tokens for them). Beam and
+contrastive take several rows per request (``rows_per_prompt``); a request finishes
+when all its rows have, and ``sampler.finish`` makes its result.
 
-How the two next kinds of generation plug in, without a second loop:
-
-- An encoder-decoder model (Bart) is another model object with the calls of
-  ``DecoderOnlyModel``: its cache also holds each row's cross-attention keys and
-  values; ``prefill`` runs the encoder once over the requests' encoder tokens
-  (kept by the model, looked up by the request ids it receives), writes those keys
-  and values, and prefills the decoder start tokens, which are the prompt the engine
-  sees; ``step`` runs one decoder token per row against both; the cache's
-  ``move_rows``, ``select_rows`` and ``take`` move both parts, so beams, finished
-  rows and joining ones just work.
-- A continuously refilled batch keeps one ``Batch`` for the whole job and runs
-  this same loop. Its cache has a slot per row in flight (``lmq.core.layers.cache``):
-  between steps, after ``drop_finished`` has taken finished requests out (their
-  results are in ``batch.completions`` from then on, the last rows moved into the
-  freed slots), ``batch.add`` reserves slots for waiting prompts and ``batch.prefill``
-  runs their prompts in, a chunk of at most ``prefill_chunk`` tokens per step, so a
-  long prompt does not stall the others; a request whose prompt is in joins the
-  decoding rows with its next logits, at its own position. ``decode(..., max_rows=n,
-  max_cache_tokens=t)`` does this within a budget of rows and cache positions,
-  admitting the shortest waiting prompts first (several at once when several slots
-  are free), and hands each result to ``on_finish`` as its request finishes.
+An encoder-decoder model (Bart) is another model object with the calls of
+``DecoderOnlyModel``: its cache also holds each request's cross-attention keys and
+values, which its ``prefill`` writes from the encoder (inputs kept by the model, looked
+up by the request ids of the chunks), and the cache's ``move_rows``, ``select_rows``
+and ``take`` move both parts, so beams, finished rows and joining ones just work.
 """
-
-from collections import deque
 
 import torch
 
-from lmq.core.generation.batch import PREFILL_CHUNK, Batch
+from lmq.core.generation.batch import Batch
+from lmq.core.generation.kv_cache_manager import KVCacheManager
+from lmq.core.generation.request import Request
+from lmq.core.generation.runner import ModelRunner
+from lmq.core.generation.scheduler import PREFILL_CHUNK, Scheduler
+
+
+class Engine:
+    """One decoding job: its requests, scheduler, cache, runner and running batch."""
+
+    def __init__(self, model, sampler, requests, stop_strings=None, stream=None, on_finish=None, max_rows=None,
+                 max_cache_tokens=None, prefill_chunk=PREFILL_CHUNK, step_tokens=None):
+        if (max_rows is not None and max_rows < 1) or (max_cache_tokens is not None and max_cache_tokens < 1):
+            raise ValueError(
+                f"The row budget must be positive: max_rows={max_rows}, max_cache_tokens={max_cache_tokens}."
+            )
+        self.sampler = sampler
+        rows_per_request = sampler.rows_per_prompt(model.backbone.token_embedding.embeddings.shape[0])
+        max_requests = min(max_rows or len(requests), max(len(requests), 1))
+        max_length = max((r.need for r in requests), default=0)
+        self.cache_manager = KVCacheManager(
+            model, rows_per_request, max_length, max((len(r.prompt) for r in requests), default=0),
+            max_requests=max_requests, max_cache_tokens=max_cache_tokens,
+        )
+        if not getattr(model, "chunked_prefill", False):  # whole prompts only
+            prefill_chunk = None
+        self.scheduler = Scheduler(
+            requests, self.cache_manager, max_requests * rows_per_request, prefill_chunk, step_tokens
+        )
+        self.runner = ModelRunner(model)
+        stop_width = max((len(r.stop_token_ids) for r in requests), default=0)
+        self.batch = Batch(
+            model, self.runner, self.cache_manager, sampler, max_length, stop_width, stop_strings, stream, on_finish
+        )
+
+    def run(self, between_steps=None):
+        """Decodes every request; a ``DecodeResult``. ``between_steps()`` is called before
+        each step (a job runner checks for cancellation there; what it raises ends the job)."""
+        scheduler, batch = self.scheduler, self.batch
+        while scheduler.busy or batch.size:
+            if between_steps is not None:
+                between_steps()
+            batch.admit(scheduler.admit())
+            plan = scheduler.schedule(batch.decode_rows)
+            if plan.tokens:
+                self._forward(plan)
+            if batch.size:
+                batch.append(self.sampler.choose(batch, batch.take_logits()))
+                longest = batch.drop_finished()
+                if longest is not None:
+                    scheduler.finished(longest)
+        return batch.result()
+
+    def _forward(self, plan):
+        """One forward pass over the plan's tokens: the decoding rows' next logits, and the
+        requests whose prompts are now in join them with theirs."""
+        chunks = [
+            (self.cache_manager.first_slot(p.request.id), start, p.request.prompt[start:stop], p.request.id)
+            for p, start, stop in plan.chunks
+        ]
+        hidden = self.runner.run(self.cache_manager.cache, self.batch.step_input(chunks))  # [tokens, hidden]
+        ready = self.scheduler.prefilled(plan, hidden[plan.decode_rows :])
+        wanted = [hidden[: plan.decode_rows]] + [p.hidden[-1][-1:] for p in ready]  # the tokens to sample after
+        logits = self.runner.logits(torch.cat(wanted))
+        if plan.decode_rows:
+            self.batch.logits = logits[: plan.decode_rows]
+        if ready:
+            self.batch.join(ready, logits[plan.decode_rows :])
 
 
 @torch.inference_mode()
@@ -66,51 +122,32 @@ def decode(
     max_cache_tokens=None,
     between_steps=None,
     prefill_chunk=PREFILL_CHUNK,
+    step_tokens=None,
+    priorities=None,
 ):
     """Generates up to ``limits[i]`` tokens after ``prompts[i]`` (lists of ids); a ``DecodeResult``.
 
     ``model`` is the model side (``DecoderOnlyModel``); ``seeds[i]`` seeds request i's own
     random generator; ``stream(request, token_id)`` receives each new token and
     ``on_finish(request, completion)`` each result as its request finishes; ``stop_strings``
-    is a ``StopStrings``; ``between_steps()`` is called before each step (a job runner
-    checks for cancellation there; what it raises ends the decoding).
+    is a ``StopStrings``; ``between_steps()`` is called before each step.
 
     The budget: at most ``max_rows`` requests in flight, and at most ``max_cache_tokens``
     KV-cache positions (requests in flight x the positions the longest of them needs).
-    The others wait, shortest prompt first (neighbours of similar length pad little),
-    and join as finished ones leave. ``prefill_chunk``: the most prompt tokens prefilled
-    between two decode steps.
+    The others wait (by ``priorities[i]``, lower first, then shortest prompt first) and join
+    as finished ones leave. Each forward pass takes at most ``step_tokens`` tokens (default:
+    the rows in flight + ``prefill_chunk``): the decoding rows' and at most ``prefill_chunk``
+    prompt tokens of the requests being prefilled.
     """
-    if (max_rows is not None and max_rows < 1) or (max_cache_tokens is not None and max_cache_tokens < 1):
-        raise ValueError(f"The row budget must be positive: max_rows={max_rows}, max_cache_tokens={max_cache_tokens}.")
-    room = (
-        max((len(p) + limit for p, limit in zip(prompts, limits)), default=0),
-        max((len(p) for p in prompts), default=0),
+    requests = [
+        Request(
+            i, list(prompt), limit, seed=None if seeds is None else seeds[i], stop_token_ids=tuple(stop_token_ids),
+            priority=0 if priorities is None else priorities[i],
+        )
+        for i, (prompt, limit) in enumerate(zip(prompts, limits))
+    ]
+    engine = Engine(
+        model, sampler, requests, stop_strings, stream, on_finish, max_rows, max_cache_tokens, prefill_chunk,
+        step_tokens,
     )
-    max_rows = min(max_rows or len(prompts), max(len(prompts), 1))
-    waiting = deque(sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i)))
-    batch = Batch(
-        model, sampler, stop_token_ids, seeds, stop_strings, stream, on_finish,
-        room=room, max_rows=max_rows, max_cache_tokens=max_cache_tokens, prefill_chunk=prefill_chunk,
-    )
-    while waiting or batch.busy:
-        if between_steps is not None:
-            between_steps()
-        joining, longest = [], batch.longest
-        while waiting:  # rows join between steps, as many as the budget holds
-            need = len(prompts[waiting[0]]) + limits[waiting[0]]
-            if not batch.fits(len(joining) + 1, max(longest, need)):
-                break
-            joining.append(waiting.popleft())
-            longest = max(longest, need)
-        if joining:
-            batch.add([prompts[i] for i in joining], [limits[i] for i in joining], joining)
-        if batch.joining:
-            batch.prefill()
-        if batch.size:
-            tokens = sampler.choose(batch, batch.take_logits())
-            batch.append(tokens)
-            batch.drop_finished()
-            if batch.size and batch.logits is None:
-                batch.step()
-    return batch.result()
+    return engine.run(between_steps)

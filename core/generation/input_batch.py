@@ -1,0 +1,45 @@
+"""One step's input: the tokens of a forward pass, flattened, as typed tensors."""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepInput:
+    """The tokens one forward pass runs: first one per decoding row (cache rows
+    ``[0, decode_rows)``, each at its own position), then the prompt chunks, each a
+    run of consecutive positions of one cache row. No padding: ``token_ids`` holds
+    exactly the step's tokens.
+    """
+
+    token_ids: torch.Tensor  # [tokens] long
+    positions: torch.Tensor  # [tokens] long: each token's position in its sequence
+    token_rows: torch.Tensor  # [tokens] long: the cache row each token's keys go to
+    decode_rows: int  # the first tokens, one per cache row [0, decode_rows)
+    decode_width: int  # cache positions the decoding rows read: above each of their positions
+    chunks: tuple  # (cache row, start position, length) of each prompt chunk, in token order
+    requests: tuple  # the chunks' request ids (a model may keep more per request: an encoder's input)
+
+    @classmethod
+    def of(cls, decode_tokens, decode_positions, decode_width, chunks, device):
+        """``decode_tokens``/``decode_positions`` [rows] tensors; ``chunks``: (cache row, start,
+        token ids, request) per prompt chunk."""
+        rows = len(decode_tokens)
+        prompt_ids = [token for _, _, ids, _ in chunks for token in ids]
+        prompt_positions = [start + i for _, start, ids, _ in chunks for i in range(len(ids))]
+        prompt_rows = [row for row, _, ids, _ in chunks for _ in ids]
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+        return cls(
+            token_ids=torch.cat([decode_tokens, as_tensor(prompt_ids)]),
+            positions=torch.cat([decode_positions, as_tensor(prompt_positions)]),
+            token_rows=torch.cat([torch.arange(rows, device=device), as_tensor(prompt_rows)]),
+            decode_rows=rows,
+            decode_width=decode_width,
+            chunks=tuple((row, start, len(ids)) for row, start, ids, _ in chunks),
+            requests=tuple(request for *_, request in chunks),
+        )
+
+    @property
+    def tokens(self):
+        return len(self.token_ids)

@@ -1,0 +1,124 @@
+"""The KV-cache manager: which cache row slots each request in flight holds.
+
+The cache (``lmq.core.layers.cache``) has a fixed number of row slots. A request takes
+a slot group of ``rows_per_request`` neighbouring slots (one, or one per beam or
+contrastive candidate). The decoding requests, in the running batch's order, hold
+groups ``[0, decoding)`` - so a decode step reads a slice of the cache, not a copy - and
+the requests being prefilled the groups right after. When requests leave or finish
+their prefill, a few groups move (one request's rows each) to keep that order; nothing
+else is copied. A cache that is too small for a joining request is replaced by a larger
+one that takes the rows in flight.
+"""
+
+import torch
+
+
+class KVCacheManager:
+    """Allocates, frees and moves the slot groups of the requests in flight."""
+
+    def __init__(self, model, rows_per_request, max_length, prompt_width, max_requests=None, max_cache_tokens=None):
+        """``max_length``/``prompt_width``: the most positions and prompt tokens any request
+        of the job needs; ``max_requests`` requests and ``max_cache_tokens`` positions are
+        the most the cache is sized for (by default: as the first requests need)."""
+        self.model = model
+        self.rows_per_request = rows_per_request
+        self.max_length, self.prompt_width = max_length, prompt_width
+        self.max_requests, self.max_cache_tokens = max_requests, max_cache_tokens
+        self.cache = None
+        self.groups = self.length = 0  # what the cache holds: slot groups, positions per slot
+        self.decoding = 0  # requests decoding: groups [0, decoding)
+        self.prefilling = {}  # request id -> slot group, in the order the requests were admitted
+
+    @property
+    def in_flight(self):
+        return self.decoding + len(self.prefilling)
+
+    def fits(self, more, longest):
+        """Whether ``more`` requests can join, the longest of all then needing ``longest`` positions."""
+        requests = self.in_flight + more
+        if requests == 1:
+            return True
+        if self.max_requests is not None and requests > self.max_requests:
+            return False
+        return self.max_cache_tokens is None or requests * self.rows_per_request * longest <= self.max_cache_tokens
+
+    def allocate(self, requests, longest):
+        """Slot groups for ``requests`` (ids), the cache grown to ``longest`` positions if need be."""
+        self._reserve(self.in_flight + len(requests), longest)
+        for request in requests:
+            self.prefilling[request] = self.in_flight
+
+    def _reserve(self, groups, length):
+        """A cache with room for ``groups`` requests of ``length`` positions, the rows in flight kept.
+
+        A new cache is as long as the requests in flight need (grown by half again when
+        outgrown, so a long-tailed job reallocates a few times) and has as many slot groups
+        as the budget holds at that length.
+        """
+        if self.cache is not None and groups <= self.groups and length <= self.length:
+            return
+        if self.cache is not None and length > self.length:
+            length = max(length, self.length * 3 // 2)
+        length = min(max(length, self.length), self.max_length)
+        most = self.max_requests or groups
+        if self.max_cache_tokens is not None:
+            most = min(most, self.max_cache_tokens // (self.rows_per_request * length))
+        size = max(groups, most, self.groups if length == self.length else 0)
+        cache = self.model.new_cache(size * self.rows_per_request, length, self.prompt_width)
+        if self.cache is not None:
+            cache.take(self.cache, self.in_flight * self.rows_per_request)
+        self.cache, self.groups, self.length = cache, size, length
+
+    def first_slot(self, request):
+        """The cache slot a prefilling request's prompt goes into (its group's first)."""
+        return self.prefilling[request] * self.rows_per_request
+
+    def start_decoding(self, requests):
+        """``requests`` (prefilled) decode from now on, after the decoding ones: their groups
+        move into place, and a request of several rows gets its prompt in each of them."""
+        group = self.rows_per_request
+        if group > 1:
+            first = torch.tensor([self.first_slot(r) for r in requests], device=self.model.device)
+            within = torch.arange(1, group, device=first.device)
+            self.cache.move_rows(first.repeat_interleave(group - 1), (first[:, None] + within).flatten())
+        order = list(range(self.decoding)) + [self.prefilling.pop(r) for r in requests]
+        self._pack(order)
+
+    def leave(self, finished):
+        """The decoding requests of groups ``finished`` leave: the last decoding requests move
+        into their groups. Returns the new order: ``order[i]`` is the old group of group i."""
+        gone = set(finished)
+        kept = self.decoding - len(gone)
+        movers = iter([g for g in range(kept, self.decoding) if g not in gone])
+        order = [g if g not in gone else next(movers) for g in range(kept)]
+        self._pack(order)
+        return order
+
+    def _pack(self, order):
+        """Moves slot groups so that the decoding requests, whose groups are ``order`` in their
+        new order, hold groups ``[0, len(order))`` and the prefilling ones the next."""
+        source, target = [], []
+        for to, of in enumerate(order):
+            if of != to:
+                source.append(of)
+                target.append(to)
+        first, last = len(order), len(order) + len(self.prefilling)
+        free = iter(sorted(set(range(first, last)) - set(self.prefilling.values())))
+        for request, group in self.prefilling.items():
+            if not first <= group < last:
+                source.append(group)
+                self.prefilling[request] = next(free)
+                target.append(self.prefilling[request])
+        if source:
+            self.cache.move_rows(self.slots(source), self.slots(target))
+        self.decoding = len(order)
+
+    def slots(self, groups):
+        """The cache slots of slot groups ``groups``, group by group."""
+        groups = torch.tensor(groups, dtype=torch.long, device=self.model.device)
+        within = torch.arange(self.rows_per_request, device=groups.device)
+        return (groups[:, None] * self.rows_per_request + within).flatten()
+
+    def select_rows(self, index):
+        """Decoding rows ``[0, len(index))`` take the cache rows ``index`` (beams reordered)."""
+        self.cache.select_rows(index)

@@ -1,0 +1,117 @@
+"""The scheduler: which requests join, and what each step's forward pass runs.
+
+It owns the waiting queue (by priority, then shortest prompt first: neighbours of
+similar length waste little) and admits requests while the KV-cache manager has room.
+Each step has a budget of ``step_tokens`` tokens, shared: every decoding row takes one
+(its newest token), and what is left goes to prompt chunks of the requests being
+prefilled, oldest first, at most ``prefill_chunk`` prompt tokens a step. So a long prompt
+goes in over several steps while the others keep decoding, and since the budget always
+leaves prompt tokens (it must exceed the rows in flight), the oldest prefilling request
+moves on every step: no admitted request waits forever.
+"""
+
+from collections import deque
+from dataclasses import dataclass, field
+
+PREFILL_CHUNK = 256  # the most prompt tokens of one step (chunked prefill)
+
+
+@dataclass
+class Prefill:
+    """A request being prefilled: its prompt is in the cache up to ``done``."""
+
+    request: object  # a Request
+    done: int = 0
+    hidden: list = field(default_factory=list)  # the prompt's hidden states, chunk by chunk
+
+    @property
+    def ready(self):
+        return self.done == len(self.request.prompt)
+
+
+@dataclass
+class StepPlan:
+    """One step's work: ``decode_rows`` running rows take a token, then prompt chunks."""
+
+    decode_rows: int
+    chunks: list  # (Prefill, start, stop): prompt tokens [start, stop) of that request
+
+    @property
+    def tokens(self):
+        return self.decode_rows + sum(stop - start for _, start, stop in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, requests, cache_manager, max_rows, prefill_chunk=PREFILL_CHUNK, step_tokens=None):
+        """``max_rows``: the most rows in flight (requests x rows per request); ``step_tokens``
+        (default: those rows + ``prefill_chunk``) must exceed them. ``prefill_chunk`` None:
+        prompts go in whole, for a model that cannot continue one (the oldest whatever its
+        length, the others while they fit the step)."""
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be positive, got {prefill_chunk}.")
+        self.chunked = prefill_chunk is not None
+        self.prefill_chunk = prefill_chunk if self.chunked else PREFILL_CHUNK
+        self.step_tokens = max_rows + self.prefill_chunk if step_tokens is None else step_tokens
+        if self.step_tokens <= max_rows:
+            raise ValueError(
+                f"step_tokens={self.step_tokens} leaves no prompt tokens beside {max_rows} decoding rows."
+            )
+        self.waiting = deque(sorted(requests, key=lambda r: (r.priority, len(r.prompt), r.id)))
+        self.cache_manager = cache_manager
+        self.prefilling = []  # Prefill records, oldest first
+        self.longest = 0  # the most positions a request in flight needs
+
+    @property
+    def busy(self):
+        return bool(self.waiting or self.prefilling)
+
+    def admit(self):
+        """Takes waiting requests while the cache has room (at least one when nothing runs):
+        the requests admitted, their slot groups allocated."""
+        admitted, joining, longest = [], [], self.longest
+        while self.waiting:
+            request = self.waiting[0]
+            if request.limit > 0:  # a request with nothing to generate takes no room
+                if not self.cache_manager.fits(len(joining) + 1, max(longest, request.need)):
+                    break
+                joining.append(request)
+                longest = max(longest, request.need)
+            admitted.append(self.waiting.popleft())
+        if joining:
+            self.cache_manager.allocate([r.id for r in joining], longest)
+            self.prefilling += [Prefill(r) for r in joining]
+            self.longest = longest
+        return admitted
+
+    def schedule(self, decode_rows):
+        """This step's plan: ``decode_rows`` rows decoding, then prompt chunks within the budget."""
+        budget = min(self.step_tokens - decode_rows, self.prefill_chunk)
+        chunks = []
+        for prefill in self.prefilling:
+            if budget <= 0:
+                break
+            stop = min(len(prefill.request.prompt), prefill.done + budget)
+            if not self.chunked and stop < len(prefill.request.prompt):
+                if chunks:
+                    break
+                stop = len(prefill.request.prompt)
+            chunks.append((prefill, prefill.done, stop))
+            budget -= stop - prefill.done
+        return StepPlan(decode_rows, chunks)
+
+    def prefilled(self, plan, hidden):
+        """Records the plan's chunks as done, ``hidden`` [chunk tokens, hidden] their hidden
+        states in order; returns the requests whose prompts are now in, oldest first."""
+        offset = 0
+        for prefill, start, stop in plan.chunks:
+            prefill.hidden.append(hidden[offset : offset + stop - start])
+            prefill.done = stop
+            offset += stop - start
+        ready = [p for p in self.prefilling if p.ready]
+        self.prefilling = [p for p in self.prefilling if not p.ready]
+        return ready
+
+    def finished(self, longest_decoding):
+        """Requests left: the most positions one in flight needs is now ``longest_decoding``
+        or a prefilling request's."""
+        self.longest = max([p.request.need for p in self.prefilling] + [longest_decoding])
