@@ -3,8 +3,9 @@
 `generate` and `fit` run one job here and now through the same job runner as
 the Celery workers; `submit` hands a job to the workers through the broker;
 `serve` runs the HTTP API; `jobs`, `presets`, `architectures` and `db` read
-and change the store. With `--server` (or LMQ_SERVER), `submit` and `jobs` go
-through a server's HTTP API instead (api/cli/remote.py).
+and change the store. `submit`, `jobs` and `presets share` are written once
+(api/cli/jobs.py) against the store (`Store`, here) or, with `--server` (or
+LMQ_SERVER), a server's HTTP API (api/cli/remote.py).
 
 Bad input is one line on stderr naming the problem, exit code 2, and nothing
 written: every input is read and checked before a job exists.
@@ -16,23 +17,28 @@ import argparse
 import json
 import os
 import sys
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import NoReturn
 
 import lmq.api.cli.remote as remote
 from lmq.api import schemas
 from lmq.api.cli.jobs import (
     BadInput,
+    Failed,
+    JobBackend,
     JobFromFlags,
     check_output,
-    no_jobs,
+    manage_jobs,
     report_finished,
     request_defaults,
     say_empty,
+    share,
+    submit,
     write_jsonl,
 )
 from lmq.api.server.auth import LOCAL_TENANT
-from lmq.api.cli.progress import Progress, follow_job, unit_of
+from lmq.api.cli.progress import Progress, unit_of
 from lmq.api.server.serving import ServeLimits, serve
 from lmq.api.suggest import did_you_mean, preset_names
 from lmq.core.chat_templates import CHAT_TEMPLATE_FILE, builtin_template_name, read_builtin_template
@@ -151,33 +157,84 @@ def cmd_submit(args) -> int:
     if output and not args.wait:
         raise BadInput("-o/--output needs --wait: a job's results are there once it has finished")
     check_output(output)
+    with backend(args) as jobs:
+        return submit(jobs, args)
+
+
+class Store:
+    """The commands' JobBackend through SQL: the store's own user sees every tenant's jobs and presets."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    @property
+    def sessions(self):
+        """Opened when first used: `lmq submit` refused before that leaves no database behind."""
+        return open_store(self.settings)
+
+    def submit(self, args) -> dict:
+        """Written to the store, then sent to the workers through the broker."""
+        from kombu.exceptions import OperationalError
+
+        from lmq.workers.celery_app import enqueue_job, make_celery
+
+        if self.settings.broker_url is None:
+            raise BadInput(
+                "LMQ_BROKER_URL is not set: give --server URL (or LMQ_SERVER) to submit to an lmq server, "
+                "or use `lmq generate` or `lmq fit` to run a job here"
+            )
+        job_id = create_job(self.settings, args.kind, args)
+        try:
+            enqueue_job(make_celery(self.settings), self.settings, job_id, args.kind)
+        except OperationalError as error:
+            raise Failed(f"job {job_id} could not be sent to the broker: {error}") from None
+        return self.job(job_id)
+
+    def jobs(self, status: str | None, kind: str | None, limit: int) -> list[dict]:
+        with session_scope(self.sessions) as session:
+            return [job_summary(job) for job in queries.list_jobs(session, state=status, kind=kind, limit=limit)]
+
+    def job(self, job_id: str) -> dict:
+        with session_scope(self.sessions) as session:
+            return job_summary(require_job(session, job_id))
+
+    def results(self, job_id: str) -> Iterator[dict]:
+        """Read as they are written out, from a session that lives as long as the writing."""
+        with session_scope(self.sessions) as session:
+            yield from map(schemas.result_line, queries.job_items(session, job_id))
+
+    def events(self, job_id: str, after: int = 0) -> list[dict]:
+        with session_scope(self.sessions) as session:
+            require_job(session, job_id)
+            return [schemas.event_line(event) for event in queries.job_events(session, job_id, after)]
+
+    def cancel(self, job_id: str) -> dict:
+        with session_scope(self.sessions) as session:
+            job = queries.request_cancel(session, job_id)
+            if job is None:
+                raise BadInput(f"no job {job_id!r}")
+            return job_summary(job)
+
+    def share(self, name: str, tenant: str) -> dict:
+        """The store's own user shares on the owner's behalf."""
+        with session_scope(self.sessions) as session:
+            preset = queries.get_preset(session, name)
+            if preset is None:
+                raise BadInput(f"no preset {name!r} in the store")
+            if not tenant or any(character.isspace() for character in tenant):
+                raise BadInput(f"tenant {tenant!r} is not a tenant name")
+            queries.share_preset(session, name, owner=preset.tenant, tenant=tenant)
+            return {"name": name, "shared_with": queries.preset_shares(session, name)}
+
+
+@contextmanager
+def backend(args) -> Iterator[JobBackend]:
+    """The server `--server` names (or LMQ_SERVER), else this machine's store."""
     if args.server:
-        return remote.submit(args)
-    from kombu.exceptions import OperationalError
-
-    from lmq.workers.celery_app import enqueue_job, make_celery
-
-    settings = load_settings()
-    if settings.broker_url is None:
-        raise BadInput(
-            "LMQ_BROKER_URL is not set: give --server URL (or LMQ_SERVER) to submit to an lmq server, "
-            "or use `lmq generate` or `lmq fit` to run a job here"
-        )
-    job_id = create_job(settings, args.kind, args)
-    try:
-        enqueue_job(make_celery(settings), settings, job_id, args.kind)
-    except OperationalError as error:
-        print(f"lmq: error: job {job_id} could not be sent to the broker: {error}", file=sys.stderr)
-        return 1
-    if args.wait:
-        return watch(settings, job_id, output)
-    return print_job(settings, job_id)
-
-
-def print_job(settings: Settings, job_id: str) -> int:
-    with session_scope(open_store(settings)) as session:
-        print(json.dumps(job_summary(require_job(session, job_id))))
-    return 0
+        with remote.server(args) as server:
+            yield server
+    else:
+        yield Store(load_settings())
 
 
 def require_job(session, job_id: str):
@@ -187,63 +244,19 @@ def require_job(session, job_id: str):
     return job
 
 
-def watch(settings: Settings, job_id: str, output: str | None = None) -> int:
-    """Follow a job until it finishes; its summary goes to stdout, and with `output` its results there."""
-    factory = open_store(settings)
-
-    def summary_of() -> dict:
-        with session_scope(factory) as session:
-            return job_summary(require_job(session, job_id))
-
-    def events_after(seen: int) -> list[dict]:
-        with session_scope(factory) as session:
-            return [schemas.event_line(event) for event in queries.job_events(session, job_id, seen)]
-
-    summary = follow_job(job_id, summary_of, events_after)
-    print(json.dumps(summary))
-    if output:
-        with session_scope(factory) as session:
-            write_results(session, job_id, output)
-    return report_finished(summary)
-
-
 def write_results(session, job_id: str, output: str | None) -> None:
     write_jsonl(map(schemas.result_line, queries.job_items(session, job_id)), output)
 
 
 def cmd_jobs(args) -> int:
-    if args.server:
-        return remote.jobs(args)
-    settings = load_settings()
-    if args.action == "watch":
-        return watch(settings, args.id)
-    with session_scope(open_store(settings)) as session:
-        if args.action == "list":
-            listed = queries.list_jobs(session, state=args.status, kind=args.kind, limit=args.limit)
-            for job in listed:
-                print(json.dumps(job_summary(job)))
-            if not listed:
-                say_empty(no_jobs(args))
-        elif args.action == "show":
-            print(json.dumps(job_summary(require_job(session, args.id)), indent=2))
-        elif args.action == "results":
-            require_job(session, args.id)
-            write_results(session, args.id, args.output)
-        elif args.action == "events":
-            require_job(session, args.id)
-            for event in queries.job_events(session, args.id):
-                print(json.dumps(schemas.event_line(event)))
-        elif args.action == "cancel":
-            job = queries.request_cancel(session, args.id)
-            if job is None:
-                raise BadInput(f"no job {args.id!r}")
-            print(json.dumps(job_summary(job)))
-    return 0
+    with backend(args) as jobs:
+        return manage_jobs(jobs, args)
 
 
 def cmd_presets(args) -> int:
-    if args.action == "share" and args.server:
-        return remote.share(args)
+    if args.action == "share":
+        with backend(args) as jobs:
+            return share(jobs, args)
     settings = load_settings()
     factory = open_store(settings)
     with session_scope(factory) as session:
@@ -265,8 +278,6 @@ def cmd_presets(args) -> int:
             print(json.dumps(summary, indent=2))
         elif args.action == "import":
             import_preset(settings, session, args.handle, args.name, args.tenant)
-        elif args.action == "share":
-            share_preset(session, args.name, args.tenant)
     return 0
 
 
@@ -310,17 +321,6 @@ def chat_template_source(path: str) -> str:
         return load_tokenizer(path, cls=object).chat_template_source
     except (ValueError, OSError) as error:  # a preset whose tokenizer does not load
         return f"unknown: its tokenizer does not load ({error})"
-
-
-def share_preset(session, name: str, tenant: str) -> None:
-    """`lmq presets share NAME TENANT`: the store's own user shares on the owner's behalf."""
-    preset = queries.get_preset(session, name)
-    if preset is None:
-        raise BadInput(f"no preset {name!r} in the store")
-    if not tenant or any(character.isspace() for character in tenant):
-        raise BadInput(f"tenant {tenant!r} is not a tenant name")
-    queries.share_preset(session, name, owner=preset.tenant, tenant=tenant)
-    print(json.dumps({"name": name, "shared_with": queries.preset_shares(session, name)}))
 
 
 def cmd_architectures(args) -> int:
@@ -582,6 +582,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except (BadInput, SettingsError) as error:
         fail(str(error))
+    except Failed as error:
+        print(f"lmq: error: {error}", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         # `lmq jobs results ID | head`: the reader has all it wants.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

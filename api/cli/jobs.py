@@ -5,17 +5,24 @@ the one job request model (`lmq.core.domain.requests.parse_job`, the model POST 
 uses, with the LMQ_MAX_* limits), so a bad job is refused here, in one line
 naming the flag or the file line, before anything is written or any model
 loads. Results are written as JSONL, and a finished job is reported in one line.
+
+`lmq submit`, `lmq jobs` and `lmq presets share` are written once here, against
+`JobBackend`: the store through SQL (commands.Store) or a server over HTTP
+(remote.Server), which give the same summaries, results and events.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Protocol
 
 from pydantic import BaseModel, ValidationError
 
 from lmq.api import schemas
+from lmq.api.cli.progress import follow_job
 from lmq.core.config import Limits
 from lmq.core.domain.fit import fit_models
 from lmq.core.domain.generation import generate_models
@@ -47,6 +54,10 @@ PHRASES = {
 
 class BadInput(Exception):
     """A problem with what the user asked for: exit 2, nothing written."""
+
+
+class Failed(Exception):
+    """The command could not be done (a broker or a server that fails or cannot be reached): exit 1."""
 
 
 # ---------------------------------------------------------------- input files
@@ -234,3 +245,65 @@ def report_finished(summary: dict) -> int:
         line += f": {summary['error']}"
     print(line, file=sys.stderr)
     return 0 if summary["status"] == "succeeded" else 1
+
+
+# ---------------------------------------------------------------- the commands, over SQL or HTTP
+
+
+class JobBackend(Protocol):
+    """Where the commands below act. A job is its summary (`lmq.core.domain.jobs.job_summary`);
+    an unknown one is BadInput."""
+
+    def submit(self, args) -> dict: ...  # the queued job `lmq submit KIND` describes
+    def jobs(self, status: str | None, kind: str | None, limit: int) -> Iterable[dict]: ...  # newest first
+    def job(self, job_id: str) -> dict: ...
+    def results(self, job_id: str) -> Iterable[dict]: ...
+    def events(self, job_id: str, after: int = 0) -> list[dict]: ...
+    def cancel(self, job_id: str) -> dict: ...
+    def share(self, name: str, tenant: str) -> dict: ...  # {"name", "shared_with"}
+
+
+def submit(backend: JobBackend, args) -> int:
+    """`lmq submit KIND`: the queued job's summary, or with --wait a progress bar until it finishes."""
+    summary = backend.submit(args)
+    if args.wait:
+        return follow(backend, summary["id"], getattr(args, "output", None))
+    print(json.dumps(summary))
+    return 0
+
+
+def manage_jobs(backend: JobBackend, args) -> int:
+    """`lmq jobs list|show|results|events|watch|cancel`."""
+    if args.action == "list":
+        count = 0
+        for count, job in enumerate(backend.jobs(args.status, args.kind, args.limit), start=1):
+            print(json.dumps(job))
+        if count == 0:
+            say_empty(no_jobs(args))
+    elif args.action == "show":
+        print(json.dumps(backend.job(args.id), indent=2))
+    elif args.action == "results":
+        backend.job(args.id)  # an unknown job is refused before an output file is opened
+        write_jsonl(backend.results(args.id), args.output)
+    elif args.action == "events":
+        write_jsonl(backend.events(args.id), None)
+    elif args.action == "watch":
+        return follow(backend, args.id)
+    elif args.action == "cancel":
+        print(json.dumps(backend.cancel(args.id)))
+    return 0
+
+
+def share(backend: JobBackend, args) -> int:
+    """`lmq presets share NAME TENANT`: let another tenant, or every tenant ("*"), use a preset."""
+    print(json.dumps(backend.share(args.name, args.tenant)))
+    return 0
+
+
+def follow(backend: JobBackend, job_id: str, output: str | None = None) -> int:
+    """A live progress bar until the job finishes; its summary goes to stdout, and with `output` its results there."""
+    summary = follow_job(job_id, lambda: backend.job(job_id), lambda seen: backend.events(job_id, after=seen))
+    print(json.dumps(summary))
+    if output:
+        write_jsonl(backend.results(job_id), output)
+    return report_finished(summary)
