@@ -23,8 +23,10 @@ SAMPLER_NAMES = tuple(SAMPLER_ARGUMENTS)
 
 DTYPES = ("float32", "float16", "bfloat16")
 
+# Anchored for OpenAPI (where "$" is the end of the text); Python's "$" also matches before a final
+# newline, so names are checked with fullmatch ("abc\n" is no name).
 PRESET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-_PRESET_NAME = re.compile(PRESET_NAME_PATTERN)
+_PRESET_NAME = re.compile(PRESET_NAME_PATTERN.strip("^$"))
 
 
 class TaskKind(str, enum.Enum):
@@ -84,7 +86,7 @@ TERMINAL_STATES = tuple(s.value for s in JobState if s.terminal)
 
 def is_preset_name(name: str | None) -> bool:
     """Whether `name` can be a store name (which is also a directory name)."""
-    return bool(_PRESET_NAME.match(name or ""))
+    return isinstance(name, str) and _PRESET_NAME.fullmatch(name) is not None
 
 
 def check_preset_name(name: str | None) -> str:

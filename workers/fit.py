@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 
 import keras
+from sqlalchemy.exc import IntegrityError
 
 from lmq.core.domain.fit import FIT_DEFAULTS, fit_steps
 from lmq.core.names import JobState, TaskKind
@@ -110,6 +111,15 @@ def restore_checkpoint(model, directory: Path) -> int:
     return epochs_done
 
 
+class OutputNameTaken(ValueError):
+    """The output name was taken by another job before this one could register it. The same words
+    whether that job ran at the same time or long before (another tenant's, which this job's
+    submission was not shown), and no server path."""
+
+    def __init__(self, name: str):
+        super().__init__(f"output_preset {name!r} was taken by another job before this one could register it; fit again under another name")
+
+
 def run_fit(attempt: Attempt, location: str) -> None:
     """Fine-tune the base preset at `location` as the job asks, under `attempt`'s lease."""
     job_id, settings = attempt.job_id, attempt.settings
@@ -126,9 +136,11 @@ def run_fit(attempt: Attempt, location: str) -> None:
     if registered is None and made_by(final) == job_id:  # the last attempt died between moving and registering
         _register(attempt, final, preset, output, {"training_examples": len(data["training_data"])}, None)
         return
+    if registered is not None or final.exists():  # another tenant's name, which its submission could not see
+        raise OutputNameTaken(output)
 
     started = time.perf_counter()
-    lm = load_task(location, params.get("dtype"))
+    lm = load_task(location, params.get("dtype"), budget_bytes=int(settings.model_memory_gb * 2**30))
     attempt.event("model", preset=preset, pool_hit=False, load_seconds=round(time.perf_counter() - started, 3))
 
     examples = training_examples(lm, data["training_data"])
@@ -220,7 +232,7 @@ def _save(lm, attempt: Attempt, final: Path) -> None:
     attempt.confirm()
     if final.exists():
         shutil.rmtree(partial, ignore_errors=True)
-        raise FileExistsError(f"preset directory {final} already exists")
+        raise OutputNameTaken(final.name)
     partial.rename(final)
 
 
@@ -243,6 +255,9 @@ def _register(attempt: Attempt, final: Path, base: str, name: str, details: dict
         attempt.write(register)
     except (LeaseLost, DatabaseUnavailable):
         raise  # the next attempt registers the directory (see made_by)
+    except IntegrityError:  # another job registered the name meanwhile
+        shutil.rmtree(final, ignore_errors=True)
+        raise OutputNameTaken(name) from None
     except Exception:
         shutil.rmtree(final, ignore_errors=True)
         raise

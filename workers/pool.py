@@ -22,10 +22,16 @@ from typing import Callable
 PoolKey = tuple[str, str | None]
 
 
-def load_task(location: str, dtype: str | None, device: str = "auto"):
-    """Build the task the preset names on ``device`` (keras/torch are imported here, not before)."""
+def load_task(location: str, dtype: str | None, device: str = "auto", budget_bytes: int | None = None):
+    """Build the task the preset names on ``device`` (keras/torch are imported here, not before); a
+    preset whose weights, as its config declares them, exceed ``budget_bytes`` is refused unbuilt."""
     from lmq.core.models import Task
+    from lmq.core.presets import PresetResolver
+    from lmq.core.presets.sizes import check_preset_fits
 
+    if budget_bytes is not None:
+        budget = f"the model pool's LMQ_MODEL_MEMORY_GB ({budget_bytes / 2**30:g} GiB)"
+        check_preset_fits(PresetResolver().files(location), budget_bytes, budget)
     return Task.from_preset(location, dtype=dtype, device=device)
 
 
@@ -57,9 +63,9 @@ class ModelPool:
         device: str = "auto",
     ):
         """``load(location, dtype)`` builds a task; by default ``load_task`` on ``device``
-        (``LMQ_DEVICE``'s values)."""
+        (``LMQ_DEVICE``'s values), refusing a preset whose weights alone exceed the budget."""
         self.budget_bytes = budget_bytes
-        self._load = load or functools.partial(load_task, device=device)
+        self._load = load or functools.partial(load_task, device=device, budget_bytes=budget_bytes)
         self._measure = measure
         self._pinned: OrderedDict[PoolKey, tuple[object, int]] = OrderedDict()
         self._lock = threading.Lock()

@@ -22,6 +22,7 @@ from lmq.api.server.openai.batches.service import validation_sweep
 from lmq.api.server.openai.files import routes as openai_files
 from lmq.api.server.routes import dashboard, health, jobs, presets
 from lmq.api.server.routes.metrics import add_metrics
+from lmq.api.server.utf8_bodies import Utf8Bodies
 from lmq.core.config import Settings, load_settings
 from lmq.core.domain.requests import field_name, problems
 from lmq.core.store import SchemaOutOfDate
@@ -56,6 +57,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(dashboard.router)
     app.include_router(openai_files.router)
     app.include_router(openai_batches.router)
+    # Innermost (added first), so its refusal reaches the route as raised, not inside another middleware's task group.
+    app.add_middleware(Utf8Bodies)
     add_metrics(app, settings)
     add_error_handlers(app)
     return app

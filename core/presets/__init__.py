@@ -23,10 +23,19 @@ def _files(preset, resolver):
     return (resolver or PresetResolver()).files(preset)
 
 
+def _check_fits_here(files, task=True):
+    """Refuse, before building, a preset whose declared sizes this machine's memory cannot hold: its
+    weights, and for a task one row's KV cache to its sequence length (``generate``'s default length)."""
+    from lmq.core.presets.sizes import check_preset_fits, machine_memory_bytes
+
+    check_preset_fits(files, machine_memory_bytes(), "this machine's memory", to_preset_length=task)
+
+
 def load_task(preset, cls, load_weights=True, dtype=None, resolver=None, **kwargs):
     from lmq.core.presets import keras_hub_format, transformers_import
 
     files = _files(preset, resolver)
+    _check_fits_here(files)
     if transformers_import.is_transformers_checkpoint(files):
         return transformers_import.load_task(files, cls, load_weights, dtype, **kwargs)
     return keras_hub_format.load_task(files, cls, load_weights, dtype, **kwargs)
@@ -36,6 +45,7 @@ def load_backbone(preset, cls, load_weights=True, dtype=None, resolver=None):
     from lmq.core.presets import keras_hub_format, transformers_import
 
     files = _files(preset, resolver)
+    _check_fits_here(files, task=False)
     if transformers_import.is_transformers_checkpoint(files):
         backbone = transformers_import.load_backbone(files, load_weights, dtype)
     else:

@@ -90,10 +90,14 @@ class PresetFiles:
 
     def read_json(self, relative, kind=dict):
         """The file's JSON, which must be a ``kind``."""
+        text = self.read_text(relative)
         try:
-            data = json.loads(self.read_text(relative))
-        except (json.JSONDecodeError, RecursionError) as error:
-            where = f" (line {error.lineno}, column {error.colno})" if isinstance(error, json.JSONDecodeError) else ""
+            data = json.loads(text)
+        except (ValueError, RecursionError) as error:  # bad syntax, a number of over 4300 digits, deep nesting
+            if isinstance(error, json.JSONDecodeError):
+                where = f" (line {error.lineno}, column {error.colno})"
+            else:
+                where = " (nested too deeply)" if isinstance(error, RecursionError) else " (a number too long to read)"
             raise self.error(relative, f"is not valid JSON{where}") from None
         if not isinstance(data, kind):
             raise self.error(relative, f"must hold a JSON {'object' if kind is dict else kind.__name__}")

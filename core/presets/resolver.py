@@ -24,7 +24,7 @@ from lmq.core.presets.files import PresetFiles
 REMOTE_SCHEMES = ("hf://", "kaggle://")
 # Files a preset can need; weights in pickle formats (*.bin, *.pth) are never fetched.
 HF_PATTERNS = ["*.json", "*.safetensors", "*.h5", "*.model", "*.spm", "*.txt", "assets/**"]
-_REMOTE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_REMOTE_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")  # fullmatch: "$" would pass a final newline
 
 
 class PresetNotFound(ValueError):
@@ -111,7 +111,7 @@ def remote_parts(handle):
     else:
         expected, shape = (4, 5), "kaggle://owner/model/framework/variant[/version]"
     parts = rest.split("/")
-    if len(parts) not in expected or not all(_REMOTE_PART.match(p) and ".." not in p for p in parts + revision):
+    if len(parts) not in expected or not all(_REMOTE_PART.fullmatch(p) and ".." not in p for p in parts + revision):
         raise PresetNotFound(f"Preset {handle!r}: expected {shape}.")
     return rest, (revision or [None])[0]
 

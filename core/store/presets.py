@@ -55,3 +55,52 @@ def preset_architecture(directory: Path) -> str | None:
     if architecture is None and "model_type" in config:
         architecture = registry.for_hf_model_type(config["model_type"], directory)
     return architecture.name if architecture else None
+
+
+
+class PresetRefused(ValueError):
+    """A local preset whose files do not parse, or whose declared sizes cannot fit this deployment."""
+
+
+def check_preset_for_job(location: str | Path, handle: str, settings, job=None) -> None:
+    """PresetRefused, naming the file or the field and the size, for the preset `handle` at
+    `location` (where a resolver found it) when its JSON does not parse or its declared sizes cannot fit the model pool's budget
+    or the LMQ_MAX_* limits; checked before a job is written or a preset imported. `job` (a checked
+    request) tells the length it decodes or trains to: its own max_length or sequence_length, else
+    none when max_new_tokens bounds every input, else the preset's. A remote handle (hf://,
+    kaggle://), or a directory without config.json, is left to the worker that loads it."""
+    from lmq.core.presets.sizes import PresetTooLarge, check_preset_fits, machine_memory_bytes
+
+    if not Path(location).is_dir():
+        return
+    files = PresetFiles(location, handle)
+    length, to_preset_length = _job_length(job)
+    try:
+        if not files.is_file("config.json"):  # not a preset yet: the runner names what it cannot load
+            return
+        check_preset_fits(
+            files,
+            int(settings.model_memory_gb * 2**30),
+            f"the model pool's LMQ_MODEL_MEMORY_GB ({settings.model_memory_gb:g} GiB)",
+            length=length,
+            to_preset_length=to_preset_length,
+            max_length=settings.limits.max_length,
+        )
+        if job is None:  # an import: the preset must load, as CausalLM.from_preset checks before building
+            check_preset_fits(files, machine_memory_bytes(), "this machine's memory", to_preset_length=True)
+    except (PresetFileError, PresetTooLarge) as error:
+        raise PresetRefused(str(error)) from None
+
+
+def _job_length(job) -> tuple[int | None, bool]:
+    """(the length `job` asks for, whether it runs to the preset's own sequence length)."""
+    if job is None:
+        return None, False
+    if job.kind == "fit":
+        return job.hyperparameters.sequence_length, job.hyperparameters.sequence_length is None
+    if job.params.max_length is not None:
+        return job.params.max_length, False
+    bounded = job.params.max_new_tokens is not None or all(
+        item.params is not None and item.params.max_new_tokens is not None for item in job.inputs
+    )
+    return None, not bounded

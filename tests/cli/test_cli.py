@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from hostile_presets import BIG_INTEGER, HOSTILE_PRESETS, make_hostile_preset
 
 from lmq.api.cli import main
 from lmq.core.config import load_settings
@@ -369,3 +370,72 @@ def test_presets_import_for_a_tenant_refuses_reserved_names_and_share_is_recorde
     assert code == 2 and "tenant 'team c' is not a tenant name" in err
     code, _, err = run_cli(capsys, "presets", "share", "nothing-here", "team-b")
     assert code == 2 and "no preset 'nothing-here'" in err
+
+
+# ---------------------------------------------------------------- issue 27: hostile inputs, one line each
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32"])
+def test_an_input_file_in_another_encoding_than_utf8_is_refused(capsys, lmq_home, tmp_path, preset_dir, encoding):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(json.dumps({"prompt": "Hello"}).encode(encoding) + "\n".encode(encoding))
+    for command in (["generate", "--preset", preset_dir, str(path)], ["fit", "--preset", preset_dir, str(path), "--output-preset", "x"]):
+        code, _, err = run_cli(capsys, *command)
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"{path} is not UTF-8" in err and "must be UTF-8 (RFC 8259" in err
+    assert nothing_written(lmq_home)
+
+
+def test_a_5000_digit_number_in_an_input_line_is_one_line(capsys, lmq_home, tmp_path, preset_dir):
+    path = write_jsonl(tmp_path / "in.jsonl", ['{"prompt": "x", "seed": ' + "9" * 5000 + "}"])
+    code, _, err = run_cli(capsys, "generate", "--preset", preset_dir, path)
+    assert code == 2 and err.count("\n") == 1 and "in.jsonl line 1: not valid JSON (a number too long" in err
+    assert nothing_written(lmq_home)
+
+
+@pytest.mark.parametrize("name", ["abc\n", "abc\r\n"])
+def test_a_name_with_a_newline_is_refused_by_fit_and_import(capsys, lmq_home, tmp_path, preset_dir, name):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "some text"}])
+    for command in (["fit", "--preset", preset_dir, train, "--output-preset", name], ["presets", "import", preset_dir, "--name", name]):
+        code, _, err = run_cli(capsys, *command)
+        assert code == 2 and err.count("\n") == 1 and f"preset name {name!r} is not valid" in err, err
+    assert not (lmq_home / "presets").exists()
+    if (lmq_home / "lmq.db").exists():
+        with session_scope(sessions(load_settings())) as session:
+            assert queries.list_jobs(session) == [] and queries.list_presets(session) == []
+
+
+@pytest.fixture(params=[BIG_INTEGER, *sorted(HOSTILE_PRESETS)])
+def hostile_preset(request, tmp_path):
+    """(its directory, what a refusal must say)"""
+    directory = make_hostile_preset(tmp_path / request.param, request.param)
+    said = "file config.json: is not valid JSON" if request.param == BIG_INTEGER else HOSTILE_PRESETS[request.param][2]
+    return str(directory), said
+
+
+def test_a_hostile_preset_is_refused_by_generate_fit_and_import(capsys, lmq_home, tmp_path, prompts, hostile_preset):
+    directory, said = hostile_preset
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "some text"}])
+    for command in (
+        ["generate", "--preset", directory, prompts],
+        ["fit", "--preset", directory, train, "--output-preset", "out"],
+        ["presets", "import", directory, "--name", "hostile"],
+    ):
+        code, _, err = run_cli(capsys, *command)
+        assert code == 2 and err.count("\n") == 1 and said in err, (command, err)
+        assert "Traceback" not in err
+    assert not (lmq_home / "presets" / "hostile").exists() and not (lmq_home / "presets" / "out").exists()
+    if (lmq_home / "lmq.db").exists():
+        with session_scope(sessions(load_settings())) as session:
+            assert queries.list_jobs(session) == [] and queries.list_presets(session) == []
+
+
+def test_fit_refuses_a_name_another_tenant_holds(capsys, lmq_home, tmp_path, preset_dir):
+    """The CLI's local user sees every tenant's presets, so for it such a name is simply taken."""
+    with session_scope(sessions(load_settings())) as session:
+        queries.register_preset(session, name="theirs", path=preset_dir, architecture=None, source=None, tenant="team-a")
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "some text"}])
+    code, _, err = run_cli(capsys, "fit", "--preset", preset_dir, train, "--output-preset", "theirs")
+    assert code == 2 and err.count("\n") == 1 and "preset 'theirs' already exists" in err
+    with session_scope(sessions(load_settings())) as session:
+        assert queries.list_jobs(session) == []

@@ -110,14 +110,18 @@ def test_a_builtin_name_in_the_store_does_not_shadow_the_builtin(server, team_a)
 
 
 def test_an_output_name_taken_or_pending_is_a_409_at_submission(team_a, team_b):
-    assert team_b.post("/v1/jobs", json=fit_body("team-a-model")).status_code == 409  # in the store
+    """For the tenant that can see it; another tenant's name is answered as a free one (issue 27)."""
+    assert team_a.post("/v1/jobs", json=fit_body("team-a-model")).status_code == 409  # in the store
     first = team_a.post("/v1/jobs", json=fit_body("wanted-twice"))
     assert first.status_code == 202
-    for client in (team_a, team_b):  # a queued fit's output is taken too
-        taken = client.post("/v1/jobs", json=fit_body("wanted-twice"))
-        assert taken.status_code == 409 and "already exists" in taken.json()["detail"]
-    assert team_a.post(f"/v1/jobs/{first.json()['id']}/cancel").json()["status"] == "cancelled"
-    assert team_b.post("/v1/jobs", json=fit_body("wanted-twice")).status_code == 202  # free again
+    taken = team_a.post("/v1/jobs", json=fit_body("wanted-twice"))  # a queued fit's output is taken too
+    assert taken.status_code == 409 and "already exists" in taken.json()["detail"]
+    hidden = team_b.post("/v1/jobs", json=fit_body("wanted-twice"))
+    assert hidden.status_code == 202  # team-b cannot tell that team-a's fit is making it
+    for job in (first, hidden):
+        assert team_a.post(f"/v1/jobs/{job.json()['id']}/cancel").status_code in (200, 404)
+    assert team_b.post(f"/v1/jobs/{hidden.json()['id']}/cancel").json()["status"] == "cancelled"
+    assert team_a.post("/v1/jobs", json=fit_body("wanted-twice")).status_code == 202  # free again
 
 
 # ---------------------------------------------------------------- tenants' presets

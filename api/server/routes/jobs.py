@@ -35,6 +35,7 @@ from lmq.core.domain.requests import job_request
 from lmq.core.logfmt import logfmt
 from lmq.core.names import JobKind, JobState
 from lmq.core.store import queries, session_scope, sessions
+from lmq.core.store.presets import PresetRefused, check_preset_for_job, store_resolver
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 NDJSON = "application/x-ndjson"
@@ -80,6 +81,10 @@ def submit(job: BaseModel, response: Response, idempotency_key: str | None, tena
                 if earlier is not None:
                     return replayed(response, earlier, job, idempotency_key)
             preset = checked_preset(session, settings, job.preset, tenant)
+            try:
+                check_preset_for_job(store_resolver(session, tenant=tenant).locate(preset), preset, settings, job)
+            except PresetRefused as error:
+                raise field_error(("body", "preset"), str(error)) from None
             try:
                 stored = store_job(session, job, preset, tenant=tenant, idempotency_key=idempotency_key)
             except OutputPresetTaken as error:

@@ -19,6 +19,7 @@ from typing import Annotated, Iterator, Literal, Union
 from pydantic import Field, TypeAdapter, ValidationError
 
 from lmq.core.config import Limits
+from lmq.core.utf8 import utf8_text
 from lmq.core.domain.fields import MAX_SEED, Strict, text
 from lmq.core.domain.generation import generate_models
 from lmq.core.domain.requests import field_name, problems
@@ -51,7 +52,8 @@ def max_line_bytes(limits: Limits) -> int:
 
 def read_lines(path: Path, limits: Limits) -> Iterator[tuple[int, bytes | LineError]]:
     """(line number, its bytes) for each line that is not blank, read one at a time; an over-long line
-    is skipped to its end and comes as a LineError."""
+    is skipped to its end and comes as a LineError. A line that is not UTF-8 is NotUtf8: the file as a
+    whole is refused, so that no line of a UTF-16 file (whose next lines json.loads would take) runs."""
     longest = max_line_bytes(limits)
     with path.open("rb") as source:
         number = 0
@@ -62,6 +64,7 @@ def read_lines(path: Path, limits: Limits) -> Iterator[tuple[int, bytes | LineEr
                     pass
                 yield number, LineError("line_too_long", f"line {number} is longer than {longest} bytes")
             elif line.strip():
+                utf8_text(line, f"line {number} of the input file")
                 yield number, line
 
 

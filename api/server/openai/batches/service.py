@@ -33,6 +33,7 @@ from lmq.core.store import session_scope, sessions
 from lmq.core.store.batch_files import deadline, finalize_job_batch, past_window
 from lmq.core.store.batches import create_batch_job, fail_validation, stale_validations, take_up_validation
 from lmq.core.store.models import Job, OpenAIBatch, utcnow
+from lmq.core.utf8 import NotUtf8
 from lmq.workers.recovery import Sweeping
 from lmq.core.store.presets import store_resolver
 
@@ -87,14 +88,17 @@ def task_of(session: Session, preset: str, tenant: str) -> TaskKind | None:
 
 
 def lines_of(path: Path, endpoint: str, settings: Settings) -> Iterator[tuple[int, Request | LineError]]:
-    for number, raw in read_lines(path, settings.limits):
-        if isinstance(raw, LineError):
-            yield number, raw
-            continue
-        try:
-            yield number, parse_line(raw, number, endpoint, settings.limits)
-        except LineError as error:
-            yield number, error
+    try:
+        for number, raw in read_lines(path, settings.limits):
+            if isinstance(raw, LineError):
+                yield number, raw
+                continue
+            try:
+                yield number, parse_line(raw, number, endpoint, settings.limits)
+            except LineError as error:
+                yield number, error
+    except NotUtf8 as error:  # the whole file is refused, lines that parsed too
+        raise NotABatchFile("invalid_file_encoding", f"the input file cannot run: {error}") from None
 
 
 def batch_model(path: Path, endpoint: str, settings: Settings, models: Models) -> tuple[str, str]:

@@ -17,6 +17,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from lmq.api.server.openai.common import OpenAIError
+from lmq.core.utf8 import NotUtf8, Utf8Check
 
 FIELD_BYTES = 1024  # a form field other than the file (purpose) is a short word
 
@@ -75,6 +76,7 @@ class _Parts:
                 raise OpenAIError(400, "send one file per upload", param="file", code="invalid_request")
             path = self.directory / f".upload-{secrets.token_hex(8)}"
             self._file = path.open("wb")
+            self._utf8 = Utf8Check("the file")
             self.upload = Upload(path, printable_name(filename), 0)
 
     def part_data(self, data, start, end):
@@ -87,6 +89,7 @@ class _Parts:
                     param="file",
                     code="file_too_large",
                 )
+            self._checked(data[start:end])
             self._file.write(data[start:end])
         else:
             self._value += data[start:end]
@@ -95,8 +98,16 @@ class _Parts:
                     400, f"form field {self._name!r} is too long", param=self._name, code="invalid_request"
                 )
 
+    def _checked(self, data: bytes, final: bool = False) -> None:
+        """A Batch file is JSONL, so UTF-8 (lmq.core.utf8): refused as a whole at its first other byte."""
+        try:
+            self._utf8.feed(data, final)
+        except NotUtf8 as error:
+            raise OpenAIError(400, str(error), param="file", code="invalid_file_encoding") from None
+
     def part_end(self):
         if self._file is not None:
+            self._checked(b"", final=True)
             self._file.close()
             self._file = None
         elif self._name:
