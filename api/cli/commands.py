@@ -50,7 +50,7 @@ from lmq.core.presets import PresetNotFound
 from lmq.core.presets.files import PresetFileError
 from lmq.core.store import SchemaOutOfDate, queries, session_scope, sessions
 from lmq.core.store.db import database_exists
-from lmq.core.store.presets import preset_architecture, store_resolver
+from lmq.core.store.presets import PresetRefused, check_preset_for_job, preset_architecture, store_resolver
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -96,9 +96,13 @@ def create_job(settings: Settings, kind: str, args) -> str:
     # Check against the store without creating it: bad input leaves no trace, not even a database.
     existing = open_store(settings) if database_exists(settings) else None
     with session_scope(existing) if existing else nullcontext() as session:
-        flags.check_fits(job, locate(session, job.preset))
+        location = locate(session, job.preset)
+        check_preset(location, job.preset, settings, job)
+        flags.check_fits(job, location)
     with session_scope(existing or open_store(settings)) as session:
         try:
+            if job.kind == JobKind.fit.value:  # the local user sees every tenant's names
+                check_output_name(session, job.output_preset)
             return store_job(session, job, job.preset, tenant=LOCAL_TENANT).id
         except OutputPresetTaken as error:  # the transaction is rolled back: no job either
             raise BadInput(str(error)) from None
@@ -113,6 +117,14 @@ def locate(session, handle: str, *, fetch: bool = False):
         return resolver.files(handle) if fetch else resolver.locate(handle)
     except PresetNotFound as error:
         raise BadInput(f"{error}{did_you_mean(handle, preset_names(session, LOCAL_TENANT))}") from None
+
+
+def check_preset(location, handle: str, settings: Settings, job=None) -> None:
+    """BadInput for a local preset whose JSON does not parse or whose sizes cannot fit (`check_preset_for_job`)."""
+    try:
+        check_preset_for_job(location, handle, settings, job)
+    except PresetRefused as error:
+        raise BadInput(str(error)) from None
 
 
 def check_name(name: str) -> None:
@@ -289,6 +301,7 @@ def import_preset(settings: Settings, session, handle: str, name: str, tenant: s
     except OutputPresetTaken as error:
         raise BadInput(str(error)) from None
     source = locate(session, handle, fetch=True)
+    check_preset(source.directory, handle, settings)
     target = settings.preset_store / name
     # A preset already in the store's directory (made under another LMQ_DATABASE_URL) is registered in place.
     if source.directory.resolve() != target.resolve():

@@ -28,6 +28,7 @@ from lmq.core.domain.fit import fit_models
 from lmq.core.domain.generation import generate_models
 from lmq.core.domain.jobs import InputsDontFitPreset, check_inputs_fit
 from lmq.core.domain.requests import field_name, parse_job, problems
+from lmq.core.utf8 import NotUtf8, utf8_text
 
 # What `lmq` reads from each line of an input file; other keys are the user's own and left alone.
 INPUT_FIELDS = {
@@ -66,23 +67,24 @@ class Failed(Exception):
 def read_jsonl(path: str) -> list[tuple[int, dict]]:
     """(line number, object) for each line of a JSONL file ("-" is stdin); blank lines are skipped."""
     name = source_name(path)
-    if path == "-":
-        lines = sys.stdin.read().splitlines()
-    else:
-        try:
-            lines = Path(path).read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            raise BadInput(f"input file {path!r} does not exist") from None
-        except (OSError, UnicodeDecodeError) as error:
-            raise BadInput(f"cannot read input file {path!r}: {error}") from None
+    try:
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+        lines = utf8_text(data, name).splitlines()
+    except FileNotFoundError:
+        raise BadInput(f"input file {path!r} does not exist") from None
+    except OSError as error:
+        raise BadInput(f"cannot read input file {path!r}: {error.strerror}") from None
+    except NotUtf8 as error:
+        raise BadInput(str(error)) from None
     rows = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise BadInput(f"{name} line {number}: not valid JSON ({error.msg})") from None
+        except (ValueError, RecursionError) as error:  # bad syntax, a number of over 4300 digits, deep nesting
+            reason = error.msg if isinstance(error, json.JSONDecodeError) else "a number too long, or nested too deeply"
+            raise BadInput(f"{name} line {number}: not valid JSON ({reason})") from None
         if not isinstance(row, dict):
             raise BadInput(f"{name} line {number}: expected a JSON object, got {type(row).__name__}")
         rows.append((number, row))
