@@ -508,6 +508,24 @@ def test_a_line_s_openai_settings_become_its_own_generate_params():
     assert "stop" not in chat.input["params"] and chat.input["params"]["max_new_tokens"] == 9
 
 
+
+def test_a_line_becomes_the_generate_item_a_jobs_input_with_the_same_settings_is():
+    """One item model checks both: a line's OpenAI settings and a /v1/jobs input's params give the same item."""
+    from lmq.api.server.openai.batches.lines import LineError, parse_line
+    from lmq.core.config import Limits
+    from lmq.core.domain.requests import parse_job
+
+    body = {"model": "m", "prompt": "Hi", "temperature": 0.5, "top_p": 0.9, "seed": 3, "max_tokens": 4, "stop": "."}
+    params = {"sampler": {"name": "top_p", "p": 0.9, "temperature": 0.5}, "seed": 3, "max_new_tokens": 4, "stop": ["."]}
+    job = parse_job({"kind": "generate", "preset": "m", "inputs": [{"prompt": "Hi", "params": params}]}, Limits())
+    assert parse(line("a", body)).input == job.inputs[0].stored_input()
+    # What the item model refuses in a /v1/jobs input, it refuses in a line: here a chat turn over LMQ_MAX_PROMPT_CHARS.
+    parts = [{"type": "text", "text": "abc"}, {"type": "text", "text": "def"}]
+    chat = line("b", {"model": "m", "messages": [{"role": "user", "content": parts}]}, "/v1/chat/completions")
+    with pytest.raises(LineError) as refused:
+        parse_line(json.dumps(chat).encode(), 7, "/v1/chat/completions", Limits(prompt_chars=4))
+    assert (refused.value.code, refused.value.param) == ("invalid_request", "body.messages[0].content")
+
 @pytest.mark.parametrize(
     "entry, code, param",
     [
