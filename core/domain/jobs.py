@@ -45,54 +45,32 @@ def store_job(
         location = None  # the caller checked the handle; a runner names what it cannot load
     check_inputs_fit(job, location)
     digest = request_digest(job) if idempotency_key else None
+    row = {"preset": preset, "tenant": tenant, "idempotency_key": idempotency_key, "request_digest": digest}
     if job.kind == JobKind.generate.value:
-        return queries.create_generate_job(
-            session,
-            preset=preset,
-            inputs=[item.model_dump(mode="json", exclude_none=True) for item in job.inputs],
-            params=job_params(job.params),
-            tenant=tenant,
-            idempotency_key=idempotency_key,
-            request_digest=digest,
-        )
+        inputs = [item.model_dump(mode="json", exclude_none=True) for item in job.inputs]
+        return queries.create_generate_job(session, inputs=inputs, params=job_params(job.params), **row)
     check_output_name(session, job.output_preset, tenant)
     return create_fit_job(
         session,
-        preset=preset,
-        training_data=[row.model_dump(exclude_none=True) for row in job.training_data],
-        validation_data=[row.model_dump(exclude_none=True) for row in job.validation_data or []],
+        training_data=[example.model_dump(exclude_none=True) for example in job.training_data],
+        validation_data=[example.model_dump(exclude_none=True) for example in job.validation_data or []],
         hyperparameters=job_params(job.hyperparameters),
         output_preset=job.output_preset,
-        tenant=tenant,
-        idempotency_key=idempotency_key,
-        request_digest=digest,
+        **row,
     )
 
 
 def create_fit_job(
-    session: Session,
-    *,
-    preset: str,
-    training_data: list[dict],
-    validation_data: list[dict] | None,
-    hyperparameters: dict,
-    output_preset: str,
-    tenant: str = "local",
-    idempotency_key: str | None = None,
-    request_digest: str | None = None,
+    session: Session, *, training_data: list[dict], validation_data: list[dict] | None, hyperparameters: dict, **job
 ) -> Job:
-    """A queued fit job, counted in training steps from the start."""
+    """A queued fit job, counted in training steps from the start; `job` as queries.create_job takes it."""
     return queries.create_job(
         session,
         kind=JobKind.fit,
-        preset=preset,
         params=hyperparameters,
         data={"training_data": training_data, "validation_data": validation_data or []},
         total=fit_steps(len(training_data), hyperparameters).total,
-        output_preset=output_preset,
-        tenant=tenant,
-        idempotency_key=idempotency_key,
-        request_digest=request_digest,
+        **job,
     )
 
 

@@ -82,17 +82,9 @@ def create_job(
     return job
 
 
-def create_generate_job(
-    session: Session,
-    *,
-    preset: str,
-    inputs: list[dict],
-    params: dict,
-    tenant: str = "local",
-    idempotency_key: str | None = None,
-    request_digest: str | None = None,
-) -> Job:
-    """A queued generate job with one item per input ({"custom_id", "prompt", ...}), in input order."""
+def create_generate_job(session: Session, *, inputs: list[dict], **job) -> Job:
+    """A queued generate job with one item per input ({"custom_id", "prompt", ...}), in input order;
+    `job` as create_job takes it (preset, params, tenant, ...)."""
     items = (
         {
             "custom_id": None if entry.get("custom_id") is None else str(entry["custom_id"]),
@@ -100,16 +92,7 @@ def create_generate_job(
         }
         for entry in inputs
     )
-    return create_job(
-        session,
-        kind=JobKind.generate,
-        preset=preset,
-        params=params,
-        items=items,
-        tenant=tenant,
-        idempotency_key=idempotency_key,
-        request_digest=request_digest,
-    )
+    return create_job(session, kind=JobKind.generate, items=items, **job)
 
 
 def get_job(session: Session, job_id: str, tenant: str | None = None) -> Job | None:
