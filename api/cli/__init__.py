@@ -1,5 +1,5 @@
-"""The ``lmq`` command: local commands (``commands``), jobs through SQL or over HTTP (``jobs``, ``remote``),
-the Python client (``client``) and the progress display (``progress``)."""
+"""The ``lmq`` command: its commands (``commands``), those written once over SQL or HTTP (``jobs``; the
+store in ``commands``, a server in ``remote``), the Python client (``client``) and the progress display (``progress``)."""
 
 from lmq.api.cli.commands import main
 
