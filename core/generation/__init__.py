@@ -4,7 +4,7 @@ from lmq.core.generation.batch import Batch
 from lmq.core.generation.engine import Engine, decode
 from lmq.core.generation.input_batch import StepInput
 from lmq.core.generation.kv_cache_manager import KVCacheManager
-from lmq.core.generation.model import DecoderOnlyModel, length_groups
+from lmq.core.generation.model import DecoderOnlyModel
 from lmq.core.generation.request import Request
 from lmq.core.generation.results import Completion, DecodeResult, FinishedRow, Generation
 from lmq.core.generation.runner import ModelRunner
@@ -28,5 +28,4 @@ __all__ = [
     "StepPlan",
     "StopStrings",
     "decode",
-    "length_groups",
 ]

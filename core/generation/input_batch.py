@@ -40,6 +40,22 @@ class StepInput:
             requests=tuple(request for *_, request in chunks),
         )
 
+    @classmethod
+    def of_prompts(cls, token_ids, rows, start=0):
+        """Prompt chunks of equal length: ``token_ids`` [batch, seq] from position ``start``
+        into cache ``rows`` [batch] (padding after a prompt goes in too, and means nothing)."""
+        batch, length = token_ids.shape
+        positions = torch.arange(start, start + length, device=token_ids.device)
+        return cls(
+            token_ids=token_ids.flatten(),
+            positions=positions.repeat(batch),
+            token_rows=rows.repeat_interleave(length),
+            decode_rows=0,
+            decode_width=0,
+            chunks=tuple((row, start, length) for row in rows.tolist()),
+            requests=(),
+        )
+
     @property
     def tokens(self):
         return len(self.token_ids)

@@ -4,7 +4,7 @@ import torch
 
 
 class ModelRunner:
-    """Runs a ``StepInput`` through a model (``DecoderOnlyModel`` or another with its calls)."""
+    """Runs a ``StepInput`` through a model (``DecoderOnlyModel``, or one with ``prefill`` and ``step``)."""
 
     def __init__(self, model):
         self.model = model
@@ -12,6 +12,13 @@ class ModelRunner:
     def run(self, cache, step):
         """The step's tokens through the model, their keys and values into ``cache``:
         hidden states [tokens, hidden], in the step's token order."""
+        if hasattr(self.model, "forward"):
+            return self.model.forward(cache, step)
+        return self._prefill_and_step(cache, step)
+
+    def _prefill_and_step(self, cache, step):
+        """A model without ``forward``: the decoding rows in one ``step`` call, then the
+        chunks in one ``prefill`` call per start position (right-padded)."""
         pieces = []  # hidden states of the decoding rows, then of each chunk
         if step.decode_rows:
             rows = slice(0, step.decode_rows)

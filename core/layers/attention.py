@@ -3,6 +3,11 @@
 One ``AttentionContext`` is built per forward pass (by the backbone) and shared
 by every layer: rotary tables, the mask, and where the cache is written;
 attention itself is ``torch.nn.functional.scaled_dot_product_attention``.
+
+A generation step is one flattened sequence of tokens from many requests (decoding
+rows, prompt chunks): the projections run on all of it at once, and attention runs
+per ``AttentionPart`` - the decoding rows together, each chunk over its own cache row -
+since torch has no variable-length attention kernel on every device.
 """
 
 import math
@@ -28,6 +33,23 @@ class AttentionContext:
     cache_rows: torch.Tensor | None = None  # prefill: the cache rows these prompts fill (default: all)
     write_positions: torch.Tensor | None = None  # [batch]: the cache slot of a one-token decode step
     key_length: int | None = None  # cache slots a decode step attends to
+    # A flattened step (batch 1, its tokens as the sequence): the parts that attend apart,
+    # and the cache row of each token.
+    parts: list | None = None
+    token_rows: torch.Tensor | None = None  # [tokens]; write_positions [tokens] are their slots in those rows
+
+
+@dataclass
+class AttentionPart:
+    """Queries of a flattened step that attend together: ``tokens`` of the step, ``queries``
+    consecutive ones for each of ``rows`` cache rows from ``first_row``, over each row's
+    first ``key_length`` cache slots."""
+
+    tokens: slice
+    first_row: int
+    rows: int
+    key_length: int
+    mask: torch.Tensor | None  # [rows, 1 or heads, queries, key_length], bool or additive; None: causal
 
 
 class CachedAttention(Projections):
@@ -122,9 +144,30 @@ class CachedAttention(Projections):
         if context.cos is not None:
             query = apply_rotary(query, context.cos, context.sin)
             key = apply_rotary(key, context.cos, context.sin)
+        if context.parts is not None:
+            return self._attend_parts(query, key, value, context)
         if context.cache is not None:
             key, value = context.cache.update(self.cache_index, key, value, context)
         return self.attend(query, key, value, context.mask, context.is_causal, training)
+
+    def _attend_parts(self, query, key, value, context):
+        """A flattened step: queries/keys/values [1, heads, tokens, head_dim] -> [1, tokens, hidden]."""
+        keys, values = context.cache.write(self.cache_index, key[0], value[0], context)  # [slots, heads, length, dim]
+        outputs = []
+        for part in context.parts:
+            rows = slice(part.first_row, part.first_row + part.rows)
+            queries = query[0, :, part.tokens].unflatten(1, (part.rows, -1)).transpose(0, 1)  # [rows, heads, q, dim]
+            out = torch.nn.functional.scaled_dot_product_attention(
+                queries,
+                keys[rows, :, : part.key_length],
+                values[rows, :, : part.key_length],
+                attn_mask=part.mask,
+                is_causal=part.mask is None,
+                enable_gqa=self.num_query_heads != self.num_key_value_heads,
+            )  # [rows, heads, queries, dim]
+            outputs.append(out.transpose(0, 1).flatten(1, 2))  # [heads, rows * queries, dim]
+        out = torch.cat(outputs, dim=1).transpose(0, 1).flatten(1)[None]  # [1, tokens, heads * dim]
+        return self._output(out)
 
     def attend(self, query, key, value, mask=None, is_causal=False, training=False):
         """Queries [batch, heads, seq, head_dim] over keys/values -> [batch, seq, hidden],
@@ -139,5 +182,8 @@ class CachedAttention(Projections):
             dropout_p=self.dropout if training else 0.0,
             enable_gqa=self.num_query_heads != self.num_key_value_heads,
         )  # [batch, heads, seq, head_dim]
-        out = out.transpose(1, 2).reshape(batch, seq, -1)
+        return self._output(out.transpose(1, 2).reshape(batch, seq, -1))
+
+    def _output(self, out):
+        """[batch, seq, heads * head_dim] -> [batch, seq, hidden] through the output projection."""
         return project(out, self.kernel("output_kernel"), None if self.output_bias is None else self.output_bias.value)

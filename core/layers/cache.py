@@ -7,6 +7,11 @@ moves the last row into its slot (``move_rows``, one row's copy) instead of copy
 the whole cache. Joining prompts are prefilled straight into free slots, in chunks
 when long (a prefill may start at any position). ``take`` fills a larger cache
 from a smaller one, for a batch whose requests outgrow it.
+
+A decoder-only model writes a generation step's tokens flattened (``place``, then
+``write`` in every layer: one scatter for every request's tokens) and reads each part
+of the step from ``key_positions``; an encoder-decoder's decoder writes padded rows
+(``update``, ``step``).
 """
 
 import torch
@@ -53,6 +58,23 @@ class KVCache:
         layer_values[self._rows[:rows], :, context.write_positions] = values[:, :, 0]
         return layer_keys[:rows, :, : context.key_length], layer_values[:rows, :, : context.key_length]
 
+    def place(self, token_rows, positions):
+        """Where a flattened step's tokens (rows and positions [tokens]) go in their rows: their slots [tokens]."""
+        return positions
+
+    def key_positions(self, first_row, rows, key_length):
+        """What ``rows`` rows from ``first_row`` read to see keys up to ``key_length``: how many
+        slots, and the position each holds ([rows or 1, slots])."""
+        return key_length, torch.arange(key_length, device=self.keys.device)[None]
+
+    def write(self, layer, keys, values, context):
+        """A flattened step's keys/values [heads, tokens, dim] into rows ``context.token_rows``
+        at slots ``context.write_positions``; returns the layer's keys and values [slots, heads, length, dim]."""
+        layer_keys, layer_values = self.keys[layer], self.values[layer]
+        layer_keys[context.token_rows, :, context.write_positions] = keys.transpose(0, 1)
+        layer_values[context.token_rows, :, context.write_positions] = values.transpose(0, 1)
+        return layer_keys, layer_values
+
     def move_rows(self, source, target):
         """Copies slots ``source`` into slots ``target`` (index tensors; every source is read
         before any target is written, so rows may trade places)."""
@@ -87,9 +109,8 @@ class RollingKVCache(KVCache):
 
     Position p lives in slot ``p % slots``: a long generation overwrites keys that
     have left every row's window, and each step reads at most ``slots`` keys.
-    ``slots`` = window + prompt width - 1 (at most ``max_length``): enough that the
-    padding the prefill writes after a short prompt never overwrites a key that
-    row still sees (its own decode steps overwrite the padding).
+    ``slots`` = window + prompt width - 1 (at most ``max_length``): a prompt goes in
+    without wrapping, so each of its chunks finds every key of its queries' windows.
     """
 
     def __init__(self, num_layers, batch_size, num_heads, max_length, head_dim, dtype, device, window, prompt_width):
@@ -102,12 +123,14 @@ class RollingKVCache(KVCache):
     def row_tensors(self):
         return {**super().row_tensors(), "slot_positions": (0, 1)}
 
-    def update(self, layer, keys, values, context):
-        if context.write_positions is None and layer == 0:  # a prefill writes slot i at position i
-            end, length = context.key_length or keys.shape[2], keys.shape[2]
-            rows = slice(None) if context.cache_rows is None else context.cache_rows
-            self.slot_positions[rows, end - length : end] = torch.arange(end - length, end, device=keys.device)
-        return super().update(layer, keys, values, context)
+    def place(self, token_rows, positions):
+        slots = positions % self.max_length
+        self.slot_positions[token_rows, slots] = positions
+        return slots
+
+    def key_positions(self, first_row, rows, key_length):
+        read = min(key_length, self.max_length)
+        return read, self.slot_positions[first_row : first_row + rows, :read]
 
     def take(self, other, rows):
         if not isinstance(other, RollingKVCache):  # there slot i held position i, as here
@@ -120,10 +143,3 @@ class RollingKVCache(KVCache):
         for row in range(rows):
             self.keys[:, row, :, target[row]] = other.keys[:, row]
             self.values[:, row, :, target[row]] = other.values[:, row]
-
-    def step(self, positions, key_length):
-        slots = positions % self.max_length
-        rows = self._rows[: len(positions)]
-        self.slot_positions[rows, slots] = positions
-        read = min(key_length, self.max_length)
-        return slots, read, self.slot_positions[: len(positions), :read]

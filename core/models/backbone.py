@@ -4,10 +4,11 @@
 ``config.json``), the layout of KerasHub's ``model.weights.h5``, LoRA, and the
 contract a backbone class must meet, checked when the class is created and when an
 instance has been built. ``DecoderOnlyBackbone`` is the decoder stack (token
-embedding -> ``DecoderBlock``s -> final norm) with the two entry points that
-generation uses: ``prefill`` (the whole prompt in one pass) and ``decode`` (one
-token per row, each row at its own position), both writing a ``KVCache`` (a
-``RollingKVCache`` when a sliding window is shorter than the generation).
+embedding -> ``DecoderBlock``s -> final norm) with the entry point that generation
+uses: ``forward_step``, one flattened step of many requests' tokens (decoding rows and
+prompt chunks) writing a ``KVCache`` (a ``RollingKVCache`` when a sliding window is
+shorter than the generation); ``prefill`` and ``decode`` are that step for padded
+prompts and for one token per row.
 """
 
 import functools
@@ -16,7 +17,9 @@ import inspect
 import keras
 import torch
 
+from lmq.core.generation.input_batch import StepInput
 from lmq.core.layers import AttentionContext, CachedAttention, KVCache, ReversibleEmbedding, RollingKVCache
+from lmq.core.layers.attention import AttentionPart
 from lmq.core.layers.projection import BUILDING_INT8, Projections
 from lmq.core.models.serialization import KerasHubSerializable
 from lmq.core.quantization import check_mode, keras_variable_order, parse_dtype, policy_map
@@ -216,11 +219,12 @@ class DecoderOnlyBackbone(Backbone, abstract=True):
     of ``DecoderBlock``) and ``layer_norm``, and sets ``num_key_value_heads`` and
     ``head_dim`` (the cache's shape). It may build ``rotary`` (a ``RotaryEmbedding``;
     without one, attention gets no position tables), set ``sliding_window``, and
-    override ``_context`` to add other position information (Falcon's ALiBi).
+    override ``biased`` to add a bias by key position (Falcon's ALiBi).
     """
 
     rotary = None
     sliding_window = None
+    key_position_bias = False  # attention adds a bias by key position (see ``biased``)
 
     def check_instance(self):
         super().check_instance()
@@ -241,7 +245,7 @@ class DecoderOnlyBackbone(Backbone, abstract=True):
         mask = self.attention_mask(positions, positions) & padding_mask[:, None, None, :]
         # A query with no key left (left padding) would give NaNs; it attends to all, like KerasHub.
         mask = mask | ~mask.any(dim=-1, keepdim=True)
-        context = self._context(positions, AttentionContext(mask=mask))
+        context = self._context(positions, AttentionContext(mask=self.biased(mask, positions)))
         return self.hidden_states(token_ids, context, training=training)
 
     def attention_mask(self, query_positions, key_positions):
@@ -256,9 +260,15 @@ class DecoderOnlyBackbone(Backbone, abstract=True):
             allowed &= distance < self.sliding_window
         return allowed
 
+    def biased(self, allowed, key_positions):
+        """The mask attention gets from ``allowed`` (bool [batch, 1, queries, keys]) over keys at
+        ``key_positions`` [batch or 1, keys]: ``allowed`` itself, or, where attention adds a bias
+        by key position (``key_position_bias``: Falcon's ALiBi), the additive mask."""
+        return allowed
+
     def _context(self, positions, context):
-        """``context`` with this architecture's position information, for queries at
-        ``positions`` [batch, queries]: the rotary tables, when there is a ``rotary``."""
+        """``context`` with this architecture's rotary tables for queries at ``positions``
+        [batch, queries], when there is a ``rotary``."""
         if self.rotary is not None:
             context.cos, context.sin = self.rotary.cos_sin(positions, self.token_embedding.output_dtype)
         return context
@@ -288,39 +298,57 @@ class DecoderOnlyBackbone(Backbone, abstract=True):
             )
         return KVCache(*shape, self.token_embedding.output_dtype, embeddings.device)
 
-    def prefill(self, token_ids, cache, rows=None, start=0):
-        """Right-padded prompts [batch, seq] -> hidden states; fills cache slots [start, start + seq).
+    def forward_step(self, step, cache):
+        """A flattened step (``StepInput``: decoding rows, then prompt chunks) -> hidden states
+        [tokens, hidden]; every token's keys and values go into its cache row.
 
-        ``rows`` (a tensor of cache rows) lets prompts be prefilled group by group;
-        ``start`` > 0 continues prompts already prefilled up to there (chunked prefill:
-        the chunk attends to the cached prefix).
+        Embeddings, projections and MLPs run on the step as one sequence [1, tokens, hidden],
+        with no padding; attention runs per part (``AttentionPart``): the decoding rows
+        together, one query each over their rows' keys up to ``decode_width``, masked to each
+        row's own position; each prompt chunk over its own row's keys up to its end.
         """
+        positions = step.positions  # [tokens]
+        write_slots = cache.place(step.token_rows, positions)  # [tokens]: each token's slot in its row
+        parts, offset = [], step.decode_rows
+        if step.decode_rows:
+            queries = positions[: step.decode_rows, None]  # [rows, 1]
+            parts.append(self._part(cache, slice(0, offset), 0, step.decode_rows, queries, step.decode_width, False))
+        for row, start, length in step.chunks:
+            queries = positions[None, offset : offset + length]  # [1, length]
+            parts.append(self._part(cache, slice(offset, offset + length), row, 1, queries, start + length, start == 0))
+            offset += length
+        context = AttentionContext(cache=cache, parts=parts, token_rows=step.token_rows, write_positions=write_slots)
+        context = self._context(positions[None], context)
+        return self.hidden_states(step.token_ids[None], context)[0]
+
+    def _part(self, cache, tokens, first_row, rows, query_positions, key_length, fresh):
+        """The ``AttentionPart`` of ``rows`` cache rows whose queries are at ``query_positions``
+        [rows, queries] and see keys up to ``key_length``; ``fresh``: a prompt's first chunk."""
+        read, key_positions = cache.key_positions(first_row, rows, key_length)
+        return AttentionPart(tokens, first_row, rows, read, self.step_mask(query_positions, key_positions, fresh))
+
+    def step_mask(self, query_positions, key_positions, fresh):
+        """The mask of queries at ``query_positions`` [rows, queries] over keys at ``key_positions``
+        [rows or 1, keys]; None (SDPA's causal mask) for a prompt's first chunk, whose keys are
+        its own queries, when no window cuts in."""
+        windowed = self.sliding_window and key_positions.shape[-1] > self.sliding_window
+        if fresh and not windowed and not self.key_position_bias:
+            return None
+        return self.biased(self.attention_mask(query_positions, key_positions), key_positions)
+
+    def prefill(self, token_ids, cache, rows=None, start=0):
+        """Right-padded prompts [batch, seq] -> hidden states [batch, seq, hidden]; fills cache
+        positions [start, start + seq) of cache ``rows`` (default: rows [0, batch))."""
         batch, length = token_ids.shape
-        positions = torch.arange(start, start + length, device=token_ids.device).expand(batch, length)
-        if start:
-            keys = torch.arange(start + length, device=token_ids.device)[None]
-            mask = self.attention_mask(positions, keys)
-            context = AttentionContext(mask=mask, cache=cache, cache_rows=rows, key_length=start + length)
-        elif self.sliding_window and length > self.sliding_window:
-            context = AttentionContext(mask=self.attention_mask(positions, positions), cache=cache, cache_rows=rows)
-        else:  # padding sits after every real token, so causal masking is enough
-            context = AttentionContext(is_causal=True, cache=cache, cache_rows=rows)
-        return self.hidden_states(token_ids, self._context(positions, context))
+        rows = torch.arange(batch, device=token_ids.device) if rows is None else rows
+        step = StepInput.of_prompts(token_ids, rows, start)
+        return self.forward_step(step, cache).view(batch, length, -1)
 
     def decode(self, token_ids, positions, cache, key_length):
-        """One token per row [batch, 1] at ``positions`` [batch] -> hidden [batch, 1, hidden].
-
-        ``key_length`` (a Python int, ``positions.max() + 1``) bounds the cache slots read.
-        """
-        slots, key_length, key_positions = cache.step(positions, key_length)
-        query_positions = positions[:, None]
-        context = AttentionContext(
-            mask=self.attention_mask(query_positions, key_positions),
-            cache=cache,
-            write_positions=slots,
-            key_length=key_length,
-        )
-        return self.hidden_states(token_ids, self._context(query_positions, context))
+        """One token per row [batch, 1] at ``positions`` [batch] -> hidden [batch, 1, hidden];
+        cache rows [0, batch). ``key_length`` (a Python int above every position) bounds the slots read."""
+        step = StepInput.of(token_ids[:, 0], positions, key_length, (), token_ids.device)
+        return self.forward_step(step, cache)[:, None]
 
 
 def _checked_when_built(constructor):

@@ -132,7 +132,7 @@ class CausalLM(GenerativeTask):
         if max_length is None:
             max_length = self.preprocessor.sequence_length
         outputs = self._generate_texts(
-            DecoderOnlyModel(self.backbone, self.preprocessor.tokenizer.pad_token_id),
+            DecoderOnlyModel(self.backbone),
             prompts,
             token_limits(prompts, max_length, max_new_tokens),
             sampler,

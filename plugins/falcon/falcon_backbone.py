@@ -1,7 +1,5 @@
 """FalconBackbone: KerasHub's arguments and defaults on lmq's shared decoder blocks."""
 
-import torch
-
 from lmq.core.layers import CachedAttention, DecoderBlock, ReversibleEmbedding
 from lmq.core.layers.alibi import alibi_mask, alibi_slopes
 from lmq.core.layers.feedforward import FeedForward
@@ -82,26 +80,15 @@ class FalconBackbone(DecoderOnlyBackbone):
         self.layer_norm = LayerNorm(hidden_dim, layer_norm_epsilon, dtype=policy, name="final_layernorm")
         self.built = True
 
-    def _context(self, positions, context):
-        """``context`` with ALiBi folded into an additive mask [batch, heads, queries, keys].
+    key_position_bias = True
 
-        Keys are the queries themselves (a forward pass, a prefill) or, in a decode
-        step, cache slots ``[0, key_length)``: Falcon's cache never rolls, so slot i
-        holds position i.
-        """
-        if context.key_length is None:
-            key_positions = positions
-        else:
-            key_positions = torch.arange(context.key_length, device=positions.device)[None]
-        if context.is_causal:  # a prefill: SDPA cannot add a bias to its own causal mask; all rows share one
-            key_positions = positions[:1]
-            context.mask, context.is_causal = self.attention_mask(key_positions, key_positions), False
-        device = str(positions.device)
+    def biased(self, allowed, key_positions):
+        """ALiBi folded into an additive mask [batch, heads, queries, keys]."""
+        device = str(key_positions.device)
         if device not in self._alibi_slopes:
-            self._alibi_slopes[device] = alibi_slopes(self.num_attention_heads).to(positions.device)
+            self._alibi_slopes[device] = alibi_slopes(self.num_attention_heads).to(key_positions.device)
         dtype = self.token_embedding.output_dtype
-        context.mask = alibi_mask(self._alibi_slopes[device], key_positions, context.mask, self.head_dim, dtype)
-        return context
+        return alibi_mask(self._alibi_slopes[device], key_positions, allowed, self.head_dim, dtype)
 
     def keras_hub_weights(self):
         return falcon_weights(self)

@@ -137,23 +137,16 @@ class Phi3Backbone(LlamaStyleBackbone):
             long_context=width > self.pretraining_sequence_length,
         )
 
-    def prefill(self, token_ids, cache, rows=None, start=0):
-        if isinstance(cache, LongRopeKVCache):
-            end = start + token_ids.shape[1]
-            cache.token_ids[slice(None) if rows is None else rows, start:end] = token_ids
-            cache.long_context |= end > self.pretraining_sequence_length
-        return super().prefill(token_ids, cache, rows, start)
-
-    def decode(self, token_ids, positions, cache, key_length):
+    def forward_step(self, step, cache):
         if not isinstance(cache, LongRopeKVCache):
-            return super().decode(token_ids, positions, cache, key_length)
-        rows = torch.arange(len(positions), device=positions.device)
-        cache.token_ids[rows, positions] = token_ids[:, 0]
-        if cache.long_context or key_length <= self.pretraining_sequence_length:
-            return super().decode(token_ids, positions, cache, key_length)
-        # The longest row just outgrew the pretraining length: like transformers, recompute
-        # every cached key with the long factors (each row's slots past its position are
-        # hidden by causal masking and rewritten by its later steps).
-        cache.long_context = True
-        hidden = super().prefill(cache.token_ids[:, :key_length], cache)
-        return hidden[rows, positions][:, None]
+            return super().forward_step(step, cache)
+        cache.token_ids[step.token_rows, step.positions] = step.token_ids
+        ends = [start + length for _, start, length in step.chunks]
+        longest = max(ends + [step.decode_width if step.decode_rows else 0])
+        if not cache.long_context and longest > self.pretraining_sequence_length:
+            # A sequence just outgrew the pretraining length: like transformers, recompute
+            # every cached key with the long factors (each row's slots past its position
+            # are hidden by causal masking and rewritten by its later steps).
+            cache.long_context = True
+            self.prefill(cache.token_ids[:, :longest].clone(), cache)
+        return super().forward_step(step, cache)

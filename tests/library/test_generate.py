@@ -195,16 +195,3 @@ def test_a_per_row_max_new_tokens_list_must_fit_the_prompts(lm):
         lm.generate(PROMPTS, max_length=40, max_new_tokens=[3, 4])
     with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
         lm.generate(PROMPTS, max_length=40, max_new_tokens=[3, 4, -1, 2])
-
-
-def test_length_groups_bound_the_padding():
-    from lmq.core.generation import length_groups
-
-    prompts = [[0] * n for n in (8, 128, 25, 42, 59, 76, 93, 110, 9, 8)]
-    groups = length_groups(prompts)
-    assert sorted(i for g in groups for i in g) == list(range(len(prompts)))
-    for group in groups:
-        lengths = [len(prompts[i]) for i in group]
-        assert max(lengths) * len(lengths) <= 1.25 * sum(lengths)
-    assert len(groups) < len(prompts)
-    assert length_groups([[0] * 32] * 8) == [list(range(8))]
