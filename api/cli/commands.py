@@ -37,9 +37,9 @@ from lmq.api.cli.jobs import (
     submit,
     write_jsonl,
 )
-from lmq.api.server.auth import LOCAL_TENANT
+from lmq.api.app.auth import LOCAL_TENANT
 from lmq.api.cli.progress import Progress, unit_of
-from lmq.api.server.serving import ServeLimits, serve
+from lmq.api.app.serving import ServeLimits, serve
 from lmq.api.suggest import did_you_mean, preset_names
 from lmq.core.chat_templates import CHAT_TEMPLATE_FILE, builtin_template_name, read_builtin_template
 from lmq.core.config import Settings, SettingsError, load_settings
@@ -366,7 +366,7 @@ def cmd_architectures(args) -> int:
 
 def cmd_serve(args) -> int:
     """The HTTP API under uvicorn; with no broker configured it runs the jobs itself too."""
-    from lmq.api.server.app import create_app
+    from lmq.api.app.main import create_app
 
     settings = load_settings()
     if not settings.api_tokens and args.host not in LOOPBACK:

@@ -162,7 +162,7 @@ class PresetShare(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-# ---------------------------------------------------------------- the OpenAI Batch API (lmq.api.server.openai)
+# ---------------------------------------------------------------- the OpenAI Batch API (lmq.api.app.openai)
 
 
 class OpenAIFile(Base):

@@ -34,7 +34,7 @@ def test_imports_flow_one_way():
 
 def test_the_http_app_loads_neither_torch_nor_keras(tmp_path):
     code = (
-        "import sys; from lmq.api.server.app import create_app; create_app(); "
+        "import sys; from lmq.api.app.main import create_app; create_app(); "
         "heavy = sorted(m for m in ('torch', 'keras') if m in sys.modules); assert not heavy, heavy"
     )
     environment = {**os.environ, "LMQ_HOME": str(tmp_path)}

@@ -86,7 +86,7 @@ def test_the_api_process_never_imports_keras_or_torch(lmq_home):
 import json, sys, time
 started = time.perf_counter()
 import lmq.api.cli
-from lmq.api.server.app import create_app
+from lmq.api.app.main import create_app
 from fastapi.testclient import TestClient
 with TestClient(create_app()) as client:
     assert client.get("/healthz").status_code == 200

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service_support import PROMPTS, write_prompts
 from worker_support import broker, finished, results, submit, wait_for, workers  # noqa: F401  fixtures
 
-from lmq.api.server.app import create_app
+from lmq.api.app.main import create_app
 from lmq.core.config import load_settings
 from lmq.core.logfmt import logfmt
 from lmq.core.store import queries, session_scope, sessions

@@ -451,7 +451,7 @@ def test_a_batch_cancelled_while_validating_makes_no_job(server):
     cancelled = api.batches.cancel(batch_id)
     assert cancelled.status == "cancelled" and cancelled.cancelled_at is not None
     # The validation, had it been running, finds the batch cancelled and makes no job.
-    from lmq.api.server.openai.batches.service import validate
+    from lmq.api.app.openai.batches.service import validate
     from lmq.core.config import load_settings
 
     validate(load_settings({**os.environ, **server.env}), None, batch_id)
@@ -469,7 +469,7 @@ def test_an_empty_file_fails_validation(server):
 
 
 def parse(entry, endpoint="/v1/completions"):
-    from lmq.api.server.openai.batches.lines import parse_line
+    from lmq.api.app.openai.batches.lines import parse_line
     from lmq.core.config import Limits
 
     return parse_line(json.dumps(entry).encode(), 7, endpoint, Limits())
@@ -511,7 +511,7 @@ def test_a_line_s_openai_settings_become_its_own_generate_params():
 
 def test_a_line_becomes_the_generate_item_a_jobs_input_with_the_same_settings_is():
     """One item model checks both: a line's OpenAI settings and a /v1/jobs input's params give the same item."""
-    from lmq.api.server.openai.batches.lines import LineError, parse_line
+    from lmq.api.app.openai.batches.lines import LineError, parse_line
     from lmq.core.config import Limits
     from lmq.core.domain.requests import parse_job
 
@@ -541,7 +541,7 @@ def test_a_line_becomes_the_generate_item_a_jobs_input_with_the_same_settings_is
     ],
 )
 def test_a_line_that_cannot_run_says_why_and_where(entry, code, param):
-    from lmq.api.server.openai.batches.lines import LineError
+    from lmq.api.app.openai.batches.lines import LineError
 
     with pytest.raises(LineError) as refused:
         parse(entry)
@@ -550,7 +550,7 @@ def test_a_line_that_cannot_run_says_why_and_where(entry, code, param):
 
 
 def test_an_over_long_line_is_its_own_error_and_the_next_line_is_read(tmp_path):
-    from lmq.api.server.openai.batches.lines import LineError, max_line_bytes, read_lines
+    from lmq.api.app.openai.batches.lines import LineError, max_line_bytes, read_lines
     from lmq.core.config import Limits
 
     path = tmp_path / "in.jsonl"

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event, update
 
-from lmq.api.server.app import create_app
+from lmq.api.app.main import create_app
 from lmq.core.config import load_settings
 from lmq.core.names import JobState
 from lmq.core.store import queries, session_scope, sessions

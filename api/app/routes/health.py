@@ -6,7 +6,7 @@ from fastapi import APIRouter, Response
 from sqlalchemy import text
 
 from lmq.api import schemas
-from lmq.api.server.dependencies import DispatchDep, SettingsDep
+from lmq.api.app.dependencies import DispatchDep, SettingsDep
 from lmq.core.config import Settings
 from lmq.core.store.db import get_engine
 

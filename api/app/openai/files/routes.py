@@ -13,10 +13,10 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
-from lmq.api.server.dependencies import SessionDep, SettingsDep, TenantDep
-from lmq.api.server.openai.batches.service import files_directory
-from lmq.api.server.openai.common import OPENAI_ERRORS, OpenAIError, OpenAIRoute, not_found, page, unix
-from lmq.api.server.openai.files.upload import receive_upload
+from lmq.api.app.dependencies import SessionDep, SettingsDep, TenantDep
+from lmq.api.app.openai.batches.service import files_directory
+from lmq.api.app.openai.common import OPENAI_ERRORS, OpenAIError, OpenAIRoute, not_found, page, unix
+from lmq.api.app.openai.files.upload import receive_upload
 from lmq.core.config import Settings
 from lmq.core.store import session_scope, sessions
 from lmq.core.store.batch_files import file_lines

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from lmq.api.server.auth import current_tenant
+from lmq.api.app.auth import current_tenant
 from lmq.core.config import Settings
 from lmq.core.store import session_scope, sessions
 
@@ -18,7 +18,7 @@ def app_settings(request: Request) -> Settings:
 
 
 def app_dispatch(request: Request):
-    """The CeleryDispatch or InProcessWorker jobs are handed to (lmq.api.server.dispatch)."""
+    """The CeleryDispatch or InProcessWorker jobs are handed to (lmq.api.app.dispatch)."""
     return request.app.state.dispatch
 
 

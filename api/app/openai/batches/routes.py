@@ -14,10 +14,10 @@ from fastapi import APIRouter, Query
 from pydantic import Field
 from sqlalchemy.orm import Session
 
-from lmq.api.server.dependencies import DispatchDep, SessionDep, SettingsDep, TenantDep
-from lmq.api.server.openai.batches.service import batch_object, batch_status, start_validation
-from lmq.api.server.openai.common import OPENAI_ERRORS, OpenAIError, OpenAIRoute, not_found, page, unix
-from lmq.api.server.openai.batches.lines import ENDPOINTS
+from lmq.api.app.dependencies import DispatchDep, SessionDep, SettingsDep, TenantDep
+from lmq.api.app.openai.batches.service import batch_object, batch_status, start_validation
+from lmq.api.app.openai.common import OPENAI_ERRORS, OpenAIError, OpenAIRoute, not_found, page, unix
+from lmq.api.app.openai.batches.lines import ENDPOINTS
 from lmq.core.config import Settings
 from lmq.core.domain.fields import Strict, text
 from lmq.core.names import is_preset_name

@@ -21,9 +21,9 @@ from typing import Iterator
 
 from sqlalchemy.orm import Session
 
-from lmq.api.server.dispatch import BrokerUnavailable
-from lmq.api.server.openai.common import unix
-from lmq.api.server.openai.batches.lines import CHAT, LineError, Request, parse_line, read_lines
+from lmq.api.app.dispatch import BrokerUnavailable
+from lmq.api.app.openai.common import unix
+from lmq.api.app.openai.batches.lines import CHAT, LineError, Request, parse_line, read_lines
 from lmq.core.config import Settings
 from lmq.core.domain.jobs import preset_task_kind
 from lmq.core.domain.presets import PresetNotAllowed, authorized_preset

@@ -12,8 +12,8 @@ from fastapi import APIRouter, HTTPException
 from sqlalchemy.orm import Session
 
 from lmq.api import schemas
-from lmq.api.server.auth import AUTH_ERRORS
-from lmq.api.server.dependencies import SessionDep, TenantDep
+from lmq.api.app.auth import AUTH_ERRORS
+from lmq.api.app.dependencies import SessionDep, TenantDep
 from lmq.api.suggest import did_you_mean, preset_names
 from lmq.core.names import is_preset_name
 from lmq.core.plugins import get_registry

@@ -2,7 +2,7 @@
 
 `create_app` wires the resource routers (routes/: jobs, presets, health, metrics, dashboard; openai/: files, batches)
 to one deployment's settings and dispatch; handlers get both, a database
-session and the caller's tenant as dependencies (api/server/dependencies.py). The
+session and the caller's tenant as dependencies (api/app/dependencies.py). The
 process stays light: it imports the store, the settings and the plugin
 registry's records, never keras or torch, so it starts in about a second and
 never builds a model.
@@ -16,13 +16,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 
-from lmq.api.server.dispatch import dispatch_for
-from lmq.api.server.openai.batches import routes as openai_batches
-from lmq.api.server.openai.batches.service import validation_sweep
-from lmq.api.server.openai.files import routes as openai_files
-from lmq.api.server.routes import dashboard, health, jobs, presets
-from lmq.api.server.routes.metrics import add_metrics
-from lmq.api.server.utf8_bodies import Utf8Bodies
+from lmq.api.app.dispatch import dispatch_for
+from lmq.api.app.openai.batches import routes as openai_batches
+from lmq.api.app.openai.batches.service import validation_sweep
+from lmq.api.app.openai.files import routes as openai_files
+from lmq.api.app.routes import dashboard, health, jobs, presets
+from lmq.api.app.routes.metrics import add_metrics
+from lmq.api.app.utf8_bodies import Utf8Bodies
 from lmq.core.config import Settings, load_settings
 from lmq.core.domain.requests import field_name, problems
 from lmq.core.store import SchemaOutOfDate

@@ -16,7 +16,7 @@ from fastapi import Request
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from lmq.api.server.openai.common import OpenAIError
+from lmq.api.app.openai.common import OpenAIError
 from lmq.core.utf8 import NotUtf8, Utf8Check
 
 FIELD_BYTES = 1024  # a form field other than the file (purpose) is a short word

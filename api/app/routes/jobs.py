@@ -1,7 +1,7 @@
 """/v1/jobs: submit a job, list them, follow one (summary, results, events) and cancel it.
 
 SQL is the source of truth: a job is written there first and then handed to
-a runner (lmq.api.server.dispatch). Another tenant's job is as absent as one that never
+a runner (lmq.api.app.dispatch). Another tenant's job is as absent as one that never
 existed: 404 either way.
 """
 
@@ -17,9 +17,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from lmq.api import schemas
-from lmq.api.server.auth import AUTH_ERRORS
-from lmq.api.server.dependencies import DispatchDep, SessionDep, SettingsDep, TenantDep
-from lmq.api.server.dispatch import BrokerUnavailable
+from lmq.api.app.auth import AUTH_ERRORS
+from lmq.api.app.dependencies import DispatchDep, SessionDep, SettingsDep, TenantDep
+from lmq.api.app.dispatch import BrokerUnavailable
 from lmq.api.suggest import did_you_mean, preset_names
 from lmq.core.config import Limits, Settings
 from lmq.core.domain.jobs import (
