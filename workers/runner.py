@@ -99,7 +99,10 @@ class JobRunner:
         except DatabaseUnavailable as error:
             logger.error("job %s: %s; the job is taken up again once its lease expires", attempt.job_id, error)
         except Exception as error:
-            logger.exception("job %s failed", attempt.job_id)
+            if isinstance(error, ValueError):  # a bad value its message names (a refused preset, input): no bug
+                logger.error("job %s failed: %s", attempt.job_id, error)
+            else:
+                logger.exception("job %s failed", attempt.job_id)
             try:
                 attempt.finish(JobState.failed, error=f"{type(error).__name__}: {error}")
             except (LeaseLost, DatabaseUnavailable) as lost:

@@ -191,6 +191,30 @@ def test_a_preset_too_large_for_the_pool_is_refused_naming_the_field_and_size(se
     assert job_ids(team_a) == before
 
 
+@pytest.mark.parametrize("name", [BIG_INTEGER, *sorted(HOSTILE_PRESETS)])
+def test_a_batch_whose_model_is_a_refused_preset_fails_validation_and_no_line_runs(server, team_a, name):
+    line = {"method": "POST", "url": "/v1/completions", "body": {"model": name, "prompt": "Hi", "max_tokens": 2}}
+    content = "".join(json.dumps({"custom_id": f"r{i}", **line}) + "\n" for i in range(2))
+    uploaded = team_a.post(
+        "/v1/files", files={"file": ("batch.jsonl", content.encode(), "application/jsonl")}, data={"purpose": "batch"}
+    ).json()
+    jobs_before = job_ids(team_a)
+    batch = team_a.post(
+        "/v1/batches", json={"input_file_id": uploaded["id"], "endpoint": "/v1/completions", "completion_window": "24h"}
+    ).json()
+    for _ in range(100):
+        shown = team_a.get(f"/v1/batches/{batch['id']}").json()
+        if shown["status"] != "validating":
+            break
+        time.sleep(0.1)
+    assert shown["status"] == "failed", shown
+    error = shown["errors"]["data"][0]
+    assert error["code"] == "model_not_usable" and f"model {name!r} cannot run here" in error["message"], error
+    expected = "is not valid JSON" if name == BIG_INTEGER else HOSTILE_PRESETS[name][2]
+    assert expected in error["message"] and str(server.home) not in error["message"], error
+    assert shown["request_counts"]["total"] == 0 and job_ids(team_a) == jobs_before  # no job: no line runs
+
+
 # ---------------------------------------------------------------- 5. another tenant's names
 
 

@@ -33,9 +33,9 @@ from lmq.core.store import session_scope, sessions
 from lmq.core.store.batch_files import deadline, finalize_job_batch, past_window
 from lmq.core.store.batches import create_batch_job, fail_validation, stale_validations, take_up_validation
 from lmq.core.store.models import Job, OpenAIBatch, utcnow
+from lmq.core.store.presets import PresetRefused, check_preset_for_job, store_resolver
 from lmq.core.utf8 import NotUtf8
 from lmq.workers.recovery import Sweeping
-from lmq.core.store.presets import store_resolver
 
 logger = logging.getLogger("lmq.api")
 
@@ -79,12 +79,19 @@ class Models:
         return self.found[name]
 
 
-def task_of(session: Session, preset: str, tenant: str) -> TaskKind | None:
-    """The preset's task from its config.json, as /v1/jobs tells it; None if not local."""
+def checked_task(session: Session, settings: Settings, model: str, preset: str, tenant: str) -> TaskKind:
+    """The preset's task from its config.json, as /v1/jobs tells it (a causal LM when the preset is
+    not local). NotABatchFile when the preset's files do not parse or its declared sizes cannot fit
+    (check_preset_for_job, as POST /v1/jobs checks), so that no line of such a batch runs."""
     try:
-        return preset_task_kind(store_resolver(session, tenant=tenant).locate(preset))
+        location = store_resolver(session, tenant=tenant).locate(preset)
     except PresetNotFound:
-        return None
+        return TaskKind.causal_lm
+    try:
+        check_preset_for_job(location, preset, settings)
+    except PresetRefused as refused:
+        raise NotABatchFile("model_not_usable", f"model {model!r} cannot run here: {refused}") from None
+    return preset_task_kind(location) or TaskKind.causal_lm
 
 
 def lines_of(path: Path, endpoint: str, settings: Settings) -> Iterator[tuple[int, Request | LineError]]:
@@ -199,7 +206,7 @@ def validate(settings: Settings, dispatch, batch_id: str) -> None:
                 )
             models = Models(session, settings, batch.tenant)
             model, preset = batch_model(path, batch.endpoint, settings, models)
-            task = task_of(session, preset, batch.tenant) or TaskKind.causal_lm
+            task = checked_task(session, settings, model, preset, batch.tenant)
             # A completion is what follows the prompt, cut from the whole text at render time (see
             # completion_text); a chat reply, or a Bart's output, is the generated text alone.
             keeps_prompt = batch.endpoint != CHAT and task is TaskKind.causal_lm
