@@ -175,7 +175,8 @@ def job_events(
 
 @router.post("/{job_id}/cancel", response_model=JobSummary, responses=JOB_ERRORS)
 def cancel_job(job_id: str, tenant: str = TenantDep, session: Session = SessionDep):
-    """A queued job is cancelled at once; a running one stops at its next micro-batch or step."""
+    """A queued job is cancelled at once; a running one stops within about a second, between two decode
+    steps (or fit steps): the runner asks for cancellation at most once a second."""
     require_job(session, job_id, tenant)
     summary = job_summary(queries.request_cancel(session, job_id))
     logger.info(logfmt("job_state", job=job_id, state=summary["status"], cancel_requested=True, tenant=tenant))
