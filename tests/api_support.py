@@ -89,3 +89,21 @@ def wait_for_job(client: httpx.Client, job_id: str, timeout: float, logs=()) -> 
         time.sleep(0.1)
     tails = "\n".join(Path(log).read_text()[-3000:] for log in logs if Path(log).exists())
     raise AssertionError(f"job {job_id} did not finish in {timeout}s: {job}\n{tails}")
+
+
+def watched_client(server, headers) -> httpx.Client:
+    """A client that appends every answer's status to `server.statuses`, for a module that checks it saw no 5xx."""
+    return httpx.Client(
+        base_url=server.url, headers=headers, timeout=30,
+        event_hooks={"response": [lambda response: server.statuses.append(response.status_code)]},
+    )
+
+
+def settled_batch(client: httpx.Client, batch_id: str) -> dict:
+    """The batch once its validation has ended (10 s at most)."""
+    for _ in range(100):
+        shown = client.get(f"/v1/batches/{batch_id}").json()
+        if shown["status"] != "validating":
+            return shown
+        time.sleep(0.1)
+    return shown

@@ -15,7 +15,7 @@ import time
 
 import httpx
 import pytest
-from api_support import TEAM_A, TEAM_B, TOKENS, ApiServer, generate_body
+from api_support import TEAM_A, TEAM_B, TOKENS, ApiServer, generate_body, watched_client
 from conftest import _service_urls
 from sqlalchemy import select
 
@@ -51,23 +51,16 @@ def server(tmp_path_factory, postgres_url):
     assert not [s for s in started.statuses if s >= 500], started.statuses
 
 
-def client_for(server, headers):
-    """A client whose every answer the module checks for 5xx."""
-    return httpx.Client(
-        base_url=server.url, headers=headers, timeout=30,
-        event_hooks={"response": [lambda response: server.statuses.append(response.status_code)]},
-    )
-
 
 @pytest.fixture
 def team_a(server):
-    with client_for(server, TEAM_A) as client:
+    with watched_client(server, TEAM_A) as client:
         yield client
 
 
 @pytest.fixture
 def team_b(server):
-    with client_for(server, TEAM_B) as client:
+    with watched_client(server, TEAM_B) as client:
         yield client
 
 

@@ -9,11 +9,9 @@ server's log has no traceback.
 
 import json
 import shutil
-import time
 
-import httpx
 import pytest
-from api_support import TEAM_A, TEAM_B, TOKENS, ApiServer, generate_body
+from api_support import TEAM_A, TEAM_B, TOKENS, ApiServer, generate_body, settled_batch, watched_client
 from conftest import _service_urls
 from hostile_presets import BIG_INTEGER, HOSTILE_PRESETS, TINY_LLAMA, make_hostile_preset
 
@@ -51,22 +49,16 @@ def server(tmp_path_factory, postgres_url):
     assert "Traceback" not in (root / "server.log").read_text()
 
 
-def client_for(server, headers):
-    return httpx.Client(
-        base_url=server.url, headers=headers, timeout=30,
-        event_hooks={"response": [lambda response: server.statuses.append(response.status_code)]},
-    )
-
 
 @pytest.fixture
 def team_a(server):
-    with client_for(server, TEAM_A) as client:
+    with watched_client(server, TEAM_A) as client:
         yield client
 
 
 @pytest.fixture
 def team_b(server):
-    with client_for(server, TEAM_B) as client:
+    with watched_client(server, TEAM_B) as client:
         yield client
 
 
@@ -133,11 +125,7 @@ def test_a_stored_utf16_batch_file_fails_validation_and_no_line_runs(server, tea
     batch = team_a.post(
         "/v1/batches", json={"input_file_id": file_id, "endpoint": "/v1/completions", "completion_window": "24h"}
     ).json()
-    for _ in range(100):
-        shown = team_a.get(f"/v1/batches/{batch['id']}").json()
-        if shown["status"] != "validating":
-            break
-        time.sleep(0.1)
+    shown = settled_batch(team_a, batch["id"])
     assert shown["status"] == "failed", shown
     error = shown["errors"]["data"][0]
     assert error["code"] == "invalid_file_encoding" and UTF8_RULE in error["message"], error
@@ -202,11 +190,7 @@ def test_a_batch_whose_model_is_a_refused_preset_fails_validation_and_no_line_ru
     batch = team_a.post(
         "/v1/batches", json={"input_file_id": uploaded["id"], "endpoint": "/v1/completions", "completion_window": "24h"}
     ).json()
-    for _ in range(100):
-        shown = team_a.get(f"/v1/batches/{batch['id']}").json()
-        if shown["status"] != "validating":
-            break
-        time.sleep(0.1)
+    shown = settled_batch(team_a, batch["id"])
     assert shown["status"] == "failed", shown
     error = shown["errors"]["data"][0]
     assert error["code"] == "model_not_usable" and f"model {name!r} cannot run here" in error["message"], error
