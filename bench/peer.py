@@ -54,6 +54,12 @@ TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 ENGINES = ("lmq-all", "lmq-8", "transformers", "vllm")
 WORKLOADS = ("a", "b", "c", "ragged", "prefix")
 VOCAB = 32000
+# bench/generate.py's ~55M-parameter shape, with positions for the prefix workload (400 + 64 + 64;
+# rotary embeddings do not depend on the maximum).
+MODEL = dict(
+    vocab_size=VOCAB, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+    num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1, tie_word_embeddings=False,
+)
 
 
 # -- the workloads ------------------------------------------------------------------
@@ -63,11 +69,11 @@ def workloads(names):
     """name -> (description, prompts, limits): token-id prompts and one token limit per row."""
     import numpy as np
 
-    sys.path.insert(0, HERE)
-    from job_throughput import job  # its long-tailed prompt lengths and limits
-
+    job_rng = np.random.default_rng(0)  # bench/job_throughput.py's job(64, 256, 96): the same rows
+    job_lengths = np.clip(8 + job_rng.lognormal(3.2, 1.0, 64), 8, 256).astype(int)
+    job_limits = np.clip(8 + job_rng.exponential(96 / 4, 64), 8, 96).astype(int).tolist()
+    job_prompts = [job_rng.integers(3, VOCAB, n).tolist() for n in job_lengths]
     rng = np.random.default_rng(22)
-    job_prompts, job_limits = job(64, 256, 96)
     prefix = rng.integers(3, VOCAB, 400).tolist()
     every = {
         "a": ("8 prompts of 32 tokens, 64 new", [rng.integers(3, VOCAB, 32).tolist() for _ in range(8)], [64] * 8),
@@ -92,12 +98,8 @@ def write_checkpoint(directory):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    sys.path.insert(0, HERE)
-    from generate import CONFIG  # bench/generate.py's ~55M shape
-
     torch.manual_seed(0)
-    # Positions for the prefix workload (400 + 64 + 64); rotary embeddings do not depend on it.
-    config = LlamaConfig(**{**CONFIG, "max_position_embeddings": 1024})
+    config = LlamaConfig(**MODEL)
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(directory)
     return sum(p.numel() for p in model.parameters())
@@ -338,7 +340,7 @@ def main():
         try:
             for engine in engines:
                 workers[engine] = Worker(engine, checkpoint, args.threads, python[engine], env[engine], directory)
-                print(f"  {engine}: loaded, {workers[engine].loaded / 2**20:.0f} MiB resident")
+                print(f"  {engine}: loaded, peak RSS while loading {workers[engine].loaded / 2**20:.0f} MiB")
             all_same = True
             for name, (description, prompts, limits) in jobs.items():
                 figures = {engine: {"wall": [], "cpu": [], "peak": [], "mismatches": []} for engine in engines}
