@@ -18,13 +18,13 @@ import re
 from datetime import datetime, timedelta
 from typing import Iterator
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from lmq.core.names import TERMINAL_STATES
 from lmq.core.store import queries
 from lmq.core.store.batches import ERROR, OUTPUT, derived_id, finalize, request_expiry
-from lmq.core.store.models import Job, OpenAIBatch
+from lmq.core.store.models import Job, JobItem, OpenAIBatch
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 WINDOW = re.compile(r"([1-9][0-9]{0,2})h")
@@ -113,12 +113,36 @@ def finalize_if_ended(session: Session, batch: OpenAIBatch) -> bool:
 # ---------------------------------------------------------------- output and error lines
 
 
+def output_usage(session: Session, batch: OpenAIBatch) -> dict:
+    """The batch's `usage` (`openai.types.BatchUsage`): the sums of its output lines' usage, so it
+    always equals what the output file's lines add up to (see `is_output`)."""
+    input_tokens = output_tokens = 0
+    if batch.job_id is not None:
+        sums = [func.coalesce(func.sum(column), 0) for column in (JobItem.prompt_tokens, JobItem.completion_tokens)]
+        totals = session.execute(
+            select(*sums).where(JobItem.job_id == batch.job_id, JobItem.error.is_(None), JobItem.output.is_not(None))
+        ).one()
+        input_tokens, output_tokens = int(totals[0]), int(totals[1])
+    return {
+        "input_tokens": input_tokens,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": input_tokens + output_tokens,
+    }
+
+
+def is_output(item) -> bool:
+    """A line goes to the output file when its item finished with text and no error."""
+    return item.error is None and item.output is not None
+
+
 def file_lines(session: Session, batch: OpenAIBatch, only: str | None = None) -> Iterator[tuple[str, str]]:
     """(OUTPUT or ERROR, the JSONL line) for each line of the batch's input, in input order.
     A line not completed when the job ended goes to the error file, saying why."""
     job = batch.job
     for item in queries.job_items(session, job.id):
-        lines = OUTPUT if item.error is None and item.output is not None else ERROR
+        lines = OUTPUT if is_output(item) else ERROR
         if only is not None and lines != only:
             continue
         record = output_line(batch, item) if lines == OUTPUT else error_line(batch, item)

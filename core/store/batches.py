@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Iterable
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from lmq.core.names import JobKind
@@ -45,18 +45,24 @@ def add_file(session: Session, *, file_id: str, tenant: str, purpose: str, filen
     return record
 
 
+def not_expired():
+    """A batch's output or error file past its `expires_at` is no file (read-only: nothing is deleted)."""
+    return or_(OpenAIFile.expires_at.is_(None), OpenAIFile.expires_at > utcnow())
+
+
 def get_file(session: Session, file_id: str, tenant: str) -> OpenAIFile | None:
     """Another tenant's file is no file: found by one query on both. A malformed id is no file
-    either (and never reaches SQL)."""
+    either (and never reaches SQL), nor is an expired one."""
     if not _ID.fullmatch(file_id):
         return None
-    return session.scalar(select(OpenAIFile).where(OpenAIFile.id == file_id, OpenAIFile.tenant == tenant))
+    query = select(OpenAIFile).where(OpenAIFile.id == file_id, OpenAIFile.tenant == tenant, not_expired())
+    return session.scalar(query)
 
 
 def list_files(
     session: Session, tenant: str, *, purpose: str | None, limit: int, after: str | None, newest_first: bool
 ) -> list[OpenAIFile]:
-    query = select(OpenAIFile).where(OpenAIFile.tenant == tenant)
+    query = select(OpenAIFile).where(OpenAIFile.tenant == tenant, not_expired())
     if purpose is not None:
         query = query.where(OpenAIFile.purpose == purpose)
     cursor = None if after is None else _cursor(get_file(session, after, tenant), after)
@@ -82,7 +88,14 @@ def _cursor(found, after: str):
 
 
 def add_batch(
-    session: Session, *, tenant: str, endpoint: str, input_file_id: str, completion_window: str, metadata: dict | None
+    session: Session,
+    *,
+    tenant: str,
+    endpoint: str,
+    input_file_id: str,
+    completion_window: str,
+    metadata: dict | None,
+    output_expires_after: int | None = None,
 ) -> OpenAIBatch:
     batch = OpenAIBatch(
         id=new_id("batch_"),
@@ -91,6 +104,7 @@ def add_batch(
         input_file_id=input_file_id,
         completion_window=completion_window,
         user_metadata=metadata,
+        output_expires_after=output_expires_after,
         validation_started_at=utcnow(),
     )
     session.add(batch)
@@ -200,13 +214,17 @@ def request_expiry(session: Session, batch: OpenAIBatch, at: datetime) -> None:
 
 def finalize(session: Session, batch: OpenAIBatch, sizes: dict[str, int]) -> bool:
     """Record the output and error files of a batch whose job has ended (`sizes`: bytes of each
-    file with lines, by OUTPUT or ERROR). Done once: False when another worker did it first."""
+    file with lines, by OUTPUT or ERROR). Done once: False when another worker did it first.
+    The files expire `output_expires_after` seconds after they are made, when the batch asked."""
     session.flush()
+    now = utcnow()
+    lifetime = batch.output_expires_after
+    expires_at = None if lifetime is None else now + timedelta(seconds=lifetime)
     ids = {lines: derived_id("file-", batch.id, lines) for lines in sizes}
     marked = session.execute(
         update(OpenAIBatch)
         .where(OpenAIBatch.id == batch.id, OpenAIBatch.finalized_at.is_(None))
-        .values(finalized_at=utcnow(), output_file_id=ids.get(OUTPUT), error_file_id=ids.get(ERROR))
+        .values(finalized_at=now, output_file_id=ids.get(OUTPUT), error_file_id=ids.get(ERROR))
     )
     if marked.rowcount != 1:
         session.refresh(batch)
@@ -221,6 +239,8 @@ def finalize(session: Session, batch: OpenAIBatch, sizes: dict[str, int]) -> boo
                 bytes=sizes[lines],
                 batch_id=batch.id,
                 lines=lines,
+                created_at=now,
+                expires_at=expires_at,
             )
         )
     session.flush()

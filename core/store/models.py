@@ -111,6 +111,8 @@ class JobItem(Base):
     completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     finish_reason: Mapped[str | None] = mapped_column(String(16), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # What a result holds beyond its text: {"choices": [...]} (n > 1, log-probabilities); None for plain text.
+    details: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     # Set exactly once, by the first run to finish the item; a redelivered run skips it.
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
 
@@ -181,6 +183,8 @@ class OpenAIFile(Base):
     batch_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     lines: Mapped[str | None] = mapped_column(String(16), nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # A batch's output or error file is gone from then on (its batch's output_expires_after); None: kept.
+    expires_at: Mapped[datetime | None] = mapped_column(nullable=True)
 
 
 class OpenAIBatch(Base):
@@ -197,6 +201,8 @@ class OpenAIBatch(Base):
     completion_window: Mapped[str] = mapped_column(String(16))
     # "metadata" is the declarative base's own attribute.
     user_metadata: Mapped[dict | None] = mapped_column("metadata", JSON, nullable=True)
+    # Seconds its output and error files stay after they are made (OpenAI's output_expires_after); None: kept.
+    output_expires_after: Mapped[int | None] = mapped_column(Integer, nullable=True)
     model: Mapped[str | None] = mapped_column(String(512), nullable=True)
     job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True)
     # Why validation failed: OpenAI's [{"code", "message", "line", "param"}].

@@ -302,6 +302,76 @@ def test_a_batch_past_its_completion_window_expires_with_what_it_finished(server
     check_partial_output(api, batch, "batch_expired")
 
 
+def test_batch_usage_and_request_counts_are_the_sums_of_its_lines(server):
+    from sqlalchemy import update
+
+    from lmq.core.config import load_settings
+    from lmq.core.store import session_scope, sessions
+    from lmq.core.store.models import OpenAIFile, utcnow
+
+    api = client(server)
+    lines = [
+        line(f"q{i}", {"model": MODEL, "prompt": prompt, "max_tokens": 3 + i, "temperature": 0})
+        for i, prompt in enumerate(PROMPTS[:3])
+    ]
+    lines.append(line("responses", {"model": MODEL, "input": "Hi"}, "/v1/responses"))
+    metadata = {"k" * 64: "v" * 512, **{f"key{i}": str(i) for i in range(15)}}
+    batch = api.batches.create(
+        input_file_id=upload(api, lines).id,
+        endpoint="/v1/completions",
+        completion_window="24h",
+        metadata=metadata,
+        output_expires_after={"anchor": "created_at", "seconds": 7200},
+    )
+    assert batch.metadata == metadata and batch.usage.total_tokens == 0
+    batch = wait(api, batch.id, 300, server.logs)
+    assert batch.status == "completed", batch
+    output, errors = jsonl(api, batch.output_file_id), jsonl(api, batch.error_file_id)
+    usages = [entry["response"]["body"]["usage"] for entry in output]
+    assert [u["completion_tokens"] for u in usages] == [3, 4, 5]
+    assert all(u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] for u in usages)
+    assert batch.usage.input_tokens == sum(u["prompt_tokens"] for u in usages) > 0
+    assert batch.usage.output_tokens == sum(u["completion_tokens"] for u in usages)
+    assert batch.usage.total_tokens == sum(u["total_tokens"] for u in usages)
+    counts = batch.request_counts
+    assert (counts.total, counts.completed, counts.failed) == (len(output) + len(errors), len(output), len(errors))
+    # A /v1/responses line is its own error, naming the endpoint as unsupported.
+    assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [("responses", "unsupported_endpoint")]
+    assert "/v1/responses" in errors[0]["error"]["message"] and "not supported" in errors[0]["error"]["message"]
+
+    # The output and error files expire output_expires_after seconds after they were made, then are no files.
+    for file_id in (batch.output_file_id, batch.error_file_id):
+        made = api.files.retrieve(file_id)
+        assert made.expires_at == made.created_at + 7200
+    settings = load_settings({**os.environ, **server.env})
+    with session_scope(sessions(settings)) as session:  # as if the two hours had passed
+        session.execute(
+            update(OpenAIFile).where(OpenAIFile.id == batch.output_file_id).values(expires_at=utcnow())
+        )
+    with pytest.raises(openai.NotFoundError):
+        api.files.content(batch.output_file_id)
+    assert batch.output_file_id not in {f.id for f in api.files.list()}
+    assert api.files.retrieve(batch.error_file_id).id == batch.error_file_id
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+        ({"metadata": {"k" * 65: "v"}}, "metadata"),
+        ({"metadata": {"k": "v" * 513}}, "metadata.k"),
+        ({"output_expires_after": {"anchor": "created_at", "seconds": 60}}, "output_expires_after.seconds"),
+        ({"output_expires_after": {"anchor": "finished_at", "seconds": 3600}}, "output_expires_after.anchor"),
+    ],
+)
+def test_batch_metadata_and_output_expiry_beyond_openai_s_limits_are_400(server, extra, param):
+    api = client(server)
+    uploaded = upload(api, [line("one", {"model": MODEL, "prompt": "The"})])
+    with pytest.raises(openai.BadRequestError) as refused:
+        api.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h", **extra)
+    assert refused.value.response.json()["error"]["param"].startswith(param)
+
+
 def test_tenants_see_only_their_own_files_batches_and_models(server):
     team_a, team_b = client(server, "tok-a"), client(server, "tok-b")
     uploaded = upload(team_a, [line("one", {"model": MODEL, "prompt": "The", "max_tokens": 3, "temperature": 0})])

@@ -129,6 +129,13 @@ def parse_line(raw: bytes, number: int, endpoint: str, limits: Limits) -> Reques
         raise LineError("invalid_request", f"line {number}: unknown field {unknown[0]!r}", custom_id, unknown[0])
     if line.get("method", "POST") != "POST":
         raise LineError("invalid_request", f"line {number}: method must be 'POST'", custom_id, "method")
+    if line.get("url") not in ENDPOINTS:
+        raise LineError(
+            "unsupported_endpoint",
+            f"line {number}: url {line.get('url')!r} is not supported: lmq runs {' and '.join(ENDPOINTS)} requests",
+            custom_id,
+            "url",
+        )
     if line.get("url") != endpoint:
         raise LineError(
             "invalid_url",

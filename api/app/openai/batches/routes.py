@@ -30,11 +30,20 @@ from lmq.core.store.models import OpenAIBatch, utcnow
 router = APIRouter(tags=["openai"], route_class=OpenAIRoute, responses=OPENAI_ERRORS)
 
 
+class OutputExpiresAfter(Strict):
+    """OpenAI's expiry of a batch's output and error files: seconds after they are made (1 hour to 30 days)."""
+
+    anchor: Literal["created_at"]
+    seconds: int = Field(ge=3600, le=2_592_000)
+
+
 class BatchIn(Strict):
     input_file_id: text(64, label=True)
     endpoint: Literal[ENDPOINTS]
     completion_window: text(16, label=True) = "24h"
+    # OpenAI's limits: 16 pairs, keys up to 64 characters, values up to 512.
     metadata: dict[text(64, label=True), text(512, min_length=0)] | None = Field(None, max_length=16)
+    output_expires_after: OutputExpiresAfter | None = None
 
 
 @router.post("/v1/batches")
@@ -58,6 +67,7 @@ def create_batch(body: BatchIn, tenant: str = TenantDep, settings: Settings = Se
             input_file_id=body.input_file_id,
             completion_window=body.completion_window,
             metadata=body.metadata,
+            output_expires_after=None if body.output_expires_after is None else body.output_expires_after.seconds,
         )
         created = batch_object(batch)
     start_validation(settings, dispatch, created["id"])

@@ -19,7 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
 
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from lmq.api.app.dispatch import BrokerUnavailable
 from lmq.api.app.openai.common import unix
@@ -30,7 +30,7 @@ from lmq.core.domain.presets import PresetNotAllowed, authorized_preset
 from lmq.core.names import TERMINAL_STATES, JobState, TaskKind
 from lmq.core.presets import PresetNotFound
 from lmq.core.store import session_scope, sessions
-from lmq.core.store.batch_files import deadline, finalize_job_batch, past_window
+from lmq.core.store.batch_files import deadline, finalize_job_batch, output_usage, past_window
 from lmq.core.store.batches import create_batch_job, fail_validation, stale_validations, take_up_validation
 from lmq.core.store.models import Job, OpenAIBatch, utcnow
 from lmq.core.store.presets import PresetRefused, check_preset_for_job, store_resolver
@@ -321,6 +321,7 @@ def batch_object(batch: OpenAIBatch) -> dict:
         "cancelling_at": unix(batch.cancelling_at),
         "cancelled_at": unix(batch.cancelled_at or (job.finished_at if status == "cancelled" else None)),
         "request_counts": request_counts(job),
+        "usage": output_usage(object_session(batch), batch),
         "metadata": batch.user_metadata,
     }
 

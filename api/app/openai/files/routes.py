@@ -56,7 +56,7 @@ def file_object(record: OpenAIFile) -> dict:
         "purpose": record.purpose,
         "status": "processed",
         "status_details": None,
-        "expires_at": None,
+        "expires_at": unix(record.expires_at),
     }
 
 
