@@ -23,9 +23,9 @@ class BodyNotUtf8(HTTPException):
 
 
 def is_json(content_type: str | None) -> bool:
-    """What FastAPI parses as JSON: application/json, application/*+json."""
+    """What FastAPI parses as JSON: application/json, application/*+json, and a body of no content type."""
     media = (content_type or "").partition(";")[0].strip().lower()
-    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+    return not media or media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 class Utf8Bodies:

@@ -73,11 +73,14 @@ def fit_body(output_preset, preset=BUILTIN):
 # ---------------------------------------------------------------- 1. JSON is UTF-8
 
 
+@pytest.mark.parametrize("content_type", ["application/json", "application/merge-patch+json", None])
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le"])
-def test_a_job_body_in_another_encoding_than_utf8_is_refused(team_a, encoding):
+def test_a_job_body_in_another_encoding_than_utf8_is_refused(team_a, encoding, content_type):
+    """FastAPI reads a body as JSON under either content type, or none."""
     before = job_ids(team_a)
     body = json.dumps(generate_body(BUILTIN, ["Hello"])).encode(encoding)
-    refused = team_a.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": content_type} if content_type else {}
+    refused = team_a.post("/v1/jobs", content=body, headers=headers)
     assert refused.status_code == 415, refused.text
     assert "the request body is not UTF-8" in refused.json()["detail"] and UTF8_RULE in refused.json()["detail"]
     assert job_ids(team_a) == before
