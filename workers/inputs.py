@@ -21,6 +21,9 @@ from lmq.core.domain.requests import field_name, problems
 from lmq.core.names import GENERATE_TEXT_FIELDS, TaskKind
 from lmq.workers.batching import Prompt
 
+# The settings each row's logits are processed by, beside the other rows (lmq.core.samplers.processing).
+PROCESSING = ("presence_penalty", "frequency_penalty", "logit_bias", "min_p", "logprobs")
+
 
 def model_input(item_input: dict, task_kind: str, tokenizer) -> tuple[str | list[int], list[int]]:
     """(the prompt `generate` takes: text, or a chat's token ids; extra stop token ids) for one
@@ -94,7 +97,8 @@ def plan(items, job_params: dict, task_kind: str, tokenizer) -> tuple[dict[Group
     different token samplers share a group (each keeps its own), so they share a pass.
 
     A row's seed is its own (`params.seed`, else its sampler's), else the job's plus its
-    index, so that it never depends on which rows it ran beside.
+    index, so that it never depends on which rows it ran beside. An item of `n` choices is n
+    rows, choice i seeded with that seed + i.
     """
     groups: dict[GroupOptions, list[Prompt]] = {}
     refused = []
@@ -110,6 +114,7 @@ def plan(items, job_params: dict, task_kind: str, tokenizer) -> tuple[dict[Group
                 stop_token_ids=_stop_ids(own.get("stop_token_ids", job_params.get("stop_token_ids", "auto")),
                                          end_of_turn, tokenizer),
             )
+            processing = _processing({name: own.get(name, job_params.get(name)) for name in PROCESSING}, tokenizer)
         except ValueError as error:
             refused.append((index, custom_id, str(error)))
             continue
@@ -117,11 +122,29 @@ def plan(items, job_params: dict, task_kind: str, tokenizer) -> tuple[dict[Group
         if seed is None and job_seed is not None:
             seed = job_seed + index
         length = len(text) if isinstance(text, list) else len(tokenizer.tokenize(text))
-        prompt = Prompt(index, text, length, custom_id,
-                        max_new_tokens=own.get("max_new_tokens", job_params.get("max_new_tokens")), seed=seed,
-                        sampler=sampler)
-        groups.setdefault(options, []).append(prompt)
+        choices = own.get("n", job_params.get("n")) or 1
+        groups.setdefault(options, []).extend(
+            Prompt(index, text, length, custom_id,
+                   max_new_tokens=own.get("max_new_tokens", job_params.get("max_new_tokens")),
+                   seed=None if seed is None else seed + choice, sampler=sampler, choice=choice, choices=choices,
+                   processing=processing)
+            for choice in range(choices)
+        )
     return groups, refused
+
+
+def _processing(settings: dict, tokenizer) -> dict | None:
+    """The row's processing settings that ask for something (None: none), or a ValueError naming a
+    logit_bias token outside the vocabulary."""
+    found = {name: value for name, value in settings.items() if value not in (None, 0, 0.0, {})}
+    if settings.get("logprobs") == 0:  # logprobs 0: the chosen token's alone
+        found["logprobs"] = 0
+    if "logit_bias" in found:
+        size = tokenizer.vocabulary_size()
+        outside = [token for token in found["logit_bias"] if int(token) >= size]
+        if outside:
+            raise ValueError(f"logit_bias names token {outside[0]}, outside the vocabulary (0 to {size - 1})")
+    return found or None
 
 
 def _sampler_key(sampler) -> str:

@@ -146,12 +146,13 @@ class JobRunner:
             after = window[-1][0]
             groups, refused = plan(window, params, task_kind, tokenizer)
             try:
-                refusals = ResultGroup(attempt, progress, budget)
+                refusals = ResultGroup(attempt, progress, budget, Choices(tokenizer))
                 for index, custom_id, message in refused:
                     refusals.add(queries.ItemResult(index, error=row_error(index, custom_id, message)))
                 refusals.commit()
                 for options, prompts in groups.items():
-                    self._stream(attempt, lm, prompts, {**arguments, **options.arguments()}, budget, progress)
+                    arguments_of_group = {**arguments, **options.arguments()}
+                    self._stream(attempt, lm, prompts, arguments_of_group, budget, progress, refusals.choices)
             except StopRequested:
                 return
         attempt.finish(JobState.succeeded)
@@ -166,7 +167,9 @@ class JobRunner:
 
         return pending
 
-    def _stream(self, attempt, lm, prompts: list[Prompt], arguments: dict, budget: RowBudget, progress) -> None:
+    def _stream(
+        self, attempt, lm, prompts: list[Prompt], arguments: dict, budget: RowBudget, progress, choices: Choices
+    ) -> None:
         """Generates ``prompts`` through the decode engine, committing results as rows finish.
 
         Rows leave and join the batch continuously within ``budget``, each choosing its tokens
@@ -174,9 +177,10 @@ class JobRunner:
         shared by every job and left as it was loaded. Out of memory
         halves the budget and runs again what has no result yet; a ValueError (a prompt
         longer than max_length, say) is split down to the prompt that raised it, which
-        gets the message as its error; the others run.
+        gets the message as its error; the others run. An item's choices (n > 1) are rows of
+        their own; its result is written once all have finished (``choices``).
         """
-        group = ResultGroup(attempt, progress, budget)
+        group = ResultGroup(attempt, progress, budget, choices)
         while prompts:
             try:
                 with metrics.in_flight(min(len(prompts), budget.rows)):
@@ -186,7 +190,7 @@ class JobRunner:
                         return_details=True,
                         **arguments,
                         **per_row(prompts),
-                        on_result=lambda row, generation: group.add(result_of(prompts[row], generation)),
+                        on_result=lambda row, generation: group.add_generation(prompts[row], generation),
                         between_steps=progress.check_now_and_then,
                         max_rows=budget.rows,
                         max_cache_tokens=budget.cache_tokens,
@@ -205,11 +209,12 @@ class JobRunner:
                     message = "out of memory on a batch of one" if is_out_of_memory(error) else str(error)
                     error = row_error(prompts[0].index, prompts[0].custom_id, message)
                     group.add(queries.ItemResult(prompts[0].index, error=error))
+                    choices.forget(prompts[0].index)
                     group.commit()
                     return
                 else:
                     half = len(prompts) // 2
-                    self._stream(attempt, lm, prompts[:half], arguments, budget, progress)
+                    self._stream(attempt, lm, prompts[:half], arguments, budget, progress, choices)
                     prompts = prompts[half:]
 
     def finish(self, job_id: str, state: JobState, error: str | None = None, **details) -> None:
@@ -249,10 +254,16 @@ class ResultGroup:
     """Finished rows, committed to SQL a few at a time: a crash redoes at most the rows in
     flight and the last uncommitted few (as many as the budget's rows)."""
 
-    def __init__(self, attempt: Attempt, progress: JobProgress, budget: RowBudget):
-        self.attempt, self.progress, self.budget = attempt, progress, budget
+    def __init__(self, attempt: Attempt, progress: JobProgress, budget: RowBudget, choices: Choices):
+        self.attempt, self.progress, self.budget, self.choices = attempt, progress, budget, choices
         self.results: list[queries.ItemResult] = []
         self.finished: set[int] = set()  # the indices committed or about to be
+
+    def add_generation(self, prompt: Prompt, generation) -> None:
+        """A row's generation: its item's result, once every choice of the item has finished."""
+        result = self.choices.result(prompt, generation)
+        if result is not None:
+            self.add(result)
 
     def add(self, result: queries.ItemResult) -> None:
         self.results.append(result)
@@ -271,10 +282,71 @@ class ResultGroup:
         metrics.results_committed(self.attempt.job_id, results, self.progress.done, self.progress.total)
 
 
+class Choices:
+    """The finished rows of items whose result holds more than a text: several choices (n > 1), or
+    log-probabilities. An item's result (its `details`, {"choices": [...]}) is made once all its
+    choices have finished; a choice that runs again (after running out of memory) replaces its own."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.finished: dict[int, dict[int, dict]] = {}  # item index -> choice -> the choice
+
+    def result(self, prompt: Prompt, generation) -> queries.ItemResult | None:
+        if prompt.choices == 1 and generation.logprobs is None:
+            return queries.ItemResult(
+                prompt.index,
+                output=generation.text,
+                prompt_tokens=generation.prompt_tokens,
+                completion_tokens=generation.completion_tokens,
+                finish_reason=generation.finish_reason,
+            )
+        made = self.finished.setdefault(prompt.index, {})
+        made[prompt.choice] = {
+            "text": generation.text,
+            "finish_reason": generation.finish_reason,
+            "completion_tokens": generation.completion_tokens,
+            "logprobs": None if generation.logprobs is None else [self._logprob(t) for t in generation.logprobs],
+        }
+        if len(made) < prompt.choices:
+            return None
+        choices = [made[choice] for choice in range(prompt.choices)]
+        del self.finished[prompt.index]
+        return queries.ItemResult(
+            prompt.index,
+            output=choices[0]["text"],
+            prompt_tokens=generation.prompt_tokens,
+            completion_tokens=sum(choice["completion_tokens"] for choice in choices),
+            finish_reason=choices[0]["finish_reason"],
+            details={"choices": choices},
+        )
+
+    def forget(self, index: int) -> None:
+        """The item failed: its other choices' rows are no result."""
+        self.finished.pop(index, None)
+
+    def _logprob(self, reported) -> dict:
+        """A token's log-probability as the output lines show it: the tokens as text."""
+        text = self._text
+        return {
+            "token": text(reported.token_id),
+            "logprob": reported.logprob,
+            "top": [[text(token), value] for token, value in reported.top],
+        }
+
+    def _text(self, token_id: int) -> str:
+        """One token's text, its leading space kept (SentencePiece writes it as '▁')."""
+        piece = self.tokenizer.id_to_token(token_id)
+        if piece is not None and "\u2581" in piece:
+            return piece.replace("\u2581", " ")
+        return self.tokenizer.detokenize([token_id])
+
+
 def per_row(prompts: list[Prompt]) -> dict:
-    """The rows' seeds and max_new_tokens as `generate` takes them: one value when all rows share
-    it, else a list; in a group with seeded rows an unseeded one draws a seed of its own."""
+    """The rows' seeds, max_new_tokens and processing as `generate` takes them: one value when all
+    rows share it, else a list; in a group with seeded rows an unseeded one draws a seed of its own."""
     arguments = {}
+    if any(p.processing for p in prompts):
+        arguments["processing"] = [row_processing(p.processing) for p in prompts]
     seeds = [p.seed for p in prompts]
     if any(seed is not None for seed in seeds):
         arguments["seed"] = [random.randrange(2**31) if seed is None else seed for seed in seeds]
@@ -286,14 +358,15 @@ def per_row(prompts: list[Prompt]) -> dict:
     return arguments
 
 
-def result_of(prompt: Prompt, generation) -> queries.ItemResult:
-    return queries.ItemResult(
-        prompt.index,
-        output=generation.text,
-        prompt_tokens=generation.prompt_tokens,
-        completion_tokens=generation.completion_tokens,
-        finish_reason=generation.finish_reason,
-    )
+def row_processing(settings: dict | None):
+    """A row's processing settings (workers/inputs.PROCESSING) as the engine takes them; logit_bias's
+    token ids are JSON keys (strings) until here."""
+    if not settings:
+        return None
+    from lmq.core.samplers.processing import RowProcessing  # torch: once a job runs
+
+    bias = {int(token): value for token, value in settings.get("logit_bias", {}).items()}
+    return RowProcessing(**{**settings, "logit_bias": bias})
 
 
 def row_error(index: int, custom_id: str | None, message: str) -> str:

@@ -61,6 +61,23 @@ def _a_list(value: Any) -> Any:
 
 
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+# OpenAI's logit_bias: token ids (JSON keys are strings) to a bias from -100 to 100.
+LogitBias = dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]]
+MAX_CHOICES = 128  # OpenAI's most `n`
+MAX_TOP_LOGPROBS = 20  # OpenAI's most `top_logprobs`
+
+
+class ChoiceSettings(Strict):
+    """How many choices an item makes and how its rows' logits are processed (lmq.core.samplers.processing);
+    the defaults ask for nothing. `logprobs`: report each token's log-probability and its k most likely."""
+
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: LogitBias | None = Field(None, max_length=1024)
+    min_p: float | None = Field(None, ge=0, le=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 TokenIds = list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]]
 Stop = Annotated[list[text(256)], BeforeValidator(_a_list)]
 
@@ -81,7 +98,7 @@ def generate_models(limits: Limits) -> GenerateModels:
         role: text(64)
         content: text(limits.prompt_chars, min_length=0)
 
-    class GenerationParams(Strict):
+    class GenerationParams(ChoiceSettings):
         """One input's own settings, in place of the job's (`stop_token_ids: []`: none)."""
 
         max_new_tokens: NewTokens | None = None
@@ -119,7 +136,7 @@ def generate_models(limits: Limits) -> GenerateModels:
             """The input a job item keeps: no custom_id (a column of its own) and no nulls."""
             return self.model_dump(mode="json", exclude_none=True, exclude={"custom_id"})
 
-    class GenerateParams(Strict):
+    class GenerateParams(ChoiceSettings):
         max_length: int | None = Field(None, ge=1, le=limits.max_length)
         max_new_tokens: NewTokens | None = None
         sampler: Sampler = "greedy"

@@ -49,3 +49,5 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" or "length"
+    # Each token's log-probability, with ``generate(processing=...)`` that asks (``lmq.core.samplers.processing``).
+    logprobs: list | None = None

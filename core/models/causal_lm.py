@@ -91,6 +91,7 @@ class CausalLM(GenerativeTask):
         max_cache_tokens=None,
         between_steps=None,
         return_details=False,
+        processing=None,
     ):
         """Generates text for a prompt or a list of prompts (KerasHub semantics, plus more).
 
@@ -115,6 +116,9 @@ class CausalLM(GenerativeTask):
           (continuous batching). By default every prompt runs at once.
         - ``between_steps()``: called before each decode step; what it raises ends the call.
         - ``return_details``: ``Generation`` records (text, token counts, finish reason).
+        - ``processing``: a ``RowProcessing`` (``lmq.core.samplers.processing``: penalties,
+          logit bias, min-p, log-probabilities) for every row, or a list of one per row (None:
+          nothing); rows choose in one pass with their own. Needs a token sampler.
 
         Without a preprocessor, ``inputs`` is ``{"token_ids", "padding_mask"}``
         (right-padded) and the same dict comes back with the completions written in.
@@ -142,6 +146,7 @@ class CausalLM(GenerativeTask):
             seed=seed,
             on_result=on_result,
             return_details=return_details,
+            processing=processing,
             **options,
         )
         return outputs[0] if single else outputs

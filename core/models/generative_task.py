@@ -9,6 +9,7 @@ import keras
 
 from lmq.core import samplers
 from lmq.core.generation import Generation, StopStrings, decode
+from lmq.core.samplers.processing import BatchProcessing
 from lmq.core.models.task import Task
 
 
@@ -49,20 +50,40 @@ class GenerativeTask(Task):
             **options,
         )
 
+    def _processed(self, sampler, processing, rows):
+        """(the sampler that applies ``processing``, its ``BatchProcessing``): ``processing`` is one
+        ``RowProcessing`` for every row or a list of one per row; (``sampler``, None) when it asks nothing."""
+        if processing is None:
+            return sampler, None
+        per_row = list(processing) if isinstance(processing, (list, tuple)) else [processing] * rows
+        if len(per_row) != rows:
+            raise ValueError(f"processing has {len(per_row)} values for {rows} prompts; give one per prompt or one.")
+        if not any(each is not None and each.asks_anything for each in per_row):
+            return sampler, None
+        if not sampler.independent_rows:
+            raise ValueError(f"processing (penalties, logit_bias, min_p, logprobs) needs a token sampler, not {sampler.name!r}.")
+        token_samplers = sampler.samplers if isinstance(sampler, samplers.PerRequestSampler) else [sampler] * rows
+        batch_processing = BatchProcessing(per_row, self.backbone.token_embedding.embeddings.shape[0])
+        return samplers.PerRequestSampler(token_samplers, batch_processing), batch_processing
+
     def _generate_texts(
         self, model, prompts, limits, sampler, *, stop_token_ids, stop, strip_prompt, seed, on_result, return_details,
-        **options,
+        processing=None, **options,
     ):
         """Decodes token-id prompts through ``model`` and turns each completion into text
         (or a ``Generation``) as its row finishes."""
         stop_strings = StopStrings(self.preprocessor.tokenizer, stop) if stop else None
+        if seed is None and not isinstance(sampler, samplers.PerRequestSampler):
+            seed = getattr(sampler, "seed", None)  # seed + i per row, as without processing
+        sampler, batch_processing = self._processed(sampler, processing, len(prompts))
 
         def output(row, completion):
             prompt, ids = prompts[row], completion.token_ids
             text = self.preprocessor.generate_postprocess([ids if strip_prompt else prompt + ids])[0]
             if stop_strings is not None:
                 text = _cut_after_prompt(text, stop_strings, [] if strip_prompt else prompt)
-            generation = Generation(text, ids, len(prompt), len(ids), completion.finish_reason)
+            logprobs = None if batch_processing is None else batch_processing.take(row)
+            generation = Generation(text, ids, len(prompt), len(ids), completion.finish_reason, logprobs)
             return generation if return_details else text
 
         outputs = {}

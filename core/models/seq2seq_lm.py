@@ -100,6 +100,7 @@ class Seq2SeqLM(GenerativeTask):
         max_cache_tokens=None,
         between_steps=None,
         return_details=False,
+        processing=None,
     ):
         """Generates decoder text for an encoder text, a list of them, or
         ``{"encoder_text", "decoder_text"}`` (the decoder text starts the output), with
@@ -130,6 +131,7 @@ class Seq2SeqLM(GenerativeTask):
             seed=seed,
             on_result=on_result,
             return_details=return_details,
+            processing=processing,
             **options,
         )
         return outputs[0] if single else outputs

@@ -6,6 +6,7 @@ import random
 import torch
 
 from lmq.core.samplers.base import Sampler
+from lmq.core.samplers.processing import BatchProcessing
 
 
 class PerRequestSampler(Sampler):
@@ -20,9 +21,12 @@ class PerRequestSampler(Sampler):
     in the batch, not one per row. A row draws from its request's own generator, so a
     seeded request gives what its sampler gives it alone, whatever its neighbours. Searches
     (beam, contrastive) weigh several rows per request together and run apart.
+
+    ``processing`` (a ``BatchProcessing``, optional) changes the rows' logits before they
+    choose (penalties, logit bias, min-p) and keeps the log-probabilities rows report.
     """
 
-    def __init__(self, samplers):
+    def __init__(self, samplers, processing: BatchProcessing | None = None):
         samplers = list(samplers)
         for request, sampler in enumerate(samplers):
             token_sampler = isinstance(sampler, Sampler) and sampler.independent_rows
@@ -32,6 +36,7 @@ class PerRequestSampler(Sampler):
                     f"request {request}'s is {getattr(sampler, 'name', None) or type(sampler).__name__!r}."
                 )
         self.samplers = samplers
+        self.processing = processing
         kinds = {}  # kind -> its number
         numbers = [kinds.setdefault(_kind(sampler), len(kinds)) for sampler in samplers]
         self.kind_of_request = torch.tensor(numbers, dtype=torch.long)
@@ -61,8 +66,19 @@ class PerRequestSampler(Sampler):
         device = requests.device
         self.kind_of_request = self.kind_of_request.to(device)
         self.columns = {name: column.to(device) for name, column in self.columns.items()}
+        if self.processing is not None:
+            self.processing.to(device)
 
     def choose(self, batch, logits):
+        if self.processing is None:
+            return self._choose(batch, logits)
+        temperature = self.columns["temperature"][batch.rows["request"]]
+        adjusted, truncated = self.processing.process(batch.rows, logits, temperature)
+        tokens = self._choose(batch, truncated)
+        self.processing.record(batch.rows["request"], adjusted, temperature, tokens)
+        return tokens
+
+    def _choose(self, batch, logits):
         requests = batch.rows["request"]
         generators = batch.row_generators()
         kinds = self.kind_of_request[requests]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from itertools import accumulate
 from datetime import datetime, timedelta
 from typing import Iterator
 
@@ -151,18 +152,13 @@ def file_lines(session: Session, batch: OpenAIBatch, only: str | None = None) ->
 
 def output_line(batch: OpenAIBatch, item) -> dict:
     """OpenAI's output line: the response a /v1/completions or /v1/chat/completions request would have had."""
-    if batch.endpoint == CHAT:
-        prefix, obj = "chatcmpl-", "chat.completion"
-        choice = {"index": 0, "message": {"role": "assistant", "content": item.output, "refusal": None}}
-    else:
-        prefix, obj = "cmpl-", "text_completion"
-        choice = {"index": 0, "text": completion_text(item)}
+    prefix, obj = ("chatcmpl-", "chat.completion") if batch.endpoint == CHAT else ("cmpl-", "text_completion")
     body = {
         "id": derived_id(prefix, batch.id, item.index),
         "object": obj,
         "created": None if item.finished_at is None else int(item.finished_at.timestamp()),
         "model": batch.model,
-        "choices": [{**choice, "logprobs": None, "finish_reason": item.finish_reason}],
+        "choices": [choice_of(batch, item, index, choice) for index, choice in enumerate(stored_choices(item))],
         "usage": {
             "prompt_tokens": item.prompt_tokens,
             "completion_tokens": item.completion_tokens,
@@ -177,15 +173,56 @@ def output_line(batch: OpenAIBatch, item) -> dict:
     }
 
 
-def completion_text(item) -> str:
+def stored_choices(item) -> list[dict]:
+    """The item's choices as the runner stored them (workers.runner.Choices), or its one text."""
+    if item.details is not None:
+        return item.details["choices"]
+    return [{"text": item.output, "finish_reason": item.finish_reason, "logprobs": None}]
+
+
+def choice_of(batch: OpenAIBatch, item, index: int, choice: dict) -> dict:
+    """One of the response's choices, its logprobs in the endpoint's shape."""
+    logprobs = choice.get("logprobs")
+    if batch.endpoint == CHAT:
+        message = {"role": "assistant", "content": choice["text"], "refusal": None}
+        shown = None if logprobs is None else {"content": [chat_logprob(entry) for entry in logprobs], "refusal": None}
+        return {"index": index, "message": message, "logprobs": shown, "finish_reason": choice["finish_reason"]}
+    text = completion_text(item.input.get("prompt"), choice["text"])
+    return {"index": index, "text": text, "logprobs": completion_logprobs(logprobs), "finish_reason": choice["finish_reason"]}
+
+
+def chat_logprob(entry: dict) -> dict:
+    """A token of a chat choice's `logprobs.content` (OpenAI's ChatCompletionTokenLogprob)."""
+
+    def token(text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    top = [token(text, logprob) for text, logprob in entry["top"]]
+    return {**token(entry["token"], entry["logprob"]), "top_logprobs": top}
+
+
+def completion_logprobs(logprobs: list | None) -> dict | None:
+    """A completion choice's `logprobs` (OpenAI's legacy shape): `text_offset` counts from the completion's start."""
+    if logprobs is None:
+        return None
+    tokens = [entry["token"] for entry in logprobs]
+    offsets = list(accumulate(map(len, tokens), initial=0))[: len(tokens)]
+    return {
+        "tokens": tokens,
+        "token_logprobs": [entry["logprob"] for entry in logprobs],
+        "top_logprobs": [dict(entry["top"]) for entry in logprobs],
+        "text_offset": offsets,
+    }
+
+
+def completion_text(prompt: str | None, output: str) -> str:
     """The text after the prompt, as OpenAI's and transformers' incremental detokenizers give it:
     the whole decoded text less the prompt, so that prompt + text is the whole text ("Return the" +
     " current ..."; decoding the completion's tokens alone would drop that leading space). Where the
     tokenizer normalised the prompt's text, what the two texts share at the start is cut."""
-    prompt = item.input.get("prompt")
     if prompt is None:  # a chat reply, a Bart's output: the job generated the text alone
-        return item.output
-    return item.output[len(os.path.commonprefix([prompt, item.output])) :]
+        return output
+    return output[len(os.path.commonprefix([prompt, output])) :]
 
 
 def error_line(batch: OpenAIBatch, item) -> dict:

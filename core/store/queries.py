@@ -169,6 +169,7 @@ class ItemResult:
     completion_tokens: int | None = None
     finish_reason: str | None = None
     error: str | None = None
+    details: dict | None = None  # every choice, log-probabilities (JobItem.details)
 
 
 def record_results(session: Session, job_id: str, results: Iterable[ItemResult]) -> int:
@@ -193,6 +194,7 @@ def record_results(session: Session, job_id: str, results: Iterable[ItemResult])
                 completion_tokens=result.completion_tokens,
                 finish_reason=result.finish_reason,
                 error=result.error,
+                details=result.details,
                 finished_at=now,
             )
         )

@@ -372,6 +372,75 @@ def test_batch_metadata_and_output_expiry_beyond_openai_s_limits_are_400(server,
     assert refused.value.response.json()["error"]["param"].startswith(param)
 
 
+def test_choices_penalties_and_logprobs_run_in_one_batch_as_causal_lm_generate_gives_them(server, tiny_llama_preset):
+    """n=3 is three rows seeded seed + i; penalties and logit_bias change the tokens as the library's
+    processing does; logprobs are the library's (checked against transformers in test_row_processing);
+    every line runs in one batch beside a plain line, which is unchanged. Choice i equals the library's
+    generation seeded 7 + i, so a seeded n=3 line is reproducible."""
+    from lmq.core.samplers.processing import RowProcessing
+
+    api = client(server)
+    sampled = {"temperature": 0.9, "seed": 7, "max_tokens": 6}
+    penalised = {"temperature": 0, "max_tokens": 8, "presence_penalty": 1.5, "frequency_penalty": 0.5,
+                 "logit_bias": {"9": 3.0}}
+    lines = [
+        line("n3", {"model": MODEL, "prompt": PROMPTS[0], "n": 3, **sampled}),
+        line("penalised", {"model": MODEL, "prompt": PROMPTS[1], **penalised}),
+        line("logprobs", {"model": MODEL, "prompt": PROMPTS[2], "temperature": 0, "max_tokens": 5, "logprobs": 3}),
+        line("plain", {"model": MODEL, "prompt": PROMPTS[3], "temperature": 0, "max_tokens": 5}),
+    ]
+    uploaded = upload(api, lines)
+    first = run_batch(api, uploaded.id, logs=server.logs)
+    assert first.status == "completed" and first.error_file_id is None, first
+    output = {entry["custom_id"]: entry["response"]["body"] for entry in jsonl(api, first.output_file_id)}
+
+    n3 = output["n3"]
+    expected = [
+        reference(tiny_llama_preset, PROMPTS[0], {"name": "random", "temperature": 0.9}, max_new_tokens=6, seed=7 + i)
+        for i in range(3)
+    ]
+    assert [c["index"] for c in n3["choices"]] == [0, 1, 2]
+    assert [PROMPTS[0] + c["text"] for c in n3["choices"]] == [g.text for g in expected]
+    assert len({c["text"] for c in n3["choices"]}) > 1
+    assert n3["usage"]["completion_tokens"] == sum(g.completion_tokens for g in expected)
+    assert n3["usage"]["prompt_tokens"] == expected[0].prompt_tokens
+
+    settings = RowProcessing(presence_penalty=1.5, frequency_penalty=0.5, logit_bias={9: 3.0})
+    with_penalties = reference(tiny_llama_preset, PROMPTS[1], max_new_tokens=8, processing=settings)
+    assert PROMPTS[1] + output["penalised"]["choices"][0]["text"] == with_penalties.text
+    assert with_penalties.text != reference(tiny_llama_preset, PROMPTS[1], max_new_tokens=8).text
+
+    reported = output["logprobs"]["choices"][0]["logprobs"]
+    library = reference(tiny_llama_preset, PROMPTS[2], max_new_tokens=5, processing=RowProcessing(logprobs=3))
+    assert len(reported["tokens"]) == len(reported["token_logprobs"]) == len(library.logprobs) == 5
+    for token_logprob, top, expected_token in zip(reported["token_logprobs"], reported["top_logprobs"], library.logprobs):
+        assert abs(token_logprob - expected_token.logprob) < 1e-5
+        assert sorted(top.values(), reverse=True) == pytest.approx([v for _, v in expected_token.top], abs=1e-5)
+        assert len(top) <= 3 and token_logprob <= max(top.values()) + 1e-6
+    assert "".join(reported["tokens"]) == output["logprobs"]["choices"][0]["text"]
+    assert output["plain"]["choices"][0]["logprobs"] is None
+    assert PROMPTS[3] + output["plain"]["choices"][0]["text"] == reference(tiny_llama_preset, PROMPTS[3], max_new_tokens=5).text
+
+    assert first.usage.output_tokens == sum(body["usage"]["completion_tokens"] for body in output.values())
+
+
+def test_a_chat_line_s_logprobs_come_in_openai_s_chat_shape(server):
+    api = client(server)
+    body = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "Return the"}], "max_tokens": 4,
+            "temperature": 0, "logprobs": True, "top_logprobs": 2, "n": 2}
+    batch = run_batch(api, upload(api, [line("c", body, "/v1/chat/completions")]).id, "/v1/chat/completions",
+                      logs=server.logs)
+    assert batch.status == "completed", batch
+    (entry,) = jsonl(api, batch.output_file_id)
+    choices = entry["response"]["body"]["choices"]
+    assert [c["index"] for c in choices] == [0, 1] and choices[0]["message"] == choices[1]["message"]  # greedy
+    content = choices[0]["logprobs"]["content"]
+    assert len(content) == entry["response"]["body"]["usage"]["completion_tokens"] // 2
+    for token in content:
+        assert set(token) == {"token", "logprob", "bytes", "top_logprobs"} and token["bytes"] == list(token["token"].encode())
+        assert len(token["top_logprobs"]) == 2 and token["logprob"] == pytest.approx(token["top_logprobs"][0]["logprob"])
+
+
 def test_tenants_see_only_their_own_files_batches_and_models(server):
     team_a, team_b = client(server, "tok-a"), client(server, "tok-b")
     uploaded = upload(team_a, [line("one", {"model": MODEL, "prompt": "The", "max_tokens": 3, "temperature": 0})])
@@ -579,6 +648,27 @@ def test_a_line_s_openai_settings_become_its_own_generate_params():
 
 
 
+def test_a_line_s_choices_penalties_and_logprobs_become_its_own_generate_params():
+    from lmq.api.app.openai.batches.lines import LineError
+
+    settings = {"n": 3, "presence_penalty": 0.5, "frequency_penalty": -0.5, "logit_bias": {"7": -100}, "min_p": 0.1}
+    completion = parse(line("a", {"model": "m", "prompt": "Hi", "logprobs": 2, **settings}))
+    assert completion.input["params"] == {
+        "sampler": {"name": "random", "temperature": 1.0}, "max_new_tokens": 16, "logprobs": 2, **settings
+    }
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = parse(
+        line("b", {"model": "m", "messages": messages, "logprobs": True, "top_logprobs": 4}, "/v1/chat/completions"),
+        "/v1/chat/completions",
+    )
+    assert chat.input["params"]["logprobs"] == 4
+    chosen_only = {"model": "m", "messages": messages, "logprobs": True}
+    assert parse(line("c", chosen_only, "/v1/chat/completions"), "/v1/chat/completions").input["params"]["logprobs"] == 0
+    with pytest.raises(LineError, match="top_logprobs needs logprobs"):
+        parse(line("d", {"model": "m", "messages": messages, "top_logprobs": 2}, "/v1/chat/completions"),
+              "/v1/chat/completions")
+
+
 def test_a_line_becomes_the_generate_item_a_jobs_input_with_the_same_settings_is():
     """One item model checks both: a line's OpenAI settings and a /v1/jobs input's params give the same item."""
     from lmq.api.app.openai.batches.lines import LineError, parse_line
@@ -600,8 +690,12 @@ def test_a_line_becomes_the_generate_item_a_jobs_input_with_the_same_settings_is
     "entry, code, param",
     [
         (line("a", {"model": "m", "prompt": "Hi"}, "/v1/chat/completions"), "invalid_url", "url"),
-        (line("a", {"model": "m", "prompt": "Hi", "n": 2}), "invalid_request", "body.n"),
-        (line("a", {"model": "m", "prompt": "Hi", "logprobs": 3}), "invalid_request", "body.logprobs"),
+        (line("a", {"model": "m", "prompt": "Hi", "n": 129}), "invalid_request", "body.n"),
+        (line("a", {"model": "m", "prompt": "Hi", "logprobs": 21}), "invalid_request", "body.logprobs"),
+        (line("a", {"model": "m", "prompt": "Hi", "logit_bias": {"x": 1}}), "invalid_request", "body.logit_bias.x"),
+        (line("a", {"model": "m", "prompt": "Hi", "presence_penalty": 3}), "invalid_request", "body.presence_penalty"),
+        (line("a", {"model": "m", "prompt": "Hi", "stop": list("abcde")}), "invalid_request", "body.stop"),
+        (line("a", {"model": "m", "prompt": "Hi"}, "/v1/responses"), "unsupported_endpoint", "url"),
         (line("a", {"model": "m", "prompt": "Hi", "temperature": 2.5}), "invalid_request", "body.temperature"),
         (line("a", {"model": "m", "prompt": "Hi", "max_tokens": 10**6}), "invalid_request", "body.max_tokens"),
         (line("a", {"model": "m"}), "invalid_request", "body.prompt"),

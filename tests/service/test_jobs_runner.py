@@ -52,9 +52,9 @@ class StandInLM:
 
     @staticmethod
     def generation(prompt):
-        return SimpleNamespace(
-            text=prompt.upper(), prompt_tokens=len(prompt.split()), completion_tokens=1, finish_reason="length"
-        )
+        from lmq.core.generation import Generation
+
+        return Generation(prompt.upper(), [0], prompt_tokens=len(prompt.split()), completion_tokens=1, finish_reason="length")
 
 
 class WorkerDied(BaseException):

@@ -16,12 +16,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Iterator, Literal, Union
 
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from lmq.core.config import Limits
 from lmq.core.utf8 import utf8_text
 from lmq.core.domain.fields import MAX_SEED, Strict, text
-from lmq.core.domain.generation import generate_models
+from lmq.core.domain.generation import MAX_CHOICES, MAX_TOP_LOGPROBS, LogitBias, Penalty, generate_models
 from lmq.core.domain.requests import field_name, problems
 from lmq.core.store.batch_files import CHAT, COMPLETIONS
 
@@ -81,17 +82,20 @@ def body_models(limits: Limits) -> dict[str, type[Strict]]:
         top_p: float | None = Field(None, gt=0, le=1)
         stop: Stop | None = None
         seed: int | None = Field(None, ge=0, le=MAX_SEED)
-        # Accepted at the values that ask for nothing lmq lacks.
-        n: Literal[1] | None = None
+        n: int | None = Field(None, ge=1, le=MAX_CHOICES)
+        presence_penalty: Penalty | None = None
+        frequency_penalty: Penalty | None = None
+        logit_bias: LogitBias | None = Field(None, max_length=1024)
+        min_p: float | None = Field(None, ge=0, le=1)  # vLLM's
+        # Accepted at the value that asks for nothing lmq lacks.
         stream: Literal[False] | None = None
-        presence_penalty: Literal[0] | None = None
-        frequency_penalty: Literal[0] | None = None
         user: text(256, min_length=0) | None = None
 
     class CompletionBody(Body):
         prompt: Union[
             text(limits.prompt_chars), Annotated[list[text(limits.prompt_chars)], Field(min_length=1, max_length=1)]
         ]
+        logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # OpenAI's top tokens per token (vLLM: to 20)
 
     class TextPart(Strict):
         type: Literal["text"]
@@ -105,6 +109,14 @@ def body_models(limits: Limits) -> dict[str, type[Strict]]:
     class ChatBody(Body):
         messages: list[Message] = Field(min_length=1, max_length=1024)
         max_completion_tokens: NewTokens | None = None
+        logprobs: bool | None = None
+        top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+        @model_validator(mode="after")
+        def top_logprobs_need_logprobs(self):
+            if self.top_logprobs is not None and not self.logprobs:
+                raise PydanticCustomError("top_logprobs", "top_logprobs needs logprobs: true")
+            return self
 
     return {COMPLETIONS: CompletionBody, CHAT: ChatBody}
 
@@ -171,6 +183,13 @@ def item_input(body, endpoint: str) -> dict:
         params["stop"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
     if body.seed is not None:
         params["seed"] = body.seed
+    for name in ("n", "presence_penalty", "frequency_penalty", "logit_bias", "min_p"):
+        if getattr(body, name) is not None:
+            params[name] = getattr(body, name)
+    if endpoint == COMPLETIONS and body.logprobs is not None:
+        params["logprobs"] = body.logprobs
+    elif endpoint == CHAT and body.logprobs:
+        params["logprobs"] = body.top_logprobs or 0
     return {**source, "params": params}
 
 
