@@ -5,10 +5,11 @@ import torch
 
 from lmq.core.generation import DecoderOnlyModel
 from lmq.core.models.generative_task import GenerativeTask, token_limits, with_completions
+from lmq.core.names import TaskKind
 
 
 class CausalLM(GenerativeTask):
-    task_kind = "causal_lm"
+    task_kind = TaskKind.causal_lm
 
     def call(self, inputs, training=False):
         """``{"token_ids", "padding_mask"}`` -> logits [batch, length, vocab]."""

@@ -6,6 +6,7 @@ import torch
 
 from lmq.core.models.generative_task import GenerativeTask, token_limits, with_completions
 from lmq.core.models.seq2seq_lm_preprocessor import split_pairs
+from lmq.core.names import TaskKind
 
 
 class EncoderDecoderModel:
@@ -51,7 +52,7 @@ class EncoderDecoderModel:
 
 
 class Seq2SeqLM(GenerativeTask):
-    task_kind = "seq2seq_lm"
+    task_kind = TaskKind.seq2seq_lm
 
     def call(self, inputs, training=False):
         """``{"encoder_token_ids", "encoder_padding_mask", "decoder_token_ids", "decoder_padding_mask"}``

@@ -18,7 +18,7 @@ class Task(KerasHubSerializable, keras.Model):
     config_file = "task.json"
     backbone_cls = None
     preprocessor_cls = None
-    task_kind = None  # "causal_lm" / "seq2seq_lm": what ``from_preset`` on a base class may return
+    task_kind = None  # a TaskKind: what ``from_preset`` on a base class may return
 
     def __init__(self, backbone, preprocessor=None, name=None, **kwargs):
         kwargs.pop("trainable", None)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from lmq.core.models import CausalLM
-from lmq.core.names import SAMPLER_NAMES
+from lmq.core.names import SAMPLER_NAMES, TaskKind
 from lmq.core.plugins import get_registry, import_path
 from lmq.core.presets import PresetNotFound, PresetResolver
 from lmq.core.presets.weights import WEIGHTS_FILE
@@ -87,7 +87,7 @@ class CausalLMConformance:
         }
         for role, part in parts.items():
             assert architecture.load(role) is type(part), f"{architecture.name}'s {role} is not {type(part).__name__}"
-        assert architecture.task_kind == task.task_kind == "causal_lm"
+        assert architecture.task_kind == task.task_kind == TaskKind.causal_lm
 
     def test_builtin_preset_names_are_well_formed_handles(self):
         architecture = get_registry().architecture_of_class(type(self.task.backbone).__name__)

@@ -4,12 +4,13 @@ The task files keep KerasHub's names (``bart_seq_2_seq_lm.py``), so saved preset
 KerasHub's modules.
 """
 
+from lmq.core.names import TaskKind
 from lmq.core.plugins import Architecture, plugin_hooks
 
 ARCHITECTURE = Architecture.in_package(
     __name__,
     "Bart",
-    task_kind="seq2seq_lm",
+    task_kind=TaskKind.seq2seq_lm,
     hf_model_types=("bart",),
     preprocessor="lmq.plugins.bart.bart_seq_2_seq_lm_preprocessor:BartSeq2SeqLMPreprocessor",
     task="lmq.plugins.bart.bart_seq_2_seq_lm:BartSeq2SeqLM",
