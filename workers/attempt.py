@@ -19,9 +19,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from lmq.core.config import Settings
 from lmq.core.names import JobState
-from lmq.core.store import queries
+from lmq.core.store import batch_files, queries
 from lmq.core.store.db import transact
 from lmq.core.store.leases import Lease, LeaseLost, renew
+from lmq.core.store.models import utcnow
 from lmq.workers import metrics
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,9 @@ class Attempt:
         self.write(lambda session: queries.add_event(session, self.job_id, type, **data))
 
     def stop_requested(self, session: Session) -> bool:
-        """A cancel request is honoured here (checked between decode steps and fit steps)."""
+        """A cancel request is honoured here (checked between decode steps and fit steps), and so is
+        the end of a Batch API batch's window, which cancels its job as a cancel would."""
+        batch_files.expire_job_batch(session, self.job_id, utcnow())
         if queries.job_state(session, self.job_id) == JobState.cancelling.value:
             queries.finish_job(session, self.job_id, JobState.cancelled)
             return True

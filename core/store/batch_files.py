@@ -91,6 +91,15 @@ def expire(session: Session, batch_id: str, now: datetime) -> None:
     queries.request_cancel(session, batch.job_id)
 
 
+def expire_job_batch(session: Session, job_id: str, now: datetime) -> None:
+    """Expire the batch that `job_id` is the job of, if it is one's and its window has ended. The
+    runner asks this between steps, so a running batch stops as its window ends; the sweep's
+    `overdue_batches` catches a batch whose runner died."""
+    batch = session.scalar(select(OpenAIBatch).where(OpenAIBatch.job_id == job_id, OpenAIBatch.expired_at.is_(None)))
+    if batch is not None:
+        expire(session, batch.id, now)
+
+
 def finalize_job_batch(session: Session, job_id: str) -> bool:
     """Finalize the batch that `job_id` is the job of, if it is one's and has ended."""
     batch = session.scalar(select(OpenAIBatch).where(OpenAIBatch.job_id == job_id))
