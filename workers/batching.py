@@ -21,7 +21,7 @@ class Prompt:
     sampler: str | None = None  # the row's own, as JSON without its seed (workers/inputs.py)
     choice: int = 0  # which of its item's `choices` this row makes (n > 1: one row per choice)
     choices: int = 1
-    processing: dict | None = None  # penalties, logit_bias, min_p, logprobs (workers/inputs.PROCESSING)
+    processing: dict | None = None  # penalties, logit_bias, min_p, logprobs, response_format (workers/inputs.PROCESSING)
 
 
 @dataclass

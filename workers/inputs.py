@@ -22,7 +22,7 @@ from lmq.core.names import GENERATE_TEXT_FIELDS, TaskKind
 from lmq.workers.batching import Prompt
 
 # The settings each row's logits are processed by, beside the other rows (lmq.core.samplers.processing).
-PROCESSING = ("presence_penalty", "frequency_penalty", "logit_bias", "min_p", "logprobs")
+PROCESSING = ("presence_penalty", "frequency_penalty", "logit_bias", "min_p", "logprobs", "response_format")
 
 
 def model_input(item_input: dict, task_kind: str, tokenizer) -> tuple[str | list[int], list[int]]:

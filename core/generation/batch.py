@@ -131,13 +131,16 @@ class Batch:
             self.logits = self.logits[index]
         self.size = len(index)
 
-    def append(self, tokens):
-        """Each row's new token [rows]; a finished row ignores its own."""
+    def append(self, tokens, completed=None):
+        """Each row's new token [rows]; a finished row ignores its own. ``completed`` [rows] (or None):
+        rows that end with this token as with a stop token (their grammar is complete), the token kept."""
         rows = self.rows
         fresh = ~rows["done"]
         rows["sequence"].scatter_(1, rows["length"][:, None], tokens[:, None])
         rows["length"] += fresh
         hit_stop = fresh & (tokens[:, None] == rows["stop_ids"]).any(dim=1)
+        if completed is not None:
+            hit_stop |= fresh & completed
         rows["stopped"] |= hit_stop
         rows["done"] |= hit_stop | (rows["length"] >= rows["end"])
         rows["token"] = tokens

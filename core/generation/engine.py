@@ -17,7 +17,7 @@ Each step:
         hidden = runner.run(cache, step input)      # one forward pass
         batch.logits = ...; batch.join(ready, ...)  # decoding rows' logits; prompts that are in join
         tokens = sampler.choose(batch, batch.take_logits())
-        batch.append(tokens)                        # stop tokens, limits, stop strings, streaming
+        batch.append(tokens, sampler.completed_rows())  # stop tokens, complete grammars, limits, stop strings, streaming
         batch.drop_finished()                       # finished requests leave; their slots are reused
 
 Samplers are strategies (``lmq.core.samplers``): a token sampler (greedy, top-k,
@@ -84,7 +84,8 @@ class Engine:
             if plan.tokens:
                 self._forward(plan)
             if batch.size:
-                batch.append(self.sampler.choose(batch, batch.take_logits()))
+                tokens = self.sampler.choose(batch, batch.take_logits())
+                batch.append(tokens, self.sampler.completed_rows())
                 longest = batch.drop_finished()
                 if longest is not None:
                     scheduler.finished(longest)

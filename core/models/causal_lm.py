@@ -93,6 +93,7 @@ class CausalLM(GenerativeTask):
         between_steps=None,
         return_details=False,
         processing=None,
+        response_format=None,
     ):
         """Generates text for a prompt or a list of prompts (KerasHub semantics, plus more).
 
@@ -120,6 +121,11 @@ class CausalLM(GenerativeTask):
         - ``processing``: a ``RowProcessing`` (``lmq.core.samplers.processing``: penalties,
           logit bias, min-p, log-probabilities) for every row, or a list of one per row (None:
           nothing); rows choose in one pass with their own. Needs a token sampler.
+        - ``response_format``: a structured output for every row, or a list of one per row (None:
+          free text): OpenAI's ``{"type": "json_schema", "json_schema": {"name", "schema"}}`` or
+          ``{"type": "json_object"}``, or ``{"type": "regex", "regex"}``, ``{"type": "choice",
+          "choice": [...]}``. A row's tokens are masked to its grammar, which ends the row once
+          complete; a format the grammar engine cannot compile is a ValueError naming what.
 
         Without a preprocessor, ``inputs`` is ``{"token_ids", "padding_mask"}``
         (right-padded) and the same dict comes back with the completions written in.
@@ -148,6 +154,7 @@ class CausalLM(GenerativeTask):
             on_result=on_result,
             return_details=return_details,
             processing=processing,
+            response_format=response_format,
             **options,
         )
         return outputs[0] if single else outputs

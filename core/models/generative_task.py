@@ -5,11 +5,15 @@ the way from token-id prompts through the decode engine to text. A subclass turn
 inputs into prompts and names the model the engine drives.
 """
 
+import dataclasses
+
 import keras
+from pydantic import ValidationError
 
 from lmq.core import samplers
+from lmq.core.domain.generation import ResponseFormat
 from lmq.core.generation import Generation, StopStrings, decode
-from lmq.core.samplers.processing import BatchProcessing
+from lmq.core.samplers.processing import BatchProcessing, RowProcessing
 from lmq.core.models.task import Task
 
 
@@ -50,32 +54,36 @@ class GenerativeTask(Task):
             **options,
         )
 
-    def _processed(self, sampler, processing, rows):
-        """(the sampler that applies ``processing``, its ``BatchProcessing``): ``processing`` is one
-        ``RowProcessing`` for every row or a list of one per row; (``sampler``, None) when it asks nothing."""
-        if processing is None:
-            return sampler, None
-        per_row = list(processing) if isinstance(processing, (list, tuple)) else [processing] * rows
-        if len(per_row) != rows:
-            raise ValueError(f"processing has {len(per_row)} values for {rows} prompts; give one per prompt or one.")
+    def _processed(self, sampler, processing, rows, response_format=None):
+        """(the sampler that applies ``processing``, its ``BatchProcessing``): ``processing`` and
+        ``response_format`` are each one value for every row or a list of one per row; (``sampler``,
+        None) when they ask nothing."""
+        per_row = _per_row(processing, rows, "processing")
+        for row, each in enumerate(_per_row(response_format, rows, "response_format")):
+            if each is not None:
+                per_row[row] = dataclasses.replace(per_row[row] or RowProcessing(), response_format=_checked_format(each))
         if not any(each is not None and each.asks_anything for each in per_row):
             return sampler, None
         if not sampler.independent_rows:
-            raise ValueError(f"processing (penalties, logit_bias, min_p, logprobs) needs a token sampler, not {sampler.name!r}.")
+            raise ValueError(
+                f"processing (penalties, logit_bias, min_p, logprobs, response_format) needs a token sampler, not {sampler.name!r}."
+            )
         token_samplers = sampler.samplers if isinstance(sampler, samplers.PerRequestSampler) else [sampler] * rows
-        batch_processing = BatchProcessing(per_row, self.backbone.token_embedding.embeddings.shape[0])
+        batch_processing = BatchProcessing(
+            per_row, self.backbone.token_embedding.embeddings.shape[0], self.preprocessor.tokenizer
+        )
         return samplers.PerRequestSampler(token_samplers, batch_processing), batch_processing
 
     def _generate_texts(
         self, model, prompts, limits, sampler, *, stop_token_ids, stop, strip_prompt, seed, on_result, return_details,
-        processing=None, **options,
+        processing=None, response_format=None, **options,
     ):
         """Decodes token-id prompts through ``model`` and turns each completion into text
         (or a ``Generation``) as its row finishes."""
         stop_strings = StopStrings(self.preprocessor.tokenizer, stop) if stop else None
         if seed is None and not isinstance(sampler, samplers.PerRequestSampler):
             seed = getattr(sampler, "seed", None)  # seed + i per row, as without processing
-        sampler, batch_processing = self._processed(sampler, processing, len(prompts))
+        sampler, batch_processing = self._processed(sampler, processing, len(prompts), response_format)
 
         def output(row, completion):
             prompt, ids = prompts[row], completion.token_ids
@@ -123,6 +131,25 @@ class GenerativeTask(Task):
                 raise ValueError(f"seed has {len(seed)} values for {rows} prompts; give one per prompt or one int.")
             return [int(s) for s in seed]
         return [int(seed) + i for i in range(rows)]
+
+
+def _per_row(value, rows, name):
+    """One value per row: ``value`` itself when a list (of ``rows`` values), else ``value`` for every row."""
+    per_row = list(value) if isinstance(value, (list, tuple)) else [value] * rows
+    if len(per_row) != rows:
+        raise ValueError(f"{name} has {len(per_row)} values for {rows} prompts; give one per prompt or one.")
+    return per_row
+
+
+def _checked_format(response_format):
+    """``response_format`` as the engine takes it, or a ValueError saying what is wrong with it (a schema
+    feature the grammar engine cannot compile, a missing field)."""
+    try:
+        return ResponseFormat.model_validate(response_format).model_dump(mode="json", exclude_none=True)
+    except ValidationError as error:
+        found = error.errors()[0]
+        where = ".".join(str(part) for part in found["loc"])
+        raise ValueError(f"response_format{'.' + where if where else ''}: {found['msg']}") from None
 
 
 def token_limits(prompts, max_length, max_new_tokens):

@@ -102,6 +102,7 @@ class Seq2SeqLM(GenerativeTask):
         between_steps=None,
         return_details=False,
         processing=None,
+        response_format=None,
     ):
         """Generates decoder text for an encoder text, a list of them, or
         ``{"encoder_text", "decoder_text"}`` (the decoder text starts the output), with
@@ -133,6 +134,7 @@ class Seq2SeqLM(GenerativeTask):
             on_result=on_result,
             return_details=return_details,
             processing=processing,
+            response_format=response_format,
             **options,
         )
         return outputs[0] if single else outputs

@@ -58,6 +58,11 @@ class Sampler:
         """Each row's next token [rows] from its logits [rows, vocab]."""
         return self.next_token(logits, batch.row_generators())
 
+    def completed_rows(self):
+        """[rows] bool: the rows whose constraints ended with the tokens ``choose`` just chose
+        (a complete grammar: they end as on a stop token), or None when none can."""
+        return None
+
     def finish(self, rows):
         """A request's ``Completion`` from its finished rows (``FinishedRow``s)."""
         return Completion(rows[0].token_ids, rows[0].finish_reason)

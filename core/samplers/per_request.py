@@ -23,7 +23,8 @@ class PerRequestSampler(Sampler):
     (beam, contrastive) weigh several rows per request together and run apart.
 
     ``processing`` (a ``BatchProcessing``, optional) changes the rows' logits before they
-    choose (penalties, logit bias, min-p) and keeps the log-probabilities rows report.
+    choose (penalties, logit bias, min-p, a grammar's mask), keeps the log-probabilities rows
+    report and says which rows' grammars completed.
     """
 
     def __init__(self, samplers, processing: BatchProcessing | None = None):
@@ -76,7 +77,11 @@ class PerRequestSampler(Sampler):
         adjusted, truncated = self.processing.process(batch.rows, logits, temperature)
         tokens = self._choose(batch, truncated)
         self.processing.record(batch.rows["request"], adjusted, temperature, tokens)
+        self.processing.accept(batch.rows, tokens)
         return tokens
+
+    def completed_rows(self):
+        return None if self.processing is None else self.processing.completed
 
     def _choose(self, batch, logits):
         requests = batch.rows["request"]

@@ -17,7 +17,8 @@ ENDPOINTS = {"both": (COMPLETIONS, CHAT), "completions": (COMPLETIONS,), "chat":
 ACCEPTED = {
     "max_tokens": 4, "max_completion_tokens": 4, "temperature": 0.5, "top_p": 0.9, "stop": ["."], "seed": 1, "n": 2,
     "presence_penalty": 0.5, "frequency_penalty": 0.5, "logit_bias": {"3": 1.0}, "min_p": 0.1, "stream": False,
-    "user": "u", "top_logprobs": 2,
+    "user": "u", "top_logprobs": 2, "response_format": {"type": "json_object"}, "guided_json": {"type": "integer"},
+    "guided_regex": "[0-9]+", "guided_choice": ["yes", "no"], "structured_outputs": {"choice": ["yes", "no"]},
 }
 
 

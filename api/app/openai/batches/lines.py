@@ -14,21 +14,81 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Iterator, Literal, Union
+from typing import Annotated, Any, Iterator, Literal, Union
 
-from pydantic import Field, TypeAdapter, ValidationError, model_validator
+from pydantic import AfterValidator, Field, TypeAdapter, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from lmq.core.config import Limits
 from lmq.core.utf8 import utf8_text
 from lmq.core.domain.fields import MAX_SEED, Strict, text
-from lmq.core.domain.generation import MAX_CHOICES, MAX_TOP_LOGPROBS, LogitBias, Penalty, generate_models
+from lmq.core.domain.generation import (
+    MAX_CHOICES,
+    MAX_PATTERN_CHARS,
+    MAX_TOP_LOGPROBS,
+    LogitBias,
+    Penalty,
+    ResponseFormat,
+    compiled_format,
+    generate_models,
+)
 from lmq.core.domain.requests import field_name, problems
 from lmq.core.store.batch_files import CHAT, COMPLETIONS
 
 ENDPOINTS = (COMPLETIONS, CHAT)
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat runs to the end of the turn
 CUSTOM_ID = TypeAdapter(text(256, label=True))
+# vLLM's structured-output fields, each one way to ask for a response format (lmq.core.grammar).
+STRUCTURED_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "structured_outputs")
+
+
+def schema_format(schema: dict | str) -> dict:
+    """vLLM's `json` (a JSON schema, or its text) as lmq's response format."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as error:
+            raise PydanticCustomError("json_schema", "is not JSON: {error}", {"error": str(error)}) from None
+    if not isinstance(schema, dict):
+        raise PydanticCustomError("json_schema", "must be a JSON schema (an object)")
+    return compiled_format({"type": "json_schema", "json_schema": {"name": "schema", "schema": schema}})
+
+
+Schema = Annotated[Union[dict[str, Any], text(2**20)], AfterValidator(schema_format)]
+Regex = Annotated[text(MAX_PATTERN_CHARS), AfterValidator(lambda regex: compiled_format({"type": "regex", "regex": regex}))]
+Choice = Annotated[
+    list[text(MAX_PATTERN_CHARS)],
+    Field(min_length=1, max_length=1024),
+    AfterValidator(lambda choice: compiled_format({"type": "choice", "choice": choice})),
+]
+
+
+class StructuredOutputs(Strict):
+    """vLLM's `structured_outputs`: one of `json`, `regex`, `choice`, `json_object` (lmq has no
+    `grammar`, `structural_tag` nor whitespace options: unknown fields)."""
+
+    json_: Schema | None = Field(None, alias="json")
+    regex: Regex | None = None
+    choice: Choice | None = None
+    json_object: Literal[True] | None = None
+
+    @model_validator(mode="after")
+    def one_kind(self):
+        given = [f for f in (self.json_, self.regex, self.choice) if f is not None]
+        given += [{"type": "json_object"}] if self.json_object else []
+        if len(given) != 1:
+            raise PydanticCustomError("structured_outputs", "give one of json, regex, choice or json_object")
+        return self
+
+    @property
+    def format(self) -> dict:
+        return next(f for f in (self.json_, self.regex, self.choice, {"type": "json_object"}) if f is not None)
+
+
+class ChatResponseFormat(ResponseFormat):
+    """OpenAI's `response_format` on chat lines."""
+
+    type: Literal["text", "json_object", "json_schema"]
 
 
 class LineError(ValueError):
@@ -87,9 +147,21 @@ def body_models(limits: Limits) -> dict[str, type[Strict]]:
         frequency_penalty: Penalty | None = None
         logit_bias: LogitBias | None = Field(None, max_length=1024)
         min_p: float | None = Field(None, ge=0, le=1)  # vLLM's
+        # vLLM's structured outputs (the guided_* fields are its older names).
+        guided_json: Schema | None = None
+        guided_regex: Regex | None = None
+        guided_choice: Choice | None = None
+        structured_outputs: StructuredOutputs | None = None
         # Accepted at the value that asks for nothing lmq lacks.
         stream: Literal[False] | None = None
         user: text(256, min_length=0) | None = None
+
+        @model_validator(mode="after")
+        def one_structure(self):
+            given = [name for name in STRUCTURED_FIELDS if getattr(self, name, None) is not None]
+            if len(given) > 1:
+                raise PydanticCustomError("structured_output", "give one of {given}, not several", {"given": ", ".join(given)})
+            return self
 
     class CompletionBody(Body):
         prompt: Union[
@@ -111,6 +183,7 @@ def body_models(limits: Limits) -> dict[str, type[Strict]]:
         max_completion_tokens: NewTokens | None = None
         logprobs: bool | None = None
         top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+        response_format: ChatResponseFormat | None = None
 
         @model_validator(mode="after")
         def top_logprobs_need_logprobs(self):
@@ -162,7 +235,7 @@ def parse_line(raw: bytes, number: int, endpoint: str, limits: Limits) -> Reques
         item = generate_models(limits).item.model_validate({"custom_id": custom_id, **item_input(body, endpoint)})
     except ValidationError as error:
         found = problems(error.errors())[0]
-        param = "body." + field_name(found["loc"])
+        param = ".".join(filter(None, ("body", field_name(found["loc"]))))
         raise LineError("invalid_request", f"line {number}: {param}: {found['msg']}", custom_id, param) from None
     return Request(custom_id, body.model, item.stored_input())
 
@@ -190,7 +263,18 @@ def item_input(body, endpoint: str) -> dict:
         params["logprobs"] = body.logprobs
     elif endpoint == CHAT and body.logprobs:
         params["logprobs"] = body.top_logprobs or 0
+    if (response_format := structured_output(body)) is not None:
+        params["response_format"] = response_format
     return {**source, "params": params}
+
+
+def structured_output(body) -> dict | None:
+    """The response format the line asks for, by whichever field (None: free text)."""
+    if getattr(body, "response_format", None) is not None and body.response_format.type != "text":
+        return body.response_format.model_dump(mode="json", exclude_none=True)
+    if body.structured_outputs is not None:
+        return body.structured_outputs.format
+    return body.guided_json or body.guided_regex or body.guided_choice
 
 
 def sampler(temperature: float | None, top_p: float | None):
