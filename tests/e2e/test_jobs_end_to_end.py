@@ -35,7 +35,7 @@ def test_strip_prompt_max_new_tokens_and_stdin(lmq_home, tmp_path, tiny_llama_pr
     import io
 
     lines = "".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:3])
-    monkeypatch.setattr("sys.stdin", io.StringIO(lines))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(lines.encode())))  # bytes underneath, as a real stdin
     code = main(
         ["generate", "--preset", str(tiny_llama_preset), "-", "--max-new-tokens", "5", "--strip-prompt"]
     )
