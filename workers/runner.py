@@ -12,6 +12,7 @@ never writes over another worker's results.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -178,10 +179,13 @@ class JobRunner:
         halves the budget and runs again what has no result yet; a ValueError (a prompt
         longer than max_length, say) is split down to the prompt that raised it, which
         gets the message as its error; the others run. An item's choices (n > 1) are rows of
-        their own; its result is written once all have finished (``choices``).
+        their own; its result is written once all have finished (``choices``). Each run of the
+        engine is a ``decode`` event: its rows, and how many response formats they keep to.
         """
         group = ResultGroup(attempt, progress, budget, choices)
         while prompts:
+            formats = {json.dumps((p.processing or {}).get("response_format"), sort_keys=True) for p in prompts}
+            attempt.event("decode", rows=len(prompts), formats=len(formats - {"null"}))  # one engine run
             try:
                 with metrics.in_flight(min(len(prompts), budget.rows)):
                     lm.generate(

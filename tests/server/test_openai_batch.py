@@ -22,6 +22,7 @@ from lmq.core.chat_templates import read_builtin_template
 
 MODEL = "tiny"  # the tiny Llama, imported into the store as team-a's
 CHAT_MODEL = "tiny-chat"  # the same weights with Llama 2's chat template
+LONG_CHAT_MODEL = "tiny-chat-long"  # and with room for 1024 tokens: a random model's JSON wanders
 BART_MODEL = "tiny-bart"  # the Bart that KerasHub saved (tests/fixtures)
 BART = REPO / "tests" / "fixtures" / "keras_hub_presets" / "bart"
 TERMINAL = ("completed", "failed", "cancelled", "expired")
@@ -46,6 +47,16 @@ def chat_preset(tiny_llama_preset, root):
     return directory
 
 
+def long_chat_preset(tiny_llama_preset, root):
+    """The chat preset with a sequence length of 1024 (the tiny Llama's rotary positions have no limit)."""
+    directory = chat_preset(tiny_llama_preset, root / "long")
+    for name in ("preprocessor.json", "task.json"):
+        path = directory / name
+        path.write_text(path.read_text().replace('"sequence_length": 64', '"sequence_length": 1024'))
+    assert '"sequence_length": 1024' in (directory / "preprocessor.json").read_text()
+    return directory
+
+
 @pytest.fixture(scope="module", params=["embedded", "service"])
 def server(request, tmp_path_factory, tiny_llama_preset):
     """`lmq serve` with two tenants: on its own (SQLite, no broker), or beside a real worker on
@@ -63,6 +74,7 @@ def server(request, tmp_path_factory, tiny_llama_preset):
     for name, directory in (
         (MODEL, tiny_llama_preset),
         (CHAT_MODEL, chat_preset(tiny_llama_preset, root)),
+        (LONG_CHAT_MODEL, long_chat_preset(tiny_llama_preset, root)),
         (BART_MODEL, BART),
     ):
         import_preset(env, directory, name, "team-a")
@@ -722,3 +734,69 @@ def test_an_over_long_line_is_its_own_error_and_the_next_line_is_read(tmp_path):
     (first, too_long), (number, raw) = read_lines(path, Limits())
     assert first == 1 and isinstance(too_long, LineError) and too_long.code == "line_too_long"
     assert (number, raw) == (3, b"{}\n")
+
+
+def job_events_of_batch(server, batch_id):
+    """The events of the job a batch runs as (its first `state` event names the batch)."""
+    import httpx
+
+    headers = {"Authorization": "Bearer tok-a"}
+    for job in httpx.get(f"{server.url}/v1/jobs", headers=headers, params={"limit": 500}).json()["jobs"]:
+        events = httpx.get(f"{server.url}/v1/jobs/{job['id']}/events", headers=headers).json()["events"]
+        if any(event.get("batch") == batch_id for event in events if event["type"] == "state"):
+            return events
+    raise AssertionError(f"no job names batch {batch_id}")
+
+
+def test_structured_chat_outputs_validate_against_their_schemas_in_one_engine_pass(server):
+    """50 chat lines over 5 JSON schemas and json_object lines on the tiny random model: every output
+    parses and validates against its line's schema, and all of them ran in one run of the engine."""
+    import jsonschema
+
+    from tests.library.test_structured_outputs import SCHEMAS
+
+    api = client(server)
+    names = list(SCHEMAS)
+    lines = [
+        line(
+            f"s{i}",
+            {"model": LONG_CHAT_MODEL, "messages": [{"role": "user", "content": f"Describe item {i}"}], "max_tokens": 800,
+             "seed": i, "response_format": {"type": "json_schema", "json_schema": {
+                 "name": names[i % 5], "schema": SCHEMAS[names[i % 5]], "strict": True}}},
+            url="/v1/chat/completions",
+        )
+        for i in range(50)
+    ] + [
+        line(f"o{i}", {"model": LONG_CHAT_MODEL, "messages": [{"role": "user", "content": "Any JSON"}], "max_tokens": 800,
+                       "seed": 100 + i, "response_format": {"type": "json_object"}}, url="/v1/chat/completions")
+        for i in range(3)
+    ]
+    batch = run_batch(api, upload(api, lines).id, endpoint="/v1/chat/completions", timeout=600, logs=server.logs)
+    assert batch.status == "completed" and batch.error_file_id is None, batch
+    output = {entry["custom_id"]: entry["response"]["body"]["choices"][0] for entry in jsonl(api, batch.output_file_id)}
+    assert len(output) == 53
+    for i in range(50):
+        choice = output[f"s{i}"]
+        jsonschema.validate(json.loads(choice["message"]["content"]), SCHEMAS[names[i % 5]])
+        assert choice["finish_reason"] == "stop"
+    for i in range(3):
+        assert isinstance(json.loads(output[f"o{i}"]["message"]["content"]), dict)
+    decodes = [event for event in job_events_of_batch(server, batch.id) if event["type"] == "decode"]
+    assert [(event["rows"], event["formats"]) for event in decodes] == [(53, 6)]
+
+
+def test_a_schema_the_grammar_engine_cannot_compile_is_that_line_s_error(server):
+    api = client(server)
+    chat = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
+    lines = [
+        line("unique", {**chat, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "u", "schema": {"type": "array", "uniqueItems": True}}}}, url="/v1/chat/completions"),
+        line("choice", {**chat, "guided_choice": ["yes", "no"], "temperature": 0}, url="/v1/chat/completions"),
+    ]
+    batch = run_batch(api, upload(api, lines).id, endpoint="/v1/chat/completions", logs=server.logs)
+    assert batch.status == "completed", batch
+    (error,) = jsonl(api, batch.error_file_id)
+    assert error["custom_id"] == "unique" and error["error"]["code"] == "invalid_request"
+    assert "uniqueItems" in error["error"]["message"]
+    (done,) = jsonl(api, batch.output_file_id)
+    assert done["response"]["body"]["choices"][0]["message"]["content"] in ("yes", "no")
