@@ -27,7 +27,7 @@ REGEX_SPECIAL = re.compile(r"([\\.+*?()|\[\]{}^$#&\-~])")
 
 
 def format_grammar(response_format: dict) -> str | None:
-    """llguidance's grammar for ``response_format`` (lmq's form, ``lmq.core.domain.generation.ResponseFormat``),
+    """llguidance's grammar for ``response_format`` (lmq's form, ``lmq.core.domain.formats.ResponseFormat``),
     None for plain text; a ValueError naming what the grammar engine cannot compile."""
     kind = response_format.get("type")
     if kind == "text":

@@ -11,7 +11,7 @@ import keras
 from pydantic import ValidationError
 
 from lmq.core import samplers
-from lmq.core.domain.generation import ResponseFormat
+from lmq.core.domain.formats import ResponseFormat
 from lmq.core.generation import Generation, StopStrings, decode
 from lmq.core.samplers.processing import BatchProcessing, RowProcessing
 from lmq.core.models.task import Task

@@ -40,7 +40,7 @@ class RowProcessing:
     logit_bias: dict = field(default_factory=dict)  # token id -> bias
     min_p: float = 0.0
     logprobs: int | None = None  # None: none reported; k: the chosen token's and the k most likely tokens'
-    response_format: dict | None = None  # lmq.core.domain.generation.ResponseFormat's form; None or "text": free
+    response_format: dict | None = None  # lmq.core.domain.formats.ResponseFormat's form; None or "text": free
 
     @property
     def constrained(self) -> bool:

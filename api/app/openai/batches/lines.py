@@ -20,20 +20,12 @@ from pydantic import AfterValidator, Field, TypeAdapter, ValidationError, model_
 from pydantic_core import PydanticCustomError
 
 from lmq.core.config import Limits
-from lmq.core.utf8 import utf8_text
 from lmq.core.domain.fields import MAX_SEED, Strict, text
-from lmq.core.domain.generation import (
-    MAX_CHOICES,
-    MAX_PATTERN_CHARS,
-    MAX_TOP_LOGPROBS,
-    LogitBias,
-    Penalty,
-    ResponseFormat,
-    compiled_format,
-    generate_models,
-)
+from lmq.core.domain.formats import MAX_PATTERN_CHARS, ResponseFormat, compiled_format
+from lmq.core.domain.generation import MAX_CHOICES, MAX_TOP_LOGPROBS, LogitBias, Penalty, generate_models
 from lmq.core.domain.requests import field_name, problems
 from lmq.core.store.batch_files import CHAT, COMPLETIONS
+from lmq.core.utf8 import utf8_text
 
 ENDPOINTS = (COMPLETIONS, CHAT)
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat runs to the end of the turn
