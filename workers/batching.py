@@ -22,6 +22,8 @@ class Prompt:
     choice: int = 0  # which of its item's `choices` this row makes (n > 1: one row per choice)
     choices: int = 1
     processing: dict | None = None  # penalties, logit_bias, min_p, logprobs, response_format (workers/inputs.PROCESSING)
+    stop: tuple[str, ...] | None = None  # the row's stop strings
+    stop_token_ids: str | tuple[int, ...] = "auto"  # "auto" (the tokenizer's end tokens), or the ids
 
 
 @dataclass

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
 
 from pydantic import ValidationError
 
@@ -62,26 +61,6 @@ def item_params(item_input: dict) -> dict:
     raise ValueError(f"{field_name(found[0]['loc'])!r} {found[0]['msg']}")
 
 
-@dataclass(frozen=True)
-class GroupOptions:
-    """The options the rows of one run of the engine share: a job's items are grouped by these.
-
-    Token samplers (greedy, top-k, top-p, random, with their temperatures) are not among
-    them: each row picks its tokens with its own (``Prompt.sampler``) in the same pass. A
-    search (beam, contrastive) weighs several rows per request together: its rows run apart.
-    """
-
-    search: str | None  # the search's sampler as JSON; None: token-sampled rows
-    stop: tuple[str, ...] | None
-    stop_token_ids: str | tuple[int, ...]  # "auto", or the ids
-
-    def arguments(self) -> dict:
-        """`generate`'s arguments for these options (each row's sampler: see `group_sampler`)."""
-        stop = {} if self.stop is None else {"stop": list(self.stop)}
-        ids = self.stop_token_ids
-        return {**stop, "stop_token_ids": ids if isinstance(ids, str) else list(ids)}
-
-
 def group_sampler(prompts: list[Prompt]):
     """What `generate(sampler=...)` takes for these rows: their sampler when they share one,
     else the list of each row's (a PerRequestSampler)."""
@@ -91,16 +70,18 @@ def group_sampler(prompts: list[Prompt]):
     return [parsed[prompt.sampler] for prompt in prompts]
 
 
-def plan(items, job_params: dict, task_kind: str, tokenizer) -> tuple[dict[GroupOptions, list[Prompt]], list]:
-    """`items` ((index, input, custom_id), ...) as groups of rows by their options, and
-    (index, custom_id, message) for each item that cannot run (the others do): rows of
-    different token samplers share a group (each keeps its own), so they share a pass.
+def plan(items, job_params: dict, task_kind: str, tokenizer) -> tuple[dict[str | None, list[Prompt]], list]:
+    """`items` ((index, input, custom_id), ...) as groups of rows that run in one engine pass, and
+    (index, custom_id, message) for each item that cannot run (the others do). Each row keeps its
+    own token sampler, stops and processing in the pass; a search (beam, contrastive) weighs
+    several rows per request together, so its rows run apart: the groups are keyed by the search's
+    sampler as JSON, None for the token-sampled rows.
 
     A row's seed is its own (`params.seed`, else its sampler's), else the job's plus its
     index, so that it never depends on which rows it ran beside. An item of `n` choices is n
     rows, choice i seeded with that seed + i.
     """
-    groups: dict[GroupOptions, list[Prompt]] = {}
+    groups: dict[str | None, list[Prompt]] = {}
     refused = []
     job_seed = _seed_of(job_params)
     for index, item_input, custom_id in items:
@@ -108,12 +89,10 @@ def plan(items, job_params: dict, task_kind: str, tokenizer) -> tuple[dict[Group
             text, end_of_turn = model_input(item_input, task_kind, tokenizer)
             own = item_params(item_input)
             sampler = _sampler_key(own.get("sampler", job_params.get("sampler") or "greedy"))
-            options = GroupOptions(
-                search=None if _is_token_sampler(sampler) else sampler,
-                stop=_strings(own.get("stop", job_params.get("stop"))),
-                stop_token_ids=_stop_ids(own.get("stop_token_ids", job_params.get("stop_token_ids", "auto")),
-                                         end_of_turn, tokenizer),
-            )
+            search = None if _is_token_sampler(sampler) else sampler
+            stop = _strings(own.get("stop", job_params.get("stop")))
+            stop_token_ids = _stop_ids(own.get("stop_token_ids", job_params.get("stop_token_ids", "auto")),
+                                       end_of_turn, tokenizer)
             processing = _processing({name: own.get(name, job_params.get(name)) for name in PROCESSING}, tokenizer)
         except ValueError as error:
             refused.append((index, custom_id, str(error)))
@@ -123,11 +102,11 @@ def plan(items, job_params: dict, task_kind: str, tokenizer) -> tuple[dict[Group
             seed = job_seed + index
         length = len(text) if isinstance(text, list) else len(tokenizer.tokenize(text))
         choices = own.get("n", job_params.get("n")) or 1
-        groups.setdefault(options, []).extend(
+        groups.setdefault(search, []).extend(
             Prompt(index, text, length, custom_id,
                    max_new_tokens=own.get("max_new_tokens", job_params.get("max_new_tokens")),
                    seed=None if seed is None else seed + choice, sampler=sampler, choice=choice, choices=choices,
-                   processing=processing)
+                   processing=processing, stop=stop, stop_token_ids=stop_token_ids)
             for choice in range(choices)
         )
     return groups, refused

@@ -151,9 +151,8 @@ class JobRunner:
                 for index, custom_id, message in refused:
                     refusals.add(queries.ItemResult(index, error=row_error(index, custom_id, message)))
                 refusals.commit()
-                for options, prompts in groups.items():
-                    arguments_of_group = {**arguments, **options.arguments()}
-                    self._stream(attempt, lm, prompts, arguments_of_group, budget, progress, refusals.choices)
+                for prompts in groups.values():
+                    self._stream(attempt, lm, prompts, arguments, budget, progress, refusals.choices)
             except StopRequested:
                 return
         attempt.finish(JobState.succeeded)
@@ -346,9 +345,14 @@ class Choices:
 
 
 def per_row(prompts: list[Prompt]) -> dict:
-    """The rows' seeds, max_new_tokens and processing as `generate` takes them: one value when all
-    rows share it, else a list; in a group with seeded rows an unseeded one draws a seed of its own."""
+    """The rows' seeds, max_new_tokens, stops and processing as `generate` takes them: one value when
+    all rows share it, else a list; in a group with seeded rows an unseeded one draws a seed of its own."""
     arguments = {}
+    stops = [None if p.stop is None else list(p.stop) for p in prompts]
+    if any(stops):
+        arguments["stop"] = stops if len({p.stop for p in prompts}) > 1 else stops[0]
+    stop_ids = [p.stop_token_ids if isinstance(p.stop_token_ids, str) else list(p.stop_token_ids) for p in prompts]
+    arguments["stop_token_ids"] = stop_ids if len({p.stop_token_ids for p in prompts}) > 1 else stop_ids[0]
     if any(p.processing for p in prompts):
         arguments["processing"] = [row_processing(p.processing) for p in prompts]
     seeds = [p.seed for p in prompts]

@@ -19,29 +19,31 @@ class Batch:
     - ``start``/``length``/``end``: prompt length, tokens so far, prompt + token limit;
     - ``token``: the newest token, which the next step runs; ``done``/``stopped``:
       finished, and by a stop; ``stop_ids`` [rows, stops]: its stop tokens (-1 pads);
+      ``has_stop_strings``: whether its request has stop strings (only those rows' text is decoded);
     - what the sampler keeps per row (``score`` for beams, ``history`` for contrastive).
 
     Stop tokens, token limits, stop strings and streaming are handled here, once, for
     every sampler; a request whose rows have all finished leaves with ``drop_finished``.
     """
 
-    def __init__(self, model, runner, cache_manager, sampler, max_length, stop_width, stop_strings=None, stream=None,
-                 on_finish=None):
+    def __init__(self, model, runner, cache_manager, sampler, max_length, stop_width, any_stop_strings=False,
+                 stream=None, on_finish=None):
         """``max_length``: the most positions a request of the job needs; ``stop_width``: the
-        most stop tokens one has; ``on_finish(request, completion)`` receives each result."""
+        most stop tokens one has; ``any_stop_strings``: whether a request of the job has stop
+        strings; ``on_finish(request, completion)`` receives each result."""
         self.model = model
         self.runner = runner
         self.cache_manager = cache_manager
         self.sampler = sampler
         self.max_length, self.stop_width = max_length, stop_width
-        self.stop_strings = stop_strings
+        self.stop_strings = {}  # request in flight -> its StopStrings, when it has some
         self.stream = stream
         self.on_finish = on_finish
         self.generators = {}  # request in flight -> its torch.Generator, when seeded
         self.seeded = False
         # Python work per token, only when asked for; a search that picks its sequence at
         # the end (beam) gets stop strings and streaming once it has picked.
-        self.check_each_token = (stream is not None or stop_strings is not None) and sampler.commits_each_step
+        self.check_each_token = (stream is not None or any_stop_strings) and sampler.commits_each_step
         self.rows_per_prompt = cache_manager.rows_per_request
         self.rows = {}
         self.size = 0  # rows being decoded
@@ -55,6 +57,8 @@ class Batch:
         """Requests the scheduler admitted: a random stream for each seeded one; one with
         nothing to generate finishes at once."""
         for request in requests:
+            if request.stop_strings is not None:
+                self.stop_strings[request.id] = request.stop_strings
             if request.limit <= 0:  # the empty completion, of log-probability 0
                 self._complete(request.id, [FinishedRow([], "length", 0.0)])
             elif request.seed is not None:
@@ -86,6 +90,7 @@ class Batch:
             "done": torch.zeros(len(each), dtype=torch.bool, device=device),
             "stopped": torch.zeros(len(each), dtype=torch.bool, device=device),
             "stop_ids": torch.tensor(stops, dtype=torch.long, device=device).view(len(requests), -1)[each],
+            "has_stop_strings": torch.tensor([r.stop_strings is not None for r in requests], device=device)[each],
         }
         self.sampler.admit(self, joined, hidden)
         if self.rows:
@@ -149,20 +154,22 @@ class Batch:
             self._check_each_token(fresh)
 
     def _check_each_token(self, fresh):
-        """Streaming and stop strings: Python work per request and token."""
+        """Streaming and stop strings: Python work per token, for the requests that ask for it
+        (every one when streaming, else those with stop strings)."""
         group, rows = self.rows_per_prompt, self.rows
         first = slice(None, None, group)  # the rows of a request hold the same tokens
-        columns = [fresh[first]] + [rows[name][first] for name in ("request", "token", "start", "length")]
-        for index, (is_fresh, request, token, start, length) in enumerate(zip(*(c.tolist() for c in columns))):
-            if not is_fresh:
-                continue
+        checked = fresh if self.stream is not None else fresh & rows["has_stop_strings"]
+        index = checked[first].nonzero()[:, 0]
+        columns = [index] + [rows[name][first][index] for name in ("request", "token", "start", "length")]
+        for row, request, token, start, length in zip(*(c.tolist() for c in columns)):
             if self.stream is not None:
                 self.stream(request, token)
-            if self.stop_strings is not None:
-                tail = rows["sequence"][index * group, max(start, length - self.stop_strings.tail) : length]
-                if self.stop_strings.found(tail.tolist()):
-                    rows["done"][index * group : (index + 1) * group] = True
-                    rows["stopped"][index * group : (index + 1) * group] = True
+            stop_strings = self.stop_strings.get(request)
+            if stop_strings is not None:
+                tail = rows["sequence"][row * group, max(start, length - stop_strings.tail) : length]
+                if stop_strings.found(tail.tolist()):
+                    rows["done"][row * group : (row + 1) * group] = True
+                    rows["stopped"][row * group : (row + 1) * group] = True
 
     def look_ahead(self, tokens):
         """Hidden states [rows, hidden] of ``tokens`` [rows] as each row's next token.
@@ -209,9 +216,10 @@ class Batch:
 
     def _complete(self, request, rows):
         completion = self.sampler.finish(rows)
+        stop_strings = self.stop_strings.pop(request, None)
         if not self.sampler.commits_each_step:  # the search chose its sequence only now
-            if self.stop_strings is not None:
-                end = self.stop_strings.end(completion.token_ids)
+            if stop_strings is not None:
+                end = stop_strings.end(completion.token_ids)
                 if end is not None:
                     completion = Completion(completion.token_ids[:end], "stop", completion.beams)
             if self.stream is not None:

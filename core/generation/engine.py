@@ -47,7 +47,7 @@ from lmq.core.generation.scheduler import PREFILL_CHUNK, Scheduler
 class Engine:
     """One decoding job: its requests, scheduler, cache, runner and running batch."""
 
-    def __init__(self, model, sampler, requests, stop_strings=None, stream=None, on_finish=None, max_rows=None,
+    def __init__(self, model, sampler, requests, stream=None, on_finish=None, max_rows=None,
                  max_cache_tokens=None, prefill_chunk=PREFILL_CHUNK, step_tokens=None):
         if (max_rows is not None and max_rows < 1) or (max_cache_tokens is not None and max_cache_tokens < 1):
             raise ValueError(
@@ -68,8 +68,9 @@ class Engine:
         )
         self.runner = ModelRunner(model)
         stop_width = max((len(r.stop_token_ids) for r in requests), default=0)
+        any_stop_strings = any(r.stop_strings is not None for r in requests)
         self.batch = Batch(
-            model, self.runner, self.cache_manager, sampler, max_length, stop_width, stop_strings, stream, on_finish
+            model, self.runner, self.cache_manager, sampler, max_length, stop_width, any_stop_strings, stream, on_finish
         )
 
     def run(self, between_steps=None):
@@ -129,9 +130,10 @@ def decode(
     """Generates up to ``limits[i]`` tokens after ``prompts[i]`` (lists of ids); a ``DecodeResult``.
 
     ``model`` is the model side (``DecoderOnlyModel``); ``seeds[i]`` seeds request i's own
-    random generator; ``stream(request, token_id)`` receives each new token and
-    ``on_finish(request, completion)`` each result as its request finishes; ``stop_strings``
-    is a ``StopStrings``; ``between_steps()`` is called before each step.
+    random generator; ``stop_token_ids``: the ids every request stops at, or a list of each
+    one's; ``stop_strings[i]``: request i's ``StopStrings`` or None; ``stream(request, token_id)``
+    receives each new token and ``on_finish(request, completion)`` each result as its request
+    finishes; ``between_steps()`` is called before each step.
 
     The budget: at most ``max_rows`` requests in flight, and at most ``max_cache_tokens``
     KV-cache positions (requests in flight x the positions the longest of them needs).
@@ -140,15 +142,17 @@ def decode(
     the rows in flight + ``prefill_chunk``): the decoding rows' and at most ``prefill_chunk``
     prompt tokens of the requests being prefilled.
     """
+    if not any(isinstance(ids, (list, tuple)) for ids in stop_token_ids):
+        stop_token_ids = [stop_token_ids] * len(prompts)
     requests = [
         Request(
-            i, list(prompt), limit, seed=None if seeds is None else seeds[i], stop_token_ids=tuple(stop_token_ids),
+            i, list(prompt), limit, seed=None if seeds is None else seeds[i], stop_token_ids=tuple(stop_token_ids[i]),
+            stop_strings=None if stop_strings is None else stop_strings[i],
             priority=0 if priorities is None else priorities[i],
         )
         for i, (prompt, limit) in enumerate(zip(prompts, limits))
     ]
     engine = Engine(
-        model, sampler, requests, stop_strings, stream, on_finish, max_rows, max_cache_tokens, prefill_chunk,
-        step_tokens,
+        model, sampler, requests, stream, on_finish, max_rows, max_cache_tokens, prefill_chunk, step_tokens,
     )
     return engine.run(between_steps)

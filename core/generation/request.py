@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+from lmq.core.generation.stop_strings import StopStrings
+
 
 @dataclass
 class Request:
@@ -13,6 +15,7 @@ class Request:
     limit: int  # the most new tokens
     seed: int | None = None  # its own random stream (its samples then ignore its neighbours)
     stop_token_ids: tuple = ()
+    stop_strings: StopStrings | None = None  # its own ``StopStrings``, or None: no text is decoded while it runs
     priority: int = 0  # lower is admitted first; equal priorities admit the shortest prompt first
 
     @property

@@ -2,7 +2,7 @@
 
 
 class StopStrings:
-    """The stop strings of one ``generate`` call and the tokenizer that decodes them."""
+    """One request's stop strings and the tokenizer that decodes them."""
 
     def __init__(self, tokenizer, stops):
         self.tokenizer = tokenizer

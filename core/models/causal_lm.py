@@ -105,8 +105,11 @@ class CausalLM(GenerativeTask):
         - ``max_length``: prompt plus completion, in tokens (default: the
           preprocessor's ``sequence_length``); ``max_new_tokens`` caps the completion
           (one number for every row, or a list with one per row).
-        - ``stop_token_ids``: "auto" (the tokenizer's end tokens), None, or a sequence of ids.
+        - ``stop_token_ids``: "auto" (the tokenizer's end tokens), None, or a sequence of ids;
+          or a list of one such value per row.
         - ``stop``: strings; a row stops when its completion contains one, which is cut off.
+          Or a list of one list of strings (or None) per row: rows of different stops decode
+          in one pass, and only the rows with stop strings have their text decoded per token.
         - ``seed``: makes a sampling sampler reproducible: row i draws from its own
           generator seeded ``seed + i`` (or ``seed[i]``, a list), so a row's output
           depends on its prompt and seed, never on the other rows.

@@ -49,7 +49,7 @@ class GenerativeTask(Task):
             prompts,
             limits,
             sampler,
-            stop_token_ids=self._stop_ids(stop_token_ids),
+            stop_token_ids=self._stop_ids(stop_token_ids, len(prompts)),
             seeds=self._seeds(seed, len(prompts), sampler),
             **options,
         )
@@ -80,7 +80,7 @@ class GenerativeTask(Task):
     ):
         """Decodes token-id prompts through ``model`` and turns each completion into text
         (or a ``Generation``) as its row finishes."""
-        stop_strings = StopStrings(self.preprocessor.tokenizer, stop) if stop else None
+        stop_strings = self._stop_strings(stop, len(prompts))
         if seed is None and not isinstance(sampler, samplers.PerRequestSampler):
             seed = getattr(sampler, "seed", None)  # seed + i per row, as without processing
         sampler, batch_processing = self._processed(sampler, processing, len(prompts), response_format)
@@ -88,8 +88,8 @@ class GenerativeTask(Task):
         def output(row, completion):
             prompt, ids = prompts[row], completion.token_ids
             text = self.preprocessor.generate_postprocess([ids if strip_prompt else prompt + ids])[0]
-            if stop_strings is not None:
-                text = _cut_after_prompt(text, stop_strings, [] if strip_prompt else prompt)
+            if stop_strings[row] is not None:
+                text = _cut_after_prompt(text, stop_strings[row], [] if strip_prompt else prompt)
             logprobs = None if batch_processing is None else batch_processing.take(row)
             generation = Generation(text, ids, len(prompt), len(ids), completion.finish_reason, logprobs)
             return generation if return_details else text
@@ -107,7 +107,26 @@ class GenerativeTask(Task):
         )
         return [outputs[row] for row in range(len(prompts))]
 
-    def _stop_ids(self, stop_token_ids):
+    def _stop_strings(self, stop, rows):
+        """Each row's ``StopStrings`` (None: it has none): ``stop`` is strings for every row, or
+        a list of one list of strings (or None) per row; rows of equal stops share one."""
+        per_prompt = isinstance(stop, (list, tuple)) and any(not isinstance(each, str) for each in stop)
+        per_row = _per_row(stop, rows, "stop") if per_prompt else [stop] * rows
+        tokenizer = self.preprocessor.tokenizer
+        shared = {key: StopStrings(tokenizer, key) for key in {tuple(each) for each in per_row if each}}
+        return [shared[tuple(each)] if each else None for each in per_row]
+
+    def _stop_ids(self, stop_token_ids, rows):
+        """Each row's stop ids: ``stop_token_ids`` ("auto", None or ids) for every row, or a list of
+        one such value per row."""
+        per_prompt = isinstance(stop_token_ids, (list, tuple)) and any(
+            each is None or isinstance(each, (str, list, tuple)) for each in stop_token_ids
+        )
+        if per_prompt:
+            return [self._row_stop_ids(each) for each in _per_row(stop_token_ids, rows, "stop_token_ids")]
+        return [self._row_stop_ids(stop_token_ids)] * rows
+
+    def _row_stop_ids(self, stop_token_ids):
         if stop_token_ids is None:
             return ()
         if isinstance(stop_token_ids, str):

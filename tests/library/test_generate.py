@@ -151,6 +151,21 @@ def test_stop_strings_and_stream_with_search_samplers(lm, sampler):
     assert seen == out.token_ids
 
 
+def test_per_prompt_stops_in_one_call_give_each_prompt_what_it_gives_alone(lm):
+    """``stop`` and ``stop_token_ids`` with one value per prompt: each row stops at its own (some at
+    none), in one pass of two rows at a time, as that prompt does alone with its stops."""
+    prompts = PROMPTS + [p + " again" for p in PROMPTS]
+    free = lm.generate(prompts, max_length=40, stop_token_ids=None, strip_prompt=True, return_details=True)
+    stops = [[g.text.strip()[2:4]] for g in free[:4]] + [None, [], [free[6].text.strip()[:2], "zz", "q", "xy"], None]
+    stop_ids = [None, "auto", (free[2].token_ids[3],), None, (free[4].token_ids[2],), None, None, ()]
+    arguments = dict(max_length=40, strip_prompt=True, return_details=True)
+    together = lm.generate(prompts, stop=stops, stop_token_ids=stop_ids, max_rows=2, **arguments)
+    for i, prompt in enumerate(prompts):
+        assert together[i] == lm.generate(prompt, stop=stops[i], stop_token_ids=stop_ids[i], **arguments)
+    assert [g.finish_reason for g in together].count("stop") >= 4
+    assert together[7] == free[7]  # no stops: the row runs to its limit
+
+
 def test_continuous_batching_gives_each_prompt_its_tokens_alone(lm):
     """Two rows in flight, eight prompts of mixed lengths: rows leave on a stop token, a
     stop string or their own max_new_tokens, waiting prompts take their places, and

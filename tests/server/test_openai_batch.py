@@ -785,6 +785,30 @@ def test_structured_chat_outputs_validate_against_their_schemas_in_one_engine_pa
     assert [(event["rows"], event["formats"]) for event in decodes] == [(53, 6)]
 
 
+def test_lines_of_different_stops_run_in_one_engine_pass(server, tiny_llama_preset):
+    """Completion lines with their own `stop` (a string, up to 4 strings, or none): one run of the
+    engine, each line's text what `generate` gives its prompt alone with its stops."""
+    api = client(server)
+    stops = [" ", ["e", "a", "xyz", "o"], None, "t", ["n", " "]]
+    lines = [
+        line(f"l{i}", {"model": MODEL, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 20, "temperature": 0,
+                       **({} if stop is None else {"stop": stop})})
+        for i, stop in enumerate(stops)
+    ]
+    batch = run_batch(api, upload(api, lines).id, logs=server.logs)
+    assert batch.status == "completed" and batch.error_file_id is None, batch
+    output = {entry["custom_id"]: entry["response"]["body"]["choices"][0] for entry in jsonl(api, batch.output_file_id)}
+    for i, stop in enumerate(stops):
+        prompt = PROMPTS[i % len(PROMPTS)]
+        own = {} if stop is None else {"stop": [stop] if isinstance(stop, str) else stop}
+        generation = reference(tiny_llama_preset, prompt, max_new_tokens=20, **own)
+        assert prompt + output[f"l{i}"]["text"] == generation.text
+        assert output[f"l{i}"]["finish_reason"] == generation.finish_reason
+    assert [output[f"l{i}"]["finish_reason"] for i in range(len(stops))].count("stop") >= 2  # the stops took effect
+    decodes = [event for event in job_events_of_batch(server, batch.id) if event["type"] == "decode"]
+    assert [event["rows"] for event in decodes] == [len(stops)]
+
+
 def test_a_schema_the_grammar_engine_cannot_compile_is_that_line_s_error(server):
     api = client(server)
     chat = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}

@@ -79,6 +79,28 @@ def test_items_with_their_own_params_share_a_job(lmq_home, tiny_llama_preset, al
     assert expected[4] != alone(PROMPTS[4], stop_token_ids=[])
 
 
+def test_items_that_differ_in_their_stops_run_in_one_engine_pass(lmq_home, tiny_llama_preset, alone):
+    """Stop strings (up to 4, or none) and stop_token_ids of each item's own: one run of the engine
+    (one `decode` event), each item's output what it gives alone with its stops."""
+    params = [{"stop": ["e"]}, {"stop": ["a", "o", "xyz", "n"], "stop_token_ids": []}, {},
+              {"stop_token_ids": []}, {"stop": [" "]}, {"stop": ["e"], "stop_token_ids": []}]
+    inputs = [{"prompt": prompt, "params": own} for prompt, own in zip(PROMPTS, params)]
+    settings = load_settings()
+    factory = sessions(settings)
+    with session_scope(factory) as session:
+        job_id = queries.create_generate_job(
+            session, preset=str(tiny_llama_preset), inputs=inputs, params={"max_length": 40}
+        ).id
+    assert JobRunner(settings, pool_from_settings(settings)).run(job_id) == "succeeded"
+    with session_scope(factory) as session:
+        lines = [result_line(item) for item in queries.job_items(session, job_id)]
+        decodes = [event.data for event in queries.job_events(session, job_id) if event.type == "decode"]
+    assert decodes == [{"rows": 6, "formats": 0}]
+    expected = [alone(prompt, **own) for prompt, own in zip(PROMPTS, params)]
+    assert [{field: line[field] for field in FIELDS} for line in lines] == expected
+    assert expected[0] != alone(PROMPTS[0]) and expected[1] != alone(PROMPTS[1], stop_token_ids=[])
+
+
 def test_the_jobs_seed_goes_by_index_beside_items_seeded_their_own_way(lmq_home, tiny_llama_preset, alone):
     inputs = [{"prompt": PROMPTS[0]}, {"prompt": PROMPTS[1], "params": {"seed": 100}}, {"prompt": PROMPTS[2]}]
     lines, _ = run_job(tiny_llama_preset, inputs, max_length=40, sampler="random", seed=7, micro_batch_size=2)
