@@ -196,3 +196,35 @@ def max_logit_difference(hf, lm, prompts):
     with torch.no_grad():
         reference = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask).long()).logits
     return float((lm.score(ids, mask) - reference)[torch.tensor(mask)].abs().max())
+
+
+def random_weights(backbone):
+    """Random weights large enough that the next-token distributions are far from flat."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    for weight in backbone.weights:
+        if len(weight.shape) >= 2:
+            weight.assign(torch.randn(tuple(weight.shape), generator=generator) * 0.5)
+    return backbone
+
+
+ENGINE_VOCAB = 64
+
+
+def engine_backbones():
+    """Tiny decoders for engine tests, by name: plain Llama, Mistral with a sliding window
+    shorter than the prompts, Falcon with ALiBi (each a different cache or attention path)."""
+    from lmq.plugins.falcon.falcon_backbone import FalconBackbone
+    from lmq.plugins.llama.llama_backbone import LlamaBackbone
+    from lmq.plugins.mistral.mistral_backbone import MistralBackbone
+
+    sizes = dict(vocabulary_size=ENGINE_VOCAB, num_layers=2, num_query_heads=4, hidden_dim=32, intermediate_dim=64,
+                 num_key_value_heads=2)
+    return {
+        "llama": lambda: LlamaBackbone(**sizes),
+        "mistral_window_4": lambda: MistralBackbone(**sizes, sliding_window=4),
+        "falcon_alibi": lambda: FalconBackbone(
+            vocabulary_size=ENGINE_VOCAB, num_layers=2, num_attention_heads=4, hidden_dim=32, intermediate_dim=64
+        ),
+    }

@@ -14,34 +14,19 @@ from lmq.core.config import DEMO_PRESETS, SettingsError, load_settings
 from lmq.core.models.task import resolve_device
 from lmq.core.generation import DecoderOnlyModel, decode
 from lmq.core.samplers import BeamSampler, ContrastiveSampler, GreedySampler, TopKSampler
-from lmq.plugins.falcon.falcon_backbone import FalconBackbone
 from lmq.plugins.llama.llama_backbone import LlamaBackbone
-from lmq.plugins.mistral.mistral_backbone import MistralBackbone
 from lmq.workers.batching import GPU_ROW_POSITIONS, MAX_GPU_ROWS, RowBudget, row_budget
 from lmq.workers.pool import ModelPool
+from model_support import ENGINE_VOCAB, engine_backbones, random_weights
 
-VOCAB = 64
+VOCAB = ENGINE_VOCAB
 SIZES = dict(
     vocabulary_size=VOCAB, num_layers=2, num_query_heads=4, hidden_dim=32, intermediate_dim=64, num_key_value_heads=2
 )
 
 
-def random_weights(backbone):
-    """Random weights large enough that the next-token distributions are far from flat."""
-    generator = torch.Generator().manual_seed(0)
-    for weight in backbone.weights:
-        if len(weight.shape) >= 2:
-            weight.assign(torch.randn(tuple(weight.shape), generator=generator) * 0.5)
-    return backbone
 
-
-BACKBONES = {
-    "llama": lambda: LlamaBackbone(**SIZES),
-    "mistral_window_4": lambda: MistralBackbone(**SIZES, sliding_window=4),
-    "falcon_alibi": lambda: FalconBackbone(
-        vocabulary_size=VOCAB, num_layers=2, num_attention_heads=4, hidden_dim=32, intermediate_dim=64
-    ),
-}
+BACKBONES = engine_backbones()
 
 
 @pytest.fixture(scope="module", params=list(BACKBONES))

@@ -18,7 +18,8 @@ from lmq.plugins.llama.llama_backbone import LlamaBackbone
 from lmq.plugins.llama.llama_causal_lm import LlamaCausalLM
 from tests.service.test_item_params import FIELDS, PROMPTS, run_job
 from tests.library.test_samplers import PROMPTS as ID_PROMPTS
-from tests.library.test_samplers import SIZES, STOP, generate, random_weights
+from model_support import random_weights
+from tests.library.test_samplers import SIZES, STOP, generate
 
 SAMPLERS = [
     GreedySampler(),

@@ -24,20 +24,12 @@ from lmq.plugins.llama.llama_backbone import LlamaBackbone
 from lmq.plugins.llama.llama_causal_lm import LlamaCausalLM
 from lmq.plugins.mistral.mistral_backbone import MistralBackbone
 from import_support import ROOT, assert_no_cycle, imports_of, module_graph
-from model_support import right_padded
+from model_support import random_weights, right_padded
 
 VOCAB = 8
 STOP = 5  # a stop token that greedy search emits in some rows of PROMPTS and not others
 PROMPTS = [[1, 3, 4, 2, 6, 7, 1], [2, 6], [7, 4, 4, 1], [0, 5, 2]]
 
-
-def random_weights(backbone):
-    """Random weights large enough that the next-token distributions are far from flat."""
-    generator = torch.Generator().manual_seed(0)
-    for weight in backbone.weights:
-        if len(weight.shape) >= 2:
-            weight.assign(torch.randn(tuple(weight.shape), generator=generator) * 0.5)
-    return backbone
 
 
 SIZES = dict(

@@ -10,14 +10,9 @@ import torch
 
 from lmq.core.generation import DecoderOnlyModel, ModelRunner, Request, Scheduler, decode
 from lmq.core.samplers import GreedySampler
-from lmq.plugins.falcon.falcon_backbone import FalconBackbone
-from lmq.plugins.llama.llama_backbone import LlamaBackbone
-from lmq.plugins.mistral.mistral_backbone import MistralBackbone
+from model_support import ENGINE_VOCAB, engine_backbones, random_weights
 
-VOCAB = 64
-SIZES = dict(
-    vocabulary_size=VOCAB, num_layers=2, num_query_heads=4, hidden_dim=32, intermediate_dim=64, num_key_value_heads=2
-)
+VOCAB = ENGINE_VOCAB
 
 
 class CountingCacheManager:
@@ -94,21 +89,8 @@ def test_a_step_budget_that_leaves_no_prompt_tokens_is_refused():
 # -- the engine, step by step -----------------------------------------------------------
 
 
-def random_weights(backbone):
-    generator = torch.Generator().manual_seed(0)
-    for weight in backbone.weights:
-        if len(weight.shape) >= 2:
-            weight.assign(torch.randn(tuple(weight.shape), generator=generator) * 0.5)
-    return backbone
 
-
-BACKBONES = {
-    "llama": lambda: LlamaBackbone(**SIZES),
-    "mistral_window_4": lambda: MistralBackbone(**SIZES, sliding_window=4),
-    "falcon_alibi": lambda: FalconBackbone(
-        vocabulary_size=VOCAB, num_layers=2, num_attention_heads=4, hidden_dim=32, intermediate_dim=64
-    ),
-}
+BACKBONES = engine_backbones()
 
 
 @pytest.fixture(scope="module", params=list(BACKBONES))
