@@ -107,3 +107,20 @@ def settled_batch(client: httpx.Client, batch_id: str) -> dict:
             return shown
         time.sleep(0.1)
     return shown
+
+
+def two_tenant_server(root: Path, postgres_url: str) -> ApiServer:
+    """`lmq serve` for TEAM_A and TEAM_B on PostgreSQL and an emptied Redis, no worker: what the
+    hostile suites probe. It records every answer's status a `watched_client` sees (`statuses`)."""
+    import redis
+    from conftest import _service_urls
+
+    from lmq.core.config import load_settings
+
+    _, broker = _service_urls()
+    redis.Redis.from_url(broker).flushdb()
+    home = root / "home"
+    env = {"LMQ_HOME": str(home), "LMQ_DATABASE_URL": postgres_url, "LMQ_BROKER_URL": broker, "LMQ_API_TOKENS": TOKENS}
+    server = ApiServer(env, root / "server.log")
+    server.home, server.settings, server.statuses = home, load_settings(env), []
+    return server

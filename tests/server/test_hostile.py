@@ -15,11 +15,9 @@ import time
 
 import httpx
 import pytest
-from api_support import TEAM_A, TEAM_B, TOKENS, ApiServer, generate_body, watched_client
-from conftest import _service_urls
+from api_support import TEAM_A, TEAM_B, TOKENS, ApiServer, generate_body, two_tenant_server, watched_client
 from sqlalchemy import select
 
-from lmq.core.config import load_settings
 from lmq.core.store import JobState, queries, session_scope, sessions
 from lmq.core.store.models import PresetShare
 
@@ -28,19 +26,10 @@ BUILTIN = "llama2_7b_en"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, postgres_url):
-    import redis
-
-    _, broker = _service_urls()
-    redis.Redis.from_url(broker).flushdb()
-    root = tmp_path_factory.mktemp("hostile")
-    home = root / "home"
+    started = two_tenant_server(tmp_path_factory.mktemp("hostile"), postgres_url)
+    home = started.home
     (home / "presets" / "team-a-model").mkdir(parents=True)
     (home / "presets" / ".team-a-unfinished.partial").mkdir()
-    env = {"LMQ_HOME": str(home), "LMQ_DATABASE_URL": postgres_url, "LMQ_BROKER_URL": broker, "LMQ_API_TOKENS": TOKENS}
-    started = ApiServer(env, root / "server.log")
-    started.home = home
-    started.settings = load_settings(env)
-    started.statuses = []
     with session_scope(sessions(started.settings)) as session:
         queries.register_preset(
             session, name="team-a-model", path=str(home / "presets" / "team-a-model"), architecture="llama",

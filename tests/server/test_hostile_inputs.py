@@ -11,11 +11,9 @@ import json
 import shutil
 
 import pytest
-from api_support import TEAM_A, TEAM_B, TOKENS, ApiServer, generate_body, settled_batch, watched_client
-from conftest import _service_urls
+from api_support import TEAM_A, TEAM_B, generate_body, settled_batch, two_tenant_server, watched_client
 from hostile_presets import BIG_INTEGER, HOSTILE_PRESETS, TINY_LLAMA, make_hostile_preset
 
-from lmq.core.config import load_settings
 from lmq.core.store import queries, session_scope, sessions
 
 BUILTIN = "llama2_7b_en"
@@ -24,15 +22,9 @@ UTF8_RULE = "must be UTF-8 (RFC 8259"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, postgres_url):
-    import redis
-
-    _, broker = _service_urls()
-    redis.Redis.from_url(broker).flushdb()
     root = tmp_path_factory.mktemp("hostile-inputs")
-    home = root / "home"
-    env = {"LMQ_HOME": str(home), "LMQ_DATABASE_URL": postgres_url, "LMQ_BROKER_URL": broker, "LMQ_API_TOKENS": TOKENS}
-    started = ApiServer(env, root / "server.log")
-    started.home, started.settings, started.statuses = home, load_settings(env), []
+    started = two_tenant_server(root, postgres_url)
+    home = started.home
     with session_scope(sessions(started.settings)) as session:
         for name in (*HOSTILE_PRESETS, BIG_INTEGER, "team-a-secret"):
             directory = home / "presets" / name
