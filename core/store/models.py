@@ -192,7 +192,10 @@ class OpenAIBatch(Base):
     whose state its status is read from; before that, or when validation failed, it stands alone."""
 
     __tablename__ = "openai_batches"
-    __table_args__ = (Index("ix_openai_batches_tenant_created", "tenant", "created_at"),)
+    __table_args__ = (
+        Index("ix_openai_batches_tenant_created", "tenant", "created_at"),
+        Index("ix_openai_batches_job_id", "job_id"),  # the runner finds a job's batch by it
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(128))
