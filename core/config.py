@@ -97,8 +97,10 @@ class Settings:
 
     @property
     def preset_store(self) -> Path:
-        """Where fine-tuned and imported presets live."""
-        return self.home / "presets"
+        """Where fine-tuned and imported presets live on a local object store (LMQ_STORAGE_URL; by default
+        $LMQ_HOME/presets). A remote store keeps them as manifests instead (core/storage/presets.py)."""
+        url = self.storage_url or home_storage_url(self.home)
+        return Path(url.removeprefix("file://")) / "presets" if url.startswith("file://") else self.home / "presets"
 
     @property
     def embedded(self) -> bool:
@@ -163,10 +165,12 @@ def load_settings(environ=None) -> Settings:
     home = Path(environ.get("LMQ_HOME") or Path.home() / ".lmq").expanduser()
     database_url = environ.get("LMQ_DATABASE_URL") or f"sqlite:///{home / 'lmq.db'}"
     roots = environ.get("LMQ_PRESET_ROOTS")
+    storage_url = _storage_url(environ.get("LMQ_STORAGE_URL"), home)
+    store = Path(storage_url.removeprefix("file://")) if storage_url.startswith("file://") else home
     preset_roots = (
         tuple(Path(p).expanduser().resolve() for p in roots.split(os.pathsep) if p)
         if roots
-        else ((home / "presets").resolve(), DEMO_PRESETS)
+        else ((store / "presets").resolve(), DEMO_PRESETS)
     )
     return Settings(
         home=home,
@@ -182,7 +186,7 @@ def load_settings(environ=None) -> Settings:
         preset_queues=_pairs(environ.get("LMQ_PRESET_QUEUES", ""), "=", "LMQ_PRESET_QUEUES", "preset=queue"),
         worker_metrics_port=_int(environ, "LMQ_WORKER_METRICS_PORT", None),
         device=_device(environ.get("LMQ_DEVICE") or "auto"),
-        storage_url=_storage_url(environ.get("LMQ_STORAGE_URL"), home),
+        storage_url=storage_url,
         storage_retry_s=_float(environ, "LMQ_STORAGE_RETRY_S", 30.0),
         preset_cache_gb=_float(environ, "LMQ_PRESET_CACHE_GB", 50.0),
         drain_s=_float(environ, "LMQ_DRAIN_S", 60.0),
