@@ -18,6 +18,7 @@ the earlier attempt died after moving it into the store.
 
 from __future__ import annotations
 
+import shutil
 import time
 
 import keras
@@ -195,9 +196,13 @@ def _save(lm, attempt: Attempt, presets: PresetStore, name: str) -> tuple[str, s
     """Save to a staging directory, then publish: a preset in the store is always whole.
     Returns where it is published and its architecture."""
     staged = presets.staging(name, attempt.job_id)
-    lm.save_to_preset(str(staged))
-    architecture = preset_architecture(staged)
-    attempt.confirm()
+    try:
+        lm.save_to_preset(str(staged))
+        architecture = preset_architecture(staged)
+        attempt.confirm()
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
     try:
         return presets.publish(staged, name, attempt.job_id), architecture
     except FileExistsError:
