@@ -198,10 +198,14 @@ def run_fit(attempt: Attempt, location: str) -> None:
     )
     if steps.stopped:  # cancelled or paused
         return
-    details = {"training_examples": len(data["training_data"]), "steps": steps.step, "final_loss": steps.loss}
+    details = {
+        "training_examples": len(data["training_data"]),
+        "steps": steps.step,
+        "final_loss": steps.loss,
+        "trained_tokens": training_tokens(lm, examples) * schedule.epochs,
+    }
     _save(lm, attempt, final)
-    trained_tokens = training_tokens(lm, examples) * schedule.epochs
-    _register(attempt, final, preset, output, details, steps.loss, trained_tokens=trained_tokens)
+    _register(attempt, final, preset, output, details, steps.loss)
     shutil.rmtree(checkpoint, ignore_errors=True)
 
 
@@ -293,7 +297,7 @@ def _save(lm, attempt: Attempt, final: Path) -> None:
     partial.rename(final)
 
 
-def _register(attempt: Attempt, final: Path, base: str, name: str, details: dict, final_loss, **ended) -> None:
+def _register(attempt: Attempt, final: Path, base: str, name: str, details: dict, final_loss) -> None:
     def register(session) -> None:
         queries.register_preset(
             session,
@@ -306,7 +310,8 @@ def _register(attempt: Attempt, final: Path, base: str, name: str, details: dict
             details=details,
             tenant=queries.get_job(session, attempt.job_id).tenant,  # the preset is the job's tenant's
         )
-        queries.finish_job(session, attempt.job_id, JobState.succeeded, final_loss=final_loss, **ended)
+        trained_tokens = details.get("trained_tokens")
+        queries.finish_job(session, attempt.job_id, JobState.succeeded, final_loss=final_loss, trained_tokens=trained_tokens)
 
     try:
         attempt.write(register)

@@ -517,7 +517,7 @@ def test_bad_requests_are_openai_shaped_4xx(server):
     )
     assert body["param"] == "input_file_id"
     assert (
-        refusal(openai.BadRequestError, api.files.create, file=("x.jsonl", b"{}\n"), purpose="fine-tune")["param"]
+        refusal(openai.BadRequestError, api.files.create, file=("x.jsonl", b"{}\n"), purpose="assistants")["param"]
         == "purpose"
     )
     body = refusal(

@@ -207,70 +207,72 @@ def list_fine_tuning_jobs(
     return page([job_object(session, job) for job in jobs], limit)
 
 
-@router.get("/{job_id}")
-def retrieve_fine_tuning_job(job_id: str, tenant: str = TenantDep, session: Session = SessionDep):
-    return job_object(session, require_job(session, job_id, tenant))
+@router.get("/{fine_tuning_job_id}")
+def retrieve_fine_tuning_job(fine_tuning_job_id: str, tenant: str = TenantDep, session: Session = SessionDep):
+    return job_object(session, require_job(session, fine_tuning_job_id, tenant))
 
 
-@router.get("/{job_id}/events")
+@router.get("/{fine_tuning_job_id}/events")
 def list_fine_tuning_events(
-    job_id: str,
+    fine_tuning_job_id: str,
     after: str | None = Query(None, description="the last event id of the previous page"),
     limit: int = Query(20, ge=1, le=1000),
     tenant: str = TenantDep,
     session: Session = SessionDep,
 ):
     """The job's events, newest first: its states, validation, each step's loss and each checkpoint."""
-    job = require_job(session, job_id, tenant)
+    job = require_job(session, fine_tuning_job_id, tenant)
     events = queries.job_events_newest_first(
         session, job.id, before=cursor(after, "ftevent-"), limit=limit + 1, types=SHOWN_EVENTS
     )
     return page([event_object(job, event) for event in events], limit)
 
 
-@router.get("/{job_id}/checkpoints")
+@router.get("/{fine_tuning_job_id}/checkpoints")
 def list_fine_tuning_checkpoints(
-    job_id: str,
+    fine_tuning_job_id: str,
     after: str | None = Query(None, description="the last checkpoint id of the previous page"),
     limit: int = Query(10, ge=1, le=100),
     tenant: str = TenantDep,
     session: Session = SessionDep,
 ):
     """A checkpoint per epoch, newest first, with its training and validation loss and token accuracy."""
-    job = require_job(session, job_id, tenant)
+    job = require_job(session, fine_tuning_job_id, tenant)
     events = queries.job_events_newest_first(
         session, job.id, before=cursor(after, "ftckpt-"), limit=limit + 1, types=CHECKPOINT_EVENTS
     )
     return page([checkpoint_object(job, event) for event in events], limit)
 
 
-@router.post("/{job_id}/cancel")
-def cancel_fine_tuning_job(job_id: str, tenant: str = TenantDep, settings: Settings = SettingsDep):
+@router.post("/{fine_tuning_job_id}/cancel")
+def cancel_fine_tuning_job(fine_tuning_job_id: str, tenant: str = TenantDep, settings: Settings = SettingsDep):
     """Stop the job: a queued or paused one at once, a running one at its next step."""
     with session_scope(sessions(settings)) as session:
-        job = require_job(session, job_id, tenant)
-        refuse_unless(job, job_id, "cancelled", (s for s in JobState if s.value not in TERMINAL_STATES))
+        job = require_job(session, fine_tuning_job_id, tenant)
+        refuse_unless(job, fine_tuning_job_id, "cancelled", (s for s in JobState if s.value not in TERMINAL_STATES))
         queries.request_cancel(session, job.id)
         return job_object(session, job)
 
 
-@router.post("/{job_id}/pause")
-def pause_fine_tuning_job(job_id: str, tenant: str = TenantDep, settings: Settings = SettingsDep):
+@router.post("/{fine_tuning_job_id}/pause")
+def pause_fine_tuning_job(fine_tuning_job_id: str, tenant: str = TenantDep, settings: Settings = SettingsDep):
     """Pause the job: a running one stops at its next step, keeping its checkpoints; resume continues
     from the last one (the steps of an unfinished epoch are trained again)."""
     with session_scope(sessions(settings)) as session:
-        job = require_job(session, job_id, tenant)
-        refuse_unless(job, job_id, "paused", (JobState.queued, JobState.running, JobState.pausing, JobState.paused))
+        job = require_job(session, fine_tuning_job_id, tenant)
+        refuse_unless(job, fine_tuning_job_id, "paused", (JobState.queued, JobState.running, JobState.pausing, JobState.paused))
         queries.request_pause(session, job.id)
         return job_object(session, job)
 
 
-@router.post("/{job_id}/resume")
-def resume_fine_tuning_job(job_id: str, tenant: str = TenantDep, settings: Settings = SettingsDep, dispatch=DispatchDep):
+@router.post("/{fine_tuning_job_id}/resume")
+def resume_fine_tuning_job(
+    fine_tuning_job_id: str, tenant: str = TenantDep, settings: Settings = SettingsDep, dispatch=DispatchDep
+):
     """Resume a paused job: queued again, it continues from its last checkpoint."""
     with session_scope(sessions(settings)) as session:
-        job = require_job(session, job_id, tenant)
-        refuse_unless(job, job_id, "resumed", (JobState.pausing, JobState.paused))
+        job = require_job(session, fine_tuning_job_id, tenant)
+        refuse_unless(job, fine_tuning_job_id, "resumed", (JobState.pausing, JobState.paused))
         queued, lmq_id = job.state == JobState.paused.value, job.id
         queries.request_resume(session, job.id)
         resumed = job_object(session, job)
