@@ -139,11 +139,15 @@ class Attempt:
         self.write(lambda session: queries.add_event(session, self.job_id, type, **data))
 
     def stop_requested(self, session: Session) -> bool:
-        """A cancel request is honoured here (checked between decode steps and fit steps), and so is
-        the end of a Batch API batch's window, which cancels its job as a cancel would."""
+        """A cancel or pause request is honoured here (checked between decode steps and fit steps),
+        and so is the end of a Batch API batch's window, which cancels its job as a cancel would."""
         batch_files.expire_job_batch(session, self.job_id, utcnow())
-        if queries.job_state(session, self.job_id) == JobState.cancelling.value:
+        state = queries.job_state(session, self.job_id)
+        if state == JobState.cancelling.value:
             queries.finish_job(session, self.job_id, JobState.cancelled)
+            return True
+        if state == JobState.pausing.value:
+            queries.pause(session, queries.get_job(session, self.job_id))
             return True
         return False
 

@@ -1,4 +1,5 @@
-"""Fit jobs: fine-tune through `CausalLM.fit` (rows of `text`) or `Seq2SeqLM.fit` (rows of
+"""Fit jobs: fine-tune through `CausalLM.fit` (rows of `text`; or, from OpenAI's fine-tuning API,
+chats and prompt/completion pairs, trained on their answers alone) or `Seq2SeqLM.fit` (rows of
 `encoder_text` and `decoder_text`), then register the result as a preset.
 
 Training changes weights, so a fit job loads its own copy of the base model
@@ -20,11 +21,15 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import keras
 from sqlalchemy.exc import IntegrityError
 
+from lmq.core.domain.fine_tuning import MAX_LINE_PROBLEMS, TrainingFileInvalid
 from lmq.core.domain.fit import FIT_DEFAULTS, fit_steps
+from lmq.core.models.training_data import row_example
 from lmq.core.names import JobState, TaskKind
 from lmq.core.store import queries
 from lmq.core.store.db import DatabaseUnavailable
@@ -83,7 +88,7 @@ class StepEvents(keras.callbacks.Callback):
         self.attempt.confirm()  # a paused attempt that lost the job must not write its checkpoint
         self.checkpoint.save(self.model, epoch + 1)
         metrics = {name: float(value) for name, value in (logs or {}).items()}
-        self.attempt.event("epoch", epoch=epoch + 1, checkpoint=True, **metrics)
+        self.attempt.event("epoch", epoch=epoch + 1, step=self.step, checkpoint=True, **metrics)
 
 
 class OutputNameTaken(ValueError):
@@ -120,15 +125,24 @@ def run_fit(attempt: Attempt, location: str) -> None:
     lm = load_task(location, params.get("dtype"), budget_bytes=int(settings.model_memory_gb * 2**30))
     attempt.event("model", preset=preset, pool_hit=False, load_seconds=round(time.perf_counter() - started, 3))
 
-    examples = training_examples(lm, data["training_data"])
-    validation = training_examples(lm, data.get("validation_data") or [])
-    schedule = fit_steps(len(data["training_data"]), params)
     if params.get("sequence_length"):
         for name in SEQUENCE_LENGTHS[TaskKind(lm.task_kind)]:
             setattr(lm.preprocessor, name, params["sequence_length"])
+    try:
+        examples = training_examples(lm, data["training_data"], "training_file")
+        validation = training_examples(lm, data.get("validation_data") or [], "validation_file")
+    except TrainingFileInvalid as invalid:  # no step has run
+        attempt.finish(JobState.failed, error=str(invalid), code=invalid.code, param=invalid.param)
+        return
+    schedule = fit_steps(len(data["training_data"]), params)
+    if params.get("seed") is not None:
+        keras.utils.set_random_seed(params["seed"])
     if params.get("lora_rank"):
         lm.backbone.enable_lora(params["lora_rank"])  # the saved preset has the adapters merged in
-    lm.compile(optimizer=keras.optimizers.AdamW(learning_rate=params.get("learning_rate") or FIT_DEFAULTS.learning_rate))
+    learning_rate = params.get("learning_rate") or FIT_DEFAULTS.learning_rate
+    # The loss of a step is the mean over the tokens trained on (a chat's answers), not over every position.
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight")
+    lm.compile(optimizer=keras.optimizers.AdamW(learning_rate=learning_rate), loss=loss)
 
     checkpoint = Checkpoint(storage(settings), job_id)
     epochs_done = checkpoint.restore(lm)
@@ -150,25 +164,44 @@ def run_fit(attempt: Attempt, location: str) -> None:
         tokens_per_step=training_tokens(lm, examples) / schedule.per_epoch,
     )
     lm.fit(
-        x=examples,
+        x=examples.x,
+        sample_weight=examples.sample_weight,
         batch_size=schedule.batch_size,
         epochs=schedule.epochs,
         initial_epoch=epochs_done,
         callbacks=[steps],
-        validation_data=validation or None,
+        validation_data=validation.validation_data if validation else None,
         verbose=0,
     )
-    if steps.stopped:  # cancelled
+    if steps.stopped:  # cancelled or paused
         return
-    details = {"training_examples": len(data["training_data"]), "steps": steps.step, "final_loss": steps.loss}
+    details = {
+        "training_examples": len(data["training_data"]),
+        "steps": steps.step,
+        "final_loss": steps.loss,
+        "trained_tokens": training_tokens(lm, examples) * schedule.epochs,
+    }
     location, architecture = _save(lm, attempt, presets, output)
     _register(attempt, presets, location, architecture, preset, output, details, steps.loss)
     checkpoint.remove()
 
 
-def training_examples(lm, rows: list[dict]):
-    """Rows as the task's `fit` takes them: a list of texts, or {"encoder_text": [...], "decoder_text": [...]};
-    a ValueError naming the rows' kind when the preset's task reads another."""
+@dataclass(frozen=True)
+class Examples:
+    """Rows as the task's `fit` takes them: texts, {"encoder_text": [...], "decoder_text": [...]},
+    or rows of token ids with a weight per token (`sample_weight`: a chat's answers, a completion)."""
+
+    x: Any
+    sample_weight: list | None = None
+
+    @property
+    def validation_data(self):
+        return self.x if self.sample_weight is None else (self.x, None, self.sample_weight)
+
+
+def training_examples(lm, rows: list[dict], param: str) -> Examples | None:
+    """The rows as `fit` takes them; a ValueError naming the rows' kind when the preset's task reads
+    another; TrainingFileInvalid naming the examples that cannot train (see `weighted_examples`)."""
     if not rows:
         return None
     task, given = TaskKind(lm.task_kind), TaskKind.seq2seq_lm if "encoder_text" in rows[0] else TaskKind.causal_lm
@@ -176,20 +209,48 @@ def training_examples(lm, rows: list[dict]):
         wanted, gave = task.fields_read("fit"), given.fields_read("fit")
         raise ValueError(f"the preset is a {type(lm).__name__}: its training rows give {wanted}, not {gave}")
     if task is TaskKind.seq2seq_lm:
-        return {side: [row[side] for row in rows] for side in task.training_fields}
-    return [row["text"] for row in rows]
+        return Examples({side: [row[side] for row in rows] for side in task.training_fields})
+    if all("text" in row for row in rows):
+        return Examples([row["text"] for row in rows])
+    return weighted_examples(lm.preprocessor, rows, param)
 
 
-def training_tokens(lm, examples) -> int:
+def weighted_examples(preprocessor, rows: list[dict], param: str) -> Examples:
+    """Chats and prompt/completion pairs as token ids and weights (lmq.core.models.training_data).
+    An example its chat template refuses, or none of whose trained tokens is within the sequence
+    length, is named in a TrainingFileInvalid: the job fails before its first step."""
+    ids, weights, problems = [], [], []
+    room = preprocessor.sequence_length + 1  # the packed length: labels are the ids shifted by one
+    for number, row in enumerate(rows, 1):
+        try:
+            row_ids, row_weights = row_example(preprocessor, row)
+        except ValueError as error:
+            problems.append(f"example {number}: {error}")
+            continue
+        if not any(row_weights[1:room]):
+            problems.append(
+                f"example {number}: none of its trained tokens is within the model's sequence length "
+                f"({preprocessor.sequence_length} tokens; the example has {len(row_ids)})"
+            )
+        ids.append(row_ids)
+        weights.append(row_weights)
+    if problems:
+        raise TrainingFileInvalid(param, problems[:MAX_LINE_PROBLEMS], len(problems))
+    return Examples(ids, weights)
+
+
+def training_tokens(lm, examples: Examples) -> int:
     """Tokens of one epoch, as packed (a start or end token added, cut at the sequence length)."""
     tokenize, preprocessor = lm.preprocessor.tokenizer.tokenize, lm.preprocessor
-    if isinstance(examples, dict):
+    if isinstance(examples.x, dict):
         lengths = {
             "encoder_text": preprocessor.encoder_sequence_length,
             "decoder_text": preprocessor.decoder_sequence_length,
         }
-        return sum(min(len(tokenize(text)) + 2, lengths[side]) for side in lengths for text in examples[side])
-    return sum(min(len(tokenize(text)) + 1, preprocessor.sequence_length) for text in examples)
+        return sum(min(len(tokenize(text)) + 2, lengths[side]) for side in lengths for text in examples.x[side])
+    if examples.sample_weight is not None:
+        return sum(min(len(ids), preprocessor.sequence_length + 1) - 1 for ids in examples.x)
+    return sum(min(len(tokenize(text)) + 1, preprocessor.sequence_length) for text in examples.x)
 
 
 def _save(lm, attempt: Attempt, presets: PresetStore, name: str) -> tuple[str, str | None]:
@@ -224,7 +285,8 @@ def _register(
             details=details,
             tenant=queries.get_job(session, attempt.job_id).tenant,  # the preset is the job's tenant's
         )
-        queries.finish_job(session, attempt.job_id, JobState.succeeded, final_loss=final_loss)
+        trained_tokens = details.get("trained_tokens")
+        queries.finish_job(session, attempt.job_id, JobState.succeeded, final_loss=final_loss, trained_tokens=trained_tokens)
 
     try:
         attempt.write(register)

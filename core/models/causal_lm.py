@@ -5,6 +5,7 @@ import torch
 
 from lmq.core.generation import DecoderOnlyModel
 from lmq.core.models.generative_task import GenerativeTask, token_limits, with_completions
+from lmq.core.models.preprocessor import is_token_rows
 from lmq.core.names import TaskKind
 
 
@@ -19,11 +20,17 @@ class CausalLM(GenerativeTask):
     # -- training -----------------------------------------------------------------------
 
     def fit(self, x=None, y=None, batch_size=None, sample_weight=None, validation_data=None, **kwargs):
-        """Raw strings go through the preprocessor; token-id dicts are used as given."""
-        if _is_text(x):
+        """Raw strings go through the preprocessor, and so do rows of token ids with one weight per
+        token in ``sample_weight`` (``lmq.core.models.training_data``: the loss on a chat's
+        assistant turns only), and ``validation_data`` as ``(rows, None, weights)``; token-id
+        dicts are used as given."""
+        if _is_text(x) or is_token_rows(x):
             x, y, sample_weight = self._preprocess_for_training(x, y, sample_weight)
         if _is_text(validation_data):
             validation_data = self._preprocess_for_training(validation_data, None, None)
+        elif isinstance(validation_data, tuple) and is_token_rows(validation_data[0]):
+            rows, labels, weights = (*validation_data, None)[:3]
+            validation_data = self._preprocess_for_training(rows, labels, weights)
         return super().fit(
             x=x,
             y=y,
@@ -34,7 +41,7 @@ class CausalLM(GenerativeTask):
         )
 
     def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
-        if _is_text(x):
+        if _is_text(x) or is_token_rows(x):
             x, y, sample_weight = self._preprocess_for_training(x, y, sample_weight)
         return super().evaluate(x=x, y=y, batch_size=batch_size, sample_weight=sample_weight, **kwargs)
 

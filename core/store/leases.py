@@ -31,7 +31,7 @@ from lmq.core.names import TERMINAL_STATES, JobState
 from lmq.core.store import queries
 from lmq.core.store.models import Job, utcnow
 
-HELD_STATES = (JobState.running.value, JobState.cancelling.value)
+HELD_STATES = (JobState.running.value, JobState.cancelling.value, JobState.pausing.value)
 HOLDER_IDLE_LIMIT = "5s"
 
 
@@ -65,6 +65,11 @@ def claim(session: Session, job_id: str, worker: str, lease_s: float) -> Job | N
         return None
     if job.state == JobState.cancelling.value:
         queries.finish_job(session, job_id, JobState.cancelled)
+        return None
+    if job.state == JobState.pausing.value:
+        queries.pause(session, job)
+        return None
+    if job.state == JobState.paused.value:  # a message sent before the pause: it waits for a resume
         return None
     taken_from = job.worker if job.state == JobState.running.value else None
     job.state = JobState.running.value

@@ -32,6 +32,7 @@ from lmq.core.store.models import OpenAIFile
 
 logger = logging.getLogger("lmq.api")
 JSONL = "application/jsonl"
+UPLOAD_PURPOSES = ("batch", "fine-tune")  # a batch's requests; a fine-tuning job's training or validation examples
 UPLOAD_BODY = {
     "requestBody": {
         "required": True,
@@ -42,7 +43,7 @@ UPLOAD_BODY = {
                     "required": ["file", "purpose"],
                     "properties": {
                         "file": {"type": "string", "format": "binary", "description": "JSONL, one request per line"},
-                        "purpose": {"type": "string", "enum": ["batch"]},
+                        "purpose": {"type": "string", "enum": list(UPLOAD_PURPOSES)},
                     },
                 }
             }
@@ -70,13 +71,15 @@ def file_object(record: OpenAIFile) -> dict:
 
 @router.post("", openapi_extra=UPLOAD_BODY, responses={413: {"description": "larger than LMQ_MAX_FILE_BYTES"}})
 async def upload_file(request: Request, tenant: str = TenantDep, settings: Settings = SettingsDep):
-    """Upload a JSONL file of requests (multipart: `file`, `purpose="batch"`), streamed to disk."""
+    """Upload a JSONL file (multipart: `file`, `purpose`: "batch" for requests, "fine-tune" for
+    training examples), streamed to disk."""
     directory = files_directory(settings)
     upload = await receive_upload(request, directory, settings.limits.file_bytes)
     try:
         purpose = upload.fields.get("purpose")
-        if purpose != "batch":
-            raise OpenAIError(400, f"purpose must be 'batch', got {purpose!r}", param="purpose", code="invalid_request")
+        if purpose not in UPLOAD_PURPOSES:
+            wanted = " or ".join(map(repr, UPLOAD_PURPOSES))
+            raise OpenAIError(400, f"purpose must be {wanted}, got {purpose!r}", param="purpose", code="invalid_request")
         file_id = new_id("file-")
         with session_scope(sessions(settings)) as session, storage_answers():
             record = add_file(
@@ -90,7 +93,7 @@ async def upload_file(request: Request, tenant: str = TenantDep, settings: Setti
 
 @router.get("")
 def list_your_files(
-    purpose: Literal["batch", "batch_output"] | None = None,
+    purpose: Literal["batch", "batch_output", "fine-tune"] | None = None,
     limit: int = Query(10000, ge=1, le=10000),
     after: str | None = Query(None, description="the last id of the previous page"),
     order: Literal["asc", "desc"] = "desc",
