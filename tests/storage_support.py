@@ -79,10 +79,10 @@ class SeaweedS3:
         return (self.directory / "weed.log").read_text(errors="replace")[-3000:]
 
     def client(self, access_key=ACCESS_KEY, secret_key=SECRET_KEY):
-        import boto3
+        import botocore.session  # botocore, not boto3: s3fs's aiobotocore pins the botocore it works with
         from botocore.config import Config
 
-        return boto3.client(
+        return botocore.session.get_session().create_client(
             "s3", endpoint_url=self.endpoint, aws_access_key_id=access_key, aws_secret_access_key=secret_key,
             region_name="us-east-1", config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=10),
         )
