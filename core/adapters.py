@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from lmq.core.layers.projection import STEP_ADAPTERS, Projections, tensor_of
 from lmq.core.plugins import get_registry
+from lmq.core.presets.resolver import PresetNotFound
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -204,38 +205,23 @@ def attach(task, adapter):
     task.adapter = adapter
 
 
-def base_handle(handle, resolver):
-    """Where the base an adapter names is: an lmq handle as it is, else a Hugging Face
-    repository id (``org/name``, as ``peft`` writes it) as ``hf://org/name``."""
-    from lmq.core.presets import PresetNotFound
-
-    try:
-        resolver.locate(handle)
-        return handle
-    except PresetNotFound:
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", handle) and not os.path.isabs(handle):
-            return f"hf://{handle}"
-        raise
-
-
-def load_task(files, cls, load_weights=True, dtype=None, resolver=None, base=None, **kwargs):
-    """``Task.from_preset`` of an adapter preset: its base (``base``, else the one its config
-    names), with the adapter attached (see ``attach``)."""
-    from lmq.core.presets import PresetResolver, load_task as load_base
-
-    resolver = resolver or PresetResolver()
-    config = read_config(files)
+def base_of(files, resolver, base=None):
+    """The handle of the base an adapter preset (``files``) goes over: ``base`` when given, else the
+    one its config names, as an lmq handle, or a Hugging Face repository id (``org/name``, as ``peft``
+    writes it) as ``hf://org/name``."""
     if base is None:
-        named = config.get("base_model_name_or_path")
-        if not isinstance(named, str) or not named:
+        base = read_config(files).get("base_model_name_or_path")
+        if not isinstance(base, str) or not base:
             raise files.error(ADAPTER_CONFIG, "names no base preset (base_model_name_or_path); pass base=")
-        base = base_handle(named, resolver)
+        try:
+            resolver.locate(base)
+        except PresetNotFound:
+            if not re.fullmatch(r"[\w.-]+/[\w.-]+", base) or os.path.isabs(base):
+                raise
+            base = f"hf://{base}"
     if is_adapter_preset(resolver.files(base)):
         raise files.error(ADAPTER_CONFIG, f"its base {base!r} is itself an adapter; name a model preset")
-    task = load_base(base, cls, load_weights=load_weights, dtype=dtype, resolver=resolver, **kwargs)
-    if load_weights:
-        attach(task, read_adapter(files, task.backbone))
-    return task
+    return base
 
 
 # -- writing an adapter preset ----------------------------------------------------------------

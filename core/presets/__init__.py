@@ -39,7 +39,12 @@ def load_task(preset, cls, load_weights=True, dtype=None, resolver=None, **kwarg
 
     files = _files(preset, resolver)
     if adapters.is_adapter_preset(files):  # its base, with the adapter attached
-        return adapters.load_task(files, cls, load_weights, dtype, resolver, **kwargs)
+        resolver = resolver or PresetResolver()
+        base = adapters.base_of(files, resolver, kwargs.pop("base", None))
+        task = load_task(base, cls, load_weights, dtype, resolver, **kwargs)
+        if load_weights:
+            adapters.attach(task, adapters.read_adapter(files, task.backbone))
+        return task
     _check_fits_here(files)
     if transformers_import.is_transformers_checkpoint(files):
         return transformers_import.load_task(files, cls, load_weights, dtype, **kwargs)
