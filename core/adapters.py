@@ -81,18 +81,21 @@ class Piece:
         """Which of the module's ``out`` output rows give this kernel's outputs, in order: the
         converter's transform run on row numbers. It must keep the input axis whole and in order
         (a kernel's [in, out] view is the weight's rows, picked and transposed), as every
-        projection's does."""
+        projection's does. The probes are broadcast views, and only their first and last input
+        rows and columns are compared, so a 7B model's adapter maps in moments."""
         width = math.prod(getattr(self.layer, self.kernel).shape[-self.layer.kernels[self.kernel] :])
+        probe = torch.arange(max(out, inputs), dtype=torch.int32)
         try:
-            rows = self.transform(torch.arange(out)[:, None].expand(out, inputs)).reshape(-1, width)
-            columns = self.transform(torch.arange(inputs)[None, :].expand(out, inputs)).reshape(-1, width)
+            rows = self.transform(probe[:out, None].expand(out, inputs)).reshape(-1, width)
+            columns = self.transform(probe[None, :inputs].expand(out, inputs)).reshape(-1, width)
         except (RuntimeError, IndexError):
-            rows = None
-        if rows is None or len(rows) != inputs or not bool((columns == torch.arange(inputs)[:, None]).all()):
+            rows = columns = None
+        ends = [0, width - 1]
+        if rows is None or len(rows) != inputs or not torch.equal(columns[:, ends], probe[:inputs, None].expand(inputs, 2)):
             raise ValueError(f"adapter module {module!r}: a [{out}, {inputs}] weight does not fit the base's layer")
-        if not bool((rows == rows[0]).all()):
+        if not torch.equal(rows[0], rows[-1]) or len(rows[0].unique()) != width:
             raise ValueError(f"adapter module {module!r}: lmq cannot map its weight's rows onto the base's kernel")
-        return rows[0]
+        return rows[0].long()
 
 
 def lora_targets(backbone):
@@ -153,7 +156,22 @@ def read_config(files):
     for key, plain in (("use_dora", False), ("bias", "none"), ("fan_in_fan_out", False), ("modules_to_save", None)):
         if config.get(key, plain) not in (plain, [], False):
             raise files.error(ADAPTER_CONFIG, f"{key}={json.dumps(config[key])} is not supported (lmq applies plain LoRA)")
+    alphas = [config.get("lora_alpha", 8), *(config.get("alpha_pattern") or {}).values()]
+    if not isinstance(config.get("alpha_pattern") or {}, dict) or not all(_is_number(a) for a in alphas):
+        raise files.error(ADAPTER_CONFIG, "lora_alpha and alpha_pattern's values must be numbers")
     return config
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def named_base(files):
+    """The base preset an adapter preset's config names (``base_model_name_or_path``)."""
+    base = read_config(files).get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise files.error(ADAPTER_CONFIG, "names no base preset (base_model_name_or_path); pass base=")
+    return base
 
 
 def read_adapter(files, backbone, name=None):
@@ -202,7 +220,6 @@ def attach(task, adapter):
     for (layer, kernel), pair in adapter.updates.items():
         layer.lora[kernel] = pair
         layer.lora_scale = 1.0  # folded into ``up``
-    task.adapter = adapter
 
 
 def base_of(files, resolver, base=None):
@@ -210,9 +227,7 @@ def base_of(files, resolver, base=None):
     one its config names, as an lmq handle, or a Hugging Face repository id (``org/name``, as ``peft``
     writes it) as ``hf://org/name``."""
     if base is None:
-        base = read_config(files).get("base_model_name_or_path")
-        if not isinstance(base, str) or not base:
-            raise files.error(ADAPTER_CONFIG, "names no base preset (base_model_name_or_path); pass base=")
+        base = named_base(files)
         try:
             resolver.locate(base)
         except PresetNotFound:

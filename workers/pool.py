@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import json
 import math
 import pathlib
 import re
@@ -73,17 +72,14 @@ class _Entry:
 
 def adapter_base(location: str) -> str | None:
     """The base preset an adapter preset at ``location`` names, or None when it is no adapter preset
-    (a model preset, or not a local directory). A base it does not name is a ValueError."""
-    directory = pathlib.Path(location)
-    if not (directory / "adapter_config.json").is_file() or (directory / "config.json").is_file():
+    (a model preset, or not a local directory). A config that names none is a ValueError."""
+    if not pathlib.Path(location).is_dir():
         return None
-    try:
-        base = json.loads((directory / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    except (ValueError, OSError, AttributeError):
-        base = None
-    if not isinstance(base, str) or not base:
-        raise ValueError(f"Adapter preset {location!r}: adapter_config.json names no base preset (base_model_name_or_path).")
-    return base
+    from lmq.core.adapters import is_adapter_preset, named_base
+    from lmq.core.presets.files import PresetFiles
+
+    files = PresetFiles(location)
+    return named_base(files) if is_adapter_preset(files) else None
 
 
 def load_adapter(model, location: str):
