@@ -240,6 +240,28 @@ def test_a_fit_job_keeps_its_checkpoint_and_preset_in_the_object_store(s3_server
     assert results != [e["output"] for e in reference(tiny_llama_preset, PROMPTS[:2], max_length=24)]
 
 
+def test_a_fit_job_waits_for_its_store_restarted_mid_job(s3_server, s3_env, lmq_home, tiny_llama_preset):
+    settings = load_settings()  # the default LMQ_STORAGE_RETRY_S
+    factory = sessions(settings)
+    job_id = fit_job(factory, tiny_llama_preset, "tuned")
+    restarted = threading.Thread(target=s3_server.start)
+
+    def restart_the_store_before_the_first_checkpoint(step, total, **details):
+        if step == 1:  # the checkpoint comes after step 2: it must wait for the store
+            s3_server.stop()
+            restarted.start()
+
+    runner = JobRunner(settings, pool_from_settings(settings), on_progress=restart_the_store_before_the_first_checkpoint)
+    assert runner.run(job_id) == "succeeded"
+    restarted.join()
+    with session_scope(factory) as session:
+        assert queries.get_preset(session, "tuned").path.startswith(s3_env["LMQ_STORAGE_URL"])
+        epochs = [e.data["epoch"] for e in queries.job_events(session, job_id) if e.type == "epoch"]
+    assert epochs == [1, 2]
+    assert f"lmq/presets/tuned/{job_id}.json" in object_keys(s3_server, s3_env["bucket"])
+    print(f"\n[storage] SeaweedFS restarted mid-job in {s3_server.started_seconds:.1f}s; the job waited for it")
+
+
 def test_a_fit_job_whose_store_stays_away_fails_saying_so(lmq_home, tiny_llama_preset, monkeypatch):
     from api_support import free_port
 
