@@ -48,7 +48,7 @@ class SeaweedS3:
         started = time.monotonic()
         self.process = subprocess.Popen(
             [weed, "server", f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
-             f"-s3.config={self.config}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", "-volume.max=0", "-master.volumeSizeLimitMB=128", *ports],
+             f"-s3.config={self.config}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", "-master.electionTimeout=1s", "-volume.preStopSeconds=1", "-volume.max=0", "-master.volumeSizeLimitMB=128", *ports],
             stdout=(self.directory / "weed.log").open("ab"), stderr=subprocess.STDOUT,
         )
         self._wait_until_serving(timeout=60)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import Callable, TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -56,8 +57,7 @@ def start_draining(drain_s: float) -> None:
 
 
 def _drain_deadline(drain_s: float) -> None:
-    deadline = threading.Event()
-    deadline.wait(drain_s)
+    time.sleep(drain_s)
     for attempt in list(_running):
         logger.warning("job %s: not handed back within LMQ_DRAIN_S=%g s; releasing it and exiting", attempt.job_id, drain_s)
         attempt.release(resent=False)  # the other workers' sweep sends it again

@@ -31,11 +31,11 @@ from lmq.core.domain.fine_tuning import MAX_LINE_PROBLEMS, TrainingFileInvalid
 from lmq.core.domain.fit import FIT_DEFAULTS, fit_steps
 from lmq.core.models.training_data import row_example
 from lmq.core.names import JobState, TaskKind
+from lmq.core.storage import PresetStore, preset_store, storage
+from lmq.core.storage.checkpoints import Checkpoint
 from lmq.core.store import queries
 from lmq.core.store.db import DatabaseUnavailable
 from lmq.core.store.leases import LeaseLost
-from lmq.core.storage import PresetStore, preset_store, storage
-from lmq.core.storage.checkpoints import Checkpoint
 from lmq.core.store.presets import preset_architecture
 from lmq.workers import metrics
 from lmq.workers.attempt import Attempt
@@ -116,7 +116,8 @@ def run_fit(attempt: Attempt, location: str) -> None:
     published = None if registered is not None else presets.published_by(output, job_id)
     if published is not None:  # the last attempt died between publishing and registering
         architecture = preset_architecture(presets.fetch(published))
-        _register(attempt, presets, published, architecture, preset, output, {"training_examples": len(data["training_data"])}, None)
+        details = {"training_examples": len(data["training_data"])}
+        _register(attempt, presets, published, architecture, preset, output, details, None)
         return
     if registered is not None or presets.taken(output):  # another tenant's name, which its submission could not see
         raise OutputNameTaken(output)
@@ -271,7 +272,14 @@ def _save(lm, attempt: Attempt, presets: PresetStore, name: str) -> tuple[str, s
 
 
 def _register(
-    attempt: Attempt, presets: PresetStore, location: str, architecture, base: str, name: str, details: dict, final_loss
+    attempt: Attempt,
+    presets: PresetStore,
+    location: str,
+    architecture: str | None,
+    base: str,
+    name: str,
+    details: dict,
+    final_loss: float | None,
 ) -> None:
     def register(session) -> None:
         queries.register_preset(
@@ -291,7 +299,7 @@ def _register(
     try:
         attempt.write(register)
     except (LeaseLost, DatabaseUnavailable):
-        raise  # the next attempt registers the directory (see made_by)
+        raise  # the next attempt registers what this one published (see PresetStore.published_by)
     except IntegrityError:  # another job registered the name meanwhile
         presets.remove(location)
         raise OutputNameTaken(name) from None

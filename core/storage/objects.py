@@ -249,13 +249,14 @@ class Storage:
         self.retrying(f"delete {prefix}/", remove)
 
     def check(self) -> dict:
-        """For /readyz: whether the store answers (one listing of its root, no retries)."""
+        """For /readyz: whether the store answers (its bucket looked up once, no retries)."""
         try:
-            self.fs.ls(self.root, detail=False)
+            if not self.is_local:
+                self.fs.info(self.root.split("/")[0])
         except FileNotFoundError:
-            if self.is_local:  # nothing stored yet
-                return {"ok": True, "detail": f"object store {self.url} reachable"}
             return {"ok": False, "detail": f"object store {self.url}: no such bucket"}
+        except PermissionError as error:
+            return {"ok": False, "detail": f"object store {self.url} refused: {error}"}
         except Exception as error:
             return {"ok": False, "detail": f"object store {self.url} unreachable: {type(error).__name__}: {error}"}
         return {"ok": True, "detail": f"object store {self.url} reachable"}

@@ -173,3 +173,68 @@ def test_a_worker_told_to_stop_hands_its_job_to_another_at_once(capsys, workers,
     assert [row[1] for row in rows] == [e["output"] for e in expected]  # complete, in order, as one run gives
     report(capsys, f"SIGTERM after {done_before} results: exited {exited_at - told_at:.1f}s later, "
                    f"the job taken by the other worker {taken_after:.1f}s after that")
+
+
+def test_a_released_lease_is_taken_over_at_once_and_fences_the_worker_that_let_go(lmq_home):
+    import pytest
+
+    from lmq.core.store import leases
+    from lmq.core.store.models import utcnow
+
+    factory = sessions(load_settings())
+    with session_scope(factory) as session:
+        job_id = queries.create_generate_job(session, preset="tiny", inputs=[{"prompt": "a"}], params={}).id
+    with session_scope(factory) as session:
+        lease = leases.Lease(job_id, "w1", leases.claim(session, job_id, "w1", lease_s=30).attempts)
+    with session_scope(factory) as session:
+        assert leases.claim(session, job_id, "w2", lease_s=30) is None  # live: a duplicate delivery
+        assert leases.release(session, lease, resent=True)
+    with pytest.raises(leases.LeaseLost):  # the worker that let go can write nothing more
+        with session_scope(factory) as session:
+            leases.renew(session, lease, lease_s=30)
+    with session_scope(factory) as session:
+        # Sent again with the release: no sweep sends it a second time.
+        assert [job.id for job in leases.waiting_for_a_worker(session, utcnow(), utcnow()) if job.lost] == []
+        taken = leases.claim(session, job_id, "w2", lease_s=30)  # at once, not after LMQ_LEASE_S
+        assert (taken.attempts, taken.worker) == (2, "w2")
+    assert [e["worker"] for e in events(job_id, "handed_back")] == ["w1"]
+
+
+DRAIN_SCRIPT = """
+import sys, time
+from lmq.core.config import load_settings
+from lmq.core.store import session_scope, sessions
+from lmq.core.store.leases import Lease, claim
+from lmq.workers.attempt import Attempt, start_draining
+
+settings = load_settings()
+factory = sessions(settings)
+with session_scope(factory) as session:
+    lease = Lease(sys.argv[1], "w1", claim(session, sys.argv[1], "w1", settings.lease_s).attempts)
+with Attempt(factory, lease, settings):
+    start_draining(float(sys.argv[2]))
+    time.sleep(60)  # a model that is still loading: no write comes to hand the job back at
+"""
+
+
+def test_a_worker_that_does_not_reach_a_write_within_the_drain_time_lets_go_and_exits(lmq_home):
+    import subprocess
+    import sys
+
+    from lmq.core.store.leases import waiting_for_a_worker
+    from lmq.core.store.models import Job, utcnow
+
+    factory = sessions(load_settings())
+    with session_scope(factory) as session:
+        job_id = queries.create_generate_job(session, preset="tiny", inputs=[{"prompt": "a"}], params={}).id
+    started = time.monotonic()
+    drained = subprocess.run([sys.executable, "-c", DRAIN_SCRIPT, job_id, "2"], capture_output=True, text=True, timeout=60)
+    assert drained.returncode == 75, drained.stderr  # EX_TEMPFAIL: stopped by the drain deadline
+    assert 2 <= time.monotonic() - started < 30
+    assert "not handed back within LMQ_DRAIN_S=2 s" in drained.stderr
+    with session_scope(factory) as session:
+        job = session.get(Job, job_id)
+        assert job.state == "running" and job.worker is None and job.lease_expires_at <= utcnow()
+        # Not sent again by the stopping worker: the sweep of the others sends it.
+        assert [w.id for w in waiting_for_a_worker(session, utcnow(), utcnow()) if w.lost] == [job_id]
+    assert [e["worker"] for e in events(job_id, "handed_back")] == ["w1"]

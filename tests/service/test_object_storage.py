@@ -240,6 +240,28 @@ def test_a_fit_job_keeps_its_checkpoint_and_preset_in_the_object_store(s3_server
     assert results != [e["output"] for e in reference(tiny_llama_preset, PROMPTS[:2], max_length=24)]
 
 
+def test_a_fit_job_waits_for_its_store_restarted_mid_job(s3_server, s3_env, lmq_home, tiny_llama_preset):
+    settings = load_settings()  # the default LMQ_STORAGE_RETRY_S
+    factory = sessions(settings)
+    job_id = fit_job(factory, tiny_llama_preset, "tuned")
+    restarted = threading.Thread(target=s3_server.start)
+
+    def restart_the_store_before_the_first_checkpoint(step, total, **details):
+        if step == 1:  # the checkpoint comes after step 2: it must wait for the store
+            s3_server.stop()
+            restarted.start()
+
+    runner = JobRunner(settings, pool_from_settings(settings), on_progress=restart_the_store_before_the_first_checkpoint)
+    assert runner.run(job_id) == "succeeded"
+    restarted.join()
+    with session_scope(factory) as session:
+        assert queries.get_preset(session, "tuned").path.startswith(s3_env["LMQ_STORAGE_URL"])
+        epochs = [e.data["epoch"] for e in queries.job_events(session, job_id) if e.type == "epoch"]
+    assert epochs == [1, 2]
+    assert f"lmq/presets/tuned/{job_id}.json" in object_keys(s3_server, s3_env["bucket"])
+    print(f"\n[storage] SeaweedFS restarted mid-job in {s3_server.started_seconds:.1f}s; the job waited for it")
+
+
 def test_a_fit_job_whose_store_stays_away_fails_saying_so(lmq_home, tiny_llama_preset, monkeypatch):
     from api_support import free_port
 
@@ -255,3 +277,41 @@ def test_a_fit_job_whose_store_stays_away_fails_saying_so(lmq_home, tiny_llama_p
         error = queries.get_job(session, job_id).error
     assert error.startswith("StorageUnavailable: object store s3://nowhere/prefix did not answer"), error
     assert "LMQ_STORAGE_RETRY_S" in error
+
+
+# ---------------------------------------------------------------- the Batch API's files, through `lmq serve`
+
+
+def test_uploads_live_in_the_store_and_one_it_refuses_is_a_503_that_leaves_nothing(s3_server, s3_env, lmq_home, tmp_path):
+    from api_support import ApiServer
+
+    body = b'{"custom_id": "q0", "method": "POST", "url": "/v1/completions", "body": {"model": "m", "prompt": "The"}}\n'
+    refused = ApiServer({"AWS_SECRET_ACCESS_KEY": "not-the-secret"}, tmp_path / "refused.log")
+    try:
+        client = refused.client()
+        answer = client.post("/v1/files", files={"file": ("batch.jsonl", body)}, data={"purpose": "batch"})
+        assert answer.status_code == 503, answer.text
+        error = answer.json()["error"]
+        assert error["code"] == "storage_unavailable" and "refused to upload" in error["message"], error
+        assert "AWS_SECRET_ACCESS_KEY" in error["message"]
+        assert client.get("/v1/files").json()["data"] == []  # no record of it
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["storage"]["ok"] is False
+    finally:
+        refused.stop()
+    assert list((lmq_home / "files").iterdir()) == [] and object_keys(s3_server, s3_env["bucket"]) == []
+
+    served = ApiServer({}, tmp_path / "served.log")
+    try:
+        client = served.client()
+        assert client.get("/readyz").json()["storage"] == {"ok": True, "detail": f"object store {s3_env['LMQ_STORAGE_URL']} reachable"}
+        file_id = client.post("/v1/files", files={"file": ("batch.jsonl", body)}, data={"purpose": "batch"}).json()["id"]
+        assert object_keys(s3_server, s3_env["bucket"]) == [f"lmq/files/{file_id}"]
+        assert list((lmq_home / "files").iterdir()) == []  # streamed through, not kept
+        content = client.get(f"/v1/files/{file_id}/content")
+        assert content.status_code == 200 and content.content == body
+        assert "batch.jsonl" in content.headers["content-disposition"]
+        assert client.delete(f"/v1/files/{file_id}").json()["deleted"] is True
+        assert object_keys(s3_server, s3_env["bucket"]) == []
+    finally:
+        served.stop()
