@@ -7,7 +7,8 @@ instead of borrowing the pinned one. A fit job's counts are in training steps
 (`total` = steps per epoch x epochs). Each step records an event (step, loss,
 tokens/s) and checks for a cancel request; each epoch ends with a checkpoint
 of the weights under LMQ_HOME/checkpoints/<job id>. On success the model is
-saved with `save_to_preset` into the preset store and registered in SQL with
+saved with `save_to_preset` into the preset store (a LoRA fine-tune of the
+fine-tuning API as an adapter preset over its base) and registered in SQL with
 its lineage.
 
 A fit job taken over from a dead worker resumes from its last checkpoint
@@ -31,10 +32,12 @@ from typing import Any
 import keras
 from sqlalchemy.exc import IntegrityError
 
-from lmq.core.domain.fine_tuning import MAX_LINE_PROBLEMS, TrainingFileInvalid
+from lmq.core import adapters
+from lmq.core.domain.fine_tuning import FINE_TUNING, MAX_LINE_PROBLEMS, TrainingFileInvalid
 from lmq.core.domain.fit import FIT_DEFAULTS, fit_steps
 from lmq.core.models.training_data import row_example
 from lmq.core.names import JobState, TaskKind
+from lmq.core.presets import PresetResolver
 from lmq.core.store import queries
 from lmq.core.store.db import DatabaseUnavailable
 from lmq.core.store.leases import LeaseLost
@@ -161,7 +164,7 @@ def run_fit(attempt: Attempt, location: str) -> None:
     if params.get("seed") is not None:
         keras.utils.set_random_seed(params["seed"])
     if params.get("lora_rank"):
-        lm.backbone.enable_lora(params["lora_rank"])  # the saved preset has the adapters merged in
+        lm.backbone.enable_lora(params["lora_rank"])  # merged into the saved preset, or an adapter (adapter_base)
     learning_rate = params.get("learning_rate") or FIT_DEFAULTS.learning_rate
     # The loss of a step is the mean over the tokens trained on (a chat's answers), not over every position.
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight")
@@ -204,7 +207,7 @@ def run_fit(attempt: Attempt, location: str) -> None:
         "final_loss": steps.loss,
         "trained_tokens": training_tokens(lm, examples) * schedule.epochs,
     }
-    _save(lm, attempt, final)
+    _save(lm, attempt, final, adapter_base(params, preset, location))
     _register(attempt, final, preset, output, details, steps.loss)
     shutil.rmtree(checkpoint, ignore_errors=True)
 
@@ -283,12 +286,26 @@ def made_by(directory: Path) -> str | None:
         return None
 
 
-def _save(lm, attempt: Attempt, final: Path) -> None:
-    """Save beside the final directory, then rename: a preset in the store is always whole."""
+def adapter_base(params: dict, preset: str, location: str) -> str | None:
+    """The base a LoRA fine-tune of the fine-tuning API is saved over as an adapter preset (the job's
+    own handle for it, as the job's tenant names it); None to save the model whole: a fit of every
+    weight, a fit job of /v1/jobs or `lmq fit` (whose LoRA updates are merged in, as documented), or
+    a fine-tune of a base that is itself an adapter."""
+    if not (params.get("lora_rank") and FINE_TUNING in params):
+        return None
+    return None if adapters.is_adapter_preset(PresetResolver().files(location)) else preset
+
+
+def _save(lm, attempt: Attempt, final: Path, adapter_over: str | None) -> None:
+    """Save beside the final directory, then rename: a preset in the store is always whole. A LoRA
+    fine-tune is saved as an adapter preset over `adapter_over` (lmq.core.adapters, PEFT's layout)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     partial = final.parent / f".{final.name}.{attempt.job_id}.{attempt.lease.attempt}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    lm.save_to_preset(str(partial))
+    if adapter_over is None:
+        lm.save_to_preset(str(partial))
+    else:
+        adapters.save_adapter_preset(lm, partial, adapter_over)
     (partial / MADE_BY).write_text(attempt.job_id)
     attempt.confirm()
     if final.exists():
