@@ -14,7 +14,7 @@ import time
 import numpy as np
 import openai
 import pytest
-from api_support import TOKENS, ApiServer, chat_preset, import_preset
+from api_support import TEAM_A, TOKENS, ApiServer, chat_preset, generate_body, import_preset, wait_for_job
 from conftest import _service_urls
 from worker_support import Worker
 
@@ -131,6 +131,12 @@ def test_the_whole_cycle_trains_two_checkpoints_and_a_batch_names_the_fine_tuned
     (output,) = run_chat_batch(api, body, server)
     assert output["response"]["status_code"] == 200
 
+    # An lmq job names it too.
+    with server.client(TEAM_A) as lmq:
+        submitted = lmq.post("/v1/jobs", json=generate_body(done.fine_tuned_model, ["Return the"], max_new_tokens=4))
+        assert submitted.status_code == 202, submitted.text
+        assert wait_for_job(lmq, submitted.json()["id"], 120, server.logs)["status"] == "succeeded"
+
     listed = api.fine_tuning.jobs.list(limit=1)
     assert listed.data[0].id == job.id
     assert client(server, "tok-b").fine_tuning.jobs.list().data == []
@@ -238,6 +244,24 @@ def test_bad_files_fail_validation_naming_each_line_and_nothing_trains(server):
     assert refused.status == "failed" and refused.error.code == "invalid_validation_file"
     assert "line 1: expected a JSON object, got list" in refused.error.message
     assert "line 2 is not JSON" in refused.error.message
+    # Listed newest first, a page at a time.
+    assert [j.id for j in api.fine_tuning.jobs.list(limit=1)][:2] == [refused.id, job.id]
+    assert api.fine_tuning.jobs.list(limit=1, after=refused.id).data[0].id == job.id
+
+
+def test_examples_whose_answers_fall_past_the_sequence_length_fail_on_the_worker_before_any_step(server):
+    api = client(server)
+    long_question = {"role": "user", "content": "Return the value of the key in the file at the path " * 3}
+    lines = [chat(0), {"messages": [long_question, {"role": "assistant", "content": "The value."}]}]
+    job = api.fine_tuning.jobs.create(
+        model=MODEL, training_file=upload(api, lines).id, hyperparameters={"sequence_length": 24}
+    )
+    assert job.status == "queued"  # its lines are well formed: the worker tokenizes them
+    failed = wait(api, job.id, server)
+    assert failed.status == "failed" and (failed.error.code, failed.error.param) == ("invalid_training_file", "training_file")
+    assert "example 2: none of its trained tokens is within the model's sequence length (24 tokens" in failed.error.message
+    assert "example 1" not in failed.error.message
+    assert not [event for event in all_events(api, job.id) if event.message.startswith("Step ")]
 
 
 def chat_file(api, count=2):
