@@ -6,10 +6,10 @@ Training changes weights, so a fit job loads its own copy of the base model
 instead of borrowing the pinned one. A fit job's counts are in training steps
 (`total` = steps per epoch x epochs). Each step records an event (step, loss,
 tokens/s) and checks for a cancel request; each epoch ends with a checkpoint
-of the weights under LMQ_HOME/checkpoints/<job id>. On success the model is
-saved with `save_to_preset` into the preset store (a LoRA fine-tune of the
-fine-tuning API as an adapter preset over its base) and registered in SQL with
-its lineage.
+of the weights in the object store (core/storage/checkpoints.py). On success the
+model is saved with `save_to_preset` (a LoRA fine-tune of the fine-tuning API as
+an adapter preset over its base), published to the preset store
+(core/storage/presets.py) and registered in SQL with its lineage.
 
 A fit job taken over from a dead worker resumes from its last checkpoint
 (weights only: the optimizer starts afresh). The step and epoch events of the
@@ -20,11 +20,8 @@ the earlier attempt died after moving it into the store.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,12 +38,13 @@ from lmq.core.presets import PresetResolver
 from lmq.core.store import queries
 from lmq.core.store.db import DatabaseUnavailable
 from lmq.core.store.leases import LeaseLost
+from lmq.core.storage import PresetStore, preset_store, storage
+from lmq.core.storage.checkpoints import Checkpoint
 from lmq.core.store.presets import preset_architecture
 from lmq.workers import metrics
 from lmq.workers.attempt import Attempt
 from lmq.workers.pool import load_task
 
-MADE_BY = ".lmq-job-id"  # in a preset directory: the fit job that made it
 # The preprocessor settings the `sequence_length` hyperparameter sets, by task.
 SEQUENCE_LENGTHS = {
     TaskKind.causal_lm: ("sequence_length",),
@@ -57,7 +55,7 @@ SEQUENCE_LENGTHS = {
 class StepEvents(keras.callbacks.Callback):
     """Per-step events, counts and cooperative cancellation, from inside `fit`."""
 
-    def __init__(self, attempt: Attempt, checkpoint: Path, first_step, total_steps, tokens_per_step):
+    def __init__(self, attempt: Attempt, checkpoint: Checkpoint, first_step, total_steps, tokens_per_step):
         super().__init__()
         self.attempt = attempt
         self.checkpoint = checkpoint
@@ -92,31 +90,9 @@ class StepEvents(keras.callbacks.Callback):
         if self.stopped:
             return
         self.attempt.confirm()  # a paused attempt that lost the job must not write its checkpoint
-        save_checkpoint(self.model, self.checkpoint, epoch + 1)
+        self.checkpoint.save(self.model, epoch + 1)
         metrics = {name: float(value) for name, value in (logs or {}).items()}
         self.attempt.event("epoch", epoch=epoch + 1, step=self.step, checkpoint=True, **metrics)
-
-
-def save_checkpoint(model, directory: Path, epochs_done: int) -> None:
-    """Weights first, then the epoch count: a checkpoint is never half written."""
-    directory.mkdir(parents=True, exist_ok=True)
-    partial = directory / "partial.weights.h5"
-    model.save_weights(str(partial))
-    os.replace(partial, directory / "latest.weights.h5")
-    (directory / "latest.json.partial").write_text(json.dumps({"epochs_done": epochs_done}))
-    os.replace(directory / "latest.json.partial", directory / "latest.json")
-
-
-def restore_checkpoint(model, directory: Path) -> int:
-    """Epochs already done by an earlier attempt (their weights loaded), or 0."""
-    try:
-        epochs_done = json.loads((directory / "latest.json").read_text())["epochs_done"]
-    except FileNotFoundError:
-        return 0
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-        model.load_weights(str(directory / "latest.weights.h5"))
-    return epochs_done
 
 
 class OutputNameTaken(ValueError):
@@ -137,14 +113,16 @@ def run_fit(attempt: Attempt, location: str) -> None:
         return job.preset, job.output_preset, dict(job.params), job.data, queries.get_preset(session, job.output_preset)
 
     preset, output, params, data, registered = attempt.write(read_job)
-    final = settings.preset_store / output
+    presets = preset_store(settings)
     if registered is not None and registered.job_id == job_id:
         attempt.finish(JobState.succeeded)
         return
-    if registered is None and made_by(final) == job_id:  # the last attempt died between moving and registering
-        _register(attempt, final, preset, output, {"training_examples": len(data["training_data"])}, None)
+    published = None if registered is not None else presets.published_by(output, job_id)
+    if published is not None:  # the last attempt died between publishing and registering
+        architecture = preset_architecture(presets.fetch(published))
+        _register(attempt, presets, published, architecture, preset, output, {"training_examples": len(data["training_data"])}, None)
         return
-    if registered is not None or final.exists():  # another tenant's name, which its submission could not see
+    if registered is not None or presets.taken(output):  # another tenant's name, which its submission could not see
         raise OutputNameTaken(output)
 
     started = time.perf_counter()
@@ -170,8 +148,8 @@ def run_fit(attempt: Attempt, location: str) -> None:
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight")
     lm.compile(optimizer=keras.optimizers.AdamW(learning_rate=learning_rate), loss=loss)
 
-    checkpoint = settings.home / "checkpoints" / job_id
-    epochs_done = restore_checkpoint(lm, checkpoint)
+    checkpoint = Checkpoint(storage(settings), job_id)
+    epochs_done = checkpoint.restore(lm)
     first_step = epochs_done * schedule.per_epoch
 
     def start_steps(session) -> None:
@@ -207,9 +185,9 @@ def run_fit(attempt: Attempt, location: str) -> None:
         "final_loss": steps.loss,
         "trained_tokens": training_tokens(lm, examples) * schedule.epochs,
     }
-    _save(lm, attempt, final, adapter_base(params, preset, location))
-    _register(attempt, final, preset, output, details, steps.loss)
-    shutil.rmtree(checkpoint, ignore_errors=True)
+    location, architecture = _save(lm, attempt, presets, output, adapter_base(params, preset, location))
+    _register(attempt, presets, location, architecture, preset, output, details, steps.loss)
+    checkpoint.remove()
 
 
 @dataclass(frozen=True)
@@ -279,13 +257,6 @@ def training_tokens(lm, examples: Examples) -> int:
     return sum(min(len(tokenize(text)) + 1, preprocessor.sequence_length) for text in examples.x)
 
 
-def made_by(directory: Path) -> str | None:
-    try:
-        return (directory / MADE_BY).read_text().strip()
-    except FileNotFoundError:
-        return None
-
-
 def adapter_base(params: dict, preset: str, location: str) -> str | None:
     """The base a LoRA fine-tune of the fine-tuning API is saved over as an adapter preset (the job's
     own handle for it, as the job's tenant names it); None to save the model whole: a fit of every
@@ -293,34 +264,42 @@ def adapter_base(params: dict, preset: str, location: str) -> str | None:
     a fine-tune of a base that is itself an adapter."""
     if not (params.get("lora_rank") and FINE_TUNING in params):
         return None
-    return None if adapters.is_adapter_preset(PresetResolver().files(location)) else preset
+    base_is_adapter = Path(location).is_dir() and adapters.is_adapter_preset(PresetResolver().files(location))
+    return None if base_is_adapter else preset
 
 
-def _save(lm, attempt: Attempt, final: Path, adapter_over: str | None) -> None:
-    """Save beside the final directory, then rename: a preset in the store is always whole. A LoRA
-    fine-tune is saved as an adapter preset over `adapter_over` (lmq.core.adapters, PEFT's layout)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    partial = final.parent / f".{final.name}.{attempt.job_id}.{attempt.lease.attempt}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    if adapter_over is None:
-        lm.save_to_preset(str(partial))
-    else:
-        adapters.save_adapter_preset(lm, partial, adapter_over)
-    (partial / MADE_BY).write_text(attempt.job_id)
-    attempt.confirm()
-    if final.exists():
-        shutil.rmtree(partial, ignore_errors=True)
-        raise OutputNameTaken(final.name)
-    partial.rename(final)
+def _save(
+    lm, attempt: Attempt, presets: PresetStore, name: str, adapter_over: str | None = None
+) -> tuple[str, str | None]:
+    """Save to a staging directory, then publish: a preset in the store is always whole. A LoRA
+    fine-tune is saved as an adapter preset over `adapter_over` (lmq.core.adapters, PEFT's layout).
+    Returns where it is published and its architecture."""
+    staged = presets.staging(name, attempt.job_id)
+    try:
+        if adapter_over is None:
+            lm.save_to_preset(str(staged))
+        else:
+            adapters.save_adapter_preset(lm, staged, adapter_over)
+        architecture = preset_architecture(staged)
+        attempt.confirm()
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    try:
+        return presets.publish(staged, name, attempt.job_id), architecture
+    except FileExistsError:
+        raise OutputNameTaken(name) from None
 
 
-def _register(attempt: Attempt, final: Path, base: str, name: str, details: dict, final_loss) -> None:
+def _register(
+    attempt: Attempt, presets: PresetStore, location: str, architecture, base: str, name: str, details: dict, final_loss
+) -> None:
     def register(session) -> None:
         queries.register_preset(
             session,
             name=name,
-            path=str(final),
-            architecture=preset_architecture(final),
+            path=location,
+            architecture=architecture,
             source=None,  # made here, not imported: `parent` and `job_id` say how
             parent=base,
             job_id=attempt.job_id,
@@ -335,8 +314,8 @@ def _register(attempt: Attempt, final: Path, base: str, name: str, details: dict
     except (LeaseLost, DatabaseUnavailable):
         raise  # the next attempt registers the directory (see made_by)
     except IntegrityError:  # another job registered the name meanwhile
-        shutil.rmtree(final, ignore_errors=True)
+        presets.remove(location)
         raise OutputNameTaken(name) from None
     except Exception:
-        shutil.rmtree(final, ignore_errors=True)
+        presets.remove(location)
         raise

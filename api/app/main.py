@@ -26,6 +26,7 @@ from lmq.api.app.routes.metrics import add_metrics
 from lmq.api.app.utf8_bodies import Utf8Bodies
 from lmq.core.config import Settings, load_settings
 from lmq.core.domain.requests import field_name, problems
+from lmq.core.storage import StorageError
 from lmq.core.store import SchemaOutOfDate
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,11 @@ def add_error_handlers(app: FastAPI) -> None:
     async def database_down(request: Request, error: OperationalError):
         logger.warning("database unavailable: %s", error)
         return JSONResponse(status_code=503, content={"detail": "the database is unavailable; try again"})
+
+    @app.exception_handler(StorageError)
+    async def storage_down(request: Request, error: StorageError):
+        logger.warning("object store: %s", error)
+        return JSONResponse(status_code=503, content={"detail": str(error)})
 
     @app.exception_handler(SchemaOutOfDate)
     async def schema_out_of_date(request: Request, error: SchemaOutOfDate):
