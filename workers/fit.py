@@ -7,7 +7,8 @@ instead of borrowing the pinned one. A fit job's counts are in training steps
 (`total` = steps per epoch x epochs). Each step records an event (step, loss,
 tokens/s) and checks for a cancel request; each epoch ends with a checkpoint
 of the weights in the object store (core/storage/checkpoints.py). On success the
-model is saved with `save_to_preset`, published to the preset store
+model is saved with `save_to_preset` (a LoRA fine-tune of the fine-tuning API as
+an adapter preset over its base), published to the preset store
 (core/storage/presets.py) and registered in SQL with its lineage.
 
 A fit job taken over from a dead worker resumes from its last checkpoint
@@ -22,15 +23,18 @@ from __future__ import annotations
 import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import keras
 from sqlalchemy.exc import IntegrityError
 
-from lmq.core.domain.fine_tuning import MAX_LINE_PROBLEMS, TrainingFileInvalid
+from lmq.core import adapters
+from lmq.core.domain.fine_tuning import FINE_TUNING, MAX_LINE_PROBLEMS, TrainingFileInvalid
 from lmq.core.domain.fit import FIT_DEFAULTS, fit_steps
 from lmq.core.models.training_data import row_example
 from lmq.core.names import JobState, TaskKind
+from lmq.core.presets import PresetResolver
 from lmq.core.storage import PresetStore, preset_store, storage
 from lmq.core.storage.checkpoints import Checkpoint
 from lmq.core.store import queries
@@ -139,7 +143,7 @@ def run_fit(attempt: Attempt, location: str) -> None:
     if params.get("seed") is not None:
         keras.utils.set_random_seed(params["seed"])
     if params.get("lora_rank"):
-        lm.backbone.enable_lora(params["lora_rank"])  # the saved preset has the adapters merged in
+        lm.backbone.enable_lora(params["lora_rank"])  # merged into the saved preset, or an adapter (adapter_base)
     learning_rate = params.get("learning_rate") or FIT_DEFAULTS.learning_rate
     # The loss of a step is the mean over the tokens trained on (a chat's answers), not over every position.
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight")
@@ -182,7 +186,7 @@ def run_fit(attempt: Attempt, location: str) -> None:
         "final_loss": steps.loss,
         "trained_tokens": training_tokens(lm, examples) * schedule.epochs,
     }
-    location, architecture = _save(lm, attempt, presets, output)
+    location, architecture = _save(lm, attempt, presets, output, adapter_base(params, preset, location))
     _register(attempt, presets, location, architecture, preset, output, details, steps.loss)
     checkpoint.remove()
 
@@ -254,12 +258,29 @@ def training_tokens(lm, examples: Examples) -> int:
     return sum(min(len(tokenize(text)) + 1, preprocessor.sequence_length) for text in examples.x)
 
 
-def _save(lm, attempt: Attempt, presets: PresetStore, name: str) -> tuple[str, str | None]:
-    """Save to a staging directory, then publish: a preset in the store is always whole.
+def adapter_base(params: dict, preset: str, location: str) -> str | None:
+    """The base a LoRA fine-tune of the fine-tuning API is saved over as an adapter preset (the job's
+    own handle for it, as the job's tenant names it); None to save the model whole: a fit of every
+    weight, a fit job of /v1/jobs or `lmq fit` (whose LoRA updates are merged in, as documented), or
+    a fine-tune of a base that is itself an adapter."""
+    if not (params.get("lora_rank") and FINE_TUNING in params):
+        return None
+    base_is_adapter = Path(location).is_dir() and adapters.is_adapter_preset(PresetResolver().files(location))
+    return None if base_is_adapter else preset
+
+
+def _save(
+    lm, attempt: Attempt, presets: PresetStore, name: str, adapter_over: str | None = None
+) -> tuple[str, str | None]:
+    """Save to a staging directory, then publish: a preset in the store is always whole. A LoRA
+    fine-tune is saved as an adapter preset over `adapter_over` (lmq.core.adapters, PEFT's layout).
     Returns where it is published and its architecture."""
     staged = presets.staging(name, attempt.job_id)
     try:
-        lm.save_to_preset(str(staged))
+        if adapter_over is None:
+            lm.save_to_preset(str(staged))
+        else:
+            adapters.save_adapter_preset(lm, staged, adapter_over)
         architecture = preset_architecture(staged)
         attempt.confirm()
     except BaseException:

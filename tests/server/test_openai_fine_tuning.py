@@ -11,9 +11,10 @@ import io
 import json
 import time
 
+import numpy as np
 import openai
 import pytest
-from api_support import TOKENS, ApiServer, chat_preset, import_preset
+from api_support import TEAM_A, TOKENS, ApiServer, chat_preset, generate_body, import_preset, wait_for_job
 from conftest import _service_urls
 from worker_support import Worker
 
@@ -126,27 +127,77 @@ def test_the_whole_cycle_trains_two_checkpoints_and_a_batch_names_the_fine_tuned
         assert checkpoint.fine_tuning_job_id == job.id
 
     assert api.models.retrieve(done.fine_tuned_model).id == done.fine_tuned_model
-    line = {
-        "custom_id": "after-fine-tuning",
-        "method": "POST",
-        "url": "/v1/chat/completions",
-        "body": {"model": done.fine_tuned_model, "messages": [{"role": "user", "content": "Return the key"}], "max_tokens": 4},
-    }
-    batch_file = api.files.create(file=("batch.jsonl", io.BytesIO((json.dumps(line) + "\n").encode())), purpose="batch")
-    batch = api.batches.create(input_file_id=batch_file.id, endpoint="/v1/chat/completions", completion_window="24h")
-    deadline = time.monotonic() + 120
-    while batch.status not in ("completed", "failed", "cancelled", "expired") and time.monotonic() < deadline:
-        time.sleep(0.2)
-        batch = api.batches.retrieve(batch.id)
-    assert batch.status == "completed" and batch.model == done.fine_tuned_model, batch
-    (output,) = [json.loads(text) for text in api.files.content(batch.output_file_id).text.splitlines()]
+    body = {"model": done.fine_tuned_model, "messages": [{"role": "user", "content": "Return the key"}], "max_tokens": 4}
+    (output,) = run_chat_batch(api, body, server)
     assert output["response"]["status_code"] == 200
+
+    # An lmq job names it too.
+    with server.client(TEAM_A) as lmq:
+        submitted = lmq.post("/v1/jobs", json=generate_body(done.fine_tuned_model, ["Return the"], max_new_tokens=4))
+        assert submitted.status_code == 202, submitted.text
+        assert wait_for_job(lmq, submitted.json()["id"], 120, server.logs)["status"] == "succeeded"
 
     listed = api.fine_tuning.jobs.list(limit=1)
     assert listed.data[0].id == job.id
     assert client(server, "tok-b").fine_tuning.jobs.list().data == []
     with pytest.raises(openai.NotFoundError):
         client(server, "tok-b").fine_tuning.jobs.retrieve(job.id)
+
+
+def test_a_lora_fine_tune_is_an_adapter_preset_over_its_base_that_a_batch_runs(server):
+    from lmq.core.chat import chat_token_ids, end_of_turn_token_ids
+    from lmq.core.config import load_settings
+    from lmq.core.models import CausalLM
+    from lmq.core.store import queries, session_scope, sessions
+    from lmq.core.store.presets import store_resolver
+
+    api = client(server)
+    job = api.fine_tuning.jobs.create(
+        model=MODEL,
+        training_file=chat_file(api, 4).id,
+        suffix="lora",
+        hyperparameters={"n_epochs": 1, "batch_size": 2, "learning_rate_multiplier": 100, "lora_rank": 4},
+    )
+    assert job.hyperparameters.lora_rank == 4
+    done = wait(api, job.id, server)
+    assert done.status == "succeeded", done.error
+
+    settings = load_settings(server.env)
+    messages = [{"role": "user", "content": "Return the key"}]
+    with session_scope(sessions(settings)) as session:
+        stored = queries.get_preset(session, done.fine_tuned_model, "team-a")
+        directory = settings.preset_store / done.fine_tuned_model
+        assert stored.path == str(directory) and stored.parent == MODEL
+        # PEFT's layout over the base the job named, a fraction of the base's size.
+        assert json.loads((directory / "adapter_config.json").read_text())["base_model_name_or_path"] == MODEL
+        assert not (directory / "model.weights.h5").exists()
+        base_bytes = (settings.preset_store / MODEL / "model.weights.h5").stat().st_size
+        assert (directory / "adapter_model.safetensors").stat().st_size < base_bytes / 4
+        tuned = CausalLM.from_preset(str(directory), resolver=store_resolver(session, tenant="team-a"))
+        base = CausalLM.from_preset(MODEL, resolver=store_resolver(session, tenant="team-a"))
+    tokenizer = tuned.preprocessor.tokenizer
+    prompt = chat_token_ids(tokenizer, messages)
+    assert not np.allclose(tuned.score(np.array([prompt])).numpy(), base.score(np.array([prompt])).numpy())
+    tuned.compile(sampler="greedy")
+    stop_ids = list(dict.fromkeys([*tokenizer.stop_token_ids, *end_of_turn_token_ids(tokenizer)]))
+    (expected,) = tuned.generate([prompt], max_new_tokens=6, strip_prompt=True, stop_token_ids=stop_ids, return_details=True)
+
+    body = {"model": done.fine_tuned_model, "messages": messages, "max_tokens": 6, "temperature": 0}
+    (output,) = run_chat_batch(api, body, server)
+    assert output["response"]["body"]["choices"][0]["message"]["content"] == expected.text
+
+
+def run_chat_batch(api, body, server):
+    """The output lines of a batch of one chat completion with `body`."""
+    line = {"custom_id": "one", "method": "POST", "url": "/v1/chat/completions", "body": body}
+    batch_file = api.files.create(file=("batch.jsonl", io.BytesIO((json.dumps(line) + "\n").encode())), purpose="batch")
+    batch = api.batches.create(input_file_id=batch_file.id, endpoint="/v1/chat/completions", completion_window="24h")
+    deadline = time.monotonic() + 120
+    while batch.status not in ("completed", "failed", "cancelled", "expired") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        batch = api.batches.retrieve(batch.id)
+    assert batch.status == "completed" and batch.model == body["model"], batch
+    return [json.loads(text) for text in api.files.content(batch.output_file_id).text.splitlines()]
 
 
 def test_without_a_validation_file_the_events_say_so_and_checkpoints_have_no_valid_loss(server):
@@ -193,6 +244,24 @@ def test_bad_files_fail_validation_naming_each_line_and_nothing_trains(server):
     assert refused.status == "failed" and refused.error.code == "invalid_validation_file"
     assert "line 1: expected a JSON object, got list" in refused.error.message
     assert "line 2 is not JSON" in refused.error.message
+    # Listed newest first, a page at a time.
+    assert [j.id for j in api.fine_tuning.jobs.list(limit=1)][:2] == [refused.id, job.id]
+    assert api.fine_tuning.jobs.list(limit=1, after=refused.id).data[0].id == job.id
+
+
+def test_examples_whose_answers_fall_past_the_sequence_length_fail_on_the_worker_before_any_step(server):
+    api = client(server)
+    long_question = {"role": "user", "content": "Return the value of the key in the file at the path " * 3}
+    lines = [chat(0), {"messages": [long_question, {"role": "assistant", "content": "The value."}]}]
+    job = api.fine_tuning.jobs.create(
+        model=MODEL, training_file=upload(api, lines).id, hyperparameters={"sequence_length": 24}
+    )
+    assert job.status == "queued"  # its lines are well formed: the worker tokenizes them
+    failed = wait(api, job.id, server)
+    assert failed.status == "failed" and (failed.error.code, failed.error.param) == ("invalid_training_file", "training_file")
+    assert "example 2: none of its trained tokens is within the model's sequence length (24 tokens" in failed.error.message
+    assert "example 1" not in failed.error.message
+    assert not [event for event in all_events(api, job.id) if event.message.startswith("Step ")]
 
 
 def chat_file(api, count=2):

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from lmq.api.app.dependencies import DispatchDep, SessionDep, SettingsDep, TenantDep
 from lmq.api.app.dispatch import BrokerUnavailable
 from lmq.api.app.openai.common import OPENAI_ERRORS, OpenAIError, OpenAIRoute, not_found, page
+from lmq.api.app.openai.files.routes import storage_answers
 from lmq.api.app.openai.fine_tuning.service import (
     CHECKPOINT_EVENTS,
     FILE_PURPOSE,
@@ -96,8 +97,9 @@ def create_fine_tuning_job(
         for param in ("training_file", "validation_file"):
             require_file(session, getattr(body, param), tenant, param)
         try:
-            training = training_rows(settings, body.training_file, "training_file")
-            validation = training_rows(settings, body.validation_file, "validation_file") if body.validation_file else []
+            with storage_answers():
+                training = training_rows(settings, body.training_file, "training_file")
+                validation = training_rows(settings, body.validation_file, "validation_file") if body.validation_file else []
             invalid = None
         except TrainingFileInvalid as problem:
             training, validation, invalid = [], [], problem

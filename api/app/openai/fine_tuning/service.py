@@ -16,8 +16,8 @@ import json
 from sqlalchemy.orm import Session
 
 from lmq.api.app.openai.batches.lines import LineError, read_lines
-from lmq.api.app.openai.batches.service import files_directory
 from lmq.api.app.openai.common import unix
+from lmq.api.app.openai.files.routes import upload_key
 from lmq.core.config import Settings
 from lmq.core.domain.fine_tuning import (
     FINE_TUNING,
@@ -29,6 +29,7 @@ from lmq.core.domain.fine_tuning import (
     shown_hyperparameters,
 )
 from lmq.core.names import JobState
+from lmq.core.storage import storage
 from lmq.core.store import queries
 from lmq.core.store.models import Job, JobEvent
 from lmq.core.utf8 import NotUtf8
@@ -44,18 +45,18 @@ CHECKPOINT_EVENTS = ("epoch",)
 
 def training_rows(settings: Settings, file_id: str, param: str) -> list[dict]:
     """The rows of an uploaded file (check_training_line's), or TrainingFileInvalid naming its bad lines."""
-    path = files_directory(settings) / file_id
     rows, found, count = [], [], 0
     try:
-        for number, raw in read_lines(path, settings.limits):
-            try:
-                if isinstance(raw, LineError):
-                    raise ValueError(raw.message)
-                rows.append(check_training_line(parse(raw, number), number, settings.limits))
-            except ValueError as problem:
-                count += 1
-                if len(found) < MAX_LINE_PROBLEMS:
-                    found.append(str(problem))
+        with storage(settings).local_copy(upload_key(file_id)) as path:
+            for number, raw in read_lines(path, settings.limits):
+                try:
+                    if isinstance(raw, LineError):
+                        raise ValueError(raw.message)
+                    rows.append(check_training_line(parse(raw, number), number, settings.limits))
+                except ValueError as problem:
+                    count += 1
+                    if len(found) < MAX_LINE_PROBLEMS:
+                        found.append(str(problem))
     except NotUtf8 as error:
         raise TrainingFileInvalid(param, [f"the file is not UTF-8 text: {error}"]) from None
     except FileNotFoundError:
