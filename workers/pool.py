@@ -5,6 +5,11 @@ less. The pool keeps tasks keyed by (preset location, dtype) and evicts the
 least recently used ones when the weights of all pinned tasks would exceed the
 memory budget (`LMQ_MODEL_MEMORY_GB`). Tasks load on the device the settings name
 (`LMQ_DEVICE`: a GPU when there is one, in bfloat16 unless the job names a dtype).
+
+Beside each pinned task the pool keeps its engine (``engine_for(task)``, e.g.
+``workers.batching.shared_engine``): one decode engine, stepped by a thread of its own,
+that every generate job on that model submits its rows to, so that jobs running at once
+share each step. An evicted model's engine is closed: it finishes what is in flight.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ class PinnedModel:
     hit: bool
     load_seconds: float
     evicted: list[str] = field(default_factory=list)
+    engine: object | None = None  # the model's shared engine, when the pool keeps one
 
 
 class ModelPool:
@@ -61,13 +67,17 @@ class ModelPool:
         load: Callable[[str, str | None], object] | None = None,
         measure: Callable[[object], int] = weight_bytes,
         device: str = "auto",
+        engine_for: Callable[[object], object | None] | None = None,
     ):
         """``load(location, dtype)`` builds a task; by default ``load_task`` on ``device``
-        (``LMQ_DEVICE``'s values), refusing a preset whose weights alone exceed the budget."""
+        (``LMQ_DEVICE``'s values), refusing a preset whose weights alone exceed the budget.
+        ``engine_for(task)``: the started engine kept beside a task as it loads (None: none)."""
         self.budget_bytes = budget_bytes
         self._load = load or functools.partial(load_task, device=device, budget_bytes=budget_bytes)
         self._measure = measure
+        self._engine_for = engine_for
         self._pinned: OrderedDict[PoolKey, tuple[object, int]] = OrderedDict()
+        self._engines: dict[PoolKey, object] = {}
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -78,7 +88,7 @@ class ModelPool:
             if key in self._pinned:
                 self._pinned.move_to_end(key)
                 self.hits += 1
-                return PinnedModel(self._pinned[key][0], hit=True, load_seconds=0.0)
+                return PinnedModel(self._pinned[key][0], hit=True, load_seconds=0.0, engine=self._engines.get(key))
             self.misses += 1
             started = time.perf_counter()
             model = self._load(location, dtype)
@@ -86,13 +96,17 @@ class ModelPool:
             size = self._measure(model)
             evicted = self._make_room(size)
             self._pinned[key] = (model, size)
-            return PinnedModel(model, hit=False, load_seconds=load_seconds, evicted=evicted)
+            engine = self._engines[key] = self._engine_for(model) if self._engine_for is not None else None
+            return PinnedModel(model, hit=False, load_seconds=load_seconds, evicted=evicted, engine=engine)
 
     def _make_room(self, incoming_bytes: int) -> list[str]:
         """Evict least recently used models until the new one fits (it always loads)."""
         evicted = []
         while self._pinned and self.pinned_bytes + incoming_bytes > self.budget_bytes:
             (location, dtype), _ = self._pinned.popitem(last=False)
+            engine = self._engines.pop((location, dtype), None)
+            if engine is not None:
+                engine.close()  # its jobs in flight finish; the next ones get the new model's
             evicted.append(location if dtype is None else f"{location} ({dtype})")
         if evicted:
             _release_memory()

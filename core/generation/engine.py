@@ -148,6 +148,7 @@ class Engine:
         self.incoming, self.leaving = [], []  # groups submitted, cancelled: applied at the next step
         self.closed = False
         self.last_error = None
+        self.shared_steps = 0  # steps whose rows came from more than one group
         self._group_numbers, self._request_ids = itertools.count(), itertools.count()
         self.thread = None
         self._reset()
@@ -174,6 +175,8 @@ class Engine:
         the other groups; ``max_rows``: the most of its requests in flight."""
         rows = sampler.rows_per_prompt(self.model.backbone.token_embedding.embeddings.shape[0])
         search = not sampler.independent_rows
+        if search and self.thread is not None:
+            raise ValueError(f"{sampler.name!r} search runs in an engine of its own (lmq.core.generation.decode).")
         if rows != self.rows_per_request:
             raise ValueError(f"{sampler.name!r} takes {rows} rows a request; this engine's requests take {self.rows_per_request}.")
         for i, request in enumerate(requests):
@@ -187,7 +190,7 @@ class Engine:
         with self.condition:
             if self.closed:
                 raise RuntimeError("The engine is closed.")
-            if search and (self.groups or self.incoming or self.thread is not None):
+            if search and (self.groups or self.incoming):
                 raise ValueError(f"{sampler.name!r} search runs in an engine of its own (lmq.core.generation.decode).")
             if self.sampler.search is not None:
                 raise ValueError("This engine runs a search; it takes no other group.")
@@ -381,7 +384,9 @@ class GroupSampler:
             return self.search.choose(batch, logits)
         tokens = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
         self.completed = None
-        for group, index in self._split(batch.rows["group"]):
+        groups = list(self._split(batch.rows["group"]))
+        self.engine.shared_steps += len(groups) > 1
+        for group, index in groups:
             view = GroupRows(batch, batch.rows, index)
             chosen = self._guarded(group, lambda: group.sampler.choose(view, logits[index]))
             if chosen is None:

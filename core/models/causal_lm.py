@@ -94,6 +94,9 @@ class CausalLM(GenerativeTask):
         return_details=False,
         processing=None,
         response_format=None,
+        engine=None,
+        priority=0,
+        tenant=None,
     ):
         """Generates text for a prompt or a list of prompts (KerasHub semantics, plus more).
 
@@ -129,12 +132,18 @@ class CausalLM(GenerativeTask):
           ``{"type": "json_object"}``, or ``{"type": "regex", "regex"}``, ``{"type": "choice",
           "choice": [...]}``. A row's tokens are masked to its grammar, which ends the row once
           complete; a format the grammar engine cannot compile is a ValueError naming what.
+        - ``engine``: a running ``lmq.core.generation.Engine`` of this model's (a worker's shared
+          one) that the prompts join, beside other callers' requests, as a group of ``priority``
+          (lower first) and ``tenant``; ``max_rows`` then caps this call's requests in flight and
+          the engine's own budget holds. Token samplers only: a search runs in its own engine.
 
         Without a preprocessor, ``inputs`` is ``{"token_ids", "padding_mask"}``
         (right-padded) and the same dict comes back with the completions written in.
         """
         sampler = self._sampler(sampler)
         options = dict(stream=stream, max_rows=max_rows, max_cache_tokens=max_cache_tokens, between_steps=between_steps)
+        if engine is not None:
+            options.update(engine=engine, job_priority=priority, tenant=tenant)
         if isinstance(inputs, dict):
             return self._generate_from_ids(inputs, sampler, stop_token_ids, max_new_tokens, seed, **options)
         if self.preprocessor is None:
