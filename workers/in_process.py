@@ -36,7 +36,9 @@ class InProcessWorker:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.jobs: queue.Queue[str | None] = queue.Queue()
-        self._in_hand: set[str] = set()  # ids on self.jobs: a job waiting there is not lost
+        # Ids on self.jobs or running here: a job waiting there is not lost, and one running here
+        # is not handed to a second thread (SQLite takes no row lock to keep two claims apart).
+        self._in_hand: set[str] = set()
         self._in_hand_lock = threading.Lock()
         self.threads = [
             threading.Thread(target=self._work, name=f"lmq-in-process-worker-{i}", daemon=True)
@@ -50,7 +52,7 @@ class InProcessWorker:
         self._hand(job_id)
 
     def _hand(self, job_id: str) -> bool:
-        """Queue the job unless it is waiting on the queue already."""
+        """Queue the job unless it is waiting on the queue or running here already."""
         with self._in_hand_lock:
             if job_id in self._in_hand:
                 return False
@@ -92,11 +94,12 @@ class InProcessWorker:
             job_id = self.jobs.get()
             if job_id is None:
                 return
-            with self._in_hand_lock:
-                self._in_hand.discard(job_id)
             try:
                 from lmq.workers.runner import process_runner  # keras and torch load with the first job
 
                 process_runner(self.settings).run(job_id)
             except Exception:
                 logger.exception("in-process worker: job %s could not run", job_id)
+            finally:
+                with self._in_hand_lock:
+                    self._in_hand.discard(job_id)
