@@ -80,12 +80,14 @@ class Batch:
             [torch.nn.functional.pad(torch.cat(p.hidden), (0, 0, 0, width - len(p.request.prompt))) for p in ready]
         )
         each = torch.arange(len(ready), device=device).repeat_interleave(group)
-        sequence = [r.prompt + [0] * (self.max_length + 1 - len(r.prompt)) for r in requests]
+        sequence = torch.zeros(len(requests), self.max_length + 1, dtype=torch.long)
+        for row, request in enumerate(requests):
+            sequence[row, : len(request.prompt)] = torch.tensor(request.prompt, dtype=torch.long)
         self._widen_stops(max(len(r.stop_token_ids) for r in requests))
         stops = [list(r.stop_token_ids) + [-1] * (self.stop_width - len(r.stop_token_ids)) for r in requests]
         joined = {
             "request": torch.tensor([r.id for r in requests], device=device)[each],
-            "sequence": torch.tensor(sequence, dtype=torch.long, device=device)[each],
+            "sequence": sequence.to(device)[each],
             "start": lengths[each],
             "length": lengths[each],
             "end": (lengths + torch.tensor([r.limit for r in requests], device=device))[each],

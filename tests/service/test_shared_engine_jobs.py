@@ -108,3 +108,23 @@ def test_cancelling_one_job_leaves_the_other_unchanged(lmq_home, tiny_llama_pres
     while engine.busy and time.monotonic() < deadline:  # the cancel is taken at the engine's next step
         time.sleep(0.01)
     assert not engine.busy and not engine.groups and not engine.owner  # nothing of the cancelled job is left
+
+
+def test_the_shared_engine_is_sized_by_the_settings(lmq_home, tiny_llama_preset, monkeypatch):
+    """The engine's rows are LMQ_MICRO_BATCH_SIZE's and a tenant's bound LMQ_TENANT_ROW_SHARE of them,
+    whatever a job asks; a share above 1 is refused, naming the variable."""
+    import pytest
+
+    from lmq.core.config import SettingsError
+
+    monkeypatch.setenv("LMQ_MICRO_BATCH_SIZE", "12")
+    monkeypatch.setenv("LMQ_TENANT_ROW_SHARE", "0.25")
+    settings = load_settings()
+    engine = shared_engine(load_task(str(tiny_llama_preset), None), settings)
+    try:
+        assert (engine.max_rows, engine.tenant_rows, engine.max_length) == (12, 3, settings.limits.max_length)
+    finally:
+        engine.close()
+    monkeypatch.setenv("LMQ_TENANT_ROW_SHARE", "2")
+    with pytest.raises(SettingsError, match="LMQ_TENANT_ROW_SHARE"):
+        load_settings()
