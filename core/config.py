@@ -21,6 +21,10 @@ wires a whole deployment. Nothing here imports keras or torch.
                              one that does not gets more when its cache holds them (workers/batching.py)
     LMQ_MICRO_BATCH_TOKENS   16384: the KV-cache positions (rows x positions per row) a job decodes in;
                              on a GPU, as many as 80% of its free memory holds when that is more
+    LMQ_WORKER_JOBS          4: the jobs a worker (`lmq worker`'s Celery thread pool, or `lmq serve`'s
+                             in-process worker) runs at once; generate jobs on one model share its engine
+    LMQ_TENANT_ROW_SHARE     0.5: the share of a shared engine's rows one tenant's jobs hold at most while
+                             another tenant's wait (1: no bound)
     LMQ_MAX_INPUTS           100000: inputs (or training examples) per job the API accepts
     LMQ_MAX_PROMPT_CHARS     32768: characters per prompt or training text
     LMQ_MAX_LENGTH           8192: the largest max_length or sequence_length a job may ask for
@@ -94,6 +98,8 @@ class Settings:
     storage_retry_s: float = 30.0
     preset_cache_gb: float = 50.0
     drain_s: float = 60.0
+    worker_jobs: int = 4
+    tenant_row_share: float = 0.5
 
     @property
     def preset_store(self) -> Path:
@@ -140,6 +146,13 @@ def _float(environ, name: str, default: float) -> float:
         raise SettingsError(f"{name} must be a number, got {raw!r}") from None
     if value <= 0:
         raise SettingsError(f"{name} must be positive, got {value}")
+    return value
+
+
+def _share(environ, name: str, default: float) -> float:
+    value = _float(environ, name, default)
+    if value > 1:
+        raise SettingsError(f"{name} is a share of the rows, at most 1, got {value:g}")
     return value
 
 
@@ -190,6 +203,8 @@ def load_settings(environ=None) -> Settings:
         storage_retry_s=_float(environ, "LMQ_STORAGE_RETRY_S", 30.0),
         preset_cache_gb=_float(environ, "LMQ_PRESET_CACHE_GB", 50.0),
         drain_s=_float(environ, "LMQ_DRAIN_S", 60.0),
+        worker_jobs=_int(environ, "LMQ_WORKER_JOBS", 4),
+        tenant_row_share=_share(environ, "LMQ_TENANT_ROW_SHARE", 0.5),
         **load_lease_timing(environ),
     )
 

@@ -3,7 +3,7 @@ committed, the model pool, jobs and leases.
 
 The metrics live in this process's default registry. `lmq worker` serves them
 on LMQ_WORKER_METRICS_PORT from a thread of their own (prometheus_client's
-HTTP server), so they answer while the solo pool's only thread runs a job.
+HTTP server), so they answer while the job threads run.
 Tokens per second is `rate(lmq_generated_tokens_total[1m])`. The job runner
 calls the functions below at each step; each also logs one `key=value` line
 (core/logfmt.py) on the `lmq.worker` logger.

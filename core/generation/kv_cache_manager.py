@@ -84,6 +84,13 @@ class KVCacheManager:
         order = list(range(self.decoding)) + [self.prefilling.pop(r) for r in requests]
         self._pack(order)
 
+    def drop_prefilling(self, requests):
+        """Prefilling ``requests`` (ids) leave before they decode (a cancelled job's): the
+        prefilling requests after them move up, so the groups stay packed."""
+        for request in requests:
+            del self.prefilling[request]
+        self._pack(list(range(self.decoding)))
+
     def leave(self, finished):
         """The decoding requests of groups ``finished`` leave: the last decoding requests move
         into their groups. Returns the new order: ``order[i]`` is the old group of group i."""

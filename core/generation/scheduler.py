@@ -1,7 +1,16 @@
 """The scheduler: which requests join, and what each step's forward pass runs.
 
-It owns the waiting queue (by priority, then shortest prompt first: neighbours of
-similar length waste little) and admits requests while the KV-cache manager has room.
+It owns the waiting queues and admits requests while the KV-cache manager has room.
+Requests come in groups (a job's, see ``Engine.submit``), each with its own queue (by
+request priority, then shortest prompt first: neighbours of similar length waste little).
+Which queue the next request comes from is stride scheduling: a group's *pass* grows by
+``1 / weight`` for each request it admits (weight ``2 ** -priority``: a group of priority
+-1 admits twice as often as one of 0), and the waiting group of the lowest pass goes
+next. So every waiting group is admitted in its turn, whatever the others hold: a huge
+job never starves a small one, and a group that starts late starts at the others' pass
+(it gets no burst for the time it was not there). A group may cap its own requests in
+flight (``limit``), and while another tenant waits, a tenant holds at most
+``tenant_rows`` requests in flight (``LMQ_TENANT_ROW_SHARE`` of the engine's).
 Each step has a budget of ``step_tokens`` tokens, shared: every decoding row takes one
 (its newest token), and what is left goes to prompt chunks of the requests being
 prefilled, oldest first, at most ``prefill_chunk`` prompt tokens a step. So a long prompt
@@ -10,6 +19,7 @@ leaves prompt tokens (it must exceed the rows in flight), the oldest prefilling 
 moves on every step: no admitted request waits forever.
 """
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -29,6 +39,27 @@ class Prefill:
         return self.done == len(self.request.prompt)
 
 
+@dataclass(eq=False)
+class Queue:
+    """A group's waiting requests and what fair admission counts of it."""
+
+    priority: int = 0  # lower is admitted more often (weight 2 ** -priority)
+    tenant: str | None = None
+    limit: int | None = None  # the most of its requests in flight (None: the engine's budget)
+    waiting: deque = field(default_factory=deque)
+    in_flight: int = 0
+    pass_: float = 0.0  # stride scheduling's virtual time: admitted requests / weight
+    order: int = 0  # arrival, to break ties
+
+    @property
+    def stride(self):
+        return 2.0 ** self.priority
+
+    @property
+    def at_limit(self):
+        return self.limit is not None and self.in_flight >= self.limit
+
+
 @dataclass
 class StepPlan:
     """One step's work: ``decode_rows`` running rows take a token, then prompt chunks."""
@@ -42,11 +73,14 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, requests, cache_manager, max_rows, prefill_chunk=PREFILL_CHUNK, step_tokens=None):
-        """``max_rows``: the most rows in flight (requests x rows per request); ``step_tokens``
-        (default: those rows + ``prefill_chunk``) must exceed them. ``prefill_chunk`` None:
-        prompts go in whole, for a model that cannot continue one (the oldest whatever its
-        length, the others while they fit the step)."""
+    def __init__(self, requests, cache_manager, max_rows, prefill_chunk=PREFILL_CHUNK, step_tokens=None,
+                 tenant_rows=None):
+        """``requests``: a first group's (more come with ``add``); ``max_rows``: the most rows in
+        flight (requests x rows per request); ``step_tokens`` (default: those rows +
+        ``prefill_chunk``) must exceed them. ``prefill_chunk`` None: prompts go in whole, for a
+        model that cannot continue one (the oldest whatever its length, the others while they
+        fit the step). ``tenant_rows``: the most requests one tenant holds in flight while
+        another tenant's wait (None: no bound)."""
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be positive, got {prefill_chunk}.")
         self.chunked = prefill_chunk is not None
@@ -56,27 +90,77 @@ class Scheduler:
             raise ValueError(
                 f"step_tokens={self.step_tokens} leaves no prompt tokens beside {max_rows} decoding rows."
             )
-        self.waiting = deque(sorted(requests, key=lambda r: (r.priority, len(r.prompt), r.id)))
+        self.tenant_rows = tenant_rows
+        self.queues = []  # the groups' Queues, in arrival order
+        self.owner = {}  # request id in flight -> its Queue
+        self._arrivals = itertools.count()
+        self.clock = 0.0  # the pass of the group admitted last
         self.cache_manager = cache_manager
         self.prefilling = []  # Prefill records, oldest first
         self.longest = 0  # the most positions a request in flight needs
+        if requests:
+            self.add(requests)
 
     @property
     def busy(self):
-        return bool(self.waiting or self.prefilling)
+        return bool(self.prefilling or any(queue.waiting for queue in self.queues))
+
+    def add(self, requests, priority=0, tenant=None, limit=None):
+        """A group of requests to admit, fairly among the others; its ``Queue``."""
+        start = min((q.pass_ for q in self.queues if q.waiting), default=self.clock)
+        queue = Queue(priority, tenant, limit, order=next(self._arrivals), pass_=start)
+        queue.waiting.extend(sorted(requests, key=lambda r: (r.priority, len(r.prompt), r.id)))
+        self.queues.append(queue)
+        return queue
+
+    def remove(self, queue):
+        """Drops ``queue``'s group: its waiting requests, and its prefilling ones, whose ids are
+        returned (their slots are the caller's to free)."""
+        gone = [p.request.id for p in self.prefilling if self.owner.get(p.request.id) is queue]
+        self.prefilling = [p for p in self.prefilling if self.owner.get(p.request.id) is not queue]
+        for request in gone:
+            self.release(request)
+        queue.waiting.clear()
+        self._forget_idle()
+        return gone
+
+    def release(self, request):
+        """Request ``request`` (an id) left the engine: its group holds one fewer in flight."""
+        queue = self.owner.pop(request, None)
+        if queue is not None:
+            queue.in_flight -= 1
+
+    def _forget_idle(self):
+        self.queues = [q for q in self.queues if q.waiting or q.in_flight]
+
+    def _next_queue(self):
+        """The waiting group whose turn it is, or None while every waiting group is held back
+        (at its own limit, or its tenant at its share while another tenant waits)."""
+        waiting = [q for q in self.queues if q.waiting and not q.at_limit]
+        if self.tenant_rows is not None and len({q.tenant for q in waiting}) > 1:
+            held = {}
+            for queue in self.queues:
+                held[queue.tenant] = held.get(queue.tenant, 0) + queue.in_flight
+            waiting = [q for q in waiting if held[q.tenant] < self.tenant_rows]
+        return min(waiting, key=lambda q: (q.pass_, q.order), default=None)
 
     def admit(self):
-        """Takes waiting requests while the cache has room (at least one when nothing runs):
-        the requests admitted, their slot groups allocated."""
+        """Takes waiting requests while the cache has room (at least one when nothing runs),
+        each from the group whose turn it is: the requests admitted, their slot groups allocated."""
         admitted, joining, longest = [], [], self.longest
-        while self.waiting:
-            request = self.waiting[0]
+        while (queue := self._next_queue()) is not None:
+            request = queue.waiting[0]
             if request.limit > 0:  # a request with nothing to generate takes no room
                 if not self.cache_manager.fits(len(joining) + 1, max(longest, request.need)):
                     break
                 joining.append(request)
                 longest = max(longest, request.need)
-            admitted.append(self.waiting.popleft())
+                self.owner[request.id] = queue
+                queue.in_flight += 1
+                self.clock = queue.pass_
+                queue.pass_ += queue.stride
+            admitted.append(queue.waiting.popleft())
+        self._forget_idle()
         if joining:
             self.cache_manager.allocate([r.id for r in joining], longest)
             self.prefilling += [Prefill(r) for r in joining]

@@ -124,6 +124,9 @@ class CausalLM(GenerativeTask):
         processing=None,
         response_format=None,
         adapter=None,
+        engine=None,
+        priority=0,
+        tenant=None,
     ):
         """Generates text for a prompt or a list of prompts (KerasHub semantics, plus more).
 
@@ -161,6 +164,10 @@ class CausalLM(GenerativeTask):
           complete; a format the grammar engine cannot compile is a ValueError naming what.
         - ``adapter``: the name of an adapter loaded with ``load_adapter`` for every row, or a list
           of one per row (None: the base alone); rows of different adapters decode in one batch.
+        - ``engine``: a running ``lmq.core.generation.Engine`` of this model's (a worker's shared
+          one) that the prompts join, beside other callers' requests, as a group of ``priority``
+          (lower first) and ``tenant``; ``max_rows`` then caps this call's requests in flight and
+          the engine's own budget holds. Token samplers only: a search runs in its own engine.
 
         Without a preprocessor, ``inputs`` is ``{"token_ids", "padding_mask"}``
         (right-padded) and the same dict comes back with the completions written in.
@@ -169,6 +176,8 @@ class CausalLM(GenerativeTask):
         options = dict(
             stream=stream, max_rows=max_rows, max_cache_tokens=max_cache_tokens, between_steps=between_steps, adapters=adapter
         )
+        if engine is not None:
+            options.update(engine=engine, job_priority=priority, tenant=tenant)
         if isinstance(inputs, dict):
             return self._generate_from_ids(inputs, sampler, stop_token_ids, max_new_tokens, seed, **options)
         if self.preprocessor is None:
