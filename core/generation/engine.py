@@ -39,16 +39,19 @@ import torch
 
 from lmq.core.generation.batch import Batch
 from lmq.core.generation.kv_cache_manager import KVCacheManager
+from lmq.core.generation.prefix_cache import PrefixCache
 from lmq.core.generation.request import Request
 from lmq.core.generation.runner import ModelRunner
 from lmq.core.generation.scheduler import PREFILL_CHUNK, Scheduler
+
+PREFIX_CACHE_SHARE = 4  # an engine's own prefix cache holds a quarter of its KV budget
 
 
 class Engine:
     """One decoding job: its requests, scheduler, cache, runner and running batch."""
 
     def __init__(self, model, sampler, requests, stream=None, on_finish=None, max_rows=None,
-                 max_cache_tokens=None, prefill_chunk=PREFILL_CHUNK, step_tokens=None):
+                 max_cache_tokens=None, prefill_chunk=PREFILL_CHUNK, step_tokens=None, prefix_cache=True):
         if (max_rows is not None and max_rows < 1) or (max_cache_tokens is not None and max_cache_tokens < 1):
             raise ValueError(
                 f"The row budget must be positive: max_rows={max_rows}, max_cache_tokens={max_cache_tokens}."
@@ -57,12 +60,15 @@ class Engine:
         rows_per_request = sampler.rows_per_prompt(model.backbone.token_embedding.embeddings.shape[0])
         max_requests = min(max_rows or len(requests), max(len(requests), 1))
         max_length = max((r.need for r in requests), default=0)
-        self.cache_manager = KVCacheManager(
-            model, rows_per_request, max_length, max((len(r.prompt) for r in requests), default=0),
-            max_requests=max_requests, max_cache_tokens=max_cache_tokens,
-        )
         if not getattr(model, "chunked_prefill", False):  # whole prompts only
             prefill_chunk = None
+        self.prefix_cache = self._prefix_cache(prefix_cache, prefill_chunk is not None, requests, max_cache_tokens)
+        if self.prefix_cache is not None and max_cache_tokens is not None:
+            max_cache_tokens -= self.prefix_cache.max_tokens
+        self.cache_manager = KVCacheManager(
+            model, rows_per_request, max_length, max((len(r.prompt) for r in requests), default=0),
+            max_requests=max_requests, max_cache_tokens=max_cache_tokens, prefix_cache=self.prefix_cache,
+        )
         self.scheduler = Scheduler(
             requests, self.cache_manager, max_requests * rows_per_request, prefill_chunk, step_tokens
         )
@@ -72,6 +78,26 @@ class Engine:
         self.batch = Batch(
             model, self.runner, self.cache_manager, sampler, max_length, stop_width, any_stop_strings, stream, on_finish
         )
+
+    def _prefix_cache(self, prefix_cache, chunked, requests, max_cache_tokens):
+        """The ``PrefixCache`` this engine reads and writes, or None. ``prefix_cache``: True
+        (one of its own: a quarter of ``max_cache_tokens``, or without a budget room for every
+        prompt's blocks), False, or a ``PrefixCache`` the caller keeps across engines. Its
+        positions come out of the KV budget. None where caching does not apply: a model that
+        cannot continue a prompt (an encoder-decoder, whose decoder KV depends on its encoder
+        input) or a sampler that reads the prompts' hidden states (contrastive search)."""
+        if prefix_cache is False or not chunked or self.sampler.reads_prompt_states:
+            return None
+        if prefix_cache is True:
+            if max_cache_tokens is None:
+                prefix_cache = PrefixCache(sum(len(r.prompt) for r in requests))
+            else:
+                prefix_cache = PrefixCache(max_cache_tokens // PREFIX_CACHE_SHARE)
+        if max_cache_tokens is not None and prefix_cache.max_tokens >= max_cache_tokens:
+            raise ValueError(
+                f"A prefix cache of {prefix_cache.max_tokens} positions leaves no room in max_cache_tokens={max_cache_tokens}."
+            )
+        return prefix_cache if prefix_cache.capacity else None
 
     def run(self, between_steps=None):
         """Decodes every request; a ``DecodeResult``. ``between_steps()`` is called before
@@ -101,7 +127,7 @@ class Engine:
         ]
         hidden = self.runner.run(self.cache_manager.cache, self.batch.step_input(chunks))  # [tokens, hidden]
         ready = self.scheduler.prefilled(plan, hidden[plan.decode_rows :])
-        wanted = [hidden[: plan.decode_rows]] + [p.hidden[-1][-1:] for p in ready]  # the tokens to sample after
+        wanted = [hidden[: plan.decode_rows]] + [p.hidden[-1][1][-1:] for p in ready]  # the tokens to sample after
         logits = self.runner.logits(torch.cat(wanted))
         if plan.decode_rows:
             self.batch.logits = logits[: plan.decode_rows]
@@ -126,6 +152,7 @@ def decode(
     prefill_chunk=PREFILL_CHUNK,
     step_tokens=None,
     priorities=None,
+    prefix_cache=True,
 ):
     """Generates up to ``limits[i]`` tokens after ``prompts[i]`` (lists of ids); a ``DecodeResult``.
 
@@ -141,6 +168,9 @@ def decode(
     as finished ones leave. Each forward pass takes at most ``step_tokens`` tokens (default:
     the rows in flight + ``prefill_chunk``): the decoding rows' and at most ``prefill_chunk``
     prompt tokens of the requests being prefilled.
+
+    ``prefix_cache``: prompt blocks computed once are reused by the requests that share
+    them (``Engine._prefix_cache``: True, False, or a ``PrefixCache`` kept across calls).
     """
     if not any(isinstance(ids, (list, tuple)) for ids in stop_token_ids):
         stop_token_ids = [stop_token_ids] * len(prompts)
@@ -154,5 +184,6 @@ def decode(
     ]
     engine = Engine(
         model, sampler, requests, stream, on_finish, max_rows, max_cache_tokens, prefill_chunk, step_tokens,
+        prefix_cache,
     )
     return engine.run(between_steps)
