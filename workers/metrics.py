@@ -37,6 +37,11 @@ JOB_SECONDS = Histogram(
     "lmq_job_duration_seconds", "One attempt at a job, by kind and the state it left the job in",
     ["kind", "state"], buckets=JOB_BUCKETS,
 )
+PREFIX_QUERIED_TOKENS = Counter("lmq_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache")
+PREFIX_HIT_TOKENS = Counter("lmq_prefix_cache_hit_tokens", "Prompt tokens the prefix cache held (not computed)")
+PREFIX_HIT_RATE = Gauge("lmq_prefix_cache_hit_rate", "Share of the last decode call's prompt tokens found cached")
+PREFIX_BLOCKS = Gauge("lmq_prefix_cache_blocks", "Blocks of prompt KV the prefix cache of the last decode call holds")
+PREFIX_CAPACITY = Gauge("lmq_prefix_cache_capacity_blocks", "Blocks the prefix cache of the last decode call may hold")
 LEASE_RENEWALS = Counter("lmq_lease_renewals", "Lease renewals (every fenced write and heartbeat)")
 LEASE_RECOVERIES = Counter("lmq_lease_recoveries", "Jobs taken over from a worker whose lease had run out")
 
@@ -96,6 +101,28 @@ def results_committed(job_id: str, results, done: int, total: int) -> None:
             completion_tokens=completion_tokens, done=done, total=total,
         )
     )
+
+
+@contextmanager
+def prefix_caching(job_id: str, cache):
+    """Around a decode call with its own ``PrefixCache`` (or False: none): what it found and
+    holds, once it ends. The hit rate over time is
+    ``rate(lmq_prefix_cache_hit_tokens_total[5m]) / rate(lmq_prefix_cache_queried_tokens_total[5m])``."""
+    try:
+        yield
+    finally:
+        if cache and cache.queried_tokens:  # an encoder-decoder's call looks nothing up
+            PREFIX_QUERIED_TOKENS.inc(cache.queried_tokens)
+            PREFIX_HIT_TOKENS.inc(cache.hit_tokens)
+            PREFIX_HIT_RATE.set(cache.hit_rate)
+            PREFIX_BLOCKS.set(len(cache.blocks))
+            PREFIX_CAPACITY.set(cache.capacity)
+            logger.info(
+                logfmt(
+                    "prefix_cache", job=job_id, queried_tokens=cache.queried_tokens, hit_tokens=cache.hit_tokens,
+                    blocks=len(cache.blocks), capacity=cache.capacity,
+                )
+            )
 
 
 def fit_step(job_id: str, step: int, total: int, loss: float | None) -> None:

@@ -185,8 +185,10 @@ class JobRunner:
         while prompts:
             formats = {json.dumps((p.processing or {}).get("response_format"), sort_keys=True) for p in prompts}
             attempt.event("decode", rows=len(prompts), formats=len(formats - {"null"}))  # one engine run
+            prefix_cache = self._prefix_cache(budget)
             try:
-                with metrics.in_flight(min(len(prompts), budget.rows)):
+                in_flight = metrics.in_flight(min(len(prompts), budget.rows))
+                with in_flight, metrics.prefix_caching(attempt.job_id, prefix_cache):
                     lm.generate(
                         [p.text for p in prompts],
                         sampler=group_sampler(prompts),
@@ -197,6 +199,7 @@ class JobRunner:
                         between_steps=progress.check_now_and_then,
                         max_rows=budget.rows,
                         max_cache_tokens=budget.cache_tokens,
+                        prefix_cache=prefix_cache,
                     )
                 group.commit()
                 return
@@ -219,6 +222,14 @@ class JobRunner:
                     half = len(prompts) // 2
                     self._stream(attempt, lm, prompts[:half], arguments, budget, progress, choices)
                     prompts = prompts[half:]
+
+    def _prefix_cache(self, budget: RowBudget):
+        """A decode call's prefix cache, in a quarter of its KV budget; False when LMQ_PREFIX_CACHE is off."""
+        if not self.settings.prefix_cache:
+            return False
+        from lmq.core.generation import PrefixCache  # here: planning a job's batches must not load torch
+
+        return PrefixCache.within(budget.cache_tokens)
 
     def finish(self, job_id: str, state: JobState, error: str | None = None, **details) -> None:
         """Outside any attempt: `lmq generate` ending its own job on Ctrl-C."""

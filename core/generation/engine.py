@@ -4,7 +4,8 @@
 - the ``Scheduler`` (``scheduler.py``) owns the waiting queue and, each step, a token
   budget shared by the decoding rows (a token each) and prompt chunks;
 - the ``KVCacheManager`` (``kv_cache_manager.py``) allocates, frees and moves the
-  requests' cache row slots;
+  requests' cache row slots, and copies prompt blocks to and from the ``PrefixCache``
+  (``prefix_cache.py``), so prompts that share leading tokens compute their KV once;
 - a ``StepInput`` (``input_batch.py``) is one step's tokens, flattened, as typed tensors;
 - the ``ModelRunner`` (``runner.py``) runs it through the model: hidden states, logits;
 - the running ``Batch`` (``batch.py``) holds the decoding rows, which the sampler acts on.
@@ -44,8 +45,6 @@ from lmq.core.generation.request import Request
 from lmq.core.generation.runner import ModelRunner
 from lmq.core.generation.scheduler import PREFILL_CHUNK, Scheduler
 
-PREFIX_CACHE_SHARE = 4  # an engine's own prefix cache holds a quarter of its KV budget
-
 
 class Engine:
     """One decoding job: its requests, scheduler, cache, runner and running batch."""
@@ -62,7 +61,10 @@ class Engine:
         max_length = max((r.need for r in requests), default=0)
         if not getattr(model, "chunked_prefill", False):  # whole prompts only
             prefill_chunk = None
-        self.prefix_cache = self._prefix_cache(prefix_cache, prefill_chunk is not None, requests, max_cache_tokens)
+        in_flight_positions = max_requests * rows_per_request * max_length  # the most the slots can hold
+        self.prefix_cache = self._prefix_cache(
+            prefix_cache, prefill_chunk is not None, requests, max_cache_tokens, in_flight_positions
+        )
         if self.prefix_cache is not None and max_cache_tokens is not None:
             max_cache_tokens -= self.prefix_cache.max_tokens
         self.cache_manager = KVCacheManager(
@@ -79,23 +81,25 @@ class Engine:
             model, self.runner, self.cache_manager, sampler, max_length, stop_width, any_stop_strings, stream, on_finish
         )
 
-    def _prefix_cache(self, prefix_cache, chunked, requests, max_cache_tokens):
+    def _prefix_cache(self, prefix_cache, chunked, requests, max_cache_tokens, in_flight_positions):
         """The ``PrefixCache`` this engine reads and writes, or None. ``prefix_cache``: True
-        (one of its own: a quarter of ``max_cache_tokens``, or without a budget room for every
-        prompt's blocks), False, or a ``PrefixCache`` the caller keeps across engines. Its
-        positions come out of the KV budget. None where caching does not apply: a model that
-        cannot continue a prompt (an encoder-decoder, whose decoder KV depends on its encoder
-        input) or a sampler that reads the prompts' hidden states (contrastive search)."""
+        (one of its own: a quarter of ``max_cache_tokens``; without that budget, as many
+        positions as the requests in flight hold, at most every prompt's), False, or a
+        ``PrefixCache`` the caller keeps across engines. Its positions come out of
+        ``max_cache_tokens``. None where caching does not apply: a model that cannot continue
+        a prompt (an encoder-decoder, whose decoder keys also depend on its encoder's input)
+        or a sampler that reads the prompts' hidden states (contrastive search)."""
         if prefix_cache is False or not chunked or self.sampler.reads_prompt_states:
             return None
         if prefix_cache is True:
             if max_cache_tokens is None:
-                prefix_cache = PrefixCache(sum(len(r.prompt) for r in requests))
+                prefix_cache = PrefixCache(min(sum(len(r.prompt) for r in requests), in_flight_positions))
             else:
-                prefix_cache = PrefixCache(max_cache_tokens // PREFIX_CACHE_SHARE)
+                prefix_cache = PrefixCache.within(max_cache_tokens)
         if max_cache_tokens is not None and prefix_cache.max_tokens >= max_cache_tokens:
             raise ValueError(
-                f"A prefix cache of {prefix_cache.max_tokens} positions leaves no room in max_cache_tokens={max_cache_tokens}."
+                f"A prefix cache of {prefix_cache.max_tokens} positions leaves no room in "
+                f"max_cache_tokens={max_cache_tokens}."
             )
         return prefix_cache if prefix_cache.capacity else None
 

@@ -23,6 +23,7 @@ from collections import OrderedDict
 import torch
 
 BLOCK_SIZE = 16  # prompt tokens per cached block (vLLM's default)
+BUDGET_SHARE = 4  # an engine's own prefix cache holds a quarter of its KV budget
 
 
 class PrefixCache:
@@ -43,6 +44,11 @@ class PrefixCache:
         self.blocks = OrderedDict()  # digest -> storage block, least recently used first
         self.free = list(range(self.capacity - 1, -1, -1))
         self.queried_tokens = self.hit_tokens = 0  # prompt tokens looked up, and found
+
+    @classmethod
+    def within(cls, max_cache_tokens):
+        """The prefix cache of a decode call whose KV budget is ``max_cache_tokens`` positions."""
+        return cls(max_cache_tokens // BUDGET_SHARE)
 
     @property
     def hit_rate(self):

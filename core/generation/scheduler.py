@@ -13,6 +13,8 @@ With a prefix cache (the cache manager's ``prefix_cache``), a prefilling request
 take a chunk at a block boundary first takes the cached blocks that follow (its prefill
 then starts after them, at no cost to the step's budget; the last prompt token is always
 computed, for its logits), and the full prompt blocks a chunk completes go into the cache.
+A request whose next block an earlier chunk of the same step computes sits that step out
+and takes the block from the cache at the next (the oldest request is never held back).
 """
 
 from collections import deque
@@ -94,12 +96,14 @@ class Scheduler:
     def schedule(self, decode_rows):
         """This step's plan: ``decode_rows`` rows decoding, then prompt chunks within the budget."""
         budget = min(self.step_tokens - decode_rows, self.prefill_chunk)
-        chunks = []
+        chunks, computing = [], set()  # computing: digests of the prompt blocks this step completes
         for prefill in self.prefilling:
             if budget <= 0:
                 break
             if self.cache_manager.prefix_cache is not None:
                 self._take_cached_blocks(prefill)
+                if self._next_block(prefill) in computing:
+                    continue  # an earlier chunk of this step computes it: take it from the cache next step
             stop = min(len(prefill.request.prompt), prefill.done + budget)
             if not self.chunked and stop < len(prefill.request.prompt):
                 if chunks:
@@ -107,7 +111,17 @@ class Scheduler:
                 stop = len(prefill.request.prompt)
             chunks.append((prefill, prefill.done, stop))
             budget -= stop - prefill.done
+            if prefill.digests is not None:
+                size = self.cache_manager.prefix_cache.block_size
+                computing.update(prefill.digests[prefill.done // size : stop // size])
         return StepPlan(decode_rows, chunks)
+
+    def _next_block(self, prefill):
+        """The digest of the prompt block ``prefill`` computes next, when it starts one it could
+        take from the cache (not the block of its last token); else None."""
+        size = self.cache_manager.prefix_cache.block_size
+        block, within = divmod(prefill.done, size)
+        return prefill.digests[block] if not within and block < (len(prefill.request.prompt) - 1) // size else None
 
     def _take_cached_blocks(self, prefill):
         """Skips ``prefill`` past the cached blocks at its position, copied into its slot."""

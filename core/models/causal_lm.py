@@ -91,6 +91,7 @@ class CausalLM(GenerativeTask):
         max_rows=None,
         max_cache_tokens=None,
         between_steps=None,
+        prefix_cache=True,
         return_details=False,
         processing=None,
         response_format=None,
@@ -120,6 +121,9 @@ class CausalLM(GenerativeTask):
           positions (rows x positions per row); the other prompts join as rows finish
           (continuous batching). By default every prompt runs at once.
         - ``between_steps()``: called before each decode step; what it raises ends the call.
+        - ``prefix_cache``: prompts that share leading tokens compute their KV once (blocks of
+          16 tokens, see ``lmq.core.generation.prefix_cache``): True (default), False, or a
+          ``PrefixCache`` kept across calls. Tokens are those computed without it.
         - ``return_details``: ``Generation`` records (text, token counts, finish reason).
         - ``processing``: a ``RowProcessing`` (``lmq.core.samplers.processing``: penalties,
           logit bias, min-p, log-probabilities) for every row, or a list of one per row (None:
@@ -134,7 +138,10 @@ class CausalLM(GenerativeTask):
         (right-padded) and the same dict comes back with the completions written in.
         """
         sampler = self._sampler(sampler)
-        options = dict(stream=stream, max_rows=max_rows, max_cache_tokens=max_cache_tokens, between_steps=between_steps)
+        options = dict(
+            stream=stream, max_rows=max_rows, max_cache_tokens=max_cache_tokens, between_steps=between_steps,
+            prefix_cache=prefix_cache,
+        )
         if isinstance(inputs, dict):
             return self._generate_from_ids(inputs, sampler, stop_token_ids, max_new_tokens, seed, **options)
         if self.preprocessor is None:

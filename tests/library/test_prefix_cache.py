@@ -9,6 +9,7 @@ prompt tokens the engine ran through the model, with and without the cache.
 import pytest
 import torch
 
+from lmq.core.config import SettingsError, load_settings
 from lmq.core.generation import DecoderOnlyModel, Engine, PrefixCache, Request, decode
 from lmq.core.layers import KVCache, RollingKVCache
 from lmq.core.models import Seq2SeqLM
@@ -87,9 +88,11 @@ def test_shared_blocks_are_computed_once_with_the_tokens_and_logits_of_computing
 
 def test_the_bench_workload_computes_the_instruction_once_or_nearly(llama):
     """bench/peer.py's prefix workload (64 prompts: a 400-token instruction, 8..64 tokens of
-    their own), 8 rows in flight, chunks of 256: the first request computes the instruction,
-    the second catches up after its first 256 tokens, and every later one takes all 25 of its
-    blocks from the cache (the engine's own, a quarter of its KV budget)."""
+    their own), 8 rows in flight, chunks of 256: the first request computes the instruction
+    (over two steps); the second takes its first 256 tokens from the cache at the second
+    step, sits out the rest of that step (the first request computes the blocks it needs
+    next) and takes them at the third; every later one takes all 25 blocks at once. The
+    cache is the engine's own, a quarter of its KV budget."""
     prompts = shared_prefix_job(64, prefix_length=400, seed=1, own=(8, 64))
     limits = [4] * len(prompts)
     options = dict(max_rows=8, max_cache_tokens=8 * 1024)
@@ -100,9 +103,20 @@ def test_the_bench_workload_computes_the_instruction_once_or_nearly(llama):
     total = sum(len(p) for p in prompts)
     assert plain_engine.scheduler.prompt_tokens_computed == total
     assert cached_engine.prefix_cache.max_tokens == 2 * 1024
-    assert cached_engine.prefix_cache.hit_tokens == 256 + 62 * 400
-    assert cached_engine.scheduler.prompt_tokens_computed == total - 256 - 62 * 400  # 0.2 of total here
+    assert cached_engine.prefix_cache.hit_tokens == 63 * 400
+    assert cached_engine.scheduler.prompt_tokens_computed == total - 63 * 400  # 0.14 of total here
     assert len(cached_engine.prefix_cache.blocks) <= cached_engine.prefix_cache.capacity
+
+
+def test_prompts_that_fit_one_step_wait_a_step_for_the_blocks_the_first_one_computes(llama):
+    """Every prompt fits the first step's 256 tokens: the first computes the shared blocks,
+    the others sit that step out and take them at the next, instead of computing them too."""
+    prompts = shared_prefix_job(6, prefix_length=40, seed=8)
+    engine, cached = run(llama, prompts, [4] * 6)
+    _, plain = run(llama, prompts, [4] * 6, prefix_cache=False)
+    assert cached.completions == plain.completions
+    assert engine.prefix_cache.hit_tokens == 5 * 2 * BLOCK
+    assert engine.scheduler.prompt_tokens_computed == sum(len(p) for p in prompts) - 5 * 2 * BLOCK
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
@@ -207,3 +221,11 @@ def test_blocks_go_out_of_one_slot_and_into_another_as_they_were(cache_kind):
         assert cache.slot_positions[2, 16:].eq(-1).all()
     # The chain: a prompt that differs in its first block shares none of the blocks after it.
     assert pool.load(cache, 1, pool.digests([99] + list(range(1, 24))), 0, 3) == 0
+
+
+def test_the_setting_is_on_by_default_and_a_bad_one_is_named():
+    assert load_settings({}).prefix_cache is True
+    assert load_settings({"LMQ_PREFIX_CACHE": "off"}).prefix_cache is False
+    assert load_settings({"LMQ_PREFIX_CACHE": "ON"}).prefix_cache is True
+    with pytest.raises(SettingsError, match="LMQ_PREFIX_CACHE must be on or off, got 'sometimes'"):
+        load_settings({"LMQ_PREFIX_CACHE": "sometimes"})
