@@ -23,7 +23,8 @@ The engines, each a persistent process of its own (``--worker``, JSON lines on a
 
   lmq-all       ``CausalLM.generate`` at its default: every prompt admitted at once
   lmq-8         ``generate(..., max_rows=8)``: 8 rows in flight, the others join as rows finish
-  lmq-8-nocache lmq-8 with its prefix cache off (``prefix_cache=False``): every row computes
+  lmq-all-nocache, lmq-8-nocache
+                the same with the prefix cache off (``prefix_cache=False``): every row computes
                 its whole prompt (the lmq engines above cache prompt blocks, by default)
   transformers  ``generate`` in length-sorted batches of 8, left-padded, each to its
                 longest row's limit, rows then cut at their own
@@ -32,13 +33,14 @@ The engines, each a persistent process of its own (``--worker``, JSON lines on a
                 python (bench/setup_vllm.sh), with tcmalloc and Intel OpenMP preloaded
 
 Each workload runs once per engine to warm up, then ``--repeats`` times, the engines
-taking turns (``--prompts N``: each workload's first N prompts only, for a quick look). Prints, per engine: tokens/s (median wall time) and tokens per CPU second
-(median ``time.process_time`` of the engine's process: every thread's CPU time, which the
-other jobs of a shared machine disturb less than wall time; a spinning OpenMP pool counts
-too), peak resident memory of its process during the workload (VmHWM, reset before each
-run: model, runtime and cache together), ratios to vLLM and to transformers, and whether
-each row's tokens equal transformers' greedy tokens (mismatching rows are listed). Exits 1
-when a row differs. Figures measured here: docs/peer-bench.md.
+taking turns (``--prompts N``: each workload's first N prompts only, for a quick look).
+Prints, per engine: tokens/s (median wall time) and tokens per CPU second (median
+``time.process_time`` of the engine's process: every thread's CPU time, which the other
+jobs of a shared machine disturb less than wall time; a spinning OpenMP pool counts too),
+peak resident memory of its process during the workload (VmHWM, reset before each run:
+model, runtime and cache together), ratios to vLLM, to transformers and to the same lmq
+engine without its prefix cache, and whether each row's tokens equal transformers' greedy
+tokens (mismatching rows are listed). Exits 1 when a row differs. Figures measured here: docs/peer-bench.md.
 """
 
 import argparse
@@ -54,7 +56,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 VLLM_VENV = os.path.join(HERE, ".vllm-venv")
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
-ENGINES = ("lmq-all", "lmq-8", "lmq-8-nocache", "transformers", "vllm")
+ENGINES = ("lmq-all", "lmq-8", "lmq-all-nocache", "lmq-8-nocache", "transformers", "vllm")
 WORKLOADS = ("a", "b", "c", "ragged", "prefix")
 VOCAB = 32000
 # bench/generate.py's ~55M-parameter shape, with positions for the prefix workload (400 + 64 + 64;
@@ -212,6 +214,8 @@ def serve(engine, checkpoint, threads):
         runner = Lmq(checkpoint, max_rows=None)
     elif engine == "lmq-8":
         runner = Lmq(checkpoint, max_rows=8)
+    elif engine == "lmq-all-nocache":
+        runner = Lmq(checkpoint, max_rows=None, prefix_cache=False)
     elif engine == "lmq-8-nocache":
         runner = Lmq(checkpoint, max_rows=8, prefix_cache=False)
     elif engine == "transformers":
@@ -302,7 +306,7 @@ def report(name, description, prompts, limits, figures, reference_engine):
     for engine, f in figures.items():
         ratios = "".join(
             f"  {rate[engine] / rate[peer]:5.2f}x {peer} ({per_cpu[engine] / per_cpu[peer]:.2f}x per CPU-s)"
-            for peer in ("vllm", "transformers", "lmq-8-nocache") if peer in figures and peer != engine
+            for peer in ("vllm", "transformers", f"{engine}-nocache") if peer in figures and peer != engine
         )
         wrong = f["mismatches"]
         same = "same tokens" if not wrong else f"{len(wrong)} rows differ (row, first position): {wrong[:8]}"

@@ -104,7 +104,7 @@ def test_the_bench_workload_computes_the_instruction_once_or_nearly(llama):
     assert plain_engine.scheduler.prompt_tokens_computed == total
     assert cached_engine.prefix_cache.max_tokens == 2 * 1024
     assert cached_engine.prefix_cache.hit_tokens == 63 * 400
-    assert cached_engine.scheduler.prompt_tokens_computed == total - 63 * 400  # 0.14 of total here
+    assert cached_engine.scheduler.prompt_tokens_computed == total - 63 * 400  # about a tenth of them
     assert len(cached_engine.prefix_cache.blocks) <= cached_engine.prefix_cache.capacity
 
 
