@@ -192,6 +192,32 @@ def test_where_caching_does_not_apply_the_engine_runs_without_it(llama):
     assert engine.scheduler.prompt_tokens_computed == 2 * len(decoder_prompts[0])
 
 
+def test_phi3_longrope_keys_of_the_short_factors_are_not_reused_once_a_batch_is_long():
+    """Phi-3's longrope keys depend on whether the batch is past the pretraining length (40
+    here). A prefix cache kept across two calls: the first, short, fills it; the second, long
+    from the start, finds none of those blocks (a call of its own finds as many as it does)
+    and gives the tokens it gives without a cache."""
+    from lmq.plugins.phi3 import Phi3Backbone
+
+    half_head = 4  # head_dim 8: one factor per rotary frequency
+    phi3 = DecoderOnlyModel(random_weights(Phi3Backbone(
+        vocabulary_size=ENGINE_VOCAB, num_layers=2, num_query_heads=4, hidden_dim=32, intermediate_dim=64,
+        num_key_value_heads=2, max_sequence_length=128, pretraining_sequence_length=40, rope_scaling_type="su",
+        rope_scaling_short_factor=[1.0 + 0.1 * i for i in range(half_head)],
+        rope_scaling_long_factor=[1.0 + 2.0 * i for i in range(half_head)],
+    )))
+    short = shared_prefix_job(4, 32, seed=9, own=(2, 4))
+    long = [prompt[:32] + list(range(10, 24 + i)) for i, prompt in enumerate(short)]
+    kept = PrefixCache(1024)
+    run(phi3, short, [2] * 4, prefix_cache=kept)
+    assert kept.blocks and kept.variant is False
+    engine, result = run(phi3, long, [4] * 4, prefix_cache=kept)
+    fresh, _ = run(phi3, long, [4] * 4, prefix_cache=PrefixCache(1024))
+    assert kept.variant is True
+    assert engine.scheduler.prompt_tokens_computed == fresh.scheduler.prompt_tokens_computed
+    assert result.completions == run(phi3, long, [4] * 4, prefix_cache=False)[1].completions
+
+
 def test_a_prefix_cache_that_takes_the_whole_budget_is_refused(llama):
     with pytest.raises(ValueError, match="prefix cache of 64 positions leaves no room in max_cache_tokens=64"):
         run(llama, [[1, 2]], [3], prefix_cache=PrefixCache(64), max_cache_tokens=64)
