@@ -25,6 +25,9 @@ wires a whole deployment. Nothing here imports keras or torch.
                              in-process worker) runs at once; generate jobs on one model share its engine
     LMQ_TENANT_ROW_SHARE     0.5: the share of a shared engine's rows one tenant's jobs hold at most while
                              another tenant's wait (1: no bound)
+    LMQ_PREFIX_CACHE         on: a generate job computes the KV of a prompt prefix its rows share once
+                             (blocks of 16 tokens, in a quarter of LMQ_MICRO_BATCH_TOKENS, least recently
+                             used evicted; core/generation/prefix_cache.py); off: every row computes its own
     LMQ_MAX_INPUTS           100000: inputs (or training examples) per job the API accepts
     LMQ_MAX_PROMPT_CHARS     32768: characters per prompt or training text
     LMQ_MAX_LENGTH           8192: the largest max_length or sequence_length a job may ask for
@@ -87,6 +90,7 @@ class Settings:
     job_timeout_s: int
     micro_batch_size: int
     micro_batch_tokens: int
+    prefix_cache: bool = True
     limits: Limits = field(default_factory=Limits)
     preset_queues: dict[str, str] = field(default_factory=dict)
     lease_s: float = 30.0
@@ -134,6 +138,15 @@ def _int(environ, name: str, default: int | None, minimum: int = 1) -> int | Non
     if value < minimum:
         raise SettingsError(f"{name} must be at least {minimum}, got {value}")
     return value
+
+
+def _switch(environ, name: str, default: bool) -> bool:
+    raw = environ.get(name)
+    if raw in (None, ""):
+        return default
+    if raw.lower() not in ("on", "off", "true", "false", "1", "0"):
+        raise SettingsError(f"{name} must be on or off, got {raw!r}")
+    return raw.lower() in ("on", "true", "1")
 
 
 def _float(environ, name: str, default: float) -> float:
@@ -195,6 +208,7 @@ def load_settings(environ=None) -> Settings:
         job_timeout_s=_int(environ, "LMQ_JOB_TIMEOUT_S", 24 * 3600),
         micro_batch_size=_int(environ, "LMQ_MICRO_BATCH_SIZE", 16),
         micro_batch_tokens=_int(environ, "LMQ_MICRO_BATCH_TOKENS", 16384),
+        prefix_cache=_switch(environ, "LMQ_PREFIX_CACHE", True),
         limits=load_limits(environ),
         preset_queues=_pairs(environ.get("LMQ_PRESET_QUEUES", ""), "=", "LMQ_PRESET_QUEUES", "preset=queue"),
         worker_metrics_port=_int(environ, "LMQ_WORKER_METRICS_PORT", None),

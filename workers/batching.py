@@ -98,4 +98,5 @@ def shared_engine(task, settings):
         budget.rows,
         max_cache_tokens=budget.cache_tokens,
         tenant_rows=max(1, int(budget.rows * settings.tenant_row_share)),
+        prefix_cache=settings.prefix_cache,
     ).start()

@@ -195,8 +195,11 @@ class JobRunner:
         while prompts:
             formats = {json.dumps((p.processing or {}).get("response_format"), sort_keys=True) for p in prompts}
             attempt.event("decode", rows=len(prompts), formats=len(formats - {"null"}))  # one engine run
+            engine = arguments.get("engine")  # a shared engine keeps its own prefix cache
+            prefix_cache = engine.prefix_cache if engine is not None else self._prefix_cache(budget)
             try:
-                with metrics.in_flight(min(len(prompts), budget.rows)):
+                in_flight = metrics.in_flight(min(len(prompts), budget.rows))
+                with in_flight, metrics.prefix_caching(attempt.job_id, prefix_cache):
                     lm.generate(
                         [p.text for p in prompts],
                         sampler=group_sampler(prompts),
@@ -207,6 +210,7 @@ class JobRunner:
                         between_steps=progress.check_now_and_then,
                         max_rows=budget.rows,
                         max_cache_tokens=budget.cache_tokens,
+                        prefix_cache=prefix_cache,
                     )
                 group.commit()
                 return
@@ -215,8 +219,8 @@ class JobRunner:
                 if not (is_out_of_memory(error) or isinstance(error, ValueError)):
                     raise
                 prompts = [p for p in prompts if p.index not in group.finished]
-                if is_out_of_memory(error) and "engine" in arguments:
-                    arguments["engine"].shrink(error)
+                if is_out_of_memory(error) and engine is not None:
+                    engine.shrink(error)
                 if is_out_of_memory(error) and budget.rows > 1:
                     attempt.event("split", reason="out_of_memory", size=budget.rows)
                     budget.shrink()
@@ -231,6 +235,14 @@ class JobRunner:
                     half = len(prompts) // 2
                     self._stream(attempt, lm, prompts[:half], arguments, budget, progress, choices)
                     prompts = prompts[half:]
+
+    def _prefix_cache(self, budget: RowBudget):
+        """A decode call's prefix cache, in a quarter of its KV budget; False when LMQ_PREFIX_CACHE is off."""
+        if not self.settings.prefix_cache:
+            return False
+        from lmq.core.generation import PrefixCache  # here: planning a job's batches must not load torch
+
+        return PrefixCache.within(budget.cache_tokens)
 
     def finish(self, job_id: str, state: JobState, error: str | None = None, **details) -> None:
         """Outside any attempt: `lmq generate` ending its own job on Ctrl-C."""

@@ -79,9 +79,13 @@ class Batch:
         self.cache_manager.start_decoding([r.id for r in requests])
         lengths = torch.tensor([len(r.prompt) for r in requests], device=device)
         width = max(len(r.prompt) for r in requests)
-        hidden = torch.stack(  # [ready, width, hidden]: what a sampler may keep of the prompts
-            [torch.nn.functional.pad(torch.cat(p.hidden), (0, 0, 0, width - len(p.request.prompt))) for p in ready]
-        )
+        # [ready, width, hidden]: what a sampler may keep of the prompts (zeros where a prompt's
+        # KV came from the prefix cache, which a sampler reading them turns off)
+        last = ready[0].hidden[-1][1]
+        hidden = last.new_zeros(len(ready), width, last.shape[-1])
+        for i, prefill in enumerate(ready):
+            for start, states in prefill.hidden:
+                hidden[i, start : start + len(states)] = states
         each = torch.arange(len(ready), device=device).repeat_interleave(group)
         sequence = torch.zeros(len(requests), self.max_length + 1, dtype=torch.long)
         for row, request in enumerate(requests):

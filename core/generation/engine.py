@@ -4,7 +4,8 @@
 - the ``Scheduler`` (``scheduler.py``) owns the waiting queue and, each step, a token
   budget shared by the decoding rows (a token each) and prompt chunks;
 - the ``KVCacheManager`` (``kv_cache_manager.py``) allocates, frees and moves the
-  requests' cache row slots;
+  requests' cache row slots, and copies prompt blocks to and from the ``PrefixCache``
+  (``prefix_cache.py``), so prompts that share leading tokens compute their KV once;
 - a ``StepInput`` (``input_batch.py``) is one step's tokens, flattened, as typed tensors;
 - the ``ModelRunner`` (``runner.py``) runs it through the model: hidden states, logits;
 - the running ``Batch`` (``batch.py``) holds the decoding rows, which the sampler acts on.
@@ -61,6 +62,7 @@ import torch
 
 from lmq.core.generation.batch import Batch
 from lmq.core.generation.kv_cache_manager import KVCacheManager
+from lmq.core.generation.prefix_cache import PrefixCache
 from lmq.core.generation.request import Request
 from lmq.core.generation.results import Completion, DecodeResult
 from lmq.core.generation.runner import ModelRunner
@@ -125,11 +127,12 @@ class Engine:
     ``max_cache_tokens`` KV-cache positions in flight at most, each request at most
     ``max_length`` positions (prompt and completion), ``rows_per_request`` rows each (one;
     a search's engine: one per beam or candidate). ``tenant_rows``: the most requests one
-    tenant holds in flight while another tenant's wait.
+    tenant holds in flight while another tenant's wait. ``prefix_cache``: prompt blocks
+    computed once are reused by the requests that share them (``_prefix_cache``).
     """
 
     def __init__(self, model, max_length, max_rows, *, rows_per_request=1, prompt_width=None, max_cache_tokens=None,
-                 prefill_chunk=PREFILL_CHUNK, step_tokens=None, tenant_rows=None):
+                 prefill_chunk=PREFILL_CHUNK, step_tokens=None, tenant_rows=None, prefix_cache=True):
         if max_rows < 1 or (max_cache_tokens is not None and max_cache_tokens < 1):
             raise ValueError(
                 f"The row budget must be positive: max_rows={max_rows}, max_cache_tokens={max_cache_tokens}."
@@ -140,6 +143,9 @@ class Engine:
         if not getattr(model, "chunked_prefill", False):  # whole prompts only
             prefill_chunk = None
         self.prefill_chunk, self.step_tokens, self.tenant_rows = prefill_chunk, step_tokens, tenant_rows
+        self.prefix_cache = self._prefix_cache(prefix_cache)
+        if self.prefix_cache is not None and max_cache_tokens is not None:
+            self.max_cache_tokens -= self.prefix_cache.max_tokens
         self.runner = ModelRunner(model)
         self.sampler = GroupSampler(self)
         self.groups = {}  # number -> Group, those taken in and not done
@@ -153,11 +159,32 @@ class Engine:
         self.thread = None
         self._reset()
 
+    def _prefix_cache(self, prefix_cache):
+        """The ``PrefixCache`` this engine reads and writes (it outlives ``_reset``), or None.
+        ``prefix_cache``: True (one of its own: a quarter of ``max_cache_tokens``; without that
+        budget, as many positions as its rows hold), False, or a ``PrefixCache`` the caller
+        keeps. Its positions come out of ``max_cache_tokens``. None where caching does not
+        apply: a model that cannot continue a prompt (an encoder-decoder, whose decoder keys
+        also depend on its encoder's input)."""
+        if prefix_cache is False or self.prefill_chunk is None:
+            return None
+        if prefix_cache is True:
+            if self.max_cache_tokens is None:
+                prefix_cache = PrefixCache(self.max_rows * self.rows_per_request * self.max_length)
+            else:
+                prefix_cache = PrefixCache.within(self.max_cache_tokens)
+        if self.max_cache_tokens is not None and prefix_cache.max_tokens >= self.max_cache_tokens:
+            raise ValueError(
+                f"A prefix cache of {prefix_cache.max_tokens} positions leaves no room in "
+                f"max_cache_tokens={self.max_cache_tokens}."
+            )
+        return prefix_cache if prefix_cache.capacity else None
+
     def _reset(self):
         """An empty cache, scheduler and batch (at start, and after a failed step)."""
         self.cache_manager = KVCacheManager(
             self.model, self.rows_per_request, self.max_length, self.prompt_width,
-            max_requests=self.max_rows, max_cache_tokens=self.max_cache_tokens,
+            max_requests=self.max_rows, max_cache_tokens=self.max_cache_tokens, prefix_cache=self.prefix_cache,
         )
         self.scheduler = Scheduler(
             [], self.cache_manager, self.max_rows * self.rows_per_request, self.prefill_chunk, self.step_tokens,
@@ -292,7 +319,7 @@ class Engine:
         ]
         hidden = self.runner.run(self.cache_manager.cache, self.batch.step_input(chunks))  # [tokens, hidden]
         ready = self.scheduler.prefilled(plan, hidden[plan.decode_rows :])
-        wanted = [hidden[: plan.decode_rows]] + [p.hidden[-1][-1:] for p in ready]  # the tokens to sample after
+        wanted = [hidden[: plan.decode_rows]] + [p.hidden[-1][1][-1:] for p in ready]  # the tokens to sample after
         logits = self.runner.logits(torch.cat(wanted))
         if plan.decode_rows:
             self.batch.logits = logits[: plan.decode_rows]
@@ -494,6 +521,7 @@ def decode(
     engine=None,
     job_priority=0,
     tenant=None,
+    prefix_cache=True,
 ):
     """Generates up to ``limits[i]`` tokens after ``prompts[i]`` (lists of ids); a ``DecodeResult``.
 
@@ -514,6 +542,10 @@ def decode(
     ``engine``: a running ``Engine`` (a worker's, for this model) to submit the requests to,
     as a group of ``job_priority`` and ``tenant`` with at most ``max_rows`` requests in flight,
     instead of an engine of their own; this thread waits for them (``Group.wait``).
+
+    ``prefix_cache``: prompt blocks computed once are reused by the requests that share
+    them (``Engine._prefix_cache``: True, False, or a ``PrefixCache`` kept across calls); a
+    sampler that reads the prompts' hidden states (contrastive search) computes every prompt.
     """
     requests = requests_of(prompts, limits, stop_token_ids, seeds, stop_strings, priorities, adapters)
     if engine is not None:
@@ -523,15 +555,22 @@ def decode(
         return group.wait(between_steps)
     if max_rows is not None and max_rows < 1:
         raise ValueError(f"The row budget must be positive: max_rows={max_rows}.")
+    max_length, max_requests = max((r.need for r in requests), default=0), max(1, min(max_rows or len(requests), len(requests)))
+    rows_per_request = sampler.rows_per_prompt(model.backbone.token_embedding.embeddings.shape[0])
+    if sampler.reads_prompt_states:
+        prefix_cache = False
+    elif prefix_cache is True and max_cache_tokens is None:  # every prompt's blocks, at most what the rows hold
+        prefix_cache = PrefixCache(min(sum(len(r.prompt) for r in requests), max_requests * rows_per_request * max_length))
     engine = Engine(
         model,
-        max((r.need for r in requests), default=0),
-        max(1, min(max_rows or len(requests), len(requests))),
-        rows_per_request=sampler.rows_per_prompt(model.backbone.token_embedding.embeddings.shape[0]),
+        max_length,
+        max_requests,
+        rows_per_request=rows_per_request,
         prompt_width=max((len(r.prompt) for r in requests), default=0),
         max_cache_tokens=max_cache_tokens,
         prefill_chunk=prefill_chunk,
         step_tokens=step_tokens,
+        prefix_cache=prefix_cache,
     )
     group = engine.submit(requests, sampler, on_finish, stream)
     while engine.busy:  # stepped in this thread

@@ -17,6 +17,13 @@ prefilled, oldest first, at most ``prefill_chunk`` prompt tokens a step. So a lo
 goes in over several steps while the others keep decoding, and since the budget always
 leaves prompt tokens (it must exceed the rows in flight), the oldest prefilling request
 moves on every step: no admitted request waits forever.
+
+With a prefix cache (the cache manager's ``prefix_cache``), a prefilling request about to
+take a chunk at a block boundary first takes the cached blocks that follow (its prefill
+then starts after them, at no cost to the step's budget; the last prompt token is always
+computed, for its logits), and the full prompt blocks a chunk completes go into the cache.
+A request whose next block an earlier chunk of the same step computes sits that step out
+and takes the block from the cache at the next (the oldest request is never held back).
 """
 
 import itertools
@@ -32,7 +39,9 @@ class Prefill:
 
     request: object  # a Request
     done: int = 0
-    hidden: list = field(default_factory=list)  # the prompt's hidden states, chunk by chunk
+    hidden: list = field(default_factory=list)  # (start, hidden states) of each chunk computed
+    digests: list | None = None  # its prompt blocks' hash chain, once looked up in the prefix cache
+    cached: int = 0  # its leading prompt blocks the prefix cache holds (taken from it, or saved)
 
     @property
     def ready(self):
@@ -98,6 +107,7 @@ class Scheduler:
         self.cache_manager = cache_manager
         self.prefilling = []  # Prefill records, oldest first
         self.longest = 0  # the most positions a request in flight needs
+        self.prompt_tokens_computed = 0  # prompt tokens run through the model (not taken from the prefix cache)
         if requests:
             self.add(requests)
 
@@ -170,10 +180,14 @@ class Scheduler:
     def schedule(self, decode_rows):
         """This step's plan: ``decode_rows`` rows decoding, then prompt chunks within the budget."""
         budget = min(self.step_tokens - decode_rows, self.prefill_chunk)
-        chunks = []
+        chunks, computing = [], set()  # computing: digests of the prompt blocks this step completes
         for prefill in self.prefilling:
             if budget <= 0:
                 break
+            if self.cache_manager.prefix_cache is not None:
+                self._take_cached_blocks(prefill)
+                if self._next_block(prefill) in computing:
+                    continue  # an earlier chunk of this step computes it: take it from the cache next step
             stop = min(len(prefill.request.prompt), prefill.done + budget)
             if not self.chunked and stop < len(prefill.request.prompt):
                 if chunks:
@@ -181,16 +195,52 @@ class Scheduler:
                 stop = len(prefill.request.prompt)
             chunks.append((prefill, prefill.done, stop))
             budget -= stop - prefill.done
+            if prefill.digests is not None:
+                size = self.cache_manager.prefix_cache.block_size
+                computing.update(prefill.digests[prefill.done // size : stop // size])
         return StepPlan(decode_rows, chunks)
+
+    def _next_block(self, prefill):
+        """The digest of the prompt block ``prefill`` computes next, when it starts one it could
+        take from the cache (not the block of its last token); else None."""
+        size = self.cache_manager.prefix_cache.block_size
+        block, within = divmod(prefill.done, size)
+        return prefill.digests[block] if not within and block < (len(prefill.request.prompt) - 1) // size else None
+
+    def _take_cached_blocks(self, prefill):
+        """Skips ``prefill`` past the cached blocks at its position, copied into its slot."""
+        prefix_cache = self.cache_manager.prefix_cache
+        size, prompt = prefix_cache.block_size, prefill.request.prompt
+        if prefill.digests is None:
+            prefill.digests = prefix_cache.digests(prompt, prefill.request.adapter)
+        if prefill.done % size:
+            return
+        first = prefill.done // size
+        most = (len(prompt) - 1) // size - first  # the last prompt token is computed, for its logits
+        if most > 0:
+            found = self.cache_manager.load_prefix(prefill.request.id, prefill.digests, first, most)
+            prefill.done += found * size
+            prefill.cached = max(prefill.cached, first + found)
+
+    def _save_blocks(self, prefill):
+        """Puts the full prompt blocks ``prefill`` has completed into the prefix cache."""
+        full = prefill.done // self.cache_manager.prefix_cache.block_size
+        if full > prefill.cached:
+            self.cache_manager.save_prefix(prefill.request.id, prefill.digests, prefill.cached, full)
+            prefill.cached = full
 
     def prefilled(self, plan, hidden):
         """Records the plan's chunks as done, ``hidden`` [chunk tokens, hidden] their hidden
-        states in order; returns the requests whose prompts are now in, oldest first."""
+        states in order (and the full prompt blocks they complete in the prefix cache);
+        returns the requests whose prompts are now in, oldest first."""
         offset = 0
         for prefill, start, stop in plan.chunks:
-            prefill.hidden.append(hidden[offset : offset + stop - start])
+            prefill.hidden.append((start, hidden[offset : offset + stop - start]))
             prefill.done = stop
             offset += stop - start
+            self.prompt_tokens_computed += stop - start
+            if prefill.digests is not None:
+                self._save_blocks(prefill)
         ready = [p for p in self.prefilling if p.ready]
         self.prefilling = [p for p in self.prefilling if not p.ready]
         return ready

@@ -120,6 +120,7 @@ class CausalLM(GenerativeTask):
         max_rows=None,
         max_cache_tokens=None,
         between_steps=None,
+        prefix_cache=True,
         return_details=False,
         processing=None,
         response_format=None,
@@ -153,6 +154,9 @@ class CausalLM(GenerativeTask):
           positions (rows x positions per row); the other prompts join as rows finish
           (continuous batching). By default every prompt runs at once.
         - ``between_steps()``: called before each decode step; what it raises ends the call.
+        - ``prefix_cache``: prompts that share leading tokens compute their KV once (blocks of
+          16 tokens, see ``lmq.core.generation.prefix_cache``): True (default), False, or a
+          ``PrefixCache`` kept across calls. Tokens are those computed without it.
         - ``return_details``: ``Generation`` records (text, token counts, finish reason).
         - ``processing``: a ``RowProcessing`` (``lmq.core.samplers.processing``: penalties,
           logit bias, min-p, log-probabilities) for every row, or a list of one per row (None:
@@ -174,7 +178,8 @@ class CausalLM(GenerativeTask):
         """
         sampler = self._sampler(sampler)
         options = dict(
-            stream=stream, max_rows=max_rows, max_cache_tokens=max_cache_tokens, between_steps=between_steps, adapters=adapter
+            stream=stream, max_rows=max_rows, max_cache_tokens=max_cache_tokens, between_steps=between_steps,
+            adapters=adapter, prefix_cache=prefix_cache,
         )
         if engine is not None:
             options.update(engine=engine, job_priority=priority, tenant=tenant)
