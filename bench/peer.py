@@ -5,6 +5,7 @@
     python bench/peer.py                                   # every workload, median of 3
     python bench/peer.py --repeats 1 --workloads a,ragged  # a quick look
     python bench/peer.py --engines lmq-all,transformers    # without vLLM (skipped anyway without its venv)
+    python bench/peer.py --workloads prefix --engines lmq-8,lmq-8-nocache --prompts 16 --repeats 1  # small
 
 One random ~55M-parameter Llama (bench/generate.py's shape: vocab 32000, hidden 512, 8
 layers, 8 query and 2 KV heads, intermediate 1376; positions up to 1024) is written once
@@ -22,6 +23,9 @@ The engines, each a persistent process of its own (``--worker``, JSON lines on a
 
   lmq-all       ``CausalLM.generate`` at its default: every prompt admitted at once
   lmq-8         ``generate(..., max_rows=8)``: 8 rows in flight, the others join as rows finish
+  lmq-all-nocache, lmq-8-nocache
+                the same with the prefix cache off (``prefix_cache=False``): every row computes
+                its whole prompt (the lmq engines above cache prompt blocks, by default)
   transformers  ``generate`` in length-sorted batches of 8, left-padded, each to its
                 longest row's limit, rows then cut at their own
   vllm          ``LLM.generate`` with every prompt at once (vLLM schedules them), prefix
@@ -29,13 +33,14 @@ The engines, each a persistent process of its own (``--worker``, JSON lines on a
                 python (bench/setup_vllm.sh), with tcmalloc and Intel OpenMP preloaded
 
 Each workload runs once per engine to warm up, then ``--repeats`` times, the engines
-taking turns. Prints, per engine: tokens/s (median wall time) and tokens per CPU second
-(median ``time.process_time`` of the engine's process: every thread's CPU time, which the
-other jobs of a shared machine disturb less than wall time; a spinning OpenMP pool counts
-too), peak resident memory of its process during the workload (VmHWM, reset before each
-run: model, runtime and cache together), ratios to vLLM and to transformers, and whether
-each row's tokens equal transformers' greedy tokens (mismatching rows are listed). Exits 1
-when a row differs. Figures measured here: docs/peer-bench.md.
+taking turns (``--prompts N``: each workload's first N prompts only, for a quick look).
+Prints, per engine: tokens/s (median wall time) and tokens per CPU second (median
+``time.process_time`` of the engine's process: every thread's CPU time, which the other
+jobs of a shared machine disturb less than wall time; a spinning OpenMP pool counts too),
+peak resident memory of its process during the workload (VmHWM, reset before each run:
+model, runtime and cache together), ratios to vLLM, to transformers and to the same lmq
+engine without its prefix cache, and whether each row's tokens equal transformers' greedy
+tokens (mismatching rows are listed). Exits 1 when a row differs. Figures measured here: docs/peer-bench.md.
 """
 
 import argparse
@@ -51,7 +56,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 VLLM_VENV = os.path.join(HERE, ".vllm-venv")
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
-ENGINES = ("lmq-all", "lmq-8", "transformers", "vllm")
+ENGINES = ("lmq-all", "lmq-8", "lmq-all-nocache", "lmq-8-nocache", "transformers", "vllm")
 WORKLOADS = ("a", "b", "c", "ragged", "prefix")
 VOCAB = 32000
 # bench/generate.py's ~55M-parameter shape, with positions for the prefix workload (400 + 64 + 64;
@@ -109,12 +114,13 @@ def write_checkpoint(directory):
 
 
 class Lmq:
-    def __init__(self, checkpoint, max_rows):
+    def __init__(self, checkpoint, max_rows, prefix_cache=True):
         from lmq.core.models import CausalLM
 
         self.lm = CausalLM.from_preset(checkpoint, device="cpu", dtype="float32")
         self.lm.compile(sampler="greedy")
         self.max_rows = max_rows
+        self.prefix_cache = prefix_cache
 
     def generate(self, prompts, limits):
         import numpy as np
@@ -127,7 +133,7 @@ class Lmq:
             mask[i, : len(p)] = True
         out = self.lm.generate(
             {"token_ids": ids, "padding_mask": mask}, max_new_tokens=limits, stop_token_ids=None,
-            max_rows=self.max_rows,
+            max_rows=self.max_rows, prefix_cache=self.prefix_cache,
         )
         return [out["token_ids"][i, len(p) : out["padding_mask"][i].sum()].tolist() for i, p in enumerate(prompts)]
 
@@ -208,6 +214,10 @@ def serve(engine, checkpoint, threads):
         runner = Lmq(checkpoint, max_rows=None)
     elif engine == "lmq-8":
         runner = Lmq(checkpoint, max_rows=8)
+    elif engine == "lmq-all-nocache":
+        runner = Lmq(checkpoint, max_rows=None, prefix_cache=False)
+    elif engine == "lmq-8-nocache":
+        runner = Lmq(checkpoint, max_rows=8, prefix_cache=False)
     elif engine == "transformers":
         runner = Transformers(checkpoint)
     else:
@@ -296,7 +306,7 @@ def report(name, description, prompts, limits, figures, reference_engine):
     for engine, f in figures.items():
         ratios = "".join(
             f"  {rate[engine] / rate[peer]:5.2f}x {peer} ({per_cpu[engine] / per_cpu[peer]:.2f}x per CPU-s)"
-            for peer in ("vllm", "transformers") if peer in figures and peer != engine
+            for peer in ("vllm", "transformers", f"{engine}-nocache") if peer in figures and peer != engine
         )
         wrong = f["mismatches"]
         same = "same tokens" if not wrong else f"{len(wrong)} rows differ (row, first position): {wrong[:8]}"
@@ -310,6 +320,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="torch (and vLLM's OpenMP) threads per engine")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of {WORKLOADS}")
     parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, of {ENGINES}")
+    parser.add_argument("--prompts", type=int, help="each workload's first N prompts only (a quick look)")
     parser.add_argument("--vllm-venv", default=VLLM_VENV, help="the venv bench/setup_vllm.sh made")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
@@ -329,6 +340,9 @@ def main():
             engines.remove("vllm")
     reference_engine = "transformers" if "transformers" in engines else engines[0]
     jobs = workloads([w for w in args.workloads.split(",") if w])
+    if args.prompts is not None:
+        jobs = {name: (text, prompts[: args.prompts], limits[: args.prompts])
+                for name, (text, prompts, limits) in jobs.items()}
 
     with tempfile.TemporaryDirectory(prefix="lmq-peer-") as directory:
         checkpoint = os.path.join(directory, "llama")

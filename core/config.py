@@ -21,6 +21,13 @@ wires a whole deployment. Nothing here imports keras or torch.
                              one that does not gets more when its cache holds them (workers/batching.py)
     LMQ_MICRO_BATCH_TOKENS   16384: the KV-cache positions (rows x positions per row) a job decodes in;
                              on a GPU, as many as 80% of its free memory holds when that is more
+    LMQ_WORKER_JOBS          4: the jobs a worker (`lmq worker`'s Celery thread pool, or `lmq serve`'s
+                             in-process worker) runs at once; generate jobs on one model share its engine
+    LMQ_TENANT_ROW_SHARE     0.5: the share of a shared engine's rows one tenant's jobs hold at most while
+                             another tenant's wait (1: no bound)
+    LMQ_PREFIX_CACHE         on: a generate job computes the KV of a prompt prefix its rows share once
+                             (blocks of 16 tokens, in a quarter of LMQ_MICRO_BATCH_TOKENS, least recently
+                             used evicted; core/generation/prefix_cache.py); off: every row computes its own
     LMQ_MAX_INPUTS           100000: inputs (or training examples) per job the API accepts
     LMQ_MAX_PROMPT_CHARS     32768: characters per prompt or training text
     LMQ_MAX_LENGTH           8192: the largest max_length or sequence_length a job may ask for
@@ -83,6 +90,7 @@ class Settings:
     job_timeout_s: int
     micro_batch_size: int
     micro_batch_tokens: int
+    prefix_cache: bool = True
     limits: Limits = field(default_factory=Limits)
     preset_queues: dict[str, str] = field(default_factory=dict)
     lease_s: float = 30.0
@@ -94,6 +102,8 @@ class Settings:
     storage_retry_s: float = 30.0
     preset_cache_gb: float = 50.0
     drain_s: float = 60.0
+    worker_jobs: int = 4
+    tenant_row_share: float = 0.5
 
     @property
     def preset_store(self) -> Path:
@@ -130,6 +140,15 @@ def _int(environ, name: str, default: int | None, minimum: int = 1) -> int | Non
     return value
 
 
+def _switch(environ, name: str, default: bool) -> bool:
+    raw = environ.get(name)
+    if raw in (None, ""):
+        return default
+    if raw.lower() not in ("on", "off", "true", "false", "1", "0"):
+        raise SettingsError(f"{name} must be on or off, got {raw!r}")
+    return raw.lower() in ("on", "true", "1")
+
+
 def _float(environ, name: str, default: float) -> float:
     raw = environ.get(name)
     if raw in (None, ""):
@@ -140,6 +159,13 @@ def _float(environ, name: str, default: float) -> float:
         raise SettingsError(f"{name} must be a number, got {raw!r}") from None
     if value <= 0:
         raise SettingsError(f"{name} must be positive, got {value}")
+    return value
+
+
+def _share(environ, name: str, default: float) -> float:
+    value = _float(environ, name, default)
+    if value > 1:
+        raise SettingsError(f"{name} is a share of the rows, at most 1, got {value:g}")
     return value
 
 
@@ -182,6 +208,7 @@ def load_settings(environ=None) -> Settings:
         job_timeout_s=_int(environ, "LMQ_JOB_TIMEOUT_S", 24 * 3600),
         micro_batch_size=_int(environ, "LMQ_MICRO_BATCH_SIZE", 16),
         micro_batch_tokens=_int(environ, "LMQ_MICRO_BATCH_TOKENS", 16384),
+        prefix_cache=_switch(environ, "LMQ_PREFIX_CACHE", True),
         limits=load_limits(environ),
         preset_queues=_pairs(environ.get("LMQ_PRESET_QUEUES", ""), "=", "LMQ_PRESET_QUEUES", "preset=queue"),
         worker_metrics_port=_int(environ, "LMQ_WORKER_METRICS_PORT", None),
@@ -190,6 +217,8 @@ def load_settings(environ=None) -> Settings:
         storage_retry_s=_float(environ, "LMQ_STORAGE_RETRY_S", 30.0),
         preset_cache_gb=_float(environ, "LMQ_PRESET_CACHE_GB", 50.0),
         drain_s=_float(environ, "LMQ_DRAIN_S", 60.0),
+        worker_jobs=_int(environ, "LMQ_WORKER_JOBS", 4),
+        tenant_row_share=_share(environ, "LMQ_TENANT_ROW_SHARE", 0.5),
         **load_lease_timing(environ),
     )
 

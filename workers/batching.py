@@ -1,8 +1,11 @@
-"""How a job's prompts are batched: the row budget of continuous batching.
+"""How a job's prompts are batched: the row budget of continuous batching, and the
+shared engine of a pinned model.
 
 The runner streams a job's prompts through the decode engine, which keeps up to
 ``RowBudget.rows`` requests and ``RowBudget.cache_tokens`` KV-cache positions in
-flight and refills rows as they finish.
+flight and refills rows as they finish. A causal LM's token-sampled rows go through the
+one engine the model pool keeps for the model (``shared_engine``), whose budget is the
+settings' and which every job on that model shares.
 """
 
 from __future__ import annotations
@@ -75,3 +78,25 @@ def is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, MemoryError):
         return True
     return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def shared_engine(task, settings):
+    """The long-lived engine every generate job on ``task`` shares, sized by the settings
+    (``row_budget`` with no job's own rows, LMQ_MAX_LENGTH positions a request at most) and
+    stepped by a thread of its own; None for a sequence-to-sequence task, whose model keeps its
+    requests' encoder inputs per call (its jobs run an engine each)."""
+    from lmq.core.names import TaskKind
+
+    if getattr(task, "task_kind", None) != TaskKind.causal_lm:
+        return None
+    from lmq.core.generation import DecoderOnlyModel, Engine
+
+    budget = row_budget(task.backbone, None, settings.micro_batch_size, settings.micro_batch_tokens)
+    return Engine(
+        DecoderOnlyModel(task.backbone, task.adapters),  # the adapters loaded over it later too
+        settings.limits.max_length,
+        budget.rows,
+        max_cache_tokens=budget.cache_tokens,
+        tenant_rows=max(1, int(budget.rows * settings.tenant_row_share)),
+        prefix_cache=settings.prefix_cache,
+    ).start()

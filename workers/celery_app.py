@@ -37,8 +37,14 @@ def make_celery(settings: Settings) -> Celery:
         result_serializer="json",
         task_ignore_result=True,
         result_backend=None,
-        # One job at a time per worker, acknowledged once it has finished, so a
-        # busy worker holds no second message that an idle one could run. Who
+        # LMQ_WORKER_JOBS jobs at once per worker (a thread pool of that many: `lmq
+        # worker`), each message acknowledged once its job has finished; a prefetch
+        # multiplier of 1 reserves no message beyond those the threads run, so a busy
+        # worker holds none that an idle one could run. Generate jobs on one model share
+        # its engine (workers/pool.py): a worker that holds a model takes several of its
+        # jobs, and LMQ_PRESET_QUEUES sends a model's jobs to the workers holding it. Each
+        # job's thread keeps its own lease heartbeat (workers/attempt.py) while the
+        # engine's thread steps. Who
         # runs a job is decided in SQL: a dead worker's job is taken over through
         # its lease and sent again by the sweep (workers/sweep.py), so recovery
         # never waits for Redis's visibility timeout; that stays above the longest
@@ -47,8 +53,8 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
-        # Celery 6's default, set to silence its warning: the solo pool notices a
-        # lost broker only between jobs, so this never cuts a job short.
+        # Celery 6's default, set to silence its warning: a job cut short by it is
+        # taken up again through its lease, its finished rows kept.
         worker_cancel_long_running_tasks_on_connection_loss=True,
         # A broker that restarts is waited for, however long it takes.
         broker_connection_retry_on_startup=True,

@@ -1,7 +1,8 @@
 """The in-process worker: `lmq serve` without a broker runs its jobs itself.
 
-One job at a time, in a thread of its own, through the same job runner the
-Celery workers use. The thread imports keras and torch only when its first job
+Up to LMQ_WORKER_JOBS jobs at once, each in a thread of its own, through the
+same job runner (and so the same model pool and shared engines) the Celery
+workers use: generate jobs on one model share its engine's steps. The thread imports keras and torch only when its first job
 arrives, so the API still starts light. Beside it runs the recovery sweep
 (lmq.workers.recovery), as beside every Celery worker: it takes up the jobs an
 earlier server left unfinished, and tends the Batch API's batches.
@@ -20,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 class InProcessWorker:
-    """Runs the jobs this server accepts, in order, in one background thread.
+    """Runs the jobs this server accepts, in order, in LMQ_WORKER_JOBS background threads.
 
     A second thread sweeps, at start and then every LMQ_SWEEP_S, even while a
     job runs for hours: it puts on the queue the jobs SQL says need a worker
@@ -35,9 +36,14 @@ class InProcessWorker:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.jobs: queue.Queue[str | None] = queue.Queue()
-        self._in_hand: set[str] = set()  # ids on self.jobs: a job waiting there is not lost
+        # Ids on self.jobs or running here: a job waiting there is not lost, and one running here
+        # is not handed to a second thread (SQLite takes no row lock to keep two claims apart).
+        self._in_hand: set[str] = set()
         self._in_hand_lock = threading.Lock()
-        self.thread = threading.Thread(target=self._work, name="lmq-in-process-worker", daemon=True)
+        self.threads = [
+            threading.Thread(target=self._work, name=f"lmq-in-process-worker-{i}", daemon=True)
+            for i in range(settings.worker_jobs)
+        ]
         self.sweeping = Sweeping(
             "lmq-in-process-sweep", settings.sweep_s, [self.take_up_waiting, lambda: tend_batches(settings)]
         )
@@ -46,7 +52,7 @@ class InProcessWorker:
         self._hand(job_id)
 
     def _hand(self, job_id: str) -> bool:
-        """Queue the job unless it is waiting on the queue already."""
+        """Queue the job unless it is waiting on the queue or running here already."""
         with self._in_hand_lock:
             if job_id in self._in_hand:
                 return False
@@ -55,19 +61,22 @@ class InProcessWorker:
         return True
 
     def check(self) -> tuple[bool, str]:
-        if self.thread.is_alive():
+        if all(thread.is_alive() for thread in self.threads):
             return True, "no broker: jobs run in the server process"
-        return False, "the in-process worker thread is not running"
+        return False, "the in-process worker threads are not running"
 
     def start(self) -> None:
-        self.thread.start()
+        for thread in self.threads:
+            thread.start()
         self.sweeping.start()
 
     def stop(self) -> None:
-        """Give the job in hand a moment; one cut short is taken up again once its lease expires."""
+        """Give the jobs in hand a moment; one cut short is taken up again once its lease expires."""
         self.sweeping.stop()
-        self.jobs.put(None)
-        self.thread.join(timeout=5)
+        for _ in self.threads:
+            self.jobs.put(None)
+        for thread in self.threads:
+            thread.join(timeout=5)
 
     def take_up_waiting(self) -> list[str]:
         """Put the jobs that need a worker, and are not on this server's queue yet, on it; returns their ids.
@@ -81,18 +90,16 @@ class InProcessWorker:
         return taken
 
     def _work(self) -> None:
-        runner = None
         while True:
             job_id = self.jobs.get()
             if job_id is None:
                 return
-            with self._in_hand_lock:
-                self._in_hand.discard(job_id)
             try:
-                if runner is None:
-                    from lmq.workers.runner import process_runner
+                from lmq.workers.runner import process_runner  # keras and torch load with the first job
 
-                    runner = process_runner(self.settings)
-                runner.run(job_id)
+                process_runner(self.settings).run(job_id)
             except Exception:
                 logger.exception("in-process worker: job %s could not run", job_id)
+            finally:
+                with self._in_hand_lock:
+                    self._in_hand.discard(job_id)

@@ -70,7 +70,7 @@ def group_sampler(prompts: list[Prompt]):
     return [parsed[prompt.sampler] for prompt in prompts]
 
 
-def plan(items, job_params: dict, task_kind: str, tokenizer) -> tuple[dict[str | None, list[Prompt]], list]:
+def plan(items, job_params: dict, task_kind: str, preprocessor) -> tuple[dict[str | None, list[Prompt]], list]:
     """`items` ((index, input, custom_id), ...) as groups of rows that run in one engine pass, and
     (index, custom_id, message) for each item that cannot run (the others do). Each row keeps its
     own token sampler, stops and processing in the pass; a search (beam, contrastive) weighs
@@ -80,7 +80,11 @@ def plan(items, job_params: dict, task_kind: str, tokenizer) -> tuple[dict[str |
     A row's seed is its own (`params.seed`, else its sampler's), else the job's plus its
     index, so that it never depends on which rows it ran beside. An item of `n` choices is n
     rows, choice i seeded with that seed + i.
+
+    A causal LM's prompt is tokenized here, once: the row's text is its ids, as `generate`
+    takes them (the start token added), and `generate` tokenizes nothing again.
     """
+    tokenizer = preprocessor.tokenizer
     groups: dict[str | None, list[Prompt]] = {}
     refused = []
     job_seed = _seed_of(job_params)
@@ -100,6 +104,8 @@ def plan(items, job_params: dict, task_kind: str, tokenizer) -> tuple[dict[str |
         seed = _seed_of(own)
         if seed is None and job_seed is not None:
             seed = job_seed + index
+        if isinstance(text, str) and TaskKind(task_kind) is TaskKind.causal_lm:
+            text = preprocessor.generate_preprocess(text)[0] or text  # an empty prompt stays text, for its error
         length = len(text) if isinstance(text, list) else len(tokenizer.tokenize(text))
         choices = own.get("n", job_params.get("n")) or 1
         groups.setdefault(search, []).extend(

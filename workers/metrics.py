@@ -3,7 +3,7 @@ committed, the model pool, jobs and leases.
 
 The metrics live in this process's default registry. `lmq worker` serves them
 on LMQ_WORKER_METRICS_PORT from a thread of their own (prometheus_client's
-HTTP server), so they answer while the solo pool's only thread runs a job.
+HTTP server), so they answer while the job threads run.
 Tokens per second is `rate(lmq_generated_tokens_total[1m])`. The job runner
 calls the functions below at each step; each also logs one `key=value` line
 (core/logfmt.py) on the `lmq.worker` logger.
@@ -12,6 +12,7 @@ calls the functions below at each step; each also logs one `key=value` line
 from __future__ import annotations
 
 import logging
+import weakref
 from contextlib import contextmanager
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -37,6 +38,11 @@ JOB_SECONDS = Histogram(
     "lmq_job_duration_seconds", "One attempt at a job, by kind and the state it left the job in",
     ["kind", "state"], buckets=JOB_BUCKETS,
 )
+PREFIX_QUERIED_TOKENS = Counter("lmq_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache")
+PREFIX_HIT_TOKENS = Counter("lmq_prefix_cache_hit_tokens", "Prompt tokens the prefix cache held (not computed)")
+PREFIX_HIT_RATE = Gauge("lmq_prefix_cache_hit_rate", "Share of the last decode call's prompt tokens found cached")
+PREFIX_BLOCKS = Gauge("lmq_prefix_cache_blocks", "Blocks of prompt KV the prefix cache of the last decode call holds")
+PREFIX_CAPACITY = Gauge("lmq_prefix_cache_capacity_blocks", "Blocks the prefix cache of the last decode call may hold")
 LEASE_RENEWALS = Counter("lmq_lease_renewals", "Lease renewals (every fenced write and heartbeat)")
 LEASE_RECOVERIES = Counter("lmq_lease_recoveries", "Jobs taken over from a worker whose lease had run out")
 
@@ -96,6 +102,34 @@ def results_committed(job_id: str, results, done: int, total: int) -> None:
             completion_tokens=completion_tokens, done=done, total=total,
         )
     )
+
+
+_PREFIX_COUNTED = weakref.WeakKeyDictionary()  # PrefixCache -> (queried, hit) tokens already counted
+
+
+@contextmanager
+def prefix_caching(job_id: str, cache):
+    """Around a decode call with a ``PrefixCache`` (its own, or a shared engine's, which jobs
+    use at once; or False: none): what it found since last counted, and holds, once it ends.
+    The hit rate over time is
+    ``rate(lmq_prefix_cache_hit_tokens_total[5m]) / rate(lmq_prefix_cache_queried_tokens_total[5m])``."""
+    try:
+        yield
+    finally:
+        if cache and cache.queried_tokens:  # an encoder-decoder's call looks nothing up
+            queried, hit = _PREFIX_COUNTED.get(cache, (0, 0))
+            _PREFIX_COUNTED[cache] = (cache.queried_tokens, cache.hit_tokens)
+            PREFIX_QUERIED_TOKENS.inc(cache.queried_tokens - queried)
+            PREFIX_HIT_TOKENS.inc(cache.hit_tokens - hit)
+            PREFIX_HIT_RATE.set(cache.hit_rate)
+            PREFIX_BLOCKS.set(len(cache.blocks))
+            PREFIX_CAPACITY.set(cache.capacity)
+            logger.info(
+                logfmt(
+                    "prefix_cache", job=job_id, queried_tokens=cache.queried_tokens, hit_tokens=cache.hit_tokens,
+                    blocks=len(cache.blocks), capacity=cache.capacity,
+                )
+            )
 
 
 def fit_step(job_id: str, step: int, total: int, loss: float | None) -> None:

@@ -10,6 +10,11 @@ An adapter preset (``lmq.core.adapters``) is pinned over its base: the base once
 adapters of it are pinned, and each adapter as an entry of its own at its own size (its low-rank
 weights), evicted on its own; evicting a base evicts its adapters with it. A job on an adapter gets
 the base's task and the adapter's name (``PinnedModel.adapter``), which its rows then name.
+
+Beside each pinned task the pool keeps its engine (``engine_for(task)``, e.g.
+``workers.batching.shared_engine``): one decode engine, stepped by a thread of its own,
+that every generate job on that model submits its rows to, so that jobs running at once
+share each step. An evicted model's engine is closed: it finishes what is in flight.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class PinnedModel:
     load_seconds: float
     evicted: list[str] = field(default_factory=list)
     adapter: str | None = None  # the adapter (loaded over ``model``) the job's rows name, if its preset is one
+    engine: object | None = None  # the model's shared engine, when the pool keeps one
 
 
 @dataclass
@@ -68,6 +74,7 @@ class _Entry:
     model: object
     size: int
     base: PoolKey | None = None
+    engine: object | None = None  # a task's shared engine (``engine_for``); an adapter uses its base's
 
 
 def adapter_base(location: str) -> str | None:
@@ -98,12 +105,15 @@ class ModelPool:
         load: Callable[[str, str | None], object] | None = None,
         measure: Callable[[object], int] = weight_bytes,
         device: str = "auto",
+        engine_for: Callable[[object], object | None] | None = None,
     ):
         """``load(location, dtype)`` builds a task; by default ``load_task`` on ``device``
-        (``LMQ_DEVICE``'s values), refusing a preset whose weights alone exceed the budget."""
+        (``LMQ_DEVICE``'s values), refusing a preset whose weights alone exceed the budget.
+        ``engine_for(task)``: the started engine kept beside a task as it loads (None: none)."""
         self.budget_bytes = budget_bytes
         self._load = load or functools.partial(load_task, device=device, budget_bytes=budget_bytes)
         self._measure = measure
+        self._engine_for = engine_for
         self._pinned: OrderedDict[PoolKey, _Entry] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
@@ -127,28 +137,30 @@ class ModelPool:
             if key in self._pinned:
                 self._pinned.move_to_end(key)
                 self.hits += 1
-                return PinnedModel(pinned.model, pinned.hit, pinned.load_seconds, pinned.evicted, adapter=location)
+                return PinnedModel(pinned.model, pinned.hit, pinned.load_seconds, pinned.evicted, adapter=location, engine=pinned.engine)
             self.misses += 1
             started = time.perf_counter()
             adapter = load_adapter(pinned.model, location)
             load_seconds = pinned.load_seconds + time.perf_counter() - started
             evicted = pinned.evicted + self._make_room(adapter.nbytes, keep=base_key)
             self._pinned[key] = _Entry(pinned.model, adapter.nbytes, base=base_key)
-            return PinnedModel(pinned.model, hit=False, load_seconds=load_seconds, evicted=evicted, adapter=location)
+            return PinnedModel(pinned.model, hit=False, load_seconds=load_seconds, evicted=evicted, adapter=location, engine=pinned.engine)
 
     def _get_model(self, key: PoolKey) -> PinnedModel:
         if key in self._pinned:
             self._pinned.move_to_end(key)
             self.hits += 1
-            return PinnedModel(self._pinned[key].model, hit=True, load_seconds=0.0)
+            entry = self._pinned[key]
+            return PinnedModel(entry.model, hit=True, load_seconds=0.0, engine=entry.engine)
         self.misses += 1
         started = time.perf_counter()
         model = self._load(*key)
         load_seconds = time.perf_counter() - started
         size = self._measure(model)
         evicted = self._make_room(size)
-        self._pinned[key] = _Entry(model, size)
-        return PinnedModel(model, hit=False, load_seconds=load_seconds, evicted=evicted)
+        engine = self._engine_for(model) if self._engine_for is not None else None
+        self._pinned[key] = _Entry(model, size, engine=engine)
+        return PinnedModel(model, hit=False, load_seconds=load_seconds, evicted=evicted, engine=engine)
 
     def _make_room(self, incoming_bytes: int, keep: PoolKey | None = None) -> list[str]:
         """Evict least recently used models and adapters until the new one fits (it always loads),
@@ -162,6 +174,8 @@ class ModelPool:
                 entry = self._pinned.pop(key)
                 if entry.base is not None and entry.base in self._pinned:  # an adapter over a base that stays
                     unload_adapter(entry.model, key[0])
+                if entry.base is None and entry.engine is not None:
+                    entry.engine.close()  # its jobs in flight finish; the next ones get the new model's
                 evicted.append(key[0] if key[1] is None else f"{key[0]} ({key[1]})")
         if evicted:
             _release_memory()

@@ -12,12 +12,14 @@ never writes over another worker's results.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import random
 import re
 import socket
+import threading
 import time
 
 from lmq.core.config import Settings
@@ -28,7 +30,7 @@ from lmq.core.store.leases import Lease, LeaseLost, claim
 from lmq.core.store.presets import store_resolver
 from lmq.workers import metrics
 from lmq.workers.attempt import Attempt, ProgressCallback
-from lmq.workers.batching import Prompt, RowBudget, is_out_of_memory, row_budget
+from lmq.workers.batching import Prompt, RowBudget, is_out_of_memory, row_budget, shared_engine
 from lmq.workers.inputs import group_sampler, plan
 from lmq.workers.pool import ModelPool
 
@@ -137,6 +139,7 @@ class JobRunner:
         arguments = {k: params[k] for k in JOB_ARGUMENTS if params.get(k) is not None}
         if pinned.adapter is not None:  # an adapter preset: its base is pinned, its rows name the adapter
             arguments["adapter"] = pinned.adapter
+        shared = {"engine": pinned.engine, "priority": params.get("priority", 0), "tenant": tenant}
         task_kind = getattr(lm, "task_kind", "causal_lm")
         tokenizer = lm.preprocessor.tokenizer
         budget = row_budget(
@@ -147,14 +150,16 @@ class JobRunner:
         after = -1
         while window := attempt.write(self._pending(job_id, after)):
             after = window[-1][0]
-            groups, refused = plan(window, params, task_kind, tokenizer)
+            groups, refused = plan(window, params, task_kind, lm.preprocessor)
             try:
                 refusals = ResultGroup(attempt, progress, budget, Choices(tokenizer))
                 for index, custom_id, message in refused:
                     refusals.add(queries.ItemResult(index, error=row_error(index, custom_id, message)))
                 refusals.commit()
-                for prompts in groups.values():
-                    self._stream(attempt, lm, prompts, arguments, budget, progress, refusals.choices)
+                for search, prompts in groups.items():
+                    # Token-sampled rows join the model's shared engine; a search runs in an engine of its own.
+                    own = arguments if search is not None or pinned.engine is None else {**arguments, **shared}
+                    self._stream(attempt, lm, prompts, own, budget, progress, refusals.choices)
             except StopRequested:
                 return
         attempt.finish(JobState.succeeded)
@@ -176,8 +181,11 @@ class JobRunner:
 
         Rows leave and join the batch continuously within ``budget``, each choosing its tokens
         with its own sampler (``group_sampler``), given to this call only: the pooled model is
-        shared by every job and left as it was loaded. Out of memory
-        halves the budget and runs again what has no result yet; a ValueError (a prompt
+        shared by every job and left as it was loaded. With ``arguments["engine"]`` (the pooled
+        model's shared engine) the rows join the rows of every other job on that model, at
+        most ``budget.rows`` of this call's at once, and this thread waits for them (the
+        engine's thread steps). Out of memory
+        halves the budget (and the shared engine's) and runs again what has no result yet; a ValueError (a prompt
         longer than max_length, say) is split down to the prompt that raised it, which
         gets the message as its error; the others run. An item's choices (n > 1) are rows of
         their own; its result is written once all have finished (``choices``). Each run of the
@@ -187,8 +195,11 @@ class JobRunner:
         while prompts:
             formats = {json.dumps((p.processing or {}).get("response_format"), sort_keys=True) for p in prompts}
             attempt.event("decode", rows=len(prompts), formats=len(formats - {"null"}))  # one engine run
+            engine = arguments.get("engine")  # a shared engine keeps its own prefix cache
+            prefix_cache = engine.prefix_cache if engine is not None else self._prefix_cache(budget)
             try:
-                with metrics.in_flight(min(len(prompts), budget.rows)):
+                in_flight = metrics.in_flight(min(len(prompts), budget.rows))
+                with in_flight, metrics.prefix_caching(attempt.job_id, prefix_cache):
                     lm.generate(
                         [p.text for p in prompts],
                         sampler=group_sampler(prompts),
@@ -199,6 +210,7 @@ class JobRunner:
                         between_steps=progress.check_now_and_then,
                         max_rows=budget.rows,
                         max_cache_tokens=budget.cache_tokens,
+                        prefix_cache=prefix_cache,
                     )
                 group.commit()
                 return
@@ -207,6 +219,8 @@ class JobRunner:
                 if not (is_out_of_memory(error) or isinstance(error, ValueError)):
                     raise
                 prompts = [p for p in prompts if p.index not in group.finished]
+                if is_out_of_memory(error) and engine is not None:
+                    engine.shrink(error)
                 if is_out_of_memory(error) and budget.rows > 1:
                     attempt.event("split", reason="out_of_memory", size=budget.rows)
                     budget.shrink()
@@ -221,6 +235,14 @@ class JobRunner:
                     half = len(prompts) // 2
                     self._stream(attempt, lm, prompts[:half], arguments, budget, progress, choices)
                     prompts = prompts[half:]
+
+    def _prefix_cache(self, budget: RowBudget):
+        """A decode call's prefix cache, in a quarter of its KV budget; False when LMQ_PREFIX_CACHE is off."""
+        if not self.settings.prefix_cache:
+            return False
+        from lmq.core.generation import PrefixCache  # here: planning a job's batches must not load torch
+
+        return PrefixCache.within(budget.cache_tokens)
 
     def finish(self, job_id: str, state: JobState, error: str | None = None, **details) -> None:
         """Outside any attempt: `lmq generate` ending its own job on Ctrl-C."""
@@ -391,16 +413,24 @@ def worker_name() -> str:
 
 
 def pool_from_settings(settings: Settings) -> ModelPool:
-    return ModelPool(int(settings.model_memory_gb * 2**30), device=settings.device)
+    """The worker's pool: each causal LM it pins gets a shared engine sized by ``settings``."""
+    return ModelPool(
+        int(settings.model_memory_gb * 2**30),
+        device=settings.device,
+        engine_for=functools.partial(shared_engine, settings=settings),
+    )
 
 
 _process_runner: JobRunner | None = None
+_process_runner_lock = threading.Lock()
 
 
 def process_runner(settings: Settings) -> JobRunner:
-    """The runner (and so the model pool) that lives as long as the worker process."""
+    """The runner (and so the model pool) that lives as long as the worker process, shared by
+    the jobs it runs at once (LMQ_WORKER_JOBS threads)."""
     global _process_runner
-    if _process_runner is None:
-        _process_runner = JobRunner(settings, pool_from_settings(settings))
-    return _process_runner
+    with _process_runner_lock:
+        if _process_runner is None:
+            _process_runner = JobRunner(settings, pool_from_settings(settings))
+        return _process_runner
 

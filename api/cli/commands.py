@@ -408,7 +408,8 @@ def cmd_db(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    """A Celery worker (solo pool: one job at a time, models pinned in this process)."""
+    """A Celery worker (a pool of LMQ_WORKER_JOBS threads: that many jobs at once, models pinned in
+    this process and each one's engine shared by its jobs)."""
     from lmq.workers.celery_app import make_celery, worker_queue
     from lmq.workers.runner import process_runner, worker_name
 
@@ -432,7 +433,8 @@ def cmd_worker(args) -> int:
     app.worker_main(
         [
             "worker",
-            "--pool=solo",
+            "--pool=threads",
+            f"--concurrency={settings.worker_jobs}",
             f"--queues={','.join(queues)}",
             f"--hostname={worker_name()}",
             f"--loglevel={args.loglevel}",

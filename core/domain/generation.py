@@ -147,5 +147,8 @@ def generate_models(limits: Limits) -> GenerateModels:
         strip_prompt: bool = False
         dtype: Dtype | None = None
         micro_batch_size: int | None = Field(None, ge=1, le=limits.batch_size)
+        # On a worker's shared engine, lower goes first: a job of priority -1 is admitted rows twice
+        # as often as one of 0, and one of 1 half as often; none waits forever (docs/continuous-batching.md).
+        priority: int = Field(0, ge=-3, le=3)
 
     return GenerateModels(GenerationParams, GenerateItem, GenerateParams)

@@ -5,6 +5,7 @@ from lmq.core.generation.engine import Engine, decode
 from lmq.core.generation.input_batch import StepInput
 from lmq.core.generation.kv_cache_manager import KVCacheManager
 from lmq.core.generation.model import DecoderOnlyModel
+from lmq.core.generation.prefix_cache import PrefixCache
 from lmq.core.generation.request import Request
 from lmq.core.generation.results import Completion, DecodeResult, FinishedRow, Generation
 from lmq.core.generation.runner import ModelRunner
@@ -22,6 +23,7 @@ __all__ = [
     "Generation",
     "KVCacheManager",
     "ModelRunner",
+    "PrefixCache",
     "Request",
     "Scheduler",
     "StepInput",

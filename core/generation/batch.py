@@ -3,7 +3,7 @@
 import torch
 
 from lmq.core.generation.input_batch import StepInput
-from lmq.core.generation.results import Completion, DecodeResult, FinishedRow
+from lmq.core.generation.results import Completion, FinishedRow
 
 
 class Batch:
@@ -23,34 +23,36 @@ class Batch:
     - what the sampler keeps per row (``score`` for beams, ``history`` for contrastive).
 
     Stop tokens, token limits, stop strings and streaming are handled here, once, for
-    every sampler; a request whose rows have all finished leaves with ``drop_finished``.
+    every sampler; a request whose rows have all finished leaves with ``drop_finished``,
+    and a cancelled one with ``drop``.
     """
 
-    def __init__(self, model, runner, cache_manager, sampler, max_length, stop_width, any_stop_strings=False,
-                 stream=None, on_finish=None):
-        """``max_length``: the most positions a request of the job needs; ``stop_width``: the
-        most stop tokens one has; ``any_stop_strings``: whether a request of the job has stop
-        strings; ``on_finish(request, completion)`` receives each result."""
+    def __init__(self, model, runner, cache_manager, sampler, max_length, stream=None, on_finish=None):
+        """``max_length``: the most positions a request needs; ``on_finish(request, completion)``
+        receives each result; ``stream(request, token)`` (or None) each new token."""
         self.model = model
         self.runner = runner
         self.cache_manager = cache_manager
         self.sampler = sampler
-        self.max_length, self.stop_width = max_length, stop_width
+        self.max_length = max_length
+        self.stop_width = 0  # the most stop tokens a row has (``stop_ids``' columns)
         self.stop_strings = {}  # request in flight -> its StopStrings, when it has some
         self.stream = stream
         self.on_finish = on_finish
         self.generators = {}  # request in flight -> its torch.Generator, when seeded
         self.adapter_slots = {}  # request in flight -> its adapter's slot (the model's), when it names one
         self.seeded = False
-        # Python work per token, only when asked for; a search that picks its sequence at
-        # the end (beam) gets stop strings and streaming once it has picked.
-        self.check_each_token = (stream is not None or any_stop_strings) and sampler.commits_each_step
         self.rows_per_prompt = cache_manager.rows_per_request
         self.rows = {}
         self.size = 0  # rows being decoded
         self.width = 0  # above every row's position: how many cache slots a step reads
         self.logits = None  # [rows, vocab]: each row's next-token logits, until a sampler takes them
-        self.completions = {}  # request -> Completion
+
+    @property
+    def check_each_token(self):
+        """Python work per token, only when asked for (streaming, or a row with stop strings);
+        a search that picks its sequence at the end (beam) gets those once it has picked."""
+        return (self.stream is not None or bool(self.stop_strings)) and self.sampler.commits_each_step
 
     # -- rows join -------------------------------------------------------------------
 
@@ -77,15 +79,22 @@ class Batch:
         self.cache_manager.start_decoding([r.id for r in requests])
         lengths = torch.tensor([len(r.prompt) for r in requests], device=device)
         width = max(len(r.prompt) for r in requests)
-        hidden = torch.stack(  # [ready, width, hidden]: what a sampler may keep of the prompts
-            [torch.nn.functional.pad(torch.cat(p.hidden), (0, 0, 0, width - len(p.request.prompt))) for p in ready]
-        )
+        # [ready, width, hidden]: what a sampler may keep of the prompts (zeros where a prompt's
+        # KV came from the prefix cache, which a sampler reading them turns off)
+        last = ready[0].hidden[-1][1]
+        hidden = last.new_zeros(len(ready), width, last.shape[-1])
+        for i, prefill in enumerate(ready):
+            for start, states in prefill.hidden:
+                hidden[i, start : start + len(states)] = states
         each = torch.arange(len(ready), device=device).repeat_interleave(group)
-        sequence = [r.prompt + [0] * (self.max_length + 1 - len(r.prompt)) for r in requests]
+        sequence = torch.zeros(len(requests), self.max_length + 1, dtype=torch.long)
+        for row, request in enumerate(requests):
+            sequence[row, : len(request.prompt)] = torch.tensor(request.prompt, dtype=torch.long)
+        self._widen_stops(max(len(r.stop_token_ids) for r in requests))
         stops = [list(r.stop_token_ids) + [-1] * (self.stop_width - len(r.stop_token_ids)) for r in requests]
         joined = {
             "request": torch.tensor([r.id for r in requests], device=device)[each],
-            "sequence": torch.tensor(sequence, dtype=torch.long, device=device)[each],
+            "sequence": sequence.to(device)[each],
             "start": lengths[each],
             "length": lengths[each],
             "end": (lengths + torch.tensor([r.limit for r in requests], device=device))[each],
@@ -104,6 +113,12 @@ class Batch:
         self.logits = logits[each] if self.size == 0 else torch.cat([self.logits, logits[each]])
         self.size += len(each)
         self.width = max(self.width, width)
+
+    def _widen_stops(self, width):
+        """Room for ``width`` stop tokens a row (-1 pads), the rows in flight's padded out."""
+        if width > self.stop_width and self.rows:
+            self.rows["stop_ids"] = torch.nn.functional.pad(self.rows["stop_ids"], (0, width - self.stop_width), value=-1)
+        self.stop_width = max(self.stop_width, width)
 
     # -- one step --------------------------------------------------------------------
 
@@ -202,6 +217,23 @@ class Batch:
         if not finished:
             return None
         self._harvest(self.cache_manager.slots(finished))
+        return self._leave(finished)
+
+    def drop(self, requests):
+        """Takes out the rows of ``requests`` (ids; a cancelled job's) without a result; returns
+        what ``drop_finished`` does."""
+        for request in requests:
+            self.stop_strings.pop(request, None)
+            self.generators.pop(request, None)
+            self.adapter_slots.pop(request, None)
+        if not self.size:
+            return None
+        first = self.rows["request"][:: self.rows_per_prompt]
+        gone = torch.isin(first, torch.tensor(list(requests), device=first.device)).nonzero()[:, 0].tolist()
+        return self._leave(gone) if gone else None
+
+    def _leave(self, finished):
+        """Requests of slot groups ``finished`` leave; the most positions one still decoding needs."""
         index = self.cache_manager.slots(self.cache_manager.leave(finished))
         self.rows = {name: value[index] for name, value in self.rows.items()}
         self.logits = None if self.logits is None else self.logits[index]
@@ -233,11 +265,6 @@ class Batch:
             if self.stream is not None:
                 for token in completion.token_ids:
                     self.stream(request, token)
-        self.completions[request] = completion
         self.generators.pop(request, None)
         self.adapter_slots.pop(request, None)
-        if self.on_finish is not None:
-            self.on_finish(request, completion)
-
-    def result(self):
-        return DecodeResult.of([self.completions[r] for r in sorted(self.completions)])
+        self.on_finish(request, completion)

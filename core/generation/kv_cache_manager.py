@@ -7,7 +7,9 @@ groups ``[0, decoding)`` - so a decode step reads a slice of the cache, not a co
 the requests being prefilled the groups right after. When requests leave or finish
 their prefill, a few groups move (one request's rows each) to keep that order; nothing
 else is copied. A cache that is too small for a joining request is replaced by a larger
-one that takes the rows in flight.
+one that takes the rows in flight. With a ``PrefixCache``, a joining request's leading
+prompt blocks are copied into its slot from there when cached (``load_prefix``), and the
+blocks it computes are copied out for the requests after it (``save_prefix``).
 """
 
 import torch
@@ -16,11 +18,14 @@ import torch
 class KVCacheManager:
     """Allocates, frees and moves the slot groups of the requests in flight."""
 
-    def __init__(self, model, rows_per_request, max_length, prompt_width, max_requests=None, max_cache_tokens=None):
+    def __init__(self, model, rows_per_request, max_length, prompt_width, max_requests=None, max_cache_tokens=None,
+                 prefix_cache=None):
         """``max_length``/``prompt_width``: the most positions and prompt tokens any request
         of the job needs; ``max_requests`` requests and ``max_cache_tokens`` positions are
-        the most the cache is sized for (by default: as the first requests need)."""
+        the most the cache is sized for (by default: as the first requests need);
+        ``prefix_cache``: a ``PrefixCache``, or None (no prefix caching)."""
         self.model = model
+        self.prefix_cache = prefix_cache
         self.rows_per_request = rows_per_request
         self.max_length, self.prompt_width = max_length, prompt_width
         self.max_requests, self.max_cache_tokens = max_requests, max_cache_tokens
@@ -73,6 +78,15 @@ class KVCacheManager:
         """The cache slot a prefilling request's prompt goes into (its group's first)."""
         return self.prefilling[request] * self.rows_per_request
 
+    def load_prefix(self, request, digests, first, most):
+        """Copies the cached blocks ``digests[first:]`` (at most ``most``, up to the first miss)
+        into a prefilling request's slot; returns how many blocks it copied."""
+        return self.prefix_cache.load(self.cache, self.first_slot(request), digests, first, most)
+
+    def save_prefix(self, request, digests, first, last):
+        """Copies a prefilling request's prompt blocks ``[first, last)`` into the prefix cache."""
+        self.prefix_cache.save(self.cache, self.first_slot(request), digests, first, last)
+
     def start_decoding(self, requests):
         """``requests`` (prefilled) decode from now on, after the decoding ones: their groups
         move into place, and a request of several rows gets its prompt in each of them."""
@@ -83,6 +97,13 @@ class KVCacheManager:
             self.cache.move_rows(first.repeat_interleave(group - 1), (first[:, None] + within).flatten())
         order = list(range(self.decoding)) + [self.prefilling.pop(r) for r in requests]
         self._pack(order)
+
+    def drop_prefilling(self, requests):
+        """Prefilling ``requests`` (ids) leave before they decode (a cancelled job's): the
+        prefilling requests after them move up, so the groups stay packed."""
+        for request in requests:
+            del self.prefilling[request]
+        self._pack(list(range(self.decoding)))
 
     def leave(self, finished):
         """The decoding requests of groups ``finished`` leave: the last decoding requests move

@@ -95,6 +95,43 @@ class KVCache:
                 target = target.narrow(position_dim, 0, source.shape[position_dim])
             target.copy_(source)
 
+    # -- prefix caching (``lmq.core.generation.prefix_cache``) ---------------------------
+
+    prefix_variant = None  # what keys depend on beyond the tokens (Phi-3's longrope factors)
+
+    def prefix_tensors(self):
+        """The row tensors a cached prompt block holds: {name: (row dimension, position dimension)}."""
+        return {name: dims for name, dims in self.row_tensors().items() if dims[1] is not None}
+
+    def new_blocks(self, count, block_size):
+        """Storage for ``count`` blocks of ``block_size`` positions: each prefix tensor with
+        blocks in its row dimension."""
+        blocks = {}
+        for name, (row_dim, position_dim) in self.prefix_tensors().items():
+            shape = list(getattr(self, name).shape)
+            shape[row_dim], shape[position_dim] = count, block_size
+            blocks[name] = getattr(self, name).new_zeros(shape)
+        return blocks
+
+    def read_blocks(self, row, blocks, block_size):
+        """Blocks ``blocks`` (indices) of slot ``row`` as {name: tensor, blocks in the row dimension}."""
+        positions = (torch.tensor(blocks, device=self.keys.device)[:, None] * block_size
+                     + torch.arange(block_size, device=self.keys.device)).flatten()
+        read = {}
+        for name, (row_dim, position_dim) in self.prefix_tensors().items():
+            held = getattr(self, name).select(row_dim, row).index_select(position_dim - 1, positions)
+            # [..., blocks x block_size, ...] -> blocks into the row dimension
+            read[name] = held.unflatten(position_dim - 1, (len(blocks), block_size)).movedim(position_dim - 1, row_dim)
+        return read
+
+    def write_blocks(self, row, start, blocks):
+        """Writes consecutive blocks ({name: tensor}, as ``read_blocks`` gives) into slot ``row``
+        from position ``start``."""
+        for name, (row_dim, position_dim) in self.prefix_tensors().items():
+            written = blocks[name].movedim(row_dim, position_dim - 1).flatten(position_dim - 1, position_dim)
+            target = getattr(self, name).select(row_dim, row)
+            target.narrow(position_dim - 1, start, written.shape[position_dim - 1]).copy_(written)
+
     def step(self, positions, key_length):
         """Where a decode step of rows ``[0, len(positions))`` at ``positions`` writes and what it reads.
 
@@ -127,6 +164,16 @@ class RollingKVCache(KVCache):
         slots = positions % self.max_length
         self.slot_positions[token_rows, slots] = positions
         return slots
+
+    def prefix_tensors(self):
+        """Keys and values: a prompt block is never wrapped (slot = position), so its slot
+        positions are its positions, set when it is written."""
+        return {name: dims for name, dims in super().prefix_tensors().items() if name != "slot_positions"}
+
+    def write_blocks(self, row, start, blocks):
+        super().write_blocks(row, start, blocks)
+        stop = start + blocks["keys"].shape[1] * blocks["keys"].shape[3]
+        self.slot_positions[row, start:stop] = torch.arange(start, stop, device=self.slot_positions.device)
 
     def key_positions(self, first_row, rows, key_length):
         read = min(key_length, self.max_length)

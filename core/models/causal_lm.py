@@ -120,10 +120,14 @@ class CausalLM(GenerativeTask):
         max_rows=None,
         max_cache_tokens=None,
         between_steps=None,
+        prefix_cache=True,
         return_details=False,
         processing=None,
         response_format=None,
         adapter=None,
+        engine=None,
+        priority=0,
+        tenant=None,
     ):
         """Generates text for a prompt or a list of prompts (KerasHub semantics, plus more).
 
@@ -150,6 +154,9 @@ class CausalLM(GenerativeTask):
           positions (rows x positions per row); the other prompts join as rows finish
           (continuous batching). By default every prompt runs at once.
         - ``between_steps()``: called before each decode step; what it raises ends the call.
+        - ``prefix_cache``: prompts that share leading tokens compute their KV once (blocks of
+          16 tokens, see ``lmq.core.generation.prefix_cache``): True (default), False, or a
+          ``PrefixCache`` kept across calls. Tokens are those computed without it.
         - ``return_details``: ``Generation`` records (text, token counts, finish reason).
         - ``processing``: a ``RowProcessing`` (``lmq.core.samplers.processing``: penalties,
           logit bias, min-p, log-probabilities) for every row, or a list of one per row (None:
@@ -161,14 +168,21 @@ class CausalLM(GenerativeTask):
           complete; a format the grammar engine cannot compile is a ValueError naming what.
         - ``adapter``: the name of an adapter loaded with ``load_adapter`` for every row, or a list
           of one per row (None: the base alone); rows of different adapters decode in one batch.
+        - ``engine``: a running ``lmq.core.generation.Engine`` of this model's (a worker's shared
+          one) that the prompts join, beside other callers' requests, as a group of ``priority``
+          (lower first) and ``tenant``; ``max_rows`` then caps this call's requests in flight and
+          the engine's own budget holds. Token samplers only: a search runs in its own engine.
 
         Without a preprocessor, ``inputs`` is ``{"token_ids", "padding_mask"}``
         (right-padded) and the same dict comes back with the completions written in.
         """
         sampler = self._sampler(sampler)
         options = dict(
-            stream=stream, max_rows=max_rows, max_cache_tokens=max_cache_tokens, between_steps=between_steps, adapters=adapter
+            stream=stream, max_rows=max_rows, max_cache_tokens=max_cache_tokens, between_steps=between_steps,
+            adapters=adapter, prefix_cache=prefix_cache,
         )
+        if engine is not None:
+            options.update(engine=engine, job_priority=priority, tenant=tenant)
         if isinstance(inputs, dict):
             return self._generate_from_ids(inputs, sampler, stop_token_ids, max_new_tokens, seed, **options)
         if self.preprocessor is None:

@@ -100,6 +100,7 @@ class Seq2SeqLM(GenerativeTask):
         max_rows=None,
         max_cache_tokens=None,
         between_steps=None,
+        prefix_cache=True,
         return_details=False,
         processing=None,
         response_format=None,
@@ -107,14 +108,18 @@ class Seq2SeqLM(GenerativeTask):
         """Generates decoder text for an encoder text, a list of them, or
         ``{"encoder_text", "decoder_text"}`` (the decoder text starts the output), with
         ``CausalLM.generate``'s options. ``max_length`` counts decoder tokens (default: the
-        preprocessor's ``decoder_sequence_length``).
+        preprocessor's ``decoder_sequence_length``). ``prefix_cache`` is accepted and has no
+        effect: a decoder's keys depend on its encoder's input as well as its own tokens.
 
         Without a preprocessor, ``inputs`` is ``{"encoder_token_ids", "encoder_padding_mask",
         "decoder_token_ids", "decoder_padding_mask"}`` (right-padded); the same dict comes back
         with the completions written into the decoder ids.
         """
         sampler = self._sampler(sampler)
-        options = dict(stream=stream, max_rows=max_rows, max_cache_tokens=max_cache_tokens, between_steps=between_steps)
+        options = dict(
+            stream=stream, max_rows=max_rows, max_cache_tokens=max_cache_tokens, between_steps=between_steps,
+            prefix_cache=prefix_cache,
+        )
         if isinstance(inputs, dict) and "encoder_token_ids" in inputs:
             return self._generate_from_ids(inputs, sampler, stop_token_ids, max_new_tokens, seed, **options)
         if self.preprocessor is None:

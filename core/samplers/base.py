@@ -25,6 +25,9 @@ class Sampler:
     # with different token samplers can choose in one batch (``PerRequestSampler``); a
     # search (beam, contrastive) weighs a request's rows together.
     independent_rows = True
+    # Whether ``admit`` reads the prompts' hidden states (contrastive search): a prompt whose
+    # KV comes from the prefix cache has none, so the engine then runs without that cache.
+    reads_prompt_states = False
     # The settings that may differ between rows choosing together: ``PerRequestSampler``
     # sets each as a column [rows, 1] of the rows' own values, which the methods broadcast.
     row_parameters = ("temperature",)

@@ -19,6 +19,7 @@ class ContrastiveSampler(Sampler):
 
     name = "contrastive"
     independent_rows = False
+    reads_prompt_states = True
 
     def __init__(self, k=5, alpha=0.6, **kwargs):
         super().__init__(**kwargs)

@@ -31,6 +31,12 @@ class LongRopeKVCache(KVCache):
         super().take(other, rows)
         self.long_context |= other.long_context
 
+    @property
+    def prefix_variant(self):
+        """Keys computed with the short factors are not those with the long ones: a prefix
+        cache keeps the blocks of one kind."""
+        return self.long_context
+
 
 class Phi3Backbone(LlamaStyleBackbone):
     """Phi-3: the Llama-family decoder (RMSNorm pre-norm, grouped-query attention, SwiGLU).

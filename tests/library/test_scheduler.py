@@ -18,6 +18,8 @@ VOCAB = ENGINE_VOCAB
 class CountingCacheManager:
     """Room for ``most`` requests in flight; a request leaves when the test says so."""
 
+    prefix_cache = None
+
     def __init__(self, most):
         self.most, self.in_flight = most, 0
 

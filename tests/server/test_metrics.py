@@ -182,3 +182,36 @@ def metrics_text() -> str:
     from prometheus_client import REGISTRY, generate_latest
 
     return generate_latest(REGISTRY).decode()
+
+
+@pytest.mark.parametrize("setting", ["on", "off"])
+def test_rows_that_share_an_instruction_show_on_the_prefix_cache_metrics(
+    lmq_home, tiny_llama_preset, monkeypatch, setting
+):
+    """A job whose prompts start with one long instruction: with LMQ_PREFIX_CACHE on (the
+    default) every prompt token is looked up and the later rows find the instruction's blocks;
+    off, nothing is looked up."""
+    from lmq.workers.runner import JobRunner, pool_from_settings
+
+    monkeypatch.setenv("LMQ_PREFIX_CACHE", setting)
+    settings = load_settings()
+    instruction = "Answer in one short sentence, plainly, without any preamble, and say nothing else at all. " * 2
+    inputs = [{"prompt": instruction + prompt} for prompt in PROMPTS]
+    with session_scope(sessions(settings)) as session:
+        job_id = queries.create_generate_job(
+            session, preset=str(tiny_llama_preset), inputs=inputs, params={"max_length": 400}
+        ).id
+    before = samples(metrics_text())
+    assert JobRunner(settings, pool_from_settings(settings)).run(job_id) == "succeeded"
+    after = samples(metrics_text())
+    lines = results(job_id)
+    hits = delta(before, after, "lmq_prefix_cache_hit_tokens_total")
+    queried = delta(before, after, "lmq_prefix_cache_queried_tokens_total")
+    if setting == "off":
+        assert (hits, queried) == (0, 0)
+        return
+    assert [r["error"] for r in lines] == [None] * len(PROMPTS), lines
+    assert queried == sum(r["prompt_tokens"] for r in lines)
+    assert hits >= (len(PROMPTS) - 1) * 32  # the instruction: at least two blocks of 16 tokens per later row
+    assert value(after, "lmq_prefix_cache_hit_rate") == pytest.approx(hits / queried)
+    assert 0 < value(after, "lmq_prefix_cache_blocks") <= value(after, "lmq_prefix_cache_capacity_blocks")

@@ -115,6 +115,33 @@ def test_sigkill_the_worker_five_times_during_one_generate_job(capsys, tmp_path,
     )
 
 
+def test_sigkill_the_worker_with_two_jobs_in_flight_on_one_engine(capsys, tmp_path, workers, tiny_llama_preset):
+    """Two generate jobs on one worker share its model's engine; SIGKILL mid-way: another worker
+    takes both up and each ends with exactly one greedy result per input, in input order."""
+    reversed_prompts = MANY_PROMPTS[::-1]
+    sources = [write_prompts(tmp_path / "a.jsonl", MANY_PROMPTS), write_prompts(tmp_path / "b.jsonl", reversed_prompts)]
+    jobs = [submit(capsys, "generate", "--preset", str(tiny_llama_preset), source, *GENERATE) for source in sources]
+    worker = workers(**DRILL_TIMING)
+    logs = [worker.log]
+    for job_id in jobs:
+        taken_by(worker, job_id, logs)
+    wait_for(lambda: all(holder(j)["completed"] >= 3 for j in jobs), 120, "both jobs' first results", logs)
+    assert [holder(j)["state"] for j in jobs] == ["running", "running"]
+    assert all(holder(j)["completed"] < len(MANY_PROMPTS) for j in jobs)
+    worker.kill()
+    last = workers(**DRILL_TIMING)
+    logs.append(last.log)
+    for job_id in jobs:
+        taken_by(last, job_id, logs)
+    for job_id in jobs:
+        wait_for(lambda: finished(job_id), 240, "the job", logs)
+
+    for job_id, prompts in zip(jobs, (MANY_PROMPTS, reversed_prompts)):
+        summary = assert_one_greedy_result_per_input(job_id, tiny_llama_preset, prompts)
+        assert summary["attempts"] == 2
+    report(capsys, "SIGKILL with two jobs in flight on one engine: both taken up, one result per input each")
+
+
 def test_a_paused_worker_that_lost_its_lease_writes_nothing_when_it_wakes(capsys, tmp_path, workers, tiny_llama_preset):
     source = write_prompts(tmp_path / "many.jsonl", MANY_PROMPTS)
     first = workers(**DRILL_TIMING)

@@ -19,6 +19,26 @@ from lmq.workers.pool import ModelPool
 from lmq.workers.runner import JobRunner
 
 
+class WordPreprocessor:
+    """Words as token ids: the runner tokenizes each prompt once (`generate_preprocess`) and hands
+    `generate` the ids; the stand-in reads its words back."""
+
+    def __init__(self):
+        self.words = []
+        self.tokenizer = SimpleNamespace(tokenize=lambda text: text.split())
+
+    def generate_preprocess(self, text):
+        ids = []
+        for word in text.split():
+            if word not in self.words:
+                self.words.append(word)
+            ids.append(self.words.index(word))
+        return [ids]
+
+    def text(self, ids):
+        return " ".join(self.words[i] for i in ids)
+
+
 class StandInLM:
     """Upper-cases prompts, as the decode engine schedules them: shortest first, at most
     `max_rows` in flight (recorded in `batches`), each result handed to `on_result` as it
@@ -28,12 +48,14 @@ class StandInLM:
     def __init__(self, fits=1000):
         self.fits = fits
         self.batches = []
-        self.preprocessor = SimpleNamespace(tokenizer=SimpleNamespace(tokenize=lambda text: text.split()))
+        self.preprocessor = WordPreprocessor()
         self.backbone = SimpleNamespace(device=torch.device("cpu"))
 
     def generate(
         self, prompts, sampler, return_details, on_result, between_steps, max_rows, max_cache_tokens, **arguments
     ):
+        assert all(isinstance(prompt, list) for prompt in prompts)  # tokenized once, by the runner
+        prompts = [self.preprocessor.text(prompt) for prompt in prompts]
         self.sampler, self.arguments = sampler, arguments
         if min(max_rows, len(prompts)) > self.fits:
             raise RuntimeError("CUDA out of memory. Tried to allocate 1 GiB")

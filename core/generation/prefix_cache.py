@@ -1,0 +1,129 @@
+"""Prefix caching: the KV of prompt blocks that a running or recent request already computed.
+
+A prompt is cut into blocks of ``block_size`` tokens, and each full block is named by a
+hash chain, as in vLLM's automatic prefix caching: a block's digest covers its tokens and
+the digest of the block before it, and the first block's covers the request's adapter,
+so two prompts share a block's digest only when they share every token up to its end
+and their adapter (different adapters never share KV). Prompt blocks a request computed
+are copied out of its cache row into this pool (``save``); a request that joins with
+the same leading blocks gets them copied into its row (``load``) and its prefill starts
+after them. The pool holds at most ``max_tokens`` positions; when full, the least
+recently used blocks make room (the last blocks of a chain before its first ones, so a
+chain is cut from its tail and what is left still matches).
+
+The engine's cache keeps row slots (``lmq.core.layers.cache``), so a hit is a copy of
+the cached blocks into the joining request's slot, not a shared page: a copy of a
+block costs a sliver of computing it, and the row-slot attention stays as it is.
+"""
+
+import hashlib
+from array import array
+from collections import OrderedDict
+
+import torch
+
+BLOCK_SIZE = 16  # prompt tokens per cached block (vLLM's default)
+BUDGET_SHARE = 4  # an engine's own prefix cache holds a quarter of its KV budget
+
+
+class PrefixCache:
+    """A pool of cached prompt blocks, by digest, least recently used first.
+
+    One pool may serve several engines of one model in turn (a worker keeps one per job
+    stream, a long-lived engine one for good); ``hit_rate`` and ``blocks`` are its metrics.
+    """
+
+    def __init__(self, max_tokens, block_size=BLOCK_SIZE):
+        if block_size < 1:
+            raise ValueError(f"block_size must be positive, got {block_size}.")
+        self.block_size = block_size
+        self.capacity = max_tokens // block_size  # blocks
+        self.max_tokens = self.capacity * block_size
+        self.storage = None  # {name: tensor}: a cache's row tensors, a block per row, allocated at first save
+        self.variant = None  # what the stored keys were computed under (``KVCache.prefix_variant``)
+        self.blocks = OrderedDict()  # digest -> storage block, least recently used first
+        self.free = list(range(self.capacity - 1, -1, -1))
+        self.queried_tokens = self.hit_tokens = 0  # prompt tokens looked up, and found
+
+    @classmethod
+    def within(cls, max_cache_tokens):
+        """The prefix cache of a decode call whose KV budget is ``max_cache_tokens`` positions."""
+        return cls(max_cache_tokens // BUDGET_SHARE)
+
+    @property
+    def hit_rate(self):
+        """The share of the prompt tokens looked up that came from the cache."""
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
+
+    def digests(self, prompt, adapter=None):
+        """The hash chain of a joining request's full prompt blocks: one digest per block, each
+        covering every token up to its block's end and ``adapter``. Counts the prompt as looked up."""
+        self.queried_tokens += len(prompt)
+        chain = hashlib.sha256(repr(("lmq-prefix", adapter)).encode()).digest()
+        digests = []
+        for start in range(0, len(prompt) - self.block_size + 1, self.block_size):
+            block = array("q", prompt[start : start + self.block_size]).tobytes()
+            chain = hashlib.sha256(chain + block).digest()
+            digests.append(chain)
+        return digests
+
+    def load(self, cache, row, digests, first, most):
+        """Copies the cached blocks ``digests[first:]`` (up to the first miss, at most ``most``
+        blocks) into cache row ``row`` from block ``first``; returns how many it copied."""
+        if self.variant != cache.prefix_variant:
+            return 0
+        found = []
+        for digest in digests[first : first + most]:
+            if digest not in self.blocks:
+                break
+            found.append(self.blocks[digest])
+        if found:
+            self._touch(digests[: first + len(found)])
+            index = torch.tensor(found, device=self.device)
+            blocks = {name: tensor.index_select(cache.prefix_tensors()[name][0], index)
+                      for name, tensor in self.storage.items()}
+            cache.write_blocks(row, first * self.block_size, blocks)
+            self.hit_tokens += len(found) * self.block_size
+        return len(found)
+
+    def save(self, cache, row, digests, first, last):
+        """Copies blocks ``[first, last)`` of cache row ``row`` (``digests`` its prompt's chain)
+        into the pool, evicting the least recently used blocks for room; a block the pool
+        holds already is only marked used."""
+        last = min(last, first + self.capacity)
+        if first >= last:
+            return
+        if self.variant != cache.prefix_variant:  # the stored keys no longer fit (Phi-3 went long): drop them
+            self.clear()
+            self.variant = cache.prefix_variant
+        if self.storage is None:
+            self.storage = cache.new_blocks(self.capacity, self.block_size)
+        fresh, where = [], []
+        for block in range(first, last):
+            if digests[block] not in self.blocks:
+                if not self.free:
+                    self.free.append(self.blocks.popitem(last=False)[1])
+                self.blocks[digests[block]] = self.free.pop()
+                fresh.append(block)
+                where.append(self.blocks[digests[block]])
+        self._touch(digests[:last])
+        if fresh:
+            blocks = cache.read_blocks(row, fresh, self.block_size)
+            index = torch.tensor(where, device=self.device)
+            for name, tensor in self.storage.items():
+                tensor.index_copy_(cache.prefix_tensors()[name][0], index, blocks[name])
+
+    def _touch(self, digests):
+        """Marks a chain's blocks used, its first block last: eviction cuts chains from the tail."""
+        for digest in reversed(digests):
+            if digest in self.blocks:
+                self.blocks.move_to_end(digest)
+
+    @property
+    def device(self):
+        return next(iter(self.storage.values())).device
+
+    def clear(self):
+        self.free = list(range(self.capacity - 1, -1, -1))
+        self.blocks.clear()
+
