@@ -22,7 +22,7 @@ __all__ = [
 
 
 def storage(settings: Settings) -> Storage:
-    """The deployment's object store (one per URL and home, kept for the process)."""
+    """The deployment's object store, made once per URL and home in a process (its AWS_* settings read then)."""
     url = settings.storage_url or home_storage_url(settings.home)
     return _storage(url, str(settings.home), settings.storage_retry_s)
 
