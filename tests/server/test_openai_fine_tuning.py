@@ -1,7 +1,8 @@
 """OpenAI's fine-tuning API, driven by the official `openai` package against a real `lmq serve`
 beside a real `lmq worker` on Redis + PostgreSQL: chat files in, a fine-tuned model out that a
 batch then names; events, checkpoints, cancel, pause and resume; bad files failing with
-per-line messages before any training; a worker killed mid-epoch, its job resumed once.
+per-line messages before any training; a worker killed mid-epoch, its job resumed once. And
+once on the embedded default (SQLite, the server runs the job itself), paused and resumed.
 
 The server and worker run with the recovery tests' lease timing (test_embedded_recovery's), so
 that the killed worker's job is taken up in seconds rather than LMQ_LEASE_S=30 + LMQ_SWEEP_S=10.
@@ -358,3 +359,28 @@ def test_a_worker_killed_mid_epoch_leaves_the_job_to_another_which_resumes_it_on
     assert "Fine-tuning job taken up again (attempt 2)" in messages
     assert messages.count("Resumed from the checkpoint of epoch 1 (step 12)") == 1
     assert len([m for m in messages if m.startswith("The job has successfully completed")]) == 1
+
+
+def test_on_the_embedded_default_a_fine_tuning_job_runs_in_the_server_itself(tmp_path, tiny_llama_preset, lmq_home):
+    """No broker, no database server: `lmq serve` on SQLite runs the job in its own thread, and pause and
+    resume hand it back to that thread."""
+    env = {"LMQ_HOME": str(lmq_home)}
+    import_preset(env, chat_preset(tiny_llama_preset, tmp_path), MODEL, "team-a")
+    embedded = ApiServer({**env, "LMQ_API_TOKENS": TOKENS}, tmp_path / "server.log")
+    embedded.logs = [tmp_path / "server.log"]
+    try:
+        api = client(embedded)
+        job = api.fine_tuning.jobs.create(
+            model=MODEL, training_file=chat_file(api, 12).id, hyperparameters={"n_epochs": 2, "batch_size": 1}
+        )
+        wait_for_step(api, job.id, embedded, 14)
+        api.fine_tuning.jobs.pause(job.id)
+        assert wait(api, job.id, embedded, until=("paused",)).status == "paused"
+        api.fine_tuning.jobs.resume(job.id)
+        done = wait(api, job.id, embedded)
+        assert done.status == "succeeded", done.error
+        assert steps_recorded(api, job.id) == list(range(1, 25))
+        assert [c.step_number for c in api.fine_tuning.jobs.checkpoints.list(job.id).data] == [24, 12]
+        assert api.models.retrieve(done.fine_tuned_model).id == done.fine_tuned_model
+    finally:
+        embedded.stop()
