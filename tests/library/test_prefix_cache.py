@@ -120,12 +120,12 @@ def test_prompts_that_fit_one_step_wait_a_step_for_the_blocks_the_first_one_comp
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_beam_search_reuses_the_prefix_in_each_beam(llama, num_beams):
+def test_beam_search_reuses_the_prefix_in_each_beam(model, num_beams):
     prompts = shared_prefix_job(6, prefix_length=36, seed=2)
     sampler = BeamSampler(num_beams=num_beams, return_all_beams=True)
     options = dict(max_rows=2, prefill_chunk=12)
-    cached_engine, cached = run(llama, prompts, [5] * len(prompts), sampler, **options)
-    _, plain = run(llama, prompts, [5] * len(prompts), sampler, prefix_cache=False, **options)
+    cached_engine, cached = run(model, prompts, [5] * len(prompts), sampler, **options)
+    _, plain = run(model, prompts, [5] * len(prompts), sampler, prefix_cache=False, **options)
     assert (cached.completions, cached.finish_reasons) == (plain.completions, plain.finish_reasons)
     assert cached_engine.prefix_cache.hit_tokens >= (len(prompts) - 2) * 2 * BLOCK
 
