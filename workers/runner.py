@@ -90,7 +90,7 @@ class JobRunner:
         try:
             location = self.locate(preset, tenant)
             if kind == JobKind.generate.value:
-                self._run_generate(attempt, preset, location)
+                self._run_generate(attempt, preset, location, tenant)
             else:
                 from lmq.workers.fit import run_fit
 
@@ -114,7 +114,7 @@ class JobRunner:
         with session_scope(self.sessions) as session:
             return store_resolver(session, tenant=tenant).locate(handle)
 
-    def _run_generate(self, attempt: Attempt, preset: str, location: str) -> None:
+    def _run_generate(self, attempt: Attempt, preset: str, location: str, tenant: str) -> None:
         job_id = attempt.job_id
 
         def read_job(session) -> tuple[dict, int, int]:
@@ -122,7 +122,7 @@ class JobRunner:
             return dict(job.params), job.total, job.completed + job.failed
 
         params, total, done = attempt.write(read_job)
-        pinned = self.pool.get(location, params.get("dtype"))
+        pinned = self.pool.get(location, params.get("dtype"), locate=lambda handle: self.locate(handle, tenant))
         metrics.model_ready(job_id, preset, pinned.hit, pinned.load_seconds, pinned.evicted)
         attempt.event(
             "model",
@@ -135,6 +135,8 @@ class JobRunner:
         )
         lm = pinned.model
         arguments = {k: params[k] for k in JOB_ARGUMENTS if params.get(k) is not None}
+        if pinned.adapter is not None:  # an adapter preset: its base is pinned, its rows name the adapter
+            arguments["adapter"] = pinned.adapter
         task_kind = getattr(lm, "task_kind", "causal_lm")
         tokenizer = lm.preprocessor.tokenizer
         budget = row_budget(

@@ -156,6 +156,7 @@ def decode(
     prefill_chunk=PREFILL_CHUNK,
     step_tokens=None,
     priorities=None,
+    adapters=None,
     prefix_cache=True,
 ):
     """Generates up to ``limits[i]`` tokens after ``prompts[i]`` (lists of ids); a ``DecodeResult``.
@@ -171,18 +172,24 @@ def decode(
     The others wait (by ``priorities[i]``, lower first, then shortest prompt first) and join
     as finished ones leave. Each forward pass takes at most ``step_tokens`` tokens (default:
     the rows in flight + ``prefill_chunk``): the decoding rows' and at most ``prefill_chunk``
-    prompt tokens of the requests being prefilled.
+    prompt tokens of the requests being prefilled. ``adapters``: an adapter name (of ``model``'s,
+    see ``DecoderOnlyModel``) for every request, or a list of one per request (None: the base alone).
 
     ``prefix_cache``: prompt blocks computed once are reused by the requests that share
-    them (``Engine._prefix_cache``: True, False, or a ``PrefixCache`` kept across calls).
+    them, never across adapters (``Engine._prefix_cache``: True, False, or a ``PrefixCache``
+    kept across calls).
     """
+    if not isinstance(adapters, (list, tuple)):
+        adapters = [adapters] * len(prompts)
+    if len(adapters) != len(prompts):
+        raise ValueError(f"adapter has {len(adapters)} names for {len(prompts)} prompts; give one per prompt or one.")
     if not any(isinstance(ids, (list, tuple)) for ids in stop_token_ids):
         stop_token_ids = [stop_token_ids] * len(prompts)
     requests = [
         Request(
             i, list(prompt), limit, seed=None if seeds is None else seeds[i], stop_token_ids=tuple(stop_token_ids[i]),
             stop_strings=None if stop_strings is None else stop_strings[i],
-            priority=0 if priorities is None else priorities[i],
+            priority=0 if priorities is None else priorities[i], adapter=adapters[i],
         )
         for i, (prompt, limit) in enumerate(zip(prompts, limits))
     ]
