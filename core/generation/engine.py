@@ -544,7 +544,7 @@ def decode(
     instead of an engine of their own; this thread waits for them (``Group.wait``).
 
     ``prefix_cache``: prompt blocks computed once are reused by the requests that share
-    them (``Engine._prefix_cache``: True, False, or a ``PrefixCache`` kept across calls); a
+    them, never across adapters (``Engine._prefix_cache``: True, False, or a ``PrefixCache`` kept across calls); a
     sampler that reads the prompts' hidden states (contrastive search) computes every prompt.
     """
     requests = requests_of(prompts, limits, stop_token_ids, seeds, stop_strings, priorities, adapters)

@@ -17,7 +17,7 @@ class Request:
     stop_token_ids: tuple = ()
     stop_strings: StopStrings | None = None  # its own ``StopStrings``, or None: no text is decoded while it runs
     priority: int = 0  # lower is admitted first; equal priorities admit the shortest prompt first
-    adapter: str | None = None  # the adapter it runs with; requests of different adapters share no cached KV
+    adapter: str | None = None  # the adapter (over the model's base) its tokens apply, or None; no cached KV crosses adapters
 
     @property
     def need(self):

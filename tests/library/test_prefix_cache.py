@@ -12,10 +12,13 @@ import torch
 from lmq.core.config import SettingsError, load_settings
 from lmq.core.generation import DecoderOnlyModel, Engine, PrefixCache, Request, decode
 from lmq.core.layers import KVCache, RollingKVCache
-from lmq.core.models import Seq2SeqLM
+from lmq.core.models import CausalLM, Seq2SeqLM
+from lmq.plugins.llama import LlamaCausalLM
 from lmq.core.models.seq2seq_lm import EncoderDecoderModel
 from lmq.core.samplers import BeamSampler, ContrastiveSampler, GreedySampler
 from model_support import ENGINE_VOCAB, FIXTURES, engine_backbones, random_weights
+from tests.library.test_adapters import completions as adapter_completions
+from tests.library.test_adapters import make_adapter
 
 BACKBONES = engine_backbones()
 BLOCK = 16  # PrefixCache's default block size
@@ -120,12 +123,12 @@ def test_prompts_that_fit_one_step_wait_a_step_for_the_blocks_the_first_one_comp
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_beam_search_reuses_the_prefix_in_each_beam(llama, num_beams):
+def test_beam_search_reuses_the_prefix_in_each_beam(model, num_beams):
     prompts = shared_prefix_job(6, prefix_length=36, seed=2)
     sampler = BeamSampler(num_beams=num_beams, return_all_beams=True)
     options = dict(max_rows=2, prefill_chunk=12)
-    cached_engine, cached = run(llama, prompts, [5] * len(prompts), sampler, **options)
-    _, plain = run(llama, prompts, [5] * len(prompts), sampler, prefix_cache=False, **options)
+    cached_engine, cached = run(model, prompts, [5] * len(prompts), sampler, **options)
+    _, plain = run(model, prompts, [5] * len(prompts), sampler, prefix_cache=False, **options)
     assert (cached.completions, cached.finish_reasons) == (plain.completions, plain.finish_reasons)
     assert cached_engine.prefix_cache.hit_tokens >= (len(prompts) - 2) * 2 * BLOCK
 
@@ -151,14 +154,24 @@ def test_a_small_cache_evicts_the_least_recently_used_blocks_and_keeps_the_token
     assert again.scheduler.prompt_tokens_computed == len(prompts[-1]) - 2 * BLOCK == BLOCK
 
 
-def test_requests_of_different_adapters_share_no_blocks(llama):
-    prompt = shared_prefix_job(1, 48, seed=5)[0]
-    for adapters, hits in (((None, None), 3 * BLOCK), (("a", "a"), 3 * BLOCK), (("a", "b"), 0), ((None, "a"), 0)):
-        requests = [Request(i, prompt + [i], 3, adapter=adapter) for i, adapter in enumerate(adapters)]
-        engine = Engine(llama, GreedySampler(), requests, max_rows=1)
-        with torch.inference_mode():
-            engine.run()
-        assert engine.prefix_cache.hit_tokens == hits, adapters
+def test_rows_of_different_adapters_share_no_blocks_and_keep_their_adapters_tokens(tmp_path):
+    """Six prompts sharing a 40-token instruction, two each for the base and two adapters, all
+    admitted at once: in each pair the second row takes the first's two blocks (a row of
+    another adapter never does: its keys differ), and every row's tokens are those without
+    the cache."""
+    base = tmp_path / "base"
+    LlamaCausalLM(random_weights(BACKBONES["llama"]())).save_to_preset(str(base))
+    served = CausalLM.from_preset(str(base))
+    for name in ("a", "b"):
+        served.load_adapter(str(make_adapter(base, tmp_path / name, seed=len(name) + ord(name))), name=name)
+    prompts = shared_prefix_job(6, 40, seed=5)
+    names = [None, "a", "b"] * 2
+    kept = PrefixCache(1024)
+    options = dict(sampler="greedy", adapter=names)
+    cached = adapter_completions(served, prompts, prefix_cache=kept, **options)
+    assert cached == adapter_completions(served, prompts, prefix_cache=False, **options)
+    assert len({tuple(row) for row in cached}) == len(prompts)  # the adapters (and the prompts) change the tokens
+    assert kept.hit_tokens == 3 * 2 * BLOCK
 
 
 def test_the_last_prompt_token_is_always_computed(llama):
