@@ -15,19 +15,20 @@ WORKDIR /app
 # Dependencies first, so that a change to lmq's code does not reinstall torch.
 COPY pyproject.toml setup.py README.md ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-print('\n'.join(p['dependencies'] + p['optional-dependencies']['postgres']))" > /tmp/requirements.txt \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['postgres'] + p['optional-dependencies']['s3']))" > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt
 COPY lmq lmq
 COPY core core
 COPY plugins plugins
 COPY workers workers
 COPY api api
-RUN pip install --no-deps ".[postgres]"
+RUN pip install --no-deps ".[postgres,s3]"
 # The demo preset, servable as "demo/stdlib-tiny-llama" (the processes start in /app).
 COPY demo demo
 ENV LMQ_PRESET_ROOTS=/data/presets:/app/demo
 
-# Not root; /data (LMQ_HOME: the preset store, checkpoints, the hub cache) is a volume shared by api and workers.
+# Not root; /data (LMQ_HOME) is each container's own: its cache of presets from the object store (LMQ_STORAGE_URL)
+# and the hub cache; or, with no object store configured, the store itself (file://$LMQ_HOME).
 RUN useradd --create-home --uid 1000 lmq && mkdir -p /data && chown lmq /data
 USER lmq
 VOLUME /data

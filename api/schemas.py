@@ -141,3 +141,4 @@ class Readiness(BaseModel):
     ready: bool
     database: Check
     broker: Check
+    storage: Check  # the object store of LMQ_STORAGE_URL

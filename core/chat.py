@@ -55,12 +55,13 @@ def render_chat(tokenizer, messages, add_generation_prompt=True):
         ) from None
 
 
-def chat_token_ids(tokenizer, messages):
+def chat_token_ids(tokenizer, messages, add_generation_prompt=True):
     """The prompt ``CausalLM.generate`` takes for ``messages``: the ids transformers'
     ``apply_chat_template(messages, tokenize=True, add_generation_prompt=True)`` gives. The special
     tokens the template writes (``<s>``, ``</s>``, ``<|eot_id|>``) are their ids, and there is no
-    start token but the one the template writes (Phi-3's writes none)."""
-    text = render_chat(tokenizer, messages)
+    start token but the one the template writes (Phi-3's writes none). Without the generation
+    prompt: a whole conversation, as a training example (``lmq.core.models.training_data``)."""
+    text = render_chat(tokenizer, messages, add_generation_prompt)
     settings = {**builtin_tokenization(tokenizer.chat_template), **tokenizer.checkpoint_tokenization}
     return tokenizer.tokenize_with_special_tokens(text, **settings)
 

@@ -36,6 +36,13 @@ wires a whole deployment. Nothing here imports keras or torch.
                              served by workers started with `lmq worker --queues <kind>.<queue>`
     LMQ_WORKER_METRICS_PORT  unset: off; a port: each `lmq worker` serves its Prometheus metrics
                              at http://<host>:<port>/metrics (workers/metrics.py)
+    LMQ_STORAGE_URL          file://$LMQ_HOME: where uploads, fit checkpoints and presets made here are kept;
+                             s3://bucket/prefix for many hosts (AWS_* credentials, AWS_ENDPOINT_URL for an
+                             S3-compatible server; docs/storage.md)
+    LMQ_STORAGE_RETRY_S      30: how long a read or write of the object store is retried before it fails
+    LMQ_PRESET_CACHE_GB      50: the presets from a remote object store each host keeps on its disk
+    LMQ_DRAIN_S              60: a worker told to stop (SIGTERM) hands back its job at its next write, and
+                             after this long at the latest
     LMQ_DEVICE               auto: where workers run models - cuda when torch sees a GPU, else cpu;
                              or cpu, cuda, cuda:N. On a GPU a preset loads in bfloat16 unless the
                              job asks for a dtype
@@ -89,11 +96,17 @@ class Settings:
     device: str = "auto"
     worker_jobs: int = 4
     tenant_row_share: float = 0.5
+    storage_url: str = ""
+    storage_retry_s: float = 30.0
+    preset_cache_gb: float = 50.0
+    drain_s: float = 60.0
 
     @property
     def preset_store(self) -> Path:
-        """Where fine-tuned and imported presets live."""
-        return self.home / "presets"
+        """Where fine-tuned and imported presets live on a local object store (LMQ_STORAGE_URL; by default
+        $LMQ_HOME/presets). A remote store keeps them as manifests instead (core/storage/presets.py)."""
+        url = self.storage_url or home_storage_url(self.home)
+        return Path(url.removeprefix("file://")) / "presets" if url.startswith("file://") else self.home / "presets"
 
     @property
     def embedded(self) -> bool:
@@ -165,10 +178,12 @@ def load_settings(environ=None) -> Settings:
     home = Path(environ.get("LMQ_HOME") or Path.home() / ".lmq").expanduser()
     database_url = environ.get("LMQ_DATABASE_URL") or f"sqlite:///{home / 'lmq.db'}"
     roots = environ.get("LMQ_PRESET_ROOTS")
+    storage_url = _storage_url(environ.get("LMQ_STORAGE_URL"), home)
+    store = Path(storage_url.removeprefix("file://")) if storage_url.startswith("file://") else home
     preset_roots = (
         tuple(Path(p).expanduser().resolve() for p in roots.split(os.pathsep) if p)
         if roots
-        else ((home / "presets").resolve(), DEMO_PRESETS)
+        else ((store / "presets").resolve(), DEMO_PRESETS)
     )
     return Settings(
         home=home,
@@ -186,6 +201,10 @@ def load_settings(environ=None) -> Settings:
         device=_device(environ.get("LMQ_DEVICE") or "auto"),
         worker_jobs=_int(environ, "LMQ_WORKER_JOBS", 4),
         tenant_row_share=_share(environ, "LMQ_TENANT_ROW_SHARE", 0.5),
+        storage_url=storage_url,
+        storage_retry_s=_float(environ, "LMQ_STORAGE_RETRY_S", 30.0),
+        preset_cache_gb=_float(environ, "LMQ_PRESET_CACHE_GB", 50.0),
+        drain_s=_float(environ, "LMQ_DRAIN_S", 60.0),
         **load_lease_timing(environ),
     )
 
@@ -194,6 +213,20 @@ def _device(raw: str) -> str:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", raw):
         raise SettingsError(f"LMQ_DEVICE must be auto, cpu, cuda or cuda:N, got {raw!r}")
     return raw
+
+
+def _storage_url(raw: str | None, home: Path) -> str:
+    """The object store's root URL; by default the home directory itself, so one machine keeps its bytes where it always has."""
+    if not raw:
+        return home_storage_url(home)
+    scheme, found, rest = raw.partition("://")
+    if not found or scheme not in ("file", "s3") or not rest.strip("/"):
+        raise SettingsError(f"LMQ_STORAGE_URL must be file:///path or s3://bucket[/prefix], got {raw!r}")
+    return raw.rstrip("/")
+
+
+def home_storage_url(home: Path) -> str:
+    return f"file://{home.resolve()}"
 
 
 def load_lease_timing(environ) -> dict[str, float]:

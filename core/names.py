@@ -25,7 +25,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 # Anchored for OpenAPI (where "$" is the end of the text); Python's "$" also matches before a final
 # newline, so names are checked with fullmatch ("abc\n" is no name).
-PRESET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+PRESET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 _PRESET_NAME = re.compile(PRESET_NAME_PATTERN.strip("^$"))
 
 
@@ -72,6 +72,9 @@ class JobState(str, enum.Enum):
     queued = "queued"
     running = "running"
     cancelling = "cancelling"
+    # A fit job asked to pause stops at its next step, keeping its checkpoints; resumed, it is queued again.
+    pausing = "pausing"
+    paused = "paused"
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
@@ -90,10 +93,11 @@ def is_preset_name(name: str | None) -> bool:
 
 
 def check_preset_name(name: str | None) -> str:
-    """A store name is also a directory name: letters, digits, '.', '_', '-'."""
+    """A store name is also a directory name: letters, digits, '.', '_', '-', and ':' (a fine-tune's
+    OpenAI name, ``ft:<base>:<suffix>:<id>``)."""
     if not is_preset_name(name):
         raise ValueError(
-            f"preset name {name!r} is not valid: use 1-128 letters, digits, '.', '_' or '-', "
+            f"preset name {name!r} is not valid: use 1-128 letters, digits, '.', '_', ':' or '-', "
             "starting with a letter or digit"
         )
     return name

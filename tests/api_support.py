@@ -1,6 +1,7 @@
 """What the API tests share: a real `lmq serve` subprocess on a loopback port."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 import httpx
 
 from lmq.core.names import TERMINAL_STATES
+
+from lmq.core.chat_templates import read_builtin_template
 
 REPO = Path(__file__).resolve().parent.parent
 TOKENS = "tok-a:team-a,tok-b:team-b"
@@ -124,3 +127,21 @@ def two_tenant_server(root: Path, postgres_url: str) -> ApiServer:
     server = ApiServer(env, root / "server.log")
     server.home, server.settings, server.statuses = home, load_settings(env), []
     return server
+
+
+def import_preset(env, directory, name, tenant):
+    subprocess.run(
+        [sys.executable, "-m", "lmq.api.cli", "presets", "import", str(directory), "--name", name, "--tenant", tenant],
+        cwd=REPO,
+        env={**os.environ, **env},
+        check=True,
+        capture_output=True,
+    )
+
+
+def chat_preset(tiny_llama_preset, root):
+    """The tiny Llama with a chat template (Llama 2's, whose turn ends with the end token)."""
+    directory = root / "tiny-chat"
+    shutil.copytree(tiny_llama_preset, directory)
+    (directory / "chat_template.jinja").write_text(read_builtin_template("llama2_chat"))
+    return directory

@@ -93,7 +93,7 @@ def shared_engine(task, settings):
 
     budget = row_budget(task.backbone, None, settings.micro_batch_size, settings.micro_batch_tokens)
     return Engine(
-        DecoderOnlyModel(task.backbone),
+        DecoderOnlyModel(task.backbone, task.adapters),  # the adapters its jobs name load over it
         settings.limits.max_length,
         budget.rows,
         max_cache_tokens=budget.cache_tokens,

@@ -1,13 +1,15 @@
-"""Fit jobs: fine-tune through `CausalLM.fit` (rows of `text`) or `Seq2SeqLM.fit` (rows of
+"""Fit jobs: fine-tune through `CausalLM.fit` (rows of `text`; or, from OpenAI's fine-tuning API,
+chats and prompt/completion pairs, trained on their answers alone) or `Seq2SeqLM.fit` (rows of
 `encoder_text` and `decoder_text`), then register the result as a preset.
 
 Training changes weights, so a fit job loads its own copy of the base model
 instead of borrowing the pinned one. A fit job's counts are in training steps
 (`total` = steps per epoch x epochs). Each step records an event (step, loss,
 tokens/s) and checks for a cancel request; each epoch ends with a checkpoint
-of the weights under LMQ_HOME/checkpoints/<job id>. On success the model is
-saved with `save_to_preset` into the preset store and registered in SQL with
-its lineage.
+of the weights in the object store (core/storage/checkpoints.py). On success the
+model is saved with `save_to_preset` (a LoRA fine-tune of the fine-tuning API as
+an adapter preset over its base), published to the preset store
+(core/storage/presets.py) and registered in SQL with its lineage.
 
 A fit job taken over from a dead worker resumes from its last checkpoint
 (weights only: the optimizer starts afresh). The step and epoch events of the
@@ -18,18 +20,23 @@ the earlier attempt died after moving it into the store.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import time
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import keras
 from sqlalchemy.exc import IntegrityError
 
+from lmq.core import adapters
+from lmq.core.domain.fine_tuning import FINE_TUNING, MAX_LINE_PROBLEMS, TrainingFileInvalid
 from lmq.core.domain.fit import FIT_DEFAULTS, fit_steps
+from lmq.core.models.training_data import row_example
 from lmq.core.names import JobState, TaskKind
+from lmq.core.presets import PresetResolver
+from lmq.core.storage import PresetStore, preset_store, storage
+from lmq.core.storage.checkpoints import Checkpoint
 from lmq.core.store import queries
 from lmq.core.store.db import DatabaseUnavailable
 from lmq.core.store.leases import LeaseLost
@@ -38,7 +45,6 @@ from lmq.workers import metrics
 from lmq.workers.attempt import Attempt
 from lmq.workers.pool import load_task
 
-MADE_BY = ".lmq-job-id"  # in a preset directory: the fit job that made it
 # The preprocessor settings the `sequence_length` hyperparameter sets, by task.
 SEQUENCE_LENGTHS = {
     TaskKind.causal_lm: ("sequence_length",),
@@ -49,7 +55,7 @@ SEQUENCE_LENGTHS = {
 class StepEvents(keras.callbacks.Callback):
     """Per-step events, counts and cooperative cancellation, from inside `fit`."""
 
-    def __init__(self, attempt: Attempt, checkpoint: Path, first_step, total_steps, tokens_per_step):
+    def __init__(self, attempt: Attempt, checkpoint: Checkpoint, first_step, total_steps, tokens_per_step):
         super().__init__()
         self.attempt = attempt
         self.checkpoint = checkpoint
@@ -84,31 +90,9 @@ class StepEvents(keras.callbacks.Callback):
         if self.stopped:
             return
         self.attempt.confirm()  # a paused attempt that lost the job must not write its checkpoint
-        save_checkpoint(self.model, self.checkpoint, epoch + 1)
+        self.checkpoint.save(self.model, epoch + 1)
         metrics = {name: float(value) for name, value in (logs or {}).items()}
-        self.attempt.event("epoch", epoch=epoch + 1, checkpoint=True, **metrics)
-
-
-def save_checkpoint(model, directory: Path, epochs_done: int) -> None:
-    """Weights first, then the epoch count: a checkpoint is never half written."""
-    directory.mkdir(parents=True, exist_ok=True)
-    partial = directory / "partial.weights.h5"
-    model.save_weights(str(partial))
-    os.replace(partial, directory / "latest.weights.h5")
-    (directory / "latest.json.partial").write_text(json.dumps({"epochs_done": epochs_done}))
-    os.replace(directory / "latest.json.partial", directory / "latest.json")
-
-
-def restore_checkpoint(model, directory: Path) -> int:
-    """Epochs already done by an earlier attempt (their weights loaded), or 0."""
-    try:
-        epochs_done = json.loads((directory / "latest.json").read_text())["epochs_done"]
-    except FileNotFoundError:
-        return 0
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-        model.load_weights(str(directory / "latest.weights.h5"))
-    return epochs_done
+        self.attempt.event("epoch", epoch=epoch + 1, step=self.step, checkpoint=True, **metrics)
 
 
 class OutputNameTaken(ValueError):
@@ -129,32 +113,44 @@ def run_fit(attempt: Attempt, location: str) -> None:
         return job.preset, job.output_preset, dict(job.params), job.data, queries.get_preset(session, job.output_preset)
 
     preset, output, params, data, registered = attempt.write(read_job)
-    final = settings.preset_store / output
+    presets = preset_store(settings)
     if registered is not None and registered.job_id == job_id:
         attempt.finish(JobState.succeeded)
         return
-    if registered is None and made_by(final) == job_id:  # the last attempt died between moving and registering
-        _register(attempt, final, preset, output, {"training_examples": len(data["training_data"])}, None)
+    published = None if registered is not None else presets.published_by(output, job_id)
+    if published is not None:  # the last attempt died between publishing and registering
+        architecture = preset_architecture(presets.fetch(published))
+        details = {"training_examples": len(data["training_data"])}
+        _register(attempt, presets, published, architecture, preset, output, details, None)
         return
-    if registered is not None or final.exists():  # another tenant's name, which its submission could not see
+    if registered is not None or presets.taken(output):  # another tenant's name, which its submission could not see
         raise OutputNameTaken(output)
 
     started = time.perf_counter()
     lm = load_task(location, params.get("dtype"), budget_bytes=int(settings.model_memory_gb * 2**30))
     attempt.event("model", preset=preset, pool_hit=False, load_seconds=round(time.perf_counter() - started, 3))
 
-    examples = training_examples(lm, data["training_data"])
-    validation = training_examples(lm, data.get("validation_data") or [])
-    schedule = fit_steps(len(data["training_data"]), params)
     if params.get("sequence_length"):
         for name in SEQUENCE_LENGTHS[TaskKind(lm.task_kind)]:
             setattr(lm.preprocessor, name, params["sequence_length"])
+    try:
+        examples = training_examples(lm, data["training_data"], "training_file")
+        validation = training_examples(lm, data.get("validation_data") or [], "validation_file")
+    except TrainingFileInvalid as invalid:  # no step has run
+        attempt.finish(JobState.failed, error=str(invalid), code=invalid.code, param=invalid.param)
+        return
+    schedule = fit_steps(len(data["training_data"]), params)
+    if params.get("seed") is not None:
+        keras.utils.set_random_seed(params["seed"])
     if params.get("lora_rank"):
-        lm.backbone.enable_lora(params["lora_rank"])  # the saved preset has the adapters merged in
-    lm.compile(optimizer=keras.optimizers.AdamW(learning_rate=params.get("learning_rate") or FIT_DEFAULTS.learning_rate))
+        lm.backbone.enable_lora(params["lora_rank"])  # merged into the saved preset, or an adapter (adapter_base)
+    learning_rate = params.get("learning_rate") or FIT_DEFAULTS.learning_rate
+    # The loss of a step is the mean over the tokens trained on (a chat's answers), not over every position.
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight")
+    lm.compile(optimizer=keras.optimizers.AdamW(learning_rate=learning_rate), loss=loss)
 
-    checkpoint = settings.home / "checkpoints" / job_id
-    epochs_done = restore_checkpoint(lm, checkpoint)
+    checkpoint = Checkpoint(storage(settings), job_id)
+    epochs_done = checkpoint.restore(lm)
     first_step = epochs_done * schedule.per_epoch
 
     def start_steps(session) -> None:
@@ -173,25 +169,44 @@ def run_fit(attempt: Attempt, location: str) -> None:
         tokens_per_step=training_tokens(lm, examples) / schedule.per_epoch,
     )
     lm.fit(
-        x=examples,
+        x=examples.x,
+        sample_weight=examples.sample_weight,
         batch_size=schedule.batch_size,
         epochs=schedule.epochs,
         initial_epoch=epochs_done,
         callbacks=[steps],
-        validation_data=validation or None,
+        validation_data=validation.validation_data if validation else None,
         verbose=0,
     )
-    if steps.stopped:  # cancelled
+    if steps.stopped:  # cancelled or paused
         return
-    details = {"training_examples": len(data["training_data"]), "steps": steps.step, "final_loss": steps.loss}
-    _save(lm, attempt, final)
-    _register(attempt, final, preset, output, details, steps.loss)
-    shutil.rmtree(checkpoint, ignore_errors=True)
+    details = {
+        "training_examples": len(data["training_data"]),
+        "steps": steps.step,
+        "final_loss": steps.loss,
+        "trained_tokens": training_tokens(lm, examples) * schedule.epochs,
+    }
+    location, architecture = _save(lm, attempt, presets, output, adapter_base(params, preset, location))
+    _register(attempt, presets, location, architecture, preset, output, details, steps.loss)
+    checkpoint.remove()
 
 
-def training_examples(lm, rows: list[dict]):
-    """Rows as the task's `fit` takes them: a list of texts, or {"encoder_text": [...], "decoder_text": [...]};
-    a ValueError naming the rows' kind when the preset's task reads another."""
+@dataclass(frozen=True)
+class Examples:
+    """Rows as the task's `fit` takes them: texts, {"encoder_text": [...], "decoder_text": [...]},
+    or rows of token ids with a weight per token (`sample_weight`: a chat's answers, a completion)."""
+
+    x: Any
+    sample_weight: list | None = None
+
+    @property
+    def validation_data(self):
+        return self.x if self.sample_weight is None else (self.x, None, self.sample_weight)
+
+
+def training_examples(lm, rows: list[dict], param: str) -> Examples | None:
+    """The rows as `fit` takes them; a ValueError naming the rows' kind when the preset's task reads
+    another; TrainingFileInvalid naming the examples that cannot train (see `weighted_examples`)."""
     if not rows:
         return None
     task, given = TaskKind(lm.task_kind), TaskKind.seq2seq_lm if "encoder_text" in rows[0] else TaskKind.causal_lm
@@ -199,65 +214,116 @@ def training_examples(lm, rows: list[dict]):
         wanted, gave = task.fields_read("fit"), given.fields_read("fit")
         raise ValueError(f"the preset is a {type(lm).__name__}: its training rows give {wanted}, not {gave}")
     if task is TaskKind.seq2seq_lm:
-        return {side: [row[side] for row in rows] for side in task.training_fields}
-    return [row["text"] for row in rows]
+        return Examples({side: [row[side] for row in rows] for side in task.training_fields})
+    if all("text" in row for row in rows):
+        return Examples([row["text"] for row in rows])
+    return weighted_examples(lm.preprocessor, rows, param)
 
 
-def training_tokens(lm, examples) -> int:
+def weighted_examples(preprocessor, rows: list[dict], param: str) -> Examples:
+    """Chats and prompt/completion pairs as token ids and weights (lmq.core.models.training_data).
+    An example its chat template refuses, or none of whose trained tokens is within the sequence
+    length, is named in a TrainingFileInvalid: the job fails before its first step."""
+    ids, weights, problems = [], [], []
+    room = preprocessor.sequence_length + 1  # the packed length: labels are the ids shifted by one
+    for number, row in enumerate(rows, 1):
+        try:
+            row_ids, row_weights = row_example(preprocessor, row)
+        except ValueError as error:
+            problems.append(f"example {number}: {error}")
+            continue
+        if not any(row_weights[1:room]):
+            problems.append(
+                f"example {number}: none of its trained tokens is within the model's sequence length "
+                f"({preprocessor.sequence_length} tokens; the example has {len(row_ids)})"
+            )
+        ids.append(row_ids)
+        weights.append(row_weights)
+    if problems:
+        raise TrainingFileInvalid(param, problems[:MAX_LINE_PROBLEMS], len(problems))
+    return Examples(ids, weights)
+
+
+def training_tokens(lm, examples: Examples) -> int:
     """Tokens of one epoch, as packed (a start or end token added, cut at the sequence length)."""
     tokenize, preprocessor = lm.preprocessor.tokenizer.tokenize, lm.preprocessor
-    if isinstance(examples, dict):
+    if isinstance(examples.x, dict):
         lengths = {
             "encoder_text": preprocessor.encoder_sequence_length,
             "decoder_text": preprocessor.decoder_sequence_length,
         }
-        return sum(min(len(tokenize(text)) + 2, lengths[side]) for side in lengths for text in examples[side])
-    return sum(min(len(tokenize(text)) + 1, preprocessor.sequence_length) for text in examples)
+        return sum(min(len(tokenize(text)) + 2, lengths[side]) for side in lengths for text in examples.x[side])
+    if examples.sample_weight is not None:
+        return sum(min(len(ids), preprocessor.sequence_length + 1) - 1 for ids in examples.x)
+    return sum(min(len(tokenize(text)) + 1, preprocessor.sequence_length) for text in examples.x)
 
 
-def made_by(directory: Path) -> str | None:
-    try:
-        return (directory / MADE_BY).read_text().strip()
-    except FileNotFoundError:
+def adapter_base(params: dict, preset: str, location: str) -> str | None:
+    """The base a LoRA fine-tune of the fine-tuning API is saved over as an adapter preset (the job's
+    own handle for it, as the job's tenant names it); None to save the model whole: a fit of every
+    weight, a fit job of /v1/jobs or `lmq fit` (whose LoRA updates are merged in, as documented), or
+    a fine-tune of a base that is itself an adapter."""
+    if not (params.get("lora_rank") and FINE_TUNING in params):
         return None
+    base_is_adapter = Path(location).is_dir() and adapters.is_adapter_preset(PresetResolver().files(location))
+    return None if base_is_adapter else preset
 
 
-def _save(lm, attempt: Attempt, final: Path) -> None:
-    """Save beside the final directory, then rename: a preset in the store is always whole."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    partial = final.parent / f".{final.name}.{attempt.job_id}.{attempt.lease.attempt}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    lm.save_to_preset(str(partial))
-    (partial / MADE_BY).write_text(attempt.job_id)
-    attempt.confirm()
-    if final.exists():
-        shutil.rmtree(partial, ignore_errors=True)
-        raise OutputNameTaken(final.name)
-    partial.rename(final)
+def _save(
+    lm, attempt: Attempt, presets: PresetStore, name: str, adapter_over: str | None = None
+) -> tuple[str, str | None]:
+    """Save to a staging directory, then publish: a preset in the store is always whole. A LoRA
+    fine-tune is saved as an adapter preset over `adapter_over` (lmq.core.adapters, PEFT's layout).
+    Returns where it is published and its architecture."""
+    staged = presets.staging(name, attempt.job_id)
+    try:
+        if adapter_over is None:
+            lm.save_to_preset(str(staged))
+        else:
+            adapters.save_adapter_preset(lm, staged, adapter_over)
+        architecture = preset_architecture(staged)
+        attempt.confirm()
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    try:
+        return presets.publish(staged, name, attempt.job_id), architecture
+    except FileExistsError:
+        raise OutputNameTaken(name) from None
 
 
-def _register(attempt: Attempt, final: Path, base: str, name: str, details: dict, final_loss) -> None:
+def _register(
+    attempt: Attempt,
+    presets: PresetStore,
+    location: str,
+    architecture: str | None,
+    base: str,
+    name: str,
+    details: dict,
+    final_loss: float | None,
+) -> None:
     def register(session) -> None:
         queries.register_preset(
             session,
             name=name,
-            path=str(final),
-            architecture=preset_architecture(final),
+            path=location,
+            architecture=architecture,
             source=None,  # made here, not imported: `parent` and `job_id` say how
             parent=base,
             job_id=attempt.job_id,
             details=details,
             tenant=queries.get_job(session, attempt.job_id).tenant,  # the preset is the job's tenant's
         )
-        queries.finish_job(session, attempt.job_id, JobState.succeeded, final_loss=final_loss)
+        trained_tokens = details.get("trained_tokens")
+        queries.finish_job(session, attempt.job_id, JobState.succeeded, final_loss=final_loss, trained_tokens=trained_tokens)
 
     try:
         attempt.write(register)
     except (LeaseLost, DatabaseUnavailable):
-        raise  # the next attempt registers the directory (see made_by)
+        raise  # the next attempt registers what this one published (see PresetStore.published_by)
     except IntegrityError:  # another job registered the name meanwhile
-        shutil.rmtree(final, ignore_errors=True)
+        presets.remove(location)
         raise OutputNameTaken(name) from None
     except Exception:
-        shutil.rmtree(final, ignore_errors=True)
+        presets.remove(location)
         raise

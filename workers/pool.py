@@ -6,10 +6,16 @@ least recently used ones when the weights of all pinned tasks would exceed the
 memory budget (`LMQ_MODEL_MEMORY_GB`). Tasks load on the device the settings name
 (`LMQ_DEVICE`: a GPU when there is one, in bfloat16 unless the job names a dtype).
 
+An adapter preset (``lmq.core.adapters``) is pinned over its base: the base once, however many
+adapters of it are pinned, and each adapter as an entry of its own at its own size (its low-rank
+weights), evicted on its own; evicting a base evicts its adapters with it. A job on an adapter gets
+the base's task and the adapter's name (``PinnedModel.adapter``), which its rows then name.
+
 Beside each pinned task the pool keeps its engine (``engine_for(task)``, e.g.
 ``workers.batching.shared_engine``): one decode engine, stepped by a thread of its own,
-that every generate job on that model submits its rows to, so that jobs running at once
-share each step. An evicted model's engine is closed: it finishes what is in flight.
+that every generate job on that model (and on its adapters) submits its rows to, so that
+jobs running at once share each step. An evicted model's engine is closed: it finishes
+what is in flight.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import functools
 import gc
 import math
+import pathlib
 import re
 import threading
 import time
@@ -57,7 +64,38 @@ class PinnedModel:
     hit: bool
     load_seconds: float
     evicted: list[str] = field(default_factory=list)
+    adapter: str | None = None  # the adapter (loaded over ``model``) the job's rows name, if its preset is one
     engine: object | None = None  # the model's shared engine, when the pool keeps one
+
+
+@dataclass
+class _Entry:
+    """What one pool key holds: a task, or an adapter over the task pinned at ``base``."""
+
+    model: object
+    size: int
+    base: PoolKey | None = None
+
+
+def adapter_base(location: str) -> str | None:
+    """The base preset an adapter preset at ``location`` names, or None when it is no adapter preset
+    (a model preset, or not a local directory). A config that names none is a ValueError."""
+    if not pathlib.Path(location).is_dir():
+        return None
+    from lmq.core.adapters import is_adapter_preset, named_base
+    from lmq.core.presets.files import PresetFiles
+
+    files = PresetFiles(location)
+    return named_base(files) if is_adapter_preset(files) else None
+
+
+def load_adapter(model, location: str):
+    """Loads the adapter preset at ``location`` over ``model`` (its base), named by its location."""
+    return model.load_adapter(location, name=location)
+
+
+def unload_adapter(model, location: str) -> None:
+    model.adapters.remove(location)
 
 
 class ModelPool:
@@ -76,45 +114,80 @@ class ModelPool:
         self._load = load or functools.partial(load_task, device=device, budget_bytes=budget_bytes)
         self._measure = measure
         self._engine_for = engine_for
-        self._pinned: OrderedDict[PoolKey, tuple[object, int]] = OrderedDict()
+        self._pinned: OrderedDict[PoolKey, _Entry] = OrderedDict()
         self._engines: dict[PoolKey, object] = {}
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    def get(self, location: str, dtype: str | None = None) -> PinnedModel:
-        key = (location, dtype)
+    def get(self, location: str, dtype: str | None = None, locate: Callable[[str], str] | None = None) -> PinnedModel:
+        """The task pinned for ``location``; for an adapter preset, its base's task with the adapter
+        loaded over it, the base found by ``locate(handle)`` (the job's resolver; by default the
+        library's, which knows no store names)."""
+        base = adapter_base(location)
         with self._lock:
+            if base is None:
+                return self._get_model((location, dtype))
+            if locate is None:
+                from lmq.core.presets import PresetResolver
+
+                locate = PresetResolver().locate
+            base_key = (locate(base), dtype)
+            pinned = self._get_model(base_key)
+            key = (location, dtype)
             if key in self._pinned:
                 self._pinned.move_to_end(key)
                 self.hits += 1
-                return PinnedModel(self._pinned[key][0], hit=True, load_seconds=0.0, engine=self._engines.get(key))
+                return PinnedModel(
+                    pinned.model, pinned.hit, pinned.load_seconds, pinned.evicted, adapter=location, engine=pinned.engine
+                )
             self.misses += 1
             started = time.perf_counter()
-            model = self._load(location, dtype)
-            load_seconds = time.perf_counter() - started
-            size = self._measure(model)
-            evicted = self._make_room(size)
-            self._pinned[key] = (model, size)
-            engine = self._engines[key] = self._engine_for(model) if self._engine_for is not None else None
-            return PinnedModel(model, hit=False, load_seconds=load_seconds, evicted=evicted, engine=engine)
+            adapter = load_adapter(pinned.model, location)
+            load_seconds = pinned.load_seconds + time.perf_counter() - started
+            evicted = pinned.evicted + self._make_room(adapter.nbytes, keep=base_key)
+            self._pinned[key] = _Entry(pinned.model, adapter.nbytes, base=base_key)
+            return PinnedModel(pinned.model, hit=False, load_seconds=load_seconds, evicted=evicted, adapter=location,
+                               engine=pinned.engine)
 
-    def _make_room(self, incoming_bytes: int) -> list[str]:
-        """Evict least recently used models until the new one fits (it always loads)."""
+    def _get_model(self, key: PoolKey) -> PinnedModel:
+        if key in self._pinned:
+            self._pinned.move_to_end(key)
+            self.hits += 1
+            return PinnedModel(self._pinned[key].model, hit=True, load_seconds=0.0, engine=self._engines.get(key))
+        self.misses += 1
+        started = time.perf_counter()
+        model = self._load(*key)
+        load_seconds = time.perf_counter() - started
+        size = self._measure(model)
+        evicted = self._make_room(size)
+        self._pinned[key] = _Entry(model, size)
+        engine = self._engines[key] = self._engine_for(model) if self._engine_for is not None else None
+        return PinnedModel(model, hit=False, load_seconds=load_seconds, evicted=evicted, engine=engine)
+
+    def _make_room(self, incoming_bytes: int, keep: PoolKey | None = None) -> list[str]:
+        """Evict least recently used models and adapters until the new one fits (it always loads),
+        never ``keep`` (the base of an adapter coming in); a base goes with its adapters."""
         evicted = []
-        while self._pinned and self.pinned_bytes + incoming_bytes > self.budget_bytes:
-            (location, dtype), _ = self._pinned.popitem(last=False)
-            engine = self._engines.pop((location, dtype), None)
-            if engine is not None:
-                engine.close()  # its jobs in flight finish; the next ones get the new model's
-            evicted.append(location if dtype is None else f"{location} ({dtype})")
+        while self.pinned_bytes + incoming_bytes > self.budget_bytes:
+            victim = next((key for key in self._pinned if key != keep), None)
+            if victim is None:
+                break
+            for key in [victim] + [k for k, entry in self._pinned.items() if entry.base == victim]:
+                entry = self._pinned.pop(key)
+                if entry.base is not None and entry.base in self._pinned:  # an adapter over a base that stays
+                    unload_adapter(entry.model, key[0])
+                engine = self._engines.pop(key, None)
+                if engine is not None:
+                    engine.close()  # its jobs in flight finish; the next ones get a new one
+                evicted.append(key[0] if key[1] is None else f"{key[0]} ({key[1]})")
         if evicted:
             _release_memory()
         return evicted
 
     @property
     def pinned_bytes(self) -> int:
-        return sum(size for _, size in self._pinned.values())
+        return sum(entry.size for entry in self._pinned.values())
 
     def keys(self) -> list[PoolKey]:
         """Pinned keys, least recently used first."""

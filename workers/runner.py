@@ -116,7 +116,7 @@ class JobRunner:
         with session_scope(self.sessions) as session:
             return store_resolver(session, tenant=tenant).locate(handle)
 
-    def _run_generate(self, attempt: Attempt, preset: str, location: str, tenant: str | None = None) -> None:
+    def _run_generate(self, attempt: Attempt, preset: str, location: str, tenant: str) -> None:
         job_id = attempt.job_id
 
         def read_job(session) -> tuple[dict, int, int]:
@@ -124,7 +124,7 @@ class JobRunner:
             return dict(job.params), job.total, job.completed + job.failed
 
         params, total, done = attempt.write(read_job)
-        pinned = self.pool.get(location, params.get("dtype"))
+        pinned = self.pool.get(location, params.get("dtype"), locate=lambda handle: self.locate(handle, tenant))
         metrics.model_ready(job_id, preset, pinned.hit, pinned.load_seconds, pinned.evicted)
         attempt.event(
             "model",
@@ -137,6 +137,8 @@ class JobRunner:
         )
         lm = pinned.model
         arguments = {k: params[k] for k in JOB_ARGUMENTS if params.get(k) is not None}
+        if pinned.adapter is not None:  # an adapter preset: its base is pinned, its rows name the adapter
+            arguments["adapter"] = pinned.adapter
         shared = {"engine": pinned.engine, "priority": params.get("priority", 0), "tenant": tenant}
         task_kind = getattr(lm, "task_kind", "causal_lm")
         tokenizer = lm.preprocessor.tokenizer

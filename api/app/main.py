@@ -1,6 +1,6 @@
 """The HTTP API: submit jobs, follow them, read their results, list presets.
 
-`create_app` wires the resource routers (routes/: jobs, presets, health, metrics, dashboard; openai/: files, batches)
+`create_app` wires the resource routers (routes/: jobs, presets, health, metrics, dashboard; openai/: files, batches, fine_tuning)
 to one deployment's settings and dispatch; handlers get both, a database
 session and the caller's tenant as dependencies (api/app/dependencies.py). The
 process stays light: it imports the store, the settings and the plugin
@@ -20,11 +20,13 @@ from lmq.api.app.dispatch import dispatch_for
 from lmq.api.app.openai.batches import routes as openai_batches
 from lmq.api.app.openai.batches.service import validation_sweep
 from lmq.api.app.openai.files import routes as openai_files
+from lmq.api.app.openai.fine_tuning import routes as openai_fine_tuning
 from lmq.api.app.routes import dashboard, health, jobs, presets
 from lmq.api.app.routes.metrics import add_metrics
 from lmq.api.app.utf8_bodies import Utf8Bodies
 from lmq.core.config import Settings, load_settings
 from lmq.core.domain.requests import field_name, problems
+from lmq.core.storage import StorageError
 from lmq.core.store import SchemaOutOfDate
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(dashboard.router)
     app.include_router(openai_files.router)
     app.include_router(openai_batches.router)
+    app.include_router(openai_fine_tuning.router)
     # Innermost (added first), so its refusal reaches the route as raised, not inside another middleware's task group.
     app.add_middleware(Utf8Bodies)
     add_metrics(app, settings)
@@ -80,6 +83,11 @@ def add_error_handlers(app: FastAPI) -> None:
     async def database_down(request: Request, error: OperationalError):
         logger.warning("database unavailable: %s", error)
         return JSONResponse(status_code=503, content={"detail": "the database is unavailable; try again"})
+
+    @app.exception_handler(StorageError)
+    async def storage_down(request: Request, error: StorageError):
+        logger.warning("object store: %s", error)
+        return JSONResponse(status_code=503, content={"detail": str(error)})
 
     @app.exception_handler(SchemaOutOfDate)
     async def schema_out_of_date(request: Request, error: SchemaOutOfDate):

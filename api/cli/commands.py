@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import NoReturn
@@ -48,9 +49,16 @@ from lmq.core.logfmt import log_to_stderr
 from lmq.core.names import DTYPES, SAMPLER_NAMES, JobKind, JobState, check_preset_name
 from lmq.core.presets import PresetNotFound
 from lmq.core.presets.files import PresetFileError
+from lmq.core.storage import preset_store
 from lmq.core.store import SchemaOutOfDate, queries, session_scope, sessions
 from lmq.core.store.db import database_exists
-from lmq.core.store.presets import PresetRefused, check_preset_for_job, preset_architecture, store_resolver
+from lmq.core.store.presets import (
+    PresetRefused,
+    check_preset_for_job,
+    preset_architecture,
+    store_resolver,
+    stored_preset_directory,
+)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -286,7 +294,7 @@ def cmd_presets(args) -> int:
             if preset is None:
                 names = [stored.name for stored in queries.list_presets(session)]
                 raise BadInput(f"no preset {args.name!r} in the store{did_you_mean(args.name, names)}")
-            summary = {**schemas.preset_summary(preset), "chat_template": chat_template_source(preset.path)}
+            summary = {**schemas.preset_summary(preset), "chat_template": chat_template_source(str(stored_preset_directory(preset.path)))}
             print(json.dumps(summary, indent=2))
         elif args.action == "import":
             import_preset(settings, session, args.handle, args.name, args.tenant)
@@ -302,7 +310,9 @@ def import_preset(settings: Settings, session, handle: str, name: str, tenant: s
         raise BadInput(str(error)) from None
     source = locate(session, handle, fetch=True)
     check_preset(source.directory, handle, settings)
-    target = settings.preset_store / name
+    presets = preset_store(settings)
+    made_by = f"import-{uuid.uuid4().hex[:12]}"  # a remote store's presets are published whole (core/storage)
+    target = settings.preset_store / name if presets.storage.is_local else presets.staging(name, made_by)
     # A preset already in the store's directory (made under another LMQ_DATABASE_URL) is registered in place.
     if source.directory.resolve() != target.resolve():
         if target.exists():
@@ -315,11 +325,17 @@ def import_preset(settings: Settings, session, handle: str, name: str, tenant: s
         if builtin is not None and not (target / CHAT_TEMPLATE_FILE).exists():
             # the copy's name is no built-in preset's: it keeps the template its handle gives
             (target / CHAT_TEMPLATE_FILE).write_text(read_builtin_template(builtin), encoding="utf-8")
+    architecture, location = preset_architecture(target), str(target)
+    if not presets.storage.is_local:
+        try:
+            location = presets.publish(target, name, made_by)
+        except FileExistsError:
+            raise BadInput(f"{presets.storage.url_of(f'presets/{name}')} already exists") from None
     preset = queries.register_preset(
         session,
         name=name,
-        path=str(target),
-        architecture=preset_architecture(target),
+        path=location,
+        architecture=architecture,
         source=handle,
         tenant=tenant,
     )

@@ -40,6 +40,7 @@ class Batch:
         self.stream = stream
         self.on_finish = on_finish
         self.generators = {}  # request in flight -> its torch.Generator, when seeded
+        self.adapter_slots = {}  # request in flight -> its adapter's slot (the model's), when it names one
         self.seeded = False
         self.rows_per_prompt = cache_manager.rows_per_request
         self.rows = {}
@@ -61,6 +62,8 @@ class Batch:
         for request in requests:
             if request.stop_strings is not None:
                 self.stop_strings[request.id] = request.stop_strings
+            if request.adapter is not None:
+                self.adapter_slots[request.id] = self.model.adapter_slot(request.adapter)
             if request.limit <= 0:  # the empty completion, of log-probability 0
                 self._complete(request.id, [FinishedRow([], "length", 0.0)])
             elif request.seed is not None:
@@ -96,6 +99,7 @@ class Batch:
             "stopped": torch.zeros(len(each), dtype=torch.bool, device=device),
             "stop_ids": torch.tensor(stops, dtype=torch.long, device=device).view(len(requests), -1)[each],
             "has_stop_strings": torch.tensor([r.stop_strings is not None for r in requests], device=device)[each],
+            "adapter": torch.tensor([self.adapter_slots.get(r.id, -1) for r in requests], device=device)[each],
         }
         self.sampler.admit(self, joined, hidden)
         if self.rows:
@@ -123,10 +127,13 @@ class Batch:
         """The next forward pass: every row's newest token at its position, then ``chunks``
         ((cache row, start, token ids, request) of each prompt chunk)."""
         if self.decode_rows:
-            tokens, positions = self.rows["token"], self.rows["length"] - 1
+            tokens, positions, slots = self.rows["token"], self.rows["length"] - 1, self.rows["adapter"]
         else:
-            tokens = positions = torch.zeros(0, dtype=torch.long, device=self.model.device)
-        return StepInput.of(tokens, positions, self.width, chunks, self.model.device)
+            tokens = positions = slots = torch.zeros(0, dtype=torch.long, device=self.model.device)
+        adapters = None
+        if self.adapter_slots:  # a request in flight names an adapter: each token says its own
+            adapters = slots, [self.adapter_slots.get(request, -1) for *_, request in chunks]
+        return StepInput.of(tokens, positions, self.width, chunks, self.model.device, adapters)
 
     def row_generators(self):
         """Each row's random generator (its request's), or None when unseeded."""
@@ -190,7 +197,8 @@ class Batch:
         """
         length = self.cache_manager.length
         positions = self.rows["length"].clamp(max=length - 1)
-        step = StepInput.of(tokens, positions, min(self.width + 1, length), (), self.model.device)
+        adapters = (self.rows["adapter"], []) if self.adapter_slots else None
+        step = StepInput.of(tokens, positions, min(self.width + 1, length), (), self.model.device, adapters)
         return self.runner.run(self.cache_manager.cache, step)
 
     # -- rows leave ------------------------------------------------------------------
@@ -213,6 +221,7 @@ class Batch:
         for request in requests:
             self.stop_strings.pop(request, None)
             self.generators.pop(request, None)
+            self.adapter_slots.pop(request, None)
         if not self.size:
             return None
         first = self.rows["request"][:: self.rows_per_prompt]
@@ -253,4 +262,5 @@ class Batch:
                 for token in completion.token_ids:
                     self.stream(request, token)
         self.generators.pop(request, None)
+        self.adapter_slots.pop(request, None)
         self.on_finish(request, completion)

@@ -457,15 +457,19 @@ class _RowsOf(Mapping):
         return len(self._rows)
 
 
-def requests_of(prompts, limits, stop_token_ids=(), seeds=None, stop_strings=None, priorities=None):
+def requests_of(prompts, limits, stop_token_ids=(), seeds=None, stop_strings=None, priorities=None, adapters=None):
     """``decode``'s arguments as ``Request`` records, numbered 0, 1, ..."""
+    if not isinstance(adapters, (list, tuple)):
+        adapters = [adapters] * len(prompts)
+    if len(adapters) != len(prompts):
+        raise ValueError(f"adapter has {len(adapters)} names for {len(prompts)} prompts; give one per prompt or one.")
     if not any(isinstance(ids, (list, tuple)) for ids in stop_token_ids):
         stop_token_ids = [stop_token_ids] * len(prompts)
     return [
         Request(
             i, list(prompt), limit, seed=None if seeds is None else seeds[i], stop_token_ids=tuple(stop_token_ids[i]),
             stop_strings=None if stop_strings is None else stop_strings[i],
-            priority=0 if priorities is None else priorities[i],
+            priority=0 if priorities is None else priorities[i], adapter=adapters[i],
         )
         for i, (prompt, limit) in enumerate(zip(prompts, limits))
     ]
@@ -491,6 +495,7 @@ def decode(
     engine=None,
     job_priority=0,
     tenant=None,
+    adapters=None,
 ):
     """Generates up to ``limits[i]`` tokens after ``prompts[i]`` (lists of ids); a ``DecodeResult``.
 
@@ -505,13 +510,14 @@ def decode(
     The others wait (by ``priorities[i]``, lower first, then shortest prompt first) and join
     as finished ones leave. Each forward pass takes at most ``step_tokens`` tokens (default:
     the rows in flight + ``prefill_chunk``): the decoding rows' and at most ``prefill_chunk``
-    prompt tokens of the requests being prefilled.
+    prompt tokens of the requests being prefilled. ``adapters``: an adapter name (of ``model``'s,
+    see ``DecoderOnlyModel``) for every request, or a list of one per request (None: the base alone).
 
     ``engine``: a running ``Engine`` (a worker's, for this model) to submit the requests to,
     as a group of ``job_priority`` and ``tenant`` with at most ``max_rows`` requests in flight,
     instead of an engine of their own; this thread waits for them (``Group.wait``).
     """
-    requests = requests_of(prompts, limits, stop_token_ids, seeds, stop_strings, priorities)
+    requests = requests_of(prompts, limits, stop_token_ids, seeds, stop_strings, priorities, adapters)
     if engine is not None:
         if engine.model.backbone is not model.backbone:
             raise ValueError("The engine given runs another model.")

@@ -20,16 +20,23 @@ class StepInput:
     decode_width: int  # cache positions the decoding rows read: above each of their positions
     chunks: tuple  # (cache row, start position, length) of each prompt chunk, in token order
     requests: tuple  # the chunks' request ids (a model may keep more per request: an encoder's input)
+    adapter_slots: torch.Tensor | None = None  # [tokens] long: each token's adapter (its slot, -1: none); None: no adapters
 
     @classmethod
-    def of(cls, decode_tokens, decode_positions, decode_width, chunks, device):
+    def of(cls, decode_tokens, decode_positions, decode_width, chunks, device, adapters=None):
         """``decode_tokens``/``decode_positions`` [rows] tensors; ``chunks``: (cache row, start,
-        token ids, request) per prompt chunk."""
+        token ids, request) per prompt chunk; ``adapters``: None, or (each decoding row's adapter
+        slot [rows], each chunk's)."""
         rows = len(decode_tokens)
         prompt_ids = [token for _, _, ids, _ in chunks for token in ids]
         prompt_positions = [start + i for _, start, ids, _ in chunks for i in range(len(ids))]
         prompt_rows = [row for row, _, ids, _ in chunks for _ in ids]
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+        adapter_slots = None
+        if adapters is not None:
+            decode_slots, chunk_slots = adapters
+            per_token = [slot for slot, (_, _, ids, _) in zip(chunk_slots, chunks) for _ in ids]
+            adapter_slots = torch.cat([decode_slots, as_tensor(per_token)])
         return cls(
             token_ids=torch.cat([decode_tokens, as_tensor(prompt_ids)]),
             positions=torch.cat([decode_positions, as_tensor(prompt_positions)]),
@@ -38,6 +45,7 @@ class StepInput:
             decode_width=decode_width,
             chunks=tuple((row, start, len(ids)) for row, start, ids, _ in chunks),
             requests=tuple(request for *_, request in chunks),
+            adapter_slots=adapter_slots,
         )
 
     @classmethod

@@ -17,6 +17,7 @@ class Request:
     stop_token_ids: tuple = ()
     stop_strings: StopStrings | None = None  # its own ``StopStrings``, or None: no text is decoded while it runs
     priority: int = 0  # lower is admitted first; equal priorities admit the shortest prompt first
+    adapter: str | None = None  # the name of the adapter (over the model's base) its tokens apply, or None
 
     @property
     def need(self):

@@ -10,14 +10,13 @@ per ``AttentionPart`` - the decoding rows together, each chunk over its own cach
 since torch has no variable-length attention kernel on every device.
 """
 
-import math
 from dataclasses import dataclass
 
 import keras
 import torch
 
 from lmq.core.layers.cache import KVCache
-from lmq.core.layers.projection import Projections, project
+from lmq.core.layers.projection import Projections
 from lmq.core.layers.rotary import apply_rotary
 
 
@@ -103,39 +102,18 @@ class CachedAttention(Projections):
         output_shape = (num_query_heads * d, hidden_dim) if flat_output_kernel else (num_query_heads, d, hidden_dim)
         self.output_kernel = kernel("output_kernel", output_shape)
         self.output_bias = bias("output_bias", (hidden_dim,))
-        self.lora = {}  # name -> (down [hidden, rank], up [rank, heads * head_dim]), see enable_lora
-        self.lora_scale = 1.0
         self.built = True
 
     def _heads(self, x, name):
-        """[batch, seq, hidden] -> [batch, heads, seq, head_dim] through ``{name}_kernel``."""
+        """[batch, seq, hidden] -> [batch, heads, seq, head_dim] through ``{name}_kernel`` (and its LoRA)."""
         bias = getattr(self, f"{name}_bias")
-        y = project(x, self.kernel(f"{name}_kernel"), None if bias is None else bias.value.reshape(-1))
-        if name in self.lora:
-            down, up = self.lora[name]
-            y = y + (x @ down.value) @ up.value * self.lora_scale
+        y = self.projected(x, f"{name}_kernel", None if bias is None else bias.value.reshape(-1))
         return y.unflatten(-1, getattr(self, f"{name}_kernel").shape[1:]).transpose(1, 2)
 
-    def enable_lora(self, rank, alpha=None):
+    def enable_lora(self, rank, alpha=None, names=("query_kernel", "value_kernel")):
         """Trainable low-rank updates of the query and value projections, as KerasHub's
-        ``enable_lora`` adds them; ``up`` starts at zero, so the output is unchanged at first."""
-        for name in ("query", "value"):
-            kernel = getattr(self, f"{name}_kernel")
-            down = self.add_weight(
-                shape=(kernel.shape[0], rank), initializer="he_uniform", name=f"{name}_lora_down"
-            )
-            up = self.add_weight(shape=(rank, math.prod(kernel.shape[1:])), initializer="zeros", name=f"{name}_lora_up")
-            self.lora[name] = (down, up)
-        self.lora_scale = (alpha or rank) / rank
-
-    def merged_lora_kernels(self):
-        """{id(kernel): the kernel with its low-rank update added}: what a saved preset holds."""
-        merged = {}
-        for name, (down, up) in self.lora.items():
-            kernel = getattr(self, f"{name}_kernel")
-            update = (down.value @ up.value * self.lora_scale).reshape(kernel.shape)
-            merged[id(kernel)] = kernel.value + update.to(kernel.value.dtype)
-        return merged
+        ``enable_lora`` adds them (``Projections.enable_lora``)."""
+        super().enable_lora(rank, alpha, names)
 
     def call(self, x, context, training=False):
         query = self._heads(x, "query")
@@ -186,4 +164,4 @@ class CachedAttention(Projections):
 
     def _output(self, out):
         """[batch, seq, heads * head_dim] -> [batch, seq, hidden] through the output projection."""
-        return project(out, self.kernel("output_kernel"), None if self.output_bias is None else self.output_bias.value)
+        return self.projected(out, "output_kernel", None if self.output_bias is None else self.output_bias.value)

@@ -3,7 +3,7 @@
 import keras
 import torch
 
-from lmq.core.layers.projection import Projections, project
+from lmq.core.layers.projection import Projections
 
 ACTIVATIONS = {
     "silu": torch.nn.functional.silu,
@@ -40,8 +40,8 @@ class GatedFeedForward(Projections):
         self.built = True
 
     def call(self, x):
-        gate = self.activation(project(x, self.kernel("gate_kernel")))
-        return project(gate * project(x, self.kernel("intermediate_kernel")), self.kernel("output_kernel"))
+        gate = self.activation(self.projected(x, "gate_kernel"))
+        return self.projected(gate * self.projected(x, "intermediate_kernel"), "output_kernel")
 
 
 class FeedForward(Projections):
@@ -68,8 +68,8 @@ class FeedForward(Projections):
         self.built = True
 
     def call(self, x):
-        hidden = project(x, self.kernel("intermediate_kernel"), value_of(self.intermediate_bias))
-        return project(self.activation(hidden), self.kernel("output_kernel"), value_of(self.output_bias))
+        hidden = self.projected(x, "intermediate_kernel", value_of(self.intermediate_bias))
+        return self.projected(self.activation(hidden), "output_kernel", value_of(self.output_bias))
 
 
 def value_of(bias):

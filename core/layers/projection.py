@@ -1,5 +1,7 @@
 """The one dense projection every block uses: ``x @ kernel + bias`` as a single fused call,
-and the int8 form of its kernels (``lmq.core.quantization``)."""
+the int8 form of its kernels (``lmq.core.quantization``), and the low-rank (LoRA) updates a
+kernel may carry: a layer's own (``enable_lora``, for training) and, in a step that serves
+several adapters over one base, each token's adapter (``STEP_ADAPTERS``, ``lmq.core.adapters``)."""
 
 import contextvars
 import math
@@ -26,6 +28,14 @@ def project(x, kernel, bias=None):
 
 # Set while a quantized preset's backbone is built (``building_int8``).
 BUILDING_INT8 = contextvars.ContextVar("building_int8", default=False)
+# Set for one forward pass of a step whose tokens use adapters: ((adapter updates, token indices), ...),
+# where an adapter's updates map (layer, kernel name) to (down [in, rank], up [rank, out], scale folded in).
+STEP_ADAPTERS = contextvars.ContextVar("step_adapters", default=())
+
+
+def tensor_of(weight):
+    """A Keras variable's tensor, or the tensor itself (a loaded adapter's weights are plain tensors)."""
+    return weight.value if isinstance(weight, keras.Variable) else weight
 
 
 class Projections(keras.layers.Layer):
@@ -39,6 +49,45 @@ class Projections(keras.layers.Layer):
     """
 
     kernels = {}
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.lora = {}  # kernel name -> (down [in, rank], up [rank, out]), see enable_lora
+        self.lora_scale = 1.0
+
+    def projected(self, x, name, bias=None):
+        """``x`` through kernel ``name`` (``project``), plus its low-rank updates: this layer's
+        LoRA, and each token's own adapter while a step serves adapters (``STEP_ADAPTERS``)."""
+        y = project(x, self.kernel(name), bias)
+        if name in self.lora:
+            down, up = self.lora[name]
+            y = y + (x @ tensor_of(down)) @ tensor_of(up) * self.lora_scale
+        for updates, tokens in STEP_ADAPTERS.get():
+            pair = updates.get((self, name))
+            if pair is not None:  # tokens index the step's flattened tokens (batch 1)
+                rows = x.reshape(-1, x.shape[-1])[tokens]
+                y = y.reshape(-1, y.shape[-1]).index_add(0, tokens, (rows @ pair[0]) @ pair[1]).reshape(y.shape)
+        return y
+
+    def enable_lora(self, rank, alpha=None, names=None):
+        """Trainable low-rank updates of the kernels ``names`` (2-D views [in, out], see ``kernel``),
+        as KerasHub's ``enable_lora`` adds them; ``up`` starts at zero, so the output is unchanged at first."""
+        for name in names:
+            matrix = self.kernel(name)
+            short = name.removesuffix("_kernel")
+            down = self.add_weight(shape=(matrix.shape[0], rank), initializer="he_uniform", name=f"{short}_lora_down")
+            up = self.add_weight(shape=(rank, matrix.shape[1]), initializer="zeros", name=f"{short}_lora_up")
+            self.lora[name] = (down, up)
+        self.lora_scale = (alpha or rank) / rank
+
+    def merged_lora_kernels(self):
+        """{id(kernel): the kernel with its low-rank update added}: what a saved preset holds."""
+        merged = {}
+        for name, (down, up) in self.lora.items():
+            kernel = getattr(self, name)
+            update = (tensor_of(down) @ tensor_of(up) * self.lora_scale).reshape(kernel.shape)
+            merged[id(kernel)] = kernel.value + update.to(kernel.value.dtype)
+        return merged
 
     def kernel(self, name):
         """``name``'s kernel as a [in, out] matrix (a view, no copy), or its ``Int8Kernel``."""

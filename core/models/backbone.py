@@ -165,7 +165,7 @@ class Backbone(KerasHubSerializable, keras.Model):
         check_mode(mode, f"{type(self).__name__}.quantize")
         if self.quantization_mode is not None:
             raise ValueError(f"{type(self).__name__} is already quantized ({self.quantization_mode}).")
-        if any(layer.lora for layer in self._flatten_layers() if isinstance(layer, CachedAttention)):
+        if any(layer.lora for layer in self._projection_layers()):
             raise ValueError("Save a LoRA-tuned model (which merges its updates) and load it before quantizing.")
         for layer in self._projection_layers():
             layer.quantize(mode)
@@ -202,9 +202,8 @@ class Backbone(KerasHubSerializable, keras.Model):
     def weights_to_save(self):
         """{path: value} for ``model.weights.h5``, with LoRA updates merged in."""
         merged = {}
-        for layer in self._flatten_layers():
-            if isinstance(layer, CachedAttention):
-                merged.update(layer.merged_lora_kernels())
+        for layer in self._projection_layers():
+            merged.update(layer.merged_lora_kernels())
         return {path: merged.get(id(v), v.value) for path, v in self.keras_hub_weights().items()}
 
     @property

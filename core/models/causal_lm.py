@@ -3,9 +3,12 @@
 import numpy as np
 import torch
 
+from lmq.core.adapters import ADAPTER_CONFIG, AdapterBank, is_adapter_preset, read_adapter
 from lmq.core.generation import DecoderOnlyModel
 from lmq.core.models.generative_task import GenerativeTask, token_limits, with_completions
+from lmq.core.models.preprocessor import is_token_rows
 from lmq.core.names import TaskKind
+from lmq.core.presets.resolver import PresetResolver
 
 
 class CausalLM(GenerativeTask):
@@ -19,11 +22,17 @@ class CausalLM(GenerativeTask):
     # -- training -----------------------------------------------------------------------
 
     def fit(self, x=None, y=None, batch_size=None, sample_weight=None, validation_data=None, **kwargs):
-        """Raw strings go through the preprocessor; token-id dicts are used as given."""
-        if _is_text(x):
+        """Raw strings go through the preprocessor, and so do rows of token ids with one weight per
+        token in ``sample_weight`` (``lmq.core.models.training_data``: the loss on a chat's
+        assistant turns only), and ``validation_data`` as ``(rows, None, weights)``; token-id
+        dicts are used as given."""
+        if _is_text(x) or is_token_rows(x):
             x, y, sample_weight = self._preprocess_for_training(x, y, sample_weight)
         if _is_text(validation_data):
             validation_data = self._preprocess_for_training(validation_data, None, None)
+        elif isinstance(validation_data, tuple) and is_token_rows(validation_data[0]):
+            rows, labels, weights = (*validation_data, None)[:3]
+            validation_data = self._preprocess_for_training(rows, labels, weights)
         return super().fit(
             x=x,
             y=y,
@@ -34,7 +43,7 @@ class CausalLM(GenerativeTask):
         )
 
     def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
-        if _is_text(x):
+        if _is_text(x) or is_token_rows(x):
             x, y, sample_weight = self._preprocess_for_training(x, y, sample_weight)
         return super().evaluate(x=x, y=y, batch_size=batch_size, sample_weight=sample_weight, **kwargs)
 
@@ -73,6 +82,26 @@ class CausalLM(GenerativeTask):
             )
             return losses * weights
 
+    # -- adapters -----------------------------------------------------------------------
+
+    @property
+    def adapters(self):
+        """The ``AdapterBank`` of adapters loaded over this model, which ``generate`` rows may name."""
+        if getattr(self, "_adapter_bank", None) is None:
+            self._adapter_bank = AdapterBank()
+        return self._adapter_bank
+
+    def load_adapter(self, preset, name=None, resolver=None):
+        """Loads an adapter preset (``lmq.core.adapters``) of this model's base, to be named by
+        ``generate(adapter=name)`` (default: the handle); this model's weights stay as they are,
+        so many adapters serve over one base. Returns the ``Adapter``."""
+        files = (resolver or PresetResolver()).files(preset)
+        if not is_adapter_preset(files):
+            raise ValueError(f"Preset {files.name!r} is no adapter preset (it has no {ADAPTER_CONFIG}, or a model of its own).")
+        adapter = read_adapter(files, self.backbone, name or str(preset))
+        self.adapters.add(adapter)
+        return adapter
+
     # -- generation ---------------------------------------------------------------------
 
     def generate(
@@ -94,6 +123,7 @@ class CausalLM(GenerativeTask):
         return_details=False,
         processing=None,
         response_format=None,
+        adapter=None,
         engine=None,
         priority=0,
         tenant=None,
@@ -132,6 +162,8 @@ class CausalLM(GenerativeTask):
           ``{"type": "json_object"}``, or ``{"type": "regex", "regex"}``, ``{"type": "choice",
           "choice": [...]}``. A row's tokens are masked to its grammar, which ends the row once
           complete; a format the grammar engine cannot compile is a ValueError naming what.
+        - ``adapter``: the name of an adapter loaded with ``load_adapter`` for every row, or a list
+          of one per row (None: the base alone); rows of different adapters decode in one batch.
         - ``engine``: a running ``lmq.core.generation.Engine`` of this model's (a worker's shared
           one) that the prompts join, beside other callers' requests, as a group of ``priority``
           (lower first) and ``tenant``; ``max_rows`` then caps this call's requests in flight and
@@ -141,7 +173,9 @@ class CausalLM(GenerativeTask):
         (right-padded) and the same dict comes back with the completions written in.
         """
         sampler = self._sampler(sampler)
-        options = dict(stream=stream, max_rows=max_rows, max_cache_tokens=max_cache_tokens, between_steps=between_steps)
+        options = dict(
+            stream=stream, max_rows=max_rows, max_cache_tokens=max_cache_tokens, between_steps=between_steps, adapters=adapter
+        )
         if engine is not None:
             options.update(engine=engine, job_priority=priority, tenant=tenant)
         if isinstance(inputs, dict):
@@ -155,7 +189,7 @@ class CausalLM(GenerativeTask):
         if max_length is None:
             max_length = self.preprocessor.sequence_length
         outputs = self._generate_texts(
-            DecoderOnlyModel(self.backbone),
+            DecoderOnlyModel(self.backbone, self.adapters),
             prompts,
             token_limits(prompts, max_length, max_new_tokens),
             sampler,
@@ -186,7 +220,7 @@ class CausalLM(GenerativeTask):
             raise ValueError("Each row needs at least one prompt token.")
         prompts = [row[:n].tolist() for row, n in zip(token_ids, lengths)]
         limits = token_limits(prompts, token_ids.shape[1], max_new_tokens)
-        model = DecoderOnlyModel(self.backbone)
+        model = DecoderOnlyModel(self.backbone, self.adapters)
         result = self._decode(model, prompts, limits, sampler, stop_token_ids, seed, **options)
         out_ids, out_mask = with_completions(token_ids, padding_mask, prompts, result.completions)
         return {"token_ids": out_ids, "padding_mask": out_mask}

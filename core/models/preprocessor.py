@@ -88,14 +88,32 @@ class CausalLMPreprocessor(Preprocessor):
         return token_ids, padding_mask
 
     def __call__(self, x, y=None, sample_weight=None, sequence_length=None):
-        if y is not None or sample_weight is not None:
+        """Strings are packed with the start and end tokens and every next token counts. Rows of
+        token ids (a chat's, ``lmq.core.models.training_data``) are packed as they are, and
+        ``sample_weight``, one weight per token of each row, says how much predicting that token
+        counts (0 on a prompt's tokens: the loss falls on the completion alone)."""
+        if y is not None:
             raise ValueError(
                 f"{type(self).__name__} builds labels from the text itself; pass only `x` "
                 "(or call fit with preprocessor=None and your own y / sample_weight)."
             )
+        sequence_length = sequence_length or self.sequence_length
+        if is_token_rows(x):
+            rows = [list(row) for row in x]
+            weights = _row_weights(rows, sample_weight)
+            token_ids, padding_mask = self.pack(rows, sequence_length + 1, False, False)
+            packed_weights = np.zeros(token_ids.shape, "float32")
+            for i, row_weights in enumerate(weights):
+                kept = row_weights[: sequence_length + 1]
+                packed_weights[i, : len(kept)] = kept
+            features = {"token_ids": token_ids[:, :-1], "padding_mask": padding_mask[:, :-1]}
+            return features, token_ids[:, 1:], padding_mask[:, 1:] * packed_weights[:, 1:]
+        if sample_weight is not None:
+            raise ValueError(
+                f"{type(self).__name__} takes a sample_weight per token only with rows of token ids, not with strings."
+            )
         texts = [x] if isinstance(x, str) else list(x)
         _check_strings(texts)
-        sequence_length = sequence_length or self.sequence_length
         token_ids, padding_mask = self.pack(
             self.tokenizer.tokenize(texts),
             sequence_length + 1,
@@ -127,6 +145,24 @@ def _check_strings(texts, indices=None):
     for i, text in zip(indices or itertools.count(), texts):
         if not isinstance(text, str):
             raise TypeError(f"Input {i} must be a string, got {type(text).__name__}: {text!r:.80}")
+
+
+def is_token_rows(x):
+    """A list of token-id rows (not strings): what ``CausalLM.fit`` takes with per-token weights."""
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(_is_token_ids(row) for row in x)
+
+
+def _row_weights(rows, sample_weight):
+    """One weight per token of each row (all 1 when none are given), or a ValueError naming the row."""
+    if sample_weight is None:
+        return [[1.0] * len(row) for row in rows]
+    weights = [list(map(float, row_weights)) for row_weights in sample_weight]
+    if len(weights) != len(rows):
+        raise ValueError(f"sample_weight has {len(weights)} rows for {len(rows)} rows of token ids.")
+    for i, (row, row_weights) in enumerate(zip(rows, weights)):
+        if len(row_weights) != len(row):
+            raise ValueError(f"sample_weight[{i}] has {len(row_weights)} weights for {len(row)} token ids.")
+    return weights
 
 
 def _is_token_ids(prompt):

@@ -32,9 +32,19 @@ def _check_fits_here(files, task=True):
 
 
 def load_task(preset, cls, load_weights=True, dtype=None, resolver=None, **kwargs):
+    """The task ``preset`` holds; an adapter preset (``lmq.core.adapters``) gives its base with the
+    adapter attached (``base=`` names another base than the one its config names)."""
+    from lmq.core import adapters
     from lmq.core.presets import keras_hub_format, transformers_import
 
     files = _files(preset, resolver)
+    if adapters.is_adapter_preset(files):  # its base, with the adapter attached
+        resolver = resolver or PresetResolver()
+        base = adapters.base_of(files, resolver, kwargs.pop("base", None))
+        task = load_task(base, cls, load_weights, dtype, resolver, **kwargs)
+        if load_weights:
+            adapters.attach(task, adapters.read_adapter(files, task.backbone))
+        return task
     _check_fits_here(files)
     if transformers_import.is_transformers_checkpoint(files):
         return transformers_import.load_task(files, cls, load_weights, dtype, **kwargs)

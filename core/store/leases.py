@@ -31,7 +31,7 @@ from lmq.core.names import TERMINAL_STATES, JobState
 from lmq.core.store import queries
 from lmq.core.store.models import Job, utcnow
 
-HELD_STATES = (JobState.running.value, JobState.cancelling.value)
+HELD_STATES = (JobState.running.value, JobState.cancelling.value, JobState.pausing.value)
 HOLDER_IDLE_LIMIT = "5s"
 
 
@@ -65,6 +65,11 @@ def claim(session: Session, job_id: str, worker: str, lease_s: float) -> Job | N
         return None
     if job.state == JobState.cancelling.value:
         queries.finish_job(session, job_id, JobState.cancelled)
+        return None
+    if job.state == JobState.pausing.value:
+        queries.pause(session, job)
+        return None
+    if job.state == JobState.paused.value:  # a message sent before the pause: it waits for a resume
         return None
     taken_from = job.worker if job.state == JobState.running.value else None
     job.state = JobState.running.value
@@ -100,11 +105,27 @@ def renew(session: Session, lease: Lease, lease_s: float) -> None:
     release_locks_if_paused(session)
     renewed = session.execute(
         update(Job)
-        .where(Job.id == lease.job_id, Job.attempts == lease.attempt, Job.state.in_(HELD_STATES))
+        .where(Job.id == lease.job_id, Job.attempts == lease.attempt, Job.worker == lease.worker, Job.state.in_(HELD_STATES))
         .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
     )
     if renewed.rowcount != 1:
         raise LeaseLost(f"job {lease.job_id}: attempt {lease.attempt} no longer holds the lease")
+
+
+def release(session: Session, lease: Lease, resent: bool) -> bool:
+    """Let go of a job before the lease runs out (a worker that is stopping), so that the next worker
+    takes it over at once. The holder's name is cleared, so its later writes find the lease lost.
+    `resent`: its message is back with the broker, so the sweep need not send it again."""
+    now = utcnow()
+    values = {"lease_expires_at": now, "worker": None, **({"enqueued_at": now} if resent else {})}
+    released = session.execute(
+        update(Job)
+        .where(Job.id == lease.job_id, Job.attempts == lease.attempt, Job.worker == lease.worker, Job.state.in_(HELD_STATES))
+        .values(**values)
+    )
+    if released.rowcount == 1:
+        queries.add_event(session, lease.job_id, "handed_back", attempt=lease.attempt, worker=lease.worker)
+    return released.rowcount == 1
 
 
 def release_locks_if_paused(session: Session) -> None:

@@ -32,9 +32,20 @@ def store_resolver(
 
     def lookup(name: str) -> str | None:
         stored = get_preset(session, name, tenant) if session is not None and is_preset_name(name) else None
-        return None if stored is None else stored.path
+        return None if stored is None else str(stored_preset_directory(stored.path))
 
     return PresetResolver(lookup, local_roots=local_roots)
+
+
+def stored_preset_directory(location: str) -> Path:
+    """The local directory of a store preset: its own on a local store; one in this host's cache of
+    the object store's presets otherwise (core/storage/presets.py), downloaded once per host."""
+    if "://" not in location:
+        return Path(location)
+    from lmq.core.config import load_settings
+    from lmq.core.storage import preset_store
+
+    return preset_store(load_settings()).fetch(location)
 
 
 def _read_json(directory: Path, name: str) -> dict:

@@ -234,15 +234,50 @@ def job_state(session: Session, job_id: str) -> str | None:
 
 
 def request_cancel(session: Session, job_id: str) -> Job | None:
-    """A queued job is cancelled now; a running one is asked to stop at its next check."""
+    """A queued (or paused) job is cancelled now; a running one is asked to stop at its next check."""
+    job = session.get(Job, job_id, with_for_update=True)
+    if job is None:
+        return None
+    if job.state in (JobState.queued.value, JobState.paused.value):
+        _finish(session, job, JobState.cancelled)
+    elif job.state in (JobState.running.value, JobState.pausing.value):
+        job.state = JobState.cancelling.value
+        _add_event(session, job.id, "state", state=JobState.cancelling.value)
+    return job
+
+
+def request_pause(session: Session, job_id: str) -> Job | None:
+    """A queued fit job is paused now; a running one is asked to stop at its next step (its
+    checkpoints are kept: a resume continues from the last one)."""
     job = session.get(Job, job_id, with_for_update=True)
     if job is None:
         return None
     if job.state == JobState.queued.value:
-        _finish(session, job, JobState.cancelled)
+        pause(session, job)
     elif job.state == JobState.running.value:
-        job.state = JobState.cancelling.value
-        _add_event(session, job.id, "state", state=JobState.cancelling.value)
+        job.state = JobState.pausing.value
+        _add_event(session, job.id, "state", state=JobState.pausing.value)
+    return job
+
+
+def pause(session: Session, job: Job) -> None:
+    """The job stops holding a worker until it is resumed (the runner stopped, or had not started)."""
+    job.state = JobState.paused.value
+    job.worker = job.lease_expires_at = None
+    _add_event(session, job.id, "state", state=JobState.paused.value)
+
+
+def request_resume(session: Session, job_id: str) -> Job | None:
+    """A paused job is queued again (the caller sends it to a worker); one pausing goes on running."""
+    job = session.get(Job, job_id, with_for_update=True)
+    if job is None:
+        return None
+    if job.state == JobState.paused.value:
+        job.state = JobState.queued.value
+        _add_event(session, job.id, "state", state=JobState.queued.value, resumed=True)
+    elif job.state == JobState.pausing.value:
+        job.state = JobState.running.value
+        _add_event(session, job.id, "state", state=JobState.running.value, resumed=True)
     return job
 
 
@@ -291,6 +326,23 @@ def job_events(session: Session, job_id: str, after: int = 0) -> list[JobEvent]:
         .order_by(JobEvent.id)
     )
     return list(session.scalars(query))
+
+
+def job_events_newest_first(
+    session: Session, job_id: str, *, before: int | None, limit: int, types: tuple[str, ...] | None = None
+) -> list[JobEvent]:
+    """A page of a job's events, newest first (OpenAI's order), older than the event `before`; only `types` when given."""
+    query = select(JobEvent).where(JobEvent.job_id == job_id)
+    if before is not None:
+        query = query.where(JobEvent.id < before)
+    if types is not None:
+        query = query.where(JobEvent.type.in_(types))
+    return list(session.scalars(query.order_by(JobEvent.id.desc()).limit(limit)))
+
+
+def last_event(session: Session, job_id: str, type: str) -> JobEvent | None:
+    query = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.type == type)
+    return session.scalar(query.order_by(JobEvent.id.desc()).limit(1))
 
 
 def job_items(session: Session, job_id: str) -> Iterator[JobItem]:

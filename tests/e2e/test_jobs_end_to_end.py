@@ -178,7 +178,7 @@ def test_a_redelivered_fit_job_resumes_from_its_last_checkpoint(lmq_home, tiny_l
 
     with pytest.raises(WorkerDied):
         JobRunner(settings, pool_from_settings(settings), on_progress=die_late_in_the_second_epoch).run(job_id)
-    assert (lmq_home / "checkpoints" / job_id / "latest.weights.h5").exists()
+    assert sorted(path.name for path in (lmq_home / "checkpoints" / job_id).iterdir()) == ["epoch-1.weights.h5", "latest.json"]
 
     lease_runs_out(factory, job_id)
     assert JobRunner(settings, pool_from_settings(settings)).run(job_id) == "succeeded"
@@ -238,3 +238,54 @@ def test_a_cancelled_fit_job_registers_nothing(lmq_home, tiny_llama_preset):
         assert queries.get_preset(session, "never") is None
         assert len([e for e in queries.job_events(session, job_id) if e.type == "step"]) == 1
     assert not (settings.preset_store / "never").exists()
+
+
+def test_jobs_on_two_stored_adapters_share_one_pinned_base(lmq_home, tmp_path, tiny_llama_preset, capsys):
+    """Two LoRA adapters of a stored base, saved as adapter presets and imported under store names:
+    `lmq generate` on one gives what the library gives it, and jobs on both run on one base that the
+    worker's pool pins once beside the two adapters."""
+    import torch
+
+    from lmq.core.adapters import save_adapter_preset
+    from lmq.core.models import CausalLM
+    from lmq.core.store.presets import store_resolver
+
+    assert main(["presets", "import", str(tiny_llama_preset), "--name", "base-llama"]) == 0
+    for seed, name in enumerate(("tuned-a", "tuned-b")):
+        lm = CausalLM.from_preset(str(tiny_llama_preset))
+        lm.backbone.enable_lora(2)
+        generator = torch.Generator().manual_seed(seed)
+        for block in lm.backbone.transformer_layers:
+            for _, up in block.attention.lora.values():
+                up.assign(torch.randn(tuple(up.shape), generator=generator) * 4)
+        save_adapter_preset(lm, tmp_path / name, "base-llama")  # its base by store name
+        assert main(["presets", "import", str(tmp_path / name), "--name", name]) == 0
+    capsys.readouterr()
+
+    source = write_prompts(tmp_path / "in.jsonl", PROMPTS[:3])
+    output = tmp_path / "out.jsonl"
+    assert main(["generate", "--preset", "tuned-a", source, "-o", str(output), "--max-length", "40"]) == 0
+    settings = load_settings()
+    with session_scope(sessions(settings)) as session:
+        resolver = store_resolver(session)
+        expected = {}
+        for name in ("base-llama", "tuned-a", "tuned-b"):
+            lm = CausalLM.from_preset(name, resolver=resolver)
+            lm.compile(sampler="greedy")
+            expected[name] = lm.generate(PROMPTS[:3], max_length=40)
+        base_location = resolver.locate("base-llama")
+        adapter_locations = [resolver.locate(name) for name in ("tuned-a", "tuned-b")]
+    assert [r["output"] for r in read_results(output)] == expected["tuned-a"]
+    assert len({json.dumps(outputs) for outputs in expected.values()}) == 3  # each adapter changes the text
+
+    runner = JobRunner(settings, pool_from_settings(settings))
+    for name in ("tuned-a", "tuned-b"):
+        with session_scope(factory := sessions(settings)) as session:
+            job_id = queries.create_generate_job(
+                session, preset=name, inputs=[{"prompt": p} for p in PROMPTS[:3]], params={"max_length": 40}
+            ).id
+        assert runner.run(job_id) == "succeeded"
+        with session_scope(factory) as session:
+            assert [item.output for item in queries.job_items(session, job_id)] == expected[name]
+    assert runner.pool.keys() == [(adapter_locations[0], None), (base_location, None), (adapter_locations[1], None)]
+    assert (runner.pool.hits, runner.pool.misses) == (1, 3)  # the base: loaded once, then a hit

@@ -62,7 +62,9 @@ def test_the_dtypes_are_keras_floating_dtypes():
 
 def test_terminal_states():
     assert TERMINAL_STATES == ("succeeded", "failed", "cancelled")
-    assert [state.value for state in JobState if not state.terminal] == ["queued", "running", "cancelling"]
+    assert [state.value for state in JobState if not state.terminal] == [
+        "queued", "running", "cancelling", "pausing", "paused"
+    ]
 
 
 def test_the_names_module_imports_only_the_standard_library():

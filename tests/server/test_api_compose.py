@@ -50,13 +50,13 @@ def test_docker_compose_config_accepts_it():
 
 
 def test_services_health_checks_and_start_order():
-    assert set(SERVICES) == {"api", "worker", "redis", "postgres", "migrate", "flower"}
-    for name in ("api", "worker", "redis", "postgres", "flower"):
+    assert set(SERVICES) == {"api", "worker", "redis", "postgres", "migrate", "flower", "objects", "bucket"}
+    for name in ("api", "worker", "redis", "postgres", "flower", "objects"):
         assert SERVICES[name]["healthcheck"]["test"], name
     assert "/readyz" in " ".join(SERVICES["api"]["healthcheck"]["test"])
     for name in ("api", "worker"):
         depends = SERVICES[name]["depends_on"]
-        assert depends["migrate"]["condition"] == "service_completed_successfully"
+        assert depends["migrate"]["condition"] == depends["bucket"]["condition"] == "service_completed_successfully"
         assert depends["postgres"]["condition"] == depends["redis"]["condition"] == "service_healthy"
     assert SERVICES["migrate"]["command"] == ["lmq", "db", "upgrade"]
     assert SERVICES["api"]["command"][:2] == ["lmq", "serve"] and "0.0.0.0" in SERVICES["api"]["command"]
@@ -71,19 +71,18 @@ def test_the_worker_reserves_an_nvidia_gpu_and_says_how_to_run_without_one():
     assert "CPU fallback" in text[: text.index("    deploy:")]
 
 
-def test_api_and_workers_share_one_preset_store_and_one_set_of_settings():
+def test_api_and_workers_share_no_disk_but_one_object_store_and_one_set_of_settings():
     for name in ("api", "worker"):
-        assert SERVICES[name]["volumes"] == ["lmq-data:/data"], name
-    assert "lmq-data" in COMPOSE["volumes"]
+        assert "volumes" not in SERVICES[name], name  # each container's /data is its own cache
     environments = {
         name: {key: interpolated(str(value)) for key, value in SERVICES[name]["environment"].items()}
         for name in LMQ_SERVICES
     }
-    shared = ("LMQ_HOME", "LMQ_DATABASE_URL", "LMQ_BROKER_URL", "LMQ_JOB_TIMEOUT_S")
+    shared = ("LMQ_HOME", "LMQ_DATABASE_URL", "LMQ_BROKER_URL", "LMQ_JOB_TIMEOUT_S", "LMQ_STORAGE_URL", "AWS_ENDPOINT_URL")
     for key in shared:
         assert len({environments[name][key] for name in LMQ_SERVICES}) == 1, key
     settings = load_settings(environments["api"])
-    assert settings.home.as_posix() == "/data" and settings.preset_store.as_posix() == "/data/presets"
+    assert settings.home.as_posix() == "/data" and settings.storage_url == "s3://lmq/lmq"
     assert settings.database_url.startswith("postgresql+psycopg://lmq:")
     assert settings.database_url.endswith("@postgres:5432/lmq")
     assert settings.broker_url == "redis://redis:6379/0" and not settings.embedded
@@ -98,7 +97,8 @@ def test_the_image_installs_lmq_and_runs_as_a_user():
     assert re.search(r"^FROM python:3\.11", dockerfile, re.MULTILINE)
     for directory in re.findall(r"^COPY (\S+) ", dockerfile, re.MULTILINE):
         assert (REPO / directory).exists(), directory
-    assert 'pip install --no-deps ".[postgres]"' in dockerfile
+    assert 'pip install --no-deps ".[postgres,s3]"' in dockerfile
+    assert "['optional-dependencies']['s3']" in dockerfile  # s3fs among the image's dependencies
     assert "tensorflow" not in dockerfile.lower()
     assert re.search(r"^USER lmq$", dockerfile, re.MULTILINE)
     assert "LMQ_HOME=/data" in dockerfile
@@ -122,3 +122,27 @@ def test_each_worker_serves_its_metrics_inside_the_compose_network():
     port = worker_settings().worker_metrics_port
     assert port is not None and worker["expose"] == [str(port)]
     assert "ports" not in worker  # `--scale worker=N` would fight over one host port
+
+
+def test_the_object_store_serves_the_bucket_the_settings_name_with_their_keys():
+    objects, bucket = SERVICES["objects"], SERVICES["bucket"]
+    assert "-s3" in objects["command"] and "-s3.port=8333" in objects["command"]
+    settings = {key: interpolated(str(value)) for key, value in SERVICES["api"]["environment"].items()}
+    assert settings["AWS_ENDPOINT_URL"] == "http://objects:8333"
+    (identities,) = objects["configs"]
+    config = json.loads(interpolated(COMPOSE["configs"][identities["source"]]["content"]))
+    (identity,) = config["identities"]
+    assert identity["credentials"] == [
+        {"accessKey": settings["AWS_ACCESS_KEY_ID"], "secretKey": settings["AWS_SECRET_ACCESS_KEY"]}
+    ]
+    assert "Write" in identity["actions"] and f"-s3.config={identities['target']}" in objects["command"]
+    bucket_name = load_settings(settings).storage_url.removeprefix("s3://").split("/")[0]
+    assert f"fs.mkdir('{bucket_name}')" in " ".join(bucket["command"])
+    assert bucket["depends_on"]["objects"]["condition"] == "service_healthy"
+
+
+def test_workers_are_many_and_given_time_to_hand_back_their_jobs():
+    worker = SERVICES["worker"]
+    assert int(interpolated(str(worker["deploy"]["replicas"]))) >= 2
+    grace = int(worker["stop_grace_period"].removesuffix("s"))
+    assert grace > worker_settings().drain_s  # docker's SIGKILL comes after the drain, not during it

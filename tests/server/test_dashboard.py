@@ -82,6 +82,7 @@ def test_progress_advances_live_the_loss_plot_has_each_step_and_tenants_see_thei
         fit = client.post("/v1/jobs", json={
             "kind": "fit", "preset": str(tiny_llama_preset), "output_preset": "dashboard-tuned",
             "training_data": [{"text": text} for text in PROMPTS * 2],
+            "validation_data": [{"text": text} for text in PROMPTS[:2]],
             "hyperparameters": {"epochs": 2, "batch_size": 2, "sequence_length": 32},
         })
         assert fit.status_code == 202, fit.text
@@ -124,6 +125,13 @@ def test_progress_advances_live_the_loss_plot_has_each_step_and_tenants_see_thei
         losses = [float(loss) for loss in data_of(browser, "#loss circle.step", "loss")]
         assert losses == pytest.approx([e["loss"] for e in steps])
         assert browser.find_element(By.ID, "status").text == "succeeded"
+        # Each epoch's checkpoint marked at its step, with its validation loss.
+        epochs = [e for e in client.get(f"/v1/jobs/{fit_id}/events").json()["events"] if e["type"] == "epoch"]
+        assert [e["step"] for e in epochs] == [6, 12]
+        assert [int(step) for step in data_of(browser, "#loss line.checkpoint", "step")] == [6, 12]
+        assert [int(step) for step in data_of(browser, "#loss circle.valid", "step")] == [6, 12]
+        valid_losses = [float(loss) for loss in data_of(browser, "#loss circle.valid", "loss")]
+        assert valid_losses == pytest.approx([e["val_loss"] for e in epochs])
         browser.save_screenshot(str(ARTIFACTS / "dashboard-fit-job.png"))
 
         # The preset it made, with its lineage; and the generate job's results preview.

@@ -13,12 +13,11 @@ from datetime import timedelta
 
 import openai
 import pytest
-from api_support import REPO, TOKENS, ApiServer
+from api_support import REPO, TOKENS, ApiServer, chat_preset, import_preset
 from conftest import _service_urls
 from service_support import PROMPTS
 from worker_support import Worker
 
-from lmq.core.chat_templates import read_builtin_template
 
 MODEL = "tiny"  # the tiny Llama, imported into the store as team-a's
 CHAT_MODEL = "tiny-chat"  # the same weights with Llama 2's chat template
@@ -27,24 +26,6 @@ BART_MODEL = "tiny-bart"  # the Bart that KerasHub saved (tests/fixtures)
 BART = REPO / "tests" / "fixtures" / "keras_hub_presets" / "bart"
 TERMINAL = ("completed", "failed", "cancelled", "expired")
 MAX_FILE_BYTES = 4 * 2**20
-
-
-def import_preset(env, directory, name, tenant):
-    subprocess.run(
-        [sys.executable, "-m", "lmq.api.cli", "presets", "import", str(directory), "--name", name, "--tenant", tenant],
-        cwd=REPO,
-        env={**os.environ, **env},
-        check=True,
-        capture_output=True,
-    )
-
-
-def chat_preset(tiny_llama_preset, root):
-    """The tiny Llama with a chat template (Llama 2's, whose turn ends with the end token)."""
-    directory = root / "tiny-chat"
-    shutil.copytree(tiny_llama_preset, directory)
-    (directory / "chat_template.jinja").write_text(read_builtin_template("llama2_chat"))
-    return directory
 
 
 def long_chat_preset(tiny_llama_preset, root):
@@ -536,7 +517,7 @@ def test_bad_requests_are_openai_shaped_4xx(server):
     )
     assert body["param"] == "input_file_id"
     assert (
-        refusal(openai.BadRequestError, api.files.create, file=("x.jsonl", b"{}\n"), purpose="fine-tune")["param"]
+        refusal(openai.BadRequestError, api.files.create, file=("x.jsonl", b"{}\n"), purpose="assistants")["param"]
         == "purpose"
     )
     body = refusal(

@@ -12,6 +12,7 @@ from sqlalchemy import event, update
 
 from lmq.api.app.main import create_app
 from lmq.core.config import load_settings
+from lmq.core.domain.jobs import create_fit_job
 from lmq.core.names import JobState
 from lmq.core.store import queries, session_scope, sessions
 from lmq.core.store.batches import add_batch, add_file, create_batch_job
@@ -56,10 +57,14 @@ def stocked(lmq_home):
         queries.register_preset(session, name=PRESET, path=str(lmq_home / "presets" / PRESET), architecture="llama", source=None)
         job = queries.create_generate_job(session, preset=PRESET, inputs=[{"prompt": "Hi"}], params={})
         queries.add_event(session, job.id, "progress", completed=0)
+        fit = create_fit_job(session, training_data=[{"text": "a"}], validation_data=None, hyperparameters={}, preset=PRESET)
+        queries.add_event(session, fit.id, "epoch", epoch=1, step=1, loss=1.0, checkpoint=True)
+        queries.finish_job(session, fit.id, JobState.failed, error="stopped", code="job_failed")
         upload = add_file(session, file_id="file-" + "0" * 24, tenant="local", purpose="batch", filename="b.jsonl", size=2)
         (files / upload.id).write_text("{}\n")
         ids = {
             "job_id": job.id,
+            "fine_tuning_job_id": "ftjob-" + fit.id,
             "file_id": upload.id,
             "finished": batch(session, upload.id, job_state=JobState.succeeded),
             "expired": batch(session, upload.id, hours_ago=48, job_state=JobState.running),
@@ -106,6 +111,7 @@ def test_no_get_route_writes(stocked):
     output_file_id = f"file-{'1' * 24}"  # no such file yet: the sweep has not made the batch's files
     values = {
         "job_id": ids["job_id"],
+        "fine_tuning_job_id": ids["fine_tuning_job_id"],
         "name": PRESET,
         "file_id": ids["file_id"],
         "model": PRESET,

@@ -4,7 +4,8 @@ Two server-rendered pages with a little JavaScript and nothing fetched from
 outside. The list: jobs with their state, progress bars and rates (items per
 second since the job started), refreshed every second, and the presets with
 their lineage (base preset, producing job, final loss). A job's page: timings, its events, a preview of its results and errors
-and, for a fit job, the loss per step as an inline SVG plot. The pages hold no
+and, for a fit job (a fine-tuning job too), the loss per step as an inline SVG plot, with the
+validation loss at each checkpoint and the checkpoints marked. The pages hold no
 data: their script reads the same JSON endpoints as every client (/v1/jobs...,
 /v1/presets) with the bearer token the user types in, kept in the tab's
 sessionStorage, so a tenant sees only its own jobs, exactly as the API decides.
@@ -100,30 +101,42 @@ every(1, async () => {
 
 JOB_SCRIPT = """
 const jobId = document.body.dataset.job, PREVIEW = 5;
-function lossPlot(steps) {
+// A fit job's training loss per step (blue), its validation loss at each checkpoint (orange), and
+// each checkpoint (the end of an epoch) as a dashed line at its step.
+function lossPlot(steps, checkpoints) {
   const svg = document.getElementById("loss");
   svg.replaceChildren();
   if (!steps.length) return;
   const [width, height, pad] = [600, 240, 30];
-  const losses = steps.map((s) => s.loss), low = Math.min(...losses), high = Math.max(...losses);
-  const lastStep = Math.max(...steps.map((s) => s.step));
+  const valid = checkpoints.filter((c) => c.val_loss !== null && c.val_loss !== undefined);
+  const losses = [...steps.map((s) => s.loss), ...valid.map((c) => c.val_loss)];
+  const low = Math.min(...losses), high = Math.max(...losses);
+  const lastStep = Math.max(...steps.map((s) => s.step), ...checkpoints.map((c) => c.step));
   const x = (step) => pad + (width - 2 * pad) * (lastStep > 1 ? (step - 1) / (lastStep - 1) : 0.5);
   const y = (loss) => height - pad - (height - 2 * pad) * (high > low ? (loss - low) / (high - low) : 0.5);
   const ns = "http://www.w3.org/2000/svg";
-  const line = document.createElementNS(ns, "polyline");
-  line.setAttribute("points", steps.map((s) => x(s.step) + "," + y(s.loss)).join(" "));
-  line.setAttribute("fill", "none"); line.setAttribute("stroke", "#37a");
-  svg.appendChild(line);
-  for (const s of steps) {
-    const point = document.createElementNS(ns, "circle");
-    point.setAttribute("cx", x(s.step)); point.setAttribute("cy", y(s.loss)); point.setAttribute("r", 3);
-    point.setAttribute("class", "step"); point.dataset.step = s.step; point.dataset.loss = s.loss;
-    svg.appendChild(point);
+  function draw(tag, attributes, data = {}) {
+    const element = document.createElementNS(ns, tag);
+    for (const [name, value] of Object.entries(attributes)) element.setAttribute(name, value);
+    Object.assign(element.dataset, data);
+    svg.appendChild(element);
+    return element;
   }
-  const label = document.createElementNS(ns, "text");
-  label.setAttribute("x", pad); label.setAttribute("y", 16);
-  label.textContent = "loss " + high.toFixed(3) + " (top) to " + low.toFixed(3) + ", steps 1 to " + lastStep;
-  svg.appendChild(label);
+  for (const c of checkpoints) {
+    draw("line", {x1: x(c.step), x2: x(c.step), y1: pad, y2: height - pad, stroke: "#999", "stroke-dasharray": "4 3",
+      class: "checkpoint"}, {step: c.step, epoch: c.epoch});
+  }
+  const series = [[steps.map((s) => [s.step, s.loss]), "#37a", "step"], [valid.map((c) => [c.step, c.val_loss]), "#d73", "valid"]];
+  for (const [points, color, kind] of series) {
+    draw("polyline", {points: points.map(([step, loss]) => x(step) + "," + y(loss)).join(" "), fill: "none", stroke: color});
+    for (const [step, loss] of points) {
+      draw("circle", {cx: x(step), cy: y(loss), r: 3, fill: color, class: kind}, {step, loss});
+    }
+  }
+  draw("text", {x: pad, y: 16}).textContent =
+    "loss " + high.toFixed(3) + " (top) to " + low.toFixed(3) + ", steps 1 to " + lastStep;
+  const legend = [valid.length ? "orange: validation loss" : "", checkpoints.length ? "dashed: checkpoints" : ""];
+  draw("text", {x: pad, y: height - 8}).textContent = legend.filter(Boolean).join("; ");
 }
 every(1, async () => {
   const job = await api("/v1/jobs/" + jobId);
@@ -139,7 +152,10 @@ every(1, async () => {
     const {id, type, created_at, ...data} = event;
     const row = body.insertRow(); cell(row, created_at); cell(row, type); cell(row, JSON.stringify(data));
   }
-  lossPlot(events.filter((e) => e.type === "step" && e.loss !== null && e.loss !== undefined));
+  lossPlot(
+    events.filter((e) => e.type === "step" && e.loss !== null && e.loss !== undefined),
+    events.filter((e) => e.type === "epoch" && e.step !== undefined),
+  );
   if (job.kind === "generate" && job.finished_at && !document.getElementById("results").rows.length) {
     await showResults();
   }
@@ -192,7 +208,7 @@ def job_page(job_id: str) -> HTMLResponse:
     )
     content = f"""<p><a href="/dashboard">all jobs</a></p>
 <table>{fields}<tr><th>progress</th><td id="progress"></td></tr></table>
-<h2>Loss per step</h2><svg id="loss" width="600" height="240"></svg>
+<h2>Loss per step, validation loss and checkpoints</h2><svg id="loss" width="600" height="240"></svg>
 <h2>Results (first 5)</h2><table><thead><tr><th>input</th><th>output</th><th>finish</th><th>error</th></tr></thead>
 <tbody id="results"></tbody></table>
 <h2>Events</h2><table><thead><tr><th>at</th><th>type</th><th>data</th></tr></thead>

@@ -13,6 +13,7 @@ job's items when downloaded. Reading a batch writes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from datetime import timedelta
@@ -29,6 +30,7 @@ from lmq.core.domain.jobs import preset_task_kind
 from lmq.core.domain.presets import PresetNotAllowed, authorized_preset
 from lmq.core.names import TERMINAL_STATES, JobState, TaskKind
 from lmq.core.presets import PresetNotFound
+from lmq.core.storage import storage
 from lmq.core.store import session_scope, sessions
 from lmq.core.store.batch_files import deadline, finalize_job_batch, output_usage, past_window
 from lmq.core.store.batches import create_batch_job, fail_validation, stale_validations, take_up_validation
@@ -46,7 +48,22 @@ MAX_MODEL_LOOKUPS = 256  # distinct model names checked per file: a file cannot 
 
 
 def files_directory(settings: Settings) -> Path:
+    """Where uploads are received on this host, before they go to the object store."""
     return settings.home / "files"
+
+
+@contextlib.contextmanager
+def input_file(settings: Settings, file_id: str) -> Iterator[Path]:
+    """An uploaded file on this host's disk while it is validated (from the object store)."""
+    copied = False
+    try:
+        with storage(settings).local_copy(f"files/{file_id}") as path:
+            copied = True
+            yield path
+    except FileNotFoundError:
+        if copied:
+            raise
+        raise NotABatchFile("file_not_found", f"input file {file_id!r} was deleted before validation") from None
 
 
 # ---------------------------------------------------------------- validation
@@ -197,13 +214,9 @@ def validate(settings: Settings, dispatch, batch_id: str) -> None:
     """Make the batch's job from its input file and hand it to a runner, or fail the batch saying why."""
     factory = sessions(settings)
     try:
-        with session_scope(factory) as session:
+        with session_scope(factory) as session, contextlib.ExitStack() as stack:
             batch = session.get(OpenAIBatch, batch_id)
-            path = files_directory(settings) / batch.input_file_id
-            if not path.exists():
-                raise NotABatchFile(
-                    "file_not_found", f"input file {batch.input_file_id!r} was deleted before validation"
-                )
+            path = stack.enter_context(input_file(settings, batch.input_file_id))
             models = Models(session, settings, batch.tenant)
             model, preset = batch_model(path, batch.endpoint, settings, models)
             task = checked_task(session, settings, model, preset, batch.tenant)

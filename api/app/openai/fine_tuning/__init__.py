@@ -1,0 +1,1 @@
+"""OpenAI's fine-tuning jobs (/v1/fine_tuning/jobs) as lmq fit jobs."""

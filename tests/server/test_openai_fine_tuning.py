@@ -1,0 +1,360 @@
+"""OpenAI's fine-tuning API, driven by the official `openai` package against a real `lmq serve`
+beside a real `lmq worker` on Redis + PostgreSQL: chat files in, a fine-tuned model out that a
+batch then names; events, checkpoints, cancel, pause and resume; bad files failing with
+per-line messages before any training; a worker killed mid-epoch, its job resumed once.
+
+The server and worker run with the recovery tests' lease timing (test_embedded_recovery's), so
+that the killed worker's job is taken up in seconds rather than LMQ_LEASE_S=30 + LMQ_SWEEP_S=10.
+"""
+
+import io
+import json
+import time
+
+import numpy as np
+import openai
+import pytest
+from api_support import TEAM_A, TOKENS, ApiServer, chat_preset, generate_body, import_preset, wait_for_job
+from conftest import _service_urls
+from worker_support import Worker
+
+MODEL = "tiny-chat"  # the tiny Llama with Llama 2's chat template, team-a's
+TIMING = {"LMQ_LEASE_S": "4", "LMQ_HEARTBEAT_S": "1", "LMQ_SWEEP_S": "1"}
+ENDED = ("succeeded", "failed", "cancelled")
+WORDS = ["value", "key", "file", "error", "list", "name", "path", "line"]
+
+
+def chat(i):
+    word = WORDS[i % len(WORDS)]
+    return {
+        "messages": [
+            {"role": "user", "content": f"Return the {word}"},
+            {"role": "assistant", "content": f"Return the {word}."},
+        ]
+    }
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_llama_preset, postgres_url):
+    import redis
+
+    root = tmp_path_factory.mktemp("openai-fine-tuning")
+    _, broker = _service_urls()
+    redis.Redis.from_url(broker).flushdb()
+    env = {"LMQ_HOME": str(root / "home"), "LMQ_DATABASE_URL": postgres_url, "LMQ_BROKER_URL": broker, **TIMING}
+    import_preset(env, chat_preset(tiny_llama_preset, root), MODEL, "team-a")
+    api = ApiServer({**env, "LMQ_API_TOKENS": TOKENS}, root / "server.log")
+    api.env, api.root = env, root
+    api.workers = [Worker(env, root / "worker-0.log")]
+    api.logs = [root / "server.log", root / "worker-0.log"]
+    yield api
+    api.stop()
+    for worker in api.workers:
+        worker.stop()
+
+
+def client(server, token="tok-a"):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=token, max_retries=0)
+
+
+def upload(api, lines, name="train.jsonl"):
+    content = "".join((entry if isinstance(entry, str) else json.dumps(entry)) + "\n" for entry in lines)
+    return api.files.create(file=(name, io.BytesIO(content.encode())), purpose="fine-tune")
+
+
+def wait(api, job_id, server, until=ENDED, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = api.fine_tuning.jobs.retrieve(job_id)
+        if job.status in until:
+            return job
+        time.sleep(0.2)
+    tails = "\n".join(log.read_text()[-3000:] for log in server.logs if log.exists())
+    raise AssertionError(f"job {job_id} still {job.status} after {timeout}s\n{tails}")
+
+
+def all_events(api, job_id):
+    """Every event, oldest first, read page by page as a client follows them (newest first, `after`)."""
+    return list(reversed(list(api.fine_tuning.jobs.list_events(job_id, limit=7))))
+
+
+def steps_recorded(api, job_id):
+    return [event.data["step"] for event in all_events(api, job_id) if event.message.startswith("Step ")]
+
+
+def test_the_whole_cycle_trains_two_checkpoints_and_a_batch_names_the_fine_tuned_model(server):
+    api = client(server)
+    training = upload(api, [chat(i) for i in range(6)])
+    validation = upload(api, [chat(i) for i in range(6, 8)], "valid.jsonl")
+    assert training.purpose == "fine-tune"
+
+    job = api.fine_tuning.jobs.create(
+        model=MODEL,
+        training_file=training.id,
+        validation_file=validation.id,
+        suffix="demo",
+        seed=7,
+        hyperparameters={"n_epochs": 2, "batch_size": 2},
+        metadata={"team": "a"},
+    )
+    assert job.id.startswith("ftjob-") and job.status == "queued" and job.model == MODEL
+    assert (job.hyperparameters.n_epochs, job.hyperparameters.batch_size) == (2, 2)
+    assert job.fine_tuned_model is None and job.seed == 7 and job.metadata == {"team": "a"}
+
+    done = wait(api, job.id, server)
+    assert done.status == "succeeded", done.error
+    assert done.fine_tuned_model == f"ft:{MODEL}:demo:{job.id.removeprefix('ftjob-')[:8]}"
+    assert done.trained_tokens > 0 and done.finished_at >= done.created_at
+
+    events = all_events(api, job.id)
+    messages = [event.message for event in events]
+    assert messages[0] == f"Created fine-tuning job: {job.id}"
+    assert messages[1] == f"Validating training file {training.id} and validation file {validation.id}"
+    assert "Files validated, moving job to queued state" in messages and "Fine-tuning job started" in messages
+    assert messages[-1] == f"The job has successfully completed: new fine-tuned model {done.fine_tuned_model}"
+    # Three steps an epoch (6 examples, batches of 2), each recorded once, then a checkpoint.
+    assert steps_recorded(api, job.id) == [1, 2, 3, 4, 5, 6]
+    assert [m for m in messages if m.startswith("Checkpoint")] == [
+        "Checkpoint created at step 3 (epoch 1)", "Checkpoint created at step 6 (epoch 2)"
+    ]
+
+    checkpoints = api.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in checkpoints] == [6, 3]  # newest first, as OpenAI lists them
+    for checkpoint in checkpoints:
+        metrics = checkpoint.metrics
+        assert metrics.train_loss > 0 and metrics.valid_loss > 0
+        assert 0 <= metrics.train_mean_token_accuracy <= 1 and 0 <= metrics.valid_mean_token_accuracy <= 1
+        assert checkpoint.fine_tuning_job_id == job.id
+
+    assert api.models.retrieve(done.fine_tuned_model).id == done.fine_tuned_model
+    body = {"model": done.fine_tuned_model, "messages": [{"role": "user", "content": "Return the key"}], "max_tokens": 4}
+    (output,) = run_chat_batch(api, body, server)
+    assert output["response"]["status_code"] == 200
+
+    # An lmq job names it too.
+    with server.client(TEAM_A) as lmq:
+        submitted = lmq.post("/v1/jobs", json=generate_body(done.fine_tuned_model, ["Return the"], max_new_tokens=4))
+        assert submitted.status_code == 202, submitted.text
+        assert wait_for_job(lmq, submitted.json()["id"], 120, server.logs)["status"] == "succeeded"
+
+    listed = api.fine_tuning.jobs.list(limit=1)
+    assert listed.data[0].id == job.id
+    assert client(server, "tok-b").fine_tuning.jobs.list().data == []
+    with pytest.raises(openai.NotFoundError):
+        client(server, "tok-b").fine_tuning.jobs.retrieve(job.id)
+
+
+def test_a_lora_fine_tune_is_an_adapter_preset_over_its_base_that_a_batch_runs(server):
+    from lmq.core.chat import chat_token_ids, end_of_turn_token_ids
+    from lmq.core.config import load_settings
+    from lmq.core.models import CausalLM
+    from lmq.core.store import queries, session_scope, sessions
+    from lmq.core.store.presets import store_resolver
+
+    api = client(server)
+    job = api.fine_tuning.jobs.create(
+        model=MODEL,
+        training_file=chat_file(api, 4).id,
+        suffix="lora",
+        hyperparameters={"n_epochs": 1, "batch_size": 2, "learning_rate_multiplier": 100, "lora_rank": 4},
+    )
+    assert job.hyperparameters.lora_rank == 4
+    done = wait(api, job.id, server)
+    assert done.status == "succeeded", done.error
+
+    settings = load_settings(server.env)
+    messages = [{"role": "user", "content": "Return the key"}]
+    with session_scope(sessions(settings)) as session:
+        stored = queries.get_preset(session, done.fine_tuned_model, "team-a")
+        directory = settings.preset_store / done.fine_tuned_model
+        assert stored.path == str(directory) and stored.parent == MODEL
+        # PEFT's layout over the base the job named, a fraction of the base's size.
+        assert json.loads((directory / "adapter_config.json").read_text())["base_model_name_or_path"] == MODEL
+        assert not (directory / "model.weights.h5").exists()
+        base_bytes = (settings.preset_store / MODEL / "model.weights.h5").stat().st_size
+        assert (directory / "adapter_model.safetensors").stat().st_size < base_bytes / 4
+        tuned = CausalLM.from_preset(str(directory), resolver=store_resolver(session, tenant="team-a"))
+        base = CausalLM.from_preset(MODEL, resolver=store_resolver(session, tenant="team-a"))
+    tokenizer = tuned.preprocessor.tokenizer
+    prompt = chat_token_ids(tokenizer, messages)
+    assert not np.allclose(tuned.score(np.array([prompt])).numpy(), base.score(np.array([prompt])).numpy())
+    tuned.compile(sampler="greedy")
+    stop_ids = list(dict.fromkeys([*tokenizer.stop_token_ids, *end_of_turn_token_ids(tokenizer)]))
+    (expected,) = tuned.generate([prompt], max_new_tokens=6, strip_prompt=True, stop_token_ids=stop_ids, return_details=True)
+
+    body = {"model": done.fine_tuned_model, "messages": messages, "max_tokens": 6, "temperature": 0}
+    (output,) = run_chat_batch(api, body, server)
+    assert output["response"]["body"]["choices"][0]["message"]["content"] == expected.text
+
+
+def run_chat_batch(api, body, server):
+    """The output lines of a batch of one chat completion with `body`."""
+    line = {"custom_id": "one", "method": "POST", "url": "/v1/chat/completions", "body": body}
+    batch_file = api.files.create(file=("batch.jsonl", io.BytesIO((json.dumps(line) + "\n").encode())), purpose="batch")
+    batch = api.batches.create(input_file_id=batch_file.id, endpoint="/v1/chat/completions", completion_window="24h")
+    deadline = time.monotonic() + 120
+    while batch.status not in ("completed", "failed", "cancelled", "expired") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        batch = api.batches.retrieve(batch.id)
+    assert batch.status == "completed" and batch.model == body["model"], batch
+    return [json.loads(text) for text in api.files.content(batch.output_file_id).text.splitlines()]
+
+
+def test_without_a_validation_file_the_events_say_so_and_checkpoints_have_no_valid_loss(server):
+    api = client(server)
+    job = api.fine_tuning.jobs.create(
+        model=MODEL,
+        training_file=upload(api, [chat(i) for i in range(2)]).id,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 2}}},
+    )
+    assert wait(api, job.id, server).status == "succeeded"
+    messages = [event.message for event in all_events(api, job.id)]
+    assert "No validation file: checkpoints have no valid_loss nor valid_mean_token_accuracy" in messages
+    (checkpoint,) = api.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert checkpoint.metrics.train_loss > 0 and checkpoint.metrics.valid_loss is None
+
+
+def test_bad_files_fail_validation_naming_each_line_and_nothing_trains(server):
+    api = client(server)
+    lines = [
+        chat(0),
+        "not json at all",
+        {"messages": [{"role": "robot", "content": "beep"}, {"role": "assistant", "content": "ok"}]},
+        {"messages": [{"role": "user", "content": "no answer"}]},
+        {"messages": [{"role": "user", "content": "x" * 40_000}, {"role": "assistant", "content": "ok"}]},
+        {"prompt": "a prompt", "text": "and a text"},
+    ]
+    job = api.fine_tuning.jobs.create(model=MODEL, training_file=upload(api, lines).id)
+    assert job.status == "failed"
+    assert (job.error.code, job.error.param) == ("invalid_training_file", "training_file")
+    message = job.error.message
+    assert "line 1" not in message
+    assert "line 2 is not JSON" in message
+    assert "line 3: messages[0].role" in message
+    assert "line 4: a chat example needs at least one assistant message" in message
+    assert "line 5: messages[0].content" in message and "32768" in message
+    assert "line 6: give 'messages' (a chat), 'prompt' and 'completion', or 'text'" in message
+    events = all_events(api, job.id)
+    assert not [event for event in events if event.type == "metrics"]
+    assert events[-1].level == "error" and events[-1].data["error"]["code"] == "invalid_training_file"
+    assert api.fine_tuning.jobs.checkpoints.list(job.id).data == []
+
+    not_jsonl = api.files.create(file=("x.jsonl", io.BytesIO(b"[1, 2]\n{\n")), purpose="fine-tune")
+    refused = api.fine_tuning.jobs.create(model=MODEL, training_file=chat_file(api).id, validation_file=not_jsonl.id)
+    assert refused.status == "failed" and refused.error.code == "invalid_validation_file"
+    assert "line 1: expected a JSON object, got list" in refused.error.message
+    assert "line 2 is not JSON" in refused.error.message
+    # Listed newest first, a page at a time.
+    assert [j.id for j in api.fine_tuning.jobs.list(limit=1)][:2] == [refused.id, job.id]
+    assert api.fine_tuning.jobs.list(limit=1, after=refused.id).data[0].id == job.id
+
+
+def test_examples_whose_answers_fall_past_the_sequence_length_fail_on_the_worker_before_any_step(server):
+    api = client(server)
+    long_question = {"role": "user", "content": "Return the value of the key in the file at the path " * 3}
+    lines = [chat(0), {"messages": [long_question, {"role": "assistant", "content": "The value."}]}]
+    job = api.fine_tuning.jobs.create(
+        model=MODEL, training_file=upload(api, lines).id, hyperparameters={"sequence_length": 24}
+    )
+    assert job.status == "queued"  # its lines are well formed: the worker tokenizes them
+    failed = wait(api, job.id, server)
+    assert failed.status == "failed" and (failed.error.code, failed.error.param) == ("invalid_training_file", "training_file")
+    assert "example 2: none of its trained tokens is within the model's sequence length (24 tokens" in failed.error.message
+    assert "example 1" not in failed.error.message
+    assert not [event for event in all_events(api, job.id) if event.message.startswith("Step ")]
+
+
+def chat_file(api, count=2):
+    return upload(api, [chat(i) for i in range(count)])
+
+
+def test_bad_requests_are_openai_errors_naming_the_parameter(server):
+    api = client(server)
+    training = chat_file(api)
+    with pytest.raises(openai.NotFoundError) as unknown_model:
+        api.fine_tuning.jobs.create(model="no-such-model", training_file=training.id)
+    assert unknown_model.value.body["param"] == "model"
+    with pytest.raises(openai.NotFoundError) as unknown_file:
+        api.fine_tuning.jobs.create(model=MODEL, training_file="file-" + "0" * 24)
+    assert unknown_file.value.body["param"] == "training_file"
+    with pytest.raises(openai.BadRequestError) as both:
+        api.fine_tuning.jobs.create(
+            model=MODEL, training_file=training.id, hyperparameters={"n_epochs": 1},
+            method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
+        )
+    assert both.value.body["param"] == "hyperparameters"
+    with pytest.raises(openai.BadRequestError) as bad_epochs:
+        api.fine_tuning.jobs.create(model=MODEL, training_file=training.id, hyperparameters={"n_epochs": 0})
+    assert bad_epochs.value.body["param"] == "hyperparameters.n_epochs"
+    with pytest.raises(openai.BadRequestError) as bad_suffix:
+        api.fine_tuning.jobs.create(model=MODEL, training_file=training.id, suffix="no spaces")
+    assert bad_suffix.value.body["param"] == "suffix"
+
+
+def long_job(api, epochs=3, examples=24):
+    """A job of `examples` steps an epoch (batches of 1): long enough to be stopped in the middle."""
+    return api.fine_tuning.jobs.create(
+        model=MODEL, training_file=chat_file(api, examples).id, hyperparameters={"n_epochs": epochs, "batch_size": 1}
+    )
+
+
+def wait_for_step(api, job_id, server, step, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(s >= step for s in steps_recorded(api, job_id)):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not reach step {step}: {api.fine_tuning.jobs.retrieve(job_id)}")
+
+
+def test_a_running_job_is_cancelled_at_its_next_step(server):
+    api = client(server)
+    job = long_job(api)
+    wait_for_step(api, job.id, server, 2)
+    api.fine_tuning.jobs.cancel(job.id)
+    cancelled = wait(api, job.id, server)
+    assert cancelled.status == "cancelled" and cancelled.fine_tuned_model is None
+    assert len(steps_recorded(api, job.id)) < 72
+    assert all_events(api, job.id)[-1].message == "The job was cancelled"
+    with pytest.raises(openai.ConflictError):
+        api.fine_tuning.jobs.cancel(job.id)
+
+
+def test_a_paused_job_stops_and_resumed_goes_on_from_its_checkpoint(server):
+    api = client(server)
+    job = long_job(api, epochs=2, examples=12)
+    wait_for_step(api, job.id, server, 14)  # into the second epoch: the first is checkpointed
+    api.fine_tuning.jobs.pause(job.id)
+    paused = wait(api, job.id, server, until=("paused",))
+    steps_then = steps_recorded(api, job.id)
+    time.sleep(2)
+    assert api.fine_tuning.jobs.retrieve(job.id).status == "paused" and steps_recorded(api, job.id) == steps_then
+    assert paused.fine_tuned_model is None
+
+    api.fine_tuning.jobs.resume(job.id)
+    done = wait(api, job.id, server)
+    assert done.status == "succeeded", done.error
+    # The steps of the unfinished epoch are trained again and recorded once.
+    assert steps_recorded(api, job.id) == list(range(1, 25))
+    messages = [event.message for event in all_events(api, job.id)]
+    assert "The job is paused" in messages and "Fine-tuning job resumed" in messages
+    assert "Resumed from the checkpoint of epoch 1 (step 12)" in messages
+    assert [c.step_number for c in api.fine_tuning.jobs.checkpoints.list(job.id).data] == [24, 12]
+
+
+def test_a_worker_killed_mid_epoch_leaves_the_job_to_another_which_resumes_it_once(server):
+    api = client(server)
+    job = long_job(api, epochs=2, examples=12)
+    wait_for_step(api, job.id, server, 15)  # mid second epoch
+    server.workers[0].kill()
+    log = server.root / "worker-1.log"
+    server.workers.append(Worker(server.env, log))
+    server.logs.append(log)
+    done = wait(api, job.id, server)
+    assert done.status == "succeeded", done.error
+    assert steps_recorded(api, job.id) == list(range(1, 25))
+    assert [c.step_number for c in api.fine_tuning.jobs.checkpoints.list(job.id).data] == [24, 12]
+    messages = [event.message for event in all_events(api, job.id)]
+    assert "Fine-tuning job taken up again (attempt 2)" in messages
+    assert messages.count("Resumed from the checkpoint of epoch 1 (step 12)") == 1
+    assert len([m for m in messages if m.startswith("The job has successfully completed")]) == 1
