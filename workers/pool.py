@@ -13,8 +13,9 @@ the base's task and the adapter's name (``PinnedModel.adapter``), which its rows
 
 Beside each pinned task the pool keeps its engine (``engine_for(task)``, e.g.
 ``workers.batching.shared_engine``): one decode engine, stepped by a thread of its own,
-that every generate job on that model submits its rows to, so that jobs running at once
-share each step. An evicted model's engine is closed: it finishes what is in flight.
+that every generate job on that model (and on its adapters) submits its rows to, so that
+jobs running at once share each step. An evicted model's engine is closed: it finishes
+what is in flight.
 """
 
 from __future__ import annotations
@@ -137,14 +138,17 @@ class ModelPool:
             if key in self._pinned:
                 self._pinned.move_to_end(key)
                 self.hits += 1
-                return PinnedModel(pinned.model, pinned.hit, pinned.load_seconds, pinned.evicted, adapter=location, engine=pinned.engine)
+                return PinnedModel(
+                    pinned.model, pinned.hit, pinned.load_seconds, pinned.evicted, adapter=location, engine=pinned.engine
+                )
             self.misses += 1
             started = time.perf_counter()
             adapter = load_adapter(pinned.model, location)
             load_seconds = pinned.load_seconds + time.perf_counter() - started
             evicted = pinned.evicted + self._make_room(adapter.nbytes, keep=base_key)
             self._pinned[key] = _Entry(pinned.model, adapter.nbytes, base=base_key)
-            return PinnedModel(pinned.model, hit=False, load_seconds=load_seconds, evicted=evicted, adapter=location, engine=pinned.engine)
+            return PinnedModel(pinned.model, hit=False, load_seconds=load_seconds, evicted=evicted, adapter=location,
+                               engine=pinned.engine)
 
     def _get_model(self, key: PoolKey) -> PinnedModel:
         if key in self._pinned:

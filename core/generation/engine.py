@@ -73,10 +73,13 @@ class Group:
     """One ``submit`` call's requests in an engine: their sampler, callbacks and results, each
     request known by its own number (its prompt's index in the call)."""
 
-    def __init__(self, engine, number, sampler, size, on_finish, stream):
-        self.engine, self.number, self.sampler, self.size = engine, number, sampler, size
+    def __init__(self, engine, number, sampler, requests, on_finish, stream, priority, tenant, max_rows):
+        """``requests``: the group's, already numbered as the engine numbers them."""
+        self.engine, self.number, self.sampler = engine, number, sampler
+        self.requests, self.size = requests, len(requests)
         self.on_finish, self.stream = on_finish, stream
-        self.local = {}  # engine request id -> its number here
+        self.priority, self.tenant, self.max_rows = priority, tenant, max_rows
+        self.local = {r.id: i for i, r in enumerate(requests)}  # engine request id -> its number here
         self.queue = None  # its scheduler Queue, once the engine has taken it in
         self.arrived = deque()  # (number, Completion) finished, not yet delivered
         self.completions = {}  # number -> Completion, delivered
@@ -221,10 +224,9 @@ class Engine:
                 raise ValueError(f"{sampler.name!r} search runs in an engine of its own (lmq.core.generation.decode).")
             if self.sampler.search is not None:
                 raise ValueError("This engine runs a search; it takes no other group.")
-            group = Group(self, next(self._group_numbers), sampler, len(requests), on_finish, stream)
-            group.requests = [dataclasses.replace(r, id=next(self._request_ids)) for r in requests]
-            group.local = {r.id: i for i, r in enumerate(group.requests)}
-            group.priority, group.tenant, group.max_rows = priority, tenant, max_rows
+            renumbered = [dataclasses.replace(r, id=next(self._request_ids)) for r in requests]
+            group = Group(self, next(self._group_numbers), sampler, renumbered, on_finish, stream, priority, tenant,
+                          max_rows)
             if not requests:
                 return group
             if search:
