@@ -29,8 +29,10 @@ BUDGET_SHARE = 4  # an engine's own prefix cache holds a quarter of its KV budge
 class PrefixCache:
     """A pool of cached prompt blocks, by digest, least recently used first.
 
-    One pool may serve several engines of one model in turn (a worker keeps one per job
-    stream, a long-lived engine one for good); ``hit_rate`` and ``blocks`` are its metrics.
+    One pool may serve several engines of one model in turn (a long-lived engine keeps one
+    for good); ``hit_rate`` and ``blocks`` are its metrics. Blocks are keyed by adapter
+    name: a pool kept across calls must be ``clear``ed when a name it has seen is loaded
+    with other weights.
     """
 
     def __init__(self, max_tokens, block_size=BLOCK_SIZE):
