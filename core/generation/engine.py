@@ -196,6 +196,38 @@ class Engine:
         self.batch = Batch(self.model, self.runner, self.cache_manager, self.sampler, self.max_length,
                            on_finish=self._finished)
 
+    @classmethod
+    def for_requests(cls, model, sampler, requests, max_rows=None, max_cache_tokens=None, prefill_chunk=PREFILL_CHUNK,
+                     step_tokens=None, prefix_cache=True):
+        """An engine sized for ``requests`` alone, decoded with ``sampler`` (``decode``'s): as long
+        as the longest needs, at most ``max_rows`` of them in flight (default: all)."""
+        if max_rows is not None and max_rows < 1:
+            raise ValueError(f"The row budget must be positive: max_rows={max_rows}.")
+        max_length = max((r.need for r in requests), default=0)
+        max_requests = max(1, min(max_rows or len(requests), len(requests)))
+        rows_per_request = sampler.rows_per_prompt(model.backbone.token_embedding.embeddings.shape[0])
+        if sampler.reads_prompt_states:
+            prefix_cache = False
+        elif prefix_cache is True and max_cache_tokens is None:  # every prompt's blocks, at most what the rows hold
+            prefix_cache = PrefixCache(min(sum(len(r.prompt) for r in requests), max_requests * rows_per_request * max_length))
+        return cls(
+            model, max_length, max_requests, rows_per_request=rows_per_request,
+            prompt_width=max((len(r.prompt) for r in requests), default=0), max_cache_tokens=max_cache_tokens,
+            prefill_chunk=prefill_chunk, step_tokens=step_tokens, prefix_cache=prefix_cache,
+        )
+
+    def run(self, group, between_steps=None):
+        """Steps in this thread until nothing is left, ``group``'s results delivered after each
+        step; its ``DecodeResult``. ``between_steps()`` is called before each step."""
+        while self.busy:
+            if between_steps is not None:
+                between_steps()
+            self.step()
+            group.deliver()
+        if group.error is not None:
+            raise group.error
+        return group.result()
+
     # -- groups in and out (any thread) ------------------------------------------------
 
     def submit(self, requests, sampler, on_finish=None, stream=None, priority=0, tenant=None, max_rows=None):
@@ -555,31 +587,8 @@ def decode(
             raise ValueError("The engine given runs another model.")
         group = engine.submit(requests, sampler, on_finish, stream, job_priority, tenant, max_rows)
         return group.wait(between_steps)
-    if max_rows is not None and max_rows < 1:
-        raise ValueError(f"The row budget must be positive: max_rows={max_rows}.")
-    max_length, max_requests = max((r.need for r in requests), default=0), max(1, min(max_rows or len(requests), len(requests)))
-    rows_per_request = sampler.rows_per_prompt(model.backbone.token_embedding.embeddings.shape[0])
-    if sampler.reads_prompt_states:
-        prefix_cache = False
-    elif prefix_cache is True and max_cache_tokens is None:  # every prompt's blocks, at most what the rows hold
-        prefix_cache = PrefixCache(min(sum(len(r.prompt) for r in requests), max_requests * rows_per_request * max_length))
-    engine = Engine(
-        model,
-        max_length,
-        max_requests,
-        rows_per_request=rows_per_request,
-        prompt_width=max((len(r.prompt) for r in requests), default=0),
-        max_cache_tokens=max_cache_tokens,
-        prefill_chunk=prefill_chunk,
-        step_tokens=step_tokens,
-        prefix_cache=prefix_cache,
+    engine = Engine.for_requests(
+        model, sampler, requests, max_rows=max_rows, max_cache_tokens=max_cache_tokens, prefill_chunk=prefill_chunk,
+        step_tokens=step_tokens, prefix_cache=prefix_cache,
     )
-    group = engine.submit(requests, sampler, on_finish, stream)
-    while engine.busy:  # stepped in this thread
-        if between_steps is not None:
-            between_steps()
-        engine.step()
-        group.deliver()
-    if group.error is not None:
-        raise group.error
-    return group.result()
+    return engine.run(engine.submit(requests, sampler, on_finish, stream), between_steps)

@@ -45,9 +45,10 @@ def shared_prefix_job(count, prefix_length, seed=0, own=(3, 10)):
 def run(model, prompts, limits, sampler=None, **options):
     """(the engine after decoding, its result)."""
     requests = [Request(i, prompt, limit) for i, (prompt, limit) in enumerate(zip(prompts, limits))]
-    engine = Engine(model, sampler or GreedySampler(), requests, **options)
+    sampler = sampler or GreedySampler()
+    engine = Engine.for_requests(model, sampler, requests, **options)
     with torch.inference_mode():
-        return engine, engine.run()
+        return engine, engine.run(engine.submit(requests, sampler))
 
 
 class RecordingGreedy(GreedySampler):
@@ -198,10 +199,11 @@ def test_where_caching_does_not_apply_the_engine_runs_without_it(llama):
     bart = Seq2SeqLM.from_preset(str(FIXTURES / "bart"))
     decoder_prompts = [[2, 0] + list(range(3, 40))] * 2
     model = EncoderDecoderModel(bart.backbone, [[0, 17, 42, 2], [0, 5, 6, 2]], 1, GreedySampler())
-    engine = Engine(model, GreedySampler(), [Request(i, p, 3) for i, p in enumerate(decoder_prompts)])
+    requests = [Request(i, p, 3) for i, p in enumerate(decoder_prompts)]
+    engine = Engine.for_requests(model, GreedySampler(), requests)
     assert engine.prefix_cache is None
     with torch.inference_mode():
-        engine.run()
+        engine.run(engine.submit(requests, GreedySampler()))
     assert engine.scheduler.prompt_tokens_computed == 2 * len(decoder_prompts[0])
 
 
