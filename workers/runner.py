@@ -40,6 +40,19 @@ PLANNING_WINDOW = 4096  # inputs read, tokenized and grouped together (see _pend
 JOB_ARGUMENTS = ("max_length", "strip_prompt")  # every row's; the others may be an item's own (workers/inputs.py)
 
 
+_MODEL_STACK = threading.Lock()
+
+
+def import_model_stack() -> None:
+    """Imports torch, keras and the model library once, under a lock, before a job uses them.
+    Jobs run in threads (LMQ_WORKER_JOBS); two threads importing them at once for the first
+    time each find the other's modules half initialized (an ImportError that fails the job)."""
+    with _MODEL_STACK:
+        import lmq.core.adapters  # noqa: F401
+        import lmq.core.models  # noqa: F401
+        import lmq.workers.fit  # noqa: F401
+
+
 class JobRunner:
     def __init__(
         self,
@@ -89,6 +102,7 @@ class JobRunner:
 
     def _run_attempt(self, attempt: Attempt, kind: str, preset: str, tenant: str) -> None:
         """Failures of the job fail it; losing the lease or the database does not (another attempt follows)."""
+        import_model_stack()
         try:
             location = self.locate(preset, tenant)
             if kind == JobKind.generate.value:

@@ -21,7 +21,7 @@ def registered_samplers():
     while pending:
         cls = pending.pop()
         pending.extend(cls.__subclasses__())
-        if cls.name is not None:
+        if cls.name is not None and cls.__module__.startswith("lmq."):  # not the test suites' own subclasses
             found[cls.name] = cls
     return found
 

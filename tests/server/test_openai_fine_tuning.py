@@ -16,6 +16,7 @@ import numpy as np
 import openai
 import pytest
 from api_support import TEAM_A, TOKENS, ApiServer, chat_preset, generate_body, import_preset, wait_for_job
+from database_support import fresh_database
 from conftest import _service_urls
 from worker_support import Worker
 
@@ -36,22 +37,28 @@ def chat(i):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_llama_preset, postgres_url):
+def server(tmp_path_factory, tiny_llama_preset):
+    """`lmq serve` and a worker on a database of this module's own (the Batch API's tests
+    name team A's `tiny-chat` too)."""
     import redis
 
+    from lmq.core.store.db import upgrade
+
     root = tmp_path_factory.mktemp("openai-fine-tuning")
-    _, broker = _service_urls()
+    database_server, broker = _service_urls()
     redis.Redis.from_url(broker).flushdb()
-    env = {"LMQ_HOME": str(root / "home"), "LMQ_DATABASE_URL": postgres_url, "LMQ_BROKER_URL": broker, **TIMING}
-    import_preset(env, chat_preset(tiny_llama_preset, root), MODEL, "team-a")
-    api = ApiServer({**env, "LMQ_API_TOKENS": TOKENS}, root / "server.log")
-    api.env, api.root = env, root
-    api.workers = [Worker(env, root / "worker-0.log")]
-    api.logs = [root / "server.log", root / "worker-0.log"]
-    yield api
-    api.stop()
-    for worker in api.workers:
-        worker.stop()
+    with fresh_database(database_server, prefix="lmq_fine_tuning") as database:
+        upgrade(database)
+        env = {"LMQ_HOME": str(root / "home"), "LMQ_DATABASE_URL": database, "LMQ_BROKER_URL": broker, **TIMING}
+        import_preset(env, chat_preset(tiny_llama_preset, root), MODEL, "team-a")
+        api = ApiServer({**env, "LMQ_API_TOKENS": TOKENS}, root / "server.log")
+        api.env, api.root = env, root
+        api.workers = [Worker(env, root / "worker-0.log")]
+        api.logs = [root / "server.log", root / "worker-0.log"]
+        yield api
+        api.stop()
+        for worker in api.workers:
+            worker.stop()
 
 
 def client(server, token="tok-a"):
