@@ -208,7 +208,8 @@ def ready(server) -> int:
 
 
 def test_redis_restarted_while_jobs_run_and_wait(capsys, tmp_path, workers, own_redis, service_env, tiny_llama_preset):
-    worker = workers(LMQ_BROKER_URL=own_redis.url, **DRILL_TIMING)
+    # One job at a time (LMQ_WORKER_JOBS=1), so that two jobs wait as messages in the broker that the restart loses.
+    worker = workers(LMQ_BROKER_URL=own_redis.url, LMQ_WORKER_JOBS="1", **DRILL_TIMING)
     api = ApiServer({**service_env, "LMQ_BROKER_URL": own_redis.url}, tmp_path / "api.log")
     try:
         long = write_prompts(tmp_path / "long.jsonl", MANY_PROMPTS[:12])
