@@ -330,8 +330,8 @@ def test_a_running_job_is_cancelled_at_its_next_step(server):
 
 def test_a_paused_job_stops_and_resumed_goes_on_from_its_checkpoint(server):
     api = client(server)
-    job = long_job(api, epochs=2, examples=12)
-    wait_for_step(api, job.id, server, 14)  # into the second epoch: the first is checkpointed
+    job = long_job(api, epochs=2, examples=40)  # room to pause before the end on a quiet machine too
+    wait_for_step(api, job.id, server, 42)  # into the second epoch: the first is checkpointed
     api.fine_tuning.jobs.pause(job.id)
     paused = wait(api, job.id, server, until=("paused",))
     steps_then = steps_recorded(api, job.id)
@@ -343,11 +343,11 @@ def test_a_paused_job_stops_and_resumed_goes_on_from_its_checkpoint(server):
     done = wait(api, job.id, server)
     assert done.status == "succeeded", done.error
     # The steps of the unfinished epoch are trained again and recorded once.
-    assert steps_recorded(api, job.id) == list(range(1, 25))
+    assert steps_recorded(api, job.id) == list(range(1, 81))
     messages = [event.message for event in all_events(api, job.id)]
     assert "The job is paused" in messages and "Fine-tuning job resumed" in messages
-    assert "Resumed from the checkpoint of epoch 1 (step 12)" in messages
-    assert [c.step_number for c in api.fine_tuning.jobs.checkpoints.list(job.id).data] == [24, 12]
+    assert "Resumed from the checkpoint of epoch 1 (step 40)" in messages
+    assert [c.step_number for c in api.fine_tuning.jobs.checkpoints.list(job.id).data] == [80, 40]
 
 
 def test_a_worker_killed_mid_epoch_leaves_the_job_to_another_which_resumes_it_once(server):
