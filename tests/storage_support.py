@@ -7,14 +7,13 @@ environment that points lmq at it (LMQ_STORAGE_URL and AWS_*), also set in the t
 
 import json
 import shutil
-import signal
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-from api_support import free_port
+from api_support import free_port, stop_process
 
 from conftest import server_missing
 
@@ -88,13 +87,8 @@ class SeaweedS3:
         )
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        if self.process is not None:
+            stop_process(self.process)
 
     def restart(self) -> None:
         self.stop()
