@@ -7,7 +7,7 @@
 #   bench/gpu.sh --shape 1b       # options go to bench/gpu.py (--batches, --new-tokens, --peak-tbps, ...)
 #   PYTHON=.venv/bin/python bench/gpu.sh --smoke   # the whole path on a CPU, tiny shape
 #
-# --prepare downloads keras, pluggy, sentencepiece and jinja2 (the versions this checkout's
+# --prepare downloads keras, pluggy, sentencepiece, jinja2, llguidance and pydantic (the versions this checkout's
 # environment has) with their dependencies, as binary wheels for CPython 3.11..3.13 on x86-64
 # Linux (PY_VERSIONS to change), leaving out numpy (the GPU machine's torch and transformers
 # bring theirs; a second one would shadow it). About 30 MB.
@@ -27,11 +27,11 @@ python=${PYTHON:-python3}
 if [ "${1:-}" = --prepare ]; then
     pins=$("$python" -c "
 import importlib.metadata as m
-print(' '.join(f'{d}=={m.version(d)}' for d in ('keras', 'pluggy', 'sentencepiece', 'jinja2')))")
+print(' '.join(f'{d}=={m.version(d)}' for d in ('keras', 'pluggy', 'sentencepiece', 'jinja2', 'llguidance', 'pydantic')))")
     mkdir -p "$wheels"
     for version in ${PY_VERSIONS:-3.11 3.12 3.13}; do
         "$python" -m pip download --quiet --only-binary=:all: --python-version "$version" \
-            --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+            --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
             -d "$wheels" $pins
     done
     rm -f "$wheels"/numpy-*.whl
