@@ -319,27 +319,35 @@ def test_results_of_a_run_that_lost_its_lease_mid_batch_are_refused(setup):
         assert (job.worker, job.attempts) == ("second-worker", 2)
 
 
-class Slow(StandInLM):
+class OutlastsTheLease(StandInLM):
+    """A batch that lasts until `rival_tried` is set: longer than any number of leases."""
+
+    def __init__(self, rival_tried: threading.Event):
+        super().__init__()
+        self.rival_tried = rival_tried
+
     def run_rows(self, prompts):
-        time.sleep(1.5)
+        assert self.rival_tried.wait(60)
         super().run_rows(prompts)
 
 
-def test_the_heartbeat_keeps_the_lease_through_a_batch_longer_than_the_lease(setup, monkeypatch):
+def test_the_heartbeat_keeps_the_lease_through_a_batch_longer_than_the_lease(setup):
     settings, factory, preset = setup
-    settings = replace(settings, lease_s=0.6, heartbeat_s=0.1)
+    # Ten heartbeats to a lease: a thread stalled for a second on a loaded machine still renews in time.
+    settings = replace(settings, lease_s=2.0, heartbeat_s=0.2)
     job_id = submit(factory, preset, ["one"])
-    refused = []
+    refused, rival_tried = [], threading.Event()
 
-    def claim_meanwhile():
-        time.sleep(1.0)
+    def claim_after_two_leases():
+        time.sleep(2 * settings.lease_s)
         with session_scope(factory) as session:
             refused.append(leases.claim(session, job_id, "second-worker", lease_s=60) is None)
+        rival_tried.set()
 
-    other = threading.Thread(target=claim_meanwhile)
-    other.start()
-    assert runner_for(settings, Slow())[0].run(job_id) == "succeeded"
-    other.join()
+    rival = threading.Thread(target=claim_after_two_leases)
+    rival.start()
+    assert runner_for(settings, OutlastsTheLease(rival_tried))[0].run(job_id) == "succeeded"
+    rival.join()
     assert refused == [True]
 
 
