@@ -4,7 +4,6 @@ pausing them, and reading the job they work on from the store."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from lmq.api.cli import main
 from lmq.api.schemas import result_line
 from lmq.core.domain.jobs import job_summary
 from lmq.core.config import load_settings
-from lmq.core.store import queries, session_scope, sessions
+from lmq.core.store import leases, queries, session_scope, sessions
 from conftest import server_missing
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,8 +38,8 @@ class Worker:
 
     @property
     def name(self) -> str:
-        """As the job records name the worker (workers.runner.worker_name)."""
-        return f"lmq-{self.process.pid}@{socket.gethostname()}"
+        """As the job records name the worker."""
+        return leases.holder_name(self.process.pid)
 
     def kill(self):
         self.process.send_signal(signal.SIGKILL)

@@ -29,10 +29,16 @@ logger = logging.getLogger(__name__)
 
 
 def jobs_needing_a_worker(settings: Settings) -> list[leases.Waiting]:
-    """Running jobs whose lease has expired, and queued ones last sent more than LMQ_SWEEP_S
-    ago: a younger one is still on its way to a worker (or to the `lmq generate` that wrote it)."""
+    """Running jobs whose lease has expired (ended first where this host sees the holder's
+    process gone), and queued ones last sent more than LMQ_SWEEP_S ago: a younger one is
+    still on its way to a worker (or to the `lmq generate` that wrote it)."""
+    factory = sessions(settings)
+    with session_scope(factory) as session:
+        ended = leases.end_leases_of_exited_holders(session)
+    if ended:
+        logger.warning("sweep: the holders of %d job(s) have exited: %s", len(ended), ", ".join(ended))
     now = utcnow()
-    with session_scope(sessions(settings)) as session:
+    with session_scope(factory) as session:
         return leases.waiting_for_a_worker(session, now, sent_before=now - timedelta(seconds=settings.sweep_s))
 
 

@@ -12,13 +12,12 @@ never writes over another worker's results.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
-import os
 import random
 import re
-import socket
 import threading
 import time
 
@@ -26,13 +25,13 @@ from lmq.core.config import Settings
 from lmq.core.names import TERMINAL_STATES
 from lmq.core.store import JobKind, JobState, batch_files, queries, session_scope, sessions
 from lmq.core.store.db import DatabaseUnavailable, transact
-from lmq.core.store.leases import Lease, LeaseLost, claim
+from lmq.core.store.leases import Lease, LeaseLost, claim, holder_name
 from lmq.core.store.presets import store_resolver
 from lmq.workers import metrics
 from lmq.workers.attempt import Attempt, ProgressCallback
 from lmq.workers.batching import Prompt, RowBudget, is_out_of_memory, row_budget, shared_engine
 from lmq.workers.inputs import group_sampler, plan
-from lmq.workers.pool import ModelPool
+from lmq.workers.pool import ModelPool, adapter_base
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ class JobRunner:
         self.settings = settings
         self.sessions = sessions(settings)
         self.pool = pool
-        self.worker = worker or worker_name()
+        self.worker = worker or holder_name()
         self.on_progress = on_progress
         self.planning_window = PLANNING_WINDOW
 
@@ -151,8 +150,7 @@ class JobRunner:
         )
         lm = pinned.model
         arguments = {k: params[k] for k in JOB_ARGUMENTS if params.get(k) is not None}
-        if pinned.adapter is not None:  # an adapter preset: its base is pinned, its rows name the adapter
-            arguments["adapter"] = pinned.adapter
+        row_models = RowModels(self.pool, pinned, location, params.get("dtype"), lambda handle: self.locate(handle, tenant))
         shared = {"engine": pinned.engine, "priority": params.get("priority", 0), "tenant": tenant}
         task_kind = getattr(lm, "task_kind", "causal_lm")
         tokenizer = lm.preprocessor.tokenizer
@@ -164,7 +162,7 @@ class JobRunner:
         after = -1
         while window := attempt.write(self._pending(job_id, after)):
             after = window[-1][0]
-            groups, refused = plan(window, params, task_kind, lm.preprocessor)
+            groups, refused = row_models.assign(*plan(window, params, task_kind, lm.preprocessor))
             try:
                 refusals = ResultGroup(attempt, progress, budget, Choices(tokenizer))
                 for index, custom_id, message in refused:
@@ -382,10 +380,66 @@ class Choices:
         return self.tokenizer.detokenize([token_id])
 
 
+class RowModels:
+    """Each row's adapter: its item's own `model` (an adapter of the job's base, or the base itself),
+    checked without loading anything, then pinned in the pool beside the base; else the job's
+    (the job's preset when it is an adapter preset, else none)."""
+
+    def __init__(self, pool: ModelPool, pinned, location: str, dtype: str | None, locate):
+        self.pool, self.pinned, self.dtype, self.locate = pool, pinned, dtype, locate
+        self.base = self._base_of(location)
+        self.adapters: dict[str, str | None | ValueError] = {}
+
+    def assign(self, groups: dict, refused: list) -> tuple[dict, list]:
+        """`plan`'s groups with each row's adapter set, and its refusals with the rows naming a model
+        that is not of the job's base (an item of n choices once)."""
+        refused_items = {index for index, _, _ in refused}
+        assigned = {}
+        for key, prompts in groups.items():
+            assigned[key] = []
+            for prompt in prompts:
+                adapter = self.adapter_of(prompt.model)
+                if not isinstance(adapter, ValueError):
+                    assigned[key].append(dataclasses.replace(prompt, adapter=adapter))
+                elif prompt.index not in refused_items:
+                    refused_items.add(prompt.index)
+                    refused.append((prompt.index, prompt.custom_id, str(adapter)))
+        return {key: prompts for key, prompts in assigned.items() if prompts}, refused
+
+    def adapter_of(self, model: str | None) -> str | None | ValueError:
+        if model is None:
+            return self.pinned.adapter
+        if model not in self.adapters:
+            self.adapters[model] = self._pin(model)
+        return self.adapters[model]
+
+    def _pin(self, model: str) -> str | None | ValueError:
+        try:
+            location = self.locate(model)
+            same_base = self._base_of(location) == self.base
+        except ValueError as error:  # no such preset (PresetNotFound), or an adapter naming no base
+            return ValueError(f"model {model!r} cannot be used: {error}")
+        if not same_base:
+            return ValueError(f"model {model!r} is neither the job's base model nor an adapter of it")
+        pinned = self.pool.get(location, self.dtype, locate=self.locate)
+        if pinned.model is not self.pinned.model:  # the base was evicted and pinned again meanwhile
+            return ValueError(f"model {model!r} could not be pinned beside the job's base model; run it in a job of its own")
+        return pinned.adapter
+
+    def _base_of(self, location: str) -> str:
+        """The base model's location: the preset's own, or the one its adapter config names."""
+        base = adapter_base(location)
+        return location if base is None else self.locate(base)
+
+
 def per_row(prompts: list[Prompt]) -> dict:
-    """The rows' seeds, max_new_tokens, stops and processing as `generate` takes them: one value when
-    all rows share it, else a list; in a group with seeded rows an unseeded one draws a seed of its own."""
+    """The rows' seeds, max_new_tokens, stops, processing and adapters as `generate` takes them: one
+    value when all rows share it, else a list; in a group with seeded rows an unseeded one draws a
+    seed of its own."""
     arguments = {}
+    adapters = [p.adapter for p in prompts]
+    if any(adapters):
+        arguments["adapter"] = adapters if len(set(adapters)) > 1 else adapters[0]
     stops = [None if p.stop is None else list(p.stop) for p in prompts]
     if any(stops):
         arguments["stop"] = stops if len({p.stop for p in prompts}) > 1 else stops[0]
@@ -419,11 +473,6 @@ def row_error(index: int, custom_id: str | None, message: str) -> str:
     """The error of one input, naming it: the message came from a batch of one, whose "Prompt 0" is this input."""
     name = f"input {index}" + ("" if custom_id is None else f" (custom_id {custom_id!r})")
     return f"{name}: {re.sub(r'^Prompt 0 ', 'the prompt ', message)}"
-
-
-def worker_name() -> str:
-    """This process, as the job records (and Celery, for `lmq worker`) name it."""
-    return f"lmq-{os.getpid()}@{socket.gethostname()}"
 
 
 def pool_from_settings(settings: Settings) -> ModelPool:

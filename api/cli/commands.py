@@ -411,7 +411,8 @@ def cmd_worker(args) -> int:
     """A Celery worker (a pool of LMQ_WORKER_JOBS threads: that many jobs at once, models pinned in
     this process and each one's engine shared by its jobs)."""
     from lmq.workers.celery_app import make_celery, worker_queue
-    from lmq.workers.runner import process_runner, worker_name
+    from lmq.core.store.leases import holder_name
+    from lmq.workers.runner import process_runner
 
     settings = load_settings()
     if settings.broker_url is None:
@@ -436,7 +437,7 @@ def cmd_worker(args) -> int:
             "--pool=threads",
             f"--concurrency={settings.worker_jobs}",
             f"--queues={','.join(queues)}",
-            f"--hostname={worker_name()}",
+            f"--hostname={holder_name()}",
             f"--loglevel={args.loglevel}",
             "--without-gossip",
             "--without-mingle",

@@ -11,7 +11,12 @@ took its job finds its token stale and stops, having written nothing.
 
 A lease not renewed for LMQ_LEASE_S has expired: its holder is dead, paused or
 cut off. The next worker that gets the job's message takes it over with a new
-attempt number; workers/sweep.py makes sure that message is sent. While a
+attempt number; workers/sweep.py makes sure that message is sent. A holder
+whose process has exited (SIGKILL, the OOM killer, a crash) need not be waited
+out when it ran on the same host and in the same process namespace as a
+sweeping worker, as a restarted worker does: that worker can see the process
+is gone, and ends its leases there and then (`end_leases_of_exited_holders`).
+Holders elsewhere are waited out. While a
 lease is live, another delivery of the job (a duplicate message) is refused,
 so one job never runs on two workers at once.
 
@@ -21,6 +26,9 @@ agree to well within a lease (NTP does that).
 
 from __future__ import annotations
 
+import os
+import re
+import socket
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -90,6 +98,57 @@ def claim(session: Session, job_id: str, worker: str, lease_s: float) -> Job | N
     return job
 
 
+def holder_name(pid: int | None = None) -> str:
+    """A process (this one by default) as leases, job records and Celery name it:
+    `lmq-<pid>.<pid namespace>@<host>`, which says where to look for it (`has_exited`)."""
+    return f"lmq-{pid or os.getpid()}.{_pid_namespace()}@{socket.gethostname()}"
+
+
+def has_exited(holder: str | None) -> bool:
+    """The holder's process was of this host and pid namespace, and is gone (or a zombie). A
+    process elsewhere, or a pid taken by another process since, counts as running."""
+    match = re.fullmatch(r"lmq-(\d+)\.(\w+)@(.+)", holder or "")
+    if match is None or (match[2], match[3]) != (_pid_namespace(), socket.gethostname()):
+        return False
+    try:
+        with open(f"/proc/{match[1]}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] in ("Z", "X")  # the state, after the name
+    except FileNotFoundError:
+        return True
+
+
+def _pid_namespace() -> str:
+    """This process's pid namespace: pids name processes within it only (a container has its own)."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:  # no /proc: pids cannot be looked up, so no holder is ever seen to exit
+        return "unknown"
+
+
+def end_leases_of_exited_holders(session: Session) -> list[str]:
+    """End now the live leases whose holder `has_exited`, so that the sweep sends their jobs
+    again at once instead of after LMQ_LEASE_S; returns the jobs' ids."""
+    now = utcnow()
+    held = session.execute(
+        select(Job.id, Job.worker, Job.attempts).where(Job.state.in_(HELD_STATES), ~lease_expired(now))
+    ).all()
+    ended = []
+    for job_id, worker, attempt in held:
+        if has_exited(worker):
+            lease = Lease(job_id, worker, attempt)
+            if session.execute(holding(lease).values(lease_expires_at=now)).rowcount == 1:
+                queries.add_event(session, job_id, "holder_exited", attempt=attempt, worker=worker)
+                ended.append(job_id)
+    return ended
+
+
+def holding(lease: Lease):
+    """An UPDATE of the job's row while `lease` holds it; it touches nothing once the lease is lost."""
+    return update(Job).where(
+        Job.id == lease.job_id, Job.attempts == lease.attempt, Job.worker == lease.worker, Job.state.in_(HELD_STATES)
+    )
+
+
 def lease_expired(now: datetime):
     """The expired-lease rule, stated here only (as SQL): no lease, or one not renewed before `now`."""
     return or_(Job.lease_expires_at.is_(None), Job.lease_expires_at <= now)
@@ -103,11 +162,7 @@ def not_sent_since_expiry():
 def renew(session: Session, lease: Lease, lease_s: float) -> None:
     """Extend the lease, or raise LeaseLost; locks the job's row until the transaction ends."""
     release_locks_if_paused(session)
-    renewed = session.execute(
-        update(Job)
-        .where(Job.id == lease.job_id, Job.attempts == lease.attempt, Job.worker == lease.worker, Job.state.in_(HELD_STATES))
-        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
-    )
+    renewed = session.execute(holding(lease).values(lease_expires_at=utcnow() + timedelta(seconds=lease_s)))
     if renewed.rowcount != 1:
         raise LeaseLost(f"job {lease.job_id}: attempt {lease.attempt} no longer holds the lease")
 
@@ -118,11 +173,7 @@ def release(session: Session, lease: Lease, resent: bool) -> bool:
     `resent`: its message is back with the broker, so the sweep need not send it again."""
     now = utcnow()
     values = {"lease_expires_at": now, "worker": None, **({"enqueued_at": now} if resent else {})}
-    released = session.execute(
-        update(Job)
-        .where(Job.id == lease.job_id, Job.attempts == lease.attempt, Job.worker == lease.worker, Job.state.in_(HELD_STATES))
-        .values(**values)
-    )
+    released = session.execute(holding(lease).values(**values))
     if released.rowcount == 1:
         queries.add_event(session, lease.job_id, "handed_back", attempt=lease.attempt, worker=lease.worker)
     return released.rowcount == 1

@@ -4,7 +4,6 @@ stays light."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from datetime import timedelta
@@ -32,7 +31,7 @@ def left_by_an_earlier_server(tiny_llama_preset):
             )
             job.created_at -= timedelta(hours=1)
             if worker is not None:
-                leases.claim(session, job.id, f"lmq-{worker}@{socket.gethostname()}", lease_s=lease_s)
+                leases.claim(session, job.id, leases.holder_name(worker), lease_s=lease_s)
             jobs[name] = job.id
     return jobs
 

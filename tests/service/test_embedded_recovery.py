@@ -1,9 +1,9 @@
 """`lmq serve` alone (no broker) killed mid-job and started again at once: it
-takes the job up again itself once the dead server's lease has expired, and the
-job ends with exactly one result per input, equal to an uninterrupted greedy run.
+takes the job up again itself, at its first sweep, because it sees that the
+dead server's process is gone (core/store/leases.py), and the job ends with
+exactly one result per input, equal to an uninterrupted greedy run.
 
-Default settings except a short lease and sweep period, so that the takeover
-comes in seconds rather than LMQ_LEASE_S=30 + LMQ_SWEEP_S=10.
+Default settings: the takeover does not wait for LMQ_LEASE_S to run out.
 """
 
 import time
@@ -18,11 +18,8 @@ from lmq.core.config import load_settings
 from lmq.core.store import leases, queries, session_scope, sessions
 from lmq.core.store.models import utcnow
 
-TIMING = {"LMQ_LEASE_S": "4", "LMQ_HEARTBEAT_S": "1", "LMQ_SWEEP_S": "1"}
-
-
 def test_a_killed_lmq_serve_started_again_resumes_its_job(capsys, lmq_home, tiny_llama_preset, tmp_path):
-    env = {"LMQ_HOME": str(lmq_home), "LMQ_PRESET_ROOTS": str(tiny_llama_preset.parent), **TIMING}
+    env = {"LMQ_HOME": str(lmq_home), "LMQ_PRESET_ROOTS": str(tiny_llama_preset.parent)}
     logs = [tmp_path / "first.log", tmp_path / "second.log"]
     first = ApiServer(env, logs[0])
     try:
@@ -61,10 +58,11 @@ def test_a_killed_lmq_serve_started_again_resumes_its_job(capsys, lmq_home, tiny
     running = [e for e in events(job_id, "state") if e["state"] == "running"]
     assert [e["attempt"] for e in running] == [1, 2]
     assert running[1]["expired_lease_of"] == before["worker"]
+    assert [e["worker"] for e in events(job_id, "holder_exited")] == [before["worker"]]
     with capsys.disabled():
         print(
             f"\n[drill] lmq serve SIGKILLed after {before['completed']}/{len(MANY_PROMPTS)} results and started again "
-            f"at once (lease {TIMING['LMQ_LEASE_S']}s, sweep {TIMING['LMQ_SWEEP_S']}s): job running again "
+            f"at once (default settings, LMQ_LEASE_S={load_settings().lease_s:g}): job running again "
             f"{resumed_after:.1f}s after the kill (server start included), succeeded after {finished_after:.1f}s"
         )
 

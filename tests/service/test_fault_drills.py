@@ -2,10 +2,12 @@
 restarted, the database connection cut. Every job must still finish with
 exactly one result per input, equal to an uninterrupted greedy run.
 
-Loopback only, bounded in time, default settings except for a short lease and
-sweep period (DRILL_TIMING), so that a takeover happens in seconds instead of
-LMQ_LEASE_S=30; recovery never comes from a shortened visibility timeout or
-LMQ_JOB_TIMEOUT_S. Each drill prints what it measured. Runs where the service
+Loopback only, bounded in time, default settings: a SIGKILLed worker's job is
+taken up at the next worker's first sweep, which sees that the holder's process
+is gone (core/store/leases.py). Only the SIGSTOP drill, about a live holder
+losing its lease, shortens the lease (PAUSE_TIMING): a paused process cannot be
+told from a slow one, so its lease is waited out. Recovery never comes from a
+shortened visibility timeout or LMQ_JOB_TIMEOUT_S. Each drill prints what it measured. Runs where the service
 tests run (LMQ_TEST_REDIS_URL and LMQ_TEST_DATABASE_URL, always in CI).
 """
 
@@ -40,7 +42,7 @@ from lmq.core.store import queries, session_scope, sessions
 from lmq.core.store.models import utcnow
 from conftest import server_missing
 
-DRILL_TIMING = {"LMQ_LEASE_S": "3", "LMQ_HEARTBEAT_S": "0.5", "LMQ_SWEEP_S": "1"}
+PAUSE_TIMING = {"LMQ_LEASE_S": "3", "LMQ_HEARTBEAT_S": "0.5", "LMQ_SWEEP_S": "1"}
 GENERATE = ("--max-length", "48", "--micro-batch-size", "2")
 
 
@@ -70,11 +72,11 @@ def taken_by(worker, job_id, logs, timeout=120):
     return wait_for(lambda: holder(job_id)["worker"] == worker.name, timeout, f"{worker.name} to take the job", logs)
 
 
-def replaced(worker, stop, job_id, workers):
+def replaced(worker, stop, job_id, workers, **settings):
     """Stop `worker` (kill or pause it) and start another; returns it and the seconds until it holds the job."""
     stop()
     stopped_at = time.monotonic()
-    new = workers(**DRILL_TIMING)
+    new = workers(**settings)
     taken_by(new, job_id, [worker.log, new.log])
     return new, time.monotonic() - stopped_at
 
@@ -89,7 +91,7 @@ def test_sigkill_the_worker_five_times_during_one_generate_job(capsys, tmp_path,
     kill_after = sorted(rng.sample(range(0, len(MANY_PROMPTS) * 6 // 10), 5))
     logs, recoveries, killed_at = [], [], None
     for target in kill_after:
-        worker = workers(**DRILL_TIMING)
+        worker = workers()
         logs.append(worker.log)
         taken_by(worker, job_id, logs)
         if killed_at is not None:
@@ -98,7 +100,7 @@ def test_sigkill_the_worker_five_times_during_one_generate_job(capsys, tmp_path,
         assert holder(job_id)["state"] == "running"
         worker.kill()
         killed_at = time.monotonic()
-    last = workers(**DRILL_TIMING)
+    last = workers()
     logs.append(last.log)
     taken_by(last, job_id, logs)
     recoveries.append(time.monotonic() - killed_at)
@@ -108,6 +110,7 @@ def test_sigkill_the_worker_five_times_during_one_generate_job(capsys, tmp_path,
     assert summary["attempts"] == 6
     running = [e for e in events(job_id, "state") if e["state"] == "running"]
     assert [e["attempt"] for e in running] == [1, 2, 3, 4, 5, 6]
+    assert [e["attempt"] for e in events(job_id, "holder_exited")] == [1, 2, 3, 4, 5]  # not waited out
     report(
         capsys,
         f"SIGKILL x5 (seed {seed}, after {kill_after} results): job running again on the restarted worker "
@@ -121,7 +124,7 @@ def test_sigkill_the_worker_with_two_jobs_in_flight_on_one_engine(capsys, tmp_pa
     reversed_prompts = MANY_PROMPTS[::-1]
     sources = [write_prompts(tmp_path / "a.jsonl", MANY_PROMPTS), write_prompts(tmp_path / "b.jsonl", reversed_prompts)]
     jobs = [submit(capsys, "generate", "--preset", str(tiny_llama_preset), source, *GENERATE) for source in sources]
-    worker = workers(**DRILL_TIMING)
+    worker = workers()
     logs = [worker.log]
     for job_id in jobs:
         taken_by(worker, job_id, logs)
@@ -129,7 +132,7 @@ def test_sigkill_the_worker_with_two_jobs_in_flight_on_one_engine(capsys, tmp_pa
     assert [holder(j)["state"] for j in jobs] == ["running", "running"]
     assert all(holder(j)["completed"] < len(MANY_PROMPTS) for j in jobs)
     worker.kill()
-    last = workers(**DRILL_TIMING)
+    last = workers()
     logs.append(last.log)
     for job_id in jobs:
         taken_by(last, job_id, logs)
@@ -144,10 +147,10 @@ def test_sigkill_the_worker_with_two_jobs_in_flight_on_one_engine(capsys, tmp_pa
 
 def test_a_paused_worker_that_lost_its_lease_writes_nothing_when_it_wakes(capsys, tmp_path, workers, tiny_llama_preset):
     source = write_prompts(tmp_path / "many.jsonl", MANY_PROMPTS)
-    first = workers(**DRILL_TIMING)
+    first = workers(**PAUSE_TIMING)
     job_id = submit(capsys, "generate", "--preset", str(tiny_llama_preset), source, *GENERATE)
     wait_for(lambda: holder(job_id)["completed"] >= 4, 180, "some progress", [first.log])
-    second, taken_after = replaced(first, first.pause, job_id, workers)
+    second, taken_after = replaced(first, first.pause, job_id, workers, **PAUSE_TIMING)
     wait_for(lambda: finished(job_id), 240, "the second worker to finish", [second.log])
     written, event_count = item_rows(job_id), len(events(job_id, "state")) + len(events(job_id, "model"))
 
@@ -209,7 +212,7 @@ def ready(server) -> int:
 
 def test_redis_restarted_while_jobs_run_and_wait(capsys, tmp_path, workers, own_redis, service_env, tiny_llama_preset):
     # One job at a time (LMQ_WORKER_JOBS=1), so that two jobs wait as messages in the broker that the restart loses.
-    worker = workers(LMQ_BROKER_URL=own_redis.url, LMQ_WORKER_JOBS="1", **DRILL_TIMING)
+    worker = workers(LMQ_BROKER_URL=own_redis.url, LMQ_WORKER_JOBS="1")
     api = ApiServer({**service_env, "LMQ_BROKER_URL": own_redis.url}, tmp_path / "api.log")
     try:
         long = write_prompts(tmp_path / "long.jsonl", MANY_PROMPTS[:12])
@@ -250,7 +253,7 @@ def test_redis_restarted_while_jobs_run_and_wait(capsys, tmp_path, workers, own_
 def test_a_fit_job_killed_mid_epoch_resumes_and_registers_one_preset(capsys, tmp_path, workers, tiny_llama_preset):
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"text": p}) + "\n" for p in PROMPTS * 4))
-    first = workers(**DRILL_TIMING)
+    first = workers()
     fit_id = submit(
         capsys, "fit", "--preset", str(tiny_llama_preset), str(train), "--output-preset", "drill-tuned",
         "--epochs", "3", "--batch-size", "3", "--sequence-length", "24",

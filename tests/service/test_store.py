@@ -1,5 +1,8 @@
 """The SQL store on SQLite (always) and PostgreSQL (when LMQ_TEST_DATABASE_URL is set)."""
 
+import socket
+import subprocess
+import time
 from datetime import timedelta
 
 import pytest
@@ -159,6 +162,39 @@ def test_jobs_waiting_for_a_worker_and_one_send_among_many_sweepers(store):
         assert leases.mark_sent(session, expired, now - timedelta(minutes=5))
         waiting = leases.waiting_for_a_worker(session, utcnow(), sent_before=now - timedelta(minutes=1))
         assert {job.id for job in waiting} & {stale, fresh, expired, live} == set()
+
+
+def test_a_lease_whose_holder_exited_on_this_host_ends_at_once_and_only_that_one(store):
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+    zombie = subprocess.Popen(["true"])  # exited but not yet waited for: its pid still exists
+    holders = {
+        "exited": leases.holder_name(exited.pid),
+        "zombie": leases.holder_name(zombie.pid),
+        "alive": leases.holder_name(),
+        "other host": leases.holder_name(exited.pid).replace(f"@{socket.gethostname()}", "@another-host"),
+        "other pid namespace": leases.holder_name(exited.pid).replace(".", ".1", 1),
+        "unnamed": "w1",
+    }
+    jobs = {name: make_job(store) for name in holders}
+    with session_scope(store) as session:
+        for name, worker in holders.items():
+            leases.claim(session, jobs[name], worker, LEASE_S)
+    time.sleep(0.5)  # the zombie is one once `true` has run
+    with session_scope(store) as session:
+        ended = leases.end_leases_of_exited_holders(session)
+    assert sorted(ended) == sorted([jobs["exited"], jobs["zombie"]])
+    zombie.wait()
+    with session_scope(store) as session:
+        waiting = leases.waiting_for_a_worker(session, utcnow(), sent_before=utcnow() - timedelta(minutes=1))
+        assert {job.id for job in waiting if job.lost} & set(jobs.values()) == set(ended)
+        events = [e.data for e in queries.job_events(session, jobs["exited"]) if e.type == "holder_exited"]
+        assert events == [{"attempt": 1, "worker": holders["exited"]}]
+        taken = leases.claim(session, jobs["exited"], "w2", LEASE_S)
+        assert taken.attempts == 2  # taken over at once, LMQ_LEASE_S before the lease would have run out
+        assert leases.claim(session, jobs["alive"], "w2", LEASE_S) is None
+    with session_scope(store) as session:
+        assert leases.end_leases_of_exited_holders(session) == []  # w2 holds it now
 
 
 def test_list_jobs_pages_newest_first(store):

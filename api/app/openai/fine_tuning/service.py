@@ -36,7 +36,7 @@ from lmq.core.utf8 import NotUtf8
 
 FILE_PURPOSE = "fine-tune"
 # The fit job's events that OpenAI's list shows, and the per-epoch ones that are its checkpoints.
-SHOWN_EVENTS = ("state", "fine_tuning", "resumed", "step", "epoch")
+SHOWN_EVENTS = ("state", "fine_tuning", "resumed", "step", "epoch", "holder_exited", "handed_back")
 CHECKPOINT_EVENTS = ("epoch",)
 
 
@@ -164,6 +164,10 @@ def event_message(job: Job, event: JobEvent) -> str:
         return f"Checkpoint created at step {data.get('step')} (epoch {data.get('epoch')})"
     if event.type == "resumed":
         return f"Resumed from the checkpoint of epoch {data.get('epochs_done')} (step {data.get('step')})"
+    if event.type == "holder_exited":
+        return f"The worker running the job ({data.get('worker')}) has exited"
+    if event.type == "handed_back":
+        return f"The worker running the job ({data.get('worker')}) is stopping and handed it back"
     state = data.get("state")
     if state == JobState.queued.value:
         return "Fine-tuning job resumed" if data.get("resumed") else f"Created fine-tuning job: {openai_job_id(job.id)}"
