@@ -112,7 +112,7 @@ def plan(items, job_params: dict, task_kind: str, preprocessor) -> tuple[dict[st
             Prompt(index, text, length, custom_id,
                    max_new_tokens=own.get("max_new_tokens", job_params.get("max_new_tokens")),
                    seed=None if seed is None else seed + choice, sampler=sampler, choice=choice, choices=choices,
-                   processing=processing, stop=stop, stop_token_ids=stop_token_ids)
+                   processing=processing, stop=stop, stop_token_ids=stop_token_ids, model=item_input.get("model"))
             for choice in range(choices)
         )
     return groups, refused

@@ -110,9 +110,12 @@ def generate_models(limits: Limits) -> GenerateModels:
 
     class GenerateItem(Strict):
         """One input: a `prompt` (causal LMs), an `encoder_text` (sequence-to-sequence
-        models such as Bart) or chat `messages` (a preset with a chat template)."""
+        models such as Bart) or chat `messages` (a preset with a chat template). `model`: an
+        adapter preset to run it with, of the base model the job's preset is or is an adapter
+        of (or that base itself), in place of the job's; its rows share the batch with the others'."""
 
         custom_id: text(256, min_length=0, label=True) | None = None
+        model: text(512, label=True) | None = None
         prompt: Prompt | None = None
         encoder_text: Prompt | None = None
         messages: list[Message] | None = Field(None, min_length=1, max_length=1024)

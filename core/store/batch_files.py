@@ -166,7 +166,7 @@ def output_line(batch: OpenAIBatch, item) -> dict:
         "id": derived_id(prefix, batch.id, item.index),
         "object": obj,
         "created": None if item.finished_at is None else int(item.finished_at.timestamp()),
-        "model": batch.model,
+        "model": (item.input or {}).get("model", batch.model),  # the line's adapter of the batch's base, if its own
         "choices": [choice_of(batch, item, index, choice) for index, choice in enumerate(stored_choices(item))],
         "usage": {
             "prompt_tokens": item.prompt_tokens,

@@ -220,6 +220,18 @@ def test_paths_that_gave_500s_or_told_what_exists_all_get_one_answer(server, tea
     assert len(messages) == 1, messages
 
 
+def test_an_input_naming_another_tenants_preset_as_its_model_is_refused_and_makes_no_job(server, team_a, team_b):
+    """An input's own `model` (an adapter to run it with) is checked as the job's preset is: team B may
+    not name team A's preset, nor a path, and gets the same answer as for one that does not exist."""
+    before = job_ids(team_b)
+    for handle in ["team-a-model", str(server.home / "presets" / "team-a-model"), "no-such-adapter"]:
+        body = generate_body(BUILTIN, ["one", "two"])
+        body["inputs"][1]["model"] = handle
+        response = team_b.post("/v1/jobs", json=body)
+        assert unknown_preset_message(response, handle).startswith("inputs[1].model: preset <handle> is not in the preset store")
+    assert job_ids(team_b) == before
+
+
 # ---------------------------------------------------------------- idempotency and 404s
 
 

@@ -4,8 +4,8 @@ batch then names; events, checkpoints, cancel, pause and resume; bad files faili
 per-line messages before any training; a worker killed mid-epoch, its job resumed once. And
 once on the embedded default (SQLite, the server runs the job itself), paused and resumed.
 
-The server and worker run with the recovery tests' lease timing (test_embedded_recovery's), so
-that the killed worker's job is taken up in seconds rather than LMQ_LEASE_S=30 + LMQ_SWEEP_S=10.
+Default settings throughout: the killed worker's job is taken up by the next worker's first
+sweep, which sees that the holder's process is gone, not after LMQ_LEASE_S.
 """
 
 import io
@@ -21,7 +21,6 @@ from conftest import _service_urls
 from worker_support import Worker
 
 MODEL = "tiny-chat"  # the tiny Llama with Llama 2's chat template, team-a's
-TIMING = {"LMQ_LEASE_S": "4", "LMQ_HEARTBEAT_S": "1", "LMQ_SWEEP_S": "1"}
 ENDED = ("succeeded", "failed", "cancelled")
 WORDS = ["value", "key", "file", "error", "list", "name", "path", "line"]
 
@@ -49,7 +48,7 @@ def server(tmp_path_factory, tiny_llama_preset):
     redis.Redis.from_url(broker).flushdb()
     with fresh_database(database_server, prefix="lmq_fine_tuning") as database:
         upgrade(database)
-        env = {"LMQ_HOME": str(root / "home"), "LMQ_DATABASE_URL": database, "LMQ_BROKER_URL": broker, **TIMING}
+        env = {"LMQ_HOME": str(root / "home"), "LMQ_DATABASE_URL": database, "LMQ_BROKER_URL": broker}
         import_preset(env, chat_preset(tiny_llama_preset, root), MODEL, "team-a")
         api = ApiServer({**env, "LMQ_API_TOKENS": TOKENS}, root / "server.log")
         api.env, api.root = env, root
@@ -136,7 +135,7 @@ def test_the_whole_cycle_trains_two_checkpoints_and_a_batch_names_the_fine_tuned
 
     assert api.models.retrieve(done.fine_tuned_model).id == done.fine_tuned_model
     body = {"model": done.fine_tuned_model, "messages": [{"role": "user", "content": "Return the key"}], "max_tokens": 4}
-    (output,) = run_chat_batch(api, body, server)
+    (output,) = run_chat_batch(api, [body], server)
     assert output["response"]["status_code"] == 200
 
     # An lmq job names it too.
@@ -191,21 +190,89 @@ def test_a_lora_fine_tune_is_an_adapter_preset_over_its_base_that_a_batch_runs(s
     (expected,) = tuned.generate([prompt], max_new_tokens=6, strip_prompt=True, stop_token_ids=stop_ids, return_details=True)
 
     body = {"model": done.fine_tuned_model, "messages": messages, "max_tokens": 6, "temperature": 0}
-    (output,) = run_chat_batch(api, body, server)
+    (output,) = run_chat_batch(api, [body], server)
     assert output["response"]["body"]["choices"][0]["message"]["content"] == expected.text
 
 
-def run_chat_batch(api, body, server):
-    """The output lines of a batch of one chat completion with `body`."""
-    line = {"custom_id": "one", "method": "POST", "url": "/v1/chat/completions", "body": body}
-    batch_file = api.files.create(file=("batch.jsonl", io.BytesIO((json.dumps(line) + "\n").encode())), purpose="batch")
+def run_chat_batch(api, bodies, server):
+    """The output lines of a batch of chat completions, one line per body, in order (the model is the first's)."""
+    lines = [{"custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
+             for i, body in enumerate(bodies)]
+    content = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    batch_file = api.files.create(file=("batch.jsonl", io.BytesIO(content)), purpose="batch")
     batch = api.batches.create(input_file_id=batch_file.id, endpoint="/v1/chat/completions", completion_window="24h")
     deadline = time.monotonic() + 120
     while batch.status not in ("completed", "failed", "cancelled", "expired") and time.monotonic() < deadline:
         time.sleep(0.2)
         batch = api.batches.retrieve(batch.id)
-    assert batch.status == "completed" and batch.model == body["model"], batch
-    return [json.loads(text) for text in api.files.content(batch.output_file_id).text.splitlines()]
+    assert batch.status == "completed" and batch.model == bodies[0]["model"], batch
+    outputs = [json.loads(text) for text in api.files.content(batch.output_file_id).text.splitlines()]
+    if batch.error_file_id:
+        outputs += [json.loads(text) for text in api.files.content(batch.error_file_id).text.splitlines()]
+    return sorted(outputs, key=lambda output: int(output["custom_id"].split("-")[1]))
+
+
+def random_adapter(base_directory, directory, base_name, seed):
+    """A random LoRA of rank 2 on every projection of the base at `base_directory`, saved as an adapter
+    preset over `base_name` (as the fine-tuning API saves one)."""
+    import torch
+
+    from lmq.core.adapters import save_adapter_preset
+    from lmq.core.models import CausalLM
+
+    lm = CausalLM.from_preset(str(base_directory))
+    for block in lm.backbone.transformer_layers:
+        block.attention.enable_lora(2, alpha=4)
+        block.feedforward.enable_lora(2, alpha=4, names=block.feedforward.kernel_names())
+    generator = torch.Generator().manual_seed(seed)
+    for layer in lm.backbone._projection_layers():
+        for down, up in layer.lora.values():
+            up.assign(torch.randn(tuple(up.shape), generator=generator) * 2)
+    save_adapter_preset(lm, directory, base_name)
+
+
+def test_four_adapters_of_one_base_in_one_batch_give_each_line_its_tokens_served_alone(server, tiny_llama_preset):
+    """One batch whose lines name four adapter presets of team A's tiny-chat and tiny-chat itself: one
+    job on the pinned base, every line's reply the one its model gives alone. A line naming a model
+    of another base fails on its own, naming it; the others run."""
+    from lmq.core.chat import chat_token_ids, end_of_turn_token_ids
+    from lmq.core.config import load_settings
+    from lmq.core.models import CausalLM
+    from lmq.core.store import session_scope, sessions
+    from lmq.core.store.presets import store_resolver
+
+    settings = load_settings(server.env)
+    names = [f"multi-ft-{i}" for i in range(4)]
+    for seed, name in enumerate(names):
+        random_adapter(settings.preset_store / MODEL, server.root / name, MODEL, seed)
+        import_preset(server.env, server.root / name, name, "team-a")
+    (server.root / "other").mkdir()  # the same weights at another place: another base
+    import_preset(server.env, chat_preset(tiny_llama_preset, server.root / "other"), "tiny-other", "team-a")
+    models = [MODEL, *names]
+    prompts = [[{"role": "user", "content": f"Return the {WORDS[i % len(WORDS)]}"}] for i in range(10)]
+    bodies = [{"model": models[i % 5], "messages": messages, "max_tokens": 6, "temperature": 0}
+              for i, messages in enumerate(prompts)]
+    bodies.append({"model": "tiny-other", "messages": prompts[0], "max_tokens": 6, "temperature": 0})
+
+    outputs = run_chat_batch(client(server), bodies, server)
+    with session_scope(sessions(settings)) as session:
+        resolver = store_resolver(session, tenant="team-a")
+        alone = {model: CausalLM.from_preset(model, resolver=resolver) for model in models}
+    tokenizer = alone[MODEL].preprocessor.tokenizer
+    stop_ids = list(dict.fromkeys([*tokenizer.stop_token_ids, *end_of_turn_token_ids(tokenizer)]))
+    expected = []
+    for body in bodies[:-1]:
+        lm = alone[body["model"]]
+        lm.compile(sampler="greedy")
+        (reply,) = lm.generate([chat_token_ids(tokenizer, body["messages"])], max_new_tokens=6, strip_prompt=True,
+                               stop_token_ids=stop_ids, return_details=True)
+        expected.append(reply.text)
+    replies = [output["response"]["body"]["choices"][0]["message"]["content"] for output in outputs[:-1]]
+    assert replies == expected
+    assert len(set(expected)) > 2  # the adapters change the replies
+    assert [output["response"]["body"]["model"] for output in outputs[:-1]] == [body["model"] for body in bodies[:-1]]
+    assert outputs[-1]["response"] is None
+    assert "'tiny-other' is neither the job's base model nor an adapter of it" in outputs[-1]["error"]["message"]
 
 
 def test_without_a_validation_file_the_events_say_so_and_checkpoints_have_no_valid_loss(server):
@@ -354,7 +421,8 @@ def test_a_worker_killed_mid_epoch_leaves_the_job_to_another_which_resumes_it_on
     api = client(server)
     job = long_job(api, epochs=2, examples=12)
     wait_for_step(api, job.id, server, 15)  # mid second epoch
-    server.workers[0].kill()
+    killed = server.workers[0]
+    killed.kill()
     log = server.root / "worker-1.log"
     server.workers.append(Worker(server.env, log))
     server.logs.append(log)
@@ -364,6 +432,7 @@ def test_a_worker_killed_mid_epoch_leaves_the_job_to_another_which_resumes_it_on
     assert [c.step_number for c in api.fine_tuning.jobs.checkpoints.list(job.id).data] == [24, 12]
     messages = [event.message for event in all_events(api, job.id)]
     assert "Fine-tuning job taken up again (attempt 2)" in messages
+    assert f"The worker running the job ({killed.name}) has exited" in messages  # not waited out for LMQ_LEASE_S
     assert messages.count("Resumed from the checkpoint of epoch 1 (step 12)") == 1
     assert len([m for m in messages if m.startswith("The job has successfully completed")]) == 1
 

@@ -81,6 +81,7 @@ def submit(job: BaseModel, response: Response, idempotency_key: str | None, tena
                 if earlier is not None:
                     return replayed(response, earlier, job, idempotency_key)
             preset = checked_preset(session, settings, job.preset, tenant)
+            check_item_models(session, settings, job, tenant)
             try:
                 check_preset_for_job(store_resolver(session, tenant=tenant).locate(preset), preset, settings, job)
             except PresetRefused as error:
@@ -206,6 +207,20 @@ def checked_preset(session: Session, settings: Settings, handle: str, tenant: st
     except PresetNotAllowed as refusal:
         suggestion = did_you_mean(handle, preset_names(session, tenant))
         raise field_error(("body", "preset"), f"{refusal}{suggestion}") from None
+
+
+def check_item_models(session: Session, settings: Settings, job: BaseModel, tenant: str) -> None:
+    """A 422 on the first input whose own `model` the tenant may not use (each model checked once).
+    That it is an adapter of the job's base, the worker checks, input by input."""
+    allowed = set()
+    for index, item in enumerate(getattr(job, "inputs", None) or []):
+        if item.model is None or item.model in allowed:
+            continue
+        try:
+            authorized_preset(session, settings, item.model, tenant)
+        except PresetNotAllowed as refusal:
+            raise field_error(("body", "inputs", index, "model"), str(refusal)) from None
+        allowed.add(item.model)
 
 
 def field_error(location: tuple, message: str) -> RequestValidationError:

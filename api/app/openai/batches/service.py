@@ -175,17 +175,10 @@ def job_items(
         elif request.custom_id in seen:
             message = f"line {number}: custom_id {request.custom_id!r} is not unique in the file"
             yield refused(request.custom_id, "duplicate_custom_id", message)
-        elif request.model != model:
+        elif request.model != model and models.locate(request.model) is None:
             seen.add(request.custom_id)
-            if models.locate(request.model) is None:
-                message = f"line {number}: model {request.model!r} does not exist or you cannot use it"
-                yield refused(request.custom_id, "model_not_found", message)
-            else:
-                message = (
-                    f"line {number}: model {request.model!r} is not this batch's model {model!r} "
-                    "(a batch runs one model)"
-                )
-                yield refused(request.custom_id, "model_mismatch", message)
+            message = f"line {number}: model {request.model!r} does not exist or you cannot use it"
+            yield refused(request.custom_id, "model_not_found", message)
         elif task is TaskKind.seq2seq_lm and "messages" in request.input:
             seen.add(request.custom_id)
             message = f"line {number}: model {model!r} is a sequence-to-sequence model: send /v1/completions prompts"
@@ -195,6 +188,8 @@ def job_items(
             source = request.input
             if task is TaskKind.seq2seq_lm:
                 source = {task.prompt_field: source["prompt"], "params": source["params"]}
+            if request.model != model:  # an adapter of the batch's base (the worker checks that, row by row)
+                source = {**source, "model": request.model}
             yield {"custom_id": request.custom_id, "input": source}
 
 
