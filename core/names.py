@@ -69,6 +69,8 @@ class JobKind(str, enum.Enum):
 
 
 class JobState(str, enum.Enum):
+    # A fine-tuning job whose files an API server is reading (OpenAI's validating_files); then queued.
+    validating = "validating"
     queued = "queued"
     running = "running"
     cancelling = "cancelling"

@@ -18,9 +18,10 @@ from sqlalchemy.exc import OperationalError
 
 from lmq.api.app.dispatch import dispatch_for
 from lmq.api.app.openai.batches import routes as openai_batches
-from lmq.api.app.openai.batches.service import validation_sweep
+from lmq.api.app.openai.batches import service as batch_validation
 from lmq.api.app.openai.files import routes as openai_files
 from lmq.api.app.openai.fine_tuning import routes as openai_fine_tuning
+from lmq.api.app.openai.fine_tuning import validation as fine_tuning_validation
 from lmq.api.app.routes import dashboard, health, jobs, presets
 from lmq.api.app.routes.metrics import add_metrics
 from lmq.api.app.utf8_bodies import Utf8Bodies
@@ -28,8 +29,18 @@ from lmq.core.config import Settings, load_settings
 from lmq.core.domain.requests import field_name, problems
 from lmq.core.storage import StorageError
 from lmq.core.store import SchemaOutOfDate
+from lmq.workers.recovery import Sweeping
 
 logger = logging.getLogger(__name__)
+
+
+def validation_sweep(settings: Settings, dispatch) -> Sweeping:
+    """The validations of batches and fine-tuning jobs that a stopped server left, taken up at start
+    and every LMQ_SWEEP_S beside the routes of every `lmq serve`, broker or not: validation is the
+    API's own work (its line parsers, its preset rules), so the API servers, not the workers, do it."""
+    steps = [lambda: batch_validation.take_up_validations(settings, dispatch),
+             lambda: fine_tuning_validation.take_up_validations(settings, dispatch)]
+    return Sweeping("lmq-validations", settings.sweep_s, steps)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -162,6 +162,7 @@ def lmq_job_id(fine_tuning_job_id: str) -> str | None:
 
 
 OPENAI_STATUS = {
+    JobState.validating: "validating_files",
     JobState.queued: "queued",
     JobState.running: "running",
     JobState.cancelling: "running",  # until the worker stops

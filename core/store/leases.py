@@ -77,7 +77,7 @@ def claim(session: Session, job_id: str, worker: str, lease_s: float) -> Job | N
     if job.state == JobState.pausing.value:
         queries.pause(session, job)
         return None
-    if job.state == JobState.paused.value:  # a message sent before the pause: it waits for a resume
+    if job.state in (JobState.paused.value, JobState.validating.value):  # it waits for a resume, or its files
         return None
     taken_from = job.worker if job.state == JobState.running.value else None
     job.state = JobState.running.value
@@ -140,6 +140,37 @@ def end_leases_of_exited_holders(session: Session) -> list[str]:
                 queries.add_event(session, job_id, "holder_exited", attempt=attempt, worker=worker)
                 ended.append(job_id)
     return ended
+
+
+def hold_validation(job: Job, holder: str, lease_s: float) -> None:
+    """`holder` (an API server) reads the job's files under the job's lease: if it stops, the
+    lease runs out (or its process is seen gone) and another server takes the validation up."""
+    job.state = JobState.validating.value
+    job.worker, job.lease_expires_at = holder, utcnow() + timedelta(seconds=lease_s)
+
+
+def stale_validations(session: Session) -> list[tuple[str, str | None]]:
+    """(job id, holder) of the validations whose holder stopped: lease run out, or process gone."""
+    rows = session.execute(
+        select(Job.id, Job.worker, lease_expired(utcnow()).label("expired")).where(Job.state == JobState.validating.value)
+    ).all()
+    return [(job_id, worker) for job_id, worker, expired in rows if expired or has_exited(worker)]
+
+
+def take_up_validation(session: Session, job_id: str, stopped: str | None, holder: str, lease_s: float) -> bool:
+    """Take a stale validation over from `stopped`: one conditional UPDATE, so one server of many does."""
+    taken = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.validating.value, Job.worker.is_not_distinct_from(stopped))
+        .values(worker=holder, lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+    )
+    return taken.rowcount == 1
+
+
+def held_validation(session: Session, job_id: str, holder: str) -> Job | None:
+    """The job, its row locked, while `holder` still holds its validation (not cancelled, not taken over)."""
+    job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
+    return job if job is not None and job.state == JobState.validating.value and job.worker == holder else None
 
 
 def holding(lease: Lease):

@@ -234,11 +234,11 @@ def job_state(session: Session, job_id: str) -> str | None:
 
 
 def request_cancel(session: Session, job_id: str) -> Job | None:
-    """A queued (or paused) job is cancelled now; a running one is asked to stop at its next check."""
+    """A queued (or paused, or validating) job is cancelled now; a running one is asked to stop at its next check."""
     job = session.get(Job, job_id, with_for_update=True)
     if job is None:
         return None
-    if job.state in (JobState.queued.value, JobState.paused.value):
+    if job.state in (JobState.validating.value, JobState.queued.value, JobState.paused.value):
         _finish(session, job, JobState.cancelled)
     elif job.state in (JobState.running.value, JobState.pausing.value):
         job.state = JobState.cancelling.value

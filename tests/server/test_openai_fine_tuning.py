@@ -104,8 +104,10 @@ def test_the_whole_cycle_trains_two_checkpoints_and_a_batch_names_the_fine_tuned
         hyperparameters={"n_epochs": 2, "batch_size": 2},
         metadata={"team": "a"},
     )
-    assert job.id.startswith("ftjob-") and job.status == "queued" and job.model == MODEL
+    # Created at once; its files are read after the answer (OpenAI's validating_files).
+    assert job.id.startswith("ftjob-") and job.status == "validating_files" and job.model == MODEL
     assert (job.hyperparameters.n_epochs, job.hyperparameters.batch_size) == (2, 2)
+    assert job.hyperparameters.learning_rate_multiplier == "auto"  # resolved once the files are read
     assert job.fine_tuned_model is None and job.seed == 7 and job.metadata == {"team": "a"}
 
     done = wait(api, job.id, server)
@@ -300,6 +302,8 @@ def test_bad_files_fail_validation_naming_each_line_and_nothing_trains(server):
         {"prompt": "a prompt", "text": "and a text"},
     ]
     job = api.fine_tuning.jobs.create(model=MODEL, training_file=upload(api, lines).id)
+    assert job.status == "validating_files"
+    job = wait(api, job.id, server)
     assert job.status == "failed"
     assert (job.error.code, job.error.param) == ("invalid_training_file", "training_file")
     message = job.error.message
@@ -316,6 +320,7 @@ def test_bad_files_fail_validation_naming_each_line_and_nothing_trains(server):
 
     not_jsonl = api.files.create(file=("x.jsonl", io.BytesIO(b"[1, 2]\n{\n")), purpose="fine-tune")
     refused = api.fine_tuning.jobs.create(model=MODEL, training_file=chat_file(api).id, validation_file=not_jsonl.id)
+    refused = wait(api, refused.id, server)
     assert refused.status == "failed" and refused.error.code == "invalid_validation_file"
     assert "line 1: expected a JSON object, got list" in refused.error.message
     assert "line 2 is not JSON" in refused.error.message
@@ -331,12 +336,53 @@ def test_examples_whose_answers_fall_past_the_sequence_length_fail_on_the_worker
     job = api.fine_tuning.jobs.create(
         model=MODEL, training_file=upload(api, lines).id, hyperparameters={"sequence_length": 24}
     )
-    assert job.status == "queued"  # its lines are well formed: the worker tokenizes them
     failed = wait(api, job.id, server)
+    assert "Files validated, moving job to queued state" in [e.message for e in all_events(api, job.id)]  # well formed
     assert failed.status == "failed" and (failed.error.code, failed.error.param) == ("invalid_training_file", "training_file")
     assert "example 2: none of its trained tokens is within the model's sequence length (24 tokens" in failed.error.message
     assert "example 1" not in failed.error.message
     assert not [event for event in all_events(api, job.id) if event.message.startswith("Step ")]
+
+
+def validating_job(api, env, holder):
+    """A fine-tuning job left validating by `holder` (an API server's name), as a stopped server leaves one."""
+    from lmq.api.app.openai.fine_tuning.validation import VALIDATION_LEASE_S
+    from lmq.core.config import load_settings
+    from lmq.core.domain.fine_tuning import FINE_TUNING, fine_tuned_model_name, openai_job_id
+    from lmq.core.names import JobKind
+    from lmq.core.store import leases, queries, session_scope, sessions
+
+    training = chat_file(api)
+    shown = {"model": MODEL, "training_file": training.id, "validation_file": None, "suffix": None, "seed": 1,
+             "metadata": None, "hyperparameters": {"n_epochs": 1}}
+    with session_scope(sessions(load_settings(env))) as session:
+        job = queries.create_job(session, kind=JobKind.fit, preset=MODEL, params={FINE_TUNING: shown}, tenant="team-a")
+        job.output_preset = fine_tuned_model_name(MODEL, None, job.id)
+        leases.hold_validation(job, holder, VALIDATION_LEASE_S)
+        return openai_job_id(job.id)
+
+
+def test_a_validation_whose_server_stopped_is_taken_up_by_a_running_one(server):
+    """A job left validating_files by a server whose process is gone is validated by the running
+    server's sweep (every LMQ_SWEEP_S), then trains; one held by a live server is left to it,
+    and can be cancelled (not paused) meanwhile."""
+    import subprocess
+
+    from lmq.core.store import leases
+
+    api = client(server)
+    stopped = subprocess.Popen(["true"])
+    stopped.wait()
+    orphan = validating_job(api, server.env, leases.holder_name(stopped.pid))
+    held = validating_job(api, server.env, leases.holder_name())  # this test's process: alive, validating "for ever"
+    done = wait(api, orphan, server)
+    assert done.status == "succeeded", done.error
+    assert "Files validated, moving job to queued state" in [event.message for event in all_events(api, orphan)]
+    assert done.hyperparameters.n_epochs == 1 and done.hyperparameters.batch_size == 2  # "auto": the 2 examples
+    assert api.fine_tuning.jobs.retrieve(held).status == "validating_files"
+    with pytest.raises(openai.ConflictError, match="is validating_files: it cannot be paused"):
+        api.fine_tuning.jobs.pause(held)
+    assert api.fine_tuning.jobs.cancel(held).status == "cancelled"
 
 
 def chat_file(api, count=2):
@@ -374,11 +420,13 @@ def long_job(api, epochs=3, examples=24):
 
 
 def wait_for_step(api, job_id, server, step, timeout=300):
+    """Until the job has recorded `step`, read from its newest events (one request a poll)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(s >= step for s in steps_recorded(api, job_id)):
+        newest = api.fine_tuning.jobs.list_events(job_id, limit=10).data
+        if any(event.message.startswith("Step ") and event.data["step"] >= step for event in newest):
             return
-        time.sleep(0.2)
+        time.sleep(0.1)
     raise AssertionError(f"job {job_id} did not reach step {step}: {api.fine_tuning.jobs.retrieve(job_id)}")
 
 
@@ -397,8 +445,9 @@ def test_a_running_job_is_cancelled_at_its_next_step(server):
 
 def test_a_paused_job_stops_and_resumed_goes_on_from_its_checkpoint(server):
     api = client(server)
-    job = long_job(api, epochs=2, examples=40)  # room to pause before the end on a quiet machine too
-    wait_for_step(api, job.id, server, 42)  # into the second epoch: the first is checkpointed
+    # Room to pause before the end on a quiet machine too: a pause is seen within a second.
+    job = long_job(api, epochs=2, examples=150)
+    wait_for_step(api, job.id, server, 152)  # into the second epoch: the first is checkpointed
     api.fine_tuning.jobs.pause(job.id)
     paused = wait(api, job.id, server, until=("paused",))
     steps_then = steps_recorded(api, job.id)
@@ -410,17 +459,17 @@ def test_a_paused_job_stops_and_resumed_goes_on_from_its_checkpoint(server):
     done = wait(api, job.id, server)
     assert done.status == "succeeded", done.error
     # The steps of the unfinished epoch are trained again and recorded once.
-    assert steps_recorded(api, job.id) == list(range(1, 81))
+    assert steps_recorded(api, job.id) == list(range(1, 301))
     messages = [event.message for event in all_events(api, job.id)]
     assert "The job is paused" in messages and "Fine-tuning job resumed" in messages
-    assert "Resumed from the checkpoint of epoch 1 (step 40)" in messages
-    assert [c.step_number for c in api.fine_tuning.jobs.checkpoints.list(job.id).data] == [80, 40]
+    assert "Resumed from the checkpoint of epoch 1 (step 150)" in messages
+    assert [c.step_number for c in api.fine_tuning.jobs.checkpoints.list(job.id).data] == [300, 150]
 
 
 def test_a_worker_killed_mid_epoch_leaves_the_job_to_another_which_resumes_it_once(server):
     api = client(server)
-    job = long_job(api, epochs=2, examples=12)
-    wait_for_step(api, job.id, server, 15)  # mid second epoch
+    job = long_job(api, epochs=2, examples=60)
+    wait_for_step(api, job.id, server, 65)  # early in the second epoch: the kill comes before its end
     killed = server.workers[0]
     killed.kill()
     log = server.root / "worker-1.log"
@@ -428,12 +477,12 @@ def test_a_worker_killed_mid_epoch_leaves_the_job_to_another_which_resumes_it_on
     server.logs.append(log)
     done = wait(api, job.id, server)
     assert done.status == "succeeded", done.error
-    assert steps_recorded(api, job.id) == list(range(1, 25))
-    assert [c.step_number for c in api.fine_tuning.jobs.checkpoints.list(job.id).data] == [24, 12]
+    assert steps_recorded(api, job.id) == list(range(1, 121))
+    assert [c.step_number for c in api.fine_tuning.jobs.checkpoints.list(job.id).data] == [120, 60]
     messages = [event.message for event in all_events(api, job.id)]
     assert "Fine-tuning job taken up again (attempt 2)" in messages
     assert f"The worker running the job ({killed.name}) has exited" in messages  # not waited out for LMQ_LEASE_S
-    assert messages.count("Resumed from the checkpoint of epoch 1 (step 12)") == 1
+    assert messages.count("Resumed from the checkpoint of epoch 1 (step 60)") == 1
     assert len([m for m in messages if m.startswith("The job has successfully completed")]) == 1
 
 
@@ -447,16 +496,16 @@ def test_on_the_embedded_default_a_fine_tuning_job_runs_in_the_server_itself(tmp
     try:
         api = client(embedded)
         job = api.fine_tuning.jobs.create(
-            model=MODEL, training_file=chat_file(api, 12).id, hyperparameters={"n_epochs": 2, "batch_size": 1}
+            model=MODEL, training_file=chat_file(api, 60).id, hyperparameters={"n_epochs": 2, "batch_size": 1}
         )
-        wait_for_step(api, job.id, embedded, 14)
+        wait_for_step(api, job.id, embedded, 62)  # a pause is seen within a second: well before the end
         api.fine_tuning.jobs.pause(job.id)
         assert wait(api, job.id, embedded, until=("paused",)).status == "paused"
         api.fine_tuning.jobs.resume(job.id)
         done = wait(api, job.id, embedded)
         assert done.status == "succeeded", done.error
-        assert steps_recorded(api, job.id) == list(range(1, 25))
-        assert [c.step_number for c in api.fine_tuning.jobs.checkpoints.list(job.id).data] == [24, 12]
+        assert steps_recorded(api, job.id) == list(range(1, 121))
+        assert [c.step_number for c in api.fine_tuning.jobs.checkpoints.list(job.id).data] == [120, 60]
         assert api.models.retrieve(done.fine_tuned_model).id == done.fine_tuned_model
     finally:
         embedded.stop()

@@ -37,7 +37,6 @@ from lmq.core.store.batches import create_batch_job, fail_validation, stale_vali
 from lmq.core.store.models import Job, OpenAIBatch, utcnow
 from lmq.core.store.presets import PresetRefused, check_preset_for_job, store_resolver
 from lmq.core.utf8 import NotUtf8
-from lmq.workers.recovery import Sweeping
 
 logger = logging.getLogger("lmq.api")
 
@@ -265,13 +264,6 @@ def take_up_validations(settings: Settings, dispatch) -> list[str]:
     if taken:
         logger.warning("took up %d batch validation(s) a stopped server left: %s", len(taken), ", ".join(taken))
     return taken
-
-
-def validation_sweep(settings: Settings, dispatch) -> Sweeping:
-    """`take_up_validations` at start and every LMQ_SWEEP_S, beside the routes of every `lmq serve`,
-    broker or not: validation is the API's own work (its line parser, its preset rules), so it is
-    the API servers, not the workers, that take up what one of them left."""
-    return Sweeping("lmq-batch-validations", settings.sweep_s, [lambda: take_up_validations(settings, dispatch)])
 
 
 # ---------------------------------------------------------------- status and the batch object

@@ -1,7 +1,8 @@
 """/v1/fine_tuning/jobs of OpenAI's fine-tuning API, on lmq fit jobs.
 
-Create reads the training (and validation) file, makes one fit job and hands
-it to the workers; its fine-tuned model is registered in the preset store as
+Create makes one fit job, `validating_files` while a thread of this server reads
+the training (and validation) file (validation.py), then hands it to the workers;
+its fine-tuned model is registered in the preset store as
 `ft:<base>:<suffix>:<id>`, a name that /v1/models, batches and /v1/jobs take.
 Jobs are a tenant's own: another tenant's job is a 404, as one that never existed.
 """
@@ -18,7 +19,6 @@ from sqlalchemy.orm import Session
 from lmq.api.app.dependencies import DispatchDep, SessionDep, SettingsDep, TenantDep
 from lmq.api.app.dispatch import BrokerUnavailable
 from lmq.api.app.openai.common import OPENAI_ERRORS, OpenAIError, OpenAIRoute, not_found, page
-from lmq.api.app.openai.files.routes import storage_answers
 from lmq.api.app.openai.fine_tuning.service import (
     CHECKPOINT_EVENTS,
     FILE_PURPOSE,
@@ -27,23 +27,21 @@ from lmq.api.app.openai.fine_tuning.service import (
     event_cursor,
     event_object,
     job_object,
-    training_rows,
 )
+from lmq.api.app.openai.fine_tuning.validation import VALIDATION_LEASE_S, start_validation
 from lmq.core.config import Limits, Settings
 from lmq.core.domain.fields import MAX_SEED, Strict, text
 from lmq.core.domain.fine_tuning import (
     FINE_TUNING,
     SUFFIX_PATTERN,
-    TrainingFileInvalid,
     fine_tuned_model_name,
-    fit_hyperparameters,
     lmq_job_id,
     openai_status,
 )
-from lmq.core.domain.jobs import OutputPresetTaken, check_output_name, create_fit_job, preset_task_kind
+from lmq.core.domain.jobs import OutputPresetTaken, check_output_name, preset_task_kind
 from lmq.core.domain.presets import PresetNotAllowed, authorized_preset
 from lmq.core.names import TERMINAL_STATES, JobKind, JobState, TaskKind
-from lmq.core.store import queries, session_scope, sessions
+from lmq.core.store import leases, queries, session_scope, sessions
 from lmq.core.store.batches import get_file
 from lmq.core.store.models import Job
 from lmq.core.store.presets import store_resolver
@@ -90,49 +88,34 @@ class FineTuningJobIn(Strict):
 def create_fine_tuning_job(
     body: FineTuningJobIn, tenant: str = TenantDep, settings: Settings = SettingsDep, dispatch=DispatchDep
 ):
-    """A fine-tuning job: `queued` once its files are read, or `failed` naming their bad lines."""
+    """A fine-tuning job, `validating_files` while this server reads its files (validation.py):
+    then `queued`, or `failed` naming their bad lines."""
     given = chosen_hyperparameters(body, settings.limits)
     with session_scope(sessions(settings)) as session:
         preset = trainable_preset(session, settings, body.model, tenant)
         for param in ("training_file", "validation_file"):
             require_file(session, getattr(body, param), tenant, param)
-        try:
-            with storage_answers():
-                training = training_rows(settings, body.training_file, "training_file")
-                validation = training_rows(settings, body.validation_file, "validation_file") if body.validation_file else []
-            invalid = None
-        except TrainingFileInvalid as problem:
-            training, validation, invalid = [], [], problem
-        seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
         shown = {
             "model": body.model,
             "training_file": body.training_file,
             "validation_file": body.validation_file,
             "suffix": body.suffix,
-            "seed": seed,
+            "seed": body.seed if body.seed is not None else secrets.randbelow(MAX_SEED),
             "metadata": body.metadata,
+            "hyperparameters": given,  # "auto" resolved once the files are read
         }
-        job = create_fit_job(
-            session,
-            training_data=training,
-            validation_data=validation,
-            hyperparameters={**fit_hyperparameters(given, len(training)), "seed": seed, FINE_TUNING: shown},
-            preset=preset,
-            tenant=tenant,
-        )
+        job = queries.create_job(session, kind=JobKind.fit, preset=preset, params={FINE_TUNING: shown}, tenant=tenant)
         name = fine_tuned_model_name(body.model, body.suffix, job.id)
         try:
             check_output_name(session, name, tenant)
         except OutputPresetTaken as error:
             raise OpenAIError(409, str(error), param="suffix", code="model_exists") from None
         job.output_preset = name
-        record_validation(session, job, body, invalid)
+        leases.hold_validation(job, leases.holder_name(), VALIDATION_LEASE_S)
+        files = f"training file {body.training_file}" + (f" and validation file {body.validation_file}" if body.validation_file else "")
+        queries.add_event(session, job.id, "state", state=JobState.validating.value, files=files)
         created, job_id = job_object(session, job), job.id
-    if invalid is None:
-        try:
-            dispatch.submit(job_id, JobKind.fit.value)
-        except BrokerUnavailable as error:  # the job is marked failed
-            raise OpenAIError(503, str(error), code="service_unavailable") from None
+    start_validation(settings, dispatch, job_id)
     return created
 
 
@@ -176,19 +159,6 @@ def require_file(session: Session, file_id: str | None, tenant: str, param: str)
     if record.purpose != FILE_PURPOSE:
         message = f"file {file_id!r} was uploaded for {record.purpose!r}: upload training examples with purpose 'fine-tune'"
         raise OpenAIError(400, message, param=param, code="invalid_file_purpose")
-
-
-def record_validation(session: Session, job: Job, body: FineTuningJobIn, invalid: TrainingFileInvalid | None) -> None:
-    """The events of the files' validation; a job whose files are invalid is failed here, and never runs."""
-    files = f"training file {body.training_file}" + (f" and validation file {body.validation_file}" if body.validation_file else "")
-    queries.add_event(session, job.id, "fine_tuning", message=f"Validating {files}")
-    if invalid is not None:
-        queries.finish_job(session, job.id, JobState.failed, error=str(invalid), code=invalid.code, param=invalid.param)
-        return
-    queries.add_event(session, job.id, "fine_tuning", message="Files validated, moving job to queued state")
-    if body.validation_file is None:
-        message = "No validation file: checkpoints have no valid_loss nor valid_mean_token_accuracy"
-        queries.add_event(session, job.id, "fine_tuning", message=message)
 
 
 @router.get("")

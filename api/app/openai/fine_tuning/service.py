@@ -1,11 +1,10 @@
 """A fine-tuning job of OpenAI's API as one lmq fit job: its files read into training rows, and
 the job, its events and its checkpoints as OpenAI's API shows them.
 
-The files are read and checked line by line when the job is created (the job's
-`validating_files` step, in the request): a file with bad lines makes a job
-that is failed from the start, its error naming each bad line, so that no
-training runs. Otherwise the rows go into the fit job, which a worker runs as
-any fit job; there its examples are tokenized (chat template, masks), and an
+The files are read and checked line by line in the job's `validating_files`
+step (validation.py): a file with bad lines fails the job, its error naming
+each bad line, so that no training runs. Otherwise the rows go into the fit
+job, which a worker runs as any fit job; there its examples are tokenized (chat template, masks), and an
 example that cannot train fails the job before its first step.
 """
 
@@ -102,7 +101,11 @@ def job_object(session: Session, job: Job) -> dict:
     error = None
     if job.state == JobState.failed.value:
         error = {"code": ended.get("code") or "job_failed", "message": job.error or "", "param": ended.get("param")}
-    hyperparameters = shown_hyperparameters({k: v for k, v in job.params.items() if k != FINE_TUNING})
+    if job.state == JobState.validating.value:  # as given ("auto" too), until the files are read
+        hyperparameters = {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto",
+                           **extra.get("hyperparameters", {})}
+    else:
+        hyperparameters = shown_hyperparameters({k: v for k, v in job.params.items() if k != FINE_TUNING})
     return {
         "id": openai_job_id(job.id),
         "object": "fine_tuning.job",
@@ -169,7 +172,11 @@ def event_message(job: Job, event: JobEvent) -> str:
     if event.type == "handed_back":
         return f"The worker running the job ({data.get('worker')}) is stopping and handed it back"
     state = data.get("state")
+    if state == JobState.validating.value:
+        return f"Validating {data.get('files')}"
     if state == JobState.queued.value:
+        if data.get("validated"):
+            return "Files validated, moving job to queued state"
         return "Fine-tuning job resumed" if data.get("resumed") else f"Created fine-tuning job: {openai_job_id(job.id)}"
     if state == JobState.running.value:
         if data.get("attempt") is None:
