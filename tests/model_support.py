@@ -228,3 +228,24 @@ def engine_backbones():
             vocabulary_size=ENGINE_VOCAB, num_layers=2, num_attention_heads=4, hidden_dim=32, intermediate_dim=64
         ),
     }
+
+
+def random_adapter(base_directory, directory, seed, base_name=None, scale=0.5):
+    """A random LoRA of rank 2 on every projection (attention and MLP) of the base preset at
+    `base_directory`, saved at `directory` as an adapter preset over `base_name` (default: that
+    directory), as the fine-tuning API saves one; `up` drawn with standard deviation `scale`."""
+    import torch
+
+    from lmq.core.adapters import save_adapter_preset
+    from lmq.core.models import CausalLM
+
+    lm = CausalLM.from_preset(str(base_directory))
+    for block in lm.backbone.transformer_layers:
+        block.attention.enable_lora(2, alpha=4)
+        block.feedforward.enable_lora(2, alpha=4, names=block.feedforward.kernel_names())
+    generator = torch.Generator().manual_seed(seed)
+    for layer in lm.backbone._projection_layers():
+        for down, up in layer.lora.values():
+            up.assign(torch.randn(tuple(up.shape), generator=generator) * scale)
+    save_adapter_preset(lm, directory, base_name or str(base_directory))
+    return directory

@@ -13,24 +13,10 @@ from safetensors.torch import load_file, save_file
 from lmq.core.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter_preset
 from lmq.core.models import CausalLM
 from lmq.workers.pool import weight_bytes
-from model_support import ENGINE_VOCAB, engine_backbones, padded_for_generation, random_weights
+from model_support import ENGINE_VOCAB, engine_backbones, padded_for_generation, random_adapter, random_weights
 
 ADAPTERS = 4
 NEW_TOKENS = 10
-
-
-def make_adapter(base_dir, directory, seed):
-    """A random LoRA of rank 2 on every projection (attention and MLP) of the base, saved as an adapter preset."""
-    lm = CausalLM.from_preset(str(base_dir))
-    for block in lm.backbone.transformer_layers:
-        block.attention.enable_lora(2, alpha=4)
-        block.feedforward.enable_lora(2, alpha=4, names=block.feedforward.kernel_names())
-    generator = torch.Generator().manual_seed(seed)
-    for layer in lm.backbone._projection_layers():
-        for down, up in layer.lora.values():
-            up.assign(torch.randn(tuple(up.shape), generator=generator) * 0.5)
-    save_adapter_preset(lm, directory, str(base_dir))
-    return directory
 
 
 @pytest.fixture(scope="module", params=list(engine_backbones()))
@@ -42,7 +28,7 @@ def presets(request, tmp_path_factory):
     backbone = random_weights(engine_backbones()[request.param]())
     task = get_registry().architecture_of_class(type(backbone).__name__).load("task")(backbone)
     task.save_to_preset(str(root / "base"))
-    return root / "base", [make_adapter(root / "base", root / f"adapter-{i}", seed=i) for i in range(ADAPTERS)]
+    return root / "base", [random_adapter(root / "base", root / f"adapter-{i}", seed=i) for i in range(ADAPTERS)]
 
 
 def job(count=13, seed=0):

@@ -16,9 +16,8 @@ from lmq.core.models import CausalLM, Seq2SeqLM
 from lmq.plugins.llama import LlamaCausalLM
 from lmq.core.models.seq2seq_lm import EncoderDecoderModel
 from lmq.core.samplers import BeamSampler, ContrastiveSampler, GreedySampler
-from model_support import ENGINE_VOCAB, FIXTURES, engine_backbones, random_weights
+from model_support import ENGINE_VOCAB, FIXTURES, engine_backbones, random_adapter, random_weights
 from tests.library.test_adapters import completions as adapter_completions
-from tests.library.test_adapters import make_adapter
 
 BACKBONES = engine_backbones()
 BLOCK = 16  # PrefixCache's default block size
@@ -164,7 +163,7 @@ def test_rows_of_different_adapters_share_no_blocks_and_keep_their_adapters_toke
     LlamaCausalLM(random_weights(BACKBONES["llama"]())).save_to_preset(str(base))
     served = CausalLM.from_preset(str(base))
     for name in ("a", "b"):
-        served.load_adapter(str(make_adapter(base, tmp_path / name, seed=len(name) + ord(name))), name=name)
+        served.load_adapter(str(random_adapter(base, tmp_path / name, seed=len(name) + ord(name))), name=name)
     prompts = shared_prefix_job(6, 40, seed=5)
     names = [None, "a", "b"] * 2
     kept = PrefixCache(1024)

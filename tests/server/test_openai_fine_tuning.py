@@ -17,6 +17,7 @@ import openai
 import pytest
 from api_support import TEAM_A, TOKENS, ApiServer, chat_preset, generate_body, import_preset, wait_for_job
 from database_support import fresh_database
+from model_support import random_adapter
 from conftest import _service_urls
 from worker_support import Worker
 
@@ -214,25 +215,6 @@ def run_chat_batch(api, bodies, server):
     return sorted(outputs, key=lambda output: int(output["custom_id"].split("-")[1]))
 
 
-def random_adapter(base_directory, directory, base_name, seed):
-    """A random LoRA of rank 2 on every projection of the base at `base_directory`, saved as an adapter
-    preset over `base_name` (as the fine-tuning API saves one)."""
-    import torch
-
-    from lmq.core.adapters import save_adapter_preset
-    from lmq.core.models import CausalLM
-
-    lm = CausalLM.from_preset(str(base_directory))
-    for block in lm.backbone.transformer_layers:
-        block.attention.enable_lora(2, alpha=4)
-        block.feedforward.enable_lora(2, alpha=4, names=block.feedforward.kernel_names())
-    generator = torch.Generator().manual_seed(seed)
-    for layer in lm.backbone._projection_layers():
-        for down, up in layer.lora.values():
-            up.assign(torch.randn(tuple(up.shape), generator=generator) * 2)
-    save_adapter_preset(lm, directory, base_name)
-
-
 def test_four_adapters_of_one_base_in_one_batch_give_each_line_its_tokens_served_alone(server, tiny_llama_preset):
     """One batch whose lines name four adapter presets of team A's tiny-chat and tiny-chat itself: one
     job on the pinned base, every line's reply the one its model gives alone. A line naming a model
@@ -246,7 +228,7 @@ def test_four_adapters_of_one_base_in_one_batch_give_each_line_its_tokens_served
     settings = load_settings(server.env)
     names = [f"multi-ft-{i}" for i in range(4)]
     for seed, name in enumerate(names):
-        random_adapter(settings.preset_store / MODEL, server.root / name, MODEL, seed)
+        random_adapter(settings.preset_store / MODEL, server.root / name, seed, base_name=MODEL, scale=2)
         import_preset(server.env, server.root / name, name, "team-a")
     (server.root / "other").mkdir()  # the same weights at another place: another base
     import_preset(server.env, chat_preset(tiny_llama_preset, server.root / "other"), "tiny-other", "team-a")
