@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 PLANNING_WINDOW = 4096  # inputs read, tokenized and grouped together (see _pending)
 JOB_ARGUMENTS = ("max_length", "strip_prompt")  # every row's; the others may be an item's own (workers/inputs.py)
+SHARED_ENGINE = ("engine", "priority", "tenant")  # how rows join the pinned model's shared engine
 
 
 _MODEL_STACK = threading.Lock()
@@ -151,7 +152,7 @@ class JobRunner:
         lm = pinned.model
         arguments = {k: params[k] for k in JOB_ARGUMENTS if params.get(k) is not None}
         row_models = RowModels(self.pool, pinned, location, params.get("dtype"), lambda handle: self.locate(handle, tenant))
-        shared = {"engine": pinned.engine, "priority": params.get("priority", 0), "tenant": tenant}
+        shared = dict(zip(SHARED_ENGINE, (pinned.engine, params.get("priority", 0), tenant)))
         task_kind = getattr(lm, "task_kind", "causal_lm")
         tokenizer = lm.preprocessor.tokenizer
         budget = row_budget(
@@ -168,9 +169,11 @@ class JobRunner:
                 for index, custom_id, message in refused:
                     refusals.add(queries.ItemResult(index, error=row_error(index, custom_id, message)))
                 refusals.commit()
+                # Token-sampled rows join the model's shared engine; a search runs in an engine of its own,
+                # and so do all rows once the pool has evicted the model (and closed its engine).
+                sharing = pinned.engine is not None and not pinned.engine.closed
                 for search, prompts in groups.items():
-                    # Token-sampled rows join the model's shared engine; a search runs in an engine of its own.
-                    own = arguments if search is not None or pinned.engine is None else {**arguments, **shared}
+                    own = {**arguments, **shared} if sharing and search is None else arguments
                     self._stream(attempt, lm, prompts, own, budget, progress, refusals.choices)
             except StopRequested:
                 return
@@ -203,6 +206,8 @@ class JobRunner:
         their own; its result is written once all have finished (``choices``). Each run of the
         engine is a ``decode`` event: its rows, and how many response formats they keep to.
         """
+        from lmq.core.generation import EngineClosed  # torch: once a job runs
+
         group = ResultGroup(attempt, progress, budget, choices)
         while prompts:
             formats = {json.dumps((p.processing or {}).get("response_format"), sort_keys=True) for p in prompts}
@@ -228,9 +233,13 @@ class JobRunner:
                 return
             except Exception as error:
                 group.commit()  # what finished before the error is kept
+                prompts = [p for p in prompts if p.index not in group.finished]
+                if isinstance(error, EngineClosed):  # the pool evicted the model meanwhile: on in an engine of its own
+                    attempt.event("engine_closed", rows=len(prompts))
+                    arguments = {k: v for k, v in arguments.items() if k not in SHARED_ENGINE}
+                    continue
                 if not (is_out_of_memory(error) or isinstance(error, ValueError)):
                     raise
-                prompts = [p for p in prompts if p.index not in group.finished]
                 if is_out_of_memory(error) and engine is not None:
                     engine.shrink(error)
                 if is_out_of_memory(error) and budget.rows > 1:

@@ -1,7 +1,7 @@
 """Text generation: one decode engine for every sampler (see ``lmq.core.generation.engine``)."""
 
 from lmq.core.generation.batch import Batch
-from lmq.core.generation.engine import Engine, decode
+from lmq.core.generation.engine import Engine, EngineClosed, decode
 from lmq.core.generation.input_batch import StepInput
 from lmq.core.generation.kv_cache_manager import KVCacheManager
 from lmq.core.generation.model import DecoderOnlyModel
@@ -19,6 +19,7 @@ __all__ = [
     "DecodeResult",
     "DecoderOnlyModel",
     "Engine",
+    "EngineClosed",
     "FinishedRow",
     "Generation",
     "KVCacheManager",

@@ -69,6 +69,10 @@ from lmq.core.generation.runner import ModelRunner
 from lmq.core.generation.scheduler import PREFILL_CHUNK, Scheduler
 
 
+class EngineClosed(RuntimeError):
+    """A group submitted to an engine after ``close`` (its model was evicted from a worker's pool)."""
+
+
 class Group:
     """One ``submit`` call's requests in an engine: their sampler, callbacks and results, each
     request known by its own number (its prompt's index in the call)."""
@@ -251,7 +255,7 @@ class Engine:
                 )
         with self.condition:
             if self.closed:
-                raise RuntimeError("The engine is closed.")
+                raise EngineClosed("The engine is closed.")
             if search and (self.groups or self.incoming):
                 raise ValueError(f"{sampler.name!r} search runs in an engine of its own (lmq.core.generation.decode).")
             if self.sampler.search is not None:

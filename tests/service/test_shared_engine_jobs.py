@@ -16,7 +16,7 @@ from worker_support import MANY_PROMPTS
 from lmq.core.config import load_settings
 from lmq.core.store import queries, session_scope, sessions
 from lmq.workers.batching import shared_engine
-from lmq.workers.pool import ModelPool, load_task
+from lmq.workers.pool import ModelPool, load_task, weight_bytes
 from lmq.workers.runner import JobRunner
 
 FIRST = MANY_PROMPTS[:32]
@@ -128,3 +128,31 @@ def test_the_shared_engine_is_sized_by_the_settings(lmq_home, tiny_llama_preset,
     monkeypatch.setenv("LMQ_TENANT_ROW_SHARE", "2")
     with pytest.raises(SettingsError, match="LMQ_TENANT_ROW_SHARE"):
         load_settings()
+
+
+def test_a_job_whose_model_is_evicted_mid_way_finishes_in_an_engine_of_its_own(lmq_home, tiny_llama_preset, tmp_path):
+    """Another job pins a second model into a pool with room for one: the first model is evicted and
+    its shared engine closed while the first job still has windows to run. The job goes on with
+    the model it holds, in an engine of its own, and gets every result."""
+    import shutil
+
+    settings = load_settings()
+    factory = sessions(settings)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_llama_preset, other)
+    room_for_one = weight_bytes(load_task(str(tiny_llama_preset), None)) * 3 // 2
+    pool = ModelPool(room_for_one, engine_for=functools.partial(shared_engine, settings=settings))
+    evictions = []
+
+    def evict_after_the_first_window(done, total, **details):
+        if not evictions:
+            evictions.append(pool.get(str(other)).evicted)
+
+    runner = JobRunner(settings, pool, on_progress=evict_after_the_first_window)
+    runner.planning_window = 8
+    job_id = submit(factory, tiny_llama_preset, FIRST[:20], max_length=48)
+    assert runner.run(job_id) == "succeeded"
+    assert evictions == [[str(tiny_llama_preset)]]
+    expected = [e["output"] for e in reference(tiny_llama_preset, FIRST[:20], max_length=48)]
+    assert outputs(factory, job_id) == [(i, output, None) for i, output in enumerate(expected)]
+    assert pool.keys() == [(str(other), None)]
