@@ -8,7 +8,7 @@ transformers.
     bench/gpu.sh --smoke          # tiny shape on the CPU: the script end to end, without a GPU
 
 The model: a Llama-3-8B-shaped Llama (vocab 128256, hidden 4096, 32 layers, 32 query and 8
-KV heads, intermediate 14336) with random bf16 weights, built by transformers on the
+KV heads, intermediate 14336) with random bf16 weights (--dtype), built by transformers on the
 device, saved as a transformers checkpoint (in /dev/shm when it has room) and loaded from
 there by lmq (``CausalLM.from_preset(directory, device=...)``, LMQ_DEVICE's values). Every
 row: a random 128-token prompt, greedy, 128 new tokens, no end token. lmq generates every
@@ -50,14 +50,14 @@ PEAK_TBPS = (
 EIGHT_B_NEEDS = 48 * 2**30
 
 
-def build_checkpoint(shape, device, directory):
-    """transformers' Llama of ``shape`` with random bf16 weights on ``device``, saved in ``directory``."""
+def build_checkpoint(shape, device, directory, dtype):
+    """transformers' Llama of ``shape`` with random ``dtype`` weights on ``device``, saved in ``directory``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=2048)
     default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(getattr(torch, dtype))
     try:
         with torch.device(device):
             model = LlamaForCausalLM(config).eval()
@@ -130,6 +130,8 @@ def main():
     parser.add_argument("--batches", default="1,64,256")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                        help="float32: the same kernels' arithmetic, so every row's tokens should match")
     parser.add_argument("--peak-tbps", type=float, help="the GPU's peak memory bandwidth, when its name is not known")
     parser.add_argument("--time-limit", type=float, default=420, help="seconds; later runs are skipped past it")
     args = parser.parse_args()
@@ -148,12 +150,12 @@ def main():
         args.shape = "8b" if free >= EIGHT_B_NEEDS else "1b"
     scratch = "/dev/shm" if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 40 * 2**30 else None
     with tempfile.TemporaryDirectory(dir=scratch, prefix="lmq-gpu-") as directory:
-        hf = build_checkpoint(args.shape, device, directory)
-        lm = CausalLM.from_preset(directory, device=device, dtype="bfloat16")
+        hf = build_checkpoint(args.shape, device, directory, args.dtype)
+        lm = CausalLM.from_preset(directory, device=device, dtype=args.dtype)
     lm.compile(sampler="greedy")
     step_bytes = weight_bytes_per_step(hf)
     parameters = sum(p.numel() for p in hf.parameters())
-    print(f"{device_name}: Llama {args.shape} shape, {parameters / 1e9:.3g}B parameters, bf16, "
+    print(f"{device_name}: Llama {args.shape} shape, {parameters / 1e9:.3g}B parameters, {args.dtype}, "
           f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, greedy; "
           f"built and loaded in {time.perf_counter() - started:.0f} s")
 
@@ -178,7 +180,7 @@ def main():
             print(line)
         if len(outputs) == 2:
             same = sum(np.array_equal(a, b) for a, b in zip(outputs["lmq"], outputs["transformers"]))
-            print(f"  batch {batch:3d} rows with identical tokens (bf16, different kernels): {same}/{batch}")
+            print(f"  batch {batch:3d} rows with identical tokens ({args.dtype}): {same}/{batch}")
 
     peak = peak_bandwidth(device_name, args.peak_tbps)
     bound = step_bytes / peak if peak else None
