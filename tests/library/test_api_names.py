@@ -63,7 +63,7 @@ def test_the_dtypes_are_keras_floating_dtypes():
 def test_terminal_states():
     assert TERMINAL_STATES == ("succeeded", "failed", "cancelled")
     assert [state.value for state in JobState if not state.terminal] == [
-        "queued", "running", "cancelling", "pausing", "paused"
+        "validating", "queued", "running", "cancelling", "pausing", "paused"
     ]
 
 
