@@ -46,7 +46,10 @@ def validate(settings: Settings, dispatch, job_id: str, holder: str) -> None:
     no longer holds its validation (cancelled, or taken over)."""
     factory = sessions(settings)
     with session_scope(factory) as session:
-        shown = fine_tuning_of(session.get(Job, job_id))
+        job = session.get(Job, job_id)
+        if job is None:  # deleted meanwhile
+            return
+        shown = fine_tuning_of(job)
     try:
         training = training_rows(settings, shown["training_file"], "training_file")
         validation_file = shown.get("validation_file")
