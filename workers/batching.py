@@ -27,7 +27,6 @@ class Prompt:
     processing: dict | None = None  # penalties, logit_bias, min_p, logprobs, response_format (workers/inputs.PROCESSING)
     stop: tuple[str, ...] | None = None  # the row's stop strings
     stop_token_ids: str | tuple[int, ...] = "auto"  # "auto" (the tokenizer's end tokens), or the ids
-    model: str | None = None  # the item's own model (an adapter of the job's base), else the job's
     adapter: str | None = None  # the adapter the row runs with, as the model's AdapterBank names it
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+from typing import Callable
 
 from pydantic import ValidationError
 
@@ -70,7 +71,9 @@ def group_sampler(prompts: list[Prompt]):
     return [parsed[prompt.sampler] for prompt in prompts]
 
 
-def plan(items, job_params: dict, task_kind: str, preprocessor) -> tuple[dict[str | None, list[Prompt]], list]:
+def plan(
+    items, job_params: dict, task_kind: str, preprocessor, adapter_of: Callable[[str | None], str | None]
+) -> tuple[dict[str | None, list[Prompt]], list]:
     """`items` ((index, input, custom_id), ...) as groups of rows that run in one engine pass, and
     (index, custom_id, message) for each item that cannot run (the others do). Each row keeps its
     own token sampler, stops and processing in the pass; a search (beam, contrastive) weighs
@@ -83,6 +86,9 @@ def plan(items, job_params: dict, task_kind: str, preprocessor) -> tuple[dict[st
 
     A causal LM's prompt is tokenized here, once: the row's text is its ids, as `generate`
     takes them (the start token added), and `generate` tokenizes nothing again.
+
+    `adapter_of(model)`: the adapter the rows of an item naming its own `model` (None: none
+    named) run with, or a ValueError saying why that model cannot serve it.
     """
     tokenizer = preprocessor.tokenizer
     groups: dict[str | None, list[Prompt]] = {}
@@ -90,6 +96,7 @@ def plan(items, job_params: dict, task_kind: str, preprocessor) -> tuple[dict[st
     job_seed = _seed_of(job_params)
     for index, item_input, custom_id in items:
         try:
+            adapter = adapter_of(item_input.get("model"))
             text, end_of_turn = model_input(item_input, task_kind, tokenizer)
             own = item_params(item_input)
             sampler = _sampler_key(own.get("sampler", job_params.get("sampler") or "greedy"))
@@ -112,7 +119,7 @@ def plan(items, job_params: dict, task_kind: str, preprocessor) -> tuple[dict[st
             Prompt(index, text, length, custom_id,
                    max_new_tokens=own.get("max_new_tokens", job_params.get("max_new_tokens")),
                    seed=None if seed is None else seed + choice, sampler=sampler, choice=choice, choices=choices,
-                   processing=processing, stop=stop, stop_token_ids=stop_token_ids, model=item_input.get("model"))
+                   processing=processing, stop=stop, stop_token_ids=stop_token_ids, adapter=adapter)
             for choice in range(choices)
         )
     return groups, refused

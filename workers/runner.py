@@ -12,7 +12,6 @@ never writes over another worker's results.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -163,7 +162,7 @@ class JobRunner:
         after = -1
         while window := attempt.write(self._pending(job_id, after)):
             after = window[-1][0]
-            groups, refused = row_models.assign(*plan(window, params, task_kind, lm.preprocessor))
+            groups, refused = plan(window, params, task_kind, lm.preprocessor, row_models.adapter_of)
             try:
                 refusals = ResultGroup(attempt, progress, budget, Choices(tokenizer))
                 for index, custom_id, message in refused:
@@ -390,49 +389,39 @@ class Choices:
 
 
 class RowModels:
-    """Each row's adapter: its item's own `model` (an adapter of the job's base, or the base itself),
-    checked without loading anything, then pinned in the pool beside the base; else the job's
-    (the job's preset when it is an adapter preset, else none)."""
+    """Each row's adapter (`plan`'s `adapter_of`): its item's own `model` (an adapter of the job's
+    base, or the base itself), checked without loading anything, then pinned in the pool beside
+    the base, once a job; else the job's (the job's preset when it is an adapter preset, else none)."""
 
     def __init__(self, pool: ModelPool, pinned, location: str, dtype: str | None, locate):
         self.pool, self.pinned, self.dtype, self.locate = pool, pinned, dtype, locate
         self.base = self._base_of(location)
-        self.adapters: dict[str, str | None | ValueError] = {}
+        self.adapters: dict[str, str | None] = {}
+        self.refusals: dict[str, str] = {}
 
-    def assign(self, groups: dict, refused: list) -> tuple[dict, list]:
-        """`plan`'s groups with each row's adapter set, and its refusals with the rows naming a model
-        that is not of the job's base (an item of n choices once)."""
-        refused_items = {index for index, _, _ in refused}
-        assigned = {}
-        for key, prompts in groups.items():
-            assigned[key] = []
-            for prompt in prompts:
-                adapter = self.adapter_of(prompt.model)
-                if not isinstance(adapter, ValueError):
-                    assigned[key].append(dataclasses.replace(prompt, adapter=adapter))
-                elif prompt.index not in refused_items:
-                    refused_items.add(prompt.index)
-                    refused.append((prompt.index, prompt.custom_id, str(adapter)))
-        return {key: prompts for key, prompts in assigned.items() if prompts}, refused
-
-    def adapter_of(self, model: str | None) -> str | None | ValueError:
+    def adapter_of(self, model: str | None) -> str | None:
         if model is None:
             return self.pinned.adapter
-        if model not in self.adapters:
-            self.adapters[model] = self._pin(model)
+        if model not in self.adapters and model not in self.refusals:
+            try:
+                self.adapters[model] = self._pin(model)
+            except ValueError as error:
+                self.refusals[model] = str(error)
+        if model in self.refusals:
+            raise ValueError(self.refusals[model])
         return self.adapters[model]
 
-    def _pin(self, model: str) -> str | None | ValueError:
+    def _pin(self, model: str) -> str | None:
         try:
             location = self.locate(model)
             same_base = self._base_of(location) == self.base
         except ValueError as error:  # no such preset (PresetNotFound), or an adapter naming no base
-            return ValueError(f"model {model!r} cannot be used: {error}")
+            raise ValueError(f"model {model!r} cannot be used: {error}") from None
         if not same_base:
-            return ValueError(f"model {model!r} is neither the job's base model nor an adapter of it")
+            raise ValueError(f"model {model!r} is neither the job's base model nor an adapter of it")
         pinned = self.pool.get(location, self.dtype, locate=self.locate)
         if pinned.model is not self.pinned.model:  # the base was evicted and pinned again meanwhile
-            return ValueError(f"model {model!r} could not be pinned beside the job's base model; run it in a job of its own")
+            raise ValueError(f"model {model!r} could not be pinned beside the job's base model; run it in a job of its own")
         return pinned.adapter
 
     def _base_of(self, location: str) -> str:

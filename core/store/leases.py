@@ -26,6 +26,7 @@ agree to well within a lease (NTP does that).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import socket
@@ -41,6 +42,7 @@ from lmq.core.store.models import Job, utcnow
 
 HELD_STATES = (JobState.running.value, JobState.cancelling.value, JobState.pausing.value)
 HOLDER_IDLE_LIMIT = "5s"
+NO_PROC = "unknown"  # a holder's pid namespace where /proc cannot be read
 
 
 class LeaseLost(RuntimeError):
@@ -101,14 +103,15 @@ def claim(session: Session, job_id: str, worker: str, lease_s: float) -> Job | N
 def holder_name(pid: int | None = None) -> str:
     """A process (this one by default) as leases, job records and Celery name it:
     `lmq-<pid>.<pid namespace>@<host>`, which says where to look for it (`has_exited`)."""
-    return f"lmq-{pid or os.getpid()}.{_pid_namespace()}@{socket.gethostname()}"
+    namespace, host = _here()
+    return f"lmq-{pid or os.getpid()}.{namespace}@{host}"
 
 
 def has_exited(holder: str | None) -> bool:
     """The holder's process was of this host and pid namespace, and is gone (or a zombie). A
     process elsewhere, or a pid taken by another process since, counts as running."""
     match = re.fullmatch(r"lmq-(\d+)\.(\w+)@(.+)", holder or "")
-    if match is None or (match[2], match[3]) != (_pid_namespace(), socket.gethostname()):
+    if match is None or (match[2], match[3]) != _here() or match[2] == NO_PROC:
         return False
     try:
         with open(f"/proc/{match[1]}/stat") as stat:
@@ -117,12 +120,15 @@ def has_exited(holder: str | None) -> bool:
         return True
 
 
-def _pid_namespace() -> str:
-    """This process's pid namespace: pids name processes within it only (a container has its own)."""
+@functools.cache
+def _here() -> tuple[str, str]:
+    """(this process's pid namespace, its host): pids name processes within a namespace only (a
+    container has its own). Without /proc pids cannot be looked up, so no holder is seen to exit."""
     try:
-        return str(os.stat("/proc/self/ns/pid").st_ino)
-    except OSError:  # no /proc: pids cannot be looked up, so no holder is ever seen to exit
-        return "unknown"
+        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        namespace = NO_PROC
+    return namespace, socket.gethostname()
 
 
 def end_leases_of_exited_holders(session: Session) -> list[str]:

@@ -336,7 +336,8 @@ def validating_job(api, env, holder):
 
     training = chat_file(api)
     shown = {"model": MODEL, "training_file": training.id, "validation_file": None, "suffix": None, "seed": 1,
-             "metadata": None, "hyperparameters": {"n_epochs": 1}}
+             "metadata": None,
+             "hyperparameters": {"n_epochs": 1, "batch_size": "auto", "learning_rate_multiplier": "auto"}}
     with session_scope(sessions(load_settings(env))) as session:
         job = queries.create_job(session, kind=JobKind.fit, preset=MODEL, params={FINE_TUNING: shown}, tenant="team-a")
         job.output_preset = fine_tuned_model_name(MODEL, None, job.id)

@@ -102,8 +102,7 @@ def job_object(session: Session, job: Job) -> dict:
     if job.state == JobState.failed.value:
         error = {"code": ended.get("code") or "job_failed", "message": job.error or "", "param": ended.get("param")}
     if job.state == JobState.validating.value:  # as given ("auto" too), until the files are read
-        hyperparameters = {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto",
-                           **extra.get("hyperparameters", {})}
+        hyperparameters = extra["hyperparameters"]
     else:
         hyperparameters = shown_hyperparameters({k: v for k, v in job.params.items() if k != FINE_TUNING})
     return {
