@@ -52,7 +52,7 @@ class ReversibleEmbedding(Projections):
             return project(hidden, self.kernel("reverse_embeddings"))
         scale = scale_of(self.embeddings)
         if scale is None:
-            return hidden @ self.embeddings.value.T
+            return project(hidden, self.embeddings.value.T)
         return project(hidden, Int8Kernel(self.embeddings.value.T, scale.value))
 
     def quantize(self, mode, config=None):  # Keras' quantize wrapper passes config

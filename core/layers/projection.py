@@ -11,16 +11,33 @@ import torch
 
 from lmq.core.quantization import Int8Kernel, check_mode, quantize_matrix, scale_of
 
+ONEDNN = torch.backends.mkldnn.is_available()
+
+
+def _onednn_serves(x, kernel):
+    """Whether oneDNN's GEMM (the one inductor uses) takes a float32 projection on the CPU.
+
+    It is 1.2x to 4x torch's default (MKL's) at a decode step's row counts on the CPUs
+    measured (docs/peer-bench.md), on the kernel as stored: no packed copy, no extra
+    memory. It has no gradient, so only a pass without autograd (generation) takes it.
+    """
+    return (
+        ONEDNN and x.device.type == "cpu" and x.dtype == kernel.dtype == torch.float32 and not torch.is_grad_enabled()
+    )
+
 
 def project(x, kernel, bias=None):
     """[..., in] @ kernel [in, out] (+ bias [out]) -> [..., out].
 
     With a bias this is one ``addmm`` over the flattened rows, as ``torch.nn.Linear`` runs
     it, rather than a matmul and a separate add: one pass over the output instead of two.
-    An ``Int8Kernel`` projects as Keras' int8 Dense does (inputs quantized per token).
+    Generation on a CPU takes oneDNN's GEMM instead (``_onednn_serves``). An ``Int8Kernel``
+    projects as Keras' int8 Dense does (inputs quantized per token).
     """
     if isinstance(kernel, Int8Kernel):
         return kernel.project(x, bias)
+    if _onednn_serves(x, kernel):
+        return torch.ops.mkldnn._linear_pointwise(x, kernel.t(), bias, "none", [], "")
     if bias is None:
         return x @ kernel
     return torch.addmm(bias, x.reshape(-1, x.shape[-1]), kernel).reshape(*x.shape[:-1], kernel.shape[-1])
