@@ -55,6 +55,7 @@ and ``take`` move both parts, so beams, finished rows and joining ones just work
 import dataclasses
 import itertools
 import threading
+import weakref
 from collections import deque
 from collections.abc import Mapping
 
@@ -197,8 +198,11 @@ class Engine:
             [], self.cache_manager, self.max_rows * self.rows_per_request, self.prefill_chunk, self.step_tokens,
             self.tenant_rows,
         )
+        # Held weakly, as GroupSampler holds the engine: no cycle, so an engine dropped frees its
+        # KV cache at once rather than at the next garbage collection.
+        finished = weakref.WeakMethod(self._finished)
         self.batch = Batch(self.model, self.runner, self.cache_manager, self.sampler, self.max_length,
-                           on_finish=self._finished)
+                           on_finish=lambda request, completion: finished()(request, completion))
 
     @classmethod
     def for_requests(cls, model, sampler, requests, max_rows=None, max_cache_tokens=None, prefill_chunk=PREFILL_CHUNK,
@@ -423,7 +427,7 @@ class GroupSampler:
     only group and sees the batch itself."""
 
     def __init__(self, engine):
-        self.engine = engine
+        self.engine = weakref.proxy(engine)  # see Engine._reset
         self.search = None  # the engine's search sampler, when it runs one
         self.completed = None
 
