@@ -198,11 +198,11 @@ def max_logit_difference(hf, lm, prompts):
     return float((lm.score(ids, mask) - reference)[torch.tensor(mask)].abs().max())
 
 
-def random_weights(backbone):
+def random_weights(backbone, seed=0):
     """Random weights large enough that the next-token distributions are far from flat."""
     import torch
 
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     for weight in backbone.weights:
         if len(weight.shape) >= 2:
             weight.assign(torch.randn(tuple(weight.shape), generator=generator) * 0.5)

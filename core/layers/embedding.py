@@ -49,10 +49,10 @@ class ReversibleEmbedding(Projections):
 
     def reverse(self, hidden):
         if not self.tie_weights:
-            return project(hidden, self.kernel("reverse_embeddings"))
+            return project(hidden, self.serving_kernel("reverse_embeddings", hidden))
         scale = scale_of(self.embeddings)
         if scale is None:
-            return project(hidden, self.embeddings.value.T)
+            return project(hidden, self.serving_kernel("embeddings", hidden, self.embeddings.value.T))
         return project(hidden, Int8Kernel(self.embeddings.value.T, scale.value))
 
     def quantize(self, mode, config=None):  # Keras' quantize wrapper passes config

@@ -17,13 +17,24 @@ ONEDNN = torch.backends.mkldnn.is_available()
 def _onednn_serves(x, kernel):
     """Whether oneDNN's GEMM (the one inductor uses) takes a float32 projection on the CPU.
 
-    It is 1.2x to 4x torch's default (MKL's) at a decode step's row counts on the CPUs
-    measured (docs/peer-bench.md), on the kernel as stored: no packed copy, no extra
-    memory. It has no gradient, so only a pass without autograd (generation) takes it.
+    With the kernel in its own layout (``PackedKernel``) it is 1.3x to 4x torch's default
+    (MKL's) at a decode step's row counts on the CPUs measured (docs/peer-bench.md). It has
+    no gradient, so only a pass without autograd (generation) takes it.
     """
     return (
         ONEDNN and x.device.type == "cpu" and x.dtype == kernel.dtype == torch.float32 and not torch.is_grad_enabled()
     )
+
+
+class PackedKernel:
+    """A float32 kernel [in, out] reordered once into oneDNN's layout for its GEMM: a copy
+    beside the variable, made on a model's first generation and again after its weights change."""
+
+    def __init__(self, matrix):
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(matrix.t())  # oneDNN's [out, in]
+
+    def project(self, x, bias=None):
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, bias, "none", [], "")
 
 
 def project(x, kernel, bias=None):
@@ -31,13 +42,12 @@ def project(x, kernel, bias=None):
 
     With a bias this is one ``addmm`` over the flattened rows, as ``torch.nn.Linear`` runs
     it, rather than a matmul and a separate add: one pass over the output instead of two.
-    Generation on a CPU takes oneDNN's GEMM instead (``_onednn_serves``). An ``Int8Kernel``
-    projects as Keras' int8 Dense does (inputs quantized per token).
+    A ``PackedKernel`` projects with oneDNN's GEMM (generation on a CPU, see
+    ``Projections.serving_kernel``); an ``Int8Kernel`` as Keras' int8 Dense does (inputs
+    quantized per token).
     """
-    if isinstance(kernel, Int8Kernel):
+    if isinstance(kernel, (Int8Kernel, PackedKernel)):
         return kernel.project(x, bias)
-    if _onednn_serves(x, kernel):
-        return torch.ops.mkldnn._linear_pointwise(x, kernel.t(), bias, "none", [], "")
     if bias is None:
         return x @ kernel
     return torch.addmm(bias, x.reshape(-1, x.shape[-1]), kernel).reshape(*x.shape[:-1], kernel.shape[-1])
@@ -71,11 +81,12 @@ class Projections(keras.layers.Layer):
         super().__init__(**kwargs)
         self.lora = {}  # kernel name -> (down [in, rank], up [rank, out]), see enable_lora
         self.lora_scale = 1.0
+        self.packed = {}  # kernel name -> (its variable's tensor, that tensor's version, PackedKernel)
 
     def projected(self, x, name, bias=None):
         """``x`` through kernel ``name`` (``project``), plus its low-rank updates: this layer's
         LoRA, and each token's own adapter while a step serves adapters (``STEP_ADAPTERS``)."""
-        y = project(x, self.kernel(name), bias)
+        y = project(x, self.serving_kernel(name, x), bias)
         if name in self.lora:
             down, up = self.lora[name]
             y = y + (x @ tensor_of(down)) @ tensor_of(up) * self.lora_scale
@@ -113,6 +124,19 @@ class Projections(keras.layers.Layer):
         matrix = value.reshape(-1, math.prod(value.shape[-self.kernels[name]:]))
         scale = scale_of(variable)
         return matrix if scale is None else Int8Kernel(matrix, scale.value.reshape(-1))
+
+    def serving_kernel(self, name, x, matrix=None):
+        """What ``x`` goes through for kernel ``name`` (``matrix``: its [in, out] view, when not
+        ``kernel(name)``): the kernel, or its ``PackedKernel`` where oneDNN serves the projection,
+        packed again whenever the variable's tensor has changed (trained, assigned, loaded)."""
+        matrix = self.kernel(name) if matrix is None else matrix
+        if isinstance(matrix, Int8Kernel) or not _onednn_serves(x, matrix):
+            return matrix
+        value = getattr(self, name).value
+        packed = self.packed.get(name)
+        if packed is None or packed[0] is not value or packed[1] != value._version:
+            packed = self.packed[name] = (value, value._version, PackedKernel(matrix))
+        return packed[2]
 
     def kernel_names(self):
         """The kernels this layer has (an embedding with a tied head has no ``reverse_embeddings``)."""

@@ -204,3 +204,19 @@ def test_a_gpu_job_without_a_row_count_gets_the_rows_its_free_memory_holds(monke
     assert gpu.rows == min(MAX_GPU_ROWS, gpu.cache_tokens // GPU_ROW_POSITIONS) > 16
     assert row_budget(backbone("cuda"), 4, 16, 16384).rows == 4
     assert row_budget(backbone("cpu"), None, 16, 16384) == RowBudget(16, 16384)
+
+
+def test_generation_follows_weights_changed_after_it_packed_them():
+    """On a CPU, generation projects through kernels packed for oneDNN, kept beside the
+    variables: weights assigned (as training or loading does) are packed again before the next
+    generation uses them, so it gives what a model built with those weights gives."""
+    prompts, limits = [[5, 9, 2, 33], [7, 1]], [6, 6]
+    model = DecoderOnlyModel(random_weights(LlamaBackbone(**SIZES), seed=1))
+    first = decode(model, prompts, limits, GreedySampler()).completions
+    packed = model.backbone.token_embedding.packed
+    assert "embeddings" in packed or "reverse_embeddings" in packed  # the head went through oneDNN
+    random_weights(model.backbone, seed=2)  # in place: the same variables, new values
+    again = decode(model, prompts, limits, GreedySampler()).completions
+    fresh = DecoderOnlyModel(random_weights(LlamaBackbone(**SIZES), seed=2))
+    assert again == decode(fresh, prompts, limits, GreedySampler()).completions
+    assert again != first
