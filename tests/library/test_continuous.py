@@ -220,3 +220,15 @@ def test_generation_follows_weights_changed_after_it_packed_them():
     fresh = DecoderOnlyModel(random_weights(LlamaBackbone(**SIZES), seed=2))
     assert again == decode(fresh, prompts, limits, GreedySampler()).completions
     assert again != first
+
+
+def test_decode_rows_attend_in_runs_each_reading_to_its_own_longest_row():
+    from lmq.core.models.backbone import decode_runs
+
+    positions = torch.tensor([3, 5, 4, 2, 9, 8, 7, 9, 40, 41, 39, 60, 12, 11, 10, 13, 1, 2, 3, 4, 5, 6, 7, 8, 99, 0, 0, 0])
+    # 28 rows: three runs of at least 8 neighbouring rows, each to one past its furthest position
+    assert decode_runs(positions, most_width=128) == [(0, 10, 42), (10, 20, 61), (20, 28, 100)]
+    assert decode_runs(positions.repeat(2), most_width=128) == [(0, 14, 61), (14, 28, 100), (28, 42, 61), (42, 56, 100)]
+    assert decode_runs(positions, most_width=50)[-1] == (20, 28, 50)  # never past what a rolling cache holds
+    assert decode_runs(positions[:15], most_width=128) == [(0, 15, 61)]  # too few rows to cut
+    assert decode_runs(positions[:0], most_width=128) == []
