@@ -224,7 +224,8 @@ def assert_greedy_rows_equal(model, prompts, got, expected, tie=1e-4):
     for prompt, ours, theirs in zip(prompts, got, expected):
         if ours == theirs:
             continue
-        at = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+        at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+        assert at is not None, (prompt, ours, theirs)  # one stopped where the other went on
         with torch.inference_mode():
             cache = backbone.new_cache(1, len(prompt) + at + 1, prompt_width=len(prompt) + at)
             hidden = backbone.prefill(torch.tensor([prompt + theirs[:at]]), cache)

@@ -366,7 +366,8 @@ def decode_runs(positions, most_width):
     the rows' own lengths to 1.25x).
     """
     ends = (positions + 1).tolist()
-    size = max(1, -(-len(ends) // max(1, min(DECODE_RUNS, len(ends) // DECODE_RUN_ROWS))))  # rows per run
+    runs = max(1, min(DECODE_RUNS, len(ends) // DECODE_RUN_ROWS))
+    size = max(1, -(-len(ends) // runs))  # rows per run (no rows: no runs)
     return [(first, min(first + size, len(ends)), min(max(ends[first : first + size]), most_width))
             for first in range(0, len(ends), size)]
 
