@@ -130,14 +130,16 @@ class Batch:
     def step_input(self, chunks):
         """The next forward pass: every row's newest token at its position, then ``chunks``
         ((cache row, start, token ids, request) of each prompt chunk)."""
+        sequences = None
         if self.decode_rows:
             tokens, positions, slots = self.rows["token"], self.rows["length"] - 1, self.rows["adapter"]
+            sequences = self.rows["sequence"], self.rows["start"]
         else:
             tokens = positions = slots = torch.zeros(0, dtype=torch.long, device=self.model.device)
         adapters = None
         if self.adapter_slots:  # a request in flight names an adapter: each token says its own
             adapters = slots, [self.adapter_slots.get(request, -1) for *_, request in chunks]
-        return StepInput.of(tokens, positions, self.width, chunks, self.model.device, adapters)
+        return StepInput.of(tokens, positions, self.width, chunks, self.model.device, adapters, sequences)
 
     def row_generators(self):
         """Each row's random generator (its request's), or None when unseeded."""

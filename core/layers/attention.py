@@ -49,6 +49,7 @@ class AttentionPart:
     rows: int
     key_length: int
     mask: torch.Tensor | None  # [rows, 1 or heads, queries, key_length], bool or additive; None: causal
+    shared: int = 0  # decoding rows whose first ``shared`` slots hold the same tokens: read those once
 
 
 class CachedAttention(Projections):
@@ -135,17 +136,44 @@ class CachedAttention(Projections):
         for part in context.parts:
             rows = slice(part.first_row, part.first_row + part.rows)
             queries = query[0, :, part.tokens].unflatten(1, (part.rows, -1)).transpose(0, 1)  # [rows, heads, q, dim]
-            out = torch.nn.functional.scaled_dot_product_attention(
-                queries,
-                keys[rows, :, : part.key_length],
-                values[rows, :, : part.key_length],
-                attn_mask=part.mask,
-                is_causal=part.mask is None,
-                enable_gqa=self.num_query_heads != self.num_key_value_heads,
-            )  # [rows, heads, queries, dim]
+            if part.shared:
+                out = self._attend_shared_prefix(queries, keys, values, part)
+            else:
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    queries,
+                    keys[rows, :, : part.key_length],
+                    values[rows, :, : part.key_length],
+                    attn_mask=part.mask,
+                    is_causal=part.mask is None,
+                    enable_gqa=self.num_query_heads != self.num_key_value_heads,
+                )  # [rows, heads, queries, dim]
             outputs.append(out.transpose(0, 1).flatten(1, 2))  # [heads, rows * queries, dim]
         out = torch.cat(outputs, dim=1).transpose(0, 1).flatten(1)[None]  # [1, tokens, heads * dim]
         return self._output(out)
+
+    def _attend_shared_prefix(self, queries, keys, values, part):
+        """Decoding rows whose first ``part.shared`` cache slots hold the same tokens (a shared
+        system prompt or instruction): queries [rows, heads, 1, dim] -> [rows, heads, 1, dim].
+
+        Every row's queries read the shared keys once, from the part's first row (one matrix
+        product per KV head), and each row its own keys after them; one softmax over both.
+        The shared keys are otherwise read once per row: the most of a decode step's memory
+        traffic when a long prefix is shared. The shared copies hold the same tokens at the
+        same positions, so they differ at most by float rounding.
+        """
+        rows, heads, _, dim = queries.shape
+        first, shared = part.first_row, part.shared
+        own = slice(first, first + rows)
+        grouped = queries.reshape(rows, self.num_key_value_heads, heads // self.num_key_value_heads, dim)
+        shared_scores = torch.einsum("rkgd,ksd->rkgs", grouped, keys[first, :, :shared])  # [rows, kv, group, shared]
+        own_keys, own_values = keys[own, :, shared : part.key_length], values[own, :, shared : part.key_length]
+        own_scores = torch.einsum("rkgd,rksd->rkgs", grouped, own_keys)  # [rows, kv, group, keys after]
+        mask = part.mask[..., shared:]  # [rows, 1, 1, keys after]
+        own_scores = own_scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else own_scores + mask
+        weights = torch.softmax(torch.cat([shared_scores, own_scores], dim=-1) * dim**-0.5, dim=-1)
+        out = torch.einsum("rkgs,ksd->rkgd", weights[..., :shared], values[first, :, :shared])
+        out = out + torch.einsum("rkgs,rksd->rkgd", weights[..., shared:], own_values)
+        return out.reshape(rows, heads, 1, dim)
 
     def attend(self, query, key, value, mask=None, is_causal=False, training=False):
         """Queries [batch, heads, seq, head_dim] over keys/values -> [batch, seq, hidden],

@@ -16,7 +16,9 @@ from lmq.core.models import CausalLM, Seq2SeqLM
 from lmq.plugins.llama import LlamaCausalLM
 from lmq.core.models.seq2seq_lm import EncoderDecoderModel
 from lmq.core.samplers import BeamSampler, ContrastiveSampler, GreedySampler
-from model_support import ENGINE_VOCAB, FIXTURES, engine_backbones, random_adapter, random_weights
+from model_support import (
+    ENGINE_VOCAB, FIXTURES, assert_greedy_rows_equal, engine_backbones, random_adapter, random_weights,
+)
 from tests.library.test_adapters import completions as adapter_completions
 
 BACKBONES = engine_backbones()
@@ -269,3 +271,45 @@ def test_the_setting_is_on_by_default_and_a_bad_one_is_named():
     assert load_settings({"LMQ_PREFIX_CACHE": "ON"}).prefix_cache is True
     with pytest.raises(SettingsError, match="LMQ_PREFIX_CACHE must be on or off, got 'sometimes'"):
         load_settings({"LMQ_PREFIX_CACHE": "sometimes"})
+
+
+def test_rows_sharing_a_long_prefix_read_its_keys_once_with_the_tokens_of_each_row_alone(llama, monkeypatch):
+    """Decoding rows whose prompts begin with the same 80 tokens attend over one copy of those
+    keys (``CachedAttention._attend_shared_prefix``), with or without the prefix cache: every
+    row's greedy tokens are those it gets alone (where no other row shares its keys)."""
+    from lmq.core.layers.attention import CachedAttention
+
+    shared_reads = []
+    attend_shared = CachedAttention._attend_shared_prefix
+
+    def counting(self, queries, keys, values, part):
+        shared_reads.append(part.shared)
+        return attend_shared(self, queries, keys, values, part)
+
+    monkeypatch.setattr(CachedAttention, "_attend_shared_prefix", counting)
+    prompts = shared_prefix_job(12, 80, seed=5)
+    limits = [8] * len(prompts)
+    alone = [decode(llama, [p], [8], GreedySampler()).completions[0] for p in prompts]
+    assert not shared_reads  # one row alone shares nothing
+    for prefix_cache in (True, False):
+        together = decode(llama, prompts, limits, GreedySampler(), prefix_cache=prefix_cache).completions
+        assert shared_reads and set(shared_reads) == {80}
+        assert_greedy_rows_equal(llama, prompts, together, alone)
+        shared_reads.clear()
+
+
+def test_attention_over_a_shared_prefix_equals_each_row_over_its_own_keys():
+    from lmq.core.layers.attention import AttentionPart, CachedAttention
+
+    torch.manual_seed(0)
+    layer = CachedAttention(num_query_heads=4, num_key_value_heads=2, hidden_dim=32, cache_index=0)
+    rows, positions, shared = 5, torch.tensor([30, 41, 29, 35, 38]), 24
+    keys, values = torch.randn(2, 7, 2, 48, 8)  # [slots, kv heads, length, dim], rows 2..6 used
+    keys[3:7, :, :shared], values[3:7, :, :shared] = keys[2, :, :shared], values[2, :, :shared]
+    queries = torch.randn(rows, 4, 1, 8)
+    mask = (torch.arange(42)[None] <= positions[:, None])[:, None, None]  # [rows, 1, 1, keys]
+    part = AttentionPart(slice(0, rows), 2, rows, 42, mask, shared=shared)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        queries, keys[2:7, :, :42], values[2:7, :, :42], attn_mask=mask, enable_gqa=True
+    )
+    torch.testing.assert_close(layer._attend_shared_prefix(queries, keys, values, part), expected)
