@@ -216,8 +216,8 @@ class Engine:
         rows_per_request = sampler.rows_per_prompt(model.backbone.token_embedding.embeddings.shape[0])
         if sampler.reads_prompt_states:
             prefix_cache = False
-        elif prefix_cache is True and max_cache_tokens is None:  # every prompt's blocks, at most what the rows hold
-            prefix_cache = PrefixCache(min(sum(len(r.prompt) for r in requests), max_requests * rows_per_request * max_length))
+        elif prefix_cache is True and max_cache_tokens is None:  # the blocks its prompts share
+            prefix_cache = PrefixCache.for_requests(requests)
         return cls(
             model, max_length, max_requests, rows_per_request=rows_per_request,
             prompt_width=max((len(r.prompt) for r in requests), default=0), max_cache_tokens=max_cache_tokens,

@@ -57,17 +57,27 @@ class PrefixCache:
         """The share of the prompt tokens looked up that came from the cache."""
         return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
 
+    @classmethod
+    def for_requests(cls, requests, block_size=BLOCK_SIZE):
+        """The pool of one job's engine, which ends with it: room for every block that two or more
+        of its prompts share, and for one prompt's blocks besides (saved before they are known
+        unshared, and evicted first, since every hit renews the shared ones); empty when the
+        prompts share no block. Sized by the whole job, a pool of blocks no other prompt reads
+        would cost as much memory as the prompts' KV."""
+        seen, shared = set(), set()
+        for request in requests:
+            for digest in chain_digests(request.prompt, request.adapter, block_size):
+                (shared if digest in seen else seen).add(digest)
+        if not shared:
+            return cls(0, block_size)
+        most = max(len(request.prompt) for request in requests) // block_size
+        return cls((len(shared) + most) * block_size, block_size)
+
     def digests(self, prompt, adapter=None):
-        """The hash chain of a joining request's full prompt blocks: one digest per block, each
-        covering every token up to its block's end and ``adapter``. Counts the prompt as looked up."""
+        """The hash chain of a joining request's full prompt blocks (``chain_digests``). Counts
+        the prompt as looked up."""
         self.queried_tokens += len(prompt)
-        chain = hashlib.sha256(repr(("lmq-prefix", adapter)).encode()).digest()
-        digests = []
-        for start in range(0, len(prompt) - self.block_size + 1, self.block_size):
-            block = array("q", prompt[start : start + self.block_size]).tobytes()
-            chain = hashlib.sha256(chain + block).digest()
-            digests.append(chain)
-        return digests
+        return chain_digests(prompt, adapter, self.block_size)
 
     def load(self, cache, row, digests, first, most):
         """Copies the cached blocks ``digests[first:]`` (up to the first miss, at most ``most``
@@ -129,3 +139,14 @@ class PrefixCache:
         self.free = list(range(self.capacity - 1, -1, -1))
         self.blocks.clear()
 
+
+def chain_digests(prompt, adapter, block_size):
+    """One digest per full block of ``prompt``, each covering every token up to its block's end
+    and ``adapter``: two prompts share a digest only when they share all of that."""
+    chain = hashlib.sha256(repr(("lmq-prefix", adapter)).encode()).digest()
+    digests = []
+    for start in range(0, len(prompt) - block_size + 1, block_size):
+        block = array("q", prompt[start : start + block_size]).tobytes()
+        chain = hashlib.sha256(chain + block).digest()
+        digests.append(chain)
+    return digests

@@ -313,3 +313,17 @@ def test_attention_over_a_shared_prefix_equals_each_row_over_its_own_keys():
         queries, keys[2:7, :, :42], values[2:7, :, :42], attn_mask=mask, enable_gqa=True
     )
     torch.testing.assert_close(layer._attend_shared_prefix(queries, keys, values, part), expected)
+
+
+def test_a_job_s_own_pool_holds_the_blocks_its_prompts_share_and_one_prompt_s_more():
+    """A one-shot decode's pool ends with it: sized for the blocks two or more prompts share
+    (and one prompt's blocks besides), not for every prompt; none when nothing is shared."""
+    prompts = shared_prefix_job(6, 2 * BLOCK + 5, seed=3, own=(20, 40))  # 2 full blocks shared
+    longest_blocks = max(len(p) for p in prompts) // BLOCK
+    requests = [Request(i, p, 4) for i, p in enumerate(prompts)]
+    assert PrefixCache.for_requests(requests).capacity == 2 + longest_blocks
+    other_adapter = [Request(0, prompts[0], 4, adapter="a"), Request(1, prompts[1], 4, adapter="b")]
+    assert PrefixCache.for_requests(other_adapter).capacity == 0  # different adapters share no KV
+    unshared = [Request(i, [i] * 40, 4) for i in range(5)]
+    engine = Engine.for_requests(DecoderOnlyModel(random_weights(BACKBONES["llama"]())), GreedySampler(), unshared)
+    assert engine.prefix_cache is None
