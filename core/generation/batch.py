@@ -79,13 +79,15 @@ class Batch:
         self.cache_manager.start_decoding([r.id for r in requests])
         lengths = torch.tensor([len(r.prompt) for r in requests], device=device)
         width = max(len(r.prompt) for r in requests)
-        # [ready, width, hidden]: what a sampler may keep of the prompts (zeros where a prompt's
-        # KV came from the prefix cache, which a sampler reading them turns off)
-        last = ready[0].hidden[-1][1]
-        hidden = last.new_zeros(len(ready), width, last.shape[-1])
-        for i, prefill in enumerate(ready):
-            for start, states in prefill.hidden:
-                hidden[i, start : start + len(states)] = states
+        # [ready, width, hidden]: the prompts' hidden states, for a sampler that keeps them (zeros
+        # where a prompt's KV came from the prefix cache, which such a sampler turns off)
+        hidden = None
+        if self.sampler.reads_prompt_states:
+            last = ready[0].hidden[-1][1]
+            hidden = last.new_zeros(len(ready), width, last.shape[-1])
+            for i, prefill in enumerate(ready):
+                for start, states in prefill.hidden:
+                    hidden[i, start : start + len(states)] = states
         each = torch.arange(len(ready), device=device).repeat_interleave(group)
         sequence = torch.zeros(len(requests), self.max_length + 1, dtype=torch.long)
         for row, request in enumerate(requests):

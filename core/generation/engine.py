@@ -435,6 +435,10 @@ class GroupSampler:
     def commits_each_step(self):
         return self.search is None or self.search.commits_each_step
 
+    @property
+    def reads_prompt_states(self):
+        return self.search is not None and self.search.reads_prompt_states
+
     def admit(self, batch, rows, hidden):
         owners = [self.engine.owner[request] for request in rows["request"].tolist()]
         device = rows["request"].device
@@ -445,7 +449,7 @@ class GroupSampler:
             return
         for group, index in self._split(rows["group"]):
             view = GroupRows(batch, rows, index)
-            self._guarded(group, lambda: group.sampler.admit(view, view.rows, hidden[index[:: batch.rows_per_prompt]]))
+            self._guarded(group, lambda: group.sampler.admit(view, view.rows, None))  # a group's sampler keeps no states
 
     def choose(self, batch, logits):
         if self.search is not None:
