@@ -46,6 +46,7 @@ class Batch:
         self.rows = {}
         self.size = 0  # rows being decoded
         self.width = 0  # above every row's position: how many cache slots a step reads
+        self.shared_prompt = 0  # leading prompt tokens every row holds alike (``_shared_prompt``)
         self.logits = None  # [rows, vocab]: each row's next-token logits, until a sampler takes them
 
     @property
@@ -111,6 +112,7 @@ class Batch:
         if self.rows:
             joined = {name: torch.cat([self.rows[name], value]) for name, value in joined.items()}
         self.rows = joined
+        self.shared_prompt = _shared_prompt(joined)
         # Rows join between steps, when the rows in flight hold their next logits.
         self.logits = logits[each] if self.size == 0 else torch.cat([self.logits, logits[each]])
         self.size += len(each)
@@ -132,16 +134,14 @@ class Batch:
     def step_input(self, chunks):
         """The next forward pass: every row's newest token at its position, then ``chunks``
         ((cache row, start, token ids, request) of each prompt chunk)."""
-        sequences = None
         if self.decode_rows:
             tokens, positions, slots = self.rows["token"], self.rows["length"] - 1, self.rows["adapter"]
-            sequences = self.rows["sequence"], self.rows["start"]
         else:
             tokens = positions = slots = torch.zeros(0, dtype=torch.long, device=self.model.device)
         adapters = None
         if self.adapter_slots:  # a request in flight names an adapter: each token says its own
             adapters = slots, [self.adapter_slots.get(request, -1) for *_, request in chunks]
-        return StepInput.of(tokens, positions, self.width, chunks, self.model.device, adapters, sequences)
+        return StepInput.of(tokens, positions, self.width, chunks, self.model.device, adapters, self.shared_prompt)
 
     def row_generators(self):
         """Each row's random generator (its request's), or None when unseeded."""
@@ -155,7 +155,8 @@ class Batch:
         return logits
 
     def select(self, index):
-        """Keeps, repeats or reorders rows (``index``: row numbers), cache rows with them."""
+        """Keeps, repeats or reorders rows (``index``: row numbers), cache rows with them (rows
+        taken from these hold at least their ``shared_prompt`` alike)."""
         self.rows = {name: value[index] for name, value in self.rows.items()}
         self.cache_manager.select_rows(index)
         if self.logits is not None:
@@ -240,6 +241,7 @@ class Batch:
         """Requests of slot groups ``finished`` leave; the most positions one still decoding needs."""
         index = self.cache_manager.slots(self.cache_manager.leave(finished))
         self.rows = {name: value[index] for name, value in self.rows.items()}
+        self.shared_prompt = _shared_prompt(self.rows)
         self.logits = None if self.logits is None else self.logits[index]
         self.size = len(index)
         self.width = int(self.rows["length"].max()) if self.size else 0  # long rows that left no longer widen reads
@@ -272,3 +274,14 @@ class Batch:
         self.generators.pop(request, None)
         self.adapter_slots.pop(request, None)
         self.on_finish(request, completion)
+
+
+def _shared_prompt(rows):
+    """How many leading prompt tokens every row of ``rows`` holds alike, under one adapter (0 for
+    fewer than two rows): worked out as rows join or leave, not at every step."""
+    if len(rows["start"]) < 2 or bool((rows["adapter"] != rows["adapter"][0]).any()):
+        return 0
+    shortest = int(rows["start"].min())
+    prompts = rows["sequence"][:, :shortest]
+    differs = (prompts != prompts[:1]).any(0)  # [shortest]: some row's token differs there
+    return int(differs.nonzero()[0]) if bool(differs.any()) else shortest

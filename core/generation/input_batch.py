@@ -21,16 +21,15 @@ class StepInput:
     chunks: tuple  # (cache row, start position, length) of each prompt chunk, in token order
     requests: tuple  # the chunks' request ids (a model may keep more per request: an encoder's input)
     adapter_slots: torch.Tensor | None = None  # [tokens] long: each token's adapter (its slot, -1: none); None: no adapters
-    # The decoding rows' sequences [rows, width] (prompt, then generated tokens) and prompt lengths
-    # [rows], when known: rows whose prompts begin alike may read those keys once (``shared_prefix``).
-    decode_sequences: torch.Tensor | None = None
-    decode_prompt_lengths: torch.Tensor | None = None
+    # Leading prompt positions every decoding row holds alike, under one adapter (``Batch.shared_prompt``):
+    # keys the rows may read once.
+    decode_shared_prompt: int = 0
 
     @classmethod
-    def of(cls, decode_tokens, decode_positions, decode_width, chunks, device, adapters=None, sequences=None):
+    def of(cls, decode_tokens, decode_positions, decode_width, chunks, device, adapters=None, shared_prompt=0):
         """``decode_tokens``/``decode_positions`` [rows] tensors; ``chunks``: (cache row, start,
         token ids, request) per prompt chunk; ``adapters``: None, or (each decoding row's adapter
-        slot [rows], each chunk's); ``sequences``: None, or the decoding rows' (sequences, prompt lengths)."""
+        slot [rows], each chunk's); ``shared_prompt``: the decoding rows' ``decode_shared_prompt``."""
         rows = len(decode_tokens)
         prompt_ids = [token for _, _, ids, _ in chunks for token in ids]
         prompt_positions = [start + i for _, start, ids, _ in chunks for i in range(len(ids))]
@@ -50,8 +49,7 @@ class StepInput:
             chunks=tuple((row, start, len(ids)) for row, start, ids, _ in chunks),
             requests=tuple(request for *_, request in chunks),
             adapter_slots=adapter_slots,
-            decode_sequences=None if sequences is None else sequences[0],
-            decode_prompt_lengths=None if sequences is None else sequences[1],
+            decode_shared_prompt=shared_prompt,
         )
 
     @classmethod

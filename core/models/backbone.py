@@ -29,8 +29,8 @@ BASE_ARGUMENTS = ("dtype", "name", "trainable")
 # A decode step's rows attend in up to this many runs of neighbouring cache rows, each run of at
 # least DECODE_RUN_ROWS rows reading keys up to its own longest row rather than the batch's.
 DECODE_RUNS, DECODE_RUN_ROWS = 4, 8
-# A run whose rows' prompts begin with at least this many identical tokens reads their keys once
-# (``CachedAttention._attend_shared_prefix``).
+# Decoding rows whose prompts all begin with at least this many identical tokens read their keys
+# once (``CachedAttention._attend_shared_prefix``).
 SHARED_PREFIX_KEYS = 64
 
 
@@ -316,14 +316,12 @@ class DecoderOnlyBackbone(Backbone, abstract=True):
         positions = step.positions  # [tokens]
         write_slots = cache.place(step.token_rows, positions)  # [tokens]: each token's slot in its row
         parts, offset = [], step.decode_rows
-        # Rows that all begin with one long prefix attend together, reading it once; else in runs.
-        shared = self.shared_prefix(step, cache, 0, step.decode_rows)
+        # Rows that all begin with one long prompt prefix attend together, reading it once; else in runs.
+        shared = self.shared_prefix(step, cache)
         runs = decode_runs(positions[: step.decode_rows], step.decode_width, most=1 if shared else DECODE_RUNS)
         for first, stop, key_length in runs:
             queries = positions[first:stop, None]  # [rows, 1]
-            part = self._part(cache, slice(first, stop), first, stop - first, queries, key_length, False)
-            part.shared = shared or self.shared_prefix(step, cache, first, stop)
-            parts.append(part)
+            parts.append(self._part(cache, slice(first, stop), first, stop - first, queries, key_length, False, shared))
         for row, start, length in step.chunks:
             queries = positions[None, offset : offset + length]  # [1, length]
             parts.append(self._part(cache, slice(offset, offset + length), row, 1, queries, start + length, start == 0))
@@ -332,30 +330,22 @@ class DecoderOnlyBackbone(Backbone, abstract=True):
         context = self._context(positions[None], context)
         return self.hidden_states(step.token_ids[None], context)[0]
 
-    def _part(self, cache, tokens, first_row, rows, query_positions, key_length, fresh):
+    def _part(self, cache, tokens, first_row, rows, query_positions, key_length, fresh, shared=0):
         """The ``AttentionPart`` of ``rows`` cache rows whose queries are at ``query_positions``
-        [rows, queries] and see keys up to ``key_length``; ``fresh``: a prompt's first chunk."""
+        [rows, queries] and see keys up to ``key_length``; ``fresh``: a prompt's first chunk;
+        ``shared``: leading keys the rows hold alike, read once."""
         read, key_positions = cache.key_positions(first_row, rows, key_length)
-        return AttentionPart(tokens, first_row, rows, read, self.step_mask(query_positions, key_positions, fresh))
+        mask = self.step_mask(query_positions, key_positions, fresh)
+        return AttentionPart(tokens, first_row, rows, read, mask, shared)
 
-    def shared_prefix(self, step, cache, first, stop):
-        """How many leading positions the decoding rows ``[first, stop)`` hold the same tokens at,
-        under the same adapter, in a cache whose slots are positions: at least
-        ``SHARED_PREFIX_KEYS``, else 0 (none worth reading apart). A window or a bias by key
-        position reads the keys differently per row: 0."""
-        if step.decode_sequences is None or stop - first < 2 or self.sliding_window or self.key_position_bias:
+    def shared_prefix(self, step, cache):
+        """How many leading keys the decoding rows read once: the prompt positions they all hold
+        alike (``step.decode_shared_prompt``) when at least ``SHARED_PREFIX_KEYS``, else 0. A
+        window, a bias by key position or a rolling cache reads those keys differently per row: 0."""
+        shared = step.decode_shared_prompt
+        if shared < SHARED_PREFIX_KEYS or self.sliding_window or self.key_position_bias:
             return 0
-        if isinstance(cache, RollingKVCache):
-            return 0
-        most = int(step.decode_prompt_lengths[first:stop].min())
-        if most < SHARED_PREFIX_KEYS:
-            return 0
-        if step.adapter_slots is not None and bool((step.adapter_slots[first:stop] != step.adapter_slots[first]).any()):
-            return 0
-        prompts = step.decode_sequences[first:stop, :most]
-        differs = (prompts != prompts[:1]).any(0)  # [most]: some row's token differs at this position
-        shared = int(differs.nonzero()[0]) if bool(differs.any()) else most
-        return shared if shared >= SHARED_PREFIX_KEYS else 0
+        return 0 if isinstance(cache, RollingKVCache) else shared
 
     def step_mask(self, query_positions, key_positions, fresh):
         """The mask of queries at ``query_positions`` [rows, queries] over keys at ``key_positions``
