@@ -232,3 +232,24 @@ def test_decode_rows_attend_in_runs_each_reading_to_its_own_longest_row():
     assert decode_runs(positions, most_width=50)[-1] == (20, 28, 50)  # never past what a rolling cache holds
     assert decode_runs(positions[:15], most_width=128) == [(0, 15, 61)]  # too few rows to cut
     assert decode_runs(positions[:0], most_width=128) == []
+
+
+@pytest.mark.parametrize("bias_by_head", [False, True])
+def test_decoding_rows_attend_as_scaled_dot_product_attention_does(bias_by_head):
+    """The decode path of attention (one query a row, two batched products per KV head) equals
+    SDPA over the same keys: with a boolean mask, and with an additive one per head (ALiBi)."""
+    from lmq.core.layers.attention import CachedAttention
+
+    torch.manual_seed(0)
+    layer = CachedAttention(num_query_heads=8, num_key_value_heads=2, hidden_dim=64, cache_index=0)
+    rows, positions = 5, torch.tensor([30, 41, 3, 35, 0])
+    keys, values = torch.randn(2, rows, 2, 42, 8)  # [rows, kv heads, keys, dim]
+    queries = torch.randn(rows, 8, 1, 8)
+    mask = (torch.arange(42)[None] <= positions[:, None])[:, None, None]  # [rows, 1, 1, keys]
+    if bias_by_head:
+        slopes = torch.linspace(-1, -0.1, 8)[None, :, None, None]
+        mask = torch.where(mask, slopes * torch.arange(42.0), float("-inf"))  # [rows, heads, 1, keys]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        queries, keys, values, attn_mask=mask, enable_gqa=True
+    )
+    torch.testing.assert_close(layer._attend_decoding(queries, keys, values, mask), expected)
