@@ -28,6 +28,8 @@ wires a whole deployment. Nothing here imports keras or torch.
     LMQ_PREFIX_CACHE         on: a generate job computes the KV of a prompt prefix its rows share once
                              (blocks of 16 tokens, in a quarter of LMQ_MICRO_BATCH_TOKENS, least recently
                              used evicted; core/generation/prefix_cache.py); off: every row computes its own
+    LMQ_COMPILE              on: a worker's models generate on a CPU with kernels lmq compiles for the machine
+                             on first use (core/kernels: C++ decode attention); off: torch's eager ops alone
     LMQ_MAX_INPUTS           100000: inputs (or training examples) per job the API accepts
     LMQ_MAX_PROMPT_CHARS     32768: characters per prompt or training text
     LMQ_MAX_LENGTH           8192: the largest max_length or sequence_length a job may ask for
@@ -91,6 +93,7 @@ class Settings:
     micro_batch_size: int
     micro_batch_tokens: int
     prefix_cache: bool = True
+    compile: bool = True
     limits: Limits = field(default_factory=Limits)
     preset_queues: dict[str, str] = field(default_factory=dict)
     lease_s: float = 30.0
@@ -209,6 +212,7 @@ def load_settings(environ=None) -> Settings:
         micro_batch_size=_int(environ, "LMQ_MICRO_BATCH_SIZE", 16),
         micro_batch_tokens=_int(environ, "LMQ_MICRO_BATCH_TOKENS", 16384),
         prefix_cache=_switch(environ, "LMQ_PREFIX_CACHE", True),
+        compile=_switch(environ, "LMQ_COMPILE", True),
         limits=load_limits(environ),
         preset_queues=_pairs(environ.get("LMQ_PRESET_QUEUES", ""), "=", "LMQ_PRESET_QUEUES", "preset=queue"),
         worker_metrics_port=_int(environ, "LMQ_WORKER_METRICS_PORT", None),

@@ -474,7 +474,11 @@ def row_error(index: int, custom_id: str | None, message: str) -> str:
 
 
 def pool_from_settings(settings: Settings) -> ModelPool:
-    """The worker's pool: each causal LM it pins gets a shared engine sized by ``settings``."""
+    """The worker's pool: each causal LM it pins gets a shared engine sized by ``settings``;
+    its models use lmq's compiled kernels unless ``LMQ_COMPILE`` is off."""
+    from lmq.core import kernels
+
+    kernels.configure(enabled=settings.compile)
     return ModelPool(
         int(settings.model_memory_gb * 2**30),
         device=settings.device,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import keras
 import torch
 
+from lmq.core import kernels
 from lmq.core.layers.cache import KVCache
 from lmq.core.layers.projection import Projections
 from lmq.core.layers.rotary import apply_rotary
@@ -50,6 +51,7 @@ class AttentionPart:
     key_length: int
     mask: torch.Tensor | None  # [rows, 1 or heads, queries, key_length], bool or additive; None: causal
     shared: int = 0  # decoding rows whose first ``shared`` slots hold the same tokens: read those once
+    lengths: torch.Tensor | None = None  # [rows]: decoding rows that see exactly their first slots, how many
 
 
 class CachedAttention(Projections):
@@ -139,7 +141,7 @@ class CachedAttention(Projections):
             if part.shared:
                 out = self._attend_shared_prefix(queries, keys, values, part)
             elif queries.shape[2] == 1 and part.mask is not None:
-                out = self._attend_decoding(queries, keys[rows, :, : part.key_length], values[rows, :, : part.key_length], part.mask)
+                out = self._attend_decoding(queries, keys[rows, :, : part.key_length], values[rows, :, : part.key_length], part)
             else:
                 out = torch.nn.functional.scaled_dot_product_attention(
                     queries,
@@ -153,17 +155,23 @@ class CachedAttention(Projections):
         out = torch.cat(outputs, dim=1).transpose(0, 1).flatten(1)[None]  # [1, tokens, heads * dim]
         return self._output(out)
 
-    def _attend_decoding(self, queries, keys, values, mask):
+    def _attend_decoding(self, queries, keys, values, part):
         """Decoding rows, one query each: queries [rows, heads, 1, dim] over their rows' keys and
         values [rows, kv heads, keys, dim] -> [rows, heads, 1, dim].
 
-        Two batched matrix products, each query head group against its KV head's keys, and one
-        softmax. SDPA's CPU kernel works in blocks of queries and takes about 1.5x as long for
-        one query a row (bench/peer.py's decode runs: 120 against 80 us for 16 rows of 100 keys).
+        Where each row sees exactly its first slots (``part.lengths``), on a CPU, lmq's C++
+        kernel reads each row's keys once for its query heads and no further than its own length
+        (``lmq.core.kernels``). Else two batched matrix products, each query head group against
+        its KV head's keys, and one softmax: SDPA's CPU kernel works in blocks of queries and
+        takes about 1.5x as long for one query a row.
         """
         rows, heads, _, dim = queries.shape
-        grouped = queries.reshape(rows, self.num_key_value_heads, heads // self.num_key_value_heads, dim)
-        scores = torch.matmul(grouped * dim**-0.5, keys.transpose(-1, -2))  # [rows, kv, group, keys]
+        grouped = queries.reshape(rows, self.num_key_value_heads, heads // self.num_key_value_heads, dim) * dim**-0.5
+        kernel = kernels.decode_attention() if part.lengths is not None and _kernel_serves(queries) else None
+        if kernel is not None:
+            return kernel(grouped, keys, values, part.lengths).reshape(rows, heads, 1, dim)
+        mask = part.mask
+        scores = torch.matmul(grouped, keys.transpose(-1, -2))  # [rows, kv, group, keys]
         if mask.dtype == torch.bool:  # [rows, 1, 1, keys]
             scores = scores.masked_fill(mask.logical_not(), float("-inf"))
         else:  # additive, [rows, 1 or heads, 1, keys] (a bias by key position)
@@ -213,3 +221,8 @@ class CachedAttention(Projections):
     def _output(self, out):
         """[batch, seq, heads * head_dim] -> [batch, seq, hidden] through the output projection."""
         return self.projected(out, "output_kernel", None if self.output_bias is None else self.output_bias.value)
+
+
+def _kernel_serves(x):
+    """Whether lmq's CPU kernels take ``x``: float32 on the CPU, in a pass without autograd (they have no gradient)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()

@@ -321,7 +321,10 @@ class DecoderOnlyBackbone(Backbone, abstract=True):
         runs = decode_runs(positions[: step.decode_rows], step.decode_width, most=1 if shared else DECODE_RUNS)
         for first, stop, key_length in runs:
             queries = positions[first:stop, None]  # [rows, 1]
-            parts.append(self._part(cache, slice(first, stop), first, stop - first, queries, key_length, False, shared))
+            part = self._part(cache, slice(first, stop), first, stop - first, queries, key_length, False, shared)
+            if self.sees_its_first_slots(cache):
+                part.lengths = queries[:, 0] + 1
+            parts.append(part)
         for row, start, length in step.chunks:
             queries = positions[None, offset : offset + length]  # [1, length]
             parts.append(self._part(cache, slice(offset, offset + length), row, 1, queries, start + length, start == 0))
@@ -346,6 +349,11 @@ class DecoderOnlyBackbone(Backbone, abstract=True):
         if shared < SHARED_PREFIX_KEYS or self.sliding_window or self.key_position_bias:
             return 0
         return 0 if isinstance(cache, RollingKVCache) else shared
+
+    def sees_its_first_slots(self, cache):
+        """Whether a decoding row at position p attends to exactly its cache slots 0..p: no
+        window, no bias by key position, and a cache that keeps position p in slot p."""
+        return not self.sliding_window and not self.key_position_bias and not isinstance(cache, RollingKVCache)
 
     def step_mask(self, query_positions, key_positions, fresh):
         """The mask of queries at ``query_positions`` [rows, queries] over keys at ``key_positions``

@@ -5,6 +5,7 @@ requests leave and join a running batch, long prompts are prefilled a chunk at a
 between the others' decode steps, and every request's tokens are those it gets alone.
 """
 
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -66,6 +67,22 @@ def test_rows_leaving_and_joining_with_chunked_prefill_give_each_request_its_tok
         assert (joined.completions[i], joined.finish_reasons[i]) == (alone.completions[0], alone.finish_reasons[0])
     assert {"stop", "length"} <= set(joined.finish_reasons)
 
+
+
+def test_decoding_rows_over_a_plain_cache_attend_through_the_kernel_others_through_torch(model, monkeypatch):
+    """lmq's decode attention kernel serves rows that see exactly their first slots (Llama);
+    a sliding window (Mistral) or ALiBi (Falcon) goes through torch's ops. The tokens of both
+    paths are checked against each row alone by the test above."""
+    from lmq.core import kernels
+
+    if kernels.decode_attention() is None:
+        pytest.skip("no C++ compiler on this machine: lmq's kernels cannot be built, torch's ops serve")
+    calls, kernel = [], kernels.decode_attention()
+    monkeypatch.setattr(kernels, "decode_attention", lambda: lambda *tensors: calls.append(1) or kernel(*tensors))
+    prompts, limits = job(6)
+    decode(model, prompts, limits, GreedySampler())
+    plain = not model.backbone.sliding_window and not model.backbone.key_position_bias
+    assert bool(calls) == plain
 
 def test_a_long_prompt_is_prefilled_between_the_decode_steps_of_the_others(llama):
     """A 40-token prompt joining with a 3-token one, 8 prompt tokens per step: the short
@@ -166,6 +183,20 @@ def test_the_device_setting_is_auto_by_default_and_a_bad_one_is_named():
         load_settings({"LMQ_DEVICE": "gpu"})
 
 
+
+def test_the_compile_setting_is_on_by_default_and_off_turns_the_kernels_off():
+    from lmq.core import kernels
+    from lmq.workers.runner import pool_from_settings
+
+    assert load_settings({}).compile
+    with pytest.raises(SettingsError, match="LMQ_COMPILE must be on or off, got 'fast'"):
+        load_settings({"LMQ_COMPILE": "fast"})
+    try:
+        pool_from_settings(load_settings({"LMQ_COMPILE": "off"}))
+        assert kernels.decode_attention() is None
+    finally:
+        kernels.configure(enabled=True)
+
 def test_auto_is_the_gpu_when_torch_sees_one_and_a_missing_gpu_is_named():
     gpu = torch.cuda.is_available()
     assert resolve_device("auto") == ("cuda" if gpu else "cpu")
@@ -238,7 +269,7 @@ def test_decode_rows_attend_in_runs_each_reading_to_its_own_longest_row():
 def test_decoding_rows_attend_as_scaled_dot_product_attention_does(bias_by_head):
     """The decode path of attention (one query a row, two batched products per KV head) equals
     SDPA over the same keys: with a boolean mask, and with an additive one per head (ALiBi)."""
-    from lmq.core.layers.attention import CachedAttention
+    from lmq.core.layers.attention import AttentionPart, CachedAttention
 
     torch.manual_seed(0)
     layer = CachedAttention(num_query_heads=8, num_key_value_heads=2, hidden_dim=64, cache_index=0)
@@ -252,4 +283,31 @@ def test_decoding_rows_attend_as_scaled_dot_product_attention_does(bias_by_head)
     expected = torch.nn.functional.scaled_dot_product_attention(
         queries, keys, values, attn_mask=mask, enable_gqa=True
     )
-    torch.testing.assert_close(layer._attend_decoding(queries, keys, values, mask), expected)
+    part = AttentionPart(slice(0, rows), 0, rows, 42, mask)  # no lengths: torch's ops
+    torch.testing.assert_close(layer._attend_decoding(queries, keys, values, part), expected)
+
+
+@pytest.mark.parametrize("dim", [64, 128, 24])
+def test_the_decode_attention_kernel_reads_each_row_to_its_own_length(dim):
+    """lmq's C++ decode attention (built on first use) equals SDPA over each row's first
+    ``length`` slots, reading the cache through its strides; a length outside the slots is refused."""
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler on this machine: lmq's kernels cannot be built, torch's ops serve")
+    from lmq.core import kernels
+    from lmq.core.layers.attention import AttentionPart, CachedAttention
+
+    assert kernels.decode_attention() is not None
+    torch.manual_seed(0)
+    layer = CachedAttention(num_query_heads=6, num_key_value_heads=2, hidden_dim=6 * dim, cache_index=0)
+    rows, positions = 4, torch.tensor([30, 41, 0, 12])
+    cache = torch.randn(2, 9, 2, 50, dim)  # [keys or values, slots, kv heads, slots per row, dim]
+    keys, values = cache[0, 3:7, :, :42], cache[1, 3:7, :, :42]  # rows 3..6, as a decode run reads them
+    queries = torch.randn(rows, 6, 1, dim)
+    mask = (torch.arange(42)[None] <= positions[:, None])[:, None, None]
+    expected = torch.nn.functional.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, enable_gqa=True)
+    part = AttentionPart(slice(0, rows), 3, rows, 42, mask, lengths=positions + 1)
+    with torch.no_grad():
+        torch.testing.assert_close(layer._attend_decoding(queries, keys, values, part), expected)
+        grouped = queries.reshape(rows, 2, 3, dim).contiguous()
+        with pytest.raises(RuntimeError, match="length 43 is not within 1..42"):
+            kernels.decode_attention()(grouped, keys, values, torch.tensor([1, 43, 1, 1]))

@@ -1,0 +1,91 @@
+"""C++ kernels that lmq builds on the machine it runs on, where torch's own fall short.
+
+``decode_attention`` (``decode_attention.cpp``): the attention of decoding rows, one query
+each, over each row's own keys. torch's CPU SDPA works in blocks of queries, and batched
+matrix products of one query a row spend most of their time outside the arithmetic: on
+bench/peer.py's workload b (64 rows of 57..180 keys, 8 query and 2 KV heads of 64), one
+layer's decode attention takes 376 us with this kernel, 880 us as two batched products in 4
+runs of rows, over 1,000 us with SDPA; reading the keys and values once takes 150 us.
+
+A kernel is compiled on its first use, by the machine's C++ compiler (``c++``) for its own
+CPU and against the installed torch, and kept in ``~/.cache/lmq/kernels`` under a name that
+hashes the source, the command and the CPU, so a later process loads it at once (a build takes
+about 10 s). Without a compiler, or once ``configure(enabled=False)`` ran (a worker does with
+``LMQ_COMPILE=off``), a kernel is None and its callers use torch's eager ops.
+"""
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.utils.cpp_extension
+
+HERE = Path(__file__).resolve().parent
+CACHE = Path.home() / ".cache" / "lmq" / "kernels"
+log = logging.getLogger(__name__)
+enabled = True
+
+
+def configure(enabled):
+    """Turns lmq's kernels on (the default) or off, for every model of this process from now."""
+    globals()["enabled"] = enabled
+    _built.cache_clear()
+
+
+def decode_attention():
+    """``torch.ops.lmq_kernels.decode_attention(queries, keys, values, lengths)``, or None."""
+    return torch.ops.lmq_kernels.decode_attention if enabled and _built("decode_attention") else None
+
+
+@functools.cache
+def _built(name):
+    """Whether ``{name}.cpp`` is loaded (``_build``); tried once per process and setting."""
+    return _build(name) is not None
+
+
+def _build(name):
+    """Loads ``{name}.cpp`` as a torch operator library, compiling it first when no build of
+    this source, command and CPU is cached; None (logged) when it cannot be built."""
+    compiler = shutil.which("c++")
+    if compiler is None:
+        log.warning("no C++ compiler (c++): lmq's %s kernel is off, torch's ops serve", name)
+        return None
+    source = HERE / f"{name}.cpp"
+    library = Path(torch.utils.cpp_extension.library_paths()[0])
+    flags = [
+        "-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++20",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        *(f"-I{path}" for path in torch.utils.cpp_extension.include_paths()),
+    ]
+    libraries = [f"-L{library}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{library}"]  # after the source, which needs them
+    key = hashlib.sha256("\0".join([source.read_text(), compiler, *flags, *libraries, _cpu()]).encode()).hexdigest()[:16]
+    built = CACHE / f"{name}-{key}.so"
+    if not built.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=CACHE) as scratch:  # the same directory: os.replace is atomic
+            output = Path(scratch) / built.name
+            done = subprocess.run([compiler, *flags, str(source), *libraries, "-o", str(output)], capture_output=True, text=True)
+            if done.returncode != 0:
+                log.warning("lmq's %s kernel did not compile, torch's ops serve:\n%s", name, done.stderr[-2000:])
+                return None
+            os.replace(output, built)
+    torch.ops.load_library(str(built))
+    return built
+
+
+def _cpu():
+    """What -march=native compiles for: the CPU's model and flags (Linux), else the machine name."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return "".join(line for line in info.read().split("\n\n")[0].splitlines(True)
+                           if line.startswith(("model name", "flags")))
+    except OSError:
+        import platform
+
+        return platform.machine() + platform.processor()
