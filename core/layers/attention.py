@@ -7,7 +7,9 @@ attention itself is ``torch.nn.functional.scaled_dot_product_attention``.
 A generation step is one flattened sequence of tokens from many requests (decoding
 rows, prompt chunks): the projections run on all of it at once, and attention runs
 per ``AttentionPart`` - the decoding rows together, each chunk over its own cache row -
-since torch has no variable-length attention kernel on every device.
+since torch has no variable-length attention kernel on every device. Decoding rows, one
+query each, take their own path (``_attend_decoding``): lmq's C++ kernel on a CPU, which
+reads each row's keys to its own length, else two batched matrix products.
 """
 
 from dataclasses import dataclass
