@@ -18,6 +18,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -66,16 +67,21 @@ def _build(name):
     libraries = [f"-L{library}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{library}"]  # after the source, which needs them
     key = hashlib.sha256("\0".join([source.read_text(), compiler, *flags, *libraries, _cpu()]).encode()).hexdigest()[:16]
     built = CACHE / f"{name}-{key}.so"
-    if not built.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=CACHE) as scratch:  # the same directory: os.replace is atomic
-            output = Path(scratch) / built.name
-            done = subprocess.run([compiler, *flags, str(source), *libraries, "-o", str(output)], capture_output=True, text=True)
-            if done.returncode != 0:
-                log.warning("lmq's %s kernel did not compile, torch's ops serve:\n%s", name, done.stderr[-2000:])
-                return None
-            os.replace(output, built)
-    torch.ops.load_library(str(built))
+    try:
+        if not built.exists():
+            CACHE.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=CACHE) as scratch:  # the same directory: os.replace is atomic
+                output = Path(scratch) / built.name
+                command = [compiler, *flags, str(source), *libraries, "-o", str(output)]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode != 0:
+                    log.warning("lmq's %s kernel did not compile, torch's ops serve:\n%s", name, done.stderr[-2000:])
+                    return None
+                os.replace(output, built)
+        torch.ops.load_library(str(built))
+    except OSError as error:  # an unwritable cache, a library that does not load
+        log.warning("lmq's %s kernel is off, torch's ops serve: %s", name, error)
+        return None
     return built
 
 
@@ -86,6 +92,4 @@ def _cpu():
             return "".join(line for line in info.read().split("\n\n")[0].splitlines(True)
                            if line.startswith(("model name", "flags")))
     except OSError:
-        import platform
-
         return platform.machine() + platform.processor()
