@@ -33,10 +33,14 @@ void attend(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor&
   float* o = out.data_ptr<float>();
   const int64_t row_stride = keys.stride(0), head_stride = keys.stride(1), slot_stride = keys.stride(2);
 
-  at::parallel_for(0, queries.size(0) * heads, 1, [&](int64_t begin, int64_t end) {
+  const int64_t rows = queries.size(0);
+  at::parallel_for(0, rows * heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;  // [group, n]
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t row = i / heads, head = i % heads, n = length[row];
+    for (int64_t item = begin; item < end; ++item) {
+      // Items alternate between the first rows and the last, so that each thread's share of a
+      // batch ordered by length (as the scheduler admits it, shortest first) holds as many keys.
+      const int64_t turn = item / heads, head = item % heads;
+      const int64_t row = turn % 2 ? rows - 1 - turn / 2 : turn / 2, i = row * heads + head, n = length[row];
       const float* key = k + row * row_stride + head * head_stride;
       const float* value = v + row * row_stride + head * head_stride;
       const float* query = q + i * group * dim;
