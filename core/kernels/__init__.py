@@ -4,8 +4,9 @@
 each, over each row's own keys. torch's CPU SDPA works in blocks of queries, and batched
 matrix products of one query a row spend most of their time outside the arithmetic: on
 bench/peer.py's workload b (64 rows of 57..180 keys, 8 query and 2 KV heads of 64), one
-layer's decode attention takes 376 us with this kernel, 880 us as two batched products in 4
-runs of rows, over 1,000 us with SDPA; reading the keys and values once takes 150 us.
+layer's decode attention takes about 280 us with this kernel (about 400 us before it kept a
+head's queries and outputs in registers), 880 us as two batched products in 4 runs of rows,
+over 1,000 us with SDPA; reading the keys and values once takes 150 us.
 
 A kernel is compiled on its first use, by the machine's C++ compiler (``c++``) for its own
 CPU and against the installed torch, and kept in ``~/.cache/lmq/kernels`` under a name that

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -21,19 +22,133 @@ namespace {
 
 constexpr int64_t kMostDim = 256;
 
-// kDim: the head size, known at compile time for the common ones (0: any, read from dim).
-template <int64_t kDim>
+// 16 floats: one AVX-512 register, two AVX2 ones, four NEON ones (GCC's and Clang's vector extension).
+typedef float Lanes __attribute__((vector_size(64)));
+
+inline Lanes load(const float* from) {
+  Lanes lanes;
+  std::memcpy(&lanes, from, sizeof lanes);
+  return lanes;
+}
+
+// One (row, KV head) for a head of 16 * kChunks and kGroup query heads, the queries and the
+// group's outputs held in registers: each key and value is loaded once. While the scores are
+// computed, the values they will weigh are fetched (measured: a fifth off the whole kernel).
+template <int kChunks, int kGroup>
+void attend_in_registers(const float* query, const float* key, const float* value, int64_t n,
+                         int64_t slot_stride, float* scores, float* output) {
+  Lanes q[kGroup][kChunks], acc[kGroup][kChunks] = {};
+  for (int g = 0; g < kGroup; ++g)
+    for (int c = 0; c < kChunks; ++c) q[g][c] = load(query + (g * kChunks + c) * 16);
+  float most[kGroup], total[kGroup];
+  for (int g = 0; g < kGroup; ++g) most[g] = -std::numeric_limits<float>::infinity(), total[g] = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    const float* key_j = key + j * slot_stride;
+    for (int c = 0; c < kChunks; ++c) __builtin_prefetch(value + j * slot_stride + c * 16);
+    Lanes k[kChunks];
+    for (int c = 0; c < kChunks; ++c) k[c] = load(key_j + c * 16);
+    for (int g = 0; g < kGroup; ++g) {
+      Lanes products = q[g][0] * k[0];
+      for (int c = 1; c < kChunks; ++c) products += q[g][c] * k[c];
+      float dot = 0.f;
+      for (int lane = 0; lane < 16; ++lane) dot += products[lane];
+      scores[g * n + j] = dot;
+      most[g] = std::max(most[g], dot);
+    }
+  }
+  for (int g = 0; g < kGroup; ++g) {
+    float* s = scores + g * n;
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < n; ++j) {
+      s[j] = std::exp(s[j] - most[g]);
+      sum += s[j];
+    }
+    total[g] = sum;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    Lanes v[kChunks];
+    for (int c = 0; c < kChunks; ++c) v[c] = load(value + j * slot_stride + c * 16);
+    for (int g = 0; g < kGroup; ++g) {
+      const float w = scores[g * n + j];
+      for (int c = 0; c < kChunks; ++c) acc[g][c] += w * v[c];
+    }
+  }
+  for (int g = 0; g < kGroup; ++g)
+    for (int c = 0; c < kChunks; ++c) {
+      const Lanes out = acc[g][c] / total[g];
+      std::memcpy(output + (g * kChunks + c) * 16, &out, sizeof out);
+    }
+}
+
+using RegisterPath = void (*)(const float*, const float*, const float*, int64_t, int64_t, float*, float*);
+
+template <int kChunks>
+RegisterPath register_path_for_group(int64_t group) {
+  switch (group) {
+    case 1: return attend_in_registers<kChunks, 1>;
+    case 2: return attend_in_registers<kChunks, 2>;
+    case 4: return attend_in_registers<kChunks, 4>;
+    case 8: return attend_in_registers<kChunks, 8>;
+    default: return nullptr;
+  }
+}
+
+// The register path for a head of ``dim`` and ``group`` query heads per KV head, or null.
+RegisterPath register_path(int64_t dim, int64_t group) {
+  switch (dim) {
+    case 64: return register_path_for_group<4>(group);
+    case 96: return register_path_for_group<6>(group);
+    case 128: return register_path_for_group<8>(group);
+    default: return nullptr;
+  }
+}
+
+// One (row, KV head) of any head size and group: the same steps, through memory.
+void attend_any(const float* query, const float* key, const float* value, int64_t n, int64_t slot_stride,
+                int64_t group, int64_t dim, float* scores, float* output) {
+  for (int64_t j = 0; j < n; ++j) {  // each key once, against every query of the group
+    const float* key_j = key + j * slot_stride;
+    for (int64_t g = 0; g < group; ++g) {
+      const float* query_g = query + g * dim;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < dim; ++d) dot += query_g[d] * key_j[d];
+      scores[g * n + j] = dot;
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {  // softmax, then the weighted sum of the values
+    float* s = scores + g * n;
+    float most = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < n; ++j) most = std::max(most, s[j]);
+    float total = 0.f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < n; ++j) {
+      s[j] = std::exp(s[j] - most);
+      total += s[j];
+    }
+    float sum[kMostDim] = {};
+    for (int64_t j = 0; j < n; ++j) {
+      const float* value_j = value + j * slot_stride;
+      const float w = s[j];
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) sum[d] += w * value_j[d];
+    }
+    for (int64_t d = 0; d < dim; ++d) output[g * dim + d] = sum[d] / total;
+  }
+}
+
 void attend(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& values,
             const at::Tensor& lengths, at::Tensor& out) {
-  const int64_t heads = queries.size(1), group = queries.size(2), dim = kDim ? kDim : queries.size(3);
+  const int64_t rows = queries.size(0), heads = queries.size(1), group = queries.size(2), dim = queries.size(3);
   const float* q = queries.data_ptr<float>();
   const float* k = keys.data_ptr<float>();
   const float* v = values.data_ptr<float>();
   const int64_t* length = lengths.data_ptr<int64_t>();
   float* o = out.data_ptr<float>();
   const int64_t row_stride = keys.stride(0), head_stride = keys.stride(1), slot_stride = keys.stride(2);
+  const RegisterPath in_registers = register_path(dim, group);
 
-  const int64_t rows = queries.size(0);
   at::parallel_for(0, rows * heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;  // [group, n]
     for (int64_t item = begin; item < end; ++item) {
@@ -43,37 +158,11 @@ void attend(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor&
       const int64_t row = turn % 2 ? rows - 1 - turn / 2 : turn / 2, i = row * heads + head, n = length[row];
       const float* key = k + row * row_stride + head * head_stride;
       const float* value = v + row * row_stride + head * head_stride;
-      const float* query = q + i * group * dim;
-      float* output = o + i * group * dim;
       scores.resize(group * n);
-      for (int64_t j = 0; j < n; ++j) {  // each key once, against every query of the group
-        const float* key_j = key + j * slot_stride;
-        for (int64_t g = 0; g < group; ++g) {
-          const float* query_g = query + g * dim;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < dim; ++d) dot += query_g[d] * key_j[d];
-          scores[g * n + j] = dot;
-        }
-      }
-      for (int64_t g = 0; g < group; ++g) {  // softmax, then the weighted sum of the values
-        float* s = scores.data() + g * n;
-        float most = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < n; ++j) most = std::max(most, s[j]);
-        float total = 0.f;
-#pragma omp simd reduction(+ : total)
-        for (int64_t j = 0; j < n; ++j) {
-          s[j] = std::exp(s[j] - most);
-          total += s[j];
-        }
-        float sum[kMostDim] = {};
-        for (int64_t j = 0; j < n; ++j) {
-          const float* value_j = value + j * slot_stride;
-          const float w = s[j];
-#pragma omp simd
-          for (int64_t d = 0; d < dim; ++d) sum[d] += w * value_j[d];
-        }
-        for (int64_t d = 0; d < dim; ++d) output[g * dim + d] = sum[d] / total;
+      if (in_registers != nullptr) {
+        in_registers(q + i * group * dim, key, value, n, slot_stride, scores.data(), o + i * group * dim);
+      } else {
+        attend_any(q + i * group * dim, key, value, n, slot_stride, group, dim, scores.data(), o + i * group * dim);
       }
     }
   });
@@ -97,11 +186,7 @@ at::Tensor decode_attention(const at::Tensor& queries, const at::Tensor& keys, c
                 " is not within 1..", keys.size(2));
   }
   auto out = at::empty_like(queries);
-  switch (queries.size(3)) {
-    case 64: attend<64>(queries, keys, values, lengths, out); break;
-    case 128: attend<128>(queries, keys, values, lengths, out); break;
-    default: attend<0>(queries, keys, values, lengths, out);
-  }
+  attend(queries, keys, values, lengths, out);
   return out;
 }
 

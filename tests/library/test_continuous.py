@@ -287,10 +287,12 @@ def test_decoding_rows_attend_as_scaled_dot_product_attention_does(bias_by_head)
     torch.testing.assert_close(layer._attend_decoding(queries, keys, values, part), expected)
 
 
-@pytest.mark.parametrize("dim", [64, 128, 24])
-def test_the_decode_attention_kernel_reads_each_row_to_its_own_length(dim):
+@pytest.mark.parametrize("dim, query_heads", [(64, 8), (128, 2), (96, 4), (64, 16), (24, 6)])
+def test_the_decode_attention_kernel_reads_each_row_to_its_own_length(dim, query_heads):
     """lmq's C++ decode attention (built on first use) equals SDPA over each row's first
-    ``length`` slots, reading the cache through its strides; a length outside the slots is refused."""
+    ``length`` slots, reading the cache through its strides, in registers (head sizes 64, 96,
+    128 with 1, 2, 4 or 8 query heads per KV head) or not (24, 3); a length outside the slots
+    is refused."""
     if shutil.which("c++") is None:
         pytest.skip("no C++ compiler on this machine: lmq's kernels cannot be built, torch's ops serve")
     from lmq.core import kernels
@@ -298,16 +300,16 @@ def test_the_decode_attention_kernel_reads_each_row_to_its_own_length(dim):
 
     assert kernels.decode_attention() is not None
     torch.manual_seed(0)
-    layer = CachedAttention(num_query_heads=6, num_key_value_heads=2, hidden_dim=6 * dim, cache_index=0)
+    layer = CachedAttention(num_query_heads=query_heads, num_key_value_heads=2, hidden_dim=64, head_dim=dim, cache_index=0)
     rows, positions = 4, torch.tensor([30, 41, 0, 12])
     cache = torch.randn(2, 9, 2, 50, dim)  # [keys or values, slots, kv heads, slots per row, dim]
     keys, values = cache[0, 3:7, :, :42], cache[1, 3:7, :, :42]  # rows 3..6, as a decode run reads them
-    queries = torch.randn(rows, 6, 1, dim)
+    queries = torch.randn(rows, query_heads, 1, dim)
     mask = (torch.arange(42)[None] <= positions[:, None])[:, None, None]
     expected = torch.nn.functional.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, enable_gqa=True)
     part = AttentionPart(slice(0, rows), 3, rows, 42, mask, lengths=positions + 1)
     with torch.no_grad():
         torch.testing.assert_close(layer._attend_decoding(queries, keys, values, part), expected)
-        grouped = queries.reshape(rows, 2, 3, dim).contiguous()
+        grouped = queries.reshape(rows, 2, query_heads // 2, dim).contiguous()
         with pytest.raises(RuntimeError, match="length 43 is not within 1..42"):
             kernels.decode_attention()(grouped, keys, values, torch.tensor([1, 43, 1, 1]))
