@@ -31,33 +31,29 @@ import torch.utils.cpp_extension
 HERE = Path(__file__).resolve().parent
 CACHE = Path.home() / ".cache" / "lmq" / "kernels"
 log = logging.getLogger(__name__)
-enabled = True
+_enabled = True
 
 
 def configure(enabled):
     """Turns lmq's kernels on (the default) or off, for every model of this process from now."""
-    globals()["enabled"] = enabled
-    _built.cache_clear()
+    global _enabled
+    _enabled = enabled
 
 
 def decode_attention():
     """``torch.ops.lmq_kernels.decode_attention(queries, keys, values, lengths)``, or None."""
-    return torch.ops.lmq_kernels.decode_attention if enabled and _built("decode_attention") else None
+    return torch.ops.lmq_kernels.decode_attention if _enabled and _loaded("decode_attention") else None
 
 
 @functools.cache
-def _built(name):
-    """Whether ``{name}.cpp`` is loaded (``_build``); tried once per process and setting."""
-    return _build(name) is not None
-
-
-def _build(name):
-    """Loads ``{name}.cpp`` as a torch operator library, compiling it first when no build of
-    this source, command and CPU is cached; None (logged) when it cannot be built."""
+def _loaded(name):
+    """Whether ``{name}.cpp`` is loaded as a torch operator library, compiled first when no build
+    of this source, command and CPU is cached; tried once per process, False (logged) when it
+    cannot be built or loaded."""
     compiler = shutil.which("c++")
     if compiler is None:
         log.warning("no C++ compiler (c++): lmq's %s kernel is off, torch's ops serve", name)
-        return None
+        return False
     source = HERE / f"{name}.cpp"
     library = Path(torch.utils.cpp_extension.library_paths()[0])
     flags = [
@@ -65,8 +61,10 @@ def _build(name):
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         *(f"-I{path}" for path in torch.utils.cpp_extension.include_paths()),
     ]
-    libraries = [f"-L{library}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{library}"]  # after the source, which needs them
-    key = hashlib.sha256("\0".join([source.read_text(), compiler, *flags, *libraries, _cpu()]).encode()).hexdigest()[:16]
+    # after the source, which needs them
+    libraries = [f"-L{library}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{library}"]
+    build = "\0".join([source.read_text(), compiler, *flags, *libraries, _cpu()])
+    key = hashlib.sha256(build.encode()).hexdigest()[:16]
     built = CACHE / f"{name}-{key}.so"
     try:
         if not built.exists():
@@ -77,13 +75,13 @@ def _build(name):
                 done = subprocess.run(command, capture_output=True, text=True)
                 if done.returncode != 0:
                     log.warning("lmq's %s kernel did not compile, torch's ops serve:\n%s", name, done.stderr[-2000:])
-                    return None
+                    return False
                 os.replace(output, built)
         torch.ops.load_library(str(built))
     except OSError as error:  # an unwritable cache, a library that does not load
         log.warning("lmq's %s kernel is off, torch's ops serve: %s", name, error)
-        return None
-    return built
+        return False
+    return True
 
 
 def _cpu():

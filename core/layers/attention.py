@@ -19,7 +19,7 @@ import torch
 
 from lmq.core import kernels
 from lmq.core.layers.cache import KVCache
-from lmq.core.layers.projection import Projections
+from lmq.core.layers.projection import Projections, cpu_float32_inference
 from lmq.core.layers.rotary import apply_rotary
 
 
@@ -143,7 +143,8 @@ class CachedAttention(Projections):
             if part.shared:
                 out = self._attend_shared_prefix(queries, keys, values, part)
             elif queries.shape[2] == 1 and part.mask is not None:
-                out = self._attend_decoding(queries, keys[rows, :, : part.key_length], values[rows, :, : part.key_length], part)
+                own_keys, own_values = keys[rows, :, : part.key_length], values[rows, :, : part.key_length]
+                out = self._attend_decoding(queries, own_keys, own_values, part)
             else:
                 out = torch.nn.functional.scaled_dot_product_attention(
                     queries,
@@ -169,7 +170,7 @@ class CachedAttention(Projections):
         """
         rows, heads, _, dim = queries.shape
         grouped = queries.reshape(rows, self.num_key_value_heads, heads // self.num_key_value_heads, dim) * dim**-0.5
-        kernel = kernels.decode_attention() if part.lengths is not None and _kernel_serves(queries) else None
+        kernel = kernels.decode_attention() if part.lengths is not None and cpu_float32_inference(queries) else None
         if kernel is not None:
             return kernel(grouped, keys, values, part.lengths).reshape(rows, heads, 1, dim)
         mask = part.mask
@@ -223,8 +224,3 @@ class CachedAttention(Projections):
     def _output(self, out):
         """[batch, seq, heads * head_dim] -> [batch, seq, hidden] through the output projection."""
         return self.projected(out, "output_kernel", None if self.output_bias is None else self.output_bias.value)
-
-
-def _kernel_serves(x):
-    """Whether lmq's CPU kernels take ``x``: float32 on the CPU, in a pass without autograd (they have no gradient)."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()

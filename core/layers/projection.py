@@ -14,6 +14,12 @@ from lmq.core.quantization import Int8Kernel, check_mode, quantize_matrix, scale
 ONEDNN = torch.backends.mkldnn.is_available()
 
 
+def cpu_float32_inference(x):
+    """Whether ``x`` is float32 on the CPU in a pass without autograd (generation): what the CPU
+    kernels without a gradient take (oneDNN's packed GEMM here, ``lmq.core.kernels``)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+
+
 def _onednn_serves(x, kernel):
     """Whether oneDNN's GEMM (the one inductor uses) takes a float32 projection on the CPU.
 
@@ -21,9 +27,7 @@ def _onednn_serves(x, kernel):
     (MKL's) at a decode step's row counts on the CPUs measured (docs/peer-bench.md). It has
     no gradient, so only a pass without autograd (generation) takes it.
     """
-    return (
-        ONEDNN and x.device.type == "cpu" and x.dtype == kernel.dtype == torch.float32 and not torch.is_grad_enabled()
-    )
+    return ONEDNN and kernel.dtype == torch.float32 and cpu_float32_inference(x)
 
 
 class PackedKernel:

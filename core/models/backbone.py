@@ -316,15 +316,16 @@ class DecoderOnlyBackbone(Backbone, abstract=True):
         positions = step.positions  # [tokens]
         write_slots = cache.place(step.token_rows, positions)  # [tokens]: each token's slot in its row
         parts, offset = [], step.decode_rows
-        # Rows that all begin with one long prompt prefix attend together, reading it once; else in runs.
-        shared = self.shared_prefix(step, cache)
+        # Rows that all begin with one long prompt prefix attend together, reading it once; else in
+        # runs. Rows that see exactly their first slots also carry their lengths (lmq's decode kernel).
+        exact = self.sees_its_first_slots(cache)
+        shared = step.decode_shared_prompt if exact and step.decode_shared_prompt >= SHARED_PREFIX_KEYS else 0
         runs = decode_runs(positions[: step.decode_rows], step.decode_width, most=1 if shared else DECODE_RUNS)
         for first, stop, key_length in runs:
             queries = positions[first:stop, None]  # [rows, 1]
-            part = self._part(cache, slice(first, stop), first, stop - first, queries, key_length, False, shared)
-            if self.sees_its_first_slots(cache):
-                part.lengths = queries[:, 0] + 1
-            parts.append(part)
+            lengths = queries[:, 0] + 1 if exact else None
+            tokens = slice(first, stop)
+            parts.append(self._part(cache, tokens, first, stop - first, queries, key_length, False, shared, lengths))
         for row, start, length in step.chunks:
             queries = positions[None, offset : offset + length]  # [1, length]
             parts.append(self._part(cache, slice(offset, offset + length), row, 1, queries, start + length, start == 0))
@@ -333,26 +334,20 @@ class DecoderOnlyBackbone(Backbone, abstract=True):
         context = self._context(positions[None], context)
         return self.hidden_states(step.token_ids[None], context)[0]
 
-    def _part(self, cache, tokens, first_row, rows, query_positions, key_length, fresh, shared=0):
+    def _part(self, cache, tokens, first_row, rows, query_positions, key_length, fresh, shared=0, lengths=None):
         """The ``AttentionPart`` of ``rows`` cache rows whose queries are at ``query_positions``
         [rows, queries] and see keys up to ``key_length``; ``fresh``: a prompt's first chunk;
-        ``shared``: leading keys the rows hold alike, read once."""
+        ``shared``: leading keys the rows hold alike, read once; ``lengths``: each decoding row's
+        slots, when it sees exactly its first ones."""
         read, key_positions = cache.key_positions(first_row, rows, key_length)
         mask = self.step_mask(query_positions, key_positions, fresh)
-        return AttentionPart(tokens, first_row, rows, read, mask, shared)
-
-    def shared_prefix(self, step, cache):
-        """How many leading keys the decoding rows read once: the prompt positions they all hold
-        alike (``step.decode_shared_prompt``) when at least ``SHARED_PREFIX_KEYS``, else 0. A
-        window, a bias by key position or a rolling cache reads those keys differently per row: 0."""
-        shared = step.decode_shared_prompt
-        if shared < SHARED_PREFIX_KEYS or self.sliding_window or self.key_position_bias:
-            return 0
-        return 0 if isinstance(cache, RollingKVCache) else shared
+        return AttentionPart(tokens, first_row, rows, read, mask, shared, lengths)
 
     def sees_its_first_slots(self, cache):
         """Whether a decoding row at position p attends to exactly its cache slots 0..p: no
-        window, no bias by key position, and a cache that keeps position p in slot p."""
+        window, no bias by key position, and a cache that keeps position p in slot p. Such rows
+        may also read the prompt positions they all hold alike once (``SHARED_PREFIX_KEYS``);
+        a window, a bias or a rolling cache reads those keys differently per row."""
         return not self.sliding_window and not self.key_position_bias and not isinstance(cache, RollingKVCache)
 
     def step_mask(self, query_positions, key_positions, fresh):

@@ -68,7 +68,6 @@ def test_rows_leaving_and_joining_with_chunked_prefill_give_each_request_its_tok
     assert {"stop", "length"} <= set(joined.finish_reasons)
 
 
-
 def test_decoding_rows_over_a_plain_cache_attend_through_the_kernel_others_through_torch(model, monkeypatch):
     """lmq's decode attention kernel serves rows that see exactly their first slots (Llama);
     a sliding window (Mistral) or ALiBi (Falcon) goes through torch's ops. The tokens of both
@@ -83,6 +82,7 @@ def test_decoding_rows_over_a_plain_cache_attend_through_the_kernel_others_throu
     decode(model, prompts, limits, GreedySampler())
     plain = not model.backbone.sliding_window and not model.backbone.key_position_bias
     assert bool(calls) == plain
+
 
 def test_a_long_prompt_is_prefilled_between_the_decode_steps_of_the_others(llama):
     """A 40-token prompt joining with a 3-token one, 8 prompt tokens per step: the short
@@ -183,7 +183,6 @@ def test_the_device_setting_is_auto_by_default_and_a_bad_one_is_named():
         load_settings({"LMQ_DEVICE": "gpu"})
 
 
-
 def test_the_compile_setting_is_on_by_default_and_off_turns_the_kernels_off():
     from lmq.core import kernels
     from lmq.workers.runner import pool_from_settings
@@ -196,6 +195,7 @@ def test_the_compile_setting_is_on_by_default_and_off_turns_the_kernels_off():
         assert kernels.decode_attention() is None
     finally:
         kernels.configure(enabled=True)
+
 
 def test_auto_is_the_gpu_when_torch_sees_one_and_a_missing_gpu_is_named():
     gpu = torch.cuda.is_available()
