@@ -64,6 +64,20 @@ from pathlib import Path
 DEMO_PRESETS = Path(__file__).resolve().parent.parent / "demo"
 
 
+# What lmq's own generating processes (the CLI, the API, workers: ``workers.runner.pool_from_settings``)
+# give the CPU libraries before those first run, unless set already. oneDNN keeps the GEMM of each
+# shape it has run (1024 by default), and a continuous batch's steps come in many row counts: on
+# issue 22's workloads 16 ran as fast and kept 70 MiB less (docs/peer-bench.md).
+RUNTIME_ENVIRONMENT = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16"}
+
+
+def set_runtime_environment(environ=None) -> None:
+    """``RUNTIME_ENVIRONMENT``, where ``environ`` (the process's) does not set it otherwise."""
+    environ = os.environ if environ is None else environ
+    for name, value in RUNTIME_ENVIRONMENT.items():
+        environ.setdefault(name, value)
+
+
 class SettingsError(ValueError):
     """An LMQ_* variable that cannot be used."""
 

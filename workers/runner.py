@@ -20,7 +20,7 @@ import re
 import threading
 import time
 
-from lmq.core.config import Settings
+from lmq.core.config import Settings, set_runtime_environment
 from lmq.core.names import TERMINAL_STATES
 from lmq.core.store import JobKind, JobState, batch_files, queries, session_scope, sessions
 from lmq.core.store.db import DatabaseUnavailable, transact
@@ -475,9 +475,11 @@ def row_error(index: int, custom_id: str | None, message: str) -> str:
 
 def pool_from_settings(settings: Settings) -> ModelPool:
     """The worker's pool: each causal LM it pins gets a shared engine sized by ``settings``;
-    its models use lmq's compiled kernels unless ``LMQ_COMPILE`` is off."""
+    its models use lmq's compiled kernels unless ``LMQ_COMPILE`` is off. The CPU libraries
+    get lmq's ``RUNTIME_ENVIRONMENT`` before they first run."""
     from lmq.core import kernels
 
+    set_runtime_environment()
     kernels.configure(enabled=settings.compile)
     return ModelPool(
         int(settings.model_memory_gb * 2**30),

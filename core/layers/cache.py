@@ -14,17 +14,37 @@ of the step from ``key_positions``; an encoder-decoder's decoder writes padded r
 (``update``, ``step``).
 """
 
+import mmap
+
 import torch
 
 
+def zeroed(shape, dtype, device):
+    """A tensor of zeros; on a CPU, memory mapped from the operating system in small pages,
+    each resident only once written (torch's zeros are written everywhere) and returned
+    to the system when the tensor goes."""
+    size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    if torch.device(device).type != "cpu" or size == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    pages = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    pages.madvise(mmap.MADV_NOHUGEPAGE)  # a huge page would be 2 MiB resident for a row's few kilobytes
+    return torch.frombuffer(pages, dtype=torch.uint8, count=size).view(dtype).view(shape)
+
+
 class KVCache:
-    """Keys and values of every layer: [layers, slots, kv_heads, max_length, head_dim]."""
+    """Keys and values of every layer: [layers, slots, kv_heads, max_length, head_dim].
+
+    On a CPU the cache's pages are the operating system's zero pages until written
+    (``zeroed``), so its memory grows with the positions the rows use, not the slots it
+    has; moving rows copies only the positions written so far (``extent``).
+    """
 
     def __init__(self, num_layers, batch_size, num_heads, max_length, head_dim, dtype, device):
         shape = (num_layers, batch_size, num_heads, max_length, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.keys = zeroed(shape, dtype, device)
+        self.values = zeroed(shape, dtype, device)
         self._rows = torch.arange(batch_size, device=device)
+        self.extent = 0  # no slot holds anything at position ``extent`` or later
 
     def row_tensors(self):
         """{name: (row dimension, position dimension or None)} of every tensor kept per slot:
@@ -50,16 +70,20 @@ class KVCache:
             rows = slice(None) if context.cache_rows is None else context.cache_rows
             layer_keys[rows, :, end - length : end] = keys
             layer_values[rows, :, end - length : end] = values
+            self.extent = max(self.extent, end)
             if end == length:
                 return keys, values
             return layer_keys[rows, :, :end], layer_values[rows, :, :end]
         rows = len(keys)
+        self.extent = max(self.extent, context.key_length)
         layer_keys[self._rows[:rows], :, context.write_positions] = keys[:, :, 0]
         layer_values[self._rows[:rows], :, context.write_positions] = values[:, :, 0]
         return layer_keys[:rows, :, : context.key_length], layer_values[:rows, :, : context.key_length]
 
-    def place(self, token_rows, positions):
-        """Where a flattened step's tokens (rows and positions [tokens]) go in their rows: their slots [tokens]."""
+    def place(self, token_rows, positions, end):
+        """Where a flattened step's tokens (rows and positions [tokens], each below ``end``) go
+        in their rows: their slots [tokens]."""
+        self.extent = max(self.extent, end)
         return positions
 
     def key_positions(self, first_row, rows, key_length):
@@ -78,9 +102,12 @@ class KVCache:
     def move_rows(self, source, target):
         """Copies slots ``source`` into slots ``target`` (index tensors; every source is read
         before any target is written, so rows may trade places)."""
-        for name, (dim, _) in self.row_tensors().items():
+        for name, (dim, position_dim) in self.row_tensors().items():
             tensor = getattr(self, name)
-            tensor.index_copy_(dim, target, tensor.index_select(dim, source))
+            if position_dim is not None:  # the positions written so far: past them every slot is as it began
+                tensor = tensor.narrow(position_dim, 0, min(self.extent, tensor.shape[position_dim]))
+            rows = (slice(None),) * dim
+            tensor[rows + (target,)] = tensor[rows + (source,)]  # a copy first: 5x index_select's speed here
 
     def select_rows(self, rows):
         """Slots ``[0, len(rows))`` take the contents of slots ``rows``: beams reordered (a copy)."""
@@ -92,8 +119,10 @@ class KVCache:
             source = getattr(other, name).narrow(row_dim, 0, rows)
             target = getattr(self, name).narrow(row_dim, 0, rows)
             if position_dim is not None:
+                source = source.narrow(position_dim, 0, min(other.extent, source.shape[position_dim]))
                 target = target.narrow(position_dim, 0, source.shape[position_dim])
             target.copy_(source)
+        self.extent = other.extent
 
     # -- prefix caching (``lmq.core.generation.prefix_cache``) ---------------------------
 
@@ -131,6 +160,7 @@ class KVCache:
             written = blocks[name].movedim(row_dim, position_dim - 1).flatten(position_dim - 1, position_dim)
             target = getattr(self, name).select(row_dim, row)
             target.narrow(position_dim - 1, start, written.shape[position_dim - 1]).copy_(written)
+            self.extent = max(self.extent, start + written.shape[position_dim - 1])
 
     def step(self, positions, key_length):
         """Where a decode step of rows ``[0, len(positions))`` at ``positions`` writes and what it reads.
@@ -160,7 +190,8 @@ class RollingKVCache(KVCache):
     def row_tensors(self):
         return {**super().row_tensors(), "slot_positions": (0, 1)}
 
-    def place(self, token_rows, positions):
+    def place(self, token_rows, positions, end):
+        self.extent = max(self.extent, end)
         slots = positions % self.max_length
         self.slot_positions[token_rows, slots] = positions
         return slots
@@ -190,3 +221,4 @@ class RollingKVCache(KVCache):
         for row in range(rows):
             self.keys[:, row, :, target[row]] = other.keys[:, row]
             self.values[:, row, :, target[row]] = other.values[:, row]
+        self.extent = self.max_length

@@ -314,7 +314,8 @@ class DecoderOnlyBackbone(Backbone, abstract=True):
         to its end.
         """
         positions = step.positions  # [tokens]
-        write_slots = cache.place(step.token_rows, positions)  # [tokens]: each token's slot in its row
+        end = max([step.decode_width] + [start + length for _, start, length in step.chunks])
+        write_slots = cache.place(step.token_rows, positions, end)  # [tokens]: each token's slot in its row
         parts, offset = [], step.decode_rows
         # Rows that all begin with one long prompt prefix attend together, reading it once; else in
         # runs. Rows that see exactly their first slots also carry their lengths (lmq's decode kernel).

@@ -5,6 +5,7 @@ requests leave and join a running batch, long prompts are prefilled a chunk at a
 between the others' decode steps, and every request's tokens are those it gets alone.
 """
 
+import os
 import shutil
 from types import SimpleNamespace
 
@@ -14,6 +15,7 @@ import torch
 from lmq.core.config import DEMO_PRESETS, SettingsError, load_settings
 from lmq.core.models.task import resolve_device
 from lmq.core.generation import DecoderOnlyModel, decode
+from lmq.core.layers.cache import KVCache
 from lmq.core.samplers import BeamSampler, ContrastiveSampler, GreedySampler, TopKSampler
 from lmq.plugins.llama.llama_backbone import LlamaBackbone
 from lmq.workers.batching import GPU_ROW_POSITIONS, MAX_GPU_ROWS, RowBudget, row_budget
@@ -118,6 +120,37 @@ def test_finished_rows_free_their_slots_and_nothing_copies_the_cache(llama, monk
     assert sum(moved) < len(prompts)  # at most one row moved per finished request
     for i, prompt in enumerate(prompts):
         assert joined.completions[i] == decode(llama, [prompt], [limits[i]], GreedySampler()).completions[0]
+
+
+def _resident_mib():
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith("VmRSS:")).split()[1]) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc for resident memory")
+def test_a_cpu_cache_is_resident_only_where_rows_were_written_and_moves_copy_only_that():
+    """A 256 MiB cache whose rows hold 4 positions of 1024 costs a few MiB; a moved row
+    arrives whole (its written positions) and leaves the rest of its new slot untouched."""
+    before = _resident_mib()
+    cache = KVCache(8, 16, 4, 1024, 64, torch.float32, "cpu")  # 2 x 8 x 16 x 4 x 1024 x 64 floats: 256 MiB
+    cache.place(torch.zeros(4, dtype=torch.long), torch.arange(4), end=4)
+    written = torch.randn(8, 16, 4, 4, 64)
+    cache.keys[:, :, :, :4] = written
+    cache.move_rows(torch.tensor([3, 5]), torch.tensor([5, 3]))
+    assert _resident_mib() - before < 32
+    assert torch.equal(cache.keys[:, 3, :, :4], written[:, 5]) and torch.equal(cache.keys[:, 5, :, :4], written[:, 3])
+    assert not cache.keys[:, :, :, 4:].any()
+
+
+def test_generating_processes_give_onednn_a_small_primitive_cache_unless_told_otherwise(monkeypatch):
+    from lmq.workers.runner import pool_from_settings
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    pool_from_settings(load_settings({}))
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "16"
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
+    pool_from_settings(load_settings({}))
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "256"
 
 
 def test_the_cache_grows_for_a_long_tail_within_the_token_budget(model, monkeypatch):
