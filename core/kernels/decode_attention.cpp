@@ -3,7 +3,8 @@
 // queries [rows, kv heads, group, dim]: the query heads that share a KV head, scaled by 1/sqrt(dim);
 // keys, values [rows, kv heads, slots, dim]: a view of the cache (any strides but the last);
 // lengths [rows]: row r attends to its first lengths[r] slots (a causal mask, no window or bias).
-// -> [rows, kv heads, group, dim]
+// -> the outputs [rows, kv heads, group, dim] and the log of each query's softmax denominator
+//    [rows, kv heads, group], by which attention over more keys (a shared prefix) merges with this.
 //
 // Each (row, KV head) reads its keys and values once, for all the query heads of its group, and
 // no further than its own length: torch's CPU kernels work in blocks of queries and read every
@@ -16,6 +17,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -36,7 +38,7 @@ inline Lanes load(const float* from) {
 // computed, the values they will weigh are fetched (measured: a fifth off the whole kernel).
 template <int kChunks, int kGroup>
 void attend_in_registers(const float* query, const float* key, const float* value, int64_t n,
-                         int64_t slot_stride, float* scores, float* output) {
+                         int64_t slot_stride, float* scores, float* output, float* log_sum) {
   Lanes q[kGroup][kChunks], acc[kGroup][kChunks] = {};
   for (int g = 0; g < kGroup; ++g)
     for (int c = 0; c < kChunks; ++c) q[g][c] = load(query + (g * kChunks + c) * 16);
@@ -65,6 +67,7 @@ void attend_in_registers(const float* query, const float* key, const float* valu
       sum += s[j];
     }
     total[g] = sum;
+    log_sum[g] = most[g] + std::log(sum);
   }
   for (int64_t j = 0; j < n; ++j) {
     Lanes v[kChunks];
@@ -81,7 +84,7 @@ void attend_in_registers(const float* query, const float* key, const float* valu
     }
 }
 
-using RegisterPath = void (*)(const float*, const float*, const float*, int64_t, int64_t, float*, float*);
+using RegisterPath = void (*)(const float*, const float*, const float*, int64_t, int64_t, float*, float*, float*);
 
 template <int kChunks>
 RegisterPath register_path_for_group(int64_t group) {
@@ -106,7 +109,7 @@ RegisterPath register_path(int64_t dim, int64_t group) {
 
 // One (row, KV head) of any head size and group: the same steps, through memory.
 void attend_any(const float* query, const float* key, const float* value, int64_t n, int64_t slot_stride,
-                int64_t group, int64_t dim, float* scores, float* output) {
+                int64_t group, int64_t dim, float* scores, float* output, float* log_sum) {
   for (int64_t j = 0; j < n; ++j) {  // each key once, against every query of the group
     const float* key_j = key + j * slot_stride;
     for (int64_t g = 0; g < group; ++g) {
@@ -127,6 +130,7 @@ void attend_any(const float* query, const float* key, const float* value, int64_
       s[j] = std::exp(s[j] - most);
       total += s[j];
     }
+    log_sum[g] = most + std::log(total);
     float sum[kMostDim] = {};
     for (int64_t j = 0; j < n; ++j) {
       const float* value_j = value + j * slot_stride;
@@ -139,13 +143,14 @@ void attend_any(const float* query, const float* key, const float* value, int64_
 }
 
 void attend(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& values,
-            const at::Tensor& lengths, at::Tensor& out) {
+            const at::Tensor& lengths, at::Tensor& out, at::Tensor& log_sums) {
   const int64_t rows = queries.size(0), heads = queries.size(1), group = queries.size(2), dim = queries.size(3);
   const float* q = queries.data_ptr<float>();
   const float* k = keys.data_ptr<float>();
   const float* v = values.data_ptr<float>();
   const int64_t* length = lengths.data_ptr<int64_t>();
   float* o = out.data_ptr<float>();
+  float* l = log_sums.data_ptr<float>();
   const int64_t row_stride = keys.stride(0), head_stride = keys.stride(1), slot_stride = keys.stride(2);
   const RegisterPath in_registers = register_path(dim, group);
 
@@ -160,15 +165,16 @@ void attend(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor&
       const float* value = v + row * row_stride + head * head_stride;
       scores.resize(group * n);
       if (in_registers != nullptr) {
-        in_registers(q + i * group * dim, key, value, n, slot_stride, scores.data(), o + i * group * dim);
+        in_registers(q + i * group * dim, key, value, n, slot_stride, scores.data(), o + i * group * dim, l + i * group);
       } else {
-        attend_any(q + i * group * dim, key, value, n, slot_stride, group, dim, scores.data(), o + i * group * dim);
+        attend_any(q + i * group * dim, key, value, n, slot_stride, group, dim, scores.data(), o + i * group * dim,
+                   l + i * group);
       }
     }
   });
 }
 
-at::Tensor decode_attention(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& values,
+std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& values,
                             const at::Tensor& lengths) {
   TORCH_CHECK(queries.dim() == 4 && queries.is_contiguous() && queries.scalar_type() == at::kFloat,
               "queries must be a contiguous float32 [rows, kv heads, group, dim]");
@@ -186,13 +192,14 @@ at::Tensor decode_attention(const at::Tensor& queries, const at::Tensor& keys, c
                 " is not within 1..", keys.size(2));
   }
   auto out = at::empty_like(queries);
-  attend(queries, keys, values, lengths, out);
-  return out;
+  auto log_sums = at::empty({queries.size(0), queries.size(1), queries.size(2)}, queries.options());
+  attend(queries, keys, values, lengths, out, log_sums);
+  return {out, log_sums};
 }
 
 }  // namespace
 
 TORCH_LIBRARY(lmq_kernels, m) {
-  m.def("decode_attention(Tensor queries, Tensor keys, Tensor values, Tensor lengths) -> Tensor");
+  m.def("decode_attention(Tensor queries, Tensor keys, Tensor values, Tensor lengths) -> (Tensor, Tensor)");
   m.impl("decode_attention", c10::DispatchKey::CPU, TORCH_FN(decode_attention));
 }

@@ -19,7 +19,7 @@ import torch
 
 from lmq.core import kernels
 from lmq.core.layers.cache import KVCache
-from lmq.core.layers.projection import Projections, cpu_float32_inference
+from lmq.core.layers.projection import Projections, cpu_float32_inference, times_transposed
 from lmq.core.layers.rotary import apply_rotary
 
 
@@ -160,51 +160,69 @@ class CachedAttention(Projections):
 
     def _attend_decoding(self, queries, keys, values, part):
         """Decoding rows, one query each: queries [rows, heads, 1, dim] over their rows' keys and
-        values [rows, kv heads, keys, dim] -> [rows, heads, 1, dim].
-
-        Where each row sees exactly its first slots (``part.lengths``), on a CPU, lmq's C++
-        kernel reads each row's keys once for its query heads and no further than its own length
-        (``lmq.core.kernels``). Else two batched matrix products, each query head group against
-        its KV head's keys, and one softmax: SDPA's CPU kernel works in blocks of queries and
-        takes about 1.5x as long for one query a row.
-        """
+        values [rows, kv heads, keys, dim] -> [rows, heads, 1, dim]."""
         rows, heads, _, dim = queries.shape
         grouped = queries.reshape(rows, self.num_key_value_heads, heads // self.num_key_value_heads, dim) * dim**-0.5
-        kernel = kernels.decode_attention() if part.lengths is not None and cpu_float32_inference(queries) else None
+        out, _ = self._grouped_decode_attention(grouped, keys, values, part.mask, part.lengths)
+        return out.reshape(rows, heads, 1, dim)
+
+    @staticmethod
+    def _grouped_decode_attention(grouped, keys, values, mask, lengths):
+        """Scaled queries [rows, kv heads, group, dim] over keys and values [rows, kv heads, keys, dim]
+        -> outputs [rows, kv heads, group, dim] and the log of each softmax's denominator
+        [rows, kv heads, group] (what merges them with attention over other keys).
+
+        Where each row sees exactly its first slots (``lengths`` [rows]), on a CPU, lmq's C++
+        kernel reads each row's keys once for its query heads and no further than its own length
+        (``lmq.core.kernels``). Else two batched matrix products, each query head group against
+        its KV head's keys, under ``mask``: SDPA's CPU kernel works in blocks of queries and
+        takes about 1.5x as long for one query a row.
+        """
+        kernel = kernels.decode_attention() if lengths is not None and cpu_float32_inference(grouped) else None
         if kernel is not None:
-            return kernel(grouped, keys, values, part.lengths).reshape(rows, heads, 1, dim)
-        mask = part.mask
+            return kernel(grouped.contiguous(), keys, values, lengths)
         scores = torch.matmul(grouped, keys.transpose(-1, -2))  # [rows, kv, group, keys]
         if mask.dtype == torch.bool:  # [rows, 1, 1, keys]
             scores = scores.masked_fill(mask.logical_not(), float("-inf"))
         else:  # additive, [rows, 1 or heads, 1, keys] (a bias by key position)
             scores = scores + (mask if mask.shape[1] == 1 else mask.reshape(scores.shape))
-        out = torch.matmul(torch.softmax(scores, dim=-1), values)  # [rows, kv, group, dim]
-        return out.reshape(rows, heads, 1, dim)
+        log_sums = torch.logsumexp(scores, dim=-1)
+        return torch.matmul(torch.exp(scores - log_sums[..., None]), values), log_sums
 
     def _attend_shared_prefix(self, queries, keys, values, part):
         """Decoding rows whose first ``part.shared`` cache slots hold the same tokens (a shared
         system prompt or instruction): queries [rows, heads, 1, dim] -> [rows, heads, 1, dim].
 
-        Every row's queries read the shared keys once, from the part's first row (one matrix
-        product per KV head), and each row its own keys after them; one softmax over both.
-        The shared keys are otherwise read once per row: the most of a decode step's memory
-        traffic when a long prefix is shared. The shared copies hold the same tokens at the
-        same positions, so they differ at most by float rounding.
+        The shared keys are read once, from the part's first row: one matrix product per KV head
+        of every row's queries. Each row's own keys after them go through the decode path, and
+        the two softmaxes merge by their denominators. Read once per row instead, the shared
+        keys are the most of a decode step's memory traffic when a long prefix is shared. The
+        shared copies hold the same tokens at the same positions, so they differ at most by
+        float rounding.
         """
         rows, heads, _, dim = queries.shape
-        first, shared = part.first_row, part.shared
+        kv, first, shared = self.num_key_value_heads, part.first_row, part.shared
+        grouped = queries.reshape(rows, kv, heads // kv, dim) * dim**-0.5
+        every_query = grouped.transpose(0, 1).reshape(kv, -1, dim)  # [kv, rows x group, dim]
+        shared_keys, shared_values = keys[first, :, :shared], values[first, :, :shared]  # [kv, shared, dim]
+        scores = torch.stack([times_transposed(every_query[h], shared_keys[h]) for h in range(kv)])
+        most = scores.amax(dim=-1, keepdim=True)  # scores: [kv, rows x group, shared]
+        weights = scores.sub_(most).exp_()
+        total = weights.sum(dim=-1, keepdim=True)
+        shared_out = torch.stack([times_transposed(weights[h], shared_values[h].t()) for h in range(kv)]).div_(total)
+        shared_log_sums = (most + total.log()).reshape(kv, rows, -1).transpose(0, 1)  # [rows, kv, group]
         own = slice(first, first + rows)
-        grouped = queries.reshape(rows, self.num_key_value_heads, heads // self.num_key_value_heads, dim)
-        shared_scores = torch.einsum("rkgd,ksd->rkgs", grouped, keys[first, :, :shared])  # [rows, kv, group, shared]
-        own_keys, own_values = keys[own, :, shared : part.key_length], values[own, :, shared : part.key_length]
-        own_scores = torch.einsum("rkgd,rksd->rkgs", grouped, own_keys)  # [rows, kv, group, keys after]
-        mask = part.mask[..., shared:]  # [rows, 1, 1, keys after]
-        own_scores = own_scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else own_scores + mask
-        weights = torch.softmax(torch.cat([shared_scores, own_scores], dim=-1) * dim**-0.5, dim=-1)
-        out = torch.einsum("rkgs,ksd->rkgd", weights[..., :shared], values[first, :, :shared])
-        out = out + torch.einsum("rkgs,rksd->rkgd", weights[..., shared:], own_values)
-        return out.reshape(rows, heads, 1, dim)
+        own_out, own_log_sums = self._grouped_decode_attention(
+            grouped,
+            keys[own, :, shared : part.key_length],
+            values[own, :, shared : part.key_length],
+            part.mask[..., shared:],
+            None if part.lengths is None else part.lengths - shared,
+        )
+        # softmax over both = each part's output weighted by its share of the denominator
+        shared_share = torch.sigmoid(shared_log_sums - own_log_sums)[..., None]
+        shared_out = shared_out.reshape(kv, rows, -1, dim).transpose(0, 1)  # [rows, kv, group, dim]
+        return torch.lerp(own_out, shared_out, shared_share).reshape(rows, heads, 1, dim)
 
     def attend(self, query, key, value, mask=None, is_causal=False, training=False):
         """Queries [batch, heads, seq, head_dim] over keys/values -> [batch, seq, hidden],

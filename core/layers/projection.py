@@ -30,6 +30,16 @@ def _onednn_serves(x, kernel):
     return ONEDNN and kernel.dtype == torch.float32 and cpu_float32_inference(x)
 
 
+def times_transposed(x, matrix):
+    """x [m, k] @ matrix [n, k]^T -> [m, n], ``matrix`` any view with unit stride in one dimension
+    (a cache's keys, values transposed). On a CPU without autograd oneDNN's GEMM takes it as it
+    lies: 1.4x to 1.6x torch's (MKL's) on a shared prefix's attention products here (256 queries,
+    400 keys of 64)."""
+    if ONEDNN and matrix.dtype == torch.float32 and cpu_float32_inference(x):
+        return torch.ops.mkldnn._linear_pointwise(x, matrix, None, "none", [], "")
+    return x @ matrix.transpose(0, 1)
+
+
 class PackedKernel:
     """A float32 kernel [in, out] reordered once into oneDNN's layout for its GEMM: a copy
     beside the variable, made on a model's first generation and again after its weights change."""

@@ -320,6 +320,33 @@ def test_decoding_rows_attend_as_scaled_dot_product_attention_does(bias_by_head)
     torch.testing.assert_close(layer._attend_decoding(queries, keys, values, part), expected)
 
 
+@pytest.mark.parametrize("kernel", [False, True])
+def test_rows_that_share_a_prefix_read_it_once_and_attend_as_sdpa_does(kernel):
+    """Rows whose first 70 slots hold the same keys (a shared prompt): one product of every
+    row's queries with the first row's copy, each row's own keys after it (through the C++
+    kernel where it serves, or torch's ops), the two softmaxes merged: SDPA over each row's
+    whole keys gives the same."""
+    from lmq.core import kernels
+    from lmq.core.layers.attention import AttentionPart, CachedAttention
+
+    if kernel and kernels.decode_attention() is None:
+        pytest.skip("no C++ compiler on this machine: lmq's kernels cannot be built, torch's ops serve")
+    torch.manual_seed(0)
+    layer = CachedAttention(num_query_heads=8, num_key_value_heads=2, hidden_dim=512, cache_index=0)
+    rows, shared, positions = 5, 70, torch.tensor([90, 71, 70, 99, 80])
+    cache = torch.randn(2, 7, 2, 100, 64)  # [keys or values, slots, kv heads, positions, dim]
+    cache[:, 2:7, :, :shared] = cache[:, 2:3, :, :shared]  # rows 2..6 share their first 70 positions
+    keys, values = cache[0], cache[1]
+    queries = torch.randn(rows, 8, 1, 64)
+    mask = (torch.arange(100)[None] <= positions[:, None])[:, None, None]  # [rows, 1, 1, keys]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        queries, keys[2:7], values[2:7], attn_mask=mask, enable_gqa=True
+    )
+    part = AttentionPart(slice(0, rows), 2, rows, 100, mask, shared, positions + 1 if kernel else None)
+    with torch.no_grad():
+        torch.testing.assert_close(layer._attend_shared_prefix(queries, keys, values, part), expected)
+
+
 @pytest.mark.parametrize("dim, query_heads", [(64, 8), (128, 2), (96, 4), (64, 16), (24, 6)])
 def test_the_decode_attention_kernel_reads_each_row_to_its_own_length(dim, query_heads):
     """lmq's C++ decode attention (built on first use) equals SDPA over each row's first
