@@ -8,6 +8,9 @@ layer's decode attention takes about 280 us with this kernel (about 400 us befor
 head's queries and outputs in registers), 880 us as two batched products in 4 runs of rows,
 over 1,000 us with SDPA; reading the keys and values once takes 150 us.
 
+``rotary`` (``rotary.cpp``): rotary position embedding of a step's queries or keys in one
+pass, rounded as torch's five passes and concatenation round it.
+
 A kernel is compiled on its first use, by the machine's C++ compiler (``c++``) for its own
 CPU and against the installed torch, and kept in ``~/.cache/lmq/kernels`` under a name that
 hashes the source, the command and the CPU, so a later process loads it at once (a build takes
@@ -43,6 +46,11 @@ def configure(enabled):
 def decode_attention():
     """``torch.ops.lmq_kernels.decode_attention(queries, keys, values, lengths)``, or None."""
     return torch.ops.lmq_kernels.decode_attention if _enabled and _loaded("decode_attention") else None
+
+
+def rotary():
+    """``torch.ops.lmq_kernels.rotary(x, cos, sin)``, or None."""
+    return torch.ops.lmq_kernels.rotary if _enabled and _loaded("rotary") else None
 
 
 @functools.cache

@@ -199,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& queries, c
 
 }  // namespace
 
-TORCH_LIBRARY(lmq_kernels, m) {
+TORCH_LIBRARY_FRAGMENT(lmq_kernels, m) {
   m.def("decode_attention(Tensor queries, Tensor keys, Tensor values, Tensor lengths) -> (Tensor, Tensor)");
   m.impl("decode_attention", c10::DispatchKey::CPU, TORCH_FN(decode_attention));
 }

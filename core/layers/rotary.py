@@ -15,6 +15,9 @@ import math
 
 import torch
 
+from lmq.core import kernels
+from lmq.core.layers.projection import cpu_float32_inference
+
 
 class RotaryEmbedding:
     """Computes cos/sin tables once per forward pass; every layer reuses them."""
@@ -94,7 +97,14 @@ class RotaryEmbedding:
 
 
 def apply_rotary(x, cos, sin):
-    """x: [batch, heads, seq, head_dim]; rotates the two halves of head_dim."""
+    """x: [batch, heads, seq, head_dim]; rotates the two halves of head_dim.
+
+    One sequence on a CPU (a flattened generation step) goes through lmq's C++ kernel, one
+    pass instead of torch's five and a concatenation, with the same rounding (``lmq.core.kernels``).
+    """
+    kernel = kernels.rotary() if x.shape[0] == 1 and cos.shape[0] == 1 and cpu_float32_inference(x) else None
+    if kernel is not None and x.stride(-1) == 1 and cos.dtype == torch.float32:
+        return kernel(x[0], cos[0, 0].contiguous(), sin[0, 0].contiguous())[None]
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin

@@ -320,6 +320,29 @@ def test_decoding_rows_attend_as_scaled_dot_product_attention_does(bias_by_head)
     torch.testing.assert_close(layer._attend_decoding(queries, keys, values, part), expected)
 
 
+@pytest.mark.parametrize("tokens, heads, dim", [(5, 8, 64), (300, 2, 128), (1, 4, 96), (7, 3, 8)])
+def test_the_rotary_kernel_rotates_a_step_exactly_as_torchs_ops_do(tokens, heads, dim):
+    """lmq's C++ rotary embedding (a flattened step on a CPU) gives torch's eager result bit for
+    bit, from a projection's strided output; an odd head size is refused."""
+    from lmq.core import kernels
+    from lmq.core.layers.rotary import apply_rotary
+
+    if kernels.rotary() is None:
+        pytest.skip("no C++ compiler on this machine: lmq's kernels cannot be built, torch's ops serve")
+    torch.manual_seed(0)
+    projected = torch.randn(1, tokens, heads * dim + 5)[..., : heads * dim]  # [1, tokens, heads x dim], strided
+    x = projected.unflatten(-1, (heads, dim)).transpose(1, 2)  # [1, heads, tokens, dim]
+    angles = torch.randint(0, 4000, (1, tokens, 1)).float() * torch.rand(dim // 2)
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]  # [1, 1, tokens, dim]
+    half = dim // 2
+    expected = x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+    with torch.no_grad():
+        assert torch.equal(apply_rotary(x, cos, sin), expected)
+    with pytest.raises(RuntimeError, match="dim must be even, got 7"):
+        kernels.rotary()(torch.randn(2, 3, 7), torch.randn(3, 7), torch.randn(3, 7))
+
+
 @pytest.mark.parametrize("kernel", [False, True])
 def test_rows_that_share_a_prefix_read_it_once_and_attend_as_sdpa_does(kernel):
     """Rows whose first 70 slots hold the same keys (a shared prompt): one product of every
