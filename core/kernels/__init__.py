@@ -11,6 +11,10 @@ over 1,000 us with SDPA; reading the keys and values once takes 150 us.
 ``rotary`` (``rotary.cpp``): rotary position embedding of a step's queries or keys in one
 pass, rounded as torch's five passes and concatenation round it.
 
+``argmax`` (``argmax.cpp``): greedy decoding's pick, each row's first largest logit, in two
+vectorized passes where torch's argmax keeps an index beside each value (about 5x as fast on
+64 rows of 32,000 here).
+
 A kernel is compiled on its first use, by the machine's C++ compiler (``c++``) for its own
 CPU and against the installed torch, and kept in ``~/.cache/lmq/kernels`` under a name that
 hashes the source, the command and the CPU, so a later process loads it at once (a build takes
@@ -51,6 +55,11 @@ def decode_attention():
 def rotary():
     """``torch.ops.lmq_kernels.rotary(x, cos, sin)``, or None."""
     return torch.ops.lmq_kernels.rotary if _enabled and _loaded("rotary") else None
+
+
+def argmax():
+    """``torch.ops.lmq_kernels.argmax(x)``, or None."""
+    return torch.ops.lmq_kernels.argmax if _enabled and _loaded("argmax") else None
 
 
 @functools.cache

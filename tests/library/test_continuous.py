@@ -320,6 +320,28 @@ def test_decoding_rows_attend_as_scaled_dot_product_attention_does(bias_by_head)
     torch.testing.assert_close(layer._attend_decoding(queries, keys, values, part), expected)
 
 
+def test_greedy_picks_through_the_argmax_kernel_the_index_torch_picks():
+    """lmq's C++ argmax (greedy decoding on a CPU) gives torch.argmax's index on every row: the
+    first of tied maxima, the first NaN (torch takes NaN for the largest), an infinity, +0 and -0."""
+    from lmq.core import kernels
+
+    if kernels.argmax() is None:
+        pytest.skip("no C++ compiler on this machine: lmq's kernels cannot be built, torch's ops serve")
+    torch.manual_seed(0)
+    logits = torch.randn(9, 32000)
+    logits[1, [700, 90]] = float("nan")
+    logits[2] = 1.0  # every value tied
+    logits[3, 31999] = float("inf")
+    logits[4] = -logits[4].abs()
+    logits[4, [30, 12]] = torch.tensor([0.0, -0.0])  # equal maxima: the first
+    logits[5, [5, 31000]] = logits[5].max() + 1
+    kernel = kernels.argmax()
+    with torch.no_grad():
+        assert torch.equal(kernel(logits), logits.argmax(dim=-1))
+        assert kernel(logits).tolist()[1:6] == [90, 0, 31999, 12, 5]
+        assert torch.equal(GreedySampler().next_token(logits[:1]), torch.tensor([logits[0].argmax()]))
+
+
 @pytest.mark.parametrize("tokens, heads, dim", [(5, 8, 64), (300, 2, 128), (1, 4, 96), (7, 3, 8)])
 def test_the_rotary_kernel_rotates_a_step_exactly_as_torchs_ops_do(tokens, heads, dim):
     """lmq's C++ rotary embedding (a flattened step on a CPU) gives torch's eager result bit for
