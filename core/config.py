@@ -29,7 +29,7 @@ wires a whole deployment. Nothing here imports keras or torch.
                              (blocks of 16 tokens, in a quarter of LMQ_MICRO_BATCH_TOKENS, least recently
                              used evicted; core/generation/prefix_cache.py); off: every row computes its own
     LMQ_COMPILE              on: a worker's models generate on a CPU with kernels lmq compiles for the machine
-                             on first use (core/kernels: C++ decode attention, rotary, argmax); off: torch's eager ops alone
+                             on first use (core/kernels: C++ decode attention, rotary, RMS norm, argmax); off: torch's eager ops
     LMQ_MAX_INPUTS           100000: inputs (or training examples) per job the API accepts
     LMQ_MAX_PROMPT_CHARS     32768: characters per prompt or training text
     LMQ_MAX_LENGTH           8192: the largest max_length or sequence_length a job may ask for

@@ -11,6 +11,9 @@ over 1,000 us with SDPA; reading the keys and values once takes 150 us.
 ``rotary`` (``rotary.cpp``): rotary position embedding of a step's queries or keys in one
 pass, rounded as torch's five passes and concatenation round it.
 
+``rms_norm`` (``rms_norm.cpp``): RMS norm of each row in one pass (torch's eager form takes
+six); its sum of squares is added in another order, so it differs by float rounding.
+
 ``argmax`` (``argmax.cpp``): greedy decoding's pick, each row's first largest logit, in two
 vectorized passes where torch's argmax keeps an index beside each value (about 5x as fast on
 64 rows of 32,000 here).
@@ -60,6 +63,11 @@ def rotary():
 def argmax():
     """``torch.ops.lmq_kernels.argmax(x)``, or None."""
     return torch.ops.lmq_kernels.argmax if _enabled and _loaded("argmax") else None
+
+
+def rms_norm():
+    """``torch.ops.lmq_kernels.rms_norm(x, scale, epsilon)``, or None."""
+    return torch.ops.lmq_kernels.rms_norm if _enabled and _loaded("rms_norm") else None
 
 
 @functools.cache

@@ -3,6 +3,9 @@
 import keras
 import torch
 
+from lmq.core import kernels
+from lmq.core.layers.projection import cpu_float32_inference
+
 
 class RMSNorm(keras.layers.Layer):
     """Root-mean-square norm (Llama, Mistral, Phi-3).
@@ -18,6 +21,10 @@ class RMSNorm(keras.layers.Layer):
         self.built = True
 
     def call(self, x):
+        float32 = cpu_float32_inference(x) and self.scale.value.dtype == torch.float32
+        kernel = kernels.rms_norm() if float32 else None
+        if kernel is not None:  # generation on a CPU: one pass (lmq.core.kernels)
+            return kernel(x.reshape(-1, x.shape[-1]).contiguous(), self.scale.value, self.epsilon).reshape(x.shape)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.epsilon)
         return self.scale.value * x32.to(x.dtype)

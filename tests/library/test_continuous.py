@@ -320,6 +320,27 @@ def test_decoding_rows_attend_as_scaled_dot_product_attention_does(bias_by_head)
     torch.testing.assert_close(layer._attend_decoding(queries, keys, values, part), expected)
 
 
+def test_the_rms_norm_kernel_norms_as_torchs_ops_do_within_rounding():
+    """lmq's C++ RMS norm (generation on a CPU) gives the eager form's result within float
+    rounding (its sum of squares is added in another order), for a step's tokens of any count;
+    a scale of another size is refused."""
+    from lmq.core import kernels
+    from lmq.core.layers.norms import RMSNorm
+
+    if kernels.rms_norm() is None:
+        pytest.skip("no C++ compiler on this machine: lmq's kernels cannot be built, torch's ops serve")
+    torch.manual_seed(0)
+    norm = RMSNorm(512, epsilon=1e-5)
+    norm.scale.assign(torch.rand(512) + 0.5)
+    for tokens in (1, 37, 300):
+        x = torch.randn(1, tokens, 512) * 3
+        expected = norm.scale.value * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+        with torch.no_grad():
+            torch.testing.assert_close(norm.call(x), expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="scale must be a contiguous float32"):
+        kernels.rms_norm()(torch.randn(3, 8), torch.ones(7), 1e-5)
+
+
 def test_greedy_picks_through_the_argmax_kernel_the_index_torch_picks():
     """lmq's C++ argmax (greedy decoding on a CPU) gives torch.argmax's index on every row: the
     first of tied maxima, the first NaN (torch takes NaN for the largest), an infinity, +0 and -0."""
