@@ -142,12 +142,18 @@ class Projections(keras.layers.Layer):
     def serving_kernel(self, name, x, matrix=None):
         """What ``x`` goes through for kernel ``name`` (``matrix``: its [in, out] view, when not
         ``kernel(name)``): the kernel, or its ``PackedKernel`` where oneDNN serves the projection,
-        packed again whenever the variable's tensor has changed (trained, assigned, loaded)."""
+        packed again whenever the variable's tensor has changed (trained, assigned, loaded).
+        A kernel packed already costs one read of its variable (Keras' ``value`` is a few
+        microseconds of Python, and a step makes seven projections a layer)."""
+        packed = self.packed.get(name)
+        if packed is not None and ONEDNN and cpu_float32_inference(x):
+            value = getattr(self, name).value
+            if packed[0] is value and packed[1] == value._version:
+                return packed[2]
         matrix = self.kernel(name) if matrix is None else matrix
         if isinstance(matrix, Int8Kernel) or not _onednn_serves(x, matrix):
             return matrix
         value = getattr(self, name).value
-        packed = self.packed.get(name)
         if packed is None or packed[0] is not value or packed[1] != value._version:
             packed = self.packed[name] = (value, value._version, PackedKernel(matrix))
         return packed[2]

@@ -136,9 +136,11 @@ def test_a_cpu_cache_is_resident_only_where_rows_were_written_and_moves_copy_onl
     cache.place(torch.zeros(4, dtype=torch.long), torch.arange(4), end=4)
     written = torch.randn(8, 16, 4, 4, 64)
     cache.keys[:, :, :, :4] = written
-    cache.move_rows(torch.tensor([3, 5]), torch.tensor([5, 3]))
+    cache.move_rows(torch.tensor([3, 5]), torch.tensor([5, 3]))  # rows trading places
+    cache.move_rows(torch.tensor([7, 8]), torch.tensor([9, 1]))  # rows into other slots
     assert _resident_mib() - before < 32
     assert torch.equal(cache.keys[:, 3, :, :4], written[:, 5]) and torch.equal(cache.keys[:, 5, :, :4], written[:, 3])
+    assert torch.equal(cache.keys[:, 9, :, :4], written[:, 7]) and torch.equal(cache.keys[:, 1, :, :4], written[:, 8])
     assert not cache.keys[:, :, :, 4:].any()
 
 
