@@ -338,7 +338,8 @@ def test_the_database_going_away_mid_job(capsys, tmp_path, workers, service_env,
     worker = workers(LMQ_DATABASE_URL=proxied)  # default lease: the worker must ride the outage out
     api = ApiServer({**service_env, "LMQ_DATABASE_URL": proxied}, tmp_path / "api.log")
     try:
-        source = write_prompts(tmp_path / "many.jsonl", MANY_PROMPTS[:16])
+        # every prompt: long enough a job (seconds) that the outage falls in its middle
+        source = write_prompts(tmp_path / "many.jsonl", MANY_PROMPTS)
         job_id = submit(capsys, "generate", "--preset", str(tiny_llama_preset), source, *GENERATE)
         wait_for(lambda: holder(job_id)["completed"] >= 4, 180, "some progress", [worker.log])
         assert ready(api) == 200
@@ -353,7 +354,7 @@ def test_the_database_going_away_mid_job(capsys, tmp_path, workers, service_env,
     finally:
         api.stop()
         proxy.close()
-    summary = assert_one_greedy_result_per_input(job_id, tiny_llama_preset, MANY_PROMPTS[:16])
+    summary = assert_one_greedy_result_per_input(job_id, tiny_llama_preset, MANY_PROMPTS)
     assert summary["attempts"] == 1  # the worker kept its job: it retried, it was not replaced
     assert "database unavailable" in worker.log.read_text()
     report(capsys, f"database cut for 4s+: the worker retried and finished its job in one attempt; "
