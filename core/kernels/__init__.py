@@ -18,10 +18,11 @@ six); its sum of squares is added in another order, so it differs by float round
 vectorized passes where torch's argmax keeps an index beside each value (about 5x as fast on
 64 rows of 32,000 here).
 
-A kernel is compiled on its first use, by the machine's C++ compiler (``c++``) for its own
-CPU and against the installed torch, and kept in ``~/.cache/lmq/kernels`` under a name that
-hashes the source, the command and the CPU, so a later process loads it at once (a build takes
-about 10 s). Without a compiler, or once ``configure(enabled=False)`` ran (a worker does with
+The kernels are compiled together on the first use of any, as one translation unit, by the
+machine's C++ compiler (``c++``) for its own CPU and against the installed torch, and kept in
+``~/.cache/lmq/kernels`` under a name that hashes the sources, the command and the CPU, so a
+later process loads them at once: one build of the four takes about 7 s here, where each alone
+took 5-6 s. Without a compiler, or once ``configure(enabled=False)`` ran (a worker does with
 ``LMQ_COMPILE=off``), a kernel is None and its callers use torch's eager ops.
 """
 
@@ -52,34 +53,36 @@ def configure(enabled):
 
 def decode_attention():
     """``torch.ops.lmq_kernels.decode_attention(queries, keys, values, lengths)``, or None."""
-    return torch.ops.lmq_kernels.decode_attention if _enabled and _loaded("decode_attention") else None
+    return torch.ops.lmq_kernels.decode_attention if _enabled and _loaded() else None
 
 
 def rotary():
     """``torch.ops.lmq_kernels.rotary(x, cos, sin)``, or None."""
-    return torch.ops.lmq_kernels.rotary if _enabled and _loaded("rotary") else None
+    return torch.ops.lmq_kernels.rotary if _enabled and _loaded() else None
 
 
 def argmax():
     """``torch.ops.lmq_kernels.argmax(x)``, or None."""
-    return torch.ops.lmq_kernels.argmax if _enabled and _loaded("argmax") else None
+    return torch.ops.lmq_kernels.argmax if _enabled and _loaded() else None
 
 
 def rms_norm():
     """``torch.ops.lmq_kernels.rms_norm(x, scale, epsilon)``, or None."""
-    return torch.ops.lmq_kernels.rms_norm if _enabled and _loaded("rms_norm") else None
+    return torch.ops.lmq_kernels.rms_norm if _enabled and _loaded() else None
 
 
 @functools.cache
-def _loaded(name):
-    """Whether ``{name}.cpp`` is loaded as a torch operator library, compiled first when no build
-    of this source, command and CPU is cached; tried once per process, False (logged) when it
-    cannot be built or loaded."""
+def _loaded():
+    """Whether lmq's kernels (every ``*.cpp`` here, built as one translation unit: torch's headers
+    are parsed once) are loaded as torch operators, compiled first when no build of these sources,
+    command and CPU is cached; tried once per process, False (logged) when they cannot be built
+    or loaded."""
     compiler = shutil.which("c++")
     if compiler is None:
-        log.warning("no C++ compiler (c++): lmq's %s kernel is off, torch's ops serve", name)
+        log.warning("no C++ compiler (c++): lmq's kernels are off, torch's ops serve")
         return False
-    source = HERE / f"{name}.cpp"
+    sources = sorted(HERE.glob("*.cpp"))
+    unit = "".join(f'#include "{source}"\n' for source in sources)
     library = Path(torch.utils.cpp_extension.library_paths()[0])
     flags = [
         "-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++20",
@@ -88,23 +91,24 @@ def _loaded(name):
     ]
     # after the source, which needs them
     libraries = [f"-L{library}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{library}"]
-    build = "\0".join([source.read_text(), compiler, *flags, *libraries, _cpu()])
+    build = "\0".join([unit, *(source.read_text() for source in sources), compiler, *flags, *libraries, _cpu()])
     key = hashlib.sha256(build.encode()).hexdigest()[:16]
-    built = CACHE / f"{name}-{key}.so"
+    built = CACHE / f"lmq_kernels-{key}.so"
     try:
         if not built.exists():
             CACHE.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=CACHE) as scratch:  # the same directory: os.replace is atomic
-                output = Path(scratch) / built.name
+                output, source = Path(scratch) / built.name, Path(scratch) / "lmq_kernels.cpp"
+                source.write_text(unit)
                 command = [compiler, *flags, str(source), *libraries, "-o", str(output)]
                 done = subprocess.run(command, capture_output=True, text=True)
                 if done.returncode != 0:
-                    log.warning("lmq's %s kernel did not compile, torch's ops serve:\n%s", name, done.stderr[-2000:])
+                    log.warning("lmq's kernels did not compile, torch's ops serve:\n%s", done.stderr[-2000:])
                     return False
                 os.replace(output, built)
         torch.ops.load_library(str(built))
     except OSError as error:  # an unwritable cache, a library that does not load
-        log.warning("lmq's %s kernel is off, torch's ops serve: %s", name, error)
+        log.warning("lmq's kernels are off, torch's ops serve: %s", error)
         return False
     return True
 

@@ -15,6 +15,7 @@
 
 namespace {
 
+#pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
 
 at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
@@ -53,6 +54,8 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   });
   return out;
 }
+
+#pragma GCC pop_options
 
 }  // namespace
 
