@@ -71,11 +71,10 @@ DEMO_PRESETS = Path(__file__).resolve().parent.parent / "demo"
 RUNTIME_ENVIRONMENT = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16"}
 
 
-def set_runtime_environment(environ=None) -> None:
-    """``RUNTIME_ENVIRONMENT``, where ``environ`` (the process's) does not set it otherwise."""
-    environ = os.environ if environ is None else environ
+def set_runtime_environment() -> None:
+    """``RUNTIME_ENVIRONMENT`` in this process's environment, where it does not say otherwise."""
     for name, value in RUNTIME_ENVIRONMENT.items():
-        environ.setdefault(name, value)
+        os.environ.setdefault(name, value)
 
 
 class SettingsError(ValueError):
