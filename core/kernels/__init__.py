@@ -53,22 +53,27 @@ def configure(enabled):
 
 def decode_attention():
     """``torch.ops.lmq_kernels.decode_attention(queries, keys, values, lengths)``, or None."""
-    return torch.ops.lmq_kernels.decode_attention if _enabled and _loaded() else None
+    return _operator("decode_attention")
 
 
 def rotary():
     """``torch.ops.lmq_kernels.rotary(x, cos, sin)``, or None."""
-    return torch.ops.lmq_kernels.rotary if _enabled and _loaded() else None
+    return _operator("rotary")
 
 
 def argmax():
     """``torch.ops.lmq_kernels.argmax(x)``, or None."""
-    return torch.ops.lmq_kernels.argmax if _enabled and _loaded() else None
+    return _operator("argmax")
 
 
 def rms_norm():
     """``torch.ops.lmq_kernels.rms_norm(x, scale, epsilon)``, or None."""
-    return torch.ops.lmq_kernels.rms_norm if _enabled and _loaded() else None
+    return _operator("rms_norm")
+
+
+def _operator(name):
+    """``torch.ops.lmq_kernels.{name}`` while lmq's kernels are on and built, else None."""
+    return getattr(torch.ops.lmq_kernels, name) if _enabled and _loaded() else None
 
 
 @functools.cache

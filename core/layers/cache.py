@@ -23,7 +23,7 @@ def zeroed(shape, dtype, device):
     """A tensor of zeros; on a CPU, memory mapped from the operating system in small pages,
     each resident only once written (torch's zeros are written everywhere) and returned
     to the system when the tensor goes."""
-    size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    size = torch.Size(shape).numel() * dtype.itemsize
     if torch.device(device).type != "cpu" or size == 0:
         return torch.zeros(shape, dtype=dtype, device=device)
     pages = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -103,8 +103,10 @@ class KVCache:
         """Copies slots ``source`` into slots ``target`` (index tensors; every source is read
         before any target is written, so rows may trade places)."""
         pairs = None
-        if source.device.type == "cpu" and not set(source.tolist()) & set(target.tolist()):
-            pairs = list(zip(source.tolist(), target.tolist()))  # no slot is both: row by row, no copy between
+        if source.device.type == "cpu":
+            sources, targets = source.tolist(), target.tolist()
+            if not set(sources) & set(targets):  # no slot is both: row by row, no copy between
+                pairs = list(zip(sources, targets))
         for name, (dim, position_dim) in self.row_tensors().items():
             tensor = getattr(self, name)
             if position_dim is not None:  # the positions written so far: past them every slot is as it began
@@ -198,7 +200,7 @@ class RollingKVCache(KVCache):
         return {**super().row_tensors(), "slot_positions": (0, 1)}
 
     def place(self, token_rows, positions, end):
-        self.extent = max(self.extent, end)
+        super().place(token_rows, positions, end)
         slots = positions % self.max_length
         self.slot_positions[token_rows, slots] = positions
         return slots

@@ -21,13 +21,14 @@ class RMSNorm(keras.layers.Layer):
         self.built = True
 
     def call(self, x):
-        float32 = cpu_float32_inference(x) and self.scale.value.dtype == torch.float32
+        scale = self.scale.value
+        float32 = cpu_float32_inference(x) and scale.dtype == torch.float32
         kernel = kernels.rms_norm() if float32 else None
         if kernel is not None:  # generation on a CPU: one pass (lmq.core.kernels)
-            return kernel(x.reshape(-1, x.shape[-1]).contiguous(), self.scale.value, self.epsilon).reshape(x.shape)
+            return kernel(x.reshape(-1, x.shape[-1]).contiguous(), scale, self.epsilon).reshape(x.shape)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.epsilon)
-        return self.scale.value * x32.to(x.dtype)
+        return scale * x32.to(x.dtype)
 
 
 class LayerNorm(keras.layers.Layer):

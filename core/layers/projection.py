@@ -35,7 +35,7 @@ def times_transposed(x, matrix):
     (a cache's keys, values transposed). On a CPU without autograd oneDNN's GEMM takes it as it
     lies: 1.4x to 1.6x torch's (MKL's) on a shared prefix's attention products here (256 queries,
     400 keys of 64)."""
-    if ONEDNN and matrix.dtype == torch.float32 and cpu_float32_inference(x):
+    if _onednn_serves(x, matrix):
         return torch.ops.mkldnn._linear_pointwise(x, matrix, None, "none", [], "")
     return x @ matrix.transpose(0, 1)
 
@@ -149,17 +149,16 @@ class Projections(keras.layers.Layer):
         enter): Keras' ``value`` property costs about 4 us of scope checks a read, and a step
         makes seven projections a layer (3% of workload c's time)."""
         packed = self.packed.get(name)
-        if packed is not None and ONEDNN and cpu_float32_inference(x):
+        if packed is not None and cpu_float32_inference(x):  # packed: oneDNN served it before
             value = getattr(self, name)._value
             if packed[0] is value and packed[1] == value._version:
                 return packed[2]
         matrix = self.kernel(name) if matrix is None else matrix
         if isinstance(matrix, Int8Kernel) or not _onednn_serves(x, matrix):
             return matrix
-        value = getattr(self, name).value
-        if packed is None or packed[0] is not value or packed[1] != value._version:
-            packed = self.packed[name] = (value, value._version, PackedKernel(matrix))
-        return packed[2]
+        value = getattr(self, name)._value  # not packed yet, or its tensor changed since
+        self.packed[name] = (value, value._version, PackedKernel(matrix))
+        return self.packed[name][2]
 
     def kernel_names(self):
         """The kernels this layer has (an embedding with a tied head has no ``reverse_embeddings``)."""

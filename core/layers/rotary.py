@@ -102,8 +102,9 @@ def apply_rotary(x, cos, sin):
     One sequence on a CPU (a flattened generation step) goes through lmq's C++ kernel, one
     pass instead of torch's five and a concatenation, with the same rounding (``lmq.core.kernels``).
     """
-    kernel = kernels.rotary() if x.shape[0] == 1 and cos.shape[0] == 1 and cpu_float32_inference(x) else None
-    if kernel is not None and x.stride(-1) == 1 and cos.dtype == torch.float32:
+    one_sequence = x.shape[0] == cos.shape[0] == 1 and x.stride(-1) == 1 and cos.dtype == torch.float32
+    kernel = kernels.rotary() if one_sequence and cpu_float32_inference(x) else None
+    if kernel is not None:
         return kernel(x[0], cos[0, 0].contiguous(), sin[0, 0].contiguous())[None]
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
