@@ -18,6 +18,9 @@ import mmap
 
 import torch
 
+from lmq.core import kernels
+from lmq.core.layers.projection import cpu_float32_inference
+
 
 def zeroed(shape, dtype, device):
     """A tensor of zeros; on a CPU, memory mapped from the operating system in small pages,
@@ -95,6 +98,10 @@ class KVCache:
         """A flattened step's keys/values [heads, tokens, dim] into rows ``context.token_rows``
         at slots ``context.write_positions``; returns the layer's keys and values [slots, heads, length, dim]."""
         layer_keys, layer_values = self.keys[layer], self.values[layer]
+        kernel = kernels.write_kv() if cpu_float32_inference(layer_keys) and keys.dtype == torch.float32 else None
+        if kernel is not None:  # one call for both, where indexed assignment costs about 30 us each
+            kernel(layer_keys, layer_values, keys, values, context.token_rows, context.write_positions)
+            return layer_keys, layer_values
         layer_keys[context.token_rows, :, context.write_positions] = keys.transpose(0, 1)
         layer_values[context.token_rows, :, context.write_positions] = values.transpose(0, 1)
         return layer_keys, layer_values

@@ -388,6 +388,33 @@ def test_the_rotary_kernel_rotates_a_step_exactly_as_torchs_ops_do(tokens, heads
         kernels.rotary()(torch.randn(2, 3, 7), torch.randn(3, 7), torch.randn(3, 7))
 
 
+def test_the_kv_write_kernel_puts_each_token_in_its_row_and_position():
+    """lmq's C++ KV write (a flattened step on a CPU) puts each token's keys and values, from a
+    projection's strided output, where torch's indexed assignment puts them, and nothing else;
+    a position past the cache is refused by name."""
+    from lmq.core import kernels
+
+    if kernels.write_kv() is None:
+        pytest.skip("no C++ compiler on this machine: lmq's kernels cannot be built, torch's ops serve")
+    torch.manual_seed(0)
+    layers, slots, heads, length, dim, tokens = 2, 5, 2, 12, 8, 7
+    cache = KVCache(layers, slots, heads, length, dim, torch.float32, "cpu")
+    cache.keys.normal_(), cache.values.normal_()  # what earlier steps wrote
+    projected = torch.randn(2, tokens, heads * dim + 3)[..., : heads * dim]  # keys and values, strided
+    keys, values = (p.unflatten(-1, (heads, dim)).transpose(0, 1) for p in projected)  # [heads, tokens, dim]
+    rows = torch.tensor([0, 0, 0, 3, 1, 4, 2])  # a chunk of three, then decoding rows
+    positions = torch.tensor([4, 5, 6, 0, 11, 7, 2])
+    expected_keys, expected_values = cache.keys[1].clone(), cache.values[1].clone()
+    expected_keys[rows, :, positions] = keys.transpose(0, 1)
+    expected_values[rows, :, positions] = values.transpose(0, 1)
+    context = SimpleNamespace(token_rows=rows, write_positions=positions)
+    with torch.no_grad():
+        written_keys, written_values = cache.write(1, keys, values, context)
+    assert torch.equal(written_keys, expected_keys) and torch.equal(written_values, expected_values)
+    with pytest.raises(RuntimeError, match="position 12 is outside the cache's 12 positions"):
+        kernels.write_kv()(cache.keys[0], cache.values[0], keys, values, rows, positions + 6)
+
+
 @pytest.mark.parametrize("kernel", [False, True])
 def test_rows_that_share_a_prefix_read_it_once_and_attend_as_sdpa_does(kernel):
     """Rows whose first 70 slots hold the same keys (a shared prompt): one product of every
