@@ -415,16 +415,16 @@ def test_the_kv_write_kernel_puts_each_token_in_its_row_and_position():
         kernels.write_kv()(cache.keys[0], cache.values[0], keys, values, rows, positions + 6)
 
 
-@pytest.mark.parametrize("kernel", [False, True])
-def test_rows_that_share_a_prefix_read_it_once_and_attend_as_sdpa_does(kernel):
-    """Rows whose first 70 slots hold the same keys (a shared prompt): one product of every
-    row's queries with the first row's copy, each row's own keys after it (through the C++
-    kernel where it serves, or torch's ops), the two softmaxes merged: SDPA over each row's
-    whole keys gives the same."""
+@pytest.mark.parametrize("path", ["kernels", "torch's ops", "with autograd"])
+def test_rows_that_share_a_prefix_read_it_once_and_attend_as_sdpa_does(path):
+    """Rows whose first 70 slots hold the same keys (a shared prompt): every row's queries over
+    the first row's copy (torch's flash attention, or two products with autograd on), each row's
+    own keys after it (through the C++ kernel where it serves, or torch's ops), the two softmaxes
+    merged: SDPA over each row's whole keys gives the same."""
     from lmq.core import kernels
     from lmq.core.layers.attention import AttentionPart, CachedAttention
 
-    if kernel and kernels.decode_attention() is None:
+    if path == "kernels" and kernels.decode_attention() is None:
         pytest.skip("no C++ compiler on this machine: lmq's kernels cannot be built, torch's ops serve")
     torch.manual_seed(0)
     layer = CachedAttention(num_query_heads=8, num_key_value_heads=2, hidden_dim=512, cache_index=0)
@@ -437,8 +437,8 @@ def test_rows_that_share_a_prefix_read_it_once_and_attend_as_sdpa_does(kernel):
     expected = torch.nn.functional.scaled_dot_product_attention(
         queries, keys[2:7], values[2:7], attn_mask=mask, enable_gqa=True
     )
-    part = AttentionPart(slice(0, rows), 2, rows, 100, mask, shared, positions + 1 if kernel else None)
-    with torch.no_grad():
+    part = AttentionPart(slice(0, rows), 2, rows, 100, mask, shared, positions + 1 if path == "kernels" else None)
+    with torch.set_grad_enabled(path == "with autograd"):
         torch.testing.assert_close(layer._attend_shared_prefix(queries, keys, values, part), expected)
 
 
