@@ -25,7 +25,9 @@ def jsonl(record: dict) -> str:
 
 
 def result_line(item: JobItem) -> dict:
-    """One line of a generate job's results (`GET /v1/jobs/{id}/results`, `lmq generate -o`)."""
+    """One line of a generate job's results (`GET /v1/jobs/{id}/results`, `lmq generate -o`):
+    `output` is the first choice's text; `choices` has every choice, with its log-probabilities,
+    when the item asked for several (`n`) or for log-probabilities, and is null otherwise."""
     return {
         "index": item.index,
         "custom_id": item.custom_id,
@@ -34,6 +36,7 @@ def result_line(item: JobItem) -> dict:
         "completion_tokens": item.completion_tokens,
         "finish_reason": item.finish_reason,
         "error": item.error,
+        "choices": item.details["choices"] if item.details else None,
     }
 
 

@@ -265,6 +265,7 @@ def test_jobs_commands_read_the_store(capsys, lmq_home, prompts):
         "completion_tokens": None,
         "finish_reason": None,
         "error": None,
+        "choices": None,
     }
     code, out, _ = run_cli(capsys, "jobs", "cancel", job_id)
     assert json.loads(out)["status"] == "cancelled"

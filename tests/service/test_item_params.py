@@ -79,6 +79,28 @@ def test_items_with_their_own_params_share_a_job(lmq_home, tiny_llama_preset, al
     assert expected[4] != alone(PROMPTS[4], stop_token_ids=[])
 
 
+def test_results_show_every_choice_and_its_log_probabilities(lmq_home, tiny_llama_preset, alone):
+    """An item with `n` choices or `logprobs` has them all in its results line (`output` is the
+    first choice's text); a plain item's `choices` is null."""
+    inputs = [
+        {"prompt": PROMPTS[0]},
+        {"prompt": PROMPTS[1], "params": {"n": 2, "sampler": "random", "seed": 4, "max_new_tokens": 5}},
+        {"prompt": PROMPTS[2], "params": {"logprobs": 2, "max_new_tokens": 4}},
+    ]
+    (plain, two, scored), _ = run_job(tiny_llama_preset, inputs, max_length=40)
+    assert plain["choices"] is None and plain["output"] == alone(PROMPTS[0])["output"]
+    # choice i is seeded seed + i, as the OpenAI batch lines' choices are
+    made = [alone(PROMPTS[1], "random", seed=4 + i, max_new_tokens=5) for i in range(2)]
+    assert [choice["text"] for choice in two["choices"]] == [one["output"] for one in made]
+    assert two["output"] == made[0]["output"] and two["completion_tokens"] == 10
+    [choice] = scored["choices"]
+    assert choice["text"] == scored["output"] == alone(PROMPTS[2], max_new_tokens=4)["output"]
+    assert len(choice["logprobs"]) == scored["completion_tokens"] == 4
+    for entry in choice["logprobs"]:  # greedy: the chosen token is the most likely
+        assert len(entry["top"]) == 2 and entry["top"][0] == [entry["token"], entry["logprob"]]
+        assert entry["logprob"] <= 0 and entry["top"][1][1] <= entry["logprob"]
+
+
 def test_items_that_differ_in_their_stops_run_in_one_engine_pass(lmq_home, tiny_llama_preset, alone):
     """Stop strings (up to 4, or none) and stop_token_ids of each item's own: one run of the engine
     (one `decode` event), each item's output what it gives alone with its stops."""
