@@ -89,8 +89,9 @@ def main():
 
     _, two_s = timed(two)
     engine.close()
-    # its last step may still be running: a daemon thread inside a torch op when the interpreter
-    # exits is ended by a forced unwind, which C++ answers with "terminate called without an active exception"
+    # Its last step may still be running: a daemon thread inside a torch op when the interpreter
+    # exits is ended by a forced unwind, which C++ answers with "terminate called without an
+    # active exception".
     engine.thread.join()
     tokens = sum(len(c) for c in one.completions)
     same = both[0].completions + both[1].completions == one.completions

@@ -195,10 +195,10 @@ class CachedAttention(Projections):
 
         The shared keys are read once, from the part's first row: every row's queries attend to
         them together, per KV head (``_attend_unmasked``). Each row's own keys after them go
-        through the decode path, and the two softmaxes merge by their denominators. Read once per row instead, the shared
-        keys are the most of a decode step's memory traffic when a long prefix is shared. The
-        shared copies hold the same tokens at the same positions, so they differ at most by
-        float rounding.
+        through the decode path, and the two softmaxes merge by their denominators. Read once
+        per row instead, the shared keys are the most of a decode step's memory traffic when a
+        long prefix is shared. The shared copies hold the same tokens at the same positions, so
+        they differ at most by float rounding.
         """
         rows, heads, _, dim = queries.shape
         kv, first, shared = self.num_key_value_heads, part.first_row, part.shared
