@@ -7,7 +7,8 @@ groups ``[0, decoding)`` - so a decode step reads a slice of the cache, not a co
 the requests being prefilled the groups right after. When requests leave or finish
 their prefill, a few groups move (one request's rows each) to keep that order; nothing
 else is copied. A cache that is too small for a joining request is replaced by a larger
-one that takes the rows in flight. With a ``PrefixCache``, a joining request's leading
+one that takes the rows in flight. The groups past those in flight give their pages back
+(``KVCache.release_rows``). With a ``PrefixCache``, a joining request's leading
 prompt blocks are copied into its slot from there when cached (``load_prefix``), and the
 blocks it computes are copied out for the requests after it (``save_prefix``).
 """
@@ -33,6 +34,7 @@ class KVCacheManager:
         self.groups = self.length = 0  # what the cache holds: slot groups, positions per slot
         self.decoding = 0  # requests decoding: groups [0, decoding)
         self.prefilling = {}  # request id -> slot group, in the order the requests were admitted
+        self.held = 0  # groups [0, held) may hold a request's keys: those past in_flight are released when packed
 
     @property
     def in_flight(self):
@@ -52,6 +54,7 @@ class KVCacheManager:
         self._reserve(self.in_flight + len(requests), longest)
         for request in requests:
             self.prefilling[request] = self.in_flight
+        self.held = max(self.held, self.in_flight)
 
     def _reserve(self, groups, length):
         """A cache with room for ``groups`` requests of ``length`` positions, the rows in flight kept.
@@ -133,6 +136,9 @@ class KVCacheManager:
         if source:
             self.cache.move_rows(self.slots(source), self.slots(target))
         self.decoding = len(order)
+        if self.held > self.in_flight:  # the groups that finished or moved out: their pages go back
+            self.cache.release_rows(range(self.in_flight * self.rows_per_request, self.held * self.rows_per_request))
+        self.held = self.in_flight
 
     def slots(self, groups):
         """The cache slots of slot groups ``groups``, group by group."""

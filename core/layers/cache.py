@@ -14,7 +14,9 @@ of the step from ``key_positions``; an encoder-decoder's decoder writes padded r
 (``update``, ``step``).
 """
 
+import ctypes
 import mmap
+import os
 
 import torch
 
@@ -32,6 +34,35 @@ def zeroed(shape, dtype, device):
     pages = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     pages.madvise(mmap.MADV_NOHUGEPAGE)  # a huge page would be 2 MiB resident for a row's few kilobytes
     return torch.frombuffer(pages, dtype=torch.uint8, count=size).view(dtype).view(shape)
+
+
+def _libc_madvise():
+    """The C library's madvise(address, length, advice), or None where there is none to call."""
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return madvise
+
+
+_MADVISE = _libc_madvise() if hasattr(mmap, "MADV_DONTNEED") else None
+
+
+def release(view):
+    """Zeros ``view`` (a contiguous part of a ``zeroed`` CPU tensor), giving the pages wholly inside
+    it back to the operating system: they are resident again only once written."""
+    data = view.reshape(-1).view(torch.uint8)
+    start = view.data_ptr()
+    first = min(-(-start // mmap.PAGESIZE) * mmap.PAGESIZE - start, len(data))  # offsets of the whole pages
+    last = max((start + len(data)) // mmap.PAGESIZE * mmap.PAGESIZE - start, first)
+    if _MADVISE is None or last == first:
+        data.zero_()
+        return
+    data[:first].zero_(), data[last:].zero_()  # parts of pages that other slots share
+    if _MADVISE(start + first, last - first, mmap.MADV_DONTNEED) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"madvise: {os.strerror(error)}")
 
 
 class KVCache:
@@ -124,6 +155,17 @@ class KVCache:
             else:
                 rows = (slice(None),) * dim
                 tensor[rows + (target,)] = tensor[rows + (source,)]  # a copy first: 5x index_select's speed here
+
+    def release_rows(self, slots):
+        """Slots ``slots`` (ints) hold nothing any more: on a CPU their keys and values are zeroed
+        as a slot never written is, and their pages go back to the operating system, where a
+        finished or moved row's old slot would otherwise stay resident until the cache goes."""
+        if self.keys.device.type != "cpu":
+            return
+        for tensor in (self.keys, self.values):  # zeroed: [layers, slots, ...], each slot's part contiguous
+            for layer in range(len(tensor)):
+                for slot in slots:
+                    release(tensor[layer, slot])
 
     def select_rows(self, rows):
         """Slots ``[0, len(rows))`` take the contents of slots ``rows``: beams reordered (a copy)."""

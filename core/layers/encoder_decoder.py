@@ -182,6 +182,9 @@ class Seq2SeqCache:
         self.self_attention.select_rows(rows)
         self.memory.select_rows(rows)
 
+    def release_rows(self, slots):
+        self.self_attention.release_rows(slots)  # the encoder's memory is as long as the longest input
+
     def take(self, other, rows):
         self.self_attention.take(other.self_attention, rows)
         self.memory.take(other.memory, rows)

@@ -144,6 +144,37 @@ def test_a_cpu_cache_is_resident_only_where_rows_were_written_and_moves_copy_onl
     assert not cache.keys[:, :, :, 4:].any()
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc for resident memory")
+def test_slots_given_back_read_as_zeros_and_cost_no_memory():
+    """Half of a written 256 MiB cache given back: about 128 MiB less resident, those slots
+    all zeros, the others as written."""
+    cache = KVCache(8, 16, 4, 1024, 64, torch.float32, "cpu")
+    cache.keys.normal_(), cache.values.normal_()
+    kept = cache.keys[:, :8].clone()
+    written = _resident_mib()
+    cache.release_rows(range(8, 16))
+    assert written - _resident_mib() > 120
+    assert not cache.keys[:, 8:].any() and not cache.values[:, 8:].any()
+    assert torch.equal(cache.keys[:, :8], kept)
+
+
+def test_requests_that_leave_give_their_slots_pages_back(llama):
+    """Four decoding requests, two leave: the last one moves into a freed slot, and the slots
+    past the two left in flight are given back (zeros) while the two keep their keys."""
+    from lmq.core.generation.kv_cache_manager import KVCacheManager
+
+    manager = KVCacheManager(llama, rows_per_request=1, max_length=32, prompt_width=8)
+    manager.allocate(["a", "b", "c", "d"], 32)
+    manager.cache.place(torch.arange(4), torch.full((4,), 31), end=32)  # every slot written to its end
+    for slot in range(4):
+        manager.cache.keys[:, slot] = slot + 1.0
+    manager.start_decoding(["a", "b", "c", "d"])
+    assert manager.leave([1, 2]) == [0, 3]  # d moves into b's slot
+    keys = manager.cache.keys
+    assert (keys[:, 0] == 1).all() and (keys[:, 1] == 4).all()
+    assert not keys[:, 2:4].any()
+
+
 def test_generating_processes_give_onednn_a_small_primitive_cache_unless_told_otherwise(monkeypatch):
     from lmq.workers.runner import pool_from_settings
 
