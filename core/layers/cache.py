@@ -59,7 +59,8 @@ def release(view):
     if _MADVISE is None or last == first:
         data.zero_()
         return
-    data[:first].zero_(), data[last:].zero_()  # parts of pages that other slots share
+    data[:first].zero_()  # the parts of pages that other slots share
+    data[last:].zero_()
     if _MADVISE(start + first, last - first, mmap.MADV_DONTNEED) != 0:
         error = ctypes.get_errno()
         raise OSError(error, f"madvise: {os.strerror(error)}")
