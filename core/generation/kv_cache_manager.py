@@ -34,7 +34,7 @@ class KVCacheManager:
         self.groups = self.length = 0  # what the cache holds: slot groups, positions per slot
         self.decoding = 0  # requests decoding: groups [0, decoding)
         self.prefilling = {}  # request id -> slot group, in the order the requests were admitted
-        self.held = 0  # groups [0, held) may hold a request's keys: those past in_flight are released when packed
+        self.held = 0  # the requests in flight when last allocated or packed: groups [0, held) may hold keys
 
     @property
     def in_flight(self):
@@ -54,7 +54,7 @@ class KVCacheManager:
         self._reserve(self.in_flight + len(requests), longest)
         for request in requests:
             self.prefilling[request] = self.in_flight
-        self.held = max(self.held, self.in_flight)
+        self.held = self.in_flight
 
     def _reserve(self, groups, length):
         """A cache with room for ``groups`` requests of ``length`` positions, the rows in flight kept.

@@ -189,6 +189,28 @@ class CachedAttention(Projections):
         log_sums = torch.logsumexp(scores, dim=-1)
         return torch.matmul(torch.exp(scores - log_sums[..., None]), values), log_sums
 
+    @staticmethod
+    def _attend_unmasked(queries, keys, values):
+        """Scaled queries [kv heads, queries, dim] over every one of keys and values [kv heads, keys, dim]
+        -> outputs [kv heads, queries, dim] and the log of each softmax's denominator [kv heads, queries].
+
+        On a CPU without autograd this is torch's flash attention, which gives the denominators too:
+        0.45 ms against 0.69 for the products below on a shared prefix's (256 queries, 400 keys of 64,
+        2 KV heads). Else one product per KV head for the scores (oneDNN's, ``times_transposed``,
+        reads the cache's keys as they lie), a softmax and one for the outputs.
+        """
+        if cpu_float32_inference(queries):
+            out, log_sums = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                queries[None], keys[None], values[None], 0.0, False, attn_mask=None, scale=1.0
+            )
+            return out[0], log_sums[0]
+        scores = torch.stack([times_transposed(queries[h], keys[h]) for h in range(len(keys))])
+        most = scores.amax(dim=-1, keepdim=True)  # scores: [kv, queries, keys]
+        weights = scores.sub_(most).exp_()
+        total = weights.sum(dim=-1, keepdim=True)
+        out = torch.stack([times_transposed(weights[h], values[h].t()) for h in range(len(keys))]).div_(total)
+        return out, (most + total.log())[..., 0]
+
     def _attend_shared_prefix(self, queries, keys, values, part):
         """Decoding rows whose first ``part.shared`` cache slots hold the same tokens (a shared
         system prompt or instruction): queries [rows, heads, 1, dim] -> [rows, heads, 1, dim].
@@ -204,7 +226,7 @@ class CachedAttention(Projections):
         kv, first, shared = self.num_key_value_heads, part.first_row, part.shared
         grouped = queries.reshape(rows, kv, heads // kv, dim) * dim**-0.5
         every_query = grouped.transpose(0, 1).reshape(kv, -1, dim)  # [kv, rows x group, dim]
-        shared_out, shared_log_sums = _attend_unmasked(every_query, keys[first, :, :shared], values[first, :, :shared])
+        shared_out, shared_log_sums = self._attend_unmasked(every_query, keys[first, :, :shared], values[first, :, :shared])
         shared_log_sums = shared_log_sums.reshape(kv, rows, -1).transpose(0, 1)  # [rows, kv, group]
         own = slice(first, first + rows)
         own_out, own_log_sums = self._grouped_decode_attention(
@@ -238,24 +260,3 @@ class CachedAttention(Projections):
         """[batch, seq, heads * head_dim] -> [batch, seq, hidden] through the output projection."""
         return self.projected(out, "output_kernel", None if self.output_bias is None else self.output_bias.value)
 
-
-def _attend_unmasked(queries, keys, values):
-    """Scaled queries [kv heads, queries, dim] over every one of keys and values [kv heads, keys, dim]
-    -> outputs [kv heads, queries, dim] and the log of each softmax's denominator [kv heads, queries].
-
-    On a CPU without autograd this is torch's flash attention, which gives the denominators too:
-    0.45 ms against 0.69 for the products below on a shared prefix's (256 queries, 400 keys of 64,
-    2 KV heads). Else one product per KV head for the scores (oneDNN's, ``times_transposed``,
-    reads the cache's keys as they lie), a softmax and one for the outputs.
-    """
-    if cpu_float32_inference(queries):
-        out, log_sums = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            queries[None], keys[None], values[None], 0.0, False, attn_mask=None, scale=1.0
-        )
-        return out[0], log_sums[0]
-    scores = torch.stack([times_transposed(queries[h], keys[h]) for h in range(len(keys))])
-    most = scores.amax(dim=-1, keepdim=True)  # scores: [kv, queries, keys]
-    weights = scores.sub_(most).exp_()
-    total = weights.sum(dim=-1, keepdim=True)
-    out = torch.stack([times_transposed(weights[h], values[h].t()) for h in range(len(keys))]).div_(total)
-    return out, (most + total.log())[..., 0]
