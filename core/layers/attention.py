@@ -111,8 +111,21 @@ class CachedAttention(Projections):
 
     def _heads(self, x, name):
         """[batch, seq, hidden] -> [batch, heads, seq, head_dim] through ``{name}_kernel`` (and its LoRA)."""
+        return self._split_heads(self.projected(x, f"{name}_kernel", self._bias(name)), name)
+
+    def _query_key_value(self, x):
+        """[batch, seq, hidden] -> queries, keys and values [batch, heads, seq, head_dim], in one
+        GEMM where oneDNN serves them (``projected_together``)."""
+        names = ("query", "key", "value")
+        outputs = self.projected_together(x, [f"{name}_kernel" for name in names], [self._bias(name) for name in names])
+        return [self._split_heads(y, name) for y, name in zip(outputs, names)]
+
+    def _bias(self, name):
         bias = getattr(self, f"{name}_bias")
-        y = self.projected(x, f"{name}_kernel", None if bias is None else bias.value.reshape(-1))
+        return None if bias is None else bias.value.reshape(-1)
+
+    def _split_heads(self, y, name):
+        """[batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim]."""
         return y.unflatten(-1, getattr(self, f"{name}_kernel").shape[1:]).transpose(1, 2)
 
     def enable_lora(self, rank, alpha=None, names=("query_kernel", "value_kernel")):
@@ -121,9 +134,7 @@ class CachedAttention(Projections):
         super().enable_lora(rank, alpha, names)
 
     def call(self, x, context, training=False):
-        query = self._heads(x, "query")
-        key = self._heads(x, "key")
-        value = self._heads(x, "value")
+        query, key, value = self._query_key_value(x)
         if context.cos is not None:
             query = apply_rotary(query, context.cos, context.sin)
             key = apply_rotary(key, context.cos, context.sin)

@@ -40,8 +40,8 @@ class GatedFeedForward(Projections):
         self.built = True
 
     def call(self, x):
-        gate = self.activation(self.projected(x, "gate_kernel"))
-        return self.projected(gate * self.projected(x, "intermediate_kernel"), "output_kernel")
+        gate, up = self.projected_together(x, ("gate_kernel", "intermediate_kernel"), (None, None))
+        return self.projected(self.activation(gate) * up, "output_kernel")
 
 
 class FeedForward(Projections):

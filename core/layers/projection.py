@@ -41,11 +41,14 @@ def times_transposed(x, matrix):
 
 
 class PackedKernel:
-    """A float32 kernel [in, out] reordered once into oneDNN's layout for its GEMM: a copy
-    beside the variable, made on a model's first generation and again after its weights change."""
+    """Float32 kernels [in, out] side by side, reordered once into oneDNN's layout for its GEMM: a
+    copy beside the variables, made on a model's first generation and again after their weights
+    change. ``widths``: each kernel's part of the output."""
 
-    def __init__(self, matrix):
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(matrix.t())  # oneDNN's [out, in]
+    def __init__(self, *matrices):
+        self.widths = [matrix.shape[1] for matrix in matrices]
+        joined = matrices[0] if len(matrices) == 1 else torch.cat(matrices, dim=1)
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(joined.t())  # oneDNN's [out, in]
 
     def project(self, x, bias=None):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, bias, "none", [], "")
@@ -95,12 +98,32 @@ class Projections(keras.layers.Layer):
         super().__init__(**kwargs)
         self.lora = {}  # kernel name -> (down [in, rank], up [rank, out]), see enable_lora
         self.lora_scale = 1.0
-        self.packed = {}  # kernel name -> (its variable's tensor, that tensor's version, PackedKernel)
+        # kernel name, or names packed side by side -> (their variables' tensors, those tensors' versions, PackedKernel)
+        self.packed = {}
 
     def projected(self, x, name, bias=None):
         """``x`` through kernel ``name`` (``project``), plus its low-rank updates: this layer's
         LoRA, and each token's own adapter while a step serves adapters (``STEP_ADAPTERS``)."""
-        y = project(x, self.serving_kernel(name, x), bias)
+        return self._updated(x, name, project(x, self.serving_kernel(name, x), bias))
+
+    def projected_together(self, x, names, biases):
+        """``x`` through each of kernels ``names`` (``biases``: each one's [out], or None) -> one
+        output each, as ``projected`` gives them.
+
+        Where oneDNN serves them all, this is one GEMM over the kernels side by side
+        (``serving_kernels``), as vLLM joins a layer's query, key and value projections and its
+        gate and up ones. A decode step's few rows are bound by streaming the kernels from memory,
+        and one call streaming them all took about 0.8x the time of one call each (docs/peer-bench.md).
+        """
+        packed = self.serving_kernels(names, x)
+        if packed is None or len({bias is None for bias in biases}) > 1:
+            return [self.projected(x, name, bias) for name, bias in zip(names, biases)]
+        bias = None if biases[0] is None else torch.cat(biases)
+        outputs = packed.project(x, bias).split(packed.widths, dim=-1)
+        return [self._updated(x, name, y) for name, y in zip(names, outputs)]
+
+    def _updated(self, x, name, y):
+        """``y``, kernel ``name``'s projection of ``x``, plus the kernel's low-rank updates."""
         if name in self.lora:
             down, up = self.lora[name]
             y = y + (x @ tensor_of(down)) @ tensor_of(up) * self.lora_scale
@@ -147,7 +170,7 @@ class Projections(keras.layers.Layer):
         A kernel packed already is checked against the variable's own tensor (``_value``, what
         ``value`` returns outside a stateless or autocast scope, which generation does not
         enter): Keras' ``value`` property costs about 4 us of scope checks a read, and a step
-        makes seven projections a layer (3% of workload c's time)."""
+        makes four projections a layer (3% of workload c's time at seven)."""
         packed = self.packed.get(name)
         if packed is not None and cpu_float32_inference(x):  # packed: oneDNN served it before
             value = getattr(self, name)._value
@@ -159,6 +182,25 @@ class Projections(keras.layers.Layer):
         value = getattr(self, name)._value  # not packed yet, or its tensor changed since
         self.packed[name] = (value, value._version, PackedKernel(matrix))
         return self.packed[name][2]
+
+    def serving_kernels(self, names, x):
+        """The ``PackedKernel`` of kernels ``names`` side by side, where oneDNN serves ``x``'s
+        projections through every one of them (float32 kernels), packed again whenever one of
+        their variables' tensors has changed; else None."""
+        if not (ONEDNN and cpu_float32_inference(x)):
+            return None
+        names = tuple(names)
+        values = [getattr(self, name)._value for name in names]  # see serving_kernel
+        packed = self.packed.get(names)
+        if packed is not None and all(
+            value is old and value._version == version for value, old, version in zip(values, packed[0], packed[1])
+        ):
+            return packed[2]
+        if any(value.dtype != torch.float32 for value in values):  # int8 kernels project one by one
+            return None
+        kernel = PackedKernel(*(self.kernel(name) for name in names))
+        self.packed[names] = (values, [value._version for value in values], kernel)
+        return kernel
 
     def kernel_names(self):
         """The kernels this layer has (an embedding with a tied head has no ``reverse_embeddings``)."""

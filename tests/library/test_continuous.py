@@ -319,6 +319,40 @@ def test_generation_follows_weights_changed_after_it_packed_them():
     assert again != first
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_projections_that_read_one_input_run_as_one_packed_gemm_and_give_each_its_own_output(lora):
+    """Generating on a CPU, a layer's query, key and value projections go through one oneDNN
+    GEMM over the three kernels side by side (and a feed-forward's gate and up ones): each
+    output, its bias and LoRA update included, equals its own projection's with autograd on
+    (torch's matmul), within float rounding."""
+    from lmq.core.layers import CachedAttention, GatedFeedForward
+
+    torch.manual_seed(0)
+    attention = CachedAttention(hidden_dim=32, num_query_heads=4, num_key_value_heads=2, use_bias=True)
+    feedforward = GatedFeedForward(hidden_dim=32, intermediate_dim=48)
+    for layer in (attention, feedforward):
+        for weight in layer.weights:
+            weight.assign(torch.randn(weight.shape))
+    if lora:
+        attention.enable_lora(rank=2)
+        for weight in attention.weights:
+            if "lora" in weight.name:
+                weight.assign(torch.randn(weight.shape))
+    x = torch.randn(1, 5, 32)
+    qkv = ("query_kernel", "key_kernel", "value_kernel")
+    biases = [attention._bias(name) for name in ("query", "key", "value")]
+    expected = [attention.projected(x, name, bias) for name, bias in zip(qkv, biases)]
+    gated = ("gate_kernel", "intermediate_kernel")
+    expected_gated = [feedforward.projected(x, name) for name in gated]
+    with torch.no_grad():
+        together = attention.projected_together(x, qkv, biases)
+        together_gated = feedforward.projected_together(x, gated, (None, None))
+    assert list(attention.packed) == [qkv] and list(feedforward.packed) == [gated]  # one packed kernel each
+    for got, want in zip(together + together_gated, expected + expected_gated):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-4)
+
+
 def test_decode_rows_attend_in_runs_each_reading_to_its_own_longest_row():
     from lmq.core.models.backbone import decode_runs
 
