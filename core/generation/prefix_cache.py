@@ -91,9 +91,7 @@ class PrefixCache:
             found.append(self.blocks[digest])
         if found:
             self._touch(digests[: first + len(found)])
-            index = torch.tensor(found, device=self.device)
-            blocks = {name: tensor.index_select(cache.prefix_tensors()[name][0], index)
-                      for name, tensor in self.storage.items()}
+            blocks = {name: _blocks(tensor, cache.prefix_tensors()[name][0], found) for name, tensor in self.storage.items()}
             cache.write_blocks(row, first * self.block_size, blocks)
             self.hit_tokens += len(found) * self.block_size
         return len(found)
@@ -138,6 +136,14 @@ class PrefixCache:
     def clear(self):
         self.free = list(range(self.capacity - 1, -1, -1))
         self.blocks.clear()
+
+
+def _blocks(storage, dim, found):
+    """Blocks ``found`` (indices along ``dim``) of ``storage``: a view where they lie in order,
+    as a chain saved at once does (the pool hands out free blocks in order), else a copy."""
+    if found == list(range(found[0], found[0] + len(found))):
+        return storage.narrow(dim, found[0], len(found))
+    return storage.index_select(dim, torch.tensor(found, device=storage.device))
 
 
 def chain_digests(prompt, adapter, block_size):

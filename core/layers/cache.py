@@ -213,13 +213,14 @@ class KVCache:
         return read
 
     def write_blocks(self, row, start, blocks):
-        """Writes consecutive blocks ({name: tensor}, as ``read_blocks`` gives) into slot ``row``
-        from position ``start``."""
+        """Writes consecutive blocks ({name: tensor}, as ``read_blocks`` gives, or any view of
+        that shape) into slot ``row`` from position ``start``."""
         for name, (row_dim, position_dim) in self.prefix_tensors().items():
-            written = blocks[name].movedim(row_dim, position_dim - 1).flatten(position_dim - 1, position_dim)
-            target = getattr(self, name).select(row_dim, row)
-            target.narrow(position_dim - 1, start, written.shape[position_dim - 1]).copy_(written)
-            self.extent = max(self.extent, start + written.shape[position_dim - 1])
+            count, size = blocks[name].shape[row_dim], blocks[name].shape[position_dim]
+            target = getattr(self, name).select(row_dim, row).narrow(position_dim - 1, start, count * size)
+            # one copy, block by block: [..., blocks, block_size, ...] on both sides
+            target.unflatten(position_dim - 1, (count, size)).copy_(blocks[name].movedim(row_dim, position_dim - 1))
+            self.extent = max(self.extent, start + count * size)
 
     def step(self, positions, key_length):
         """Where a decode step of rows ``[0, len(positions))`` at ``positions`` writes and what it reads.

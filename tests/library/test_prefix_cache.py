@@ -240,9 +240,11 @@ def test_a_prefix_cache_that_takes_the_whole_budget_is_refused(llama):
 
 
 @pytest.mark.parametrize("cache_kind", ["plain", "rolling"])
-def test_blocks_go_out_of_one_slot_and_into_another_as_they_were(cache_kind):
-    """The pool's copies: blocks read from one slot land in another at the same positions;
-    a rolling cache also records which position each slot now holds."""
+@pytest.mark.parametrize("storage_order", ["in order", "out of order"])
+def test_blocks_go_out_of_one_slot_and_into_another_as_they_were(cache_kind, storage_order):
+    """The pool's copies: blocks read from one slot land in another at the same positions,
+    whether the pool stored them in order or not (after evictions); a rolling cache also
+    records which position each slot now holds."""
     shape = (2, 3, 2, 40, 4)  # layers, slots, kv heads, positions, head dim
     if cache_kind == "rolling":
         cache = RollingKVCache(*shape, torch.float32, "cpu", window=8, prompt_width=40)
@@ -252,6 +254,8 @@ def test_blocks_go_out_of_one_slot_and_into_another_as_they_were(cache_kind):
     cache.keys.normal_()
     cache.values.normal_()
     pool = PrefixCache(4 * 8, block_size=8)
+    if storage_order == "out of order":
+        pool.free = [0, 3, 1, 2]  # the chain's blocks go to storage blocks 2, 1, 3
     digests = pool.digests(list(range(24)))
     pool.save(cache, 0, digests, 0, 3)
     assert pool.load(cache, 2, digests, 0, 2) == 2
