@@ -137,7 +137,7 @@ class KVCacheManager:
             self.cache.move_rows(self.slots(source), self.slots(target))
         self.decoding = len(order)
         if self.held > self.in_flight:  # the groups that finished or moved out: their pages go back
-            self.cache.release_rows(range(self.in_flight * self.rows_per_request, self.held * self.rows_per_request))
+            self.cache.release_rows(self.in_flight * self.rows_per_request, self.held * self.rows_per_request)
         self.held = self.in_flight
 
     def slots(self, groups):

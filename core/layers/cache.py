@@ -157,16 +157,15 @@ class KVCache:
                 rows = (slice(None),) * dim
                 tensor[rows + (target,)] = tensor[rows + (source,)]  # a copy first: 5x index_select's speed here
 
-    def release_rows(self, slots):
-        """Slots ``slots`` (ints) hold nothing any more: on a CPU their keys and values are zeroed
+    def release_rows(self, first, last):
+        """Slots ``[first, last)`` hold nothing any more: on a CPU their keys and values are zeroed
         as a slot never written is, and their pages go back to the operating system, where a
         finished or moved row's old slot would otherwise stay resident until the cache goes."""
-        if self.keys.device.type != "cpu":
+        if self.keys.device.type != "cpu" or first >= last:
             return
-        for tensor in (self.keys, self.values):  # zeroed: [layers, slots, ...], each slot's part contiguous
+        for tensor in (self.keys, self.values):  # zeroed: [layers, slots, ...], each layer's slots contiguous
             for layer in range(len(tensor)):
-                for slot in slots:
-                    release(tensor[layer, slot])
+                release(tensor[layer, first:last])
 
     def select_rows(self, rows):
         """Slots ``[0, len(rows))`` take the contents of slots ``rows``: beams reordered (a copy)."""

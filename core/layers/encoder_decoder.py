@@ -182,8 +182,8 @@ class Seq2SeqCache:
         self.self_attention.select_rows(rows)
         self.memory.select_rows(rows)
 
-    def release_rows(self, slots):
-        self.self_attention.release_rows(slots)  # the encoder's memory is as long as the longest input
+    def release_rows(self, first, last):
+        self.self_attention.release_rows(first, last)  # the encoder's memory is as long as the longest input
 
     def take(self, other, rows):
         self.self_attention.take(other.self_attention, rows)
