@@ -40,7 +40,8 @@ Prints, per engine: tokens/s (median wall time) and tokens per CPU second (media
 jobs of a shared machine disturb less than wall time; a spinning OpenMP pool counts too),
 peak resident memory of its process during the workload (VmHWM, reset before each run:
 model, runtime and cache together), ratios to vLLM, to transformers and to the same lmq
-engine without its prefix cache, and whether each row's tokens equal transformers' greedy
+engine without its prefix cache (of the medians, and round by round: the median of each
+round's ratio, which a machine's slow minutes move less), and whether each row's tokens equal transformers' greedy
 tokens (mismatching rows are listed). Exits 1 when a row differs. Figures measured here: docs/peer-bench.md.
 """
 
@@ -311,13 +312,20 @@ def report(name, description, prompts, limits, figures, reference_engine):
     per_cpu = {engine: tokens / statistics.median(f["cpu"]) for engine, f in figures.items()}
     for engine, f in figures.items():
         ratios = "".join(
-            f"  {rate[engine] / rate[peer]:5.2f}x {peer} ({per_cpu[engine] / per_cpu[peer]:.2f}x per CPU-s)"
+            f"  {rate[engine] / rate[peer]:5.2f}x {peer} (round by round {_paired(f, figures[peer]):.2f}x, "
+            f"{per_cpu[engine] / per_cpu[peer]:.2f}x per CPU-s)"
             for peer in ("vllm", "transformers", f"{engine}-nocache") if peer in figures and peer != engine
         )
         wrong = f["mismatches"]
         same = "same tokens" if not wrong else f"{len(wrong)} rows differ (row, first position): {wrong[:8]}"
         print(f"  {engine:13s} {rate[engine]:7.1f} tok/s  {per_cpu[engine]:7.1f} tok/CPU-s  "
               f"peak RSS {max(f['peak']) / 2**20:6.0f} MiB{ratios}  [{same} as {reference_engine}]")
+
+
+def _paired(figures, peer_figures):
+    """The median of one engine's speed over a peer's, run by run: the engines of a round run
+    back to back, so a machine that slows down for minutes slows both alike."""
+    return statistics.median(theirs / ours for ours, theirs in zip(figures["wall"], peer_figures["wall"]))
 
 
 def main():
