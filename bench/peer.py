@@ -41,8 +41,9 @@ jobs of a shared machine disturb less than wall time; a spinning OpenMP pool cou
 peak resident memory of its process during the workload (VmHWM, reset before each run:
 model, runtime and cache together), ratios to vLLM, to transformers and to the same lmq
 engine without its prefix cache (of the medians, and round by round: the median of each
-round's ratio, which a machine's slow minutes move less), and whether each row's tokens equal transformers' greedy
-tokens (mismatching rows are listed). Exits 1 when a row differs. Figures measured here: docs/peer-bench.md.
+round's ratio, which a machine's slow minutes move less), and whether each row's tokens
+equal transformers' greedy tokens (mismatching rows are listed). Exits 1 when a row
+differs. Figures measured here: docs/peer-bench.md.
 """
 
 import argparse

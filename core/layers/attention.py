@@ -65,6 +65,7 @@ class CachedAttention(Projections):
     """
 
     kernels = {"query_kernel": 2, "key_kernel": 2, "value_kernel": 2, "output_kernel": 1}  # output axes
+    QUERY_KEY_VALUE = ("query_kernel", "key_kernel", "value_kernel")  # projected together
 
     def __init__(
         self,
@@ -117,7 +118,7 @@ class CachedAttention(Projections):
         """[batch, seq, hidden] -> queries, keys and values [batch, heads, seq, head_dim], in one
         GEMM where oneDNN serves them (``projected_together``)."""
         names = ("query", "key", "value")
-        outputs = self.projected_together(x, [f"{name}_kernel" for name in names], [self._bias(name) for name in names])
+        outputs = self.projected_together(x, self.QUERY_KEY_VALUE, [self._bias(name) for name in names])
         return [self._split_heads(y, name) for y, name in zip(outputs, names)]
 
     def _bias(self, name):

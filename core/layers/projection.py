@@ -98,7 +98,7 @@ class Projections(keras.layers.Layer):
         super().__init__(**kwargs)
         self.lora = {}  # kernel name -> (down [in, rank], up [rank, out]), see enable_lora
         self.lora_scale = 1.0
-        # kernel name, or names packed side by side -> (their variables' tensors, those tensors' versions, PackedKernel)
+        # kernel names packed side by side (one or more) -> (their variables' tensors, those tensors' versions, PackedKernel)
         self.packed = {}
 
     def projected(self, x, name, bias=None):
@@ -164,33 +164,26 @@ class Projections(keras.layers.Layer):
 
     def serving_kernel(self, name, x, matrix=None):
         """What ``x`` goes through for kernel ``name`` (``matrix``: its [in, out] view, when not
-        ``kernel(name)``): the kernel, or its ``PackedKernel`` where oneDNN serves the projection,
-        packed again whenever the variable's tensor has changed (trained, assigned, loaded).
+        ``kernel(name)``): its ``PackedKernel`` where oneDNN serves the projection
+        (``serving_kernels``), else the kernel."""
+        packed = self.serving_kernels((name,), x, None if matrix is None else (matrix,))
+        if packed is not None:
+            return packed
+        return self.kernel(name) if matrix is None else matrix
+
+    def serving_kernels(self, names, x, matrices=None):
+        """The ``PackedKernel`` of kernels ``names`` (a tuple) side by side (``matrices``: their
+        [in, out] views, when not ``kernel(name)``'s), where oneDNN serves ``x``'s projections
+        through every one of them (float32 kernels), packed again whenever one of their
+        variables' tensors has changed (trained, assigned, loaded); else None.
 
         A kernel packed already is checked against the variable's own tensor (``_value``, what
         ``value`` returns outside a stateless or autocast scope, which generation does not
         enter): Keras' ``value`` property costs about 4 us of scope checks a read, and a step
         makes four projections a layer (3% of workload c's time at seven)."""
-        packed = self.packed.get(name)
-        if packed is not None and cpu_float32_inference(x):  # packed: oneDNN served it before
-            value = getattr(self, name)._value
-            if packed[0] is value and packed[1] == value._version:
-                return packed[2]
-        matrix = self.kernel(name) if matrix is None else matrix
-        if isinstance(matrix, Int8Kernel) or not _onednn_serves(x, matrix):
-            return matrix
-        value = getattr(self, name)._value  # not packed yet, or its tensor changed since
-        self.packed[name] = (value, value._version, PackedKernel(matrix))
-        return self.packed[name][2]
-
-    def serving_kernels(self, names, x):
-        """The ``PackedKernel`` of kernels ``names`` side by side, where oneDNN serves ``x``'s
-        projections through every one of them (float32 kernels), packed again whenever one of
-        their variables' tensors has changed; else None."""
         if not (ONEDNN and cpu_float32_inference(x)):
             return None
-        names = tuple(names)
-        values = [getattr(self, name)._value for name in names]  # see serving_kernel
+        values = [getattr(self, name)._value for name in names]
         packed = self.packed.get(names)
         if packed is not None and all(
             value is old and value._version == version for value, old, version in zip(values, packed[0], packed[1])
@@ -198,7 +191,7 @@ class Projections(keras.layers.Layer):
             return packed[2]
         if any(value.dtype != torch.float32 for value in values):  # int8 kernels project one by one
             return None
-        kernel = PackedKernel(*(self.kernel(name) for name in names))
+        kernel = PackedKernel(*(matrices or [self.kernel(name) for name in names]))
         self.packed[names] = (values, [value._version for value in values], kernel)
         return kernel
 
