@@ -141,7 +141,10 @@ class Batch:
         adapters = None
         if self.adapter_slots:  # a request in flight names an adapter: each token says its own
             adapters = slots, [self.adapter_slots.get(request, -1) for *_, request in chunks]
-        return StepInput.of(tokens, positions, self.width, chunks, self.model.device, adapters, self.shared_prompt)
+        pooled = self.cache_manager.pooled_rows() if self.decode_rows else None
+        pool = None if pooled is None else self.cache_manager.prefix_cache.storage
+        return StepInput.of(tokens, positions, self.width, chunks, self.model.device, adapters, self.shared_prompt,
+                            pooled, pool)
 
     def row_generators(self):
         """Each row's random generator (its request's), or None when unseeded."""

@@ -190,6 +190,8 @@ class Engine:
 
     def _reset(self):
         """An empty cache, scheduler and batch (at start, and after a failed step)."""
+        if self.prefix_cache is not None:  # no row in flight reads its blocks (one engine at a time uses a pool)
+            self.prefix_cache.pins.clear()
         self.cache_manager = KVCacheManager(
             self.model, self.rows_per_request, self.max_length, self.prompt_width,
             max_requests=self.max_rows, max_cache_tokens=self.max_cache_tokens, prefix_cache=self.prefix_cache,

@@ -24,12 +24,18 @@ class StepInput:
     # Leading prompt positions every decoding row holds alike, under one adapter (``Batch.shared_prompt``):
     # keys the rows may read once.
     decode_shared_prompt: int = 0
+    # Each decoding row's leading prompt positions read from the prefix cache's pool (a ``Pooled``, or
+    # None), and that pool ({name: tensor}); None when no row reads any (``KVCacheManager.pooled_rows``).
+    decode_pooled: list | None = None
+    pool: dict | None = None
 
     @classmethod
-    def of(cls, decode_tokens, decode_positions, decode_width, chunks, device, adapters=None, shared_prompt=0):
+    def of(cls, decode_tokens, decode_positions, decode_width, chunks, device, adapters=None, shared_prompt=0,
+           pooled=None, pool=None):
         """``decode_tokens``/``decode_positions`` [rows] tensors; ``chunks``: (cache row, start,
         token ids, request) per prompt chunk; ``adapters``: None, or (each decoding row's adapter
-        slot [rows], each chunk's); ``shared_prompt``: the decoding rows' ``decode_shared_prompt``."""
+        slot [rows], each chunk's); ``shared_prompt``, ``pooled``, ``pool``: the decoding rows'
+        ``decode_shared_prompt``, ``decode_pooled`` and ``pool``."""
         rows = len(decode_tokens)
         prompt_ids = [token for _, _, ids, _ in chunks for token in ids]
         prompt_positions = [start + i for _, start, ids, _ in chunks for i in range(len(ids))]
@@ -50,6 +56,8 @@ class StepInput:
             requests=tuple(request for *_, request in chunks),
             adapter_slots=adapter_slots,
             decode_shared_prompt=shared_prompt,
+            decode_pooled=pooled,
+            pool=pool,
         )
 
     @classmethod

@@ -10,10 +10,26 @@ else is copied. A cache that is too small for a joining request is replaced by a
 one that takes the rows in flight. The groups past those in flight give their pages back
 (``KVCache.release_rows``). With a ``PrefixCache``, a joining request's leading
 prompt blocks are copied into its slot from there when cached (``load_prefix``), and the
-blocks it computes are copied out for the requests after it (``save_prefix``).
+blocks it computes are copied out for the requests after it (``save_prefix``). A request
+that took a long run of leading blocks lying in order in the pool reads them from there once
+it decodes (``pooled_rows``): its slot's copy goes back, and moves skip those positions.
 """
 
+from dataclasses import dataclass
+
 import torch
+
+from lmq.core.generation.prefix_cache import in_order
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """A request's leading prompt positions that its decode steps read from the prefix cache's
+    pool: ``length`` of them, from pool position ``start`` (storage ``blocks``, pinned there)."""
+
+    start: int
+    length: int
+    blocks: tuple
 
 
 class KVCacheManager:
@@ -33,7 +49,9 @@ class KVCacheManager:
         self.cache = None
         self.groups = self.length = 0  # what the cache holds: slot groups, positions per slot
         self.decoding = 0  # requests decoding: groups [0, decoding)
+        self.decoding_requests = []  # their ids, group by group
         self.prefilling = {}  # request id -> slot group, in the order the requests were admitted
+        self.pooled = {}  # request id in flight -> its ``Pooled`` prompt positions
         self.held = 0  # the requests in flight when last allocated or packed: groups [0, held) may hold keys
 
     @property
@@ -76,6 +94,9 @@ class KVCacheManager:
         if self.cache is not None:
             cache.take(self.cache, self.in_flight * self.rows_per_request)
         self.cache, self.groups, self.length = cache, size, length
+        for group, request in enumerate(self.decoding_requests):  # ``take`` wrote their pooled positions
+            if request in self.pooled:
+                self.cache.release_positions(group, self.pooled[request].length)
 
     def first_slot(self, request):
         """The cache slot a prefilling request's prompt goes into (its group's first)."""
@@ -83,8 +104,22 @@ class KVCacheManager:
 
     def load_prefix(self, request, digests, first, most):
         """Copies the cached blocks ``digests[first:]`` (at most ``most``, up to the first miss)
-        into a prefilling request's slot; returns how many blocks it copied."""
-        return self.prefix_cache.load(self.cache, self.first_slot(request), digests, first, most)
+        into a prefilling request's slot; returns how many blocks it copied. A long run of
+        leading blocks that lie in order in the pool is kept there for the request's decode
+        steps to read (``Pooled``)."""
+        found = self.prefix_cache.load(self.cache, self.first_slot(request), digests, first, most)
+        length = len(found) * self.prefix_cache.block_size
+        if first == 0 and found and self._poolable(found, length):
+            self.prefix_cache.pin(found)
+            self.pooled[request] = Pooled(found[0] * self.prefix_cache.block_size, length, tuple(found))
+        return len(found)
+
+    def _poolable(self, blocks, length):
+        """Whether decode steps may read ``blocks`` (``length`` positions) from the pool: one run of
+        it, keys that depend on the tokens alone, a request of one row, and a model whose rows
+        read their leading keys once (``reads_shared_keys_once``)."""
+        return (self.rows_per_request == 1 and self.cache.prefix_variant is None and in_order(blocks)
+                and self.model.backbone.reads_shared_keys_once(self.cache, length))
 
     def save_prefix(self, request, digests, first, last):
         """Copies a prefilling request's prompt blocks ``[first, last)`` into the prefix cache."""
@@ -92,20 +127,39 @@ class KVCacheManager:
 
     def start_decoding(self, requests):
         """``requests`` (prefilled) decode from now on, after the decoding ones: their groups
-        move into place, and a request of several rows gets its prompt in each of them."""
+        move into place, and a request of several rows gets its prompt in each of them. A
+        pooled request's slot gives back its copy of the positions it reads from the pool."""
         group = self.rows_per_request
         if group > 1:
             first = torch.tensor([self.first_slot(r) for r in requests], device=self.model.device)
             within = torch.arange(1, group, device=first.device)
             self.cache.move_rows(first.repeat_interleave(group - 1), (first[:, None] + within).flatten())
+        for request in requests:
+            if request in self.pooled:
+                self.cache.release_positions(self.first_slot(request), self.pooled[request].length)
         order = list(range(self.decoding)) + [self.prefilling.pop(r) for r in requests]
+        self.decoding_requests += requests
         self._pack(order)
+
+    def pooled_rows(self):
+        """Each decoding row's ``Pooled`` positions (or None), in row order; None when no row has any."""
+        if not self.pooled:
+            return None
+        rows = [self.pooled.get(request) for request in self.decoding_requests]
+        return rows if any(rows) else None
+
+    def _forget(self, request):
+        """``request`` leaves: the pool blocks it read are free to go."""
+        pooled = self.pooled.pop(request, None)
+        if pooled is not None:
+            self.prefix_cache.unpin(pooled.blocks)
 
     def drop_prefilling(self, requests):
         """Prefilling ``requests`` (ids) leave before they decode (a cancelled job's): the
         prefilling requests after them move up, so the groups stay packed."""
         for request in requests:
             del self.prefilling[request]
+            self._forget(request)
         self._pack(list(range(self.decoding)))
 
     def leave(self, finished):
@@ -115,17 +169,23 @@ class KVCacheManager:
         kept = self.decoding - len(gone)
         movers = iter([g for g in range(kept, self.decoding) if g not in gone])
         order = [g if g not in gone else next(movers) for g in range(kept)]
+        for group in gone:
+            self._forget(self.decoding_requests[group])
+        self.decoding_requests = [self.decoding_requests[g] for g in order]
         self._pack(order)
         return order
 
     def _pack(self, order):
         """Moves slot groups so that the decoding requests, whose groups are ``order`` in their
-        new order, hold groups ``[0, len(order))`` and the prefilling ones the next."""
-        source, target = [], []
+        new order, hold groups ``[0, len(order))`` and the prefilling ones the next. A decoding
+        request's positions read from the pool are not moved: its slot holds none."""
+        source, target, skipped = [], [], []
         for to, of in enumerate(order):
             if of != to:
                 source.append(of)
                 target.append(to)
+                pooled = self.pooled.get(self.decoding_requests[to])
+                skipped.append(0 if pooled is None else pooled.length)
         first, last = len(order), len(order) + len(self.prefilling)
         free = iter(sorted(set(range(first, last)) - set(self.prefilling.values())))
         for request, group in self.prefilling.items():
@@ -133,8 +193,13 @@ class KVCacheManager:
                 source.append(group)
                 self.prefilling[request] = next(free)
                 target.append(self.prefilling[request])
+                skipped.append(0)
         if source:
-            self.cache.move_rows(self.slots(source), self.slots(target))
+            starts = [start for start in skipped for _ in range(self.rows_per_request)] if any(skipped) else None
+            self.cache.move_rows(self.slots(source), self.slots(target), starts)
+            for group, start in zip(target, skipped):  # what the slot's last request left there goes back
+                if start:
+                    self.cache.release_positions(group, start)
         self.decoding = len(order)
         if self.held > self.in_flight:  # the groups that finished or moved out: their pages go back
             self.cache.release_rows(self.in_flight * self.rows_per_request, self.held * self.rows_per_request)

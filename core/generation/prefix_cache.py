@@ -12,13 +12,16 @@ recently used blocks make room (the last blocks of a chain before its first ones
 chain is cut from its tail and what is left still matches).
 
 The engine's cache keeps row slots (``lmq.core.layers.cache``), so a hit is a copy of
-the cached blocks into the joining request's slot, not a shared page: a copy of a
-block costs a sliver of computing it, and the row-slot attention stays as it is.
+the cached blocks into the joining request's slot: its prefill attends over its own slot.
+Once such a request decodes, its slot's copy of a long chain of blocks that lie in order in
+the pool is given back, and its decode steps read those keys from the pool (``pooled``),
+together with every other row that joined on the same chain: a shared instruction is held
+once, however many rows read it. The pool does not evict a block such a row reads (``pin``).
 """
 
 import hashlib
 from array import array
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 import torch
 
@@ -41,10 +44,11 @@ class PrefixCache:
         self.block_size = block_size
         self.capacity = max_tokens // block_size  # blocks
         self.max_tokens = self.capacity * block_size
-        self.storage = None  # {name: tensor}: a cache's row tensors, a block per row, allocated at first save
+        self.storage = None  # {name: tensor}: laid out as a cache slot of capacity x block_size positions, at first save
         self.variant = None  # what the stored keys were computed under (``KVCache.prefix_variant``)
         self.blocks = OrderedDict()  # digest -> storage block, least recently used first
         self.free = list(range(self.capacity - 1, -1, -1))
+        self.pins = Counter()  # storage block -> how many rows in flight read it from here
         self.queried_tokens = self.hit_tokens = 0  # prompt tokens looked up, and found
 
     @classmethod
@@ -81,9 +85,9 @@ class PrefixCache:
 
     def load(self, cache, row, digests, first, most):
         """Copies the cached blocks ``digests[first:]`` (up to the first miss, at most ``most``
-        blocks) into cache row ``row`` from block ``first``; returns how many it copied."""
+        blocks) into cache row ``row`` from block ``first``; returns the storage blocks it copied."""
         if self.variant != cache.prefix_variant:
-            return 0
+            return []
         found = []
         for digest in digests[first : first + most]:
             if digest not in self.blocks:
@@ -91,10 +95,25 @@ class PrefixCache:
             found.append(self.blocks[digest])
         if found:
             self._touch(digests[: first + len(found)])
-            blocks = {name: _blocks(tensor, cache.prefix_tensors()[name][0], found) for name, tensor in self.storage.items()}
-            cache.write_blocks(row, first * self.block_size, blocks)
+            positions = self.positions(found)
+            held = {name: _positions(tensor, cache.prefix_tensors()[name][1] - 1, found, positions)
+                    for name, tensor in self.storage.items()}
+            cache.write_positions(row, first * self.block_size, held)
             self.hit_tokens += len(found) * self.block_size
-        return len(found)
+        return found
+
+    def positions(self, blocks):
+        """The storage positions of ``blocks`` (storage block indices), in order."""
+        return (torch.tensor(blocks, device=self.device)[:, None] * self.block_size
+                + torch.arange(self.block_size, device=self.device)).flatten()
+
+    def pin(self, blocks):
+        """Rows in flight read ``blocks`` from here: they stay until ``unpin``."""
+        self.pins.update(blocks)
+
+    def unpin(self, blocks):
+        self.pins.subtract(blocks)
+        self.pins += Counter()  # drops the blocks no row reads
 
     def save(self, cache, row, digests, first, last):
         """Copies blocks ``[first, last)`` of cache row ``row`` (``digests`` its prompt's chain)
@@ -107,21 +126,30 @@ class PrefixCache:
             self.clear()
             self.variant = cache.prefix_variant
         if self.storage is None:
-            self.storage = cache.new_blocks(self.capacity, self.block_size)
+            self.storage = cache.new_pool(self.capacity * self.block_size)
         fresh, where = [], []
         for block in range(first, last):
             if digests[block] not in self.blocks:
-                if not self.free:
-                    self.free.append(self.blocks.popitem(last=False)[1])
+                if not self.free and not self._evict():
+                    break  # every block is read by a row in flight
                 self.blocks[digests[block]] = self.free.pop()
                 fresh.append(block)
                 where.append(self.blocks[digests[block]])
         self._touch(digests[:last])
         if fresh:
-            blocks = cache.read_blocks(row, fresh, self.block_size)
-            index = torch.tensor(where, device=self.device)
+            held = cache.read_positions(row, self.positions(fresh))
+            index = self.positions(where)
             for name, tensor in self.storage.items():
-                tensor.index_copy_(cache.prefix_tensors()[name][0], index, blocks[name])
+                tensor.index_copy_(cache.prefix_tensors()[name][1] - 1, index, held[name])
+
+    def _evict(self):
+        """Frees the least recently used block that no row in flight reads; False when there is none."""
+        for digest, block in self.blocks.items():
+            if not self.pins[block]:
+                del self.blocks[digest]
+                self.free.append(block)
+                return True
+        return False
 
     def _touch(self, digests):
         """Marks a chain's blocks used, its first block last: eviction cuts chains from the tail."""
@@ -136,14 +164,21 @@ class PrefixCache:
     def clear(self):
         self.free = list(range(self.capacity - 1, -1, -1))
         self.blocks.clear()
+        self.pins.clear()
 
 
-def _blocks(storage, dim, found):
-    """Blocks ``found`` (indices along ``dim``) of ``storage``: a view where they lie in order,
-    as a chain saved at once does (the pool hands out free blocks in order), else a copy."""
-    if found == list(range(found[0], found[0] + len(found))):
-        return storage.narrow(dim, found[0], len(found))
-    return storage.index_select(dim, torch.tensor(found, device=storage.device))
+def in_order(blocks):
+    """Whether storage blocks ``blocks`` follow each other, as a chain saved at once does (the pool
+    hands out free blocks in order): then their positions are one run of the storage."""
+    return blocks == list(range(blocks[0], blocks[0] + len(blocks)))
+
+
+def _positions(storage, dim, blocks, positions):
+    """The positions ``positions`` of storage blocks ``blocks`` (along ``dim``) of ``storage``: a
+    view where the blocks are ``in_order``, else a copy."""
+    if in_order(blocks):
+        return storage.narrow(dim, int(positions[0]), len(positions))
+    return storage.index_select(dim, positions)
 
 
 def chain_digests(prompt, adapter, block_size):

@@ -39,6 +39,7 @@ class AttentionContext:
     # and the cache row of each token.
     parts: list | None = None
     token_rows: torch.Tensor | None = None  # [tokens]; write_positions [tokens] are their slots in those rows
+    pool: dict | None = None  # a prefix cache's pool ({"keys", "values": [layers, kv heads, positions, dim]}), parts read
 
 
 @dataclass
@@ -54,6 +55,7 @@ class AttentionPart:
     mask: torch.Tensor | None  # [rows, 1 or heads, queries, key_length], bool or additive; None: causal
     shared: int = 0  # decoding rows whose first ``shared`` slots hold the same tokens: read those once
     lengths: torch.Tensor | None = None  # [rows]: decoding rows that see exactly their first slots, how many
+    pooled: int | None = None  # where the ``shared`` keys start in the context's pool; None: in the first row
 
 
 class CachedAttention(Projections):
@@ -153,7 +155,7 @@ class CachedAttention(Projections):
             rows = slice(part.first_row, part.first_row + part.rows)
             queries = query[0, :, part.tokens].unflatten(1, (part.rows, -1)).transpose(0, 1)  # [rows, heads, q, dim]
             if part.shared:
-                out = self._attend_shared_prefix(queries, keys, values, part)
+                out = self._attend_shared_prefix(queries, keys, values, part, context.pool)
             elif queries.shape[2] == 1 and part.mask is not None:
                 own_keys, own_values = keys[rows, :, : part.key_length], values[rows, :, : part.key_length]
                 out = self._attend_decoding(queries, own_keys, own_values, part)
@@ -223,11 +225,12 @@ class CachedAttention(Projections):
         out = torch.stack([times_transposed(weights[h], values[h].t()) for h in range(len(keys))]).div_(total)
         return out, (most + total.log())[..., 0]
 
-    def _attend_shared_prefix(self, queries, keys, values, part):
-        """Decoding rows whose first ``part.shared`` cache slots hold the same tokens (a shared
+    def _attend_shared_prefix(self, queries, keys, values, part, pool=None):
+        """Decoding rows whose first ``part.shared`` positions hold the same tokens (a shared
         system prompt or instruction): queries [rows, heads, 1, dim] -> [rows, heads, 1, dim].
 
-        The shared keys are read once, from the part's first row: every row's queries attend to
+        The shared keys are read once, from the part's first row, or from the prefix cache's
+        ``pool`` where the rows' slots hold none (``part.pooled``): every row's queries attend to
         them together, per KV head (``_attend_unmasked``). Each row's own keys after them go
         through the decode path, and the two softmaxes merge by their denominators. Read once
         per row instead, the shared keys are the most of a decode step's memory traffic when a
@@ -236,9 +239,14 @@ class CachedAttention(Projections):
         """
         rows, heads, _, dim = queries.shape
         kv, first, shared = self.num_key_value_heads, part.first_row, part.shared
+        if part.pooled is None:
+            shared_keys, shared_values = keys[first, :, :shared], values[first, :, :shared]
+        else:
+            window = slice(part.pooled, part.pooled + shared)
+            shared_keys, shared_values = pool["keys"][self.cache_index, :, window], pool["values"][self.cache_index, :, window]
         grouped = queries.reshape(rows, kv, heads // kv, dim) * dim**-0.5
         every_query = grouped.transpose(0, 1).reshape(kv, -1, dim)  # [kv, rows x group, dim]
-        shared_out, shared_log_sums = self._attend_unmasked(every_query, keys[first, :, :shared], values[first, :, :shared])
+        shared_out, shared_log_sums = self._attend_unmasked(every_query, shared_keys, shared_values)
         shared_log_sums = shared_log_sums.reshape(kv, rows, -1).transpose(0, 1)  # [rows, kv, group]
         own = slice(first, first + rows)
         own_out, own_log_sums = self._grouped_decode_attention(

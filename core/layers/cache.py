@@ -138,21 +138,27 @@ class KVCache:
         layer_values[context.token_rows, :, context.write_positions] = values.transpose(0, 1)
         return layer_keys, layer_values
 
-    def move_rows(self, source, target):
+    def move_rows(self, source, target, starts=None):
         """Copies slots ``source`` into slots ``target`` (index tensors; every source is read
-        before any target is written, so rows may trade places)."""
+        before any target is written, so rows may trade places). ``starts`` (a list, or None):
+        each source's first position to copy, where the positions before it are read from
+        elsewhere (a prefix cache's pool) and its slot holds none."""
         pairs = None
         if source.device.type == "cpu":
             sources, targets = source.tolist(), target.tolist()
             if not set(sources) & set(targets):  # no slot is both: row by row, no copy between
-                pairs = list(zip(sources, targets))
+                pairs = list(zip(sources, targets, starts or [0] * len(sources)))
         for name, (dim, position_dim) in self.row_tensors().items():
             tensor = getattr(self, name)
             if position_dim is not None:  # the positions written so far: past them every slot is as it began
                 tensor = tensor.narrow(position_dim, 0, min(self.extent, tensor.shape[position_dim]))
             if pairs is not None:  # 4x indexing's speed here
-                for row, to in pairs:
-                    tensor.select(dim, to).copy_(tensor.select(dim, row))
+                for row, to, start in pairs:
+                    held, into = tensor.select(dim, row), tensor.select(dim, to)
+                    if start and position_dim is not None:  # the positions from ``start`` on
+                        count = max(held.shape[position_dim - 1] - start, 0)
+                        held, into = held.narrow(position_dim - 1, start, count), into.narrow(position_dim - 1, start, count)
+                    into.copy_(held)
             else:
                 rows = (slice(None),) * dim
                 tensor[rows + (target,)] = tensor[rows + (source,)]  # a copy first: 5x index_select's speed here
@@ -190,36 +196,39 @@ class KVCache:
         """The row tensors a cached prompt block holds: {name: (row dimension, position dimension)}."""
         return {name: dims for name, dims in self.row_tensors().items() if dims[1] is not None}
 
-    def new_blocks(self, count, block_size):
-        """Storage for ``count`` blocks of ``block_size`` positions: each prefix tensor with
-        blocks in its row dimension."""
-        blocks = {}
+    def new_pool(self, positions):
+        """Storage for ``positions`` prompt positions, laid out as one slot of each prefix tensor
+        (``prefix_tensors``, the row dimension dropped): a chain of blocks stored in order is a
+        run of positions, which attention reads as it reads a slot."""
+        pool = {}
         for name, (row_dim, position_dim) in self.prefix_tensors().items():
-            shape = list(getattr(self, name).shape)
-            shape[row_dim], shape[position_dim] = count, block_size
-            blocks[name] = getattr(self, name).new_zeros(shape)
-        return blocks
+            shape = list(getattr(self, name).select(row_dim, 0).shape)
+            shape[position_dim - 1] = positions
+            pool[name] = getattr(self, name).new_zeros(shape)
+        return pool
 
-    def read_blocks(self, row, blocks, block_size):
-        """Blocks ``blocks`` (indices) of slot ``row`` as {name: tensor, blocks in the row dimension}."""
-        positions = (torch.tensor(blocks, device=self.keys.device)[:, None] * block_size
-                     + torch.arange(block_size, device=self.keys.device)).flatten()
-        read = {}
-        for name, (row_dim, position_dim) in self.prefix_tensors().items():
-            held = getattr(self, name).select(row_dim, row).index_select(position_dim - 1, positions)
-            # [..., blocks x block_size, ...] -> blocks into the row dimension
-            read[name] = held.unflatten(position_dim - 1, (len(blocks), block_size)).movedim(position_dim - 1, row_dim)
-        return read
+    def read_positions(self, row, positions):
+        """Positions ``positions`` (a long tensor) of slot ``row``: {name: tensor laid out as a slot}."""
+        return {name: getattr(self, name).select(row_dim, row).index_select(position_dim - 1, positions)
+                for name, (row_dim, position_dim) in self.prefix_tensors().items()}
 
-    def write_blocks(self, row, start, blocks):
-        """Writes consecutive blocks ({name: tensor}, as ``read_blocks`` gives, or any view of
-        that shape) into slot ``row`` from position ``start``."""
+    def write_positions(self, row, start, held):
+        """Writes ``held`` ({name: tensor laid out as a slot}, as ``read_positions`` gives, or any
+        view of that shape) into slot ``row`` from position ``start``."""
         for name, (row_dim, position_dim) in self.prefix_tensors().items():
-            count, size = blocks[name].shape[row_dim], blocks[name].shape[position_dim]
-            target = getattr(self, name).select(row_dim, row).narrow(position_dim - 1, start, count * size)
-            # one copy, block by block: [..., blocks, block_size, ...] on both sides
-            target.unflatten(position_dim - 1, (count, size)).copy_(blocks[name].movedim(row_dim, position_dim - 1))
-            self.extent = max(self.extent, start + count * size)
+            count = held[name].shape[position_dim - 1]
+            getattr(self, name).select(row_dim, row).narrow(position_dim - 1, start, count).copy_(held[name])
+            self.extent = max(self.extent, start + count)
+
+    def release_positions(self, row, count):
+        """Slot ``row``'s first ``count`` positions hold nothing any more (their keys are read from
+        elsewhere: a prefix cache's pool): on a CPU their pages go back to the operating system."""
+        if self.keys.device.type != "cpu" or count <= 0:
+            return
+        for tensor in (self.keys, self.values):  # [layers, slots, kv heads, positions, dim]
+            for layer in range(len(tensor)):
+                for head in range(tensor.shape[2]):
+                    release(tensor[layer, row, head, :count])
 
     def step(self, positions, key_length):
         """Where a decode step of rows ``[0, len(positions))`` at ``positions`` writes and what it reads.
@@ -260,9 +269,9 @@ class RollingKVCache(KVCache):
         positions are its positions, set when it is written."""
         return {name: dims for name, dims in super().prefix_tensors().items() if name != "slot_positions"}
 
-    def write_blocks(self, row, start, blocks):
-        super().write_blocks(row, start, blocks)
-        stop = start + blocks["keys"].shape[1] * blocks["keys"].shape[3]
+    def write_positions(self, row, start, held):
+        super().write_positions(row, start, held)
+        stop = start + held["keys"].shape[2]
         self.slot_positions[row, start:stop] = torch.arange(start, stop, device=self.slot_positions.device)
 
     def key_positions(self, first_row, rows, key_length):

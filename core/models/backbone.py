@@ -317,32 +317,49 @@ class DecoderOnlyBackbone(Backbone, abstract=True):
         end = max([step.decode_width] + [start + length for _, start, length in step.chunks])
         write_slots = cache.place(step.token_rows, positions, end)  # [tokens]: each token's slot in its row
         parts, offset = [], step.decode_rows
-        # Rows that all begin with one long prompt prefix attend together, reading it once; else in
-        # runs. Rows that see exactly their first slots also carry their lengths (lmq's decode kernel).
+        # Decoding rows that read their leading keys from the prefix cache's pool attend together
+        # (``pooled_runs``); the others in runs, or together when they all begin with one long prompt
+        # prefix, read once from their first row. Rows that see exactly their first slots also
+        # carry their lengths (lmq's decode kernel).
         exact = self.sees_its_first_slots(cache)
-        shared = step.decode_shared_prompt if exact and step.decode_shared_prompt >= SHARED_PREFIX_KEYS else 0
-        runs = decode_runs(positions[: step.decode_rows], step.decode_width, most=1 if shared else DECODE_RUNS)
-        for first, stop, key_length in runs:
-            queries = positions[first:stop, None]  # [rows, 1]
-            lengths = queries[:, 0] + 1 if exact else None
-            tokens = slice(first, stop)
-            parts.append(self._part(cache, tokens, first, stop - first, queries, key_length, False, shared, lengths))
+        prompt_shared = step.decode_shared_prompt if exact and step.decode_pooled is None else 0
+        prompt_shared = prompt_shared if prompt_shared >= SHARED_PREFIX_KEYS else 0
+        for first, stop, pooled in pooled_runs(step.decode_pooled, step.decode_rows):
+            if pooled is None:
+                shared, pool_start = prompt_shared, None
+                runs = decode_runs(positions[first:stop], step.decode_width, 1 if shared else DECODE_RUNS, first)
+            else:
+                shared, pool_start = pooled.length, pooled.start
+                runs = [(first, stop, min(int(positions[first:stop].max()) + 1, step.decode_width))]
+            for run_first, run_stop, key_length in runs:
+                queries = positions[run_first:run_stop, None]  # [rows, 1]
+                lengths = queries[:, 0] + 1 if exact else None
+                parts.append(self._part(cache, slice(run_first, run_stop), run_first, run_stop - run_first, queries,
+                                        key_length, False, shared, lengths, pool_start))
         for row, start, length in step.chunks:
             queries = positions[None, offset : offset + length]  # [1, length]
             parts.append(self._part(cache, slice(offset, offset + length), row, 1, queries, start + length, start == 0))
             offset += length
-        context = AttentionContext(cache=cache, parts=parts, token_rows=step.token_rows, write_positions=write_slots)
+        context = AttentionContext(cache=cache, parts=parts, token_rows=step.token_rows, write_positions=write_slots,
+                                   pool=step.pool)
         context = self._context(positions[None], context)
         return self.hidden_states(step.token_ids[None], context)[0]
 
-    def _part(self, cache, tokens, first_row, rows, query_positions, key_length, fresh, shared=0, lengths=None):
+    def _part(self, cache, tokens, first_row, rows, query_positions, key_length, fresh, shared=0, lengths=None,
+              pooled=None):
         """The ``AttentionPart`` of ``rows`` cache rows whose queries are at ``query_positions``
         [rows, queries] and see keys up to ``key_length``; ``fresh``: a prompt's first chunk;
-        ``shared``: leading keys the rows hold alike, read once; ``lengths``: each decoding row's
-        slots, when it sees exactly its first ones."""
+        ``shared``: leading keys the rows hold alike, read once (from the prefix cache's pool
+        from position ``pooled``, when not None); ``lengths``: each decoding row's slots, when it
+        sees exactly its first ones."""
         read, key_positions = cache.key_positions(first_row, rows, key_length)
         mask = self.step_mask(query_positions, key_positions, fresh)
-        return AttentionPart(tokens, first_row, rows, read, mask, shared, lengths)
+        return AttentionPart(tokens, first_row, rows, read, mask, shared, lengths, pooled)
+
+    def reads_shared_keys_once(self, cache, length):
+        """Whether decoding rows that begin with the same ``length`` positions read those keys once
+        (``SHARED_PREFIX_KEYS`` or more, rows that see exactly their first slots)."""
+        return length >= SHARED_PREFIX_KEYS and self.sees_its_first_slots(cache)
 
     def sees_its_first_slots(self, cache):
         """Whether a decoding row at position p attends to exactly its cache slots 0..p: no
@@ -375,10 +392,11 @@ class DecoderOnlyBackbone(Backbone, abstract=True):
         return self.forward_step(step, cache)[:, None]
 
 
-def decode_runs(positions, most_width, most=DECODE_RUNS):
+def decode_runs(positions, most_width, most=DECODE_RUNS, offset=0):
     """The decoding rows (their ``positions`` [rows]) cut into at most ``most`` runs of
     neighbouring rows: (first row, stop row, key length) each, the key length one past the run's
-    furthest position (at most ``most_width``, the slots a rolling cache holds).
+    furthest position (at most ``most_width``, the slots a rolling cache holds); rows are numbered
+    from ``offset``.
 
     Long-tailed prompts leave most rows far shorter than the longest, and attention over a
     decode step is a pass over every key it is given: each run reads to its own longest row.
@@ -389,8 +407,22 @@ def decode_runs(positions, most_width, most=DECODE_RUNS):
     ends = (positions + 1).tolist()
     runs = max(1, min(most, len(ends) // DECODE_RUN_ROWS))
     size = max(1, -(-len(ends) // runs))  # rows per run (no rows: no runs)
-    return [(first, min(first + size, len(ends)), min(max(ends[first : first + size]), most_width))
+    return [(offset + first, offset + min(first + size, len(ends)), min(max(ends[first : first + size]), most_width))
             for first in range(0, len(ends), size)]
+
+
+def pooled_runs(pooled, rows):
+    """The decoding rows cut into runs of neighbours that read the same leading keys from the
+    prefix cache's pool (``pooled``: each row's ``Pooled``, or None; all None when ``pooled`` is
+    None): (first row, stop row, their ``Pooled`` or None) each."""
+    if pooled is None:
+        return [(0, rows, None)] if rows else []
+    runs, first = [], 0
+    for row in range(1, rows + 1):
+        if row == rows or pooled[row] != pooled[first]:
+            runs.append((first, row, pooled[first]))
+            first = row
+    return runs
 
 
 def _checked_when_built(constructor):

@@ -110,7 +110,7 @@ def test_finished_rows_free_their_slots_and_nothing_copies_the_cache(llama, monk
     def spied_new_cache(rows, max_length, prompt_width):
         cache = new_cache(rows, max_length, prompt_width)
         move_rows = cache.move_rows
-        cache.move_rows = lambda source, target: (moved.append(len(source)), move_rows(source, target))
+        cache.move_rows = lambda source, target, starts=None: (moved.append(len(source)), move_rows(source, target, starts))
         caches.append(rows)
         return cache
 

@@ -6,6 +6,9 @@ ALiBi); prompts share a leading instruction, then tokens of their own. Each test
 prompt tokens the engine ran through the model, with and without the cache.
 """
 
+import ctypes
+import mmap
+
 import pytest
 import torch
 
@@ -258,7 +261,7 @@ def test_blocks_go_out_of_one_slot_and_into_another_as_they_were(cache_kind, sto
         pool.free = [0, 3, 1, 2]  # the chain's blocks go to storage blocks 2, 1, 3
     digests = pool.digests(list(range(24)))
     pool.save(cache, 0, digests, 0, 3)
-    assert pool.load(cache, 2, digests, 0, 2) == 2
+    assert len(pool.load(cache, 2, digests, 0, 2)) == 2
     torch.testing.assert_close(cache.keys[:, 2, :, :16], cache.keys[:, 0, :, :16], rtol=0, atol=0)
     torch.testing.assert_close(cache.values[:, 2, :, :16], cache.values[:, 0, :, :16], rtol=0, atol=0)
     assert not torch.equal(cache.keys[:, 2, :, 16:24], cache.keys[:, 0, :, 16:24])
@@ -266,7 +269,22 @@ def test_blocks_go_out_of_one_slot_and_into_another_as_they_were(cache_kind, sto
         assert cache.slot_positions[2, :16].tolist() == list(range(16))
         assert cache.slot_positions[2, 16:].eq(-1).all()
     # The chain: a prompt that differs in its first block shares none of the blocks after it.
-    assert pool.load(cache, 1, pool.digests([99] + list(range(1, 24))), 0, 3) == 0
+    assert pool.load(cache, 1, pool.digests([99] + list(range(1, 24))), 0, 3) == []
+
+
+def test_a_move_from_a_start_position_leaves_the_target_s_positions_before_it():
+    """A row whose leading positions are read from the pool moves without them: the target slot's
+    positions before the row's start stay as they were (the manager gives them back)."""
+    cache = KVCache(2, 3, 2, 12, 4, torch.float32, "cpu")
+    cache.keys.normal_()
+    cache.values.normal_()
+    cache.extent = 10
+    before = cache.keys[:, 2].clone()
+    cache.move_rows(torch.tensor([0]), torch.tensor([2]), starts=[6])
+    torch.testing.assert_close(cache.keys[:, 2, :, 6:10], cache.keys[:, 0, :, 6:10], rtol=0, atol=0)
+    torch.testing.assert_close(cache.values[:, 2, :, 6:10], cache.values[:, 0, :, 6:10], rtol=0, atol=0)
+    torch.testing.assert_close(cache.keys[:, 2, :, :6], before[:, :, :6], rtol=0, atol=0)
+    torch.testing.assert_close(cache.keys[:, 2, :, 10:], before[:, :, 10:], rtol=0, atol=0)
 
 
 def test_the_setting_is_on_by_default_and_a_bad_one_is_named():
@@ -279,25 +297,27 @@ def test_the_setting_is_on_by_default_and_a_bad_one_is_named():
 
 def test_rows_sharing_a_long_prefix_read_its_keys_once_with_the_tokens_of_each_row_alone(llama, monkeypatch):
     """Decoding rows whose prompts begin with the same 80 tokens attend over one copy of those
-    keys (``CachedAttention._attend_shared_prefix``), with or without the prefix cache: every
-    row's greedy tokens are those it gets alone (where no other row shares its keys)."""
+    keys (``CachedAttention._attend_shared_prefix``): with the prefix cache, the copy in its pool
+    (the rows that took those blocks from it); without, the first row's. Every row's greedy
+    tokens are those it gets alone (where no other row shares its keys)."""
     from lmq.core.layers.attention import CachedAttention
 
     shared_reads = []
     attend_shared = CachedAttention._attend_shared_prefix
 
-    def counting(self, queries, keys, values, part):
-        shared_reads.append(part.shared)
-        return attend_shared(self, queries, keys, values, part)
+    def counting(self, queries, keys, values, part, pool=None):
+        shared_reads.append((part.shared, "pool" if part.pooled is not None else "first row", len(queries)))
+        return attend_shared(self, queries, keys, values, part, pool)
 
     monkeypatch.setattr(CachedAttention, "_attend_shared_prefix", counting)
     prompts = shared_prefix_job(12, 80, seed=5)
     limits = [8] * len(prompts)
     alone = [decode(llama, [p], [8], GreedySampler()).completions[0] for p in prompts]
     assert not shared_reads  # one row alone shares nothing
-    for prefix_cache in (True, False):
+    for prefix_cache, source in ((True, "pool"), (False, "first row")):
         together = decode(llama, prompts, limits, GreedySampler(), prefix_cache=prefix_cache).completions
-        assert shared_reads and set(shared_reads) == {80}
+        assert shared_reads and {(shared, where) for shared, where, _ in shared_reads} == {(80, source)}
+        assert max(rows for *_, rows in shared_reads) >= len(prompts) - 1  # all but the one that computed it
         assert_greedy_rows_equal(llama, prompts, together, alone)
         shared_reads.clear()
 
@@ -331,3 +351,54 @@ def test_a_job_s_own_pool_holds_the_blocks_its_prompts_share_and_one_prompt_s_mo
     unshared = [Request(i, [i] * 40, 4) for i in range(5)]
     engine = Engine.for_requests(DecoderOnlyModel(random_weights(BACKBONES["llama"]())), GreedySampler(), unshared)
     assert engine.prefix_cache is None
+
+
+def resident_pages(view):
+    """How many memory pages under ``view`` (a contiguous CPU tensor view) are resident (mincore)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    start = view.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+    length = view.data_ptr() + view.numel() * view.element_size() - start
+    pages = (ctypes.c_ubyte * -(-length // mmap.PAGESIZE))()
+    assert libc.mincore(start, length, pages) == 0, ctypes.get_errno()
+    return sum(page & 1 for page in pages)
+
+
+def test_rows_that_took_a_long_prefix_read_it_from_the_pool_and_hold_no_copy_of_it():
+    """Rows that took a long run of leading blocks from the pool decode reading them there: their
+    slots hold none of those positions in memory (given back, skipped by moves, given back again
+    after the cache grows), the pool keeps the blocks while such a row reads them and lets them
+    go after, and every row's tokens are those of computing it without the cache."""
+    from lmq.plugins.llama.llama_backbone import LlamaBackbone
+
+    # heads of 64: a row's 80 prefix positions are 5 pages of each layer's keys and values
+    llama = DecoderOnlyModel(random_weights(LlamaBackbone(
+        vocabulary_size=ENGINE_VOCAB, num_layers=2, num_query_heads=2, hidden_dim=128, intermediate_dim=64,
+        num_key_value_heads=1,
+    )))
+    prompts = sorted(shared_prefix_job(10, 5 * BLOCK, seed=9, own=(3, 60)), key=len)  # admitted shortest first
+    limits = [2, 9, 4, 12, 3, 7, 10, 2, 6, 5]
+    requests = [Request(i, prompt, limit) for i, (prompt, limit) in enumerate(zip(prompts, limits))]
+    engine = Engine.for_requests(llama, GreedySampler(), requests, max_rows=4)
+    group = engine.submit(requests, GreedySampler())
+    pooled_rows, lengths = 0, set()
+    with torch.inference_mode():
+        while engine.busy:
+            engine.step()
+            group.deliver()
+            manager = engine.cache_manager
+            lengths.add(manager.length)
+            in_flight = [manager.pooled[r] for r in [*manager.decoding_requests, *manager.prefilling] if r in manager.pooled]
+            assert sum(engine.prefix_cache.pins.values()) == sum(len(p.blocks) for p in in_flight)
+            for slot, request in enumerate(manager.decoding_requests):
+                pooled = manager.pooled.get(request)
+                if pooled is not None:
+                    assert pooled.length == 5 * BLOCK
+                    for tensor in (manager.cache.keys, manager.cache.values):
+                        for layer in range(2):  # at most the pages it shares with its neighbours
+                            assert resident_pages(tensor[layer, slot, 0, : pooled.length]) <= 2
+                    pooled_rows += 1
+    assert pooled_rows >= 20 and len(lengths) > 1  # rows read the pool over many steps, and the cache grew
+    assert not engine.prefix_cache.pins
+    _, computed = run(llama, prompts, limits, prefix_cache=False, max_rows=4)
+    assert_greedy_rows_equal(llama, prompts, group.result().completions, computed.completions)
