@@ -42,6 +42,18 @@ inline Lanes load(const float* from) {
   return lanes;
 }
 
+// Scores ``s`` [n] of largest ``most`` -> their softmax's numerators exp(s - most), in place; returns
+// their sum, the softmax's denominator.
+inline float exponentiate(float* s, int64_t n, float most) {
+  float total = 0.f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = std::exp(s[j] - most);
+    total += s[j];
+  }
+  return total;
+}
+
 // The most vectors of a head's values summed at once: a divisor of ``chunks`` up to 8, so that
 // the sums stay in registers (16 of them with AVX2).
 constexpr int block_of(int chunks) {
@@ -91,12 +103,7 @@ void attend_vectorized(const float* query, const float* key, const float* value,
       s[j] = dot;
       most = std::max(most, dot);
     }
-    float total = 0.f;
-#pragma omp simd reduction(+ : total)
-    for (int64_t j = 0; j < n; ++j) {
-      s[j] = std::exp(s[j] - most);
-      total += s[j];
-    }
+    const float total = exponentiate(s, n, most);
     log_sum[g] = most + std::log(total);
     for (int first = 0; first < kChunks; first += kBlock)
       weigh_values<kBlock>(s, value, n, slot_stride, first, total, output + g * kDim);
@@ -133,12 +140,7 @@ void attend_any(const float* query, const float* key, const float* value, int64_
     float* s = scores + g * n;
     float most = -std::numeric_limits<float>::infinity();
     for (int64_t j = 0; j < n; ++j) most = std::max(most, s[j]);
-    float total = 0.f;
-#pragma omp simd reduction(+ : total)
-    for (int64_t j = 0; j < n; ++j) {
-      s[j] = std::exp(s[j] - most);
-      total += s[j];
-    }
+    const float total = exponentiate(s, n, most);
     log_sum[g] = most + std::log(total);
     float sum[kMostDim] = {};
     for (int64_t j = 0; j < n; ++j) {
