@@ -82,7 +82,7 @@ void weigh_values(const float* weights, const float* value, int64_t n, int64_t s
 // One (row, KV head) for a head of kChunks vectors, query head by query head: its query stays in
 // registers while the keys stream past, and the keys and values, read from memory by the first
 // query head, are in the core's cache for the others. The values are fetched while the first
-// query head's scores are computed (measured: a fifth off the whole kernel).
+// query head's scores are computed (measured on b's shape: 284-337 us against 353-395 without).
 template <int kChunks>
 void attend_vectorized(const float* query, const float* key, const float* value, int64_t n, int64_t slot_stride,
                        int64_t group, float* scores, float* output, float* log_sum) {
