@@ -142,7 +142,8 @@ class KVCache:
         """Copies slots ``source`` into slots ``target`` (index tensors; every source is read
         before any target is written, so rows may trade places). ``starts`` (a list, or None):
         each source's first position to copy, where the positions before it are read from
-        elsewhere (a prefix cache's pool) and its slot holds none."""
+        elsewhere (a prefix cache's pool) and its slot holds none; rows that trade places, and
+        a GPU's, copy whole slots."""
         pairs = None
         if source.device.type == "cpu":
             sources, targets = source.tolist(), target.tolist()
