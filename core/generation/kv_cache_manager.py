@@ -15,7 +15,7 @@ that took a long run of leading blocks lying in order in the pool reads them fro
 it decodes (``pooled_rows``): its slot's copy goes back, and moves skip those positions.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,11 +25,12 @@ from lmq.core.generation.prefix_cache import in_order
 @dataclass(frozen=True)
 class Pooled:
     """A request's leading prompt positions that its decode steps read from the prefix cache's
-    pool: ``length`` of them, from pool position ``start`` (storage ``blocks``, pinned there)."""
+    pool: ``length`` of them, from pool position ``start`` (storage ``blocks``, pinned there). Two
+    are equal when they read the same positions (a decode step compares neighbouring rows')."""
 
     start: int
     length: int
-    blocks: tuple
+    blocks: tuple = field(compare=False)  # the run of storage blocks that start and length name
 
 
 class KVCacheManager:

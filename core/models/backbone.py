@@ -322,15 +322,12 @@ class DecoderOnlyBackbone(Backbone, abstract=True):
         # prefix, read once from their first row. Rows that see exactly their first slots also
         # carry their lengths (lmq's decode kernel).
         exact = self.sees_its_first_slots(cache)
-        prompt_shared = step.decode_shared_prompt if exact and step.decode_pooled is None else 0
-        prompt_shared = prompt_shared if prompt_shared >= SHARED_PREFIX_KEYS else 0
+        prompt_shared = step.decode_shared_prompt if step.decode_pooled is None else 0
+        prompt_shared = prompt_shared if self.reads_shared_keys_once(cache, prompt_shared) else 0
         for first, stop, pooled in pooled_runs(step.decode_pooled, step.decode_rows):
-            if pooled is None:
-                shared, pool_start = prompt_shared, None
-                runs = decode_runs(positions[first:stop], step.decode_width, 1 if shared else DECODE_RUNS, first)
-            else:
-                shared, pool_start = pooled.length, pooled.start
-                runs = [(first, stop, min(int(positions[first:stop].max()) + 1, step.decode_width))]
+            shared = prompt_shared if pooled is None else pooled.length
+            pool_start = None if pooled is None else pooled.start
+            runs = decode_runs(positions[first:stop], step.decode_width, 1 if shared else DECODE_RUNS, first)
             for run_first, run_stop, key_length in runs:
                 queries = positions[run_first:run_stop, None]  # [rows, 1]
                 lengths = queries[:, 0] + 1 if exact else None
