@@ -19,7 +19,7 @@ import torch
 
 from lmq.core.generation.input_batch import StepInput
 from lmq.core.layers import AttentionContext, CachedAttention, KVCache, ReversibleEmbedding, RollingKVCache
-from lmq.core.layers.attention import AttentionPart
+from lmq.core.layers.attention import AttentionPart, decode_kernel_serves
 from lmq.core.layers.projection import BUILDING_INT8, Projections
 from lmq.core.models.serialization import KerasHubSerializable
 from lmq.core.quantization import check_mode, keras_variable_order, parse_dtype, policy_map
@@ -27,7 +27,8 @@ from lmq.core.quantization import check_mode, keras_variable_order, parse_dtype,
 # What Backbone.__init__ takes for every backbone; the rest of a constructor is its config.
 BASE_ARGUMENTS = ("dtype", "name", "trainable")
 # A decode step's rows attend in up to this many runs of neighbouring cache rows, each run of at
-# least DECODE_RUN_ROWS rows reading keys up to its own longest row rather than the batch's.
+# least DECODE_RUN_ROWS rows reading keys up to its own longest row rather than the batch's
+# (where lmq's decode kernel reads each row to its own length, they attend in one run).
 DECODE_RUNS, DECODE_RUN_ROWS = 4, 8
 # Decoding rows whose prompts all begin with at least this many identical tokens read their keys
 # once (``CachedAttention._attend_shared_prefix``).
@@ -309,9 +310,9 @@ class DecoderOnlyBackbone(Backbone, abstract=True):
 
         Embeddings, projections and MLPs run on the step as one sequence [1, tokens, hidden],
         with no padding; attention runs per part (``AttentionPart``): the decoding rows in a few
-        runs (``decode_runs``), one query each over their rows' keys up to the run's longest
-        row, masked to each row's own position; each prompt chunk over its own row's keys up
-        to its end.
+        runs (``decode_runs``; one, where lmq's decode kernel reads each row to its own length),
+        one query each over their rows' keys up to the run's longest row, masked to each row's
+        own position; each prompt chunk over its own row's keys up to its end.
         """
         positions = step.positions  # [tokens]
         end = max([step.decode_width] + [start + length for _, start, length in step.chunks])
@@ -322,12 +323,14 @@ class DecoderOnlyBackbone(Backbone, abstract=True):
         # prefix, read once from their first row. Rows that see exactly their first slots also
         # carry their lengths (lmq's decode kernel).
         exact = self.sees_its_first_slots(cache)
+        one_pass = exact and decode_kernel_serves(cache.keys)  # the kernel needs no runs
         prompt_shared = step.decode_shared_prompt if step.decode_pooled is None else 0
         prompt_shared = prompt_shared if self.reads_shared_keys_once(cache, prompt_shared) else 0
         for first, stop, pooled in pooled_runs(step.decode_pooled, step.decode_rows):
             shared = prompt_shared if pooled is None else pooled.length
             pool_start = None if pooled is None else pooled.start
-            runs = decode_runs(positions[first:stop], step.decode_width, 1 if shared else DECODE_RUNS, first)
+            most = 1 if shared or one_pass else DECODE_RUNS
+            runs = decode_runs(positions[first:stop], step.decode_width, most, first)
             for run_first, run_stop, key_length in runs:
                 queries = positions[run_first:run_stop, None]  # [rows, 1]
                 lengths = queries[:, 0] + 1 if exact else None

@@ -86,6 +86,21 @@ def test_decoding_rows_over_a_plain_cache_attend_through_the_kernel_others_throu
     assert bool(calls) == plain
 
 
+def test_the_kernel_takes_every_decoding_row_in_one_call_a_layer(llama, monkeypatch):
+    """20 rows of unlike lengths, enough to cut into runs that each read to their longest row:
+    lmq's kernel reads each row to its own length, so one call a layer and step takes them all."""
+    from lmq.core import kernels
+
+    if kernels.decode_attention() is None:
+        pytest.skip("no C++ compiler on this machine: lmq's kernels cannot be built, torch's ops serve")
+    rows_per_call, kernel = [], kernels.decode_attention()
+    monkeypatch.setattr(kernels, "decode_attention", lambda: lambda q, *rest: rows_per_call.append(len(q)) or kernel(q, *rest))
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in range(1, 41, 2)]  # one step's prefill
+    decode(llama, prompts, [6] * len(prompts), GreedySampler())
+    assert rows_per_call == [len(prompts)] * (5 * llama.backbone.num_layers)  # 5 decode steps after the prefill
+
+
 def test_a_long_prompt_is_prefilled_between_the_decode_steps_of_the_others(llama):
     """A 40-token prompt joining with a 3-token one, 8 prompt tokens per step: the short
     request decodes while the long one is prefilled, and both get their tokens alone."""
