@@ -12,6 +12,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/data/huggingface
 
 WORKDIR /app
+# tcmalloc: the allocator the `lmq` command preloads where it is installed (lmq.core.config.allocator_environment).
+RUN apt-get update && apt-get install -y --no-install-recommends libtcmalloc-minimal4 && rm -rf /var/lib/apt/lists/*
 # Dependencies first, so that a change to lmq's code does not reinstall torch.
 COPY pyproject.toml setup.py README.md ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \

@@ -22,7 +22,9 @@ every row generates exactly its limit). The workloads:
 The engines, each a persistent process of its own (``--worker``, JSON lines on a pipe):
 
   lmq-all       ``CausalLM.generate`` at its default: every prompt admitted at once, in the
-                environment lmq's own processes give the CPU libraries (lmq.core.config.RUNTIME_ENVIRONMENT)
+                environment lmq's own processes give the CPU libraries (lmq.core.config.RUNTIME_ENVIRONMENT),
+                with tcmalloc preloaded where the machine has it, as the ``lmq`` command starts
+                (lmq.core.config.allocator_environment; Debian's libtcmalloc-minimal4)
   lmq-8         ``generate(..., max_rows=8)``: 8 rows in flight, the others join as rows finish
   lmq-all-nocache, lmq-8-nocache
                 the same with the prefix cache off (``prefix_cache=False``): every row computes
@@ -343,12 +345,14 @@ def main():
     if args.worker:
         return serve(args.worker, args.checkpoint, args.threads)
 
-    from lmq.core.config import RUNTIME_ENVIRONMENT
+    from lmq.core.config import RUNTIME_ENVIRONMENT, allocator_environment
 
     engines = [e for e in args.engines.split(",") if e]
     python = {engine: sys.executable for engine in engines}
-    # lmq's engines run as lmq's own processes (the CLI, workers) run: with its RUNTIME_ENVIRONMENT
-    env = {engine: dict(RUNTIME_ENVIRONMENT) if engine.startswith("lmq") else {} for engine in engines}
+    # lmq's engines run as lmq's own processes (the ``lmq`` command, workers) run: with its
+    # RUNTIME_ENVIRONMENT, and tcmalloc where the machine has it
+    lmq_env = {**RUNTIME_ENVIRONMENT, **allocator_environment()}
+    env = {engine: dict(lmq_env) if engine.startswith("lmq") else {} for engine in engines}
     if "vllm" in engines:
         vllm_python = os.path.join(args.vllm_venv, "bin", "python")
         if os.path.exists(vllm_python):

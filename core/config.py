@@ -55,9 +55,11 @@ wires a whole deployment. Nothing here imports keras or torch.
 
 from __future__ import annotations
 
+import ctypes.util
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +71,22 @@ DEMO_PRESETS = Path(__file__).resolve().parent.parent / "demo"
 # shape it has run (1024 by default), and a continuous batch's steps come in many row counts: on
 # issue 22's workloads 16 ran as fast and kept 70 MiB less (docs/peer-bench.md).
 RUNTIME_ENVIRONMENT = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16"}
+
+
+# The memory allocator lmq's own processes (the ``lmq`` command: its jobs, ``lmq serve``, ``lmq worker``)
+# run with where the machine has it: tcmalloc (Debian and Ubuntu: libtcmalloc-minimal4), as vLLM's CPU
+# build asks for too. oneDNN's GEMM allocates several buffers on every call, and glibc's malloc made a
+# call cost 18 us against tcmalloc's 11 at the smallest shapes here (docs/peer-bench.md).
+ALLOCATOR = "tcmalloc_minimal"
+
+
+def allocator_environment(environ=os.environ) -> dict[str, str]:
+    """``{"LD_PRELOAD": tcmalloc}`` for a process to start with, where the machine has tcmalloc and
+    ``environ`` sets no ``LD_PRELOAD`` (set one, even empty, to choose for yourself); else {}."""
+    if "LD_PRELOAD" in environ or not sys.platform.startswith("linux"):
+        return {}
+    library = ctypes.util.find_library(ALLOCATOR)
+    return {"LD_PRELOAD": library} if library else {}
 
 
 def set_runtime_environment() -> None:

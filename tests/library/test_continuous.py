@@ -201,6 +201,37 @@ def test_generating_processes_give_onednn_a_small_primitive_cache_unless_told_ot
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "256"
 
 
+def test_the_lmq_command_starts_again_with_tcmalloc_where_the_machine_has_it(monkeypatch):
+    """Where tcmalloc is found and nothing is preloaded, ``lmq`` starts again as ``python -m
+    lmq.api.cli`` with tcmalloc preloaded; an LD_PRELOAD of the user's, even empty, stands, and a
+    machine without tcmalloc runs the command as it is."""
+    import ctypes.util
+    import sys
+
+    from lmq.api import launch
+    from lmq.core.config import allocator_environment
+
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: f"lib{name}.so.4")
+    assert allocator_environment({}) == {"LD_PRELOAD": "libtcmalloc_minimal.so.4"}
+    assert allocator_environment({"LD_PRELOAD": ""}) == {}
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.setattr(sys, "argv", ["lmq", "jobs", "list"])
+    started = []
+
+    def execve(path, args, env):
+        started.append((path, args, env["LD_PRELOAD"]))
+        raise SystemExit(0)  # the process is replaced: nothing after the call runs
+
+    monkeypatch.setattr(os, "execve", execve)
+    with pytest.raises(SystemExit):
+        launch.run()
+    assert started == [(sys.executable, [sys.executable, "-m", "lmq.api.cli", "jobs", "list"], "libtcmalloc_minimal.so.4")]
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    assert allocator_environment({}) == {}
+    monkeypatch.setattr("lmq.api.cli.main", lambda: 7)
+    assert launch.run() == 7 and len(started) == 1
+
+
 def test_the_cache_grows_for_a_long_tail_within_the_token_budget(model, monkeypatch):
     """Short requests first, then longer ones: the cache starts as long as the first
     requests need and grows when a longer one joins; slots x positions stay within the
