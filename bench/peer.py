@@ -60,7 +60,6 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VLLM_VENV = os.path.join(HERE, ".vllm-venv")
-TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 ENGINES = ("lmq-all", "lmq-8", "lmq-all-nocache", "lmq-8-nocache", "transformers", "vllm")
 WORKLOADS = ("a", "b", "c", "ragged", "prefix")
 VOCAB = 32000
@@ -285,9 +284,12 @@ def vllm_environment(venv, threads):
     Its idle threads spin 5 ms before they sleep, as vLLM sets Intel OpenMP for the workers it
     starts itself (``vllm.utils.ompmultiprocessing``): at Intel OpenMP's default of 200 ms they
     took 0.2 CPU-seconds after every run, from the engine that ran next."""
-    preload = [path for path in (TCMALLOC, os.path.join(venv, "lib", "libiomp5.so")) if os.path.exists(path)]
+    from lmq.core.config import allocator_library
+
+    iomp = os.path.join(venv, "lib", "libiomp5.so")
+    preload = [allocator_library(), iomp if os.path.exists(iomp) else None]
     return {
-        "LD_PRELOAD": ":".join(preload),
+        "LD_PRELOAD": ":".join(filter(None, preload)),
         "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}",
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",

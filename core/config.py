@@ -80,12 +80,15 @@ RUNTIME_ENVIRONMENT = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16"}
 ALLOCATOR = "tcmalloc_minimal"
 
 
+def allocator_library() -> str | None:
+    """tcmalloc's shared library (its name, for ``LD_PRELOAD``) where the machine has it, else None."""
+    return ctypes.util.find_library(ALLOCATOR) if sys.platform.startswith("linux") else None
+
+
 def allocator_environment(environ=os.environ) -> dict[str, str]:
     """``{"LD_PRELOAD": tcmalloc}`` for a process to start with, where the machine has tcmalloc and
     ``environ`` sets no ``LD_PRELOAD`` (set one, even empty, to choose for yourself); else {}."""
-    if "LD_PRELOAD" in environ or not sys.platform.startswith("linux"):
-        return {}
-    library = ctypes.util.find_library(ALLOCATOR)
+    library = None if "LD_PRELOAD" in environ else allocator_library()
     return {"LD_PRELOAD": library} if library else {}
 
 

@@ -58,11 +58,11 @@ class AttentionPart:
     pooled: int | None = None  # where the ``shared`` keys start in the context's pool; None: in the first row
 
 
-def decode_kernel_serves(tensor):
-    """Whether lmq's decode attention kernel (``lmq.core.kernels``) takes decoding rows whose queries
-    and cache are ``tensor``'s kind: float32 on a CPU, without autograd, with the kernels built. It
-    reads each row to its own length, so rows of any lengths go through it in one call."""
-    return cpu_float32_inference(tensor) and kernels.decode_attention() is not None
+def decode_kernel(tensor):
+    """lmq's decode attention kernel (``lmq.core.kernels``) where it takes decoding rows whose queries
+    and cache are ``tensor``'s kind (float32 on a CPU, without autograd, the kernels built), else
+    None. It reads each row to its own length, so rows of any lengths go through it in one call."""
+    return kernels.decode_attention() if cpu_float32_inference(tensor) else None
 
 
 class CachedAttention(Projections):
@@ -199,8 +199,9 @@ class CachedAttention(Projections):
         its KV head's keys, under ``mask``: SDPA's CPU kernel works in blocks of queries and
         takes about 1.5x as long for one query a row.
         """
-        if lengths is not None and decode_kernel_serves(grouped):
-            return kernels.decode_attention()(grouped.contiguous(), keys, values, lengths)
+        kernel = decode_kernel(grouped) if lengths is not None else None
+        if kernel is not None:
+            return kernel(grouped.contiguous(), keys, values, lengths)
         scores = torch.matmul(grouped, keys.transpose(-1, -2))  # [rows, kv, group, keys]
         if mask.dtype == torch.bool:  # [rows, 1, 1, keys]
             scores = scores.masked_fill(mask.logical_not(), float("-inf"))

@@ -19,7 +19,7 @@ import torch
 
 from lmq.core.generation.input_batch import StepInput
 from lmq.core.layers import AttentionContext, CachedAttention, KVCache, ReversibleEmbedding, RollingKVCache
-from lmq.core.layers.attention import AttentionPart, decode_kernel_serves
+from lmq.core.layers.attention import AttentionPart, decode_kernel
 from lmq.core.layers.projection import BUILDING_INT8, Projections
 from lmq.core.models.serialization import KerasHubSerializable
 from lmq.core.quantization import check_mode, keras_variable_order, parse_dtype, policy_map
@@ -323,7 +323,7 @@ class DecoderOnlyBackbone(Backbone, abstract=True):
         # prefix, read once from their first row. Rows that see exactly their first slots also
         # carry their lengths (lmq's decode kernel).
         exact = self.sees_its_first_slots(cache)
-        one_pass = exact and decode_kernel_serves(cache.keys)  # the kernel needs no runs
+        one_pass = exact and decode_kernel(cache.keys) is not None  # the kernel needs no runs
         prompt_shared = step.decode_shared_prompt if step.decode_pooled is None else 0
         prompt_shared = prompt_shared if self.reads_shared_keys_once(cache, prompt_shared) else 0
         for first, stop, pooled in pooled_runs(step.decode_pooled, step.decode_rows):
