@@ -242,7 +242,8 @@ class Batch:
 
     def _leave(self, finished):
         """Requests of slot groups ``finished`` leave; the most positions one still decoding needs."""
-        index = self.cache_manager.slots(self.cache_manager.leave(finished))
+        ends = self.rows["length"].view(-1, self.rows_per_prompt).amax(dim=1).tolist()  # no row has keys past its length
+        index = self.cache_manager.slots(self.cache_manager.leave(finished, ends))
         self.rows = {name: value[index] for name, value in self.rows.items()}
         self.shared_prompt = _shared_prompt(self.rows)
         self.logits = None if self.logits is None else self.logits[index]

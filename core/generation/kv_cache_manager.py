@@ -163,9 +163,11 @@ class KVCacheManager:
             self._forget(request)
         self._pack(list(range(self.decoding)))
 
-    def leave(self, finished):
+    def leave(self, finished, ends=None):
         """The decoding requests of groups ``finished`` leave: the last decoding requests move
-        into their groups. Returns the new order: ``order[i]`` is the old group of group i."""
+        into their groups, each copying its keys no further than its end (``ends``: each decoding
+        group's, by its old group; None: as far as any slot was written). Returns the new order:
+        ``order[i]`` is the old group of group i."""
         gone = set(finished)
         kept = self.decoding - len(gone)
         movers = iter([g for g in range(kept, self.decoding) if g not in gone])
@@ -173,20 +175,22 @@ class KVCacheManager:
         for group in gone:
             self._forget(self.decoding_requests[group])
         self.decoding_requests = [self.decoding_requests[g] for g in order]
-        self._pack(order)
+        self._pack(order, ends)
         return order
 
-    def _pack(self, order):
+    def _pack(self, order, ends=None):
         """Moves slot groups so that the decoding requests, whose groups are ``order`` in their
         new order, hold groups ``[0, len(order))`` and the prefilling ones the next. A decoding
-        request's positions read from the pool are not moved: its slot holds none."""
-        source, target, skipped = [], [], []
+        request's positions read from the pool are not moved: its slot holds none; with ``ends``
+        (by old group), nor are its positions past its end."""
+        source, target, skipped, stops = [], [], [], []
         for to, of in enumerate(order):
             if of != to:
                 source.append(of)
                 target.append(to)
                 pooled = self.pooled.get(self.decoding_requests[to])
                 skipped.append(0 if pooled is None else pooled.length)
+                stops.append(None if ends is None else ends[of])
         first, last = len(order), len(order) + len(self.prefilling)
         free = iter(sorted(set(range(first, last)) - set(self.prefilling.values())))
         for request, group in self.prefilling.items():
@@ -195,9 +199,12 @@ class KVCacheManager:
                 self.prefilling[request] = next(free)
                 target.append(self.prefilling[request])
                 skipped.append(0)
+                stops.append(None)
         if source:
-            starts = [start for start in skipped for _ in range(self.rows_per_request)] if any(skipped) else None
-            self.cache.move_rows(self.slots(source), self.slots(target), starts)
+            per_slot = lambda values: [value for value in values for _ in range(self.rows_per_request)]
+            starts = per_slot(skipped) if any(skipped) else None
+            stops = per_slot(stops) if any(stop is not None for stop in stops) else None
+            self.cache.move_rows(self.slots(source), self.slots(target), starts, stops)
             for group, start in zip(target, skipped):  # what the slot's last request left there goes back
                 if start:
                     self.cache.release_positions(group, start)

@@ -138,26 +138,33 @@ class KVCache:
         layer_values[context.token_rows, :, context.write_positions] = values.transpose(0, 1)
         return layer_keys, layer_values
 
-    def move_rows(self, source, target, starts=None):
+    def move_rows(self, source, target, starts=None, stops=None):
         """Copies slots ``source`` into slots ``target`` (index tensors; every source is read
         before any target is written, so rows may trade places). ``starts`` (a list, or None):
         each source's first position to copy, where the positions before it are read from
-        elsewhere (a prefix cache's pool) and its slot holds none; rows that trade places, and
-        a GPU's, copy whole slots."""
+        elsewhere (a prefix cache's pool) and its slot holds none. ``stops`` (a list, or None):
+        each source's end, past which its row holds no key: its keys and values are copied no
+        further, so a target's pages that its row never reaches stay unwritten (a target's
+        positions past the row's end are never read). Rows that trade places, and a GPU's, copy
+        whole slots."""
         pairs = None
         if source.device.type == "cpu":
             sources, targets = source.tolist(), target.tolist()
             if not set(sources) & set(targets):  # no slot is both: row by row, no copy between
-                pairs = list(zip(sources, targets, starts or [0] * len(sources)))
+                pairs = list(zip(sources, targets, starts or [0] * len(sources), stops or [None] * len(sources)))
+        keyed = self.prefix_tensors()  # keys and values: what is read no further than a row's end
         for name, (dim, position_dim) in self.row_tensors().items():
             tensor = getattr(self, name)
             if position_dim is not None:  # the positions written so far: past them every slot is as it began
                 tensor = tensor.narrow(position_dim, 0, min(self.extent, tensor.shape[position_dim]))
             if pairs is not None:  # 4x indexing's speed here
-                for row, to, start in pairs:
+                for row, to, start, stop in pairs:
                     held, into = tensor.select(dim, row), tensor.select(dim, to)
-                    if start and position_dim is not None:  # the positions from ``start`` on
-                        count = max(held.shape[position_dim - 1] - start, 0)
+                    if position_dim is not None:
+                        end = held.shape[position_dim - 1]
+                        if stop is not None and name in keyed:
+                            end = min(stop, end)
+                        count = max(end - start, 0)
                         held, into = held.narrow(position_dim - 1, start, count), into.narrow(position_dim - 1, start, count)
                     into.copy_(held)
             else:

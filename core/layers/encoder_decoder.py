@@ -174,8 +174,8 @@ class Seq2SeqCache:
     def step(self, positions, key_length):
         return self.self_attention.step(positions, key_length)
 
-    def move_rows(self, source, target, starts=None):
-        self.self_attention.move_rows(source, target, starts)
+    def move_rows(self, source, target, starts=None, stops=None):
+        self.self_attention.move_rows(source, target, starts, stops)
         self.memory.move_rows(source, target)
 
     def select_rows(self, rows):

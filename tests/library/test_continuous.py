@@ -125,7 +125,7 @@ def test_finished_rows_free_their_slots_and_nothing_copies_the_cache(llama, monk
     def spied_new_cache(rows, max_length, prompt_width):
         cache = new_cache(rows, max_length, prompt_width)
         move_rows = cache.move_rows
-        cache.move_rows = lambda source, target, starts=None: (moved.append(len(source)), move_rows(source, target, starts))
+        cache.move_rows = lambda source, target, *bounds: (moved.append(len(source)), move_rows(source, target, *bounds))
         caches.append(rows)
         return cache
 
@@ -171,6 +171,40 @@ def test_slots_given_back_read_as_zeros_and_cost_no_memory():
     assert written - _resident_mib() > 120
     assert not cache.keys[:, 8:].any() and not cache.values[:, 8:].any()
     assert torch.equal(cache.keys[:, :8], kept)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc for resident memory")
+def test_a_row_moves_no_further_than_its_end_so_its_new_slots_pages_past_it_stay_unwritten():
+    """A row of 4 positions moves into the slot of one that reached 1024, in a cache written to
+    position 1024: it copies its 4 positions, not 1024 (16 MiB of pages faulted in)."""
+    cache = KVCache(8, 16, 4, 1024, 64, torch.float32, "cpu")  # 256 MiB
+    cache.place(torch.zeros(1, dtype=torch.long), torch.tensor([1023]), end=1024)  # slot 0 reached 1024
+    written = torch.randn(8, 4, 4, 64)
+    cache.keys[:, 5, :, :4] = written
+    cache.values[:, 5, :, :4] = written
+    before = _resident_mib()
+    cache.move_rows(torch.tensor([5]), torch.tensor([9]), stops=[4])
+    assert _resident_mib() - before < 4
+    assert torch.equal(cache.keys[:, 9, :, :4], written) and torch.equal(cache.values[:, 9, :, :4], written)
+    cache.move_rows(torch.tensor([5]), torch.tensor([10]))  # no stop: to the furthest position written
+    assert _resident_mib() - before > 12
+
+
+def test_requests_that_leave_move_no_further_than_their_own_keys(llama):
+    """Of three decoding requests the first leaves: the last, whose keys end at position 5, moves
+    into its slot copying 5 positions, and the old request's keys past them stay (never read)."""
+    from lmq.core.generation.kv_cache_manager import KVCacheManager
+
+    manager = KVCacheManager(llama, rows_per_request=1, max_length=32, prompt_width=8)
+    manager.allocate(["a", "b", "c"], 32)
+    manager.cache.place(torch.arange(3), torch.full((3,), 31), end=32)
+    for slot in range(3):
+        manager.cache.keys[:, slot] = slot + 1.0
+    manager.start_decoding(["a", "b", "c"])
+    assert manager.leave([0], ends=[32, 32, 5]) == [2, 1]
+    keys = manager.cache.keys
+    assert (keys[:, 0, :, :5] == 3).all() and (keys[:, 0, :, 5:] == 1).all()
+    assert (keys[:, 1] == 2).all()
 
 
 def test_requests_that_leave_give_their_slots_pages_back(llama):
@@ -497,6 +531,31 @@ def test_the_rotary_kernel_rotates_a_step_exactly_as_torchs_ops_do(tokens, heads
         assert torch.equal(apply_rotary(x, cos, sin), expected)
     with pytest.raises(RuntimeError, match="dim must be even, got 7"):
         kernels.rotary()(torch.randn(2, 3, 7), torch.randn(3, 7), torch.randn(3, 7))
+
+
+@pytest.mark.parametrize("tokens, width", [(1, 1376), (300, 40), (7, 13)])
+def test_the_gated_feed_forward_activates_through_the_silu_kernel_exactly_as_torchs_ops_do(tokens, width, monkeypatch):
+    """A gated feed-forward's ``silu(gate) * up`` in generation on a CPU goes through lmq's C++
+    ``silu_mul`` and gives torch's eager result bit for bit, from one GEMM's two halves, with
+    widths that leave values past the last pair of vectors; gate and up of unlike shapes are refused."""
+    from lmq.core import kernels
+    from lmq.core.layers.feedforward import GatedFeedForward
+
+    if kernels.silu_mul() is None:
+        pytest.skip("no C++ compiler on this machine: lmq's kernels cannot be built, torch's ops serve")
+    torch.manual_seed(0)
+    both = torch.randn(1, tokens, 2 * width) * 6  # [1, tokens, gate and up side by side]
+    both[0, 0, :4] = torch.tensor([0.0, -0.0, 100.0, -100.0])
+    gate, up = both[..., :width], both[..., width:]
+    calls = []
+    kernel = kernels.silu_mul()
+    monkeypatch.setattr(kernels, "silu_mul", lambda: lambda *tensors: calls.append(1) or kernel(*tensors))
+    with torch.no_grad():
+        gated = GatedFeedForward(16, width)._gated(gate, up)
+    assert calls and gated.shape == gate.shape
+    assert torch.equal(gated, torch.nn.functional.silu(gate) * up)
+    with pytest.raises(RuntimeError, match="gate and up must be float32"):
+        kernel(torch.randn(3, 8), torch.randn(3, 9))
 
 
 def test_the_kv_write_kernel_puts_each_token_in_its_row_and_position():
