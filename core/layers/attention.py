@@ -175,9 +175,9 @@ class CachedAttention(Projections):
                     is_causal=part.mask is None,
                     enable_gqa=self.num_query_heads != self.num_key_value_heads,
                 )  # [rows, heads, queries, dim]
-            outputs.append(out.transpose(0, 1).flatten(1, 2))  # [heads, rows * queries, dim]
-        out = torch.cat(outputs, dim=1).transpose(0, 1).flatten(1)[None]  # [1, tokens, heads * dim]
-        return self._output(out)
+            outputs.append(out.transpose(1, 2).flatten(0, 1))  # [rows * queries, heads, dim]: a view for one query a row
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # [tokens, heads, dim]
+        return self._output(out.flatten(1)[None])  # [1, tokens, heads * dim]
 
     def _attend_decoding(self, queries, keys, values, part):
         """Decoding rows, one query each: queries [rows, heads, 1, dim] over their rows' keys and

@@ -224,6 +224,28 @@ def test_requests_that_leave_give_their_slots_pages_back(llama):
     assert not keys[:, 2:4].any()
 
 
+def test_slots_left_give_their_pages_back_together_an_eighth_of_the_cache_at_a_time(llama):
+    """Of 16 decoding requests one leaves: its slot keeps its pages (a release costs a layer's
+    pages off every core); when a second leaves, the two slots past those in flight are given
+    back at once, and the 14 kept hold their keys."""
+    from lmq.core.generation.kv_cache_manager import KVCacheManager
+
+    requests = [f"r{i}" for i in range(16)]
+    manager = KVCacheManager(llama, rows_per_request=1, max_length=32, prompt_width=8)
+    manager.allocate(requests, 32)
+    manager.cache.place(torch.arange(16), torch.full((16,), 31), end=32)
+    for slot in range(16):
+        manager.cache.keys[:, slot] = slot + 1.0
+    manager.start_decoding(requests)
+    assert manager.groups == 16
+    manager.leave([3], ends=[32] * 16)  # the last request moves into slot 3
+    keys = manager.cache.keys
+    assert (keys[:, 3] == 16).all() and (keys[:, 15] == 16).all()  # slot 15 not given back yet
+    manager.leave([0], ends=[32] * 15)  # slot 14's request moves into slot 0
+    assert not keys[:, 14:].any()
+    assert [int(keys[0, slot, 0, 0, 0]) for slot in range(14)] == [15, 2, 3, 16, *range(5, 15)]
+
+
 def test_generating_processes_give_onednn_a_small_primitive_cache_unless_told_otherwise(monkeypatch):
     from lmq.workers.runner import pool_from_settings
 
