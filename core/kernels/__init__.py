@@ -10,8 +10,8 @@ and values once took 150 us. It works in the CPU's own vector width: on an AVX2 
 EPYC, Zen 3) the same layer takes 389 us, where 16-float vectors, split by the compiler
 through the stack, took 1,272.
 
-``rotary`` (``rotary.cpp``): rotary position embedding of a step's queries or keys in one
-pass, rounded as torch's five passes and concatenation round it.
+``rotary`` (``rotary.cpp``): rotary position embedding of a step's queries and keys in one call,
+each in one pass, rounded as torch's five passes and concatenation round it.
 
 ``rms_norm`` (``rms_norm.cpp``): RMS norm of each row in one pass (torch's eager form takes
 six); its sum of squares is added in another order, so it differs by float rounding.
@@ -67,7 +67,7 @@ def decode_attention():
 
 
 def rotary():
-    """``torch.ops.lmq_kernels.rotary(x, cos, sin)``, or None."""
+    """``torch.ops.lmq_kernels.rotary(query, key, cos, sin)``, or None."""
     return _operator("rotary")
 
 

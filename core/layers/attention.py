@@ -146,8 +146,7 @@ class CachedAttention(Projections):
     def call(self, x, context, training=False):
         query, key, value = self._query_key_value(x)
         if context.cos is not None:
-            query = apply_rotary(query, context.cos, context.sin)
-            key = apply_rotary(key, context.cos, context.sin)
+            query, key = apply_rotary(query, key, context.cos, context.sin)
         if context.parts is not None:
             return self._attend_parts(query, key, value, context)
         if context.cache is not None:

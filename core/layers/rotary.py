@@ -96,16 +96,23 @@ class RotaryEmbedding:
         return cos[:, None].to(dtype), sin[:, None].to(dtype)
 
 
-def apply_rotary(x, cos, sin):
-    """x: [batch, heads, seq, head_dim]; rotates the two halves of head_dim.
+def apply_rotary(query, key, cos, sin):
+    """query, key: [batch, heads, seq, head_dim] -> both with the two halves of head_dim rotated.
 
-    One sequence on a CPU (a flattened generation step) goes through lmq's C++ kernel, one
-    pass instead of torch's five and a concatenation, with the same rounding (``lmq.core.kernels``).
+    One sequence on a CPU (a flattened generation step) goes through lmq's C++ kernel, both in
+    one call and each in one pass instead of torch's five and a concatenation, with the same
+    rounding (``lmq.core.kernels``).
     """
-    one_sequence = x.shape[0] == cos.shape[0] == 1 and x.stride(-1) == 1 and cos.dtype == torch.float32
-    kernel = kernels.rotary() if one_sequence and cpu_float32_inference(x) else None
+    one_sequence = (query.shape[0] == cos.shape[0] == 1 and query.stride(-1) == key.stride(-1) == 1
+                    and cos.dtype == torch.float32)
+    kernel = kernels.rotary() if one_sequence and cpu_float32_inference(query) else None
     if kernel is not None:
-        return kernel(x[0], cos[0, 0].contiguous(), sin[0, 0].contiguous())[None]
+        query, key = kernel(query[0], key[0], cos[0, 0].contiguous(), sin[0, 0].contiguous())
+        return query[None], key[None]
+    return _rotate(query, cos, sin), _rotate(key, cos, sin)
+
+
+def _rotate(x, cos, sin):
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin

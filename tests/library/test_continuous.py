@@ -533,26 +533,37 @@ def test_greedy_picks_through_the_argmax_kernel_the_index_torch_picks():
 
 
 @pytest.mark.parametrize("tokens, heads, dim", [(5, 8, 64), (300, 2, 128), (1, 4, 96), (7, 3, 8)])
-def test_the_rotary_kernel_rotates_a_step_exactly_as_torchs_ops_do(tokens, heads, dim):
+def test_the_rotary_kernel_rotates_a_steps_queries_and_keys_exactly_as_torchs_ops_do(tokens, heads, dim):
     """lmq's C++ rotary embedding (a flattened step on a CPU) gives torch's eager result bit for
-    bit, from a projection's strided output; an odd head size is refused."""
+    bit, for queries and keys of unlike head counts from one projection's strided output, in
+    one call; an odd head size is refused."""
     from lmq.core import kernels
     from lmq.core.layers.rotary import apply_rotary
 
     if kernels.rotary() is None:
         pytest.skip("no C++ compiler on this machine: lmq's kernels cannot be built, torch's ops serve")
     torch.manual_seed(0)
-    projected = torch.randn(1, tokens, heads * dim + 5)[..., : heads * dim]  # [1, tokens, heads x dim], strided
-    x = projected.unflatten(-1, (heads, dim)).transpose(1, 2)  # [1, heads, tokens, dim]
+    key_heads = max(heads // 4, 1)
+    projected = torch.randn(1, tokens, (heads + key_heads) * dim + 5)  # [1, tokens, queries and keys side by side]
+    query = projected[..., : heads * dim].unflatten(-1, (heads, dim)).transpose(1, 2)  # [1, heads, tokens, dim]
+    key = projected[..., heads * dim : (heads + key_heads) * dim].unflatten(-1, (key_heads, dim)).transpose(1, 2)
     angles = torch.randint(0, 4000, (1, tokens, 1)).float() * torch.rand(dim // 2)
     angles = torch.cat((angles, angles), dim=-1)
     cos, sin = angles.cos()[:, None], angles.sin()[:, None]  # [1, 1, tokens, dim]
     half = dim // 2
-    expected = x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-    with torch.no_grad():
-        assert torch.equal(apply_rotary(x, cos, sin), expected)
+
+    def expected(x):
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+    calls = []
+    kernel = kernels.rotary()
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "rotary", lambda: lambda *tensors: calls.append(1) or kernel(*tensors))
+        rotated_query, rotated_key = apply_rotary(query, key, cos, sin)
+    assert len(calls) == 1
+    assert torch.equal(rotated_query, expected(query)) and torch.equal(rotated_key, expected(key))
     with pytest.raises(RuntimeError, match="dim must be even, got 7"):
-        kernels.rotary()(torch.randn(2, 3, 7), torch.randn(3, 7), torch.randn(3, 7))
+        kernel(torch.randn(2, 3, 7), torch.randn(1, 3, 7), torch.randn(3, 7), torch.randn(3, 7))
 
 
 @pytest.mark.parametrize("tokens, width", [(1, 1376), (300, 40), (7, 13)])
