@@ -31,7 +31,7 @@ iterator.
 The kernels are compiled together on the first use of any, as one translation unit, by the
 machine's C++ compiler (``c++``) for its own CPU and against the installed torch, and kept in
 ``~/.cache/lmq/kernels`` under a name that hashes the sources, the command and the CPU, so a
-later process loads them at once: one build of them all takes about 7 s here, where each alone
+later process loads them at once: one build of them all takes about 10 s here, where each alone
 took 5-6 s. Without a compiler, or once ``configure(enabled=False)`` ran (a worker does with
 ``LMQ_COMPILE=off``), a kernel is None and its callers use torch's eager ops.
 """
