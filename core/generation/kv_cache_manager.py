@@ -209,9 +209,8 @@ class KVCacheManager:
                 skipped.append(0)
                 stops.append(None)
         if source:
-            per_slot = lambda values: [value for value in values for _ in range(self.rows_per_request)]
-            starts = per_slot(skipped) if any(skipped) else None
-            stops = per_slot(stops) if any(stop is not None for stop in stops) else None
+            starts = self._per_slot(skipped) if any(skipped) else None
+            stops = self._per_slot(stops) if any(stop is not None for stop in stops) else None
             self.cache.move_rows(self.slots(source), self.slots(target), starts, stops)
             for group, start in zip(target, skipped):  # what the slot's last request left there goes back
                 if start:
@@ -220,6 +219,10 @@ class KVCacheManager:
         if self.held - self.in_flight >= max(1, self.groups // RELEASE_EVERY):  # the groups left: their pages go back
             self.cache.release_rows(self.in_flight * self.rows_per_request, self.held * self.rows_per_request)
             self.held = self.in_flight
+
+    def _per_slot(self, values):
+        """One value per slot group -> one per slot (each repeated for the group's rows)."""
+        return [value for value in values for _ in range(self.rows_per_request)]
 
     def slots(self, groups):
         """The cache slots of slot groups ``groups``, group by group."""
