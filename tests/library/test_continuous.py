@@ -533,7 +533,7 @@ def test_greedy_picks_through_the_argmax_kernel_the_index_torch_picks():
 
 
 @pytest.mark.parametrize("tokens, heads, dim", [(5, 8, 64), (300, 2, 128), (1, 4, 96), (7, 3, 8)])
-def test_the_rotary_kernel_rotates_a_steps_queries_and_keys_exactly_as_torchs_ops_do(tokens, heads, dim):
+def test_the_rotary_kernel_rotates_a_steps_queries_and_keys_exactly_as_torchs_ops_do(tokens, heads, dim, monkeypatch):
     """lmq's C++ rotary embedding (a flattened step on a CPU) gives torch's eager result bit for
     bit, for queries and keys of unlike head counts from one projection's strided output, in
     one call; an odd head size is refused."""
@@ -557,8 +557,8 @@ def test_the_rotary_kernel_rotates_a_steps_queries_and_keys_exactly_as_torchs_op
 
     calls = []
     kernel = kernels.rotary()
-    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
-        patch.setattr(kernels, "rotary", lambda: lambda *tensors: calls.append(1) or kernel(*tensors))
+    monkeypatch.setattr(kernels, "rotary", lambda: lambda *tensors: calls.append(1) or kernel(*tensors))
+    with torch.no_grad():
         rotated_query, rotated_key = apply_rotary(query, key, cos, sin)
     assert len(calls) == 1
     assert torch.equal(rotated_query, expected(query)) and torch.equal(rotated_key, expected(key))
