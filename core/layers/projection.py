@@ -9,6 +9,7 @@ import math
 import keras
 import torch
 
+from lmq.core import kernels
 from lmq.core.quantization import Int8Kernel, check_mode, quantize_matrix, scale_of
 
 ONEDNN = torch.backends.mkldnn.is_available()
@@ -16,7 +17,7 @@ ONEDNN = torch.backends.mkldnn.is_available()
 
 def cpu_float32_inference(x):
     """Whether ``x`` is float32 on the CPU in a pass without autograd (generation): what the CPU
-    kernels without a gradient take (oneDNN's packed GEMM here, ``lmq.core.kernels``)."""
+    kernels without a gradient take (lmq's and oneDNN's packed GEMMs here, ``lmq.core.kernels``)."""
     return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
 
 
@@ -41,17 +42,30 @@ def times_transposed(x, matrix):
 
 
 class PackedKernel:
-    """Float32 kernels [in, out] side by side, reordered once into oneDNN's layout for its GEMM: a
+    """Float32 kernels [in, out] side by side, packed once for a GEMM without autograd on a CPU: a
     copy beside the variables, made on a model's first generation and again after their weights
-    change. ``widths``: each kernel's part of the output."""
+    change. ``widths``: each kernel's part of the output.
+
+    lmq's own GEMM packs them in panels of columns (``lmq.core.kernels.linear``): 0.5x-0.8x
+    oneDNN's time at a decode step's 1..64 rows, where oneDNN's reads a kernel at a third to a
+    half of the memory's speed. Without lmq's kernels, oneDNN's GEMM over its own layout (the one
+    inductor uses) serves: 1.3x to 4x torch's default (MKL's) at those rows (docs/peer-bench.md).
+    """
 
     def __init__(self, *matrices):
         self.widths = [matrix.shape[1] for matrix in matrices]
         joined = matrices[0] if len(matrices) == 1 else torch.cat(matrices, dim=1)
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(joined.t())  # oneDNN's [out, in]
+        self.linear, pack = kernels.linear(), kernels.pack_linear()
+        if self.linear is not None:
+            self.weight = pack(joined)  # [panels, in, panel width]
+        else:
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(joined.t())  # oneDNN's [out, in]
 
     def project(self, x, bias=None):
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, bias, "none", [], "")
+        if self.linear is None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, bias, "none", [], "")
+        outputs = sum(self.widths)
+        return self.linear(x.reshape(-1, x.shape[-1]), self.weight, outputs, bias).view(*x.shape[:-1], outputs)
 
 
 def project(x, kernel, bias=None):
@@ -59,7 +73,7 @@ def project(x, kernel, bias=None):
 
     With a bias this is one ``addmm`` over the flattened rows, as ``torch.nn.Linear`` runs
     it, rather than a matmul and a separate add: one pass over the output instead of two.
-    A ``PackedKernel`` projects with oneDNN's GEMM (generation on a CPU, see
+    A ``PackedKernel`` projects with lmq's or oneDNN's GEMM (generation on a CPU, see
     ``Projections.serving_kernel``); an ``Int8Kernel`` as Keras' int8 Dense does (inputs
     quantized per token).
     """
@@ -110,7 +124,7 @@ class Projections(keras.layers.Layer):
         """``x`` through each of kernels ``names`` (``biases``: each one's [out], or None) -> one
         output each, as ``projected`` gives them.
 
-        Where oneDNN serves them all, this is one GEMM over the kernels side by side
+        Where a packed GEMM serves them all, this is one over the kernels side by side
         (``serving_kernels``), as vLLM joins a layer's query, key and value projections and its
         gate and up ones. A decode step's few rows are bound by streaming the kernels from memory,
         and one call streaming them all took about 0.8x the time of one call each (docs/peer-bench.md).
@@ -164,7 +178,7 @@ class Projections(keras.layers.Layer):
 
     def serving_kernel(self, name, x, matrix=None):
         """What ``x`` goes through for kernel ``name`` (``matrix``: its [in, out] view, when not
-        ``kernel(name)``): its ``PackedKernel`` where oneDNN serves the projection
+        ``kernel(name)``): its ``PackedKernel`` where a packed GEMM serves the projection
         (``serving_kernels``), else the kernel."""
         packed = self.serving_kernels((name,), x, None if matrix is None else (matrix,))
         if packed is not None:
@@ -173,15 +187,15 @@ class Projections(keras.layers.Layer):
 
     def serving_kernels(self, names, x, matrices=None):
         """The ``PackedKernel`` of kernels ``names`` (a tuple) side by side (``matrices``: their
-        [in, out] views, when not ``kernel(name)``'s), where oneDNN serves ``x``'s projections
-        through every one of them (float32 kernels), packed again whenever one of their
+        [in, out] views, when not ``kernel(name)``'s), where a packed GEMM (lmq's or oneDNN's)
+        serves ``x``'s projections through every one of them (float32 kernels), packed again whenever one of their
         variables' tensors has changed (trained, assigned, loaded); else None.
 
         A kernel packed already is checked against the variable's own tensor (``_value``, what
         ``value`` returns outside a stateless or autocast scope, which generation does not
         enter): Keras' ``value`` property costs about 4 us of scope checks a read, and a step
         makes four projections a layer (3% of workload c's time at seven)."""
-        if not (ONEDNN and cpu_float32_inference(x)):
+        if not (cpu_float32_inference(x) and (ONEDNN or kernels.linear() is not None)):
             return None
         values = [getattr(self, name)._value for name in names]
         packed = self.packed.get(names)

@@ -591,6 +591,54 @@ def test_the_gated_feed_forward_activates_through_the_silu_kernel_exactly_as_tor
         kernel(torch.randn(3, 8), torch.randn(3, 9))
 
 
+@pytest.mark.parametrize("rows, inputs, outputs, bias", [(1, 512, 768, False), (7, 40, 37, True), (200, 1376, 100, True)])
+def test_packed_projections_go_through_the_linear_kernel_within_rounding_of_a_float64_product(
+    rows, inputs, outputs, bias, monkeypatch
+):
+    """A packed projection in generation on a CPU (``PackedKernel``) goes through lmq's C++ GEMM
+    and gives x @ kernel + bias within float32 rounding: a step's rows as a strided view, row
+    counts that leave a short tile and span several blocks of rows, output widths that end
+    inside a panel, with and without a bias."""
+    from lmq.core import kernels
+    from lmq.core.layers.projection import PackedKernel
+
+    if kernels.linear() is None:
+        pytest.skip("no C++ compiler on this machine: lmq's kernels cannot be built, oneDNN's GEMM serves")
+    torch.manual_seed(0)
+    kernel = torch.randn(inputs, outputs) * inputs**-0.5
+    offsets = torch.randn(outputs) if bias else None
+    x = torch.randn(1, rows, inputs + 9)[..., 5 : 5 + inputs]  # [1, rows, in] with a row stride of in + 9
+    calls = []
+    linear = kernels.linear()
+    monkeypatch.setattr(kernels, "linear", lambda: lambda *arguments: calls.append(1) or linear(*arguments))
+    with torch.no_grad():
+        out = PackedKernel(kernel).project(x, offsets)
+    expected = x.double() @ kernel.double() + (0 if offsets is None else offsets.double())
+    assert calls and out.shape == (1, rows, outputs)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_row_through_the_linear_kernel_gives_the_same_bits_alone_as_among_other_rows():
+    """Each output of lmq's C++ GEMM is its row's products summed in one order, whatever rows
+    share the call, so a request's projections (and so its tokens) do not depend on what else
+    the step holds; wrong panels and a strided last axis are refused by name."""
+    from lmq.core import kernels
+
+    if kernels.linear() is None:
+        pytest.skip("no C++ compiler on this machine: lmq's kernels cannot be built, oneDNN's GEMM serves")
+    torch.manual_seed(0)
+    kernel, bias = torch.randn(512, 300), torch.randn(300)
+    packed = kernels.pack_linear()(kernel)
+    step = torch.randn(131, 512)
+    together = kernels.linear()(step, packed, 300, bias)
+    for row in (0, 5, 6, 97, 130):
+        assert torch.equal(kernels.linear()(step[row : row + 1], packed, 300, bias)[0], together[row])
+    with pytest.raises(RuntimeError, match=r"packed must be pack_linear's panels of a kernel \[512, 400\]"):
+        kernels.linear()(step, packed, 400, None)
+    with pytest.raises(RuntimeError, match="x must be float32 \\[rows, in\\] with unit stride in in"):
+        kernels.linear()(step.t(), packed, 300, None)
+
+
 def test_the_kv_write_kernel_puts_each_token_in_its_row_and_position():
     """lmq's C++ KV write (a flattened step on a CPU) puts each token's keys and values, from a
     projection's strided output, where torch's indexed assignment puts them, and nothing else;
