@@ -26,8 +26,8 @@ namespace {
 using lmq::kLanes, lmq::Lanes, lmq::load, lmq::store;
 
 // A panel is two of the CPU's own vectors wide, and a tile of kRows rows keeps 2 * kRows sums in
-// registers beside the panel's two vectors and x's value: 15 of AVX2's 16, 27 of AVX-512's 32.
-constexpr int kRows = kLanes == 16 ? 12 : 6;
+// registers beside the panel's two vectors and x's value: 15 of AVX2's 16.
+constexpr int kRows = 6;
 constexpr int64_t kPanel = 2 * kLanes;
 constexpr int64_t kRowBlock = 96;  // rows of x per pass over the panels: 192 KiB at 512 inputs
 

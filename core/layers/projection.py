@@ -13,6 +13,10 @@ from lmq.core import kernels
 from lmq.core.quantization import Int8Kernel, check_mode, quantize_matrix, scale_of
 
 ONEDNN = torch.backends.mkldnn.is_available()
+# Where lmq's GEMM (``lmq.core.kernels.linear``) serves a PackedKernel rather than oneDNN's: with
+# AVX2, oneDNN's read a kernel at a third to a half of the memory's speed at a decode step's few
+# rows; with AVX-512 it read one at the memory's speed (docs/peer-bench.md).
+OWN_GEMM = torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
 def cpu_float32_inference(x):
@@ -46,18 +50,18 @@ class PackedKernel:
     copy beside the variables, made on a model's first generation and again after their weights
     change. ``widths``: each kernel's part of the output.
 
-    lmq's own GEMM packs them in panels of columns (``lmq.core.kernels.linear``): 0.5x-0.8x
-    oneDNN's time at a decode step's 1..64 rows, where oneDNN's reads a kernel at a third to a
-    half of the memory's speed. Without lmq's kernels, oneDNN's GEMM over its own layout (the one
-    inductor uses) serves: 1.3x to 4x torch's default (MKL's) at those rows (docs/peer-bench.md).
+    On an AVX2 CPU (``OWN_GEMM``) lmq's own GEMM packs them in panels of columns
+    (``lmq.core.kernels.linear``): 0.5x-0.8x oneDNN's time at a decode step's 1..64 rows. Else,
+    or without lmq's kernels, oneDNN's GEMM over its own layout (the one inductor uses) serves:
+    1.3x to 4x torch's default (MKL's) at those rows (docs/peer-bench.md).
     """
 
     def __init__(self, *matrices):
         self.widths = [matrix.shape[1] for matrix in matrices]
         joined = matrices[0] if len(matrices) == 1 else torch.cat(matrices, dim=1)
-        self.linear, pack = kernels.linear(), kernels.pack_linear()
+        self.linear = kernels.linear() if OWN_GEMM else None
         if self.linear is not None:
-            self.weight = pack(joined)  # [panels, in, panel width]
+            self.weight = kernels.pack_linear()(joined)  # [panels, in, panel width]
         else:
             self.weight = torch.ops.mkldnn._reorder_linear_weight(joined.t())  # oneDNN's [out, in]
 
@@ -195,7 +199,7 @@ class Projections(keras.layers.Layer):
         ``value`` returns outside a stateless or autocast scope, which generation does not
         enter): Keras' ``value`` property costs about 4 us of scope checks a read, and a step
         makes four projections a layer (3% of workload c's time at seven)."""
-        if not (cpu_float32_inference(x) and (ONEDNN or kernels.linear() is not None)):
+        if not (ONEDNN and cpu_float32_inference(x)):
             return None
         values = [getattr(self, name)._value for name in names]
         packed = self.packed.get(names)

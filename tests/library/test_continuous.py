@@ -596,11 +596,12 @@ def test_packed_projections_go_through_the_linear_kernel_within_rounding_of_a_fl
     rows, inputs, outputs, bias, monkeypatch
 ):
     """A packed projection in generation on a CPU (``PackedKernel``) goes through lmq's C++ GEMM
-    and gives x @ kernel + bias within float32 rounding: a step's rows as a strided view, row
+    where it serves (``OWN_GEMM``: an AVX2 CPU, set here to test it on any), and gives
+    x @ kernel + bias within float32 rounding: a step's rows as a strided view, row
     counts that leave a short tile and span several blocks of rows, output widths that end
     inside a panel, with and without a bias."""
     from lmq.core import kernels
-    from lmq.core.layers.projection import PackedKernel
+    from lmq.core.layers import projection
 
     if kernels.linear() is None:
         pytest.skip("no C++ compiler on this machine: lmq's kernels cannot be built, oneDNN's GEMM serves")
@@ -611,8 +612,9 @@ def test_packed_projections_go_through_the_linear_kernel_within_rounding_of_a_fl
     calls = []
     linear = kernels.linear()
     monkeypatch.setattr(kernels, "linear", lambda: lambda *arguments: calls.append(1) or linear(*arguments))
+    monkeypatch.setattr(projection, "OWN_GEMM", True)
     with torch.no_grad():
-        out = PackedKernel(kernel).project(x, offsets)
+        out = projection.PackedKernel(kernel).project(x, offsets)
     expected = x.double() @ kernel.double() + (0 if offsets is None else offsets.double())
     assert calls and out.shape == (1, rows, outputs)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
