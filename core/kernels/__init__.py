@@ -25,10 +25,10 @@ takes two and a tensor between, computed as torch's vectorized SiLU computes it 
 the same to the bit: 214 us against 280 over 512 rows of 1,376 here.
 
 ``linear`` (``linear.cpp``): a float32 projection through a kernel packed once into panels of
-columns (``pack_linear``), each panel read once per call for up to 6 rows at a time. On an AVX2 CPU
-(AMD EPYC, Zen 3, 2 threads) it takes 0.5x-0.8x the time of oneDNN's GEMM at a decode step's 1..64
-rows, where oneDNN read a kernel at a third to a half of the memory's speed, and 0.8x-1.05x at
-1,024 rows; it sums as oneDNN's sums over up to 512 inputs, to the bit. With AVX-512, oneDNN's
+columns (``pack_linear``), each panel read once per call for up to 6 rows at a time, the next one
+fetched meanwhile. On an AVX2 CPU (AMD EPYC, Zen 3, 2 threads) it takes 0.4x-0.8x the time of
+oneDNN's GEMM at a decode step's 1..64 rows, where oneDNN read a kernel at a third to a half of the
+memory's speed, and 0.8x-1.05x at 1,024 rows; it sums as oneDNN's sums over up to 512 inputs, to the bit. With AVX-512, oneDNN's
 read a kernel at the memory's speed already (docs/peer-bench.md), and it serves there.
 
 ``write_kv`` (``write_kv.cpp``): a flattened step's keys and values into their cache rows, one

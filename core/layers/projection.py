@@ -51,7 +51,7 @@ class PackedKernel:
     change. ``widths``: each kernel's part of the output.
 
     On an AVX2 CPU (``OWN_GEMM``) lmq's own GEMM packs them in panels of columns
-    (``lmq.core.kernels.linear``): 0.5x-0.8x oneDNN's time at a decode step's 1..64 rows. Else,
+    (``lmq.core.kernels.linear``): 0.4x-0.8x oneDNN's time at a decode step's 1..64 rows. Else,
     or without lmq's kernels, oneDNN's GEMM over its own layout (the one inductor uses) serves:
     1.3x to 4x torch's default (MKL's) at those rows (docs/peer-bench.md).
     """
