@@ -28,8 +28,9 @@ the same to the bit: 214 us against 280 over 512 rows of 1,376 here.
 columns (``pack_linear``), each panel read once per call for up to 6 rows at a time, the next one
 fetched meanwhile. On an AVX2 CPU (AMD EPYC, Zen 3, 2 threads) it takes 0.4x-0.8x the time of
 oneDNN's GEMM at a decode step's 1..64 rows, where oneDNN read a kernel at a third to a half of the
-memory's speed, and 0.8x-1.05x at 1,024 rows; it sums as oneDNN's sums over up to 512 inputs, to the bit. With AVX-512, oneDNN's
-read a kernel at the memory's speed already (docs/peer-bench.md), and it serves there.
+memory's speed, and 0.8x-1.05x at 1,024 rows; over up to 512 inputs it sums as oneDNN's does, to
+the bit. With AVX-512, oneDNN's read a kernel at the memory's speed already (docs/peer-bench.md),
+and it serves there (``lmq.core.layers.projection.OWN_GEMM``).
 
 ``write_kv`` (``write_kv.cpp``): a flattened step's keys and values into their cache rows, one
 call for both, where torch's indexed assignment spends about 30 us a call building its index
@@ -125,7 +126,6 @@ def _loaded():
         return False
     sources = sorted(HERE.glob("*.cpp"))
     unit = "".join(f'#include "{source}"\n' for source in sources)
-    headers = sorted(HERE.glob("*.h"))
     library = Path(torch.utils.cpp_extension.library_paths()[0])
     flags = [
         "-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++20",
@@ -134,7 +134,8 @@ def _loaded():
     ]
     # after the source, which needs them
     libraries = [f"-L{library}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{library}"]
-    build = "\0".join([unit, *(source.read_text() for source in [*sources, *headers]), compiler, *flags, *libraries, _cpu()])
+    texts = [path.read_text() for path in [*sources, *sorted(HERE.glob("*.h"))]]  # what the unit includes
+    build = "\0".join([unit, *texts, compiler, *flags, *libraries, _cpu()])
     key = hashlib.sha256(build.encode()).hexdigest()[:16]
     built = CACHE / f"lmq_kernels-{key}.so"
     try:

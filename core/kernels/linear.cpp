@@ -100,7 +100,8 @@ void panel_rows(const float* x, int64_t x_stride, int64_t rows, const float* pan
   }
 }
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t outputs, const c10::optional<at::Tensor>& bias) {
+at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t outputs,
+                  const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1,
               "x must be float32 [rows, in] with unit stride in in");
   const int64_t rows = x.size(0), inputs = x.size(1), panels = (outputs + kPanel - 1) / kPanel;

@@ -192,8 +192,8 @@ class Projections(keras.layers.Layer):
     def serving_kernels(self, names, x, matrices=None):
         """The ``PackedKernel`` of kernels ``names`` (a tuple) side by side (``matrices``: their
         [in, out] views, when not ``kernel(name)``'s), where a packed GEMM (lmq's or oneDNN's)
-        serves ``x``'s projections through every one of them (float32 kernels), packed again whenever one of their
-        variables' tensors has changed (trained, assigned, loaded); else None.
+        serves ``x``'s projections through every one of them (float32 kernels), packed again
+        whenever one of their variables' tensors has changed (trained, assigned, loaded); else None.
 
         A kernel packed already is checked against the variable's own tensor (``_value``, what
         ``value`` returns outside a stateless or autocast scope, which generation does not

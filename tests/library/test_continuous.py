@@ -591,7 +591,9 @@ def test_the_gated_feed_forward_activates_through_the_silu_kernel_exactly_as_tor
         kernel(torch.randn(3, 8), torch.randn(3, 9))
 
 
-@pytest.mark.parametrize("rows, inputs, outputs, bias", [(1, 512, 768, False), (7, 40, 37, True), (200, 1376, 100, True)])
+@pytest.mark.parametrize(
+    "rows, inputs, outputs, bias", [(1, 512, 768, False), (7, 40, 37, True), (200, 1376, 100, True)]
+)
 def test_packed_projections_go_through_the_linear_kernel_within_rounding_of_a_float64_product(
     rows, inputs, outputs, bias, monkeypatch
 ):
