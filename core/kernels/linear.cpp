@@ -84,6 +84,7 @@ void tile(const float* x, int64_t x_stride, const float* panel, int64_t inputs, 
 typedef void (*Tile)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, const float*, const float*,
                      int64_t, int64_t);
 constexpr Tile kTiles[kRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
+static_assert(kRows == 6, "kTiles holds a tile of each size up to kRows");
 
 // Any number of rows through one panel, in tiles of as even a size as kRows allows (8 rows as 4 and
 // 4, whose 8 sums each keep the CPU's two multiply-add units busy, where a tile of 2 waits on each

@@ -17,18 +17,19 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstring>
+
+#include "lanes.h"
 
 namespace {
 
-// The CPU's own vector of floats and Sleef's 1-ulp exp over it (the one torch's SiLU calls at that
-// width); none without AVX2, where every value goes through expf.
+using lmq::kLanes, lmq::Lanes, lmq::load, lmq::store;
+
+// Sleef's 1-ulp exp over the CPU's own vector (the one torch's SiLU calls at that width); none
+// without AVX2, where every value goes through expf.
 #if defined(__AVX512F__)
-typedef __m512 Vector;
-inline Vector exp_of(Vector x) { return Sleef_expf16_u10(x); }
+inline Lanes exp_of(Lanes x) { return (Lanes)Sleef_expf16_u10((__m512)x); }
 #elif defined(__AVX2__)
-typedef __m256 Vector;
-inline Vector exp_of(Vector x) { return Sleef_expf8_u10(x); }
+inline Lanes exp_of(Lanes x) { return (Lanes)Sleef_expf8_u10((__m256)x); }
 #endif
 
 #pragma GCC push_options
@@ -37,13 +38,9 @@ inline Vector exp_of(Vector x) { return Sleef_expf8_u10(x); }
 void silu_mul_row(const float* gate, const float* up, float* out, int64_t width) {
   int64_t i = 0;
 #if defined(__AVX2__)
-  constexpr int64_t kLanes = sizeof(Vector) / sizeof(float);
   for (const int64_t paired = width / (2 * kLanes) * (2 * kLanes); i < paired; i += kLanes) {
-    Vector x, y;
-    std::memcpy(&x, gate + i, sizeof x);
-    std::memcpy(&y, up + i, sizeof y);
-    const Vector product = x / (1.f + exp_of(-x)) * y;
-    std::memcpy(out + i, &product, sizeof product);
+    const Lanes x = load(gate + i);
+    store(out + i, x / (1.f + exp_of(-x)) * load(up + i));
   }
 #endif
   for (; i < width; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];

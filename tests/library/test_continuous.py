@@ -70,6 +70,16 @@ def test_rows_leaving_and_joining_with_chunked_prefill_give_each_request_its_tok
     assert {"stop", "length"} <= set(joined.finish_reasons)
 
 
+def counted_calls(monkeypatch, name):
+    """Wraps lmq's kernel ``name`` (``lmq.core.kernels``) so that its calls are counted: returns
+    the list that each call appends to."""
+    from lmq.core import kernels
+
+    kernel, calls = getattr(kernels, name)(), []
+    monkeypatch.setattr(kernels, name, lambda: lambda *tensors: calls.append(1) or kernel(*tensors))
+    return calls
+
+
 def test_decoding_rows_over_a_plain_cache_attend_through_the_kernel_others_through_torch(model, monkeypatch):
     """lmq's decode attention kernel serves rows that see exactly their first slots (Llama);
     a sliding window (Mistral) or ALiBi (Falcon) goes through torch's ops. The tokens of both
@@ -78,8 +88,7 @@ def test_decoding_rows_over_a_plain_cache_attend_through_the_kernel_others_throu
 
     if kernels.decode_attention() is None:
         pytest.skip("no C++ compiler on this machine: lmq's kernels cannot be built, torch's ops serve")
-    calls, kernel = [], kernels.decode_attention()
-    monkeypatch.setattr(kernels, "decode_attention", lambda: lambda *tensors: calls.append(1) or kernel(*tensors))
+    calls = counted_calls(monkeypatch, "decode_attention")
     prompts, limits = job(6)
     decode(model, prompts, limits, GreedySampler())
     plain = not model.backbone.sliding_window and not model.backbone.key_position_bias
@@ -555,9 +564,7 @@ def test_the_rotary_kernel_rotates_a_steps_queries_and_keys_exactly_as_torchs_op
     def expected(x):
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
-    calls = []
-    kernel = kernels.rotary()
-    monkeypatch.setattr(kernels, "rotary", lambda: lambda *tensors: calls.append(1) or kernel(*tensors))
+    kernel, calls = kernels.rotary(), counted_calls(monkeypatch, "rotary")
     with torch.no_grad():
         rotated_query, rotated_key = apply_rotary(query, key, cos, sin)
     assert len(calls) == 1
@@ -580,9 +587,7 @@ def test_the_gated_feed_forward_activates_through_the_silu_kernel_exactly_as_tor
     both = torch.randn(1, tokens, 2 * width) * 6  # [1, tokens, gate and up side by side]
     both[0, 0, :4] = torch.tensor([0.0, -0.0, 100.0, -100.0])
     gate, up = both[..., :width], both[..., width:]
-    calls = []
-    kernel = kernels.silu_mul()
-    monkeypatch.setattr(kernels, "silu_mul", lambda: lambda *tensors: calls.append(1) or kernel(*tensors))
+    kernel, calls = kernels.silu_mul(), counted_calls(monkeypatch, "silu_mul")
     with torch.no_grad():
         gated = GatedFeedForward(16, width)._gated(gate, up)
     assert calls and gated.shape == gate.shape
@@ -611,9 +616,7 @@ def test_packed_projections_go_through_the_linear_kernel_within_rounding_of_a_fl
     kernel = torch.randn(inputs, outputs) * inputs**-0.5
     offsets = torch.randn(outputs) if bias else None
     x = torch.randn(1, rows, inputs + 9)[..., 5 : 5 + inputs]  # [1, rows, in] with a row stride of in + 9
-    calls = []
-    linear = kernels.linear()
-    monkeypatch.setattr(kernels, "linear", lambda: lambda *arguments: calls.append(1) or linear(*arguments))
+    calls = counted_calls(monkeypatch, "linear")
     monkeypatch.setattr(projection, "OWN_GEMM", True)
     with torch.no_grad():
         out = projection.PackedKernel(kernel).project(x, offsets)
